@@ -1,0 +1,7 @@
+//! The contract between the datapath (`lb-ebpf`) and the agent (`lb-user`): map names, keys and
+//! values. Every type is `#[repr(C)]` with explicit padding and a compile-time size check, so the
+//! two sides and `bpftool` (through BTF) read the same bytes. Fields holding network-order values
+//! end in `_be`.
+#![no_std]
+
+pub mod maps;

@@ -1,0 +1,195 @@
+//! Map names, keys and values.
+//!
+//! Lookups follow Katran's chain of small integer ids: a frontend (address, port, protocol) names a
+//! service id; `(service id, slot)` names a backend id; the backend id names an address. Id 0 is
+//! never used, so a zeroed value reads as "none".
+//!
+//! Names carry a layout version (`_v1`): a change to a key or value layout bumps it, so a new
+//! agent never reads an old pinned map with the wrong layout.
+
+/// Frontends: [`FrontendKey`] -> [`Frontend`]. Written by the agent.
+pub const FRONTENDS: &str = "lb_frontends_v1";
+/// Backend slots of each service: [`SlotKey`] -> [`Slot`]. Written by the agent.
+pub const SLOTS: &str = "lb_slots_v1";
+/// Backends by id: `u32` -> [`Backend`]. Written by the agent.
+pub const BACKENDS: &str = "lb_backends_v1";
+/// Forward flows (LRU): [`FlowKey`] of the client's packet -> [`Flow`]. Written by the datapath.
+pub const FLOWS: &str = "lb_flows_v1";
+/// Reply flows (LRU): [`FlowKey`] of the backend's reply -> [`Reply`]. Written by the datapath.
+pub const REPLIES: &str = "lb_replies_v1";
+/// Per-CPU round-robin cursor of each service, indexed by service id: `u32`.
+pub const CURSORS: &str = "lb_cursors_v1";
+/// Per-CPU counters, one entry: [`Stats`].
+pub const STATS: &str = "lb_stats_v1";
+/// Datapath settings, one entry: [`Config`]. Written by the agent.
+pub const CONFIG: &str = "lb_config_v1";
+
+/// Every map, in the order the agent pins them.
+pub const ALL: [&str; 8] = [
+    FRONTENDS, SLOTS, BACKENDS, FLOWS, REPLIES, CURSORS, STATS, CONFIG,
+];
+
+/// Capacity of [`FRONTENDS`]; service ids are below it, as they index [`CURSORS`].
+pub const MAX_SERVICES: u32 = 65_536;
+/// Capacity of [`SLOTS`].
+pub const MAX_SLOTS: u32 = 1_048_576;
+/// Capacity of [`BACKENDS`].
+pub const MAX_BACKENDS: u32 = 262_144;
+/// Capacity of [`FLOWS`] and of [`REPLIES`].
+pub const MAX_FLOWS: u32 = 262_144;
+
+/// IANA protocol numbers, as in the IPv4 header.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// How a service picks the backend of a new flow ([`Frontend::algorithm`]).
+pub const ALGORITHM_ROUND_ROBIN: u8 = 0;
+pub const ALGORITHM_SOURCE_HASH: u8 = 1;
+
+/// [`Flow::state`] and [`Reply::state`]: how long an idle entry lives ([`Config`]).
+pub const STATE_OPEN: u8 = 0;
+pub const STATE_CLOSING: u8 = 1;
+
+/// A service frontend: where clients send.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// What a frontend balances over.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Frontend {
+    /// Key of this frontend's slots in [`SLOTS`], from 1.
+    pub service_id: u32,
+    /// Slots `1..=backend_count` are in use; 0 means drop new flows.
+    pub backend_count: u16,
+    /// `ALGORITHM_*`.
+    pub algorithm: u8,
+    pub _pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    pub service_id: u32,
+    /// From 1.
+    pub slot: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Slot {
+    pub backend_id: u32,
+}
+
+/// Where a backend listens. Shared by every service slot that names it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// A packet's 5-tuple as it arrived, before any rewrite.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_addr_be: u32,
+    pub dst_addr_be: u32,
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// A client's flow to a frontend: the backend it was given.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// `bpf_ktime_get_coarse_ns` of the last packet (refreshed at most once a second).
+    pub last_seen_ns: u64,
+    /// When this id is no longer in [`BACKENDS`], the flow gets a new backend.
+    pub backend_id: u32,
+    /// `STATE_*`.
+    pub state: u8,
+    pub _pad: [u8; 3],
+}
+
+/// A backend's reply flow: the frontend its source is rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reply {
+    pub last_seen_ns: u64,
+    pub frontend_addr_be: u32,
+    pub frontend_port_be: u16,
+    /// `STATE_*`.
+    pub state: u8,
+    pub _pad: u8,
+}
+
+/// Idle timeouts of flow entries, by protocol and state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub tcp_open_timeout_ns: u64,
+    pub tcp_closing_timeout_ns: u64,
+    pub udp_timeout_ns: u64,
+}
+
+/// Datapath counters, per CPU: the agent sums them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Packets to a frontend, rewritten to a backend.
+    pub forwarded: u64,
+    /// Replies rewritten back to their frontend.
+    pub replied: u64,
+    /// Flows given a backend.
+    pub new_flows: u64,
+    /// Flows whose backend went away and that were given another.
+    pub reselected: u64,
+    /// Packets dropped because their frontend has no backend.
+    pub dropped_no_backend: u64,
+    /// Packets dropped because a map or a rewrite failed.
+    pub dropped_error: u64,
+}
+
+/// Index of the only entry of [`CONFIG`] and [`STATS`].
+pub const SINGLE_ENTRY: u32 = 0;
+
+const _: () = {
+    assert!(size_of::<FrontendKey>() == 8);
+    assert!(size_of::<Frontend>() == 8);
+    assert!(size_of::<SlotKey>() == 8);
+    assert!(size_of::<Slot>() == 4);
+    assert!(size_of::<Backend>() == 8);
+    assert!(size_of::<FlowKey>() == 16);
+    assert!(size_of::<Flow>() == 16);
+    assert!(size_of::<Reply>() == 16);
+    assert!(size_of::<Config>() == 24);
+    assert!(size_of::<Stats>() == 48);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+
+    // SAFETY: all of these are `#[repr(C)]` with explicit padding and integer fields only.
+    unsafe impl aya::Pod for FrontendKey {}
+    unsafe impl aya::Pod for Frontend {}
+    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for Slot {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for Reply {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for Stats {}
+}

@@ -1,0 +1,50 @@
+//! Flow tracking: the datapath's own conntrack. A flow lives while it sees packets within its
+//! idle timeout ([`Config`]); FIN or RST moves it to the shorter closing timeout. The LRU maps
+//! evict the oldest entries when full.
+
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use lb_common::maps::{Config, PROTO_TCP, SINGLE_ENTRY, STATE_CLOSING};
+
+use crate::maps::CONFIG;
+
+/// Refresh `last_seen_ns` at most this often: a write per packet would bounce the entry's cache
+/// line between CPUs for nothing.
+const REFRESH_NS: u64 = 1_000_000_000;
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+#[inline(always)]
+pub fn config() -> Option<&'static Config> {
+    CONFIG.get(SINGLE_ENTRY)
+}
+
+#[inline(always)]
+fn timeout_ns(config: &Config, protocol: u8, state: u8) -> u64 {
+    if protocol != PROTO_TCP {
+        config.udp_timeout_ns
+    } else if state == STATE_CLOSING {
+        config.tcp_closing_timeout_ns
+    } else {
+        config.tcp_open_timeout_ns
+    }
+}
+
+/// Whether an entry last seen at `last_seen_ns` is still alive at `now`.
+#[inline(always)]
+pub fn is_live(config: &Config, protocol: u8, state: u8, last_seen_ns: u64, now: u64) -> bool {
+    now.saturating_sub(last_seen_ns) <= timeout_ns(config, protocol, state)
+}
+
+/// Records a packet of a live entry.
+#[inline(always)]
+pub fn touch(last_seen_ns: &mut u64, state: &mut u8, closing: bool, now: u64) {
+    if closing && *state != STATE_CLOSING {
+        *state = STATE_CLOSING;
+        *last_seen_ns = now;
+    } else if now.saturating_sub(*last_seen_ns) > REFRESH_NS {
+        *last_seen_ns = now;
+    }
+}

@@ -1,0 +1,35 @@
+//! The map definitions; names, keys and values come from `lb_common::maps`, whose constants the
+//! names here must equal (the agent checks every one at load).
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::maps::{
+    Backend, Config, Flow, FlowKey, Frontend, FrontendKey, MAX_BACKENDS, MAX_FLOWS, MAX_SERVICES,
+    MAX_SLOTS, Reply, Slot, SlotKey, Stats,
+};
+
+#[btf_map(name = "lb_frontends_v1")]
+pub static FRONTENDS: HashMap<FrontendKey, Frontend, { MAX_SERVICES as usize }> = HashMap::new();
+
+#[btf_map(name = "lb_slots_v1")]
+pub static SLOTS: HashMap<SlotKey, Slot, { MAX_SLOTS as usize }> = HashMap::new();
+
+#[btf_map(name = "lb_backends_v1")]
+pub static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }> = HashMap::new();
+
+#[btf_map(name = "lb_flows_v1")]
+pub static FLOWS: LruHashMap<FlowKey, Flow, { MAX_FLOWS as usize }> = LruHashMap::new();
+
+#[btf_map(name = "lb_replies_v1")]
+pub static REPLIES: LruHashMap<FlowKey, Reply, { MAX_FLOWS as usize }> = LruHashMap::new();
+
+#[btf_map(name = "lb_cursors_v1")]
+pub static CURSORS: PerCpuArray<u32, { MAX_SERVICES as usize }> = PerCpuArray::new();
+
+#[btf_map(name = "lb_stats_v1")]
+pub static STATS: PerCpuArray<Stats, 1> = PerCpuArray::new();
+
+#[btf_map(name = "lb_config_v1")]
+pub static CONFIG: Array<Config, 1> = Array::new();

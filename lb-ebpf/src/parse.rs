@@ -1,0 +1,114 @@
+//! Packet parsing: Ethernet, IPv4 and the TCP or UDP ports, by direct packet access.
+
+use core::mem::size_of;
+
+use lb_common::maps::{FlowKey, PROTO_TCP, PROTO_UDP};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+const IPV4_MIN_HLEN: usize = 20;
+/// Fragment offset and "more fragments": set on every fragment of a split datagram.
+const IPV4_FRAGMENT_MASK_BE: u16 = 0x3fffu16.to_be();
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+
+#[repr(C)]
+struct Ipv4Header {
+    version_ihl: u8,
+    tos: u8,
+    total_len_be: u16,
+    id_be: u16,
+    fragment_be: u16,
+    ttl: u8,
+    protocol: u8,
+    checksum_be: u16,
+    src_addr_be: u32,
+    dst_addr_be: u32,
+}
+
+/// Where a packet's fields are, and their values.
+pub struct Packet {
+    pub key: FlowKey,
+    pub l4_offset: usize,
+    /// A TCP FIN or RST: the flow is closing.
+    pub closing: bool,
+}
+
+impl Packet {
+    pub const DST_ADDR_OFFSET: usize = ETH_HLEN + 16;
+    pub const SRC_ADDR_OFFSET: usize = ETH_HLEN + 12;
+    pub const IP_CHECKSUM_OFFSET: usize = ETH_HLEN + 10;
+
+    pub fn src_port_offset(&self) -> usize {
+        self.l4_offset
+    }
+
+    pub fn dst_port_offset(&self) -> usize {
+        self.l4_offset + 2
+    }
+
+    pub fn l4_checksum_offset(&self) -> usize {
+        if self.key.protocol == PROTO_TCP {
+            self.l4_offset + 16
+        } else {
+            self.l4_offset + 6
+        }
+    }
+
+    pub fn is_udp(&self) -> bool {
+        self.key.protocol == PROTO_UDP
+    }
+}
+
+#[inline(always)]
+fn ptr_at<T>(data: usize, data_end: usize, offset: usize) -> Option<*const T> {
+    let start = data + offset;
+    if start + size_of::<T>() > data_end {
+        return None;
+    }
+    Some(start as *const T)
+}
+
+/// Parses an IPv4 TCP or UDP packet; anything else (and IP fragments, which carry no ports past
+/// the first) is `None` and passes untouched.
+#[inline(always)]
+pub fn parse(data: usize, data_end: usize) -> Option<Packet> {
+    let ether_type_be: u16 = unsafe { *ptr_at::<u16>(data, data_end, 12)? };
+    if ether_type_be != ETH_P_IP_BE {
+        return None;
+    }
+    let ip = unsafe { &*ptr_at::<Ipv4Header>(data, data_end, ETH_HLEN)? };
+    if ip.version_ihl >> 4 != 4 || ip.fragment_be & IPV4_FRAGMENT_MASK_BE != 0 {
+        return None;
+    }
+    let ip_len = usize::from(ip.version_ihl & 0x0f) * 4;
+    if ip_len < IPV4_MIN_HLEN {
+        return None;
+    }
+    let protocol = ip.protocol;
+    if protocol != PROTO_TCP && protocol != PROTO_UDP {
+        return None;
+    }
+    let l4_offset = ETH_HLEN + ip_len;
+    // Both headers start with the two ports; TCP flags are at byte 13.
+    let ports = unsafe { &*ptr_at::<[u16; 2]>(data, data_end, l4_offset)? };
+    let closing = protocol == PROTO_TCP && {
+        let flags: u8 = unsafe { *ptr_at::<u8>(data, data_end, l4_offset + 13)? };
+        flags & (TCP_FIN | TCP_RST) != 0
+    };
+    let checksum_end = if protocol == PROTO_TCP { 18 } else { 8 };
+    // The checksum is rewritten later: make sure it is in the packet.
+    ptr_at::<u8>(data, data_end, l4_offset + checksum_end - 1)?;
+    Some(Packet {
+        key: FlowKey {
+            src_addr_be: ip.src_addr_be,
+            dst_addr_be: ip.dst_addr_be,
+            src_port_be: ports[0],
+            dst_port_be: ports[1],
+            protocol,
+            _pad: [0; 3],
+        },
+        l4_offset,
+        closing,
+    })
+}

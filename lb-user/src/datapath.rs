@@ -1,0 +1,195 @@
+//! Loading the eBPF object, pinning its maps under the instance's directory, and attaching the
+//! program with tcx to the node's pod-facing interfaces.
+
+use std::{
+    collections::BTreeMap,
+    ffi::{CStr, CString},
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        tc::{SchedClassifierLinkId, TcAttachOptions},
+    },
+};
+use lb_common::maps;
+use tracing::{info, warn};
+
+use crate::maps::KernelMaps;
+
+/// The compiled datapath, built by `build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+/// The tc program's name in [`OBJECT`].
+const PROGRAM: &str = "lb_tc";
+const BPFFS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Where an instance pins its maps: one directory per agent instance.
+pub fn pin_dir(bpffs: &Path, instance: &str) -> PathBuf {
+    bpffs.join("lb").join(instance)
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    attached: BTreeMap<String, SchedClassifierLinkId>,
+}
+
+impl Datapath {
+    /// Loads the object with its maps pinned under `pin_dir`, starting from empty maps.
+    pub fn load(bpffs: &Path, pin_dir: &Path) -> Result<(Self, KernelMaps)> {
+        mount_bpffs(bpffs)?;
+        if pin_dir.exists() {
+            warn!(dir = %pin_dir.display(), "removing the maps a previous instance left pinned");
+            remove_pins(pin_dir)?;
+        }
+        fs::create_dir_all(pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
+        let mut loader = EbpfLoader::new();
+        for name in maps::ALL {
+            loader.map_pin_path(name, pin_dir.join(name));
+        }
+        let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
+        for name in maps::ALL {
+            if ebpf.map(name).is_none() {
+                bail!("the eBPF object has no map {name}: lb-common and lb-ebpf disagree");
+            }
+        }
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(PROGRAM)
+            .with_context(|| format!("the eBPF object has no program {PROGRAM}"))?
+            .try_into()?;
+        program.load().context("loading the tc program")?;
+        let maps = KernelMaps::take(&mut ebpf)?;
+        let datapath = Self {
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+            attached: BTreeMap::new(),
+        };
+        Ok((datapath, maps))
+    }
+
+    /// Attaches to every interface matching `patterns` (names, or prefixes ending in `*`) that
+    /// is not attached yet, and forgets interfaces that are gone (their links went with them).
+    pub fn attach_interfaces(&mut self, patterns: &[String]) -> Result<()> {
+        let present = interfaces()?;
+        self.attached.retain(|name, _| present.contains(name));
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(PROGRAM)
+            .context("program vanished")?
+            .try_into()?;
+        for name in present {
+            if self.attached.contains_key(&name) || !patterns.iter().any(|p| matches(p, &name)) {
+                continue;
+            }
+            // First in the tcx chain: services are translated before a CNI program routes.
+            let link = program
+                .attach_with_options(
+                    &name,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::first()),
+                )
+                .with_context(|| format!("attaching to {name} (tcx ingress)"))?;
+            info!(interface = %name, "attached");
+            self.attached.insert(name, link);
+        }
+        Ok(())
+    }
+
+    /// Detaches everything and removes the pinned maps.
+    pub fn remove(self) -> Result<()> {
+        let Self { ebpf, pin_dir, .. } = self;
+        drop(ebpf);
+        remove_pins(&pin_dir)
+    }
+}
+
+fn matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => pattern == name,
+    }
+}
+
+/// The interfaces of this network namespace. Asked of the kernel, not read from /sys/class/net,
+/// which shows the namespace sysfs was mounted in.
+fn interfaces() -> Result<Vec<String>> {
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        return Err(io::Error::last_os_error()).context("listing interfaces");
+    }
+    let mut names = Vec::new();
+    let mut entry = list;
+    // SAFETY: if_nameindex returns an array ending with a zeroed entry.
+    unsafe {
+        while (*entry).if_index != 0 {
+            names.push(
+                CStr::from_ptr((*entry).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            entry = entry.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    Ok(names)
+}
+
+fn remove_pins(pin_dir: &Path) -> Result<()> {
+    match fs::read_dir(pin_dir) {
+        Ok(entries) => {
+            for entry in entries {
+                let path = entry?.path();
+                fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            }
+            fs::remove_dir(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", pin_dir.display())),
+    }
+}
+
+/// Mounts bpffs at `bpffs` unless it is there already (it is not at boot on every machine).
+fn mount_bpffs(bpffs: &Path) -> Result<()> {
+    fs::create_dir_all(bpffs).with_context(|| format!("creating {}", bpffs.display()))?;
+    let path = CString::new(bpffs.as_os_str().as_encoded_bytes())?;
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(io::Error::last_os_error()).context(format!("statfs {}", bpffs.display()));
+    }
+    if stat.f_type == BPFFS_MAGIC {
+        return Ok(());
+    }
+    let fstype = c"bpf";
+    if unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            path.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error())
+            .context(format!("mounting bpffs at {}", bpffs.display()));
+    }
+    info!(path = %bpffs.display(), "mounted bpffs");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::matches;
+
+    #[test]
+    fn interface_patterns() {
+        assert!(matches("veth*", "veth12"));
+        assert!(matches("eth0", "eth0"));
+        assert!(!matches("eth0", "eth01"));
+        assert!(!matches("lxc*", "veth1"));
+    }
+}

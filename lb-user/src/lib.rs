@@ -1,0 +1,9 @@
+//! The agent of the eBPF service load balancer. Data flows one way:
+//! sources -> model (pure) -> plan (ids, diff) -> maps -> datapath.
+
+pub mod agent;
+pub mod datapath;
+pub mod maps;
+pub mod model;
+pub mod plan;
+pub mod sources;

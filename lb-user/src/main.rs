@@ -1,0 +1,175 @@
+use std::{io::IsTerminal as _, path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use lb_common::maps::Config;
+use lb_user::{agent, datapath, maps::KernelMaps, model, sources::manifests::Manifests};
+use serde::Serialize;
+use tracing_subscriber::EnvFilter;
+
+/// An eBPF Kubernetes service load balancer: a kube-proxy replacement.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Program this node's datapath and keep it in step with the manifests.
+    Run(RunArgs),
+    /// Print what the agent would program on a node (no root, no kernel).
+    Plan(PlanArgs),
+    /// Print the entries an agent instance has in its pinned maps, and its counters.
+    Dump(InstanceArgs),
+}
+
+#[derive(clap::Args)]
+struct InstanceArgs {
+    /// Names this agent's pin directory, <bpffs>/lb/<instance>.
+    #[arg(long, default_value = "default")]
+    instance: String,
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Manifest files or directories (YAML or JSON).
+    #[arg(long, required = true, num_args = 1..)]
+    manifests: Vec<PathBuf>,
+    /// This node's name, as in its Node object.
+    #[arg(long, env = "NODE_NAME")]
+    node: String,
+    /// Pod-facing interfaces to attach to: names, or prefixes ending in `*`.
+    #[arg(long, required = true, value_delimiter = ',')]
+    interfaces: Vec<String>,
+    #[command(flatten)]
+    instance: InstanceArgs,
+    /// How often to look for changed manifests and new interfaces, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    poll_interval_ms: u64,
+    /// Idle timeout of an open TCP flow, in seconds.
+    #[arg(long, default_value_t = 6 * 3600)]
+    tcp_timeout_secs: u64,
+    /// Idle timeout of a TCP flow after FIN or RST, in seconds.
+    #[arg(long, default_value_t = 10)]
+    tcp_closing_timeout_secs: u64,
+    /// Idle timeout of a UDP flow, in seconds.
+    #[arg(long, default_value_t = 60)]
+    udp_timeout_secs: u64,
+}
+
+#[derive(clap::Args)]
+struct PlanArgs {
+    #[arg(long, required = true, num_args = 1..)]
+    manifests: Vec<PathBuf>,
+    #[arg(long)]
+    node: String,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Serialize)]
+struct PlanOutput<'a> {
+    node: &'a str,
+    frontends: Vec<model::Frontend>,
+    skipped: Vec<model::Skipped>,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match Cli::parse().command {
+        Command::Run(args) => run(args).await,
+        Command::Plan(args) => plan(&args),
+        Command::Dump(args) => dump(&args),
+    }
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let secs = |s: u64| s.saturating_mul(1_000_000_000);
+    agent::run(agent::Settings {
+        node: args.node,
+        manifests: args.manifests,
+        interfaces: args.interfaces,
+        pin_dir: datapath::pin_dir(&args.instance.bpffs, &args.instance.instance),
+        bpffs: args.instance.bpffs,
+        poll_interval: Duration::from_millis(args.poll_interval_ms),
+        timeouts: Config {
+            tcp_open_timeout_ns: secs(args.tcp_timeout_secs),
+            tcp_closing_timeout_ns: secs(args.tcp_closing_timeout_secs),
+            udp_timeout_ns: secs(args.udp_timeout_secs),
+        },
+    })
+    .await
+}
+
+fn plan(args: &PlanArgs) -> Result<()> {
+    let (objects, mut skipped) = Manifests::new(args.manifests.clone()).load();
+    let (frontends, more) = model::compute(&objects);
+    skipped.extend(more);
+    match args.output {
+        Output::Json => {
+            let output = PlanOutput {
+                node: &args.node,
+                frontends,
+                skipped,
+            };
+            println!("{}", serde_json::to_string_pretty(&output)?);
+        }
+        Output::Text => {
+            println!("node {}", args.node);
+            for fe in &frontends {
+                println!(
+                    "{:?} {}:{}/{} {} ({} port {:?})",
+                    fe.kind,
+                    fe.address,
+                    fe.port,
+                    fe.protocol,
+                    fe.algorithm,
+                    fe.service,
+                    fe.port_name
+                );
+                for be in &fe.backends {
+                    println!(
+                        "  -> {}:{} node={} zone={}",
+                        be.address,
+                        be.port,
+                        be.node.as_deref().unwrap_or("-"),
+                        be.zone.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+            for s in &skipped {
+                println!("skipped {s}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn dump(args: &InstanceArgs) -> Result<()> {
+    let pin_dir = datapath::pin_dir(&args.bpffs, &args.instance);
+    let maps = KernelMaps::open_pinned(&pin_dir)
+        .with_context(|| format!("no agent instance pinned at {}", pin_dir.display()))?;
+    print!("{}", maps.read()?.dump());
+    let s = maps.stats()?;
+    println!(
+        "STATS: forwarded={} replied={} new_flows={} reselected={} dropped_no_backend={} \
+         dropped_error={}",
+        s.forwarded, s.replied, s.new_flows, s.reselected, s.dropped_no_backend, s.dropped_error
+    );
+    Ok(())
+}

@@ -1,0 +1,202 @@
+//! The model: plain structs for what the cluster says, and the pure computation of what this
+//! node programs. No I/O here: sources fill a [`Cluster`], [`frontends`] turns it into
+//! [`Frontend`]s, the plan turns those into map entries.
+
+mod convert;
+mod frontends;
+
+use std::{fmt, net::Ipv4Addr};
+
+pub use convert::{Objects, cluster};
+pub use frontends::frontends;
+use serde::Serialize;
+
+/// The annotation that chooses a Service's backend selection ([`Algorithm`]).
+pub const ALGORITHM_ANNOTATION: &str = "lb.ebpf.io/algorithm";
+
+/// Everything the agent knows of the cluster, validated.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Cluster {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+    pub nodes: Vec<Node>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    /// Empty for headless Services.
+    pub cluster_ips: Vec<Ipv4Addr>,
+    pub ports: Vec<ServicePort>,
+    pub algorithm: Algorithm,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServicePort {
+    /// May be empty when the Service has one port.
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub target_port: TargetPort,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Algorithm {
+    #[default]
+    RoundRobin,
+    SourceHash,
+}
+
+/// One EndpointSlice, or the slice the mirroring controller would make of an `Endpoints`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointSlice {
+    pub namespace: String,
+    pub name: String,
+    /// The Service it belongs to (label `kubernetes.io/service-name`).
+    pub service: String,
+    pub ports: Vec<EndpointPort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointPort {
+    pub name: String,
+    /// `None` means "the Service port's numeric targetPort".
+    pub port: Option<u16>,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Endpoint {
+    pub address: Ipv4Addr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node: Option<String>,
+    pub zone: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node {
+    pub name: String,
+    pub zone: Option<String>,
+}
+
+/// What one frontend of this node balances over.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Frontend {
+    /// `namespace/name`.
+    pub service: String,
+    pub port_name: String,
+    pub kind: FrontendKind,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub algorithm: Algorithm,
+    pub backends: Vec<Backend>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum FrontendKind {
+    ClusterIP,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Backend {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub node: Option<String>,
+    pub zone: Option<String>,
+}
+
+/// An object, or part of one, that was left out, and why.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Skipped {
+    /// `Kind namespace/name`, or where in a file for what could not be parsed at all.
+    pub object: String,
+    /// The field at fault, as a path (`spec.ports[1].port`); empty when it is the whole object.
+    pub field: String,
+    pub reason: String,
+}
+
+impl Skipped {
+    pub fn new(
+        object: impl Into<String>,
+        field: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
+        Self {
+            object: object.into(),
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl ServicePort {
+    /// How a [`Skipped`] names this port: by name, or by number for an unnamed one.
+    pub fn field(&self) -> String {
+        port_field(&self.name, self.port, self.protocol)
+    }
+}
+
+/// `spec.ports[http]`, or `spec.ports[53/UDP]` for an unnamed port.
+pub fn port_field(name: &str, port: u16, protocol: Protocol) -> String {
+    if name.is_empty() {
+        format!("spec.ports[{port}/{protocol}]")
+    } else {
+        format!("spec.ports[{name}]")
+    }
+}
+
+impl fmt::Display for Skipped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.object, self.reason)
+        } else {
+            write!(f, "{} {}: {}", self.object, self.field, self.reason)
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+        })
+    }
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::RoundRobin => "round-robin",
+            Self::SourceHash => "source-hash",
+        })
+    }
+}
+
+/// The frontends `objects` define, and everything left out on the way.
+pub fn compute(objects: &Objects) -> (Vec<Frontend>, Vec<Skipped>) {
+    let (cluster, mut skipped) = cluster(objects);
+    let (frontends, more) = frontends(&cluster);
+    skipped.extend(more);
+    skipped.sort();
+    (frontends, skipped)
+}

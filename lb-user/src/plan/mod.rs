@@ -1,0 +1,172 @@
+//! The plan: the model's frontends as map entries, with ids that stay stable across syncs, and
+//! the ordered operations that move the maps from what they hold to what they should.
+
+mod diff;
+mod ids;
+
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+
+pub use diff::{Op, diff};
+pub use ids::Ids;
+use lb_common::maps::{
+    ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_HASH, Backend, Frontend, FrontendKey, PROTO_TCP,
+    PROTO_UDP, Slot, SlotKey,
+};
+
+use crate::model::{self, Algorithm, Protocol, Skipped};
+
+/// The entries of the agent-written maps, as the kernel holds them (keys and values in the
+/// datapath's layout).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapEntries {
+    pub frontends: BTreeMap<FrontendKey, Frontend>,
+    pub slots: BTreeMap<SlotKey, Slot>,
+    pub backends: BTreeMap<u32, Backend>,
+}
+
+/// The map entries for `frontends`, naming services and backends with `ids`.
+pub fn entries(ids: &mut Ids, frontends: &[model::Frontend]) -> (MapEntries, Vec<Skipped>) {
+    let mut skipped = Vec::new();
+    let mut wanted = Vec::new();
+    for frontend in frontends {
+        let key = frontend_key(frontend.address, frontend.port, frontend.protocol);
+        let backends: Vec<Backend> = frontend
+            .backends
+            .iter()
+            .map(|b| backend(b.address, b.port, frontend.protocol))
+            .collect();
+        let Ok(backend_count) = u16::try_from(backends.len()) else {
+            skipped.push(Skipped::new(
+                format!("Service {}", frontend.service),
+                model::port_field(&frontend.port_name, frontend.port, frontend.protocol),
+                format!(
+                    "{} backends: at most {} fit a frontend",
+                    backends.len(),
+                    u16::MAX
+                ),
+            ));
+            continue;
+        };
+        wanted.push((key, frontend, backends, backend_count));
+    }
+    let service_ids = ids.assign_services(wanted.iter().map(|(key, ..)| *key));
+    let backend_ids = ids.assign_backends(wanted.iter().flat_map(|(.., b, _)| b.iter().copied()));
+
+    let mut entries = MapEntries::default();
+    for (key, frontend, backends, backend_count) in wanted {
+        let Some(&service_id) = service_ids.get(&key) else {
+            skipped.push(Skipped::new(
+                format!("Service {}", frontend.service),
+                model::port_field(&frontend.port_name, frontend.port, frontend.protocol),
+                format!(
+                    "{}:{}/{}: the frontend map is full",
+                    frontend.address, frontend.port, frontend.protocol
+                ),
+            ));
+            continue;
+        };
+        for (slot, backend) in (1..).zip(&backends) {
+            let backend_id = backend_ids[backend];
+            entries.backends.insert(backend_id, *backend);
+            entries
+                .slots
+                .insert(SlotKey { service_id, slot }, Slot { backend_id });
+        }
+        entries.frontends.insert(
+            key,
+            Frontend {
+                service_id,
+                backend_count,
+                algorithm: algorithm(frontend.algorithm),
+                _pad: 0,
+            },
+        );
+    }
+    (entries, skipped)
+}
+
+pub fn frontend_key(address: Ipv4Addr, port: u16, protocol: Protocol) -> FrontendKey {
+    FrontendKey {
+        addr_be: u32::from(address).to_be(),
+        port_be: port.to_be(),
+        protocol: protocol_number(protocol),
+        _pad: 0,
+    }
+}
+
+fn backend(address: Ipv4Addr, port: u16, protocol: Protocol) -> Backend {
+    Backend {
+        addr_be: u32::from(address).to_be(),
+        port_be: port.to_be(),
+        protocol: protocol_number(protocol),
+        _pad: 0,
+    }
+}
+
+fn protocol_number(protocol: Protocol) -> u8 {
+    match protocol {
+        Protocol::Tcp => PROTO_TCP,
+        Protocol::Udp => PROTO_UDP,
+    }
+}
+
+fn algorithm(algorithm: Algorithm) -> u8 {
+    match algorithm {
+        Algorithm::RoundRobin => ALGORITHM_ROUND_ROBIN,
+        Algorithm::SourceHash => ALGORITHM_SOURCE_HASH,
+    }
+}
+
+impl MapEntries {
+    /// One sorted line per entry, in the style of Cilium's golden tests, for tests and `dump`.
+    pub fn dump(&self) -> String {
+        let mut lines = Vec::new();
+        for (key, fe) in &self.frontends {
+            lines.push(format!(
+                "FE: ADDR={} ID={} COUNT={} ALG={}",
+                endpoint(key.addr_be, key.port_be, key.protocol),
+                fe.service_id,
+                fe.backend_count,
+                algorithm_name(fe.algorithm),
+            ));
+        }
+        for (key, slot) in &self.slots {
+            lines.push(format!(
+                "SLOT: ID={} SLOT={} BE={}",
+                key.service_id, key.slot, slot.backend_id
+            ));
+        }
+        for (id, be) in &self.backends {
+            lines.push(format!(
+                "BE: ID={id} ADDR={}",
+                endpoint(be.addr_be, be.port_be, be.protocol)
+            ));
+        }
+        lines.sort();
+        lines.iter().fold(String::new(), |mut out, line| {
+            let _ = writeln!(out, "{line}");
+            out
+        })
+    }
+}
+
+fn endpoint(addr_be: u32, port_be: u16, protocol: u8) -> String {
+    let protocol = match protocol {
+        PROTO_TCP => "TCP".to_string(),
+        PROTO_UDP => "UDP".to_string(),
+        other => format!("proto-{other}"),
+    };
+    format!(
+        "{}:{}/{protocol}",
+        Ipv4Addr::from(u32::from_be(addr_be)),
+        u16::from_be(port_be)
+    )
+}
+
+fn algorithm_name(algorithm: u8) -> String {
+    match algorithm {
+        ALGORITHM_ROUND_ROBIN => "round-robin".into(),
+        ALGORITHM_SOURCE_HASH => "source-hash".into(),
+        other => format!("unknown-{other}"),
+    }
+}

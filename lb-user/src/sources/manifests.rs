@@ -1,0 +1,224 @@
+//! Kubernetes manifests from files or directories: multi-document YAML or JSON, `List`s too.
+//! A document that does not parse is skipped with its file and position; the others load.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use serde::Deserialize as _;
+use serde_yaml::Value;
+
+use crate::model::{Objects, Skipped};
+
+const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
+
+/// What identifies a version of the manifests: a change to any file changes it.
+pub type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64)>;
+
+#[derive(Clone, Debug)]
+pub struct Manifests {
+    paths: Vec<PathBuf>,
+}
+
+impl Manifests {
+    pub fn new(paths: Vec<PathBuf>) -> Self {
+        Self { paths }
+    }
+
+    /// The manifest files, directories expanded (recursively, sorted).
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for path in &self.paths {
+            collect(path, &mut files);
+        }
+        files
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.files()
+            .into_iter()
+            .map(|file| {
+                let meta = fs::metadata(&file).ok();
+                let modified = meta.as_ref().and_then(|m| m.modified().ok());
+                let len = meta.map_or(0, |m| m.len());
+                (file, modified, len)
+            })
+            .collect()
+    }
+
+    pub fn load(&self) -> (Objects, Vec<Skipped>) {
+        let mut objects = Objects::default();
+        let mut skipped = Vec::new();
+        for path in &self.paths {
+            if !path.exists() {
+                skipped.push(Skipped::new(path.display().to_string(), "", "no such file"));
+            }
+        }
+        for file in self.files() {
+            match fs::read_to_string(&file) {
+                Ok(text) => parse(
+                    &file.display().to_string(),
+                    &text,
+                    &mut objects,
+                    &mut skipped,
+                ),
+                Err(e) => skipped.push(Skipped::new(file.display().to_string(), "", e.to_string())),
+            }
+        }
+        (objects, skipped)
+    }
+}
+
+fn collect(path: &Path, files: &mut Vec<PathBuf>) {
+    if path.is_dir() {
+        let Ok(entries) = fs::read_dir(path) else {
+            return;
+        };
+        let mut children: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
+        children.sort();
+        for child in children {
+            if child.is_dir()
+                || child
+                    .extension()
+                    .is_some_and(|e| EXTENSIONS.iter().any(|x| e == *x))
+            {
+                collect(&child, files);
+            }
+        }
+    } else if path.is_file() {
+        files.push(path.to_path_buf());
+    }
+}
+
+/// Parses every document of `text` (from `origin`) into `objects`.
+pub fn parse(origin: &str, text: &str, objects: &mut Objects, skipped: &mut Vec<Skipped>) {
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let place = format!("{origin} (document {})", index + 1);
+        match Value::deserialize(document) {
+            Ok(Value::Null) => {}
+            Ok(value) => add(&place, value, objects, skipped),
+            Err(e) => {
+                skipped.push(Skipped::new(place, "", e.to_string()));
+                // The rest of the stream cannot be read past a syntax error.
+                return;
+            }
+        }
+    }
+}
+
+fn add(place: &str, value: Value, objects: &mut Objects, skipped: &mut Vec<Skipped>) {
+    let text = |key: &str| value.get(key).and_then(Value::as_str).unwrap_or_default();
+    let kind = text("kind").to_string();
+    let api_version = text("apiVersion").to_string();
+    let meta = |key: &str| {
+        value
+            .get("metadata")
+            .and_then(|m| m.get(key))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    let object = format!(
+        "{kind} {}/{} in {place}",
+        meta("namespace").unwrap_or_else(|| "default".into()),
+        meta("name").unwrap_or_default()
+    );
+    let mut typed = |objects: &mut Objects| -> Result<(), serde_yaml::Error> {
+        match (api_version.as_str(), kind.as_str()) {
+            ("v1", "Service") => objects
+                .services
+                .push(serde_yaml::from_value(value.clone())?),
+            ("v1", "Endpoints") => objects
+                .endpoints
+                .push(serde_yaml::from_value(value.clone())?),
+            ("v1", "Node") => objects.nodes.push(serde_yaml::from_value(value.clone())?),
+            ("discovery.k8s.io/v1", "EndpointSlice") => objects
+                .endpoint_slices
+                .push(serde_yaml::from_value(value.clone())?),
+            (_, kind) if kind.ends_with("List") => {
+                for item in value
+                    .get("items")
+                    .and_then(Value::as_sequence)
+                    .into_iter()
+                    .flatten()
+                {
+                    add(place, item.clone(), objects, skipped);
+                }
+            }
+            // Deployments, ConfigMaps and the like share manifest directories: not ours.
+            _ => {}
+        }
+        Ok(())
+    };
+    if let Err(e) = typed(objects) {
+        skipped.push(Skipped::new(object, "", e.to_string()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_text(text: &str) -> (Objects, Vec<Skipped>) {
+        let mut objects = Objects::default();
+        let mut skipped = Vec::new();
+        parse("test.yaml", text, &mut objects, &mut skipped);
+        (objects, skipped)
+    }
+
+    #[test]
+    fn reads_yaml_documents_json_and_lists() {
+        let (objects, skipped) = parse_text(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: a}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
+---
+{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}}
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: a-1}
+  addressType: IPv4
+  endpoints: []
+- apiVersion: apps/v1
+  kind: Deployment
+  metadata: {name: ignored}
+"#,
+        );
+        assert_eq!(skipped, vec![]);
+        assert_eq!(objects.services.len(), 1);
+        assert_eq!(objects.nodes.len(), 1);
+        assert_eq!(objects.endpoint_slices.len(), 1);
+    }
+
+    #[test]
+    fn a_malformed_document_is_named_and_the_others_load() {
+        let (objects, skipped) = parse_text(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: bad, namespace: shop}
+spec: {ports: [{port: "eighty"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: good}
+spec: {clusterIP: 10.96.0.2}
+"#,
+        );
+        assert_eq!(objects.services.len(), 1);
+        assert_eq!(skipped.len(), 1);
+        assert!(
+            skipped[0]
+                .object
+                .starts_with("Service shop/bad in test.yaml (document 1)"),
+            "{skipped:?}"
+        );
+    }
+}

@@ -1,0 +1,4 @@
+//! Sources of Kubernetes objects. Each fills [`crate::model::Objects`]; the model does not know
+//! where they came from.
+
+pub mod manifests;

@@ -1,0 +1,79 @@
+//! A pod's server for the lab, like the `demoapp` of Kubernetes training material: every answer
+//! names the pod, its address and the client's address as the pod saw it.
+//!
+//! - HTTP on 8080: one answer per request, then the connection closes.
+//! - TCP on 9000: answers each line, for long-lived connections.
+//! - UDP on 5353: answers each datagram.
+//!
+//! Prints `ready` once all three listen.
+
+use std::{
+    env,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    thread,
+    time::Duration,
+};
+
+const HTTP_PORT: u16 = 8080;
+const ECHO_PORT: u16 = 9000;
+const UDP_PORT: u16 = 5353;
+const MAX_REQUEST: usize = 8192;
+
+fn main() -> std::io::Result<()> {
+    let name = env::args().nth(1).expect("usage: demoapp POD-NAME");
+    let http = TcpListener::bind(("0.0.0.0", HTTP_PORT))?;
+    let echo = TcpListener::bind(("0.0.0.0", ECHO_PORT))?;
+    let udp = UdpSocket::bind(("0.0.0.0", UDP_PORT))?;
+
+    let pod = name.clone();
+    thread::spawn(move || serve(&http, &pod, answer_http));
+    let pod = name.clone();
+    thread::spawn(move || serve(&echo, &pod, answer_lines));
+    println!("ready");
+    let mut buf = [0u8; 1500];
+    loop {
+        let (_, peer) = udp.recv_from(&mut buf)?;
+        let local = udp.local_addr()?;
+        udp.send_to(identity(&name, local, peer).as_bytes(), peer)?;
+    }
+}
+
+fn identity(pod: &str, local: SocketAddr, peer: SocketAddr) -> String {
+    format!("pod={pod} ip={} client={peer}\n", local.ip())
+}
+
+fn serve(listener: &TcpListener, pod: &str, answer: fn(TcpStream, &str) -> std::io::Result<()>) {
+    for stream in listener.incoming().flatten() {
+        let pod = pod.to_string();
+        thread::spawn(move || answer(stream, &pod));
+    }
+}
+
+fn answer_http(mut stream: TcpStream, pod: &str) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < MAX_REQUEST {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        request.extend_from_slice(&buf[..n]);
+    }
+    let body = identity(pod, stream.local_addr()?, stream.peer_addr()?);
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn answer_lines(stream: TcpStream, pod: &str) -> std::io::Result<()> {
+    let who = identity(pod, stream.local_addr()?, stream.peer_addr()?);
+    let mut writer = stream.try_clone()?;
+    for line in BufReader::new(stream).lines() {
+        writer.write_all(format!("{} {who}", line?).as_bytes())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,490 @@
+//! The lab: a node, a client pod and three backend pods, each its own network namespace, wired
+//! the way a routed CNI wires them (a veth per pod, a /32 route per pod on the node, the pod's
+//! default route through a link-local gateway), with the agent running in the node.
+//!
+//! `cargo xtask run` and the lab tests share it. Every name carries the lab's unique prefix,
+//! every wait is bounded, and `Drop` tears everything down, also on panic.
+
+use std::{
+    cell::RefCell,
+    env, fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+/// The node name in `deploy/examples`.
+pub const NODE_NAME: &str = "lab-node";
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
+/// The backend pods of `deploy/examples`, by name and address.
+pub const BACKENDS: [(&str, Ipv4Addr); 3] = [
+    ("demo-1", Ipv4Addr::new(10, 244, 0, 11)),
+    ("demo-2", Ipv4Addr::new(10, 244, 0, 12)),
+    ("demo-3", Ipv4Addr::new(10, 244, 0, 13)),
+];
+/// The gateway every pod routes through; the node answers for it on each pod's veth.
+const GATEWAY: &str = "169.254.1.1";
+const BPFFS: &str = "/sys/fs/bpf";
+const WAIT: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(50);
+
+/// The workspace's root directory.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the workspace")
+        .to_path_buf()
+}
+
+/// A built binary: from `$var`, set by `cargo xtask`.
+fn binary(var: &str) -> Result<PathBuf> {
+    let path = env::var_os(var)
+        .map(PathBuf::from)
+        .with_context(|| format!("{var} is not set: run the lab through `cargo xtask`"))?;
+    ensure!(path.exists(), "{var}={} does not exist", path.display());
+    Ok(path)
+}
+
+pub struct Pod {
+    pub name: String,
+    pub namespace: String,
+    pub ip: Ipv4Addr,
+}
+
+pub struct Lab {
+    pub prefix: String,
+    pub node: String,
+    pub client: Pod,
+    pub backends: Vec<Pod>,
+    /// A copy of `deploy/examples` that the agent watches and tests may edit.
+    pub manifests: tempfile::TempDir,
+    servers: Vec<Child>,
+    agent: RefCell<Option<Child>>,
+    namespaces: Vec<String>,
+    lb_user: PathBuf,
+}
+
+impl Lab {
+    /// Builds the lab; `tag` makes its names unique (with the process id).
+    pub fn up(tag: &str) -> Result<Self> {
+        let prefix = format!("lb{}-{tag}", std::process::id());
+        let manifests = tempfile::tempdir()?;
+        for entry in fs::read_dir(workspace_root().join("deploy/examples"))? {
+            let path = entry?.path();
+            fs::copy(
+                &path,
+                manifests
+                    .path()
+                    .join(path.file_name().context("file name")?),
+            )?;
+        }
+        let pod = |name: &str, ip| Pod {
+            name: name.to_string(),
+            namespace: format!("{prefix}-{name}"),
+            ip,
+        };
+        let mut lab = Self {
+            node: format!("{prefix}-node"),
+            client: pod("client", CLIENT_IP),
+            backends: BACKENDS.iter().map(|&(name, ip)| pod(name, ip)).collect(),
+            prefix: prefix.clone(),
+            manifests,
+            servers: Vec::new(),
+            agent: RefCell::new(None),
+            namespaces: Vec::new(),
+            lb_user: binary("LB_USER_BIN")?,
+        };
+        // From here on, Drop cleans up whatever was made.
+        lab.wire().context("building the lab's namespaces")?;
+        lab.start_servers(&binary("LB_DEMOAPP_BIN")?)?;
+        Ok(lab)
+    }
+
+    fn add_namespace(&mut self, name: &str) -> Result<()> {
+        run(Command::new("ip").args(["netns", "add", name]))?;
+        self.namespaces.push(name.to_string());
+        run(Command::new("ip").args(["-n", name, "link", "set", "lo", "up"]))
+    }
+
+    fn wire(&mut self) -> Result<()> {
+        let node = self.node.clone();
+        self.add_namespace(&node)?;
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &node,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+        ]))?;
+        let pods: Vec<(String, String, Ipv4Addr)> = std::iter::once(&self.client)
+            .chain(&self.backends)
+            .map(|p| (p.name.clone(), p.namespace.clone(), p.ip))
+            .collect();
+        for (index, (name, namespace, ip)) in pods.into_iter().enumerate() {
+            self.add_namespace(&namespace)?;
+            let host_if = format!("v-{name}");
+            let host_mac = format!("02:00:00:00:01:{index:02x}");
+            let pod_mac = format!("02:00:00:00:02:{index:02x}");
+            let ip = ip.to_string();
+            let node_ip =
+                |args: &[&str]| run(Command::new("ip").args(["-n", node.as_str()]).args(args));
+            let pod_ip = |args: &[&str]| {
+                run(Command::new("ip")
+                    .args(["-n", namespace.as_str()])
+                    .args(args))
+            };
+            node_ip(&[
+                "link", "add", &host_if, "address", &host_mac, "type", "veth", "peer", "name",
+                "eth0", "netns", &namespace, "address", &pod_mac,
+            ])?;
+            node_ip(&["link", "set", &host_if, "up"])?;
+            node_ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if])?;
+            node_ip(&[
+                "neigh",
+                "add",
+                &ip,
+                "lladdr",
+                &pod_mac,
+                "dev",
+                &host_if,
+                "nud",
+                "permanent",
+            ])?;
+            pod_ip(&["link", "set", "eth0", "up"])?;
+            pod_ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+            pod_ip(&["route", "add", GATEWAY, "dev", "eth0"])?;
+            pod_ip(&["route", "add", "default", "via", GATEWAY, "dev", "eth0"])?;
+            pod_ip(&[
+                "neigh",
+                "add",
+                GATEWAY,
+                "lladdr",
+                &host_mac,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ])?;
+        }
+        Ok(())
+    }
+
+    fn start_servers(&mut self, demoapp: &Path) -> Result<()> {
+        let backends: Vec<(String, String)> = self
+            .backends
+            .iter()
+            .map(|p| (p.name.clone(), p.namespace.clone()))
+            .collect();
+        for (name, namespace) in backends {
+            let mut child = Command::new("ip")
+                .args(["netns", "exec", &namespace])
+                .arg(demoapp)
+                .arg(&name)
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("starting demoapp")?;
+            let stdout = child.stdout.take().context("demoapp stdout")?;
+            self.servers.push(child);
+            let line = read_line_within(stdout, WAIT)?;
+            ensure!(line.trim() == "ready", "demoapp {name} said {line:?}");
+        }
+        Ok(())
+    }
+
+    /// Starts the agent in the node on the lab's manifests, with `extra` arguments, and waits
+    /// until it has programmed the frontends and attached to every pod's interface.
+    pub fn start_agent(&mut self, extra: &[&str]) -> Result<()> {
+        let log = fs::File::create(self.agent_log())?;
+        // nsenter, not `ip netns exec`: that one also unshares the mount namespace and remounts
+        // /sys, which would hide the agent's pins under /sys/fs/bpf from everyone else.
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.node))
+            .arg("--")
+            .arg(&self.lb_user)
+            .args(["run", "--node", NODE_NAME, "--interfaces", "v-*"])
+            .args(["--instance", &self.prefix, "--poll-interval-ms", "50"])
+            .arg("--manifests")
+            .arg(self.manifests.path())
+            .args(extra)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting lb-user")?;
+        self.agent.replace(Some(child));
+        self.wait_for("the agent to be ready", || {
+            Ok(self.log_text().contains("ready:"))
+        })
+    }
+
+    pub fn agent_log(&self) -> PathBuf {
+        self.manifests.path().with_extension("agent.log")
+    }
+
+    /// `lb-user dump` of this lab's agent: its map entries and counters.
+    pub fn dump(&self) -> Result<String> {
+        output(Command::new(&self.lb_user).args([
+            "dump",
+            "--instance",
+            &self.prefix,
+            "--bpffs",
+            BPFFS,
+        ]))
+    }
+
+    /// Waits until the dump satisfies `done`; returns it.
+    pub fn wait_for_dump(&self, what: &str, done: impl Fn(&str) -> bool) -> Result<String> {
+        let mut last = String::new();
+        self.wait_for(what, || {
+            last = self.dump().unwrap_or_default();
+            Ok(done(&last))
+        })
+        .with_context(|| format!("last dump:\n{last}"))?;
+        Ok(last)
+    }
+
+    /// Polls `done` until it holds, for at most 20 s.
+    pub fn wait_for(&self, what: &str, mut done: impl FnMut() -> Result<bool>) -> Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < WAIT {
+            if done()? {
+                return Ok(());
+            }
+            if let Some(agent) = self.agent.borrow_mut().as_mut()
+                && let Ok(Some(status)) = agent.try_wait()
+            {
+                bail!("the agent exited ({status}); its log:\n{}", self.log_text());
+            }
+            thread::sleep(POLL);
+        }
+        bail!(
+            "timed out waiting for {what}; agent log:\n{}",
+            self.log_text()
+        )
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(self.agent_log()).unwrap_or_default()
+    }
+
+    /// Runs `command` in the client pod, pinned to CPU 0 so that its packets meet one CPU's
+    /// round-robin cursor.
+    pub fn in_client(&self, command: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            &self.client.namespace,
+            "taskset",
+            "-c",
+            "0",
+        ])
+        .args(command);
+        cmd
+    }
+
+    /// `curl` from the client; the body.
+    pub fn curl(&self, url: &str) -> Result<String> {
+        output(&mut self.in_client(&["curl", "-sS", "--max-time", "5", url]))
+    }
+
+    /// One UDP datagram from the client with `socat`; the answer.
+    pub fn udp(&self, address: &str) -> Result<String> {
+        let target = format!("UDP4:{address}");
+        let mut child = self
+            .in_client(&["socat", "-t", "3", "-T", "3", "-", &target])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child.stdin.take().context("stdin")?.write_all(b"query\n")?;
+        let out = wait_output(child, Duration::from_secs(10))?;
+        ensure!(
+            out.status.success(),
+            "socat failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// A long-lived TCP connection from the client, through `socat`.
+    pub fn connect(&self, address: &str) -> Result<Connection> {
+        let target = format!("TCP4:{address}");
+        let mut child = self
+            .in_client(&["socat", "-", &target])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Connection {
+            child,
+            stdin,
+            lines,
+        })
+    }
+
+    /// Rewrites a manifest of the lab (a file name in `deploy/examples`).
+    pub fn edit_manifest(&self, file: &str, edit: impl FnOnce(String) -> String) -> Result<()> {
+        let path = self.manifests.path().join(file);
+        let text = fs::read_to_string(&path)?;
+        let edited = edit(text.clone());
+        ensure!(edited != text, "the edit of {file} changed nothing");
+        // Write then rename, as kubectl and editors do, so the agent never reads half a file.
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, edited)?;
+        fs::rename(tmp, path)?;
+        Ok(())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            // SIGTERM lets the agent detach and unpin; SIGKILL if it does not within 5 s.
+            unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+            if wait_within(&mut agent, Duration::from_secs(5)).is_none() {
+                let _ = agent.kill();
+                let _ = agent.wait();
+            }
+        }
+        for mut server in self.servers.drain(..) {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+        for namespace in self.namespaces.drain(..).rev() {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &namespace])
+                .status();
+        }
+        let _ = fs::remove_dir_all(Path::new(BPFFS).join("lb").join(&self.prefix));
+        let _ = fs::remove_file(self.agent_log());
+    }
+}
+
+/// A TCP connection held open by `socat` in the client.
+pub struct Connection {
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<std::io::Result<String>>,
+}
+
+impl Connection {
+    /// Sends a line and returns the answer.
+    pub fn ask(&mut self, line: &str) -> Result<String> {
+        writeln!(self.stdin, "{line}")?;
+        self.stdin.flush()?;
+        Ok(self
+            .lines
+            .recv_timeout(Duration::from_secs(5))
+            .context("no answer within 5 s")??)
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The pod named in a demoapp answer (`pod=NAME ...`).
+pub fn pod_of(answer: &str) -> Option<&str> {
+    answer
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("pod="))
+}
+
+/// The client address a demoapp answer reports (`client=IP:PORT`).
+pub fn client_of(answer: &str) -> Option<&str> {
+    answer
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("client="))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    output(cmd).map(drop)
+}
+
+/// Runs `cmd` to completion (10 s at most); its stdout, or an error with its stderr.
+pub fn output(cmd: &mut Command) -> Result<String> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    let out = wait_output(child, Duration::from_secs(10)).with_context(|| format!("{cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn wait_output(mut child: Child, limit: Duration) -> Result<Output> {
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let reader = thread::spawn(move || {
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        if let Some(s) = stdout.as_mut() {
+            let _ = s.read_to_end(&mut out);
+        }
+        if let Some(s) = stderr.as_mut() {
+            let _ = s.read_to_end(&mut err);
+        }
+        (out, err)
+    });
+    let Some(status) = wait_within(&mut child, limit) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("still running after {limit:?}: killed");
+    };
+    let (stdout, stderr) = reader.join().expect("reader thread");
+    Ok(Output {
+        status,
+        stdout,
+        stderr,
+    })
+}
+
+fn wait_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+fn read_line_within(stdout: ChildStdout, limit: Duration) -> Result<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(limit)
+        .context("no line within the time limit")
+}

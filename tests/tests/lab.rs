@@ -1,0 +1,216 @@
+//! Kernel-level tests: the agent and its eBPF datapath in a lab of network namespaces, real
+//! servers, real clients. Run through `cargo xtask test` (root, and the built binaries).
+
+use std::collections::BTreeMap;
+
+use lb_tests::{BACKENDS, CLIENT_IP, Lab, client_of, pod_of};
+
+const HTTP_VIP: &str = "http://10.96.0.10/";
+const STICKY_VIP: &str = "http://10.96.0.11/";
+const DNS_VIP: &str = "10.96.0.53:53";
+const ECHO_VIP: &str = "10.96.0.10:9000";
+
+fn lab(tag: &str) -> Lab {
+    let mut lab = Lab::up(tag).expect("lab");
+    lab.start_agent(&[]).expect("agent");
+    lab
+}
+
+/// The pods answering `n` curls of `url`, in order.
+fn curl_pods(lab: &Lab, url: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let answer = lab
+                .curl(url)
+                .unwrap_or_else(|e| panic!("curl {url} #{i}: {e:#}"));
+            let client = client_of(&answer).expect("answer names the client");
+            assert!(
+                client.starts_with(&format!("{CLIENT_IP}:")),
+                "the backend sees the real client, not {client}"
+            );
+            pod_of(&answer).expect("answer names the pod").to_string()
+        })
+        .collect()
+}
+
+fn counts(pods: &[String]) -> BTreeMap<&str, usize> {
+    let mut counts = BTreeMap::new();
+    for pod in pods {
+        *counts.entry(pod.as_str()).or_default() += 1;
+    }
+    counts
+}
+
+/// A counter from the dump's `STATS:` line.
+fn stat(dump: &str, name: &str) -> u64 {
+    dump.lines()
+        .find_map(|l| l.strip_prefix("STATS: "))
+        .and_then(|s| {
+            s.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in dump:\n{dump}"))
+}
+
+/// The backend count of a frontend (`10.96.0.10:80/TCP`) in a dump.
+fn backend_count(dump: &str, frontend: &str) -> Option<u16> {
+    let line = dump
+        .lines()
+        .find(|l| l.starts_with(&format!("FE: ADDR={frontend} ")))?;
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix("COUNT="))?
+        .parse()
+        .ok()
+}
+
+/// Replaces `ready: true` by `ready: false` for the endpoint at `ip` in demo.yaml.
+fn set_not_ready(text: &str, ip: &str) -> String {
+    let marker = format!("- addresses: [{ip}]\n  conditions: {{ready: true");
+    text.replace(
+        &marker,
+        &format!("- addresses: [{ip}]\n  conditions: {{ready: false"),
+    )
+}
+
+/// Removes the endpoint at `ip` (its three lines and its targetRef) from demo.yaml.
+fn remove_endpoint(text: &str, ip: &str) -> String {
+    let start = text
+        .find(&format!("- addresses: [{ip}]"))
+        .expect("endpoint in demo.yaml");
+    let end = text[start + 1..]
+        .find("- addresses:")
+        .map_or(text.len(), |i| start + 1 + i);
+    format!("{}{}", &text[..start], &text[end..])
+}
+
+#[test]
+fn round_robin_spreads_new_connections_over_the_backends_in_turn() {
+    let lab = lab("rr");
+    let pods = curl_pods(&lab, HTTP_VIP, 6);
+    // One client CPU, one cursor: strictly in turn, each backend twice.
+    assert_eq!(pods[..3], pods[3..], "in turn: {pods:?}");
+    assert_eq!(counts(&pods).len(), 3, "all three backends: {pods:?}");
+}
+
+#[test]
+fn udp_through_the_vip() {
+    let lab = lab("udp");
+    let mut pods = Vec::new();
+    for _ in 0..6 {
+        let answer = lab.udp(DNS_VIP).expect("a UDP answer through the VIP");
+        assert!(answer.contains(&format!("client={CLIENT_IP}:")), "{answer}");
+        pods.push(pod_of(&answer).expect("pod").to_string());
+    }
+    assert_eq!(counts(&pods).len(), 3, "every backend answers: {pods:?}");
+}
+
+#[test]
+fn source_hash_keeps_one_client_on_one_backend() {
+    let lab = lab("sh");
+    let pods = curl_pods(&lab, STICKY_VIP, 20);
+    assert_eq!(
+        counts(&pods).len(),
+        1,
+        "one backend for one client: {pods:?}"
+    );
+}
+
+#[test]
+fn scale_down_spares_established_connections_and_stops_new_ones() {
+    let lab = lab("scale");
+    let mut held = lab.connect(ECHO_VIP).expect("connect to the echo VIP");
+    let first = held.ask("hello").expect("echo through the VIP");
+    let held_pod = pod_of(&first).expect("pod").to_string();
+    let (_, removed_ip) = BACKENDS
+        .iter()
+        .find(|(name, _)| *name != held_pod)
+        .copied()
+        .unwrap();
+    let removed_pod = BACKENDS.iter().find(|(_, ip)| *ip == removed_ip).unwrap().0;
+
+    lab.edit_manifest("demo.yaml", |t| {
+        remove_endpoint(&t, &removed_ip.to_string())
+    })
+    .unwrap();
+    lab.wait_for_dump("demo's frontends to shrink to two backends", |d| {
+        backend_count(d, "10.96.0.10:80/TCP") == Some(2)
+            && backend_count(d, "10.96.0.10:9000/TCP") == Some(2)
+    })
+    .unwrap();
+
+    let pods = curl_pods(&lab, HTTP_VIP, 9);
+    assert!(
+        !pods.iter().any(|p| p == removed_pod),
+        "{removed_pod} removed, got {pods:?}"
+    );
+    assert_eq!(counts(&pods).len(), 2, "both survivors serve: {pods:?}");
+    let again = held
+        .ask("still there?")
+        .expect("the held connection carries on");
+    assert_eq!(pod_of(&again), Some(held_pod.as_str()), "{again}");
+}
+
+#[test]
+fn an_endpoint_that_stops_being_ready_gets_no_new_connections() {
+    let lab = lab("ready");
+    let (pod, ip) = BACKENDS[1];
+    lab.edit_manifest("demo.yaml", |t| set_not_ready(&t, &ip.to_string()))
+        .unwrap();
+    lab.wait_for_dump("demo's frontend to shrink to two backends", |d| {
+        backend_count(d, "10.96.0.10:80/TCP") == Some(2)
+    })
+    .unwrap();
+    let pods = curl_pods(&lab, HTTP_VIP, 9);
+    assert!(
+        !pods.iter().any(|p| p == pod),
+        "{pod} is not ready, got {pods:?}"
+    );
+    assert_eq!(counts(&pods).len(), 2, "{pods:?}");
+}
+
+#[test]
+fn a_frontend_without_backends_drops_and_counts() {
+    let lab = lab("empty");
+    lab.edit_manifest("demo.yaml", |t| {
+        BACKENDS
+            .iter()
+            .fold(t, |t, (_, ip)| set_not_ready(&t, &ip.to_string()))
+    })
+    .unwrap();
+    let before = lab
+        .wait_for_dump("the frontend to have no backend", |d| {
+            backend_count(d, "10.96.0.10:80/TCP") == Some(0)
+        })
+        .unwrap();
+    let err = lab
+        .curl(HTTP_VIP)
+        .expect_err("nothing answers a frontend without backends");
+    let after = lab.dump().unwrap();
+    assert!(
+        stat(&after, "dropped_no_backend") > stat(&before, "dropped_no_backend"),
+        "curl failed ({err:#}) but no drop was counted:\n{after}"
+    );
+}
+
+#[test]
+fn traffic_to_no_frontend_passes_untouched() {
+    let lab = lab("pass");
+    let before = lab.dump().unwrap();
+    let (pod, ip) = BACKENDS[2];
+    for _ in 0..3 {
+        let answer = lab
+            .curl(&format!("http://{ip}:8080/"))
+            .expect("direct curl");
+        assert_eq!(pod_of(&answer), Some(pod), "{answer}");
+        assert!(answer.contains(&format!("client={CLIENT_IP}:")), "{answer}");
+    }
+    let after = lab.dump().unwrap();
+    for counter in ["forwarded", "replied", "new_flows"] {
+        assert_eq!(
+            stat(&before, counter),
+            stat(&after, counter),
+            "{counter} moved for traffic to no frontend"
+        );
+    }
+}

@@ -1,0 +1,248 @@
+//! `cargo xtask`: what a build script should not do. Installs the toolchain pieces the eBPF
+//! build needs, builds, runs the lab and the tests.
+
+mod setup;
+
+use std::{
+    env,
+    ffi::OsString,
+    io::{BufRead as _, BufReader},
+    path::PathBuf,
+    process::{Command, ExitCode, Stdio},
+    sync::mpsc,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use lb_tests::{Lab, workspace_root};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build, the lab and the tests need (idempotent).
+    Setup,
+    /// Build the agent with its eBPF object, and the lab's server.
+    Build,
+    /// Run the lab on deploy/examples and show the client reaching a ClusterIP; with agent
+    /// arguments after `--`, run the agent on this node instead.
+    Run {
+        /// Exit after the demonstration instead of keeping the lab up until Ctrl-C.
+        #[arg(long)]
+        once: bool,
+        #[arg(last = true)]
+        agent_args: Vec<String>,
+    },
+    /// Check formatting and run clippy on every crate, the eBPF one included.
+    Lint,
+    /// Run every test: unit, golden and kernel-level lab tests.
+    Test {
+        /// Passed to `cargo test` (a filter, `--nocapture`, ...).
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+}
+
+fn main() -> Result<ExitCode> {
+    match Cli::parse().command {
+        Task::Setup => setup::all().map(|()| ExitCode::SUCCESS),
+        Task::Build => build().map(|_| ExitCode::SUCCESS),
+        Task::Run { once, agent_args } => run(once, &agent_args),
+        Task::Lint => lint().map(|()| ExitCode::SUCCESS),
+        Task::Test { cargo_args } => test(&cargo_args),
+    }
+}
+
+/// The built binaries.
+struct Binaries {
+    lb_user: PathBuf,
+    demoapp: PathBuf,
+}
+
+impl Binaries {
+    fn export(&self, cmd: &mut Command) {
+        cmd.env("LB_USER_BIN", &self.lb_user)
+            .env("LB_DEMOAPP_BIN", &self.demoapp);
+    }
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root()).env("PATH", setup::path());
+    cmd
+}
+
+fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from)
+}
+
+fn build() -> Result<Binaries> {
+    setup::all()?;
+    let status = cargo()
+        .args([
+            "build",
+            "--package",
+            "lb-user",
+            "--package",
+            "lb-tests",
+            "--bins",
+        ])
+        .status()?;
+    if !status.success() {
+        bail!("cargo build failed");
+    }
+    let dir = target_dir().join("debug");
+    Ok(Binaries {
+        lb_user: dir.join("lb-user"),
+        demoapp: dir.join("demoapp"),
+    })
+}
+
+fn run(once: bool, agent_args: &[String]) -> Result<ExitCode> {
+    let binaries = build()?;
+    if !agent_args.is_empty() {
+        let status = Command::new(&binaries.lb_user)
+            .arg("run")
+            .args(agent_args)
+            .status()?;
+        return Ok(ExitCode::from(
+            u8::try_from(status.code().unwrap_or(1)).unwrap_or(1),
+        ));
+    }
+    // SAFETY: single-threaded here; the lab reads these from the environment.
+    unsafe {
+        env::set_var("LB_USER_BIN", &binaries.lb_user);
+        env::set_var("LB_DEMOAPP_BIN", &binaries.demoapp);
+    }
+    let (stop_tx, stop) = mpsc::channel();
+    ctrlc::set_handler(move || {
+        let _ = stop_tx.send(());
+    })?;
+
+    println!("building the lab: a node, a client pod and three demo pods (network namespaces)");
+    let mut lab = Lab::up("demo")?;
+    println!(
+        "starting the agent in {} on {}",
+        lab.node,
+        lab.manifests.path().display()
+    );
+    lab.start_agent(&[])?;
+    println!(
+        "\nthe client ({}) curls the ClusterIP of default/demo six times:",
+        lab.client.ip
+    );
+    for i in 1..=6 {
+        let answer = lab.curl("http://10.96.0.10/")?;
+        print!("  {i}. curl http://10.96.0.10/ -> {answer}");
+    }
+    println!(
+        "\nthe maps the agent programmed (lb-user dump --instance {}):",
+        lab.prefix
+    );
+    print!("{}", lab.dump()?);
+    if once {
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "\nthe lab stays up until Ctrl-C; try:\n  ip netns exec {} curl http://10.96.0.10/\n  \
+         bpftool map dump pinned /sys/fs/bpf/lb/{}/lb_frontends_v1",
+        lab.client.namespace, lab.prefix
+    );
+    stop.recv().context("waiting for Ctrl-C")?;
+    println!("tearing the lab down");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cargo` of the nightly toolchain: rustfmt's import options and the eBPF target need it.
+fn nightly_cargo() -> Command {
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", "nightly", "cargo"])
+        .current_dir(workspace_root())
+        .env("PATH", setup::path());
+    cmd
+}
+
+fn lint() -> Result<()> {
+    setup::all()?;
+    let checks = [
+        (
+            "rustfmt",
+            nightly_cargo().args(["fmt", "--all", "--check"]).status()?,
+        ),
+        (
+            "clippy",
+            cargo()
+                .args(["clippy", "--all-targets", "--", "-D", "warnings"])
+                .status()?,
+        ),
+        (
+            "clippy (eBPF)",
+            nightly_cargo()
+                .args(["clippy", "--package", "lb-ebpf", "--release"])
+                .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+                .args(["--", "-D", "warnings"])
+                .status()?,
+        ),
+    ];
+    let failed: Vec<&str> = checks
+        .iter()
+        .filter(|(_, status)| !status.success())
+        .map(|(name, _)| *name)
+        .collect();
+    if !failed.is_empty() {
+        bail!("{} failed", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// Runs `cargo test`, echoing its output, and ends with the totals over every suite: cargo's own
+/// last line speaks only of the last suite.
+fn test(cargo_args: &[String]) -> Result<ExitCode> {
+    let binaries = build()?;
+    let mut cmd = cargo();
+    cmd.arg("test").args(cargo_args).stdout(Stdio::piped());
+    binaries.export(&mut cmd);
+    let mut child = cmd.spawn()?;
+    let (mut passed, mut failed) = (0, 0);
+    for line in BufReader::new(child.stdout.take().context("stdout")?).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some((p, f)) = suite_totals(&line) {
+            passed += p;
+            failed += f;
+        }
+    }
+    let status = child.wait()?;
+    println!("all suites: {passed} passed, {failed} failed");
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `(passed, failed)` of a libtest summary line: `test result: ok. 7 passed; 0 failed; ...`.
+fn suite_totals(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let count = |word: &str| -> Option<u64> {
+        rest.split(';')
+            .find_map(|part| {
+                part.trim()
+                    .trim_start_matches(|c: char| !c.is_ascii_digit())
+                    .strip_suffix(word)
+            })
+            .and_then(|n| n.trim().parse().ok())
+    };
+    Some((count("passed")?, count("failed")?))
+}
+
+/// `PATH` with the project's tools first.
+fn prepend_path(dir: PathBuf) -> OsString {
+    let mut paths = vec![dir];
+    paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+    env::join_paths(paths).expect("PATH entries contain no ':'")
+}
