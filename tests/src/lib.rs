@@ -296,11 +296,15 @@ impl Lab {
         output(&mut self.in_client(&["curl", "-sS", "--max-time", "5", url]))
     }
 
-    /// One UDP datagram from the client with `socat`; the answer.
-    pub fn udp(&self, address: &str) -> Result<String> {
-        let target = format!("UDP4:{address}");
+    /// One UDP datagram from the client with `socat`, from `source_port` if given; the answer.
+    pub fn udp(&self, address: &str, source_port: Option<u16>) -> Result<String> {
+        let target = match source_port {
+            Some(port) => format!("UDP4:{address},sourceport={port},reuseaddr"),
+            None => format!("UDP4:{address}"),
+        };
         let mut child = self
-            .in_client(&["socat", "-t", "3", "-T", "3", "-", &target])
+            // `-t 1`: after sending, wait one second for the answer, not socat's default.
+            .in_client(&["socat", "-t", "1", "-T", "1", "-", &target])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

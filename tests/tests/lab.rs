@@ -11,9 +11,21 @@ const DNS_VIP: &str = "10.96.0.53:53";
 const ECHO_VIP: &str = "10.96.0.10:9000";
 
 fn lab(tag: &str) -> Lab {
+    lab_with(tag, &[])
+}
+
+fn lab_with(tag: &str, agent_args: &[&str]) -> Lab {
     let mut lab = Lab::up(tag).expect("lab");
-    lab.start_agent(&[]).expect("agent");
+    lab.start_agent(agent_args).expect("agent");
     lab
+}
+
+/// The pod answering a UDP query from the client's `source_port`.
+fn udp_pod(lab: &Lab, source_port: u16) -> String {
+    let answer = lab
+        .udp(DNS_VIP, Some(source_port))
+        .expect("a UDP answer through the VIP");
+    pod_of(&answer).expect("pod").to_string()
 }
 
 /// The pods answering `n` curls of `url`, in order.
@@ -98,7 +110,9 @@ fn udp_through_the_vip() {
     let lab = lab("udp");
     let mut pods = Vec::new();
     for _ in 0..6 {
-        let answer = lab.udp(DNS_VIP).expect("a UDP answer through the VIP");
+        let answer = lab
+            .udp(DNS_VIP, None)
+            .expect("a UDP answer through the VIP");
         assert!(answer.contains(&format!("client={CLIENT_IP}:")), "{answer}");
         pods.push(pod_of(&answer).expect("pod").to_string());
     }
@@ -213,4 +227,41 @@ fn traffic_to_no_frontend_passes_untouched() {
             "{counter} moved for traffic to no frontend"
         );
     }
+}
+
+#[test]
+fn a_udp_flow_keeps_its_backend_until_it_idles_out() {
+    // Each query takes about a second (socat's idle wait): well inside 3 s.
+    let lab = lab_with("expiry", &["--udp-timeout-secs", "3"]);
+    let first = udp_pod(&lab, 40_000);
+    assert_eq!(udp_pod(&lab, 40_000), first, "same flow, same backend");
+    std::thread::sleep(std::time::Duration::from_millis(4500));
+    // Idle past its timeout, the flow is new: the round-robin cursor has moved on.
+    assert_ne!(
+        udp_pod(&lab, 40_000),
+        first,
+        "an expired flow gets a new backend"
+    );
+}
+
+#[test]
+fn a_flow_whose_backend_is_removed_moves_to_a_live_one() {
+    let lab = lab("resel");
+    let first = udp_pod(&lab, 40_001);
+    let ip = BACKENDS.iter().find(|(name, _)| *name == first).unwrap().1;
+    lab.edit_manifest("demo-dns.yaml", |t| remove_endpoint(&t, &ip.to_string()))
+        .unwrap();
+    let before = lab
+        .wait_for_dump("demo-dns to shrink to two backends", |d| {
+            backend_count(d, "10.96.0.53:53/UDP") == Some(2)
+        })
+        .unwrap();
+    let next = udp_pod(&lab, 40_001);
+    assert_ne!(next, first, "the flow left its removed backend");
+    let after = lab.dump().unwrap();
+    assert_eq!(
+        stat(&after, "reselected"),
+        stat(&before, "reselected") + 1,
+        "{after}"
+    );
 }

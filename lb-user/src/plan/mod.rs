@@ -170,3 +170,78 @@ fn algorithm_name(algorithm: u8) -> String {
         other => format!("unknown-{other}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::FrontendKind;
+
+    fn bytes<T>(value: &T) -> &[u8] {
+        // SAFETY: the map types are repr(C) integers with explicit padding.
+        unsafe { std::slice::from_raw_parts((value as *const T).cast(), size_of::<T>()) }
+    }
+
+    fn frontend(algorithm: Algorithm, backends: &[(Ipv4Addr, u16)]) -> model::Frontend {
+        model::Frontend {
+            service: "default/demo".into(),
+            port_name: "http".into(),
+            kind: FrontendKind::ClusterIP,
+            address: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            protocol: Protocol::Tcp,
+            algorithm,
+            backends: backends
+                .iter()
+                .map(|&(address, port)| model::Backend {
+                    address,
+                    port,
+                    node: None,
+                    zone: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn entries_are_encoded_as_the_datapath_reads_them() {
+        let backends = [
+            (Ipv4Addr::new(10, 244, 0, 11), 8080),
+            (Ipv4Addr::new(10, 244, 0, 12), 8080),
+        ];
+        let (entries, skipped) = entries(
+            &mut Ids::default(),
+            &[frontend(Algorithm::SourceHash, &backends)],
+        );
+        assert!(skipped.is_empty());
+        let (key, value) = entries.frontends.iter().next().unwrap();
+        assert_eq!(bytes(key), [10, 96, 0, 10, 0, 80, PROTO_TCP, 0]);
+        assert_eq!(
+            *value,
+            Frontend {
+                service_id: 1,
+                backend_count: 2,
+                algorithm: ALGORITHM_SOURCE_HASH,
+                _pad: 0
+            }
+        );
+        assert_eq!(
+            bytes(&entries.backends[&1]),
+            [10, 244, 0, 11, 0x1f, 0x90, PROTO_TCP, 0]
+        );
+        let slots: Vec<(u32, u32, u32)> = entries
+            .slots
+            .iter()
+            .map(|(k, v)| (k.service_id, k.slot, v.backend_id))
+            .collect();
+        assert_eq!(slots, [(1, 1, 1), (1, 2, 2)]);
+    }
+
+    #[test]
+    fn a_frontend_without_backends_is_programmed_with_count_zero() {
+        let (entries, _) = entries(&mut Ids::default(), &[frontend(Algorithm::RoundRobin, &[])]);
+        assert_eq!(
+            entries.dump(),
+            "FE: ADDR=10.96.0.10:80/TCP ID=1 COUNT=0 ALG=round-robin\n"
+        );
+    }
+}
