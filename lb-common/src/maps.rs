@@ -17,6 +17,8 @@ pub const BACKENDS: &str = "lb_backends_v1";
 pub const FLOWS: &str = "lb_flows_v1";
 /// Reply flows (LRU): [`FlowKey`] of the backend's reply -> [`Reply`]. Written by the datapath.
 pub const REPLIES: &str = "lb_replies_v1";
+/// Session affinity (LRU): [`AffinityKey`] -> [`Affinity`]. Written by the datapath.
+pub const AFFINITY: &str = "lb_affinity_v1";
 /// Per-CPU round-robin cursor of each service, indexed by service id: `u32`.
 pub const CURSORS: &str = "lb_cursors_v1";
 /// Per-CPU counters, one entry: [`Stats`].
@@ -25,8 +27,8 @@ pub const STATS: &str = "lb_stats_v1";
 pub const CONFIG: &str = "lb_config_v1";
 
 /// Every map, in the order the agent pins them.
-pub const ALL: [&str; 8] = [
-    FRONTENDS, SLOTS, BACKENDS, FLOWS, REPLIES, CURSORS, STATS, CONFIG,
+pub const ALL: [&str; 9] = [
+    FRONTENDS, SLOTS, BACKENDS, FLOWS, REPLIES, AFFINITY, CURSORS, STATS, CONFIG,
 ];
 
 /// Capacity of [`FRONTENDS`]; service ids are below it, as they index [`CURSORS`].
@@ -37,6 +39,8 @@ pub const MAX_SLOTS: u32 = 1_048_576;
 pub const MAX_BACKENDS: u32 = 262_144;
 /// Capacity of [`FLOWS`] and of [`REPLIES`].
 pub const MAX_FLOWS: u32 = 262_144;
+/// Capacity of [`AFFINITY`].
+pub const MAX_AFFINITIES: u32 = 65_536;
 
 /// IANA protocol numbers, as in the IPv4 header.
 pub const PROTO_TCP: u8 = 6;
@@ -45,6 +49,16 @@ pub const PROTO_UDP: u8 = 17;
 /// How a service picks the backend of a new flow ([`Frontend::algorithm`]).
 pub const ALGORITHM_ROUND_ROBIN: u8 = 0;
 pub const ALGORITHM_SOURCE_HASH: u8 = 1;
+
+/// [`FrontendKey::scope`]: where the traffic comes from. The uplink's program looks frontends
+/// up as external, the pod-facing one as internal: a Service with `externalTrafficPolicy: Local`
+/// balances the two over different backends.
+pub const SCOPE_EXTERNAL: u8 = 0;
+pub const SCOPE_INTERNAL: u8 = 1;
+
+/// [`Frontend::flags`]: with no backend, answer new flows with a TCP reset or an ICMP port
+/// unreachable (kube-proxy's REJECT) instead of dropping them.
+pub const FRONTEND_REJECT_WHEN_EMPTY: u8 = 1;
 
 /// [`Flow::state`] and [`Reply::state`]: how long an idle entry lives ([`Config`]).
 pub const STATE_OPEN: u8 = 0;
@@ -57,7 +71,8 @@ pub struct FrontendKey {
     pub addr_be: u32,
     pub port_be: u16,
     pub protocol: u8,
-    pub _pad: u8,
+    /// `SCOPE_*`.
+    pub scope: u8,
 }
 
 /// What a frontend balances over.
@@ -70,7 +85,11 @@ pub struct Frontend {
     pub backend_count: u16,
     /// `ALGORITHM_*`.
     pub algorithm: u8,
-    pub _pad: u8,
+    /// `FRONTEND_*` bits.
+    pub flags: u8,
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0 without affinity.
+    pub affinity_timeout_s: u32,
+    pub _pad: u32,
 }
 
 #[repr(C)]
@@ -134,6 +153,23 @@ pub struct Reply {
     pub _pad: u8,
 }
 
+/// A client of a service with session affinity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub client_addr_be: u32,
+    pub service_id: u32,
+}
+
+/// The backend a client sticks to, until `affinity_timeout_s` after its last new flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Affinity {
+    pub last_seen_ns: u64,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+
 /// Idle timeouts of flow entries, by protocol and state.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -155,8 +191,10 @@ pub struct Stats {
     pub new_flows: u64,
     /// Flows whose backend went away and that were given another.
     pub reselected: u64,
-    /// Packets dropped because their frontend has no backend.
+    /// New flows dropped because their frontend has no backend.
     pub dropped_no_backend: u64,
+    /// New flows rejected (TCP reset, ICMP unreachable) because their frontend has no backend.
+    pub rejected_no_backend: u64,
     /// Packets dropped because a map or a rewrite failed.
     pub dropped_error: u64,
 }
@@ -166,7 +204,7 @@ pub const SINGLE_ENTRY: u32 = 0;
 
 const _: () = {
     assert!(size_of::<FrontendKey>() == 8);
-    assert!(size_of::<Frontend>() == 8);
+    assert!(size_of::<Frontend>() == 16);
     assert!(size_of::<SlotKey>() == 8);
     assert!(size_of::<Slot>() == 4);
     assert!(size_of::<Backend>() == 8);
@@ -174,7 +212,9 @@ const _: () = {
     assert!(size_of::<Flow>() == 16);
     assert!(size_of::<Reply>() == 16);
     assert!(size_of::<Config>() == 24);
-    assert!(size_of::<Stats>() == 48);
+    assert!(size_of::<Stats>() == 56);
+    assert!(size_of::<AffinityKey>() == 8);
+    assert!(size_of::<Affinity>() == 16);
 };
 
 #[cfg(feature = "user")]
@@ -191,5 +231,7 @@ mod pod {
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for Reply {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for Affinity {}
     unsafe impl aya::Pod for Stats {}
 }

@@ -18,7 +18,10 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use lb_common::maps::{Flow, FlowKey, Frontend, FrontendKey, Reply, STATE_CLOSING, STATE_OPEN};
+use lb_common::maps::{
+    FRONTEND_REJECT_WHEN_EMPTY, Flow, FlowKey, Frontend, FrontendKey, Reply, SCOPE_INTERNAL,
+    STATE_CLOSING, STATE_OPEN,
+};
 
 use crate::{
     conntrack::{config, is_live, now_ns, touch},
@@ -47,7 +50,7 @@ fn try_lb_tc(ctx: &TcContext) -> Result<i32, i32> {
         addr_be: packet.key.dst_addr_be,
         port_be: packet.key.dst_port_be,
         protocol: packet.key.protocol,
-        _pad: 0,
+        scope: SCOPE_INTERNAL,
     };
     match unsafe { FRONTENDS.get(frontend_key) } {
         Some(frontend) => to_backend(ctx, &packet, frontend),
@@ -101,10 +104,14 @@ fn new_flow(
     now: u64,
 ) -> Result<&'static lb_common::maps::Backend, i32> {
     if frontend.backend_count == 0 {
-        count(|s| &mut s.dropped_no_backend);
+        if frontend.flags & FRONTEND_REJECT_WHEN_EMPTY != 0 {
+            count(|s| &mut s.rejected_no_backend);
+        } else {
+            count(|s| &mut s.dropped_no_backend);
+        }
         return Err(DROP);
     }
-    let (backend_id, backend) = select_backend(frontend, &packet.key).ok_or_else(error)?;
+    let (backend_id, backend) = select_backend(frontend, &packet.key, now).ok_or_else(error)?;
     let state = if packet.closing {
         STATE_CLOSING
     } else {

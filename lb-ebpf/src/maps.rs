@@ -6,8 +6,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::maps::{
-    Backend, Config, Flow, FlowKey, Frontend, FrontendKey, MAX_BACKENDS, MAX_FLOWS, MAX_SERVICES,
-    MAX_SLOTS, Reply, Slot, SlotKey, Stats,
+    Affinity, AffinityKey, Backend, Config, Flow, FlowKey, Frontend, FrontendKey, MAX_AFFINITIES,
+    MAX_BACKENDS, MAX_FLOWS, MAX_SERVICES, MAX_SLOTS, Reply, Slot, SlotKey, Stats,
 };
 
 #[btf_map(name = "lb_frontends_v1")]
@@ -24,6 +24,10 @@ pub static FLOWS: LruHashMap<FlowKey, Flow, { MAX_FLOWS as usize }> = LruHashMap
 
 #[btf_map(name = "lb_replies_v1")]
 pub static REPLIES: LruHashMap<FlowKey, Reply, { MAX_FLOWS as usize }> = LruHashMap::new();
+
+#[btf_map(name = "lb_affinity_v1")]
+pub static AFFINITY: LruHashMap<AffinityKey, Affinity, { MAX_AFFINITIES as usize }> =
+    LruHashMap::new();
 
 #[btf_map(name = "lb_cursors_v1")]
 pub static CURSORS: PerCpuArray<u32, { MAX_SERVICES as usize }> = PerCpuArray::new();

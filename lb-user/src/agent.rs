@@ -16,7 +16,7 @@ use crate::{
 };
 
 pub struct Settings {
-    pub node: String,
+    pub node: model::NodeConfig,
     pub manifests: Vec<PathBuf>,
     pub interfaces: Vec<String>,
     pub bpffs: PathBuf,
@@ -35,11 +35,11 @@ pub async fn run(settings: Settings) -> Result<()> {
     let mut ready = false;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
-    info!(node = %settings.node, pins = %settings.pin_dir.display(), "agent started");
+    info!(node = %settings.node.name, pins = %settings.pin_dir.display(), "agent started");
     loop {
         let now = source.fingerprint();
         if fingerprint.as_ref() != Some(&now) {
-            syncer.sync(&source, &mut maps);
+            syncer.sync(&source, &settings.node, &mut maps);
             fingerprint = Some(now);
         }
         // After the first sync, so that no packet meets half-written maps.
@@ -70,9 +70,9 @@ struct Syncer {
 }
 
 impl Syncer {
-    fn sync(&mut self, source: &Manifests, maps: &mut KernelMaps) {
+    fn sync(&mut self, source: &Manifests, node: &model::NodeConfig, maps: &mut KernelMaps) {
         let (objects, mut skipped) = source.load();
-        let (frontends, more) = model::compute(&objects);
+        let (frontends, more) = model::compute(&objects, node);
         skipped.extend(more);
         let (desired, more) = plan::entries(&mut self.ids, &frontends);
         skipped.extend(more);

@@ -1,4 +1,4 @@
-use std::{io::IsTerminal as _, path::PathBuf, time::Duration};
+use std::{io::IsTerminal as _, net::Ipv4Addr, ops::RangeInclusive, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -39,9 +39,8 @@ struct RunArgs {
     /// Manifest files or directories (YAML or JSON).
     #[arg(long, required = true, num_args = 1..)]
     manifests: Vec<PathBuf>,
-    /// This node's name, as in its Node object.
-    #[arg(long, env = "NODE_NAME")]
-    node: String,
+    #[command(flatten)]
+    node: NodeArgs,
     /// Pod-facing interfaces to attach to: names, or prefixes ending in `*`.
     #[arg(long, required = true, value_delimiter = ',')]
     interfaces: Vec<String>,
@@ -62,11 +61,46 @@ struct RunArgs {
 }
 
 #[derive(clap::Args)]
+struct NodeArgs {
+    /// This node's name, as in its Node object.
+    #[arg(long = "node", env = "NODE_NAME")]
+    name: String,
+    /// Addresses NodePorts listen on; by default the Node's InternalIP and ExternalIP.
+    #[arg(long = "node-ip", value_delimiter = ',')]
+    addresses: Vec<Ipv4Addr>,
+    /// The cluster's --service-node-port-range.
+    #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
+    node_port_range: RangeInclusive<u16>,
+}
+
+impl NodeArgs {
+    fn config(&self) -> model::NodeConfig {
+        model::NodeConfig {
+            name: self.name.clone(),
+            addresses: self.addresses.clone(),
+            node_port_range: self.node_port_range.clone(),
+        }
+    }
+}
+
+fn parse_port_range(text: &str) -> Result<RangeInclusive<u16>, String> {
+    let (low, high) = text
+        .split_once('-')
+        .ok_or_else(|| format!("{text:?} is not a range like 30000-32767"))?;
+    let port = |p: &str| p.trim().parse::<u16>().map_err(|e| format!("{p:?}: {e}"));
+    let (low, high) = (port(low)?, port(high)?);
+    if low == 0 || low > high {
+        return Err(format!("{text:?} is not a range of ports"));
+    }
+    Ok(low..=high)
+}
+
+#[derive(clap::Args)]
 struct PlanArgs {
     #[arg(long, required = true, num_args = 1..)]
     manifests: Vec<PathBuf>,
-    #[arg(long)]
-    node: String,
+    #[command(flatten)]
+    node: NodeArgs,
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
 }
@@ -101,7 +135,7 @@ async fn main() -> Result<()> {
 async fn run(args: RunArgs) -> Result<()> {
     let secs = |s: u64| s.saturating_mul(1_000_000_000);
     agent::run(agent::Settings {
-        node: args.node,
+        node: args.node.config(),
         manifests: args.manifests,
         interfaces: args.interfaces,
         pin_dir: datapath::pin_dir(&args.instance.bpffs, &args.instance.instance),
@@ -118,29 +152,32 @@ async fn run(args: RunArgs) -> Result<()> {
 
 fn plan(args: &PlanArgs) -> Result<()> {
     let (objects, mut skipped) = Manifests::new(args.manifests.clone()).load();
-    let (frontends, more) = model::compute(&objects);
+    let (frontends, more) = model::compute(&objects, &args.node.config());
     skipped.extend(more);
     match args.output {
         Output::Json => {
             let output = PlanOutput {
-                node: &args.node,
+                node: &args.node.name,
                 frontends,
                 skipped,
             };
             println!("{}", serde_json::to_string_pretty(&output)?);
         }
         Output::Text => {
-            println!("node {}", args.node);
+            println!("node {}", args.node.name);
             for fe in &frontends {
                 println!(
-                    "{:?} {}:{}/{} {} ({} port {:?})",
+                    "{:?} {}:{}/{} from {:?} {} ({} port {:?}): {}; when empty, {:?}",
                     fe.kind,
                     fe.address,
                     fe.port,
                     fe.protocol,
+                    fe.scope,
                     fe.algorithm,
                     fe.service,
-                    fe.port_name
+                    fe.port_name,
+                    fe.rule,
+                    fe.when_empty
                 );
                 for be in &fe.backends {
                     println!(
@@ -168,8 +205,14 @@ fn dump(args: &InstanceArgs) -> Result<()> {
     let s = maps.stats()?;
     println!(
         "STATS: forwarded={} replied={} new_flows={} reselected={} dropped_no_backend={} \
-         dropped_error={}",
-        s.forwarded, s.replied, s.new_flows, s.reselected, s.dropped_no_backend, s.dropped_error
+         rejected_no_backend={} dropped_error={}",
+        s.forwarded,
+        s.replied,
+        s.new_flows,
+        s.reselected,
+        s.dropped_no_backend,
+        s.rejected_no_backend,
+        s.dropped_error
     );
     Ok(())
 }

@@ -106,6 +106,7 @@ impl KernelMaps {
             new_flows: sum.new_flows + s.new_flows,
             reselected: sum.reselected + s.reselected,
             dropped_no_backend: sum.dropped_no_backend + s.dropped_no_backend,
+            rejected_no_backend: sum.rejected_no_backend + s.rejected_no_backend,
             dropped_error: sum.dropped_error + s.dropped_error,
         }))
     }

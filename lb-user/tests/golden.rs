@@ -52,7 +52,13 @@ fn run_case(path: &Path) -> Result<(), String> {
             manifests::parse(name, body, &mut objects, &mut skipped);
         }
     }
-    let (frontends, more) = model::compute(&objects);
+    // The node is named in the header as `# node: NAME`; by default the lab's.
+    let node = case
+        .header
+        .lines()
+        .find_map(|l| l.strip_prefix("# node: "))
+        .unwrap_or("lab-node");
+    let (frontends, more) = model::compute(&objects, &model::NodeConfig::new(node.trim()));
     skipped.extend(more);
     let (entries, more) = plan::entries(&mut Ids::default(), &frontends);
     skipped.extend(more);

@@ -344,6 +344,14 @@ impl Lab {
         })
     }
 
+    /// Adds a manifest to the lab's, as `kubectl apply` would.
+    pub fn add_manifest(&self, file: &str, text: &str) -> Result<()> {
+        let tmp = self.manifests.path().join(format!(".{file}.tmp"));
+        fs::write(&tmp, text)?;
+        fs::rename(tmp, self.manifests.path().join(file))?;
+        Ok(())
+    }
+
     /// Rewrites a manifest of the lab (a file name in `deploy/examples`).
     pub fn edit_manifest(&self, file: &str, edit: impl FnOnce(String) -> String) -> Result<()> {
         let path = self.manifests.path().join(file);

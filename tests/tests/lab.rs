@@ -184,7 +184,7 @@ fn an_endpoint_that_stops_being_ready_gets_no_new_connections() {
 }
 
 #[test]
-fn a_frontend_without_backends_drops_and_counts() {
+fn a_service_without_endpoints_rejects_and_counts() {
     let lab = lab("empty");
     lab.edit_manifest("demo.yaml", |t| {
         BACKENDS
@@ -202,8 +202,8 @@ fn a_frontend_without_backends_drops_and_counts() {
         .expect_err("nothing answers a frontend without backends");
     let after = lab.dump().unwrap();
     assert!(
-        stat(&after, "dropped_no_backend") > stat(&before, "dropped_no_backend"),
-        "curl failed ({err:#}) but no drop was counted:\n{after}"
+        stat(&after, "rejected_no_backend") > stat(&before, "rejected_no_backend"),
+        "curl failed ({err:#}) but no reject was counted:\n{after}"
     );
 }
 
@@ -264,4 +264,33 @@ fn a_flow_whose_backend_is_removed_moves_to_a_live_one() {
         stat(&before, "reselected") + 1,
         "{after}"
     );
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_its_backend_until_the_timeout() {
+    let lab = lab("affinity");
+    let sticky = std::fs::read_to_string(lb_tests::workspace_root().join("deploy/examples/demo.yaml"))
+        .unwrap()
+        .replace("name: demo\n", "name: demo-affinity\n")
+        .replace("kubernetes.io/service-name: demo\n", "kubernetes.io/service-name: demo-affinity\n")
+        .replace("name: demo-abc12", "name: demo-affinity-q8t2x")
+        .replace("10.96.0.10", "10.96.0.12")
+        .replace(
+            "  type: ClusterIP\n",
+            "  type: ClusterIP\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}\n",
+        );
+    lab.add_manifest("demo-affinity.yaml", &sticky).unwrap();
+    lab.wait_for_dump("the affinity frontend", |d| {
+        d.contains("FE: ADDR=10.96.0.12:80/TCP") && d.contains("AFFINITY=2s")
+    })
+    .unwrap();
+    let pods = curl_pods(&lab, "http://10.96.0.12/", 8);
+    assert_eq!(
+        counts(&pods).len(),
+        1,
+        "one backend while the affinity lives: {pods:?}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(3000));
+    let after = curl_pods(&lab, "http://10.96.0.12/", 1);
+    assert_ne!(after[0], pods[0], "after the timeout, round robin moves on");
 }

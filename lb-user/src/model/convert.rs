@@ -14,12 +14,17 @@ use k8s_openapi::{
 
 use super::{
     ALGORITHM_ANNOTATION, Algorithm, Cluster, Endpoint, EndpointPort, EndpointSlice, Node,
-    Protocol, Service, ServicePort, Skipped, TargetPort,
+    Protocol, Service, ServiceKind, ServicePort, Skipped, TOPOLOGY_KEYS_ANNOTATION, TargetPort,
+    TrafficPolicy,
 };
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
-const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Kubernetes' default and maximum `sessionAffinityConfig.clientIP.timeoutSeconds`.
+const DEFAULT_AFFINITY_TIMEOUT: i32 = 10_800;
+const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
+const MAX_TOPOLOGY_KEYS: usize = 16;
 
 /// The Kubernetes objects a source has read, as the API serves them.
 #[derive(Clone, Debug, Default)]
@@ -59,7 +64,11 @@ pub fn cluster(objects: &Objects) -> (Cluster, Vec<Skipped>) {
     {
         slices.extend(mirrored_slices(endpoints, &mut skipped));
     }
-    let nodes = objects.nodes.iter().map(node).collect();
+    let nodes = objects
+        .nodes
+        .iter()
+        .map(|n| node(n, &mut skipped))
+        .collect();
     (
         Cluster {
             services,
@@ -89,61 +98,116 @@ fn object(kind: &str, meta: &ObjectMeta) -> String {
 fn service(svc: &core::Service, skipped: &mut Vec<Skipped>) -> Option<Service> {
     let object = object("Service", &svc.metadata);
     let spec = svc.spec.as_ref()?;
-    if spec.type_.as_deref() == Some("ExternalName") {
-        return None;
+    let mut fail = |field: &str, reason: String| {
+        skipped.push(Skipped::new(&object, field, reason));
+        None
+    };
+    if let Some(proxy) = label(&svc.metadata, SERVICE_PROXY_NAME_LABEL) {
+        return fail(
+            &format!("metadata.labels[{SERVICE_PROXY_NAME_LABEL}]"),
+            format!("belongs to the service proxy {proxy:?}: left alone"),
+        );
     }
-    let algorithm = match svc
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ALGORITHM_ANNOTATION))
-        .map(String::as_str)
-    {
+    let kind = match spec.type_.as_deref() {
+        None | Some("ClusterIP") => ServiceKind::ClusterIP,
+        Some("NodePort") => ServiceKind::NodePort,
+        Some("LoadBalancer") => ServiceKind::LoadBalancer,
+        Some("ExternalName") => {
+            return fail(
+                "spec.type",
+                "ExternalName: a DNS alias, nothing to program".into(),
+            );
+        }
+        Some(other) => return fail("spec.type", format!("unknown type {other:?}")),
+    };
+    if spec.cluster_ip.as_deref() == Some("None") {
+        return fail(
+            "spec.clusterIP",
+            "headless (None): nothing to program".into(),
+        );
+    }
+    let annotation = |key: &str| {
+        svc.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .map(String::as_str)
+    };
+    let algorithm = match annotation(ALGORITHM_ANNOTATION) {
         None | Some("round-robin") => Algorithm::RoundRobin,
         Some("source-hash") => Algorithm::SourceHash,
         Some(other) => {
-            skipped.push(Skipped::new(
-                object,
-                format!("metadata.annotations[{ALGORITHM_ANNOTATION}]"),
+            return fail(
+                &format!("metadata.annotations[{ALGORITHM_ANNOTATION}]"),
                 format!("unknown algorithm {other:?}: expected round-robin or source-hash"),
-            ));
-            return None;
+            );
         }
     };
-    let mut cluster_ips = Vec::new();
-    let listed: Vec<(String, &String)> = match &spec.cluster_ips {
-        Some(ips) => ips
-            .iter()
-            .enumerate()
-            .map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip))
-            .collect(),
+    let internal_policy = match traffic_policy(spec.internal_traffic_policy.as_deref()) {
+        Ok(p) => p,
+        Err(reason) => return fail("spec.internalTrafficPolicy", reason),
+    };
+    let external_policy = match traffic_policy(spec.external_traffic_policy.as_deref()) {
+        Ok(p) => p,
+        Err(reason) => return fail("spec.externalTrafficPolicy", reason),
+    };
+    let affinity_timeout = match spec.session_affinity.as_deref() {
+        None | Some("None") => None,
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT);
+            match u32::try_from(timeout) {
+                Ok(t) if (1..=MAX_AFFINITY_TIMEOUT).contains(&t) => Some(t),
+                _ => {
+                    return fail(
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        format!("{timeout} is not within 1-{MAX_AFFINITY_TIMEOUT}"),
+                    );
+                }
+            }
+        }
+        Some(other) => return fail("spec.sessionAffinity", format!("unknown {other:?}")),
+    };
+    let topology_keys: Vec<String> = annotation(TOPOLOGY_KEYS_ANNOTATION)
+        .map(|keys| keys.split(',').map(|k| k.trim().to_string()).collect())
+        .unwrap_or_default();
+    if let Err(reason) = check_topology_keys(&topology_keys, external_policy) {
+        return fail("spec.topologyKeys", reason);
+    }
+
+    let cluster_ips = match &spec.cluster_ips {
+        Some(ips) => addresses(ips, "spec.clusterIPs", &object, skipped),
         None => spec
             .cluster_ip
             .iter()
-            .map(|ip| ("spec.clusterIP".to_string(), ip))
+            .filter(|ip| !ip.is_empty())
+            .filter_map(|ip| address(ip, "spec.clusterIP", &object, skipped))
             .collect(),
     };
-    for (field, ip) in listed {
-        if ip == "None" || ip.is_empty() {
-            continue;
-        }
-        match ip.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(v4)) => cluster_ips.push(v4),
-            Ok(std::net::IpAddr::V6(_)) => skipped.push(Skipped::new(
-                object.clone(),
-                field,
-                format!("{ip} is IPv6, which the datapath does not handle yet"),
-            )),
-            Err(_) => {
-                skipped.push(Skipped::new(
-                    object,
-                    field,
-                    format!("{ip:?} is not an IP address"),
-                ));
-                return None;
-            }
-        }
-    }
+    let external_ips = addresses(
+        spec.external_ips.iter().flatten(),
+        "spec.externalIPs",
+        &object,
+        skipped,
+    );
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    // As kube-proxy does: only VIP-mode ingress IPs are the node's to serve; with ipMode
+    // Proxy, traffic goes through the load balancer.
+    let vip_ips: Vec<&String> = ingress
+        .into_iter()
+        .flatten()
+        .filter(|i| i.ip_mode.as_deref().is_none_or(|m| m == "VIP"))
+        .filter_map(|i| i.ip.as_ref())
+        .collect();
+    let load_balancer_ips = addresses(vip_ips, "status.loadBalancer.ingress", &object, skipped);
     let ports = spec
         .ports
         .iter()
@@ -154,10 +218,107 @@ fn service(svc: &core::Service, skipped: &mut Vec<Skipped>) -> Option<Service> {
     Some(Service {
         namespace: namespace(&svc.metadata),
         name: name(&svc.metadata),
+        kind,
         cluster_ips,
+        external_ips,
+        load_balancer_ips,
         ports,
         algorithm,
+        internal_policy,
+        external_policy,
+        affinity_timeout,
+        topology_keys,
     })
+}
+
+/// The IPv4 addresses of a list field; the others are reported and left out.
+fn addresses<'a>(
+    list: impl IntoIterator<Item = &'a String>,
+    field: &str,
+    object: &str,
+    skipped: &mut Vec<Skipped>,
+) -> Vec<Ipv4Addr> {
+    list.into_iter()
+        .enumerate()
+        .filter_map(|(i, ip)| address(ip, &format!("{field}[{i}]"), object, skipped))
+        .collect()
+}
+
+/// An IPv4 address field; anything else is reported.
+fn address(ip: &str, field: &str, object: &str, skipped: &mut Vec<Skipped>) -> Option<Ipv4Addr> {
+    let reason = match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(v4)) => return Some(v4),
+        Ok(std::net::IpAddr::V6(_)) => {
+            format!("{ip} is IPv6, which the datapath does not handle yet")
+        }
+        Err(_) => format!("{ip:?} is not an IP address"),
+    };
+    skipped.push(Skipped::new(object, field, reason));
+    None
+}
+
+fn traffic_policy(policy: Option<&str>) -> Result<TrafficPolicy, String> {
+    match policy {
+        None | Some("Cluster") => Ok(TrafficPolicy::Cluster),
+        Some("Local") => Ok(TrafficPolicy::Local),
+        Some(other) => Err(format!(
+            "unknown policy {other:?}: expected Cluster or Local"
+        )),
+    }
+}
+
+/// The rules the API server applied to `topologyKeys` while it had them.
+fn check_topology_keys(keys: &[String], external_policy: TrafficPolicy) -> Result<(), String> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    if external_policy == TrafficPolicy::Local {
+        return Err("may not be combined with externalTrafficPolicy: Local".into());
+    }
+    if keys.len() > MAX_TOPOLOGY_KEYS {
+        return Err(format!("{} keys: at most {MAX_TOPOLOGY_KEYS}", keys.len()));
+    }
+    for (i, key) in keys.iter().enumerate() {
+        if key == "*" {
+            if i + 1 != keys.len() {
+                return Err("\"*\" must be the last key".into());
+            }
+        } else if !is_label_key(key) {
+            return Err(format!("{key:?} is not a valid label key"));
+        }
+        if keys[..i].contains(key) {
+            return Err(format!("{key:?} is listed twice"));
+        }
+    }
+    Ok(())
+}
+
+/// A qualified name: an optional DNS-subdomain prefix and `/`, then a name of at most 63
+/// alphanumerics, `-`, `_` and `.`, starting and ending with an alphanumeric.
+fn is_label_key(key: &str) -> bool {
+    let (prefix, name) = match key.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    let name_ok = (1..=63).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let prefix_ok = prefix.is_none_or(|p| {
+        (1..=253).contains(&p.len())
+            && p.split('.').all(|part| {
+                !part.is_empty()
+                    && part.len() <= 63
+                    && part.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                    && part.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                    && part
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            })
+    });
+    name_ok && prefix_ok
 }
 
 fn service_port(
@@ -185,11 +346,19 @@ fn service_port(
         },
         Some(IntOrString::String(name)) => TargetPort::Name(name.clone()),
     };
+    let node_port = match port.node_port {
+        None | Some(0) => None,
+        Some(n) => match port_number(n) {
+            Some(n) => Some(n),
+            None => return fail("nodePort", format!("{n} is not a port (1-65535)")),
+        },
+    };
     Some(ServicePort {
         name: port.name.clone().unwrap_or_default(),
         port: number,
         protocol,
         target_port,
+        node_port,
     })
 }
 
@@ -273,6 +442,18 @@ fn endpoint_slice(
             terminating: conditions.terminating.unwrap_or(false),
             node: endpoint.node_name.clone(),
             zone: endpoint.zone.clone(),
+            zone_hints: endpoint
+                .hints
+                .iter()
+                .flat_map(|h| h.for_zones.iter().flatten())
+                .map(|z| z.name.clone())
+                .collect(),
+            node_hints: endpoint
+                .hints
+                .iter()
+                .flat_map(|h| h.for_nodes.iter().flatten())
+                .map(|n| n.name.clone())
+                .collect(),
         });
     }
     Some(EndpointSlice {
@@ -328,6 +509,8 @@ fn mirrored_slices(endpoints: &core::Endpoints, skipped: &mut Vec<Skipped>) -> V
                         terminating: false,
                         node: address.node_name.clone(),
                         zone: None,
+                        zone_hints: Vec::new(),
+                        node_hints: Vec::new(),
                     }),
                     Err(_) => skipped.push(Skipped::new(
                         &object,
@@ -348,9 +531,30 @@ fn mirrored_slices(endpoints: &core::Endpoints, skipped: &mut Vec<Skipped>) -> V
     slices
 }
 
-fn node(node: &core::Node) -> Node {
+fn node(node: &core::Node, skipped: &mut Vec<Skipped>) -> Node {
+    let object = format!("Node {}", name(&node.metadata));
+    let mut addresses = Vec::new();
+    let listed = node
+        .status
+        .iter()
+        .flat_map(|s| s.addresses.iter().flatten());
+    for (i, address) in listed.enumerate() {
+        if address.type_ != "InternalIP" && address.type_ != "ExternalIP" {
+            continue;
+        }
+        match address.address.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(v4)) => addresses.push(v4),
+            Ok(std::net::IpAddr::V6(_)) => {}
+            Err(_) => skipped.push(Skipped::new(
+                &object,
+                format!("status.addresses[{i}].address"),
+                format!("{:?} is not an IP address", address.address),
+            )),
+        }
+    }
     Node {
         name: name(&node.metadata),
-        zone: label(&node.metadata, ZONE_LABEL).map(str::to_string),
+        labels: node.metadata.labels.clone().unwrap_or_default(),
+        addresses,
     }
 }

@@ -1,4 +1,5 @@
-//! Which backends each frontend balances over.
+//! The frontends of this node and what each balances over: ClusterIPs for traffic from inside,
+//! NodePorts, external IPs and load-balancer IPs for traffic from outside and inside.
 
 use std::{
     collections::{BTreeMap, btree_map::Entry},
@@ -6,23 +7,29 @@ use std::{
 };
 
 use super::{
-    Backend, Cluster, EndpointSlice, Frontend, FrontendKind, Protocol, Service, ServicePort,
-    Skipped, TargetPort,
+    Backend, Cluster, EndpointSlice, Frontend, FrontendKind, NodeConfig, Protocol, Scope, Service,
+    ServiceKind, ServicePort, Skipped, TargetPort, TrafficPolicy, WhenEmpty, ZONE_LABEL,
+    topology::{self, Candidate, Selection, Topology},
 };
 
-/// The frontends of `cluster`, sorted by address, port and protocol, each with the ready
-/// endpoints of its Service port.
-pub fn frontends(cluster: &Cluster) -> (Vec<Frontend>, Vec<Skipped>) {
-    let zones: BTreeMap<&str, &str> = cluster
-        .nodes
-        .iter()
-        .filter_map(|n| Some((n.name.as_str(), n.zone.as_deref()?)))
-        .collect();
+/// The frontends of `cluster` on `node`, sorted by address, port, protocol and scope.
+pub fn frontends(cluster: &Cluster, node: &NodeConfig) -> (Vec<Frontend>, Vec<Skipped>) {
+    let topology = Topology::new(&node.name, &cluster.nodes);
+    let node_ips = if node.addresses.is_empty() {
+        cluster
+            .nodes
+            .iter()
+            .find(|n| n.name == node.name)
+            .map(|n| n.addresses.clone())
+            .unwrap_or_default()
+    } else {
+        node.addresses.clone()
+    };
     let mut services: Vec<&Service> = cluster.services.iter().collect();
     services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
     let mut skipped = Vec::new();
-    let mut by_key: BTreeMap<(Ipv4Addr, u16, Protocol), Frontend> = BTreeMap::new();
+    let mut by_key: BTreeMap<(Ipv4Addr, u16, Protocol, Scope), Frontend> = BTreeMap::new();
     for service in services {
         let slices: Vec<&EndpointSlice> = cluster
             .slices
@@ -30,48 +37,139 @@ pub fn frontends(cluster: &Cluster) -> (Vec<Frontend>, Vec<Skipped>) {
             .filter(|s| s.namespace == service.namespace && s.service == service.name)
             .collect();
         for port in &service.ports {
-            let backends = backends(service, port, &slices, &zones, &mut skipped);
-            for &address in &service.cluster_ips {
-                let frontend = Frontend {
-                    service: format!("{}/{}", service.namespace, service.name),
-                    port_name: port.name.clone(),
-                    kind: FrontendKind::ClusterIP,
-                    address,
-                    port: port.port,
-                    protocol: port.protocol,
-                    algorithm: service.algorithm,
-                    backends: backends.clone(),
-                };
-                match by_key.entry((address, port.port, port.protocol)) {
-                    Entry::Vacant(slot) => {
-                        slot.insert(frontend);
+            let candidates = candidates(service, port, &slices, &mut skipped);
+            let cluster_wide =
+                topology::cluster_wide(&candidates, &service.topology_keys, &topology);
+            let local = topology::node_local(&candidates, &topology);
+            let local_when_empty = if topology::any_usable(&candidates) {
+                WhenEmpty::Drop
+            } else {
+                WhenEmpty::Reject
+            };
+            let policy = |policy: TrafficPolicy, name: &str| match policy {
+                TrafficPolicy::Cluster => (&cluster_wide, WhenEmpty::Reject, String::new()),
+                TrafficPolicy::Local => (&local, local_when_empty, format!("{name} Local: ")),
+            };
+            let internal = policy(service.internal_policy, "internalTrafficPolicy");
+            let external = policy(service.external_policy, "externalTrafficPolicy");
+            // Traffic from inside the cluster to an external frontend may use every endpoint,
+            // whatever the external policy ("short-circuit", as kube-proxy does).
+            let short_circuit = (&cluster_wide, WhenEmpty::Reject, String::new());
+
+            let mut externals = Vec::new();
+            if let Some(node_port) = node_port(service, port, node, &mut skipped) {
+                externals.extend(
+                    node_ips
+                        .iter()
+                        .map(|&ip| (FrontendKind::NodePort, ip, node_port)),
+                );
+            }
+            externals.extend(
+                service
+                    .external_ips
+                    .iter()
+                    .map(|&ip| (FrontendKind::ExternalIP, ip, port.port)),
+            );
+            externals.extend(
+                service
+                    .load_balancer_ips
+                    .iter()
+                    .map(|&ip| (FrontendKind::LoadBalancer, ip, port.port)),
+            );
+            let mut add =
+                |kind, scope, address, number, choice: &(&Selection, WhenEmpty, String)| {
+                    let (selection, when_empty, prefix) = choice;
+                    let frontend = Frontend {
+                        service: format!("{}/{}", service.namespace, service.name),
+                        port_name: port.name.clone(),
+                        kind,
+                        scope,
+                        address,
+                        port: number,
+                        protocol: port.protocol,
+                        algorithm: service.algorithm,
+                        affinity_timeout: service.affinity_timeout,
+                        when_empty: *when_empty,
+                        rule: format!("{prefix}{}", selection.rule),
+                        backends: backends(selection, &topology),
+                    };
+                    match by_key.entry((address, number, port.protocol, scope)) {
+                        Entry::Vacant(slot) => {
+                            slot.insert(frontend);
+                        }
+                        Entry::Occupied(taken) => skipped.push(Skipped::new(
+                            format!("Service {}", frontend.service),
+                            port.field(),
+                            format!(
+                                "{address}:{number}/{} is already a frontend of Service {}",
+                                port.protocol,
+                                taken.get().service
+                            ),
+                        )),
                     }
-                    Entry::Occupied(taken) => skipped.push(Skipped::new(
-                        format!("Service {}", frontend.service),
-                        port.field(),
-                        format!(
-                            "{address}:{}/{} is already the frontend of Service {}",
-                            port.port,
-                            port.protocol,
-                            taken.get().service
-                        ),
-                    )),
-                }
+                };
+            for &address in &service.cluster_ips {
+                add(
+                    FrontendKind::ClusterIP,
+                    Scope::Internal,
+                    address,
+                    port.port,
+                    &internal,
+                );
+            }
+            for (kind, address, number) in externals {
+                add(kind, Scope::External, address, number, &external);
+                add(kind, Scope::Internal, address, number, &short_circuit);
             }
         }
     }
     (by_key.into_values().collect(), skipped)
 }
 
-/// The ready endpoints of `port`, deduplicated across slices and sorted.
-fn backends(
+/// The port's NodePort, if it has one this node can serve.
+fn node_port(
     service: &Service,
     port: &ServicePort,
-    slices: &[&EndpointSlice],
-    zones: &BTreeMap<&str, &str>,
+    node: &NodeConfig,
     skipped: &mut Vec<Skipped>,
-) -> Vec<Backend> {
-    let mut backends = Vec::new();
+) -> Option<u16> {
+    if service.kind == ServiceKind::ClusterIP {
+        return None;
+    }
+    let object = format!("Service {}/{}", service.namespace, service.name);
+    let field = format!("{}.nodePort", port.field());
+    match port.node_port {
+        // A LoadBalancer may do without (allocateLoadBalancerNodePorts: false).
+        None if service.kind == ServiceKind::LoadBalancer => None,
+        None => {
+            skipped.push(Skipped::new(object, field, "no nodePort allocated"));
+            None
+        }
+        Some(n) if !node.node_port_range.contains(&n) => {
+            skipped.push(Skipped::new(
+                object,
+                field,
+                format!(
+                    "{n} is outside the node port range {}-{}",
+                    node.node_port_range.start(),
+                    node.node_port_range.end()
+                ),
+            ));
+            None
+        }
+        Some(n) => Some(n),
+    }
+}
+
+/// The endpoints of `port` across the Service's slices, each once (a terminating duplicate
+/// gives way, as in kube-proxy).
+fn candidates<'a>(
+    service: &Service,
+    port: &ServicePort,
+    slices: &[&'a EndpointSlice],
+    skipped: &mut Vec<Skipped>,
+) -> Vec<Candidate<'a>> {
+    let mut by_address: BTreeMap<(Ipv4Addr, u16), Candidate<'a>> = BTreeMap::new();
     for slice in slices {
         // The EndpointSlice controller names each slice port after its Service port and has
         // already resolved a named targetPort to each pod's number.
@@ -97,251 +195,601 @@ fn backends(
                 continue;
             }
         };
-        backends.extend(slice.endpoints.iter().filter(|e| e.ready).map(|e| Backend {
-            address: e.address,
-            port: number,
-            node: e.node.clone(),
-            zone: e.zone.clone().or_else(|| {
-                let node = e.node.as_deref()?;
-                zones.get(node).map(|z| z.to_string())
-            }),
-        }));
+        for endpoint in &slice.endpoints {
+            let candidate = Candidate {
+                endpoint,
+                port: number,
+            };
+            match by_address.entry((endpoint.address, number)) {
+                Entry::Vacant(slot) => {
+                    slot.insert(candidate);
+                }
+                Entry::Occupied(mut taken) if taken.get().endpoint.terminating => {
+                    taken.insert(candidate);
+                }
+                Entry::Occupied(_) => {}
+            }
+        }
     }
+    by_address.into_values().collect()
+}
+
+fn backends(selection: &Selection<'_>, topology: &Topology<'_>) -> Vec<Backend> {
+    let mut backends: Vec<Backend> = selection
+        .candidates
+        .iter()
+        .map(|c| Backend {
+            address: c.endpoint.address,
+            port: c.port,
+            node: c.endpoint.node.clone(),
+            zone: topology
+                .endpoint_value(c.endpoint, ZONE_LABEL)
+                .map(str::to_string),
+        })
+        .collect();
     backends.sort();
-    backends.dedup_by(|a, b| (a.address, a.port) == (b.address, b.port));
     backends
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::model::{Algorithm, Endpoint, EndpointPort, Node};
+    use std::collections::BTreeMap;
 
-    fn service(ports: Vec<ServicePort>) -> Service {
+    use super::*;
+    use crate::model::{Algorithm, Endpoint, EndpointPort, HOSTNAME_LABEL, Node, REGION_LABEL};
+
+    const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
+
+    fn service() -> Service {
         Service {
             namespace: "ns".into(),
             name: "svc".into(),
-            cluster_ips: vec![Ipv4Addr::new(10, 96, 0, 1)],
-            ports,
+            kind: ServiceKind::ClusterIP,
+            cluster_ips: vec![VIP],
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            ports: vec![ServicePort {
+                name: "http".into(),
+                port: 80,
+                protocol: Protocol::Tcp,
+                target_port: TargetPort::Number(8080),
+                node_port: None,
+            }],
             algorithm: Algorithm::RoundRobin,
+            internal_policy: TrafficPolicy::Cluster,
+            external_policy: TrafficPolicy::Cluster,
+            affinity_timeout: None,
+            topology_keys: vec![],
         }
     }
 
-    fn port(name: &str, target_port: TargetPort) -> ServicePort {
-        ServicePort {
-            name: name.into(),
-            port: 80,
-            protocol: Protocol::Tcp,
-            target_port,
-        }
-    }
-
-    fn endpoint(last: u8, ready: bool) -> Endpoint {
+    /// A ready endpoint 10.244.0.<last> on `node`.
+    fn ep(last: u8, node: &str) -> Endpoint {
         Endpoint {
             address: Ipv4Addr::new(10, 244, 0, last),
-            ready,
-            serving: ready,
+            ready: true,
+            serving: true,
             terminating: false,
-            node: Some("n1".into()),
+            node: Some(node.into()),
             zone: None,
+            zone_hints: vec![],
+            node_hints: vec![],
         }
     }
 
-    fn slice(name: &str, ports: Vec<EndpointPort>, endpoints: Vec<Endpoint>) -> EndpointSlice {
-        EndpointSlice {
-            namespace: "ns".into(),
+    fn terminating(endpoint: Endpoint, serving: bool) -> Endpoint {
+        Endpoint {
+            ready: false,
+            serving,
+            terminating: true,
+            ..endpoint
+        }
+    }
+
+    fn zone_hint(endpoint: Endpoint, zone: &str) -> Endpoint {
+        Endpoint {
+            zone_hints: vec![zone.into()],
+            ..endpoint
+        }
+    }
+
+    fn node_hint(endpoint: Endpoint, node: &str) -> Endpoint {
+        Endpoint {
+            node_hints: vec![node.into()],
+            ..endpoint
+        }
+    }
+
+    fn node(name: &str, zone: Option<&str>, last: u8) -> Node {
+        let mut labels = BTreeMap::from([
+            (HOSTNAME_LABEL.to_string(), name.to_string()),
+            (REGION_LABEL.to_string(), "r1".to_string()),
+        ]);
+        if let Some(zone) = zone {
+            labels.insert(ZONE_LABEL.into(), zone.into());
+        }
+        Node {
             name: name.into(),
-            service: "svc".into(),
-            ports,
-            endpoints,
+            labels,
+            addresses: vec![Ipv4Addr::new(192, 0, 2, last)],
         }
     }
 
-    fn slice_port(name: &str, port: Option<u16>, protocol: Protocol) -> EndpointPort {
-        EndpointPort {
-            name: name.into(),
-            port,
-            protocol,
+    /// n1 and n2 in zone a, n3 in zone b, n4 without a zone.
+    fn cluster(service: Service, endpoints: Vec<Endpoint>) -> Cluster {
+        Cluster {
+            services: vec![service],
+            slices: vec![EndpointSlice {
+                namespace: "ns".into(),
+                name: "svc-1".into(),
+                service: "svc".into(),
+                ports: vec![EndpointPort {
+                    name: "http".into(),
+                    port: Some(8080),
+                    protocol: Protocol::Tcp,
+                }],
+                endpoints,
+            }],
+            nodes: vec![
+                node("n1", Some("a"), 1),
+                node("n2", Some("a"), 2),
+                node("n3", Some("b"), 3),
+                node("n4", None, 4),
+            ],
         }
     }
 
-    /// `(address last octet, port)` of each backend of the only frontend.
-    fn backends_of(cluster: &Cluster) -> (Vec<(u8, u16)>, usize) {
-        let (frontends, skipped) = frontends(cluster);
-        assert_eq!(frontends.len(), 1, "{frontends:?}");
-        let backends = frontends[0]
-            .backends
+    /// The frontend `kind` from `scope` on `node`: its backends' last octets, its rule, and
+    /// what it does when empty.
+    fn frontend_of(
+        cluster: &Cluster,
+        node: &str,
+        kind: FrontendKind,
+        scope: Scope,
+    ) -> (Vec<u8>, String, WhenEmpty) {
+        let (frontends, skipped) = frontends(cluster, &NodeConfig::new(node));
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let fe = frontends
             .iter()
-            .map(|b| (b.address.octets()[3], b.port))
-            .collect();
-        (backends, skipped.len())
+            .find(|f| f.kind == kind && f.scope == scope)
+            .unwrap_or_else(|| panic!("no {kind:?} from {scope:?} in {frontends:?}"));
+        let octets = fe.backends.iter().map(|b| b.address.octets()[3]).collect();
+        (octets, fe.rule.clone(), fe.when_empty)
     }
 
     #[test]
-    fn backends_of_a_service_port() {
-        let http = || port("http", TargetPort::Name("web".into()));
-        // (what, cluster, expected backends as (last octet, port), how many skipped)
-        type Case = (&'static str, Cluster, Vec<(u8, u16)>, usize);
+    fn cluster_wide_selection() {
+        use WhenEmpty::Reject;
+        let keys = |keys: &[&str]| Service {
+            topology_keys: keys.iter().map(|k| k.to_string()).collect(),
+            ..service()
+        };
+        // (what, service, endpoints, node, backends, rule, when empty)
+        type Case = (
+            &'static str,
+            Service,
+            Vec<Endpoint>,
+            &'static str,
+            Vec<u8>,
+            &'static str,
+            WhenEmpty,
+        );
         let cases: Vec<Case> = vec![
             (
-                "ready endpoints, port from the slice",
-                Cluster {
-                    services: vec![service(vec![http()])],
-                    slices: vec![slice(
-                        "a",
-                        vec![slice_port("http", Some(8080), Protocol::Tcp)],
-                        vec![endpoint(2, true), endpoint(1, true), endpoint(3, false)],
-                    )],
-                    nodes: vec![],
-                },
-                vec![(1, 8080), (2, 8080)],
-                0,
+                "ready endpoints only",
+                service(),
+                vec![
+                    ep(1, "n1"),
+                    Endpoint {
+                        ready: false,
+                        serving: false,
+                        ..ep(2, "n2")
+                    },
+                ],
+                "n1",
+                vec![1],
+                "ready endpoints",
+                Reject,
             ),
             (
-                "a slice port of another name or protocol does not count",
-                Cluster {
-                    services: vec![service(vec![http()])],
-                    slices: vec![slice(
-                        "a",
-                        vec![
-                            slice_port("metrics", Some(9090), Protocol::Tcp),
-                            slice_port("http", Some(8080), Protocol::Udp),
-                        ],
-                        vec![endpoint(1, true)],
-                    )],
-                    nodes: vec![],
-                },
+                "zone hints: this zone's endpoints",
+                service(),
+                vec![zone_hint(ep(1, "n1"), "a"), zone_hint(ep(3, "n3"), "b")],
+                "n2",
+                vec![1],
+                "ready endpoints hinted for zone a",
+                Reject,
+            ),
+            (
+                "zone hints, none for this zone: all",
+                service(),
+                vec![zone_hint(ep(1, "n1"), "a"), zone_hint(ep(2, "n2"), "a")],
+                "n3",
+                vec![1, 2],
+                "ready endpoints",
+                Reject,
+            ),
+            (
+                "a ready endpoint without a hint disables hints",
+                service(),
+                vec![zone_hint(ep(1, "n1"), "a"), ep(3, "n3")],
+                "n1",
+                vec![1, 3],
+                "ready endpoints",
+                Reject,
+            ),
+            (
+                "an unready endpoint without a hint does not",
+                service(),
+                vec![
+                    zone_hint(ep(1, "n1"), "a"),
+                    zone_hint(ep(3, "n3"), "b"),
+                    terminating(ep(4, "n3"), false),
+                ],
+                "n1",
+                vec![1],
+                "ready endpoints hinted for zone a",
+                Reject,
+            ),
+            (
+                "a node without a zone label ignores zone hints",
+                service(),
+                vec![zone_hint(ep(1, "n1"), "a"), zone_hint(ep(3, "n3"), "b")],
+                "n4",
+                vec![1, 3],
+                "ready endpoints",
+                Reject,
+            ),
+            (
+                "node hints come before zone hints",
+                service(),
+                vec![
+                    node_hint(zone_hint(ep(1, "n1"), "a"), "n1"),
+                    node_hint(zone_hint(ep(2, "n2"), "a"), "n2"),
+                ],
+                "n2",
+                vec![2],
+                "ready endpoints hinted for node n2",
+                Reject,
+            ),
+            (
+                "node hints, none for this node: zone hints",
+                service(),
+                vec![
+                    node_hint(zone_hint(ep(1, "n1"), "a"), "n1"),
+                    node_hint(zone_hint(ep(3, "n3"), "b"), "n3"),
+                ],
+                "n2",
+                vec![1],
+                "ready endpoints hinted for zone a",
+                Reject,
+            ),
+            (
+                "no ready endpoint: serving terminating ones, topology ignored",
+                service(),
+                vec![
+                    terminating(zone_hint(ep(3, "n3"), "b"), true),
+                    terminating(ep(4, "n3"), false),
+                ],
+                "n1",
+                vec![3],
+                "no ready endpoint: serving terminating endpoints, topology ignored",
+                Reject,
+            ),
+            (
+                "ready endpoints win over serving terminating ones",
+                service(),
+                vec![ep(1, "n1"), terminating(ep(2, "n2"), true)],
+                "n3",
+                vec![1],
+                "ready endpoints",
+                Reject,
+            ),
+            (
+                "nothing serving: no backend, reject",
+                service(),
+                vec![terminating(ep(1, "n1"), false)],
+                "n1",
                 vec![],
-                0,
+                "no endpoints",
+                Reject,
             ),
             (
-                "the same endpoint in two slices is one backend",
-                Cluster {
-                    services: vec![service(vec![http()])],
-                    slices: vec![
-                        slice(
-                            "a",
-                            vec![slice_port("http", Some(8080), Protocol::Tcp)],
-                            vec![endpoint(1, true)],
-                        ),
-                        slice(
-                            "b",
-                            vec![slice_port("http", Some(8080), Protocol::Tcp)],
-                            vec![endpoint(1, true), endpoint(4, true)],
-                        ),
-                    ],
-                    nodes: vec![],
-                },
-                vec![(1, 8080), (4, 8080)],
-                0,
+                "topologyKeys: the local endpoint",
+                keys(&[HOSTNAME_LABEL, ZONE_LABEL, "*"]),
+                vec![ep(1, "n1"), ep(2, "n2"), ep(3, "n3")],
+                "n2",
+                vec![2],
+                "topologyKeys kubernetes.io/hostname=n2: ready endpoints",
+                Reject,
             ),
             (
-                "a slice port without a number takes a numeric targetPort",
-                Cluster {
-                    services: vec![service(vec![port("http", TargetPort::Number(8443))])],
-                    slices: vec![slice(
-                        "a",
-                        vec![slice_port("http", None, Protocol::Tcp)],
-                        vec![endpoint(1, true)],
-                    )],
-                    nodes: vec![],
-                },
-                vec![(1, 8443)],
-                0,
+                "topologyKeys: none local, the zone's",
+                keys(&[HOSTNAME_LABEL, ZONE_LABEL, "*"]),
+                vec![ep(1, "n1"), ep(3, "n3")],
+                "n2",
+                vec![1],
+                "topologyKeys topology.kubernetes.io/zone=a: ready endpoints",
+                Reject,
             ),
             (
-                "without a number and with a named targetPort there is no port: skipped",
-                Cluster {
-                    services: vec![service(vec![http()])],
-                    slices: vec![slice(
-                        "a",
-                        vec![slice_port("http", None, Protocol::Tcp)],
-                        vec![endpoint(1, true)],
-                    )],
-                    nodes: vec![],
-                },
+                "topologyKeys: none local or in the zone, all through *",
+                keys(&[HOSTNAME_LABEL, ZONE_LABEL, "*"]),
+                vec![ep(3, "n3")],
+                "n2",
+                vec![3],
+                "topologyKeys \"*\": every ready endpoint",
+                Reject,
+            ),
+            (
+                "topologyKeys: a key this node lacks is passed over",
+                keys(&[ZONE_LABEL, REGION_LABEL]),
+                vec![ep(3, "n3")],
+                "n4",
+                vec![3],
+                "topologyKeys topology.kubernetes.io/region=r1: ready endpoints",
+                Reject,
+            ),
+            (
+                "topologyKeys: no key matches, reject",
+                keys(&[HOSTNAME_LABEL]),
+                vec![ep(1, "n1")],
+                "n2",
                 vec![],
-                1,
+                "no ready endpoint matches a topologyKey",
+                Reject,
             ),
             (
-                "slices of another service or namespace do not count",
-                Cluster {
-                    services: vec![service(vec![http()])],
-                    slices: vec![
-                        EndpointSlice {
-                            service: "other".into(),
-                            ..slice(
-                                "a",
-                                vec![slice_port("http", Some(8080), Protocol::Tcp)],
-                                vec![endpoint(1, true)],
-                            )
-                        },
-                        EndpointSlice {
-                            namespace: "elsewhere".into(),
-                            ..slice(
-                                "b",
-                                vec![slice_port("http", Some(8080), Protocol::Tcp)],
-                                vec![endpoint(2, true)],
-                            )
-                        },
-                    ],
-                    nodes: vec![],
-                },
-                vec![],
-                0,
+                "topologyKeys come before hints",
+                keys(&[HOSTNAME_LABEL, "*"]),
+                vec![zone_hint(ep(1, "n1"), "a"), zone_hint(ep(3, "n3"), "b")],
+                "n3",
+                vec![3],
+                "topologyKeys kubernetes.io/hostname=n3: ready endpoints",
+                Reject,
             ),
         ];
-        for (description, cluster, expected, skipped) in cases {
-            assert_eq!(backends_of(&cluster), (expected, skipped), "{description}");
+        for (what, service, endpoints, node, backends, rule, when_empty) in cases {
+            let cluster = cluster(service, endpoints);
+            assert_eq!(
+                frontend_of(&cluster, node, FrontendKind::ClusterIP, Scope::Internal),
+                (backends, rule.to_string(), when_empty),
+                "{what}"
+            );
         }
     }
 
     #[test]
-    fn a_backend_without_a_zone_takes_its_nodes() {
-        let cluster = Cluster {
-            services: vec![service(vec![port("", TargetPort::Number(80))])],
-            slices: vec![slice(
-                "a",
-                vec![slice_port("", Some(80), Protocol::Tcp)],
-                vec![endpoint(1, true)],
-            )],
-            nodes: vec![Node {
-                name: "n1".into(),
-                zone: Some("z1".into()),
-            }],
+    fn traffic_policies() {
+        use FrontendKind::{ClusterIP, NodePort};
+        use Scope::{External, Internal};
+        use WhenEmpty::{Drop, Reject};
+        let node_port = |internal, external| {
+            let mut s = service();
+            s.kind = ServiceKind::NodePort;
+            s.ports[0].node_port = Some(30080);
+            s.internal_policy = internal;
+            s.external_policy = external;
+            s
         };
-        let (frontends, _) = frontends(&cluster);
-        assert_eq!(frontends[0].backends[0].zone.as_deref(), Some("z1"));
+        let local = TrafficPolicy::Local;
+        let cluster_policy = TrafficPolicy::Cluster;
+        // (what, service, endpoints, node, frontend, scope, backends, rule, when empty)
+        type Case = (
+            &'static str,
+            Service,
+            Vec<Endpoint>,
+            &'static str,
+            FrontendKind,
+            Scope,
+            Vec<u8>,
+            &'static str,
+            WhenEmpty,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "internalTrafficPolicy Local: this node's endpoints",
+                node_port(local, cluster_policy),
+                vec![ep(1, "n1"), ep(2, "n2")],
+                "n1",
+                ClusterIP,
+                Internal,
+                vec![1],
+                "internalTrafficPolicy Local: ready endpoints on this node",
+                Drop,
+            ),
+            (
+                "internalTrafficPolicy Local, none here: drop",
+                node_port(local, cluster_policy),
+                vec![ep(2, "n2")],
+                "n1",
+                ClusterIP,
+                Internal,
+                vec![],
+                "internalTrafficPolicy Local: no endpoint on this node",
+                Drop,
+            ),
+            (
+                "internalTrafficPolicy Local, no endpoint anywhere: reject",
+                node_port(local, cluster_policy),
+                vec![],
+                "n1",
+                ClusterIP,
+                Internal,
+                vec![],
+                "internalTrafficPolicy Local: no endpoint on this node",
+                Reject,
+            ),
+            (
+                "internalTrafficPolicy Local, only a terminating one here",
+                node_port(local, cluster_policy),
+                vec![terminating(ep(1, "n1"), true), ep(2, "n2")],
+                "n1",
+                ClusterIP,
+                Internal,
+                vec![1],
+                "internalTrafficPolicy Local: no ready endpoint on this node: its serving \
+                 terminating endpoints",
+                Drop,
+            ),
+            (
+                "externalTrafficPolicy Local: outside clients to this node's endpoints",
+                node_port(cluster_policy, local),
+                vec![ep(1, "n1"), ep(2, "n2")],
+                "n2",
+                NodePort,
+                External,
+                vec![2],
+                "externalTrafficPolicy Local: ready endpoints on this node",
+                Drop,
+            ),
+            (
+                "externalTrafficPolicy Local: the cluster's own traffic to all",
+                node_port(cluster_policy, local),
+                vec![ep(1, "n1"), ep(2, "n2")],
+                "n2",
+                NodePort,
+                Internal,
+                vec![1, 2],
+                "ready endpoints",
+                Reject,
+            ),
+            (
+                "externalTrafficPolicy Local, none here: drop outside clients",
+                node_port(cluster_policy, local),
+                vec![ep(1, "n1")],
+                "n3",
+                NodePort,
+                External,
+                vec![],
+                "externalTrafficPolicy Local: no endpoint on this node",
+                Drop,
+            ),
+            (
+                "externalTrafficPolicy Cluster: outside clients to all",
+                node_port(cluster_policy, cluster_policy),
+                vec![ep(1, "n1"), ep(2, "n2")],
+                "n3",
+                NodePort,
+                External,
+                vec![1, 2],
+                "ready endpoints",
+                Reject,
+            ),
+            (
+                "the ClusterIP of an externalTrafficPolicy Local service uses all",
+                node_port(cluster_policy, local),
+                vec![ep(1, "n1"), ep(2, "n2")],
+                "n2",
+                ClusterIP,
+                Internal,
+                vec![1, 2],
+                "ready endpoints",
+                Reject,
+            ),
+        ];
+        for (what, service, endpoints, node, kind, scope, backends, rule, when_empty) in cases {
+            let cluster = cluster(service, endpoints);
+            assert_eq!(
+                frontend_of(&cluster, node, kind, scope),
+                (backends, rule.to_string(), when_empty),
+                "{what}"
+            );
+        }
     }
 
     #[test]
-    fn one_frontend_per_cluster_ip_and_port() {
-        let mut svc = service(vec![
-            port("a", TargetPort::Number(80)),
-            ServicePort {
-                protocol: Protocol::Udp,
-                ..port("b", TargetPort::Number(80))
-            },
-        ]);
-        svc.cluster_ips.push(Ipv4Addr::new(10, 96, 0, 2));
-        let cluster = Cluster {
-            services: vec![svc],
-            ..Default::default()
-        };
-        let (frontends, skipped) = frontends(&cluster);
-        let keys: Vec<String> = frontends
+    fn every_frontend_kind_and_address() {
+        let mut svc = service();
+        svc.kind = ServiceKind::LoadBalancer;
+        svc.ports[0].node_port = Some(30080);
+        svc.external_ips = vec![Ipv4Addr::new(198, 51, 100, 7)];
+        svc.load_balancer_ips = vec![Ipv4Addr::new(203, 0, 113, 9)];
+        svc.affinity_timeout = Some(60);
+        let cluster = cluster(svc, vec![ep(1, "n1")]);
+        let mut config = NodeConfig::new("n1");
+        let (frontends, skipped) = super::frontends(&cluster, &config);
+        assert!(skipped.is_empty());
+        let listed: Vec<String> = frontends
             .iter()
-            .map(|f| format!("{}:{}/{}", f.address, f.port, f.protocol))
+            .map(|f| format!("{:?} {}:{} {:?}", f.kind, f.address, f.port, f.scope))
             .collect();
         assert_eq!(
-            keys,
+            listed,
             [
-                "10.96.0.1:80/TCP",
-                "10.96.0.1:80/UDP",
-                "10.96.0.2:80/TCP",
-                "10.96.0.2:80/UDP"
+                "ClusterIP 10.96.0.1:80 Internal",
+                "NodePort 192.0.2.1:30080 External",
+                "NodePort 192.0.2.1:30080 Internal",
+                "ExternalIP 198.51.100.7:80 External",
+                "ExternalIP 198.51.100.7:80 Internal",
+                "LoadBalancer 203.0.113.9:80 External",
+                "LoadBalancer 203.0.113.9:80 Internal",
             ]
         );
-        assert!(skipped.is_empty());
+        assert!(frontends.iter().all(|f| f.affinity_timeout == Some(60)));
+
+        // --node-ip replaces the Node's addresses; a nodePort out of range is reported.
+        config.addresses = vec![Ipv4Addr::new(172, 31, 0, 1), Ipv4Addr::new(172, 31, 0, 2)];
+        config.node_port_range = 31000..=31999;
+        let (frontends, skipped) = super::frontends(&cluster, &config);
+        assert!(!frontends.iter().any(|f| f.kind == FrontendKind::NodePort));
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].field, "spec.ports[http].nodePort");
+        config.node_port_range = 30000..=32767;
+        let (frontends, _) = super::frontends(&cluster, &config);
+        let node_ports: Vec<Ipv4Addr> = frontends
+            .iter()
+            .filter(|f| f.kind == FrontendKind::NodePort && f.scope == Scope::External)
+            .map(|f| f.address)
+            .collect();
+        assert_eq!(node_ports, config.addresses);
+    }
+
+    #[test]
+    fn a_load_balancer_without_ingress_still_has_its_node_port() {
+        let mut svc = service();
+        svc.kind = ServiceKind::LoadBalancer;
+        svc.ports[0].node_port = Some(30080);
+        let cluster = cluster(svc, vec![ep(1, "n1")]);
+        let (frontends, _) = super::frontends(&cluster, &NodeConfig::new("n1"));
+        assert!(frontends.iter().any(|f| f.kind == FrontendKind::NodePort));
+        assert!(
+            !frontends
+                .iter()
+                .any(|f| f.kind == FrontendKind::LoadBalancer)
+        );
+    }
+
+    #[test]
+    fn a_terminating_duplicate_gives_way() {
+        let cluster = Cluster {
+            slices: vec![
+                EndpointSlice {
+                    name: "svc-2".into(),
+                    endpoints: vec![terminating(ep(1, "n1"), true)],
+                    ..cluster(service(), vec![]).slices[0].clone()
+                },
+                cluster(service(), vec![ep(1, "n1")]).slices[0].clone(),
+            ],
+            ..cluster(service(), vec![])
+        };
+        let (backends, rule, _) =
+            frontend_of(&cluster, "n1", FrontendKind::ClusterIP, Scope::Internal);
+        assert_eq!((backends, rule.as_str()), (vec![1], "ready endpoints"));
+    }
+
+    #[test]
+    fn a_slice_port_without_a_number_takes_a_numeric_target_port() {
+        let mut svc = service();
+        svc.ports[0].target_port = TargetPort::Number(8443);
+        let mut cluster = cluster(svc, vec![ep(1, "n1")]);
+        cluster.slices[0].ports[0].port = None;
+        let (frontends, _) = super::frontends(&cluster, &NodeConfig::new("n1"));
+        assert_eq!(frontends[0].backends[0].port, 8443);
+
+        cluster.services[0].ports[0].target_port = TargetPort::Name("web".into());
+        let (frontends, skipped) = super::frontends(&cluster, &NodeConfig::new("n1"));
+        assert!(frontends[0].backends.is_empty());
+        assert_eq!(skipped[0].field, "ports[http].port");
     }
 }

@@ -4,8 +4,9 @@
 
 mod convert;
 mod frontends;
+mod topology;
 
-use std::{fmt, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, ops::RangeInclusive};
 
 pub use convert::{Objects, cluster};
 pub use frontends::frontends;
@@ -13,6 +14,14 @@ use serde::Serialize;
 
 /// The annotation that chooses a Service's backend selection ([`Algorithm`]).
 pub const ALGORITHM_ANNOTATION: &str = "lb.ebpf.io/algorithm";
+/// The annotation that carries `topologyKeys` (comma-separated) for clusters whose API dropped
+/// `spec.topologyKeys`; the manifest source copies that field here.
+pub const TOPOLOGY_KEYS_ANNOTATION: &str = "lb.ebpf.io/topology-keys";
+pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+/// Kubernetes' default `--service-node-port-range`.
+pub const DEFAULT_NODE_PORT_RANGE: RangeInclusive<u16> = 30000..=32767;
 
 /// Everything the agent knows of the cluster, validated.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -26,10 +35,33 @@ pub struct Cluster {
 pub struct Service {
     pub namespace: String,
     pub name: String,
-    /// Empty for headless Services.
+    pub kind: ServiceKind,
     pub cluster_ips: Vec<Ipv4Addr>,
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip` of the VIP kind.
+    pub load_balancer_ips: Vec<Ipv4Addr>,
     pub ports: Vec<ServicePort>,
     pub algorithm: Algorithm,
+    pub internal_policy: TrafficPolicy,
+    pub external_policy: TrafficPolicy,
+    /// `sessionAffinity: ClientIP`, with its timeout in seconds.
+    pub affinity_timeout: Option<u32>,
+    /// The ordered `topologyKeys`; `*` may only be last.
+    pub topology_keys: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceKind {
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum TrafficPolicy {
+    #[default]
+    Cluster,
+    Local,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -39,6 +71,7 @@ pub struct ServicePort {
     pub port: u16,
     pub protocol: Protocol,
     pub target_port: TargetPort,
+    pub node_port: Option<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,12 +122,37 @@ pub struct Endpoint {
     pub terminating: bool,
     pub node: Option<String>,
     pub zone: Option<String>,
+    /// `hints.forZones`; empty when the endpoint has none.
+    pub zone_hints: Vec<String>,
+    /// `hints.forNodes`; empty when the endpoint has none.
+    pub node_hints: Vec<String>,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Node {
     pub name: String,
-    pub zone: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// InternalIP and ExternalIP addresses.
+    pub addresses: Vec<Ipv4Addr>,
+}
+
+/// The node the agent programs, as configured.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub name: String,
+    /// Where NodePorts listen (`--node-ip`); empty: the Node's InternalIP and ExternalIP.
+    pub addresses: Vec<Ipv4Addr>,
+    pub node_port_range: RangeInclusive<u16>,
+}
+
+impl NodeConfig {
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            addresses: Vec::new(),
+            node_port_range: DEFAULT_NODE_PORT_RANGE,
+        }
+    }
 }
 
 /// What one frontend of this node balances over.
@@ -104,16 +162,47 @@ pub struct Frontend {
     pub service: String,
     pub port_name: String,
     pub kind: FrontendKind,
+    pub scope: Scope,
     pub address: Ipv4Addr,
     pub port: u16,
     pub protocol: Protocol,
     pub algorithm: Algorithm,
+    /// `sessionAffinity: ClientIP` timeout, in seconds.
+    pub affinity_timeout: Option<u32>,
+    /// What a new flow meets when there is no backend.
+    pub when_empty: WhenEmpty,
+    /// The rule that chose the backends.
+    pub rule: String,
     pub backends: Vec<Backend>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum FrontendKind {
     ClusterIP,
+    NodePort,
+    ExternalIP,
+    LoadBalancer,
+}
+
+/// Where the traffic comes from: a frontend can balance differently for each (an
+/// `externalTrafficPolicy: Local` Service sends outside clients to local endpoints only, but
+/// its own pods to all).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// From outside the node: the uplink.
+    External,
+    /// From the node's pods and the node itself.
+    Internal,
+}
+
+/// As kube-proxy does: a Service with no endpoint at all rejects (ICMP port unreachable or
+/// TCP reset); one whose endpoints are all elsewhere under a Local policy drops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WhenEmpty {
+    Reject,
+    Drop,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -192,10 +281,10 @@ impl fmt::Display for Algorithm {
     }
 }
 
-/// The frontends `objects` define, and everything left out on the way.
-pub fn compute(objects: &Objects) -> (Vec<Frontend>, Vec<Skipped>) {
+/// The frontends `objects` define for `node`, and everything left out on the way.
+pub fn compute(objects: &Objects, node: &NodeConfig) -> (Vec<Frontend>, Vec<Skipped>) {
     let (cluster, mut skipped) = cluster(objects);
-    let (frontends, more) = frontends(&cluster);
+    let (frontends, more) = frontends(&cluster, node);
     skipped.extend(more);
     skipped.sort();
     (frontends, skipped)

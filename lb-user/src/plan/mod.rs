@@ -9,11 +9,11 @@ use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 pub use diff::{Op, diff};
 pub use ids::Ids;
 use lb_common::maps::{
-    ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_HASH, Backend, Frontend, FrontendKey, PROTO_TCP,
-    PROTO_UDP, Slot, SlotKey,
+    ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_HASH, Backend, FRONTEND_REJECT_WHEN_EMPTY, Frontend,
+    FrontendKey, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, Slot, SlotKey,
 };
 
-use crate::model::{self, Algorithm, Protocol, Skipped};
+use crate::model::{self, Algorithm, Protocol, Scope, Skipped, WhenEmpty};
 
 /// The entries of the agent-written maps, as the kernel holds them (keys and values in the
 /// datapath's layout).
@@ -29,7 +29,12 @@ pub fn entries(ids: &mut Ids, frontends: &[model::Frontend]) -> (MapEntries, Vec
     let mut skipped = Vec::new();
     let mut wanted = Vec::new();
     for frontend in frontends {
-        let key = frontend_key(frontend.address, frontend.port, frontend.protocol);
+        let key = frontend_key(
+            frontend.address,
+            frontend.port,
+            frontend.protocol,
+            frontend.scope,
+        );
         let backends: Vec<Backend> = frontend
             .backends
             .iter()
@@ -72,12 +77,18 @@ pub fn entries(ids: &mut Ids, frontends: &[model::Frontend]) -> (MapEntries, Vec
                 .slots
                 .insert(SlotKey { service_id, slot }, Slot { backend_id });
         }
+        let flags = match frontend.when_empty {
+            WhenEmpty::Reject => FRONTEND_REJECT_WHEN_EMPTY,
+            WhenEmpty::Drop => 0,
+        };
         entries.frontends.insert(
             key,
             Frontend {
                 service_id,
                 backend_count,
                 algorithm: algorithm(frontend.algorithm),
+                flags,
+                affinity_timeout_s: frontend.affinity_timeout.unwrap_or(0),
                 _pad: 0,
             },
         );
@@ -85,12 +96,15 @@ pub fn entries(ids: &mut Ids, frontends: &[model::Frontend]) -> (MapEntries, Vec
     (entries, skipped)
 }
 
-pub fn frontend_key(address: Ipv4Addr, port: u16, protocol: Protocol) -> FrontendKey {
+pub fn frontend_key(address: Ipv4Addr, port: u16, protocol: Protocol, scope: Scope) -> FrontendKey {
     FrontendKey {
         addr_be: u32::from(address).to_be(),
         port_be: port.to_be(),
         protocol: protocol_number(protocol),
-        _pad: 0,
+        scope: match scope {
+            Scope::External => SCOPE_EXTERNAL,
+            Scope::Internal => SCOPE_INTERNAL,
+        },
     }
 }
 
@@ -122,8 +136,22 @@ impl MapEntries {
     pub fn dump(&self) -> String {
         let mut lines = Vec::new();
         for (key, fe) in &self.frontends {
+            let scope = if key.scope == SCOPE_EXTERNAL {
+                "external"
+            } else {
+                "internal"
+            };
+            let when_empty = if fe.flags & FRONTEND_REJECT_WHEN_EMPTY != 0 {
+                "reject"
+            } else {
+                "drop"
+            };
+            let affinity = match fe.affinity_timeout_s {
+                0 => String::new(),
+                seconds => format!(" AFFINITY={seconds}s"),
+            };
             lines.push(format!(
-                "FE: ADDR={} ID={} COUNT={} ALG={}",
+                "FE: ADDR={} SCOPE={scope} ID={} COUNT={} ALG={} EMPTY={when_empty}{affinity}",
                 endpoint(key.addr_be, key.port_be, key.protocol),
                 fe.service_id,
                 fe.backend_count,
@@ -186,10 +214,14 @@ mod tests {
             service: "default/demo".into(),
             port_name: "http".into(),
             kind: FrontendKind::ClusterIP,
+            scope: Scope::Internal,
             address: Ipv4Addr::new(10, 96, 0, 10),
             port: 80,
             protocol: Protocol::Tcp,
             algorithm,
+            affinity_timeout: None,
+            when_empty: WhenEmpty::Reject,
+            rule: "ready endpoints".into(),
             backends: backends
                 .iter()
                 .map(|&(address, port)| model::Backend {
@@ -214,13 +246,18 @@ mod tests {
         );
         assert!(skipped.is_empty());
         let (key, value) = entries.frontends.iter().next().unwrap();
-        assert_eq!(bytes(key), [10, 96, 0, 10, 0, 80, PROTO_TCP, 0]);
+        assert_eq!(
+            bytes(key),
+            [10, 96, 0, 10, 0, 80, PROTO_TCP, SCOPE_INTERNAL]
+        );
         assert_eq!(
             *value,
             Frontend {
                 service_id: 1,
                 backend_count: 2,
                 algorithm: ALGORITHM_SOURCE_HASH,
+                flags: FRONTEND_REJECT_WHEN_EMPTY,
+                affinity_timeout_s: 0,
                 _pad: 0
             }
         );
@@ -241,7 +278,7 @@ mod tests {
         let (entries, _) = entries(&mut Ids::default(), &[frontend(Algorithm::RoundRobin, &[])]);
         assert_eq!(
             entries.dump(),
-            "FE: ADDR=10.96.0.10:80/TCP ID=1 COUNT=0 ALG=round-robin\n"
+            "FE: ADDR=10.96.0.10:80/TCP SCOPE=internal ID=1 COUNT=0 ALG=round-robin EMPTY=reject\n"
         );
     }
 }

@@ -10,7 +10,7 @@ use std::{
 use serde::Deserialize as _;
 use serde_yaml::Value;
 
-use crate::model::{Objects, Skipped};
+use crate::model::{Objects, Skipped, TOPOLOGY_KEYS_ANNOTATION};
 
 const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
 
@@ -128,7 +128,7 @@ fn add(place: &str, value: Value, objects: &mut Objects, skipped: &mut Vec<Skipp
         match (api_version.as_str(), kind.as_str()) {
             ("v1", "Service") => objects
                 .services
-                .push(serde_yaml::from_value(value.clone())?),
+                .push(serde_yaml::from_value(with_topology_keys(value.clone()))?),
             ("v1", "Endpoints") => objects
                 .endpoints
                 .push(serde_yaml::from_value(value.clone())?),
@@ -154,6 +154,35 @@ fn add(place: &str, value: Value, objects: &mut Objects, skipped: &mut Vec<Skipp
     if let Err(e) = typed(objects) {
         skipped.push(Skipped::new(object, "", e.to_string()));
     }
+}
+
+/// Moves a Service's `spec.topologyKeys`, which today's API types no longer have, into the
+/// annotation the model reads, unless the annotation is set.
+fn with_topology_keys(mut service: Value) -> Value {
+    let keys: Option<Vec<String>> = service
+        .get("spec")
+        .and_then(|s| s.get("topologyKeys"))
+        .and_then(Value::as_sequence)
+        .map(|keys| {
+            keys.iter()
+                .map(|k| k.as_str().unwrap_or_default().to_string())
+                .collect()
+        });
+    let (Some(keys), Some(metadata)) = (keys, service.get_mut("metadata")) else {
+        return service;
+    };
+    let Some(metadata) = metadata.as_mapping_mut() else {
+        return service;
+    };
+    let annotations = metadata
+        .entry("annotations".into())
+        .or_insert_with(|| Value::Mapping(Default::default()));
+    if let Some(annotations) = annotations.as_mapping_mut() {
+        annotations
+            .entry(TOPOLOGY_KEYS_ANNOTATION.into())
+            .or_insert_with(|| Value::String(keys.join(",")));
+    }
+    service
 }
 
 #[cfg(test)]
@@ -195,6 +224,25 @@ items:
         assert_eq!(objects.services.len(), 1);
         assert_eq!(objects.nodes.len(), 1);
         assert_eq!(objects.endpoint_slices.len(), 1);
+    }
+
+    #[test]
+    fn topology_keys_reach_the_annotation() {
+        let (objects, _) = parse_text(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: dns}
+spec:
+  clusterIP: 10.96.0.10
+  topologyKeys: ["kubernetes.io/hostname", "*"]
+"#,
+        );
+        let annotations = objects.services[0].metadata.annotations.clone().unwrap();
+        assert_eq!(
+            annotations[TOPOLOGY_KEYS_ANNOTATION],
+            "kubernetes.io/hostname,*"
+        );
     }
 
     #[test]
