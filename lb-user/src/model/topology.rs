@@ -104,11 +104,7 @@ pub fn cluster_wide<'a>(
     topology_keys: &[String],
     topology: &Topology<'_>,
 ) -> Selection<'a> {
-    let ready: Vec<Candidate<'a>> = candidates
-        .iter()
-        .copied()
-        .filter(|c| c.endpoint.ready)
-        .collect();
+    let ready = keep(candidates, |e| e.ready);
     if !ready.is_empty() {
         return if topology_keys.is_empty() {
             by_hints(ready, topology)
@@ -116,19 +112,34 @@ pub fn cluster_wide<'a>(
             by_topology_keys(ready, topology_keys, topology)
         };
     }
-    let terminating: Vec<Candidate<'a>> = candidates
+    terminating_fallback(
+        candidates,
+        "no ready endpoint: serving terminating endpoints, topology ignored",
+        "no endpoints",
+    )
+}
+
+fn keep<'a>(
+    candidates: &[Candidate<'a>],
+    wanted: impl Fn(&Endpoint) -> bool,
+) -> Vec<Candidate<'a>> {
+    candidates
         .iter()
         .copied()
-        .filter(|c| serving_terminating(c.endpoint))
-        .collect();
-    if terminating.is_empty() {
-        Selection::new(terminating, "no endpoints")
-    } else {
-        Selection::new(
-            terminating,
-            "no ready endpoint: serving terminating endpoints, topology ignored",
-        )
-    }
+        .filter(|c| wanted(c.endpoint))
+        .collect()
+}
+
+/// When nothing is ready: the serving terminating endpoints, under rule `found`, or none,
+/// under rule `none`.
+fn terminating_fallback<'a>(
+    candidates: &[Candidate<'a>],
+    found: &str,
+    none: &str,
+) -> Selection<'a> {
+    let terminating = keep(candidates, serving_terminating);
+    let rule = if terminating.is_empty() { none } else { found };
+    Selection::new(terminating, rule)
 }
 
 fn by_hints<'a>(ready: Vec<Candidate<'a>>, topology: &Topology<'_>) -> Selection<'a> {
@@ -171,11 +182,7 @@ fn by_topology_keys<'a>(
         let Some(value) = topology.node_value(key) else {
             continue;
         };
-        let matching: Vec<Candidate<'a>> = ready
-            .iter()
-            .copied()
-            .filter(|c| topology.endpoint_value(c.endpoint, key) == Some(value))
-            .collect();
+        let matching = keep(&ready, |e| topology.endpoint_value(e, key) == Some(value));
         if !matching.is_empty() {
             return Selection::new(
                 matching,
@@ -188,25 +195,14 @@ fn by_topology_keys<'a>(
 
 /// The endpoints on this node, for traffic under a Local policy.
 pub fn node_local<'a>(candidates: &[Candidate<'a>], topology: &Topology<'_>) -> Selection<'a> {
-    let local: Vec<Candidate<'a>> = candidates
-        .iter()
-        .copied()
-        .filter(|c| topology.is_local(c.endpoint))
-        .collect();
-    let ready: Vec<Candidate<'a>> = local.iter().copied().filter(|c| c.endpoint.ready).collect();
+    let local = keep(candidates, |e| topology.is_local(e));
+    let ready = keep(&local, |e| e.ready);
     if !ready.is_empty() {
         return Selection::new(ready, "ready endpoints on this node");
     }
-    let terminating: Vec<Candidate<'a>> = local
-        .into_iter()
-        .filter(|c| serving_terminating(c.endpoint))
-        .collect();
-    if terminating.is_empty() {
-        Selection::new(terminating, "no endpoint on this node")
-    } else {
-        Selection::new(
-            terminating,
-            "no ready endpoint on this node: its serving terminating endpoints",
-        )
-    }
+    terminating_fallback(
+        &local,
+        "no ready endpoint on this node: its serving terminating endpoints",
+        "no endpoint on this node",
+    )
 }
