@@ -10,6 +10,7 @@ mod conntrack;
 mod maps;
 mod nat;
 mod parse;
+mod reject;
 mod select;
 mod stats;
 
@@ -28,6 +29,7 @@ use crate::{
     maps::{BACKENDS, FLOWS, FRONTENDS, REPLIES},
     nat::{End, rewrite},
     parse::{Packet, parse},
+    reject::reject,
     select::select_backend,
     stats::count,
 };
@@ -78,11 +80,11 @@ fn to_backend(ctx: &TcContext, packet: &Packet, frontend: &Frontend) -> Result<i
                 }
                 None => {
                     count(|s| &mut s.reselected);
-                    new_flow(packet, frontend, now)?
+                    new_flow(ctx, packet, frontend, now)?
                 }
             }
         }
-        None => new_flow(packet, frontend, now)?,
+        None => new_flow(ctx, packet, frontend, now)?,
     };
     rewrite(
         ctx,
@@ -99,6 +101,7 @@ fn to_backend(ctx: &TcContext, packet: &Packet, frontend: &Frontend) -> Result<i
 /// Gives a flow a backend and records both of its directions.
 #[inline(always)]
 fn new_flow(
+    ctx: &TcContext,
     packet: &Packet,
     frontend: &Frontend,
     now: u64,
@@ -106,9 +109,9 @@ fn new_flow(
     if frontend.backend_count == 0 {
         if frontend.flags & FRONTEND_REJECT_WHEN_EMPTY != 0 {
             count(|s| &mut s.rejected_no_backend);
-        } else {
-            count(|s| &mut s.dropped_no_backend);
+            return Err(reject(ctx, packet).unwrap_or(DROP));
         }
+        count(|s| &mut s.dropped_no_backend);
         return Err(DROP);
     }
     let (backend_id, backend) = select_backend(frontend, &packet.key, now).ok_or_else(error)?;

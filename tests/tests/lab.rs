@@ -185,25 +185,68 @@ fn an_endpoint_that_stops_being_ready_gets_no_new_connections() {
 
 #[test]
 fn a_service_without_endpoints_rejects_and_counts() {
-    let lab = lab("empty");
-    lab.edit_manifest("demo.yaml", |t| {
+    let lab = lab("reject");
+    let unready = |t: String| {
         BACKENDS
             .iter()
             .fold(t, |t, (_, ip)| set_not_ready(&t, &ip.to_string()))
-    })
-    .unwrap();
+    };
+    lab.edit_manifest("demo.yaml", unready).unwrap();
+    lab.edit_manifest("demo-dns.yaml", unready).unwrap();
     let before = lab
-        .wait_for_dump("the frontend to have no backend", |d| {
+        .wait_for_dump("the frontends to have no backend", |d| {
             backend_count(d, "10.96.0.10:80/TCP") == Some(0)
+                && backend_count(d, "10.96.0.53:53/UDP") == Some(0)
         })
         .unwrap();
     let err = lab
         .curl(HTTP_VIP)
         .expect_err("nothing answers a frontend without backends");
+    // curl's exit status 7: the connection was refused at once (a timeout is 28).
+    assert!(
+        format!("{err:#}").contains("exit status: 7"),
+        "a TCP reset, not a timeout: {err:#}"
+    );
+    let err = lab.udp(DNS_VIP, None).expect_err("no UDP answer");
+    assert!(
+        format!("{err:#}").contains("Connection refused"),
+        "an ICMP port unreachable: {err:#}"
+    );
+    let after = lab.dump().unwrap();
+    assert_eq!(
+        stat(&after, "rejected_no_backend"),
+        stat(&before, "rejected_no_backend") + 2,
+        "{after}"
+    );
+}
+
+#[test]
+fn internal_traffic_policy_local_without_local_endpoints_drops() {
+    let lab = lab("itp");
+    lab.edit_manifest("demo.yaml", |t| {
+        t.replace("nodeName: lab-node", "nodeName: another-node")
+            .replace(
+                "  type: ClusterIP\n",
+                "  type: ClusterIP\n  internalTrafficPolicy: Local\n",
+            )
+    })
+    .unwrap();
+    let before = lab
+        .wait_for_dump("the local-only frontend to be empty", |d| {
+            backend_count(d, "10.96.0.10:80/TCP") == Some(0) && d.contains("EMPTY=drop")
+        })
+        .unwrap();
+    let err = lab
+        .curl(HTTP_VIP)
+        .expect_err("no endpoint on this node: dropped");
+    assert!(
+        format!("{err:#}").contains("timed out"),
+        "a drop, not a reject: {err:#}"
+    );
     let after = lab.dump().unwrap();
     assert!(
-        stat(&after, "rejected_no_backend") > stat(&before, "rejected_no_backend"),
-        "curl failed ({err:#}) but no reject was counted:\n{after}"
+        stat(&after, "dropped_no_backend") > stat(&before, "dropped_no_backend"),
+        "{after}"
     );
 }
 

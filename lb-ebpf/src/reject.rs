@@ -1,0 +1,194 @@
+//! Rejecting a new flow to a frontend that has no backend, as kube-proxy does: a TCP segment
+//! is answered with a reset, a UDP datagram with an ICMP port unreachable, each written over
+//! the packet and sent back out of the interface it came in on. Rejects are rare: this path
+//! favours plain code over speed.
+//!
+//! The answer's checksums are computed in full. The skb keeps its `ip_summed`: packets from a
+//! pod's veth are `CHECKSUM_PARTIAL`, which the pod's stack takes as checked.
+
+use aya_ebpf::{
+    helpers::{bpf_redirect, bpf_skb_change_tail},
+    programs::TcContext,
+};
+use lb_common::maps::PROTO_TCP;
+
+use crate::parse::Packet;
+
+const ETH_HLEN: usize = 14;
+const IP_HLEN: usize = 20;
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+const ICMP_HLEN: usize = 8;
+const PROTO_ICMP: u8 = 1;
+const ICMP_DEST_UNREACHABLE: u8 = 3;
+const ICMP_PORT_UNREACHABLE: u8 = 3;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+/// What an ICMP error quotes of the offending datagram: its IP header and 8 bytes.
+const QUOTE_LEN: usize = IP_HLEN + UDP_HLEN;
+const RESET_LEN: usize = ETH_HLEN + IP_HLEN + TCP_HLEN;
+const UNREACHABLE_LEN: usize = ETH_HLEN + IP_HLEN + ICMP_HLEN + QUOTE_LEN;
+
+/// Rewrites `packet` into its rejection and redirects it; `None` when it cannot (IP options,
+/// a short packet), and the caller drops.
+#[inline(always)]
+pub fn reject(ctx: &TcContext, packet: &Packet) -> Option<i32> {
+    if packet.l4_offset != ETH_HLEN + IP_HLEN {
+        return None;
+    }
+    if packet.key.protocol == PROTO_TCP {
+        let original: [u8; RESET_LEN] = ctx.load(0).ok()?;
+        let answer = reset(&original);
+        send_back(ctx, &answer)
+    } else {
+        let original: [u8; ETH_HLEN + QUOTE_LEN] = ctx.load(0).ok()?;
+        let answer = port_unreachable(&original);
+        send_back(ctx, &answer)
+    }
+}
+
+fn send_back<const N: usize>(ctx: &TcContext, answer: &[u8; N]) -> Option<i32> {
+    let skb = ctx.skb.skb;
+    if unsafe { bpf_skb_change_tail(skb, N as u32, 0) } != 0 {
+        return None;
+    }
+    ctx.store(0, answer, 0).ok()?;
+    let ifindex = unsafe { (*skb).ifindex };
+    Some(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}
+
+/// The reset RFC 9293 answers a segment for no connection with.
+#[inline(always)]
+fn reset(original: &[u8; RESET_LEN]) -> [u8; RESET_LEN] {
+    let mut out = [0u8; RESET_LEN];
+    ethernet_back(original, &mut out);
+    let total = (IP_HLEN + TCP_HLEN) as u16;
+    ip_back(original, &mut out, PROTO_TCP, total);
+    let tcp = ETH_HLEN + IP_HLEN;
+    // Ports swapped.
+    out[tcp] = original[tcp + 2];
+    out[tcp + 1] = original[tcp + 3];
+    out[tcp + 2] = original[tcp];
+    out[tcp + 3] = original[tcp + 1];
+    let seq = be32(original, tcp + 4);
+    let ack = be32(original, tcp + 8);
+    let flags = original[tcp + 13];
+    let (reset_seq, reset_ack, reset_flags) = if flags & TCP_ACK != 0 {
+        (ack, 0, TCP_RST)
+    } else {
+        let ip_total = u32::from(be16(original, ETH_HLEN + 2));
+        let header = u32::from(original[tcp + 12] >> 4) * 4;
+        let payload = ip_total.saturating_sub(IP_HLEN as u32 + header);
+        let control = u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
+        (0, seq.wrapping_add(payload + control), TCP_RST | TCP_ACK)
+    };
+    put32(&mut out, tcp + 4, reset_seq);
+    put32(&mut out, tcp + 8, reset_ack);
+    out[tcp + 12] = ((TCP_HLEN / 4) as u8) << 4;
+    out[tcp + 13] = reset_flags;
+    // Pseudo-header: addresses, protocol, TCP length; then the header, checksum zero.
+    let mut sum = sum16::<8>(&out, ETH_HLEN + 12, 0);
+    sum += u32::from(PROTO_TCP) + TCP_HLEN as u32;
+    sum = sum16::<TCP_HLEN>(&out, tcp, sum);
+    put16(&mut out, tcp + 16, fold(sum));
+    out
+}
+
+/// ICMP destination unreachable, port unreachable, quoting the datagram's header.
+#[inline(always)]
+fn port_unreachable(original: &[u8; ETH_HLEN + QUOTE_LEN]) -> [u8; UNREACHABLE_LEN] {
+    let mut out = [0u8; UNREACHABLE_LEN];
+    ethernet_back(original, &mut out);
+    let total = (IP_HLEN + ICMP_HLEN + QUOTE_LEN) as u16;
+    ip_back(original, &mut out, PROTO_ICMP, total);
+    let icmp = ETH_HLEN + IP_HLEN;
+    out[icmp] = ICMP_DEST_UNREACHABLE;
+    out[icmp + 1] = ICMP_PORT_UNREACHABLE;
+    let mut i = 0;
+    while i < QUOTE_LEN {
+        out[icmp + ICMP_HLEN + i] = original[ETH_HLEN + i];
+        i += 1;
+    }
+    let sum = sum16::<{ ICMP_HLEN + QUOTE_LEN }>(&out, icmp, 0);
+    put16(&mut out, icmp + 2, fold(sum));
+    out
+}
+
+/// The Ethernet header back to the sender.
+#[inline(always)]
+fn ethernet_back<const A: usize, const B: usize>(original: &[u8; A], out: &mut [u8; B]) {
+    let mut i = 0;
+    while i < 6 {
+        out[i] = original[6 + i];
+        out[6 + i] = original[i];
+        i += 1;
+    }
+    out[12] = original[12];
+    out[13] = original[13];
+}
+
+/// An IPv4 header back to the sender, from the address it wrote to.
+#[inline(always)]
+fn ip_back<const A: usize, const B: usize>(
+    original: &[u8; A],
+    out: &mut [u8; B],
+    protocol: u8,
+    total_len: u16,
+) {
+    let ip = ETH_HLEN;
+    out[ip] = 0x45;
+    put16(out, ip + 2, total_len);
+    out[ip + 6] = 0x40; // don't fragment
+    out[ip + 8] = 64;
+    out[ip + 9] = protocol;
+    let mut i = 0;
+    while i < 4 {
+        out[ip + 12 + i] = original[ip + 16 + i];
+        out[ip + 16 + i] = original[ip + 12 + i];
+        i += 1;
+    }
+    let sum = sum16::<IP_HLEN>(out, ip, 0);
+    put16(out, ip + 10, fold(sum));
+}
+
+/// Adds `LEN` bytes from `at`, as big-endian 16-bit words, to `sum`.
+#[inline(always)]
+fn sum16<const LEN: usize>(bytes: &[u8], at: usize, mut sum: u32) -> u32 {
+    let mut i = 0;
+    while i + 1 < LEN {
+        sum += u32::from(bytes[at + i]) << 8 | u32::from(bytes[at + i + 1]);
+        i += 2;
+    }
+    sum
+}
+
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+#[inline(always)]
+fn be16(bytes: &[u8], at: usize) -> u16 {
+    u16::from(bytes[at]) << 8 | u16::from(bytes[at + 1])
+}
+
+#[inline(always)]
+fn be32(bytes: &[u8], at: usize) -> u32 {
+    u32::from(be16(bytes, at)) << 16 | u32::from(be16(bytes, at + 2))
+}
+
+#[inline(always)]
+fn put16(bytes: &mut [u8], at: usize, value: u16) {
+    bytes[at] = (value >> 8) as u8;
+    bytes[at + 1] = value as u8;
+}
+
+#[inline(always)]
+fn put32(bytes: &mut [u8], at: usize, value: u32) {
+    put16(bytes, at, (value >> 16) as u16);
+    put16(bytes, at + 2, value as u16);
+}
