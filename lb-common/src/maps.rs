@@ -60,6 +60,10 @@ pub const SCOPE_INTERNAL: u8 = 1;
 /// unreachable (kube-proxy's REJECT) instead of dropping them.
 pub const FRONTEND_REJECT_WHEN_EMPTY: u8 = 1;
 
+/// [`Backend::flags`]: the backend runs on this node. A flow from outside the node to a backend
+/// elsewhere is SNATed to the node's address, so that its replies come back through it.
+pub const BACKEND_LOCAL: u8 = 1;
+
 /// [`Flow::state`] and [`Reply::state`]: how long an idle entry lives ([`Config`]).
 pub const STATE_OPEN: u8 = 0;
 pub const STATE_CLOSING: u8 = 1;
@@ -113,7 +117,8 @@ pub struct Backend {
     pub addr_be: u32,
     pub port_be: u16,
     pub protocol: u8,
-    pub _pad: u8,
+    /// `BACKEND_*` bits.
+    pub flags: u8,
 }
 
 /// A packet's 5-tuple as it arrived, before any rewrite.
@@ -128,7 +133,8 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
-/// A client's flow to a frontend: the backend it was given.
+/// A client's flow to a frontend: the backend it was given, and the source it is rewritten to
+/// when it is SNATed (a remote backend from outside the node, or a backend calling itself).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
@@ -136,21 +142,28 @@ pub struct Flow {
     pub last_seen_ns: u64,
     /// When this id is no longer in [`BACKENDS`], the flow gets a new backend.
     pub backend_id: u32,
+    /// The source address and port the flow's packets leave with: the client's own unless
+    /// SNATed.
+    pub src_addr_be: u32,
+    pub src_port_be: u16,
     /// `STATE_*`.
     pub state: u8,
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 5],
 }
 
-/// A backend's reply flow: the frontend its source is rewritten to.
+/// A backend's reply flow: its source is rewritten back to the frontend and its destination
+/// to the client (a change only for SNATed flows).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Reply {
     pub last_seen_ns: u64,
     pub frontend_addr_be: u32,
+    pub client_addr_be: u32,
     pub frontend_port_be: u16,
+    pub client_port_be: u16,
     /// `STATE_*`.
     pub state: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 3],
 }
 
 /// A client of a service with session affinity.
@@ -177,6 +190,11 @@ pub struct Config {
     pub tcp_open_timeout_ns: u64,
     pub tcp_closing_timeout_ns: u64,
     pub udp_timeout_ns: u64,
+    /// The node's address that SNATed flows leave with; 0: no SNAT, such flows are dropped.
+    pub snat_addr_be: u32,
+    /// SNAT source ports, host order, outside the node's ephemeral range.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
 }
 
 /// Datapath counters, per CPU: the agent sums them.
@@ -197,6 +215,10 @@ pub struct Stats {
     pub rejected_no_backend: u64,
     /// Packets dropped because a map or a rewrite failed.
     pub dropped_error: u64,
+    /// New flows SNATed to the node's address.
+    pub snat_flows: u64,
+    /// New flows dropped for want of a free SNAT port or a SNAT address.
+    pub dropped_no_snat: u64,
 }
 
 /// Index of the only entry of [`CONFIG`] and [`STATS`].
@@ -209,10 +231,10 @@ const _: () = {
     assert!(size_of::<Slot>() == 4);
     assert!(size_of::<Backend>() == 8);
     assert!(size_of::<FlowKey>() == 16);
-    assert!(size_of::<Flow>() == 16);
-    assert!(size_of::<Reply>() == 16);
-    assert!(size_of::<Config>() == 24);
-    assert!(size_of::<Stats>() == 56);
+    assert!(size_of::<Flow>() == 24);
+    assert!(size_of::<Reply>() == 24);
+    assert!(size_of::<Config>() == 32);
+    assert!(size_of::<Stats>() == 72);
     assert!(size_of::<AffinityKey>() == 8);
     assert!(size_of::<Affinity>() == 16);
 };

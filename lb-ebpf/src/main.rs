@@ -1,4 +1,6 @@
-//! The service load balancer's datapath, attached with tcx on the node's pod-facing interfaces.
+//! The service load balancer's datapath: a tc program on the node's pod-facing interfaces
+//! (traffic from the cluster) and an XDP program on its uplinks (traffic from outside), over
+//! one packet core.
 //!
 //! A packet to a frontend is DNATed to its flow's backend, picking one for a new flow; a reply
 //! from a backend is rewritten back to the frontend it answers for; anything else passes
@@ -12,57 +14,88 @@ mod nat;
 mod parse;
 mod reject;
 mod select;
+mod snat;
 mod stats;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::classifier,
-    programs::TcContext,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use lb_common::maps::{
-    FRONTEND_REJECT_WHEN_EMPTY, Flow, FlowKey, Frontend, FrontendKey, Reply, SCOPE_INTERNAL,
-    STATE_CLOSING, STATE_OPEN,
+    BACKEND_LOCAL, Backend, FRONTEND_REJECT_WHEN_EMPTY, Flow, FlowKey, Frontend, FrontendKey,
+    Reply, SCOPE_EXTERNAL, SCOPE_INTERNAL, STATE_CLOSING, STATE_OPEN,
 };
 
 use crate::{
     conntrack::{config, is_live, now_ns, touch},
     maps::{BACKENDS, FLOWS, FRONTENDS, REPLIES},
-    nat::{End, rewrite},
+    nat::{End, Rewrite},
     parse::{Packet, parse},
     reject::reject,
     select::select_backend,
     stats::count,
 };
 
-const PASS: i32 = TC_ACT_OK;
-const DROP: i32 = TC_ACT_SHOT;
+/// What becomes of a packet.
+enum Verdict {
+    Pass,
+    Drop,
+    /// Answer with a TCP reset or an ICMP port unreachable.
+    Reject,
+}
 
 #[classifier]
 pub fn lb_tc(ctx: TcContext) -> i32 {
-    match try_lb_tc(&ctx) {
-        Ok(action) | Err(action) => action,
+    let Some(packet) = parse(ctx.data(), ctx.data_end()) else {
+        return TC_ACT_OK;
+    };
+    match balance(&ctx, &packet, SCOPE_INTERNAL) {
+        Verdict::Pass => TC_ACT_OK,
+        Verdict::Drop => TC_ACT_SHOT,
+        Verdict::Reject => reject(&ctx, &packet).unwrap_or(TC_ACT_SHOT),
     }
 }
 
-fn try_lb_tc(ctx: &TcContext) -> Result<i32, i32> {
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let Some(packet) = parse(ctx.data(), ctx.data_end()) else {
-        return Ok(PASS);
+        return xdp_action::XDP_PASS;
     };
+    match balance(&ctx, &packet, SCOPE_EXTERNAL) {
+        Verdict::Pass => xdp_action::XDP_PASS,
+        // Rejects are answered on the pod-facing side only, for now.
+        Verdict::Drop | Verdict::Reject => xdp_action::XDP_DROP,
+    }
+}
+
+/// The packet core: a packet to a frontend of `scope` goes to a backend, a backend's reply
+/// back to its client.
+#[inline(always)]
+fn balance<C: Rewrite>(ctx: &C, packet: &Packet, scope: u8) -> Verdict {
     let frontend_key = FrontendKey {
         addr_be: packet.key.dst_addr_be,
         port_be: packet.key.dst_port_be,
         protocol: packet.key.protocol,
-        scope: SCOPE_INTERNAL,
+        scope,
     };
-    match unsafe { FRONTENDS.get(frontend_key) } {
-        Some(frontend) => to_backend(ctx, &packet, frontend),
-        None => to_frontend(ctx, &packet),
+    let result = match unsafe { FRONTENDS.get(frontend_key) } {
+        Some(frontend) => to_backend(ctx, packet, frontend, scope),
+        None => to_client(ctx, packet),
+    };
+    match result {
+        Ok(verdict) | Err(verdict) => verdict,
     }
 }
 
-/// A client's packet to a frontend: DNAT to the flow's backend.
+/// A client's packet to a frontend: DNAT to the flow's backend (and SNAT if the flow is).
 #[inline(always)]
-fn to_backend(ctx: &TcContext, packet: &Packet, frontend: &Frontend) -> Result<i32, i32> {
+fn to_backend<C: Rewrite>(
+    ctx: &C,
+    packet: &Packet,
+    frontend: &Frontend,
+    scope: u8,
+) -> Result<Verdict, Verdict> {
     let config = config().ok_or_else(error)?;
     let now = now_ns();
     let protocol = packet.key.protocol;
@@ -70,88 +103,107 @@ fn to_backend(ctx: &TcContext, packet: &Packet, frontend: &Frontend) -> Result<i
         let flow = unsafe { &*flow };
         is_live(config, protocol, flow.state, flow.last_seen_ns, now)
     });
-    let backend = match live_flow {
+    let (flow, backend) = match live_flow {
         Some(flow) => {
             let flow = unsafe { &mut *flow };
             match unsafe { BACKENDS.get(flow.backend_id) } {
                 Some(backend) => {
                     touch(&mut flow.last_seen_ns, &mut flow.state, packet.closing, now);
-                    backend
+                    (*flow, backend)
                 }
                 None => {
                     count(|s| &mut s.reselected);
-                    new_flow(ctx, packet, frontend, now)?
+                    new_flow(packet, frontend, scope, now)?
                 }
             }
         }
-        None => new_flow(ctx, packet, frontend, now)?,
+        None => new_flow(packet, frontend, scope, now)?,
     };
-    rewrite(
-        ctx,
-        packet,
-        End::Destination,
-        backend.addr_be,
-        backend.port_be,
-    )
-    .map_err(|_| error())?;
+    ctx.rewrite(packet, End::Destination, backend.addr_be, backend.port_be)
+        .map_err(|()| error())?;
+    if (flow.src_addr_be, flow.src_port_be) != (packet.key.src_addr_be, packet.key.src_port_be) {
+        ctx.rewrite(packet, End::Source, flow.src_addr_be, flow.src_port_be)
+            .map_err(|()| error())?;
+    }
     count(|s| &mut s.forwarded);
-    Ok(PASS)
+    Ok(Verdict::Pass)
 }
 
-/// Gives a flow a backend and records both of its directions.
+/// Gives a flow a backend, and a source to leave with, and records both of its directions.
 #[inline(always)]
 fn new_flow(
-    ctx: &TcContext,
     packet: &Packet,
     frontend: &Frontend,
+    scope: u8,
     now: u64,
-) -> Result<&'static lb_common::maps::Backend, i32> {
+) -> Result<(Flow, &'static Backend), Verdict> {
     if frontend.backend_count == 0 {
         if frontend.flags & FRONTEND_REJECT_WHEN_EMPTY != 0 {
             count(|s| &mut s.rejected_no_backend);
-            return Err(reject(ctx, packet).unwrap_or(DROP));
+            return Err(Verdict::Reject);
         }
         count(|s| &mut s.dropped_no_backend);
-        return Err(DROP);
+        return Err(Verdict::Drop);
     }
+    let config = config().ok_or_else(error)?;
     let (backend_id, backend) = select_backend(frontend, &packet.key, now).ok_or_else(error)?;
     let state = if packet.closing {
         STATE_CLOSING
     } else {
         STATE_OPEN
     };
+    let client = &packet.key;
+    let reply = Reply {
+        last_seen_ns: now,
+        frontend_addr_be: client.dst_addr_be,
+        client_addr_be: client.src_addr_be,
+        frontend_port_be: client.dst_port_be,
+        client_port_be: client.src_port_be,
+        state,
+        _pad: [0; 3],
+    };
+    let mut reply_key = FlowKey {
+        src_addr_be: backend.addr_be,
+        dst_addr_be: client.src_addr_be,
+        src_port_be: backend.port_be,
+        dst_port_be: client.src_port_be,
+        protocol: client.protocol,
+        _pad: [0; 3],
+    };
+    if backend.addr_be == client.src_addr_be {
+        // Hairpin: a backend calling its own service meets itself; from the frontend's
+        // address, its answer leaves the pod and comes back through here.
+        reply_key.dst_addr_be = client.dst_addr_be;
+        REPLIES.insert(reply_key, reply, 0).map_err(|_| error())?;
+    } else if scope == SCOPE_EXTERNAL && backend.flags & BACKEND_LOCAL == 0 {
+        let Some(port_be) = snat::allocate(config, backend, client, &reply, now) else {
+            count(|s| &mut s.dropped_no_snat);
+            return Err(Verdict::Drop);
+        };
+        reply_key.dst_addr_be = config.snat_addr_be;
+        reply_key.dst_port_be = port_be;
+        count(|s| &mut s.snat_flows);
+    } else {
+        REPLIES.insert(reply_key, reply, 0).map_err(|_| error())?;
+    }
     let flow = Flow {
         last_seen_ns: now,
         backend_id,
+        src_addr_be: reply_key.dst_addr_be,
+        src_port_be: reply_key.dst_port_be,
         state,
-        _pad: [0; 3],
+        _pad: [0; 5],
     };
-    let reply_key = FlowKey {
-        src_addr_be: backend.addr_be,
-        dst_addr_be: packet.key.src_addr_be,
-        src_port_be: backend.port_be,
-        dst_port_be: packet.key.src_port_be,
-        protocol: packet.key.protocol,
-        _pad: [0; 3],
-    };
-    let reply = Reply {
-        last_seen_ns: now,
-        frontend_addr_be: packet.key.dst_addr_be,
-        frontend_port_be: packet.key.dst_port_be,
-        state,
-        _pad: 0,
-    };
-    FLOWS.insert(packet.key, flow, 0).map_err(|_| error())?;
-    REPLIES.insert(reply_key, reply, 0).map_err(|_| error())?;
+    FLOWS.insert(client, flow, 0).map_err(|_| error())?;
     count(|s| &mut s.new_flows);
-    Ok(backend)
+    Ok((flow, backend))
 }
 
-/// A packet that may be a backend's reply: rewrite its source back to the frontend.
+/// A packet that may be a backend's reply: rewrite it back to the frontend and the client.
 #[inline(always)]
-fn to_frontend(ctx: &TcContext, packet: &Packet) -> Result<i32, i32> {
+fn to_client<C: Rewrite>(ctx: &C, packet: &Packet) -> Result<Verdict, Verdict> {
     let Some(reply) = REPLIES.get_ptr_mut(packet.key) else {
-        return Ok(PASS);
+        return Ok(Verdict::Pass);
     };
     let reply = unsafe { &mut *reply };
     let config = config().ok_or_else(error)?;
@@ -163,7 +215,7 @@ fn to_frontend(ctx: &TcContext, packet: &Packet) -> Result<i32, i32> {
         reply.last_seen_ns,
         now,
     ) {
-        return Ok(PASS);
+        return Ok(Verdict::Pass);
     }
     touch(
         &mut reply.last_seen_ns,
@@ -171,23 +223,33 @@ fn to_frontend(ctx: &TcContext, packet: &Packet) -> Result<i32, i32> {
         packet.closing,
         now,
     );
-    rewrite(
-        ctx,
+    ctx.rewrite(
         packet,
         End::Source,
         reply.frontend_addr_be,
         reply.frontend_port_be,
     )
-    .map_err(|_| error())?;
+    .map_err(|()| error())?;
+    if (reply.client_addr_be, reply.client_port_be)
+        != (packet.key.dst_addr_be, packet.key.dst_port_be)
+    {
+        ctx.rewrite(
+            packet,
+            End::Destination,
+            reply.client_addr_be,
+            reply.client_port_be,
+        )
+        .map_err(|()| error())?;
+    }
     count(|s| &mut s.replied);
-    Ok(PASS)
+    Ok(Verdict::Pass)
 }
 
-/// Counts a failed map access or rewrite and drops the packet.
+/// Counts a failed map access or rewrite; the packet is dropped.
 #[inline(always)]
-fn error() -> i32 {
+fn error() -> Verdict {
     count(|s| &mut s.dropped_error);
-    DROP
+    Verdict::Drop
 }
 
 #[cfg(not(test))]

@@ -1,73 +1,125 @@
-//! Address and port rewrites with incremental checksum updates. The kernel's checksum helpers
-//! are used (not hand-written arithmetic) because they also handle `CHECKSUM_PARTIAL` and
-//! `CHECKSUM_COMPLETE` skbs, which a tc program sees for locally generated traffic.
+//! Address and port rewrites with incremental checksum updates.
+//!
+//! tc uses the kernel's checksum helpers, which also keep `CHECKSUM_PARTIAL` and
+//! `CHECKSUM_COMPLETE` skbs right (a tc program sees locally generated traffic). XDP sees only
+//! the frame, whose checksums are complete on a wire: it updates them itself (RFC 1624).
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
 
-use crate::parse::Packet;
+use crate::parse::{Packet, ptr_at};
 
 /// Which end of the packet to rewrite.
+#[derive(Clone, Copy)]
 pub enum End {
     Source,
     Destination,
 }
 
-/// Rewrites one end of `packet` to `addr_be:port_be`.
+impl End {
+    /// `(address offset, old address, port offset, old port)` of this end of `packet`.
+    fn fields(self, packet: &Packet) -> (usize, u32, usize, u16) {
+        match self {
+            Self::Source => (
+                Packet::SRC_ADDR_OFFSET,
+                packet.key.src_addr_be,
+                packet.src_port_offset(),
+                packet.key.src_port_be,
+            ),
+            Self::Destination => (
+                Packet::DST_ADDR_OFFSET,
+                packet.key.dst_addr_be,
+                packet.dst_port_offset(),
+                packet.key.dst_port_be,
+            ),
+        }
+    }
+}
+
+/// A program context that can rewrite the packet it holds.
+pub trait Rewrite {
+    /// Rewrites one end of `packet` (as parsed, before any rewrite) to `addr_be:port_be`.
+    fn rewrite(&self, packet: &Packet, end: End, addr_be: u32, port_be: u16) -> Result<(), ()>;
+}
+
+impl Rewrite for TcContext {
+    #[inline(always)]
+    fn rewrite(&self, packet: &Packet, end: End, addr_be: u32, port_be: u16) -> Result<(), ()> {
+        let (addr_offset, old_addr_be, port_offset, old_port_be) = end.fields(packet);
+        // UDP's checksum 0 means "none": the helper must leave it so, and never produce it.
+        let l4_flags = if packet.is_udp() {
+            u64::from(BPF_F_MARK_MANGLED_0)
+        } else {
+            0
+        };
+        let l4_checksum = packet.l4_checksum_offset();
+        if old_addr_be != addr_be {
+            let (old, new) = (u64::from(old_addr_be), u64::from(addr_be));
+            let pseudo = l4_flags | u64::from(BPF_F_PSEUDO_HDR) | 4;
+            self.l4_csum_replace(l4_checksum, old, new, pseudo)
+                .map_err(drop)?;
+            self.l3_csum_replace(Packet::IP_CHECKSUM_OFFSET, old, new, 4)
+                .map_err(drop)?;
+            self.store(addr_offset, &addr_be, 0).map_err(drop)?;
+        }
+        if old_port_be != port_be {
+            let (old, new) = (u64::from(old_port_be), u64::from(port_be));
+            self.l4_csum_replace(l4_checksum, old, new, l4_flags | 2)
+                .map_err(drop)?;
+            self.store(port_offset, &port_be, 0).map_err(drop)?;
+        }
+        Ok(())
+    }
+}
+
+impl Rewrite for XdpContext {
+    #[inline(always)]
+    fn rewrite(&self, packet: &Packet, end: End, addr_be: u32, port_be: u16) -> Result<(), ()> {
+        let (addr_offset, old_addr_be, port_offset, old_port_be) = end.fields(packet);
+        let (data, data_end) = (self.data(), self.data_end());
+        let ip_checksum = ptr_at::<u16>(data, data_end, Packet::IP_CHECKSUM_OFFSET).ok_or(())?;
+        let l4_checksum = ptr_at::<u16>(data, data_end, packet.l4_checksum_offset()).ok_or(())?;
+        let addr = ptr_at::<u32>(data, data_end, addr_offset).ok_or(())?;
+        let port = ptr_at::<u16>(data, data_end, port_offset).ok_or(())?;
+        // SAFETY: each pointer was bounds-checked against the frame above.
+        unsafe {
+            let ip_checksum = ip_checksum.cast_mut();
+            let l4_checksum = l4_checksum.cast_mut();
+            // UDP's checksum 0 means "none": leave it so.
+            let l4_summed = !packet.is_udp() || *l4_checksum != 0;
+            let mut l4 = *l4_checksum;
+            if old_addr_be != addr_be {
+                *ip_checksum = checksum_update(*ip_checksum, old_addr_be, addr_be);
+                l4 = checksum_update(l4, old_addr_be, addr_be);
+                *addr.cast_mut() = addr_be;
+            }
+            if old_port_be != port_be {
+                l4 = checksum_update(l4, u32::from(old_port_be), u32::from(port_be));
+                *port.cast_mut() = port_be;
+            }
+            if l4_summed {
+                // A UDP checksum that comes out 0 is sent as all ones.
+                *l4_checksum = if packet.is_udp() && l4 == 0 {
+                    0xffff
+                } else {
+                    l4
+                };
+            }
+        }
+        Ok(())
+    }
+}
+
+/// RFC 1624: `HC' = ~(~HC + ~m + m')`, over the 16-bit words of `old` and `new` as they lie in
+/// the packet (the sum does not depend on byte order).
 #[inline(always)]
-pub fn rewrite(
-    ctx: &TcContext,
-    packet: &Packet,
-    end: End,
-    addr_be: u32,
-    port_be: u16,
-) -> Result<(), i64> {
-    let (addr_offset, old_addr_be, port_offset, old_port_be) = match end {
-        End::Source => (
-            Packet::SRC_ADDR_OFFSET,
-            packet.key.src_addr_be,
-            packet.src_port_offset(),
-            packet.key.src_port_be,
-        ),
-        End::Destination => (
-            Packet::DST_ADDR_OFFSET,
-            packet.key.dst_addr_be,
-            packet.dst_port_offset(),
-            packet.key.dst_port_be,
-        ),
-    };
-    // UDP's checksum 0 means "none": the helper must leave it so, and never produce it.
-    let l4_flags = if packet.is_udp() {
-        u64::from(BPF_F_MARK_MANGLED_0)
-    } else {
-        0
-    };
-    let l4_checksum = packet.l4_checksum_offset();
-    if old_addr_be != addr_be {
-        ctx.l4_csum_replace(
-            l4_checksum,
-            u64::from(old_addr_be),
-            u64::from(addr_be),
-            l4_flags | u64::from(BPF_F_PSEUDO_HDR) | 4,
-        )?;
-        ctx.l3_csum_replace(
-            Packet::IP_CHECKSUM_OFFSET,
-            u64::from(old_addr_be),
-            u64::from(addr_be),
-            4,
-        )?;
-        ctx.store(addr_offset, &addr_be, 0)?;
-    }
-    if old_port_be != port_be {
-        ctx.l4_csum_replace(
-            l4_checksum,
-            u64::from(old_port_be),
-            u64::from(port_be),
-            l4_flags | 2,
-        )?;
-        ctx.store(port_offset, &port_be, 0)?;
-    }
-    Ok(())
+fn checksum_update(checksum: u16, old: u32, new: u32) -> u16 {
+    let mut sum = u32::from(!checksum);
+    sum += u32::from(!(old as u16)) + u32::from(!((old >> 16) as u16));
+    sum += (new & 0xffff) + (new >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
 }

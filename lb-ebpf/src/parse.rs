@@ -60,8 +60,9 @@ impl Packet {
     }
 }
 
+/// A pointer to a `T` at `offset` in the frame, if it fits.
 #[inline(always)]
-fn ptr_at<T>(data: usize, data_end: usize, offset: usize) -> Option<*const T> {
+pub fn ptr_at<T>(data: usize, data_end: usize, offset: usize) -> Option<*const T> {
     let start = data + offset;
     if start + size_of::<T>() > data_end {
         return None;

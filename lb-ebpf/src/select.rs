@@ -72,7 +72,7 @@ fn next_round_robin(service_id: u32) -> Option<u32> {
 
 /// murmur3's finaliser: spreads close addresses over the slots.
 #[inline(always)]
-fn mix32(mut h: u32) -> u32 {
+pub fn mix32(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;

@@ -1,8 +1,9 @@
 //! The agent's loop: when the manifests change, recompute and write the difference to the maps.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use anyhow::Result;
+use aya::programs::XdpMode;
 use lb_common::maps::Config;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
@@ -18,19 +19,30 @@ use crate::{
 pub struct Settings {
     pub node: model::NodeConfig,
     pub manifests: Vec<PathBuf>,
+    /// Where the tc program goes: names, or prefixes ending in `*`.
     pub interfaces: Vec<String>,
+    /// Where the XDP program goes, likewise.
+    pub uplinks: Vec<String>,
+    pub xdp_mode: XdpMode,
     pub bpffs: PathBuf,
     pub pin_dir: PathBuf,
     pub poll_interval: Duration,
-    pub timeouts: Config,
+    /// Timeouts and the SNAT port range; the agent fills in the SNAT address.
+    pub config: Config,
 }
 
 /// Runs until SIGINT or SIGTERM, then detaches and removes its pins.
 pub async fn run(settings: Settings) -> Result<()> {
-    let (mut datapath, mut maps) = Datapath::load(&settings.bpffs, &settings.pin_dir)?;
-    maps.write_config(&settings.timeouts)?;
+    let (mut datapath, maps) = Datapath::load(&settings.bpffs, &settings.pin_dir)?;
     let source = Manifests::new(settings.manifests.clone());
-    let mut syncer = Syncer::default();
+    let mut syncer = Syncer {
+        maps,
+        config: None,
+        base_config: settings.config,
+        ids: Ids::default(),
+        programmed: MapEntries::default(),
+        generation: 0,
+    };
     let mut fingerprint = None;
     let mut ready = false;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -39,11 +51,14 @@ pub async fn run(settings: Settings) -> Result<()> {
     loop {
         let now = source.fingerprint();
         if fingerprint.as_ref() != Some(&now) {
-            syncer.sync(&source, &settings.node, &mut maps);
+            syncer.sync(&source, &settings.node);
             fingerprint = Some(now);
         }
         // After the first sync, so that no packet meets half-written maps.
-        match datapath.attach_interfaces(&settings.interfaces) {
+        let attached = datapath
+            .attach_interfaces(&settings.interfaces)
+            .and_then(|()| datapath.attach_uplinks(&settings.uplinks, settings.xdp_mode));
+        match attached {
             Ok(()) if !ready => {
                 ready = true;
                 info!("ready: maps programmed and interfaces attached");
@@ -62,19 +77,23 @@ pub async fn run(settings: Settings) -> Result<()> {
 }
 
 /// What has been written to the maps, so that each sync writes only the difference.
-#[derive(Default)]
 struct Syncer {
+    maps: KernelMaps,
+    /// The config last written.
+    config: Option<Config>,
+    base_config: Config,
     ids: Ids,
     programmed: MapEntries,
     generation: u64,
 }
 
 impl Syncer {
-    fn sync(&mut self, source: &Manifests, node: &model::NodeConfig, maps: &mut KernelMaps) {
+    fn sync(&mut self, source: &Manifests, node: &model::NodeConfig) {
         let (objects, mut skipped) = source.load();
-        let (frontends, more) = model::compute(&objects, node);
-        skipped.extend(more);
-        let (desired, more) = plan::entries(&mut self.ids, &frontends);
+        let computed = model::compute(&objects, node);
+        skipped.extend(computed.skipped);
+        self.write_config(computed.node_addresses.first().copied());
+        let (desired, more) = plan::entries(&mut self.ids, &computed.frontends, &node.name);
         skipped.extend(more);
         for s in &skipped {
             warn!("skipped {s}");
@@ -82,7 +101,7 @@ impl Syncer {
         let ops = plan::diff(&self.programmed, &desired);
         let mut failed = 0;
         for op in &ops {
-            match maps.apply(op) {
+            match self.maps.apply(op) {
                 // Track what the kernel really holds, so the next sync retries what failed.
                 Ok(()) => self.programmed.apply(op),
                 Err(e) => {
@@ -101,5 +120,23 @@ impl Syncer {
             skipped = skipped.len(),
             "synced"
         );
+    }
+
+    /// Writes the datapath's config when it changes: the SNAT address follows the Node's.
+    fn write_config(&mut self, snat_address: Option<Ipv4Addr>) {
+        let config = Config {
+            snat_addr_be: snat_address.map_or(0, |a| u32::from(a).to_be()),
+            ..self.base_config
+        };
+        if self.config == Some(config) {
+            return;
+        }
+        match self.maps.write_config(&config) {
+            Ok(()) => {
+                info!(snat_address = ?snat_address, "datapath config written");
+                self.config = Some(config);
+            }
+            Err(e) => error!("{e:#}"),
+        }
     }
 }

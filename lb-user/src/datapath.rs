@@ -12,8 +12,9 @@ use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         tc::{SchedClassifierLinkId, TcAttachOptions},
+        xdp::XdpLinkId,
     },
 };
 use lb_common::maps;
@@ -23,8 +24,9 @@ use crate::maps::KernelMaps;
 
 /// The compiled datapath, built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
-/// The tc program's name in [`OBJECT`].
-const PROGRAM: &str = "lb_tc";
+/// The programs' names in [`OBJECT`]: tc on pod-facing interfaces, XDP on uplinks.
+const TC_PROGRAM: &str = "lb_tc";
+const XDP_PROGRAM: &str = "lb_xdp";
 const BPFFS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Where an instance pins its maps: one directory per agent instance.
@@ -36,6 +38,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     attached: BTreeMap<String, SchedClassifierLinkId>,
+    uplinks: BTreeMap<String, XdpLinkId>,
 }
 
 impl Datapath {
@@ -57,16 +60,22 @@ impl Datapath {
                 bail!("the eBPF object has no map {name}: lb-common and lb-ebpf disagree");
             }
         }
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(PROGRAM)
-            .with_context(|| format!("the eBPF object has no program {PROGRAM}"))?
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(TC_PROGRAM)
+            .with_context(|| format!("the eBPF object has no program {TC_PROGRAM}"))?
             .try_into()?;
-        program.load().context("loading the tc program")?;
+        tc.load().context("loading the tc program")?;
+        let xdp: &mut Xdp = ebpf
+            .program_mut(XDP_PROGRAM)
+            .with_context(|| format!("the eBPF object has no program {XDP_PROGRAM}"))?
+            .try_into()?;
+        xdp.load().context("loading the XDP program")?;
         let maps = KernelMaps::take(&mut ebpf)?;
         let datapath = Self {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             attached: BTreeMap::new(),
+            uplinks: BTreeMap::new(),
         };
         Ok((datapath, maps))
     }
@@ -78,7 +87,7 @@ impl Datapath {
         self.attached.retain(|name, _| present.contains(name));
         let program: &mut SchedClassifier = self
             .ebpf
-            .program_mut(PROGRAM)
+            .program_mut(TC_PROGRAM)
             .context("program vanished")?
             .try_into()?;
         for name in present {
@@ -95,6 +104,28 @@ impl Datapath {
                 .with_context(|| format!("attaching to {name} (tcx ingress)"))?;
             info!(interface = %name, "attached");
             self.attached.insert(name, link);
+        }
+        Ok(())
+    }
+
+    /// Attaches the XDP program to every uplink matching `patterns` not attached yet, in `mode`.
+    pub fn attach_uplinks(&mut self, patterns: &[String], mode: XdpMode) -> Result<()> {
+        let present = interfaces()?;
+        self.uplinks.retain(|name, _| present.contains(name));
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(XDP_PROGRAM)
+            .context("program vanished")?
+            .try_into()?;
+        for name in present {
+            if self.uplinks.contains_key(&name) || !patterns.iter().any(|p| matches(p, &name)) {
+                continue;
+            }
+            let link = program
+                .attach(&name, mode)
+                .with_context(|| format!("attaching to {name} (XDP, {mode:?})"))?;
+            info!(interface = %name, ?mode, "attached XDP");
+            self.uplinks.insert(name, link);
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
 use std::{io::IsTerminal as _, net::Ipv4Addr, ops::RangeInclusive, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result};
+use aya::programs::XdpMode;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::maps::Config;
 use lb_user::{agent, datapath, maps::KernelMaps, model, sources::manifests::Manifests};
@@ -41,9 +42,18 @@ struct RunArgs {
     manifests: Vec<PathBuf>,
     #[command(flatten)]
     node: NodeArgs,
-    /// Pod-facing interfaces to attach to: names, or prefixes ending in `*`.
+    /// Pod-facing interfaces (tc): names, or prefixes ending in `*`.
     #[arg(long, required = true, value_delimiter = ',')]
     interfaces: Vec<String>,
+    /// Uplinks, where traffic from outside the node arrives (XDP): names or prefixes.
+    #[arg(long, value_delimiter = ',')]
+    uplinks: Vec<String>,
+    /// How XDP attaches: native (in the driver), generic (in the stack), or auto.
+    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
+    xdp_mode: XdpModeArg,
+    /// Source ports for SNAT to the node's address: outside the node's ephemeral range.
+    #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
+    snat_ports: RangeInclusive<u16>,
     #[command(flatten)]
     instance: InstanceArgs,
     /// How often to look for changed manifests and new interfaces, in milliseconds.
@@ -106,6 +116,23 @@ struct PlanArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum XdpModeArg {
+    Auto,
+    Native,
+    Generic,
+}
+
+impl From<XdpModeArg> for XdpMode {
+    fn from(mode: XdpModeArg) -> Self {
+        match mode {
+            XdpModeArg::Auto => Self::Default,
+            XdpModeArg::Native => Self::Driver,
+            XdpModeArg::Generic => Self::Skb,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum Output {
     Text,
     Json,
@@ -138,13 +165,18 @@ async fn run(args: RunArgs) -> Result<()> {
         node: args.node.config(),
         manifests: args.manifests,
         interfaces: args.interfaces,
+        uplinks: args.uplinks,
+        xdp_mode: args.xdp_mode.into(),
         pin_dir: datapath::pin_dir(&args.instance.bpffs, &args.instance.instance),
         bpffs: args.instance.bpffs,
         poll_interval: Duration::from_millis(args.poll_interval_ms),
-        timeouts: Config {
+        config: Config {
             tcp_open_timeout_ns: secs(args.tcp_timeout_secs),
             tcp_closing_timeout_ns: secs(args.tcp_closing_timeout_secs),
             udp_timeout_ns: secs(args.udp_timeout_secs),
+            snat_addr_be: 0,
+            snat_port_min: *args.snat_ports.start(),
+            snat_port_max: *args.snat_ports.end(),
         },
     })
     .await
@@ -152,8 +184,9 @@ async fn run(args: RunArgs) -> Result<()> {
 
 fn plan(args: &PlanArgs) -> Result<()> {
     let (objects, mut skipped) = Manifests::new(args.manifests.clone()).load();
-    let (frontends, more) = model::compute(&objects, &args.node.config());
-    skipped.extend(more);
+    let desired = model::compute(&objects, &args.node.config());
+    skipped.extend(desired.skipped);
+    let frontends = desired.frontends;
     match args.output {
         Output::Json => {
             let output = PlanOutput {
@@ -205,14 +238,16 @@ fn dump(args: &InstanceArgs) -> Result<()> {
     let s = maps.stats()?;
     println!(
         "STATS: forwarded={} replied={} new_flows={} reselected={} dropped_no_backend={} \
-         rejected_no_backend={} dropped_error={}",
+         rejected_no_backend={} dropped_error={} snat_flows={} dropped_no_snat={}",
         s.forwarded,
         s.replied,
         s.new_flows,
         s.reselected,
         s.dropped_no_backend,
         s.rejected_no_backend,
-        s.dropped_error
+        s.dropped_error,
+        s.snat_flows,
+        s.dropped_no_snat
     );
     Ok(())
 }

@@ -107,6 +107,8 @@ impl KernelMaps {
             reselected: sum.reselected + s.reselected,
             dropped_no_backend: sum.dropped_no_backend + s.dropped_no_backend,
             rejected_no_backend: sum.rejected_no_backend + s.rejected_no_backend,
+            snat_flows: sum.snat_flows + s.snat_flows,
+            dropped_no_snat: sum.dropped_no_snat + s.dropped_no_snat,
             dropped_error: sum.dropped_error + s.dropped_error,
         }))
     }

@@ -58,9 +58,10 @@ fn run_case(path: &Path) -> Result<(), String> {
         .lines()
         .find_map(|l| l.strip_prefix("# node: "))
         .unwrap_or("lab-node");
-    let (frontends, more) = model::compute(&objects, &model::NodeConfig::new(node.trim()));
-    skipped.extend(more);
-    let (entries, more) = plan::entries(&mut Ids::default(), &frontends);
+    let node = node.trim();
+    let desired = model::compute(&objects, &model::NodeConfig::new(node));
+    skipped.extend(desired.skipped);
+    let (entries, more) = plan::entries(&mut Ids::default(), &desired.frontends, node);
     skipped.extend(more);
     let actual_maps = entries.dump();
     let actual_skipped: String = skipped.iter().map(|s| format!("{s}\n")).collect();

@@ -12,19 +12,14 @@ use super::{
     topology::{self, Candidate, Selection, Topology},
 };
 
-/// The frontends of `cluster` on `node`, sorted by address, port, protocol and scope.
-pub fn frontends(cluster: &Cluster, node: &NodeConfig) -> (Vec<Frontend>, Vec<Skipped>) {
+/// The frontends of `cluster` on `node`, whose NodePorts listen on `node_ips`, sorted by
+/// address, port, protocol and scope.
+pub fn frontends(
+    cluster: &Cluster,
+    node: &NodeConfig,
+    node_ips: &[Ipv4Addr],
+) -> (Vec<Frontend>, Vec<Skipped>) {
     let topology = Topology::new(&node.name, &cluster.nodes);
-    let node_ips = if node.addresses.is_empty() {
-        cluster
-            .nodes
-            .iter()
-            .find(|n| n.name == node.name)
-            .map(|n| n.addresses.clone())
-            .unwrap_or_default()
-    } else {
-        node.addresses.clone()
-    };
     let mut services: Vec<&Service> = cluster.services.iter().collect();
     services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
@@ -339,6 +334,17 @@ mod tests {
         }
     }
 
+    /// `frontends` with the node's addresses as the agent finds them.
+    fn run(cluster: &Cluster, node: &NodeConfig) -> (Vec<Frontend>, Vec<Skipped>) {
+        let node_ips = if node.addresses.is_empty() {
+            let own = cluster.nodes.iter().find(|n| n.name == node.name);
+            own.map(|n| n.addresses.clone()).unwrap_or_default()
+        } else {
+            node.addresses.clone()
+        };
+        super::frontends(cluster, node, &node_ips)
+    }
+
     /// The frontend `kind` from `scope` on `node`: its backends' last octets, its rule, and
     /// what it does when empty.
     fn frontend_of(
@@ -347,7 +353,7 @@ mod tests {
         kind: FrontendKind,
         scope: Scope,
     ) -> (Vec<u8>, String, WhenEmpty) {
-        let (frontends, skipped) = frontends(cluster, &NodeConfig::new(node));
+        let (frontends, skipped) = run(cluster, &NodeConfig::new(node));
         assert!(skipped.is_empty(), "{skipped:?}");
         let fe = frontends
             .iter()
@@ -708,7 +714,7 @@ mod tests {
         svc.affinity_timeout = Some(60);
         let cluster = cluster(svc, vec![ep(1, "n1")]);
         let mut config = NodeConfig::new("n1");
-        let (frontends, skipped) = super::frontends(&cluster, &config);
+        let (frontends, skipped) = run(&cluster, &config);
         assert!(skipped.is_empty());
         let listed: Vec<String> = frontends
             .iter()
@@ -731,12 +737,12 @@ mod tests {
         // --node-ip replaces the Node's addresses; a nodePort out of range is reported.
         config.addresses = vec![Ipv4Addr::new(172, 31, 0, 1), Ipv4Addr::new(172, 31, 0, 2)];
         config.node_port_range = 31000..=31999;
-        let (frontends, skipped) = super::frontends(&cluster, &config);
+        let (frontends, skipped) = run(&cluster, &config);
         assert!(!frontends.iter().any(|f| f.kind == FrontendKind::NodePort));
         assert_eq!(skipped.len(), 1);
         assert_eq!(skipped[0].field, "spec.ports[http].nodePort");
         config.node_port_range = 30000..=32767;
-        let (frontends, _) = super::frontends(&cluster, &config);
+        let (frontends, _) = run(&cluster, &config);
         let node_ports: Vec<Ipv4Addr> = frontends
             .iter()
             .filter(|f| f.kind == FrontendKind::NodePort && f.scope == Scope::External)
@@ -751,7 +757,7 @@ mod tests {
         svc.kind = ServiceKind::LoadBalancer;
         svc.ports[0].node_port = Some(30080);
         let cluster = cluster(svc, vec![ep(1, "n1")]);
-        let (frontends, _) = super::frontends(&cluster, &NodeConfig::new("n1"));
+        let (frontends, _) = run(&cluster, &NodeConfig::new("n1"));
         assert!(frontends.iter().any(|f| f.kind == FrontendKind::NodePort));
         assert!(
             !frontends
@@ -784,11 +790,11 @@ mod tests {
         svc.ports[0].target_port = TargetPort::Number(8443);
         let mut cluster = cluster(svc, vec![ep(1, "n1")]);
         cluster.slices[0].ports[0].port = None;
-        let (frontends, _) = super::frontends(&cluster, &NodeConfig::new("n1"));
+        let (frontends, _) = run(&cluster, &NodeConfig::new("n1"));
         assert_eq!(frontends[0].backends[0].port, 8443);
 
         cluster.services[0].ports[0].target_port = TargetPort::Name("web".into());
-        let (frontends, skipped) = super::frontends(&cluster, &NodeConfig::new("n1"));
+        let (frontends, skipped) = run(&cluster, &NodeConfig::new("n1"));
         assert!(frontends[0].backends.is_empty());
         assert_eq!(skipped[0].field, "ports[http].port");
     }

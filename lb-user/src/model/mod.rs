@@ -281,11 +281,39 @@ impl fmt::Display for Algorithm {
     }
 }
 
-/// The frontends `objects` define for `node`, and everything left out on the way.
-pub fn compute(objects: &Objects, node: &NodeConfig) -> (Vec<Frontend>, Vec<Skipped>) {
+/// What this node should program.
+#[derive(Clone, Debug, Default)]
+pub struct Desired {
+    pub frontends: Vec<Frontend>,
+    /// Everything left out on the way, and why.
+    pub skipped: Vec<Skipped>,
+    /// The node's addresses: where NodePorts listen, the first is the SNAT address.
+    pub node_addresses: Vec<Ipv4Addr>,
+}
+
+/// What `objects` define for `node`.
+pub fn compute(objects: &Objects, node: &NodeConfig) -> Desired {
     let (cluster, mut skipped) = cluster(objects);
-    let (frontends, more) = frontends(&cluster, node);
+    let node_addresses = node_addresses(&cluster, node);
+    let (frontends, more) = frontends(&cluster, node, &node_addresses);
     skipped.extend(more);
     skipped.sort();
-    (frontends, skipped)
+    Desired {
+        frontends,
+        skipped,
+        node_addresses,
+    }
+}
+
+/// `--node-ip`, or else the Node's InternalIP and ExternalIP addresses.
+fn node_addresses(cluster: &Cluster, node: &NodeConfig) -> Vec<Ipv4Addr> {
+    if !node.addresses.is_empty() {
+        return node.addresses.clone();
+    }
+    cluster
+        .nodes
+        .iter()
+        .find(|n| n.name == node.name)
+        .map(|n| n.addresses.clone())
+        .unwrap_or_default()
 }

@@ -9,8 +9,9 @@ use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 pub use diff::{Op, diff};
 pub use ids::Ids;
 use lb_common::maps::{
-    ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_HASH, Backend, FRONTEND_REJECT_WHEN_EMPTY, Frontend,
-    FrontendKey, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, Slot, SlotKey,
+    ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_HASH, BACKEND_LOCAL, Backend,
+    FRONTEND_REJECT_WHEN_EMPTY, Frontend, FrontendKey, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, Slot, SlotKey,
 };
 
 use crate::model::{self, Algorithm, Protocol, Scope, Skipped, WhenEmpty};
@@ -24,8 +25,12 @@ pub struct MapEntries {
     pub backends: BTreeMap<u32, Backend>,
 }
 
-/// The map entries for `frontends`, naming services and backends with `ids`.
-pub fn entries(ids: &mut Ids, frontends: &[model::Frontend]) -> (MapEntries, Vec<Skipped>) {
+/// The map entries for `frontends` on node `node`, naming services and backends with `ids`.
+pub fn entries(
+    ids: &mut Ids,
+    frontends: &[model::Frontend],
+    node: &str,
+) -> (MapEntries, Vec<Skipped>) {
     let mut skipped = Vec::new();
     let mut wanted = Vec::new();
     for frontend in frontends {
@@ -38,7 +43,7 @@ pub fn entries(ids: &mut Ids, frontends: &[model::Frontend]) -> (MapEntries, Vec
         let backends: Vec<Backend> = frontend
             .backends
             .iter()
-            .map(|b| backend(b.address, b.port, frontend.protocol))
+            .map(|b| backend(b, frontend.protocol, node))
             .collect();
         let Ok(backend_count) = u16::try_from(backends.len()) else {
             skipped.push(Skipped::new(
@@ -108,12 +113,16 @@ pub fn frontend_key(address: Ipv4Addr, port: u16, protocol: Protocol, scope: Sco
     }
 }
 
-fn backend(address: Ipv4Addr, port: u16, protocol: Protocol) -> Backend {
+fn backend(backend: &model::Backend, protocol: Protocol, node: &str) -> Backend {
     Backend {
-        addr_be: u32::from(address).to_be(),
-        port_be: port.to_be(),
+        addr_be: u32::from(backend.address).to_be(),
+        port_be: backend.port.to_be(),
         protocol: protocol_number(protocol),
-        _pad: 0,
+        flags: if backend.node.as_deref() == Some(node) {
+            BACKEND_LOCAL
+        } else {
+            0
+        },
     }
 }
 
@@ -165,8 +174,13 @@ impl MapEntries {
             ));
         }
         for (id, be) in &self.backends {
+            let local = if be.flags & BACKEND_LOCAL != 0 {
+                " LOCAL"
+            } else {
+                ""
+            };
             lines.push(format!(
-                "BE: ID={id} ADDR={}",
+                "BE: ID={id} ADDR={}{local}",
                 endpoint(be.addr_be, be.port_be, be.protocol)
             ));
         }
@@ -227,7 +241,7 @@ mod tests {
                 .map(|&(address, port)| model::Backend {
                     address,
                     port,
-                    node: None,
+                    node: Some("node-a".into()),
                     zone: None,
                 })
                 .collect(),
@@ -243,6 +257,7 @@ mod tests {
         let (entries, skipped) = entries(
             &mut Ids::default(),
             &[frontend(Algorithm::SourceHash, &backends)],
+            "node-a",
         );
         assert!(skipped.is_empty());
         let (key, value) = entries.frontends.iter().next().unwrap();
@@ -263,7 +278,7 @@ mod tests {
         );
         assert_eq!(
             bytes(&entries.backends[&1]),
-            [10, 244, 0, 11, 0x1f, 0x90, PROTO_TCP, 0]
+            [10, 244, 0, 11, 0x1f, 0x90, PROTO_TCP, BACKEND_LOCAL]
         );
         let slots: Vec<(u32, u32, u32)> = entries
             .slots
@@ -275,7 +290,11 @@ mod tests {
 
     #[test]
     fn a_frontend_without_backends_is_programmed_with_count_zero() {
-        let (entries, _) = entries(&mut Ids::default(), &[frontend(Algorithm::RoundRobin, &[])]);
+        let (entries, _) = entries(
+            &mut Ids::default(),
+            &[frontend(Algorithm::RoundRobin, &[])],
+            "node-a",
+        );
         assert_eq!(
             entries.dump(),
             "FE: ADDR=10.96.0.10:80/TCP SCOPE=internal ID=1 COUNT=0 ALG=round-robin EMPTY=reject\n"

@@ -1,0 +1,50 @@
+//! SNAT ports: a flow from outside the node to a backend elsewhere leaves with the node's
+//! address and a port of the configured range, so that the backend's replies come back through
+//! this node. A port is free when no live reply entry holds it for that backend.
+
+use lb_common::maps::{Backend, Config, FlowKey, Reply};
+
+use crate::{conntrack::is_live, maps::REPLIES, select::mix32};
+
+/// Ports tried before the flow is dropped.
+const TRIES: u32 = 8;
+const BPF_NOEXIST: u64 = 1;
+
+/// Records `reply` under a free SNAT port of the node's address for `backend`; the port, in
+/// network order.
+#[inline(always)]
+pub fn allocate(
+    config: &Config,
+    backend: &Backend,
+    client: &FlowKey,
+    reply: &Reply,
+    now: u64,
+) -> Option<u16> {
+    if config.snat_addr_be == 0 || config.snat_port_max < config.snat_port_min {
+        return None;
+    }
+    let range = u32::from(config.snat_port_max - config.snat_port_min) + 1;
+    let start = mix32(client.src_addr_be ^ u32::from(client.src_port_be));
+    let mut key = FlowKey {
+        src_addr_be: backend.addr_be,
+        dst_addr_be: config.snat_addr_be,
+        src_port_be: backend.port_be,
+        dst_port_be: 0,
+        protocol: backend.protocol,
+        _pad: [0; 3],
+    };
+    for i in 0..TRIES {
+        let port = config.snat_port_min as u32 + (start.wrapping_add(i) % range);
+        key.dst_port_be = (port as u16).to_be();
+        if REPLIES.insert(key, reply, BPF_NOEXIST).is_ok() {
+            return Some(key.dst_port_be);
+        }
+        // Taken; an entry that idled out may be replaced.
+        let stale = unsafe { REPLIES.get(key) }
+            .is_some_and(|r| !is_live(config, key.protocol, r.state, r.last_seen_ns, now));
+        if stale && REPLIES.insert(key, reply, 0).is_ok() {
+            return Some(key.dst_port_be);
+        }
+    }
+    None
+}
