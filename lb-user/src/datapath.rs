@@ -102,6 +102,7 @@ impl Datapath {
                     TcAttachOptions::TcxOrder(LinkOrder::first()),
                 )
                 .with_context(|| format!("attaching to {name} (tcx ingress)"))?;
+            accept_local(&name)?;
             info!(interface = %name, "attached");
             self.attached.insert(name, link);
         }
@@ -124,6 +125,7 @@ impl Datapath {
             let link = program
                 .attach(&name, mode)
                 .with_context(|| format!("attaching to {name} (XDP, {mode:?})"))?;
+            accept_local(&name)?;
             info!(interface = %name, ?mode, "attached XDP");
             self.uplinks.insert(name, link);
         }
@@ -136,6 +138,13 @@ impl Datapath {
         drop(ebpf);
         remove_pins(&pin_dir)
     }
+}
+
+/// Replies rewritten to a NodePort carry one of the node's own addresses as their source; the
+/// kernel drops such packets as martians unless the interface accepts them.
+fn accept_local(interface: &str) -> Result<()> {
+    let path = format!("/proc/sys/net/ipv4/conf/{interface}/accept_local");
+    fs::write(&path, "1").with_context(|| format!("writing {path}"))
 }
 
 fn matches(pattern: &str, name: &str) -> bool {

@@ -19,6 +19,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
+pub mod cluster;
+
 /// The node name in `deploy/examples`.
 pub const NODE_NAME: &str = "lab-node";
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
@@ -30,9 +32,9 @@ pub const BACKENDS: [(&str, Ipv4Addr); 3] = [
 ];
 /// The gateway every pod routes through; the node answers for it on each pod's veth.
 const GATEWAY: &str = "169.254.1.1";
-const BPFFS: &str = "/sys/fs/bpf";
-const WAIT: Duration = Duration::from_secs(20);
-const POLL: Duration = Duration::from_millis(50);
+pub(crate) const BPFFS: &str = "/sys/fs/bpf";
+pub(crate) const WAIT: Duration = Duration::from_secs(20);
+pub(crate) const POLL: Duration = Duration::from_millis(50);
 
 /// The workspace's root directory.
 pub fn workspace_root() -> PathBuf {
@@ -43,7 +45,7 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// A built binary: from `$var`, set by `cargo xtask`.
-fn binary(var: &str) -> Result<PathBuf> {
+pub(crate) fn binary(var: &str) -> Result<PathBuf> {
     let path = env::var_os(var)
         .map(PathBuf::from)
         .with_context(|| format!("{var} is not set: run the lab through `cargo xtask`"))?;
@@ -74,16 +76,7 @@ impl Lab {
     /// Builds the lab; `tag` makes its names unique (with the process id).
     pub fn up(tag: &str) -> Result<Self> {
         let prefix = format!("lb{}-{tag}", std::process::id());
-        let manifests = tempfile::tempdir()?;
-        for entry in fs::read_dir(workspace_root().join("deploy/examples"))? {
-            let path = entry?.path();
-            fs::copy(
-                &path,
-                manifests
-                    .path()
-                    .join(path.file_name().context("file name")?),
-            )?;
-        }
+        let manifests = copy_manifests("deploy/examples")?;
         let pod = |name: &str, ip| Pod {
             name: name.to_string(),
             namespace: format!("{prefix}-{name}"),
@@ -131,71 +124,14 @@ impl Lab {
             .collect();
         for (index, (name, namespace, ip)) in pods.into_iter().enumerate() {
             self.add_namespace(&namespace)?;
-            let host_if = format!("v-{name}");
-            let host_mac = format!("02:00:00:00:01:{index:02x}");
-            let pod_mac = format!("02:00:00:00:02:{index:02x}");
-            let ip = ip.to_string();
-            let node_ip =
-                |args: &[&str]| run(Command::new("ip").args(["-n", node.as_str()]).args(args));
-            let pod_ip = |args: &[&str]| {
-                run(Command::new("ip")
-                    .args(["-n", namespace.as_str()])
-                    .args(args))
-            };
-            node_ip(&[
-                "link", "add", &host_if, "address", &host_mac, "type", "veth", "peer", "name",
-                "eth0", "netns", &namespace, "address", &pod_mac,
-            ])?;
-            node_ip(&["link", "set", &host_if, "up"])?;
-            node_ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if])?;
-            node_ip(&[
-                "neigh",
-                "add",
-                &ip,
-                "lladdr",
-                &pod_mac,
-                "dev",
-                &host_if,
-                "nud",
-                "permanent",
-            ])?;
-            pod_ip(&["link", "set", "eth0", "up"])?;
-            pod_ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
-            pod_ip(&["route", "add", GATEWAY, "dev", "eth0"])?;
-            pod_ip(&["route", "add", "default", "via", GATEWAY, "dev", "eth0"])?;
-            pod_ip(&[
-                "neigh",
-                "add",
-                GATEWAY,
-                "lladdr",
-                &host_mac,
-                "dev",
-                "eth0",
-                "nud",
-                "permanent",
-            ])?;
+            wire_pod(&node, &name, &namespace, ip, index)?;
         }
         Ok(())
     }
 
     fn start_servers(&mut self, demoapp: &Path) -> Result<()> {
-        let backends: Vec<(String, String)> = self
-            .backends
-            .iter()
-            .map(|p| (p.name.clone(), p.namespace.clone()))
-            .collect();
-        for (name, namespace) in backends {
-            let mut child = Command::new("ip")
-                .args(["netns", "exec", &namespace])
-                .arg(demoapp)
-                .arg(&name)
-                .stdout(Stdio::piped())
-                .spawn()
-                .context("starting demoapp")?;
-            let stdout = child.stdout.take().context("demoapp stdout")?;
-            self.servers.push(child);
-            let line = read_line_within(stdout, WAIT)?;
-            ensure!(line.trim() == "ready", "demoapp {name} said {line:?}");
+        for pod in &self.backends {
+            start_server(demoapp, &pod.name, &pod.namespace, &mut self.servers)?;
         }
         Ok(())
     }
@@ -302,21 +238,8 @@ impl Lab {
             Some(port) => format!("UDP4:{address},sourceport={port},reuseaddr"),
             None => format!("UDP4:{address}"),
         };
-        let mut child = self
-            // `-t 1`: after sending, wait one second for the answer, not socat's default.
-            .in_client(&["socat", "-t", "1", "-T", "1", "-", &target])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        child.stdin.take().context("stdin")?.write_all(b"query\n")?;
-        let out = wait_output(child, Duration::from_secs(10))?;
-        ensure!(
-            out.status.success(),
-            "socat failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8(out.stdout)?)
+        // `-t 1`: after sending, wait one second for the answer, not socat's default.
+        udp_query(self.in_client(&["socat", "-t", "1", "-T", "1", "-", &target]))
     }
 
     /// A long-lived TCP connection from the client, through `socat`.
@@ -368,26 +291,135 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        if let Some(mut agent) = self.agent.take() {
-            // SIGTERM lets the agent detach and unpin; SIGKILL if it does not within 5 s.
-            unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-            if wait_within(&mut agent, Duration::from_secs(5)).is_none() {
-                let _ = agent.kill();
-                let _ = agent.wait();
-            }
+        if let Some(agent) = self.agent.take() {
+            stop_agent(agent);
         }
-        for mut server in self.servers.drain(..) {
-            let _ = server.kill();
-            let _ = server.wait();
-        }
-        for namespace in self.namespaces.drain(..).rev() {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &namespace])
-                .status();
-        }
+        tear_down(&mut self.servers, &mut self.namespaces);
         let _ = fs::remove_dir_all(Path::new(BPFFS).join("lb").join(&self.prefix));
         let _ = fs::remove_file(self.agent_log());
     }
+}
+
+/// A temporary copy of a manifest directory of the workspace, for an agent to watch and a
+/// test to edit.
+pub(crate) fn copy_manifests(dir: &str) -> Result<tempfile::TempDir> {
+    let copy = tempfile::tempdir()?;
+    for entry in fs::read_dir(workspace_root().join(dir))? {
+        let path = entry?.path();
+        let name = path.file_name().context("file name")?;
+        fs::copy(&path, copy.path().join(name))?;
+    }
+    Ok(copy)
+}
+
+/// SIGTERM lets an agent detach and unpin; SIGKILL if it does not within 5 s.
+pub(crate) fn stop_agent(mut agent: Child) {
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    if wait_within(&mut agent, Duration::from_secs(5)).is_none() {
+        let _ = agent.kill();
+        let _ = agent.wait();
+    }
+}
+
+/// Kills the servers and deletes the namespaces (their links go with them).
+pub(crate) fn tear_down(servers: &mut Vec<Child>, namespaces: &mut Vec<String>) {
+    for mut server in servers.drain(..) {
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+    for namespace in namespaces.drain(..).rev() {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &namespace])
+            .status();
+    }
+}
+
+/// Wires pod `name` (namespace `namespace`, address `ip`, the `index`th of its node) to node
+/// namespace `node` as a routed CNI does: a veth, a /32 route on the node, the pod's default
+/// route through a link-local gateway. Neighbours are static: nothing depends on ARP.
+pub(crate) fn wire_pod(
+    node: &str,
+    name: &str,
+    namespace: &str,
+    ip: Ipv4Addr,
+    index: usize,
+) -> Result<()> {
+    let host_if = format!("v-{name}");
+    let host_mac = format!("02:00:00:00:01:{index:02x}");
+    let pod_mac = format!("02:00:00:00:02:{index:02x}");
+    let ip = ip.to_string();
+    let node_ip = |args: &[&str]| run(Command::new("ip").args(["-n", node]).args(args));
+    let pod_ip = |args: &[&str]| run(Command::new("ip").args(["-n", namespace]).args(args));
+    node_ip(&[
+        "link", "add", &host_if, "address", &host_mac, "type", "veth", "peer", "name", "eth0",
+        "netns", namespace, "address", &pod_mac,
+    ])?;
+    node_ip(&["link", "set", &host_if, "up"])?;
+    node_ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if])?;
+    node_ip(&[
+        "neigh",
+        "add",
+        &ip,
+        "lladdr",
+        &pod_mac,
+        "dev",
+        &host_if,
+        "nud",
+        "permanent",
+    ])?;
+    pod_ip(&["link", "set", "eth0", "up"])?;
+    pod_ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+    pod_ip(&["route", "add", GATEWAY, "dev", "eth0"])?;
+    pod_ip(&["route", "add", "default", "via", GATEWAY, "dev", "eth0"])?;
+    pod_ip(&[
+        "neigh",
+        "add",
+        GATEWAY,
+        "lladdr",
+        &host_mac,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ])
+}
+
+/// Sends one datagram through `socat` (the command, ready to run); the answer.
+pub fn udp_query(mut socat: Command) -> Result<String> {
+    let mut child = socat
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child.stdin.take().context("stdin")?.write_all(b"query\n")?;
+    let out = wait_output(child, Duration::from_secs(10))?;
+    ensure!(
+        out.status.success(),
+        "socat failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Starts `demoapp` in a pod and waits until it listens.
+pub(crate) fn start_server(
+    demoapp: &Path,
+    name: &str,
+    namespace: &str,
+    servers: &mut Vec<Child>,
+) -> Result<()> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", namespace])
+        .arg(demoapp)
+        .arg(name)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting demoapp")?;
+    let stdout = child.stdout.take().context("demoapp stdout")?;
+    servers.push(child);
+    let line = read_line_within(stdout, WAIT)?;
+    ensure!(line.trim() == "ready", "demoapp {name} said {line:?}");
+    Ok(())
 }
 
 /// A TCP connection held open by `socat` in the client.
@@ -430,7 +462,7 @@ pub fn client_of(answer: &str) -> Option<&str> {
         .find_map(|w| w.strip_prefix("client="))
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     output(cmd).map(drop)
 }
 
@@ -452,7 +484,7 @@ pub fn output(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
-fn wait_output(mut child: Child, limit: Duration) -> Result<Output> {
+pub(crate) fn wait_output(mut child: Child, limit: Duration) -> Result<Output> {
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     let reader = thread::spawn(move || {
@@ -479,7 +511,7 @@ fn wait_output(mut child: Child, limit: Duration) -> Result<Output> {
     })
 }
 
-fn wait_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+pub(crate) fn wait_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
     let start = Instant::now();
     while start.elapsed() < limit {
         if let Ok(Some(status)) = child.try_wait() {

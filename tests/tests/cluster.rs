@@ -1,0 +1,113 @@
+//! Kernel-level tests on the multi-node lab (`lb_tests::cluster`): traffic from outside the
+//! cluster through XDP on the nodes' uplinks, in generic and in native mode, and topology.
+
+use std::collections::BTreeSet;
+
+use lb_tests::{client_of, cluster::ClusterLab, pod_of};
+
+const MODES: [&str; 2] = ["generic", "native"];
+
+fn curl(lab: &ClusterLab, from: &str, url: &str) -> String {
+    let command = ["curl", "-sS", "--max-time", "5", url];
+    let cmd = if from == "outside" {
+        lab.outside(&command)
+    } else {
+        lab.in_pod(from, &command)
+    };
+    lab.curl(cmd)
+        .unwrap_or_else(|e| panic!("curl {url} from {from}: {e:#}\n{}", lab.logs()))
+}
+
+fn udp_pods(lab: &ClusterLab, from: &str, n: usize) -> BTreeSet<String> {
+    (0..n)
+        .map(|_| {
+            let socat = lab.in_pod(
+                from,
+                &["socat", "-t", "1", "-T", "1", "-", "UDP4:10.96.0.10:53"],
+            );
+            let answer = lb_tests::udp_query(socat).unwrap_or_else(|e| format!("{e:#}"));
+            pod_of(&answer)
+                .unwrap_or_else(|| panic!("no DNS answer from {from}: {answer:?}\n{}", lab.logs()))
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn topology_keys_prefer_the_local_endpoint_then_any() {
+    let lab = ClusterLab::up("topo", "generic").expect("cluster lab");
+    assert_eq!(
+        udp_pods(&lab, "client-b", 4),
+        BTreeSet::from(["b1".to_string()]),
+        "node-b has a local endpoint: only it"
+    );
+    assert_eq!(
+        udp_pods(&lab, "client-a", 6),
+        BTreeSet::from(["b1".to_string(), "c1".to_string()]),
+        "node-a has none, nor its zone: every endpoint"
+    );
+}
+
+fn node_ports(mode: &str) {
+    let lab = ClusterLab::up(&format!("np{}", &mode[..3]), mode).expect("cluster lab");
+
+    // externalTrafficPolicy Cluster: through node-a to b1 on node-b, SNATed to node-a.
+    let via_a = curl(&lab, "outside", "http://10.0.0.1:30080/");
+    assert_eq!(pod_of(&via_a), Some("b1"), "{via_a}");
+    let seen = client_of(&via_a).unwrap();
+    assert!(
+        seen.starts_with("10.0.0.1:6"),
+        "SNATed to node-a's SNAT ports: {seen}"
+    );
+    // Through node-b, b1 is local: the client's own address.
+    let via_b = curl(&lab, "outside", "http://10.0.0.2:30080/");
+    assert_eq!(pod_of(&via_b), Some("b1"), "{via_b}");
+    assert!(
+        client_of(&via_b).unwrap().starts_with("10.0.0.100:"),
+        "{via_b}"
+    );
+
+    // externalTrafficPolicy Local: node-b serves, keeping the client's address; node-a drops.
+    let local = curl(&lab, "outside", "http://10.0.0.2:30081/");
+    assert!(
+        client_of(&local).unwrap().starts_with("10.0.0.100:"),
+        "{local}"
+    );
+    let dropped =
+        lab.curl(lab.outside(&["curl", "-sS", "--max-time", "2", "http://10.0.0.1:30081/"]));
+    assert!(
+        dropped.is_err(),
+        "node-a has no local endpoint: {dropped:?}"
+    );
+    let dump = lab.dump("node-a").unwrap();
+    assert!(
+        !dump.contains("dropped_no_backend=0 "),
+        "the drop is counted:\n{dump}"
+    );
+
+    // An external IP routed to node-a, served by c1 on node-c; a load-balancer IP routed to
+    // node-b, served by a1 on node-a.
+    let external = curl(&lab, "outside", "http://203.0.113.10/");
+    assert_eq!(pod_of(&external), Some("c1"), "{external}");
+    let balanced = curl(&lab, "outside", "http://203.0.113.20/");
+    assert_eq!(pod_of(&balanced), Some("a1"), "{balanced}");
+
+    // A pod on node-a reaching a ClusterIP served on node-b: the reply is reverse-NATed by
+    // node-a's uplink program.
+    let inside = curl(&lab, "client-a", "http://10.96.0.80/");
+    assert_eq!(pod_of(&inside), Some("b1"), "{inside}");
+    assert!(
+        client_of(&inside).unwrap().starts_with("10.244.1.2:"),
+        "{inside}"
+    );
+}
+
+#[test]
+fn node_ports_external_ips_and_load_balancer_ips_xdp_generic() {
+    node_ports(MODES[0]);
+}
+
+#[test]
+fn node_ports_external_ips_and_load_balancer_ips_xdp_native() {
+    node_ports(MODES[1]);
+}
