@@ -232,6 +232,28 @@ impl Lab {
         output(&mut self.in_client(&["curl", "-sS", "--max-time", "5", url]))
     }
 
+    /// `curl` from a backend pod; the body.
+    pub fn curl_from(&self, pod: &str, url: &str) -> Result<String> {
+        let pod = self
+            .backends
+            .iter()
+            .find(|p| p.name == pod)
+            .with_context(|| format!("no pod {pod}"))?;
+        output(Command::new("ip").args([
+            "netns",
+            "exec",
+            &pod.namespace,
+            "taskset",
+            "-c",
+            "0",
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            url,
+        ]))
+    }
+
     /// One UDP datagram from the client with `socat`, from `source_port` if given; the answer.
     pub fn udp(&self, address: &str, source_port: Option<u16>) -> Result<String> {
         let target = match source_port {

@@ -337,3 +337,73 @@ fn session_affinity_keeps_a_client_on_its_backend_until_the_timeout() {
     let after = curl_pods(&lab, "http://10.96.0.12/", 1);
     assert_ne!(after[0], pods[0], "after the timeout, round robin moves on");
 }
+
+#[test]
+fn a_backend_calling_its_own_service_reaches_every_backend_itself_included() {
+    let lab = lab("hairpin");
+    let (pod, ip) = BACKENDS[0];
+    let answers: Vec<String> = (0..6)
+        .map(|_| lab.curl_from(pod, HTTP_VIP).expect("hairpin curl"))
+        .collect();
+    let pods: Vec<String> = answers
+        .iter()
+        .map(|a| pod_of(a).unwrap().to_string())
+        .collect();
+    assert_eq!(counts(&pods).len(), 3, "{pods:?}");
+    for answer in &answers {
+        let client = client_of(answer).unwrap();
+        if pod_of(answer) == Some(pod) {
+            // Answering itself, the pod saw the call come from the VIP, so the answer went
+            // back through the node and was rewritten to the VIP for curl.
+            assert!(client.starts_with("10.96.0.10:"), "{answer}");
+        } else {
+            assert!(client.starts_with(&format!("{ip}:")), "{answer}");
+        }
+    }
+}
+
+#[test]
+fn with_no_ready_endpoint_the_serving_terminating_one_serves() {
+    let lab = lab("term");
+    let (survivor, survivor_ip) = BACKENDS[1];
+    lab.edit_manifest("demo.yaml", |t| {
+        let t = BACKENDS
+            .iter()
+            .fold(t, |t, (_, ip)| set_not_ready(&t, &ip.to_string()));
+        let marker = format!("- addresses: [{survivor_ip}]\n  conditions: {{ready: false, serving: true, terminating: false}}");
+        t.replace(
+            &marker,
+            &format!("- addresses: [{survivor_ip}]\n  conditions: {{ready: false, serving: true, terminating: true}}"),
+        )
+    })
+    .unwrap();
+    lab.wait_for_dump("one serving terminating backend", |d| {
+        backend_count(d, "10.96.0.10:80/TCP") == Some(1)
+    })
+    .unwrap();
+    let pods = curl_pods(&lab, HTTP_VIP, 4);
+    assert!(pods.iter().all(|p| p == survivor), "{pods:?}");
+}
+
+#[test]
+fn a_service_without_a_selector_uses_hand_made_endpoints() {
+    let lab = lab("manual");
+    let (pod, ip) = BACKENDS[2];
+    lab.add_manifest(
+        "external-db.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: external-db}}\nspec:\n  \
+             clusterIP: 10.96.0.33\n  ports: [{{name: sql, port: 3306, targetPort: 9000}}]\n---\n\
+             apiVersion: v1\nkind: Endpoints\nmetadata: {{name: external-db}}\nsubsets:\n\
+             - addresses: [{{ip: {ip}}}]\n  ports: [{{name: sql, port: 9000}}]\n"
+        ),
+    )
+    .unwrap();
+    lab.wait_for_dump("the selectorless service", |d| {
+        backend_count(d, "10.96.0.33:3306/TCP") == Some(1)
+    })
+    .unwrap();
+    let mut held = lab.connect("10.96.0.33:3306").expect("connect");
+    let answer = held.ask("select 1").expect("answer through the VIP");
+    assert_eq!(pod_of(&answer), Some(pod), "{answer}");
+}
