@@ -17,6 +17,9 @@ pub const BACKENDS: &str = "lb_backends_v1";
 pub const FLOWS: &str = "lb_flows_v1";
 /// Reply flows (LRU): [`FlowKey`] of the backend's reply -> [`Reply`]. Written by the datapath.
 pub const REPLIES: &str = "lb_replies_v1";
+/// Service addresses: `u32` address -> [`Vip`]. Written by the agent. Traffic to one of them
+/// on a port no frontend serves is dropped, as kube-proxy does.
+pub const VIPS: &str = "lb_vips_v1";
 /// Session affinity (LRU): [`AffinityKey`] -> [`Affinity`]. Written by the datapath.
 pub const AFFINITY: &str = "lb_affinity_v1";
 /// Per-CPU round-robin cursor of each service, indexed by service id: `u32`.
@@ -27,8 +30,8 @@ pub const STATS: &str = "lb_stats_v1";
 pub const CONFIG: &str = "lb_config_v1";
 
 /// Every map, in the order the agent pins them.
-pub const ALL: [&str; 9] = [
-    FRONTENDS, SLOTS, BACKENDS, FLOWS, REPLIES, AFFINITY, CURSORS, STATS, CONFIG,
+pub const ALL: [&str; 10] = [
+    FRONTENDS, SLOTS, BACKENDS, VIPS, FLOWS, REPLIES, AFFINITY, CURSORS, STATS, CONFIG,
 ];
 
 /// Capacity of [`FRONTENDS`]; service ids are below it, as they index [`CURSORS`].
@@ -37,6 +40,8 @@ pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_SLOTS: u32 = 1_048_576;
 /// Capacity of [`BACKENDS`].
 pub const MAX_BACKENDS: u32 = 262_144;
+/// Capacity of [`VIPS`].
+pub const MAX_VIPS: u32 = 65_536;
 /// Capacity of [`FLOWS`] and of [`REPLIES`].
 pub const MAX_FLOWS: u32 = 262_144;
 /// Capacity of [`AFFINITY`].
@@ -166,6 +171,14 @@ pub struct Reply {
     pub _pad: [u8; 3],
 }
 
+/// A service address (ClusterIP, external IP, load-balancer IP; not a node's address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Vip {
+    /// How many frontends the address has, over ports, protocols and scopes.
+    pub frontends: u32,
+}
+
 /// A client of a service with session affinity.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -219,6 +232,8 @@ pub struct Stats {
     pub snat_flows: u64,
     /// New flows dropped for want of a free SNAT port or a SNAT address.
     pub dropped_no_snat: u64,
+    /// Packets to a service address on a port it does not serve.
+    pub dropped_unknown_port: u64,
 }
 
 /// Index of the only entry of [`CONFIG`] and [`STATS`].
@@ -234,7 +249,8 @@ const _: () = {
     assert!(size_of::<Flow>() == 24);
     assert!(size_of::<Reply>() == 24);
     assert!(size_of::<Config>() == 32);
-    assert!(size_of::<Stats>() == 72);
+    assert!(size_of::<Stats>() == 80);
+    assert!(size_of::<Vip>() == 4);
     assert!(size_of::<AffinityKey>() == 8);
     assert!(size_of::<Affinity>() == 16);
 };
@@ -254,6 +270,7 @@ mod pod {
     unsafe impl aya::Pod for Reply {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for Vip {}
     unsafe impl aya::Pod for Affinity {}
     unsafe impl aya::Pod for Stats {}
 }

@@ -29,7 +29,7 @@ use lb_common::maps::{
 
 use crate::{
     conntrack::{config, is_live, now_ns, touch},
-    maps::{BACKENDS, FLOWS, FRONTENDS, REPLIES},
+    maps::{BACKENDS, FLOWS, FRONTENDS, REPLIES, VIPS},
     nat::{End, Rewrite},
     parse::{Packet, parse},
     reject::reject,
@@ -200,9 +200,14 @@ fn new_flow(
 }
 
 /// A packet that may be a backend's reply: rewrite it back to the frontend and the client.
+/// Not a reply, and to a service address on a port no frontend serves: dropped.
 #[inline(always)]
 fn to_client<C: Rewrite>(ctx: &C, packet: &Packet) -> Result<Verdict, Verdict> {
     let Some(reply) = REPLIES.get_ptr_mut(packet.key) else {
+        if unsafe { VIPS.get(packet.key.dst_addr_be) }.is_some() {
+            count(|s| &mut s.dropped_unknown_port);
+            return Ok(Verdict::Drop);
+        }
         return Ok(Verdict::Pass);
     };
     let reply = unsafe { &mut *reply };

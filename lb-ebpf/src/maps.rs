@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use lb_common::maps::{
     Affinity, AffinityKey, Backend, Config, Flow, FlowKey, Frontend, FrontendKey, MAX_AFFINITIES,
-    MAX_BACKENDS, MAX_FLOWS, MAX_SERVICES, MAX_SLOTS, Reply, Slot, SlotKey, Stats,
+    MAX_BACKENDS, MAX_FLOWS, MAX_SERVICES, MAX_SLOTS, MAX_VIPS, Reply, Slot, SlotKey, Stats, Vip,
 };
 
 #[btf_map(name = "lb_frontends_v1")]
@@ -18,6 +18,9 @@ pub static SLOTS: HashMap<SlotKey, Slot, { MAX_SLOTS as usize }> = HashMap::new(
 
 #[btf_map(name = "lb_backends_v1")]
 pub static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }> = HashMap::new();
+
+#[btf_map(name = "lb_vips_v1")]
+pub static VIPS: HashMap<u32, Vip, { MAX_VIPS as usize }> = HashMap::new();
 
 #[btf_map(name = "lb_flows_v1")]
 pub static FLOWS: LruHashMap<FlowKey, Flow, { MAX_FLOWS as usize }> = LruHashMap::new();

@@ -238,7 +238,8 @@ fn dump(args: &InstanceArgs) -> Result<()> {
     let s = maps.stats()?;
     println!(
         "STATS: forwarded={} replied={} new_flows={} reselected={} dropped_no_backend={} \
-         rejected_no_backend={} dropped_error={} snat_flows={} dropped_no_snat={}",
+         rejected_no_backend={} dropped_error={} snat_flows={} dropped_no_snat={} \
+         dropped_unknown_port={}",
         s.forwarded,
         s.replied,
         s.new_flows,
@@ -247,7 +248,8 @@ fn dump(args: &InstanceArgs) -> Result<()> {
         s.rejected_no_backend,
         s.dropped_error,
         s.snat_flows,
-        s.dropped_no_snat
+        s.dropped_no_snat,
+        s.dropped_unknown_port
     );
     Ok(())
 }

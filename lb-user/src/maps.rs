@@ -9,7 +9,7 @@ use aya::{
 };
 use lb_common::maps::{
     BACKENDS, Backend, CONFIG, Config, FRONTENDS, Frontend, FrontendKey, SINGLE_ENTRY, SLOTS,
-    STATS, Slot, SlotKey, Stats,
+    STATS, Slot, SlotKey, Stats, VIPS, Vip,
 };
 
 use crate::plan::{MapEntries, Op};
@@ -18,6 +18,7 @@ pub struct KernelMaps {
     frontends: HashMap<MapData, FrontendKey, Frontend>,
     slots: HashMap<MapData, SlotKey, Slot>,
     backends: HashMap<MapData, u32, Backend>,
+    vips: HashMap<MapData, u32, Vip>,
     config: Array<MapData, Config>,
     stats: PerCpuArray<MapData, Stats>,
 }
@@ -33,6 +34,7 @@ impl KernelMaps {
             take(FRONTENDS)?,
             take(SLOTS)?,
             take(BACKENDS)?,
+            take(VIPS)?,
             take(CONFIG)?,
             take(STATS)?,
         )
@@ -50,6 +52,7 @@ impl KernelMaps {
             open(FRONTENDS)?,
             open(SLOTS)?,
             open(BACKENDS)?,
+            open(VIPS)?,
             open(CONFIG)?,
             open(STATS)?,
         )
@@ -59,6 +62,7 @@ impl KernelMaps {
         frontends: Map,
         slots: Map,
         backends: Map,
+        vips: Map,
         config: Map,
         stats: Map,
     ) -> Result<Self> {
@@ -66,6 +70,7 @@ impl KernelMaps {
             frontends: HashMap::try_from(frontends).context(FRONTENDS)?,
             slots: HashMap::try_from(slots).context(SLOTS)?,
             backends: HashMap::try_from(backends).context(BACKENDS)?,
+            vips: HashMap::try_from(vips).context(VIPS)?,
             config: Array::try_from(config).context(CONFIG)?,
             stats: PerCpuArray::try_from(stats).context(STATS)?,
         })
@@ -76,6 +81,8 @@ impl KernelMaps {
             Op::PutBackend(id, backend) => self.backends.insert(id, backend, 0),
             Op::PutSlot(key, slot) => self.slots.insert(key, slot, 0),
             Op::PutFrontend(key, frontend) => self.frontends.insert(key, frontend, 0),
+            Op::PutVip(addr, vip) => self.vips.insert(addr, vip, 0),
+            Op::DeleteVip(addr) => self.vips.remove(addr),
             Op::DeleteFrontend(key) => self.frontends.remove(key),
             Op::DeleteSlot(key) => self.slots.remove(key),
             Op::DeleteBackend(id) => self.backends.remove(id),
@@ -88,6 +95,7 @@ impl KernelMaps {
             frontends: self.frontends.iter().collect::<Result<_, _>>()?,
             slots: self.slots.iter().collect::<Result<_, _>>()?,
             backends: self.backends.iter().collect::<Result<_, _>>()?,
+            vips: self.vips.iter().collect::<Result<_, _>>()?,
         })
     }
 
@@ -109,6 +117,7 @@ impl KernelMaps {
             rejected_no_backend: sum.rejected_no_backend + s.rejected_no_backend,
             snat_flows: sum.snat_flows + s.snat_flows,
             dropped_no_snat: sum.dropped_no_snat + s.dropped_no_snat,
+            dropped_unknown_port: sum.dropped_unknown_port + s.dropped_unknown_port,
             dropped_error: sum.dropped_error + s.dropped_error,
         }))
     }

@@ -407,3 +407,26 @@ fn a_service_without_a_selector_uses_hand_made_endpoints() {
     let answer = held.ask("select 1").expect("answer through the VIP");
     assert_eq!(pod_of(&answer), Some(pod), "{answer}");
 }
+
+#[test]
+fn a_service_address_on_a_port_it_does_not_serve_drops() {
+    let lab = lab("port");
+    let before = lab.dump().unwrap();
+    let err = lb_tests::output(&mut lab.in_client(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "2",
+        "http://10.96.0.10:8080/",
+    ]))
+    .expect_err("10.96.0.10 serves 80 and 9000, not 8080");
+    assert!(
+        format!("{err:#}").contains("exit status: 28"),
+        "a drop: {err:#}"
+    );
+    let after = lab.dump().unwrap();
+    assert!(
+        stat(&after, "dropped_unknown_port") > stat(&before, "dropped_unknown_port"),
+        "{after}"
+    );
+}

@@ -1,8 +1,9 @@
 //! The operations that turn one [`MapEntries`] into another, ordered so that the datapath never
 //! reads a slot past a frontend's count or a backend id that is not written yet: backends, then
-//! slots, then frontends; removals the other way round.
+//! slots, then frontends, then service addresses (which drop ports without a frontend);
+//! removals the other way round.
 
-use lb_common::maps::{Backend, Frontend, FrontendKey, Slot, SlotKey};
+use lb_common::maps::{Backend, Frontend, FrontendKey, Slot, SlotKey, Vip};
 
 use super::MapEntries;
 
@@ -11,6 +12,8 @@ pub enum Op {
     PutBackend(u32, Backend),
     PutSlot(SlotKey, Slot),
     PutFrontend(FrontendKey, Frontend),
+    PutVip(u32, Vip),
+    DeleteVip(u32),
     DeleteFrontend(FrontendKey),
     DeleteSlot(SlotKey),
     DeleteBackend(u32),
@@ -32,6 +35,16 @@ pub fn diff(current: &MapEntries, desired: &MapEntries) -> Vec<Op> {
     for (key, frontend) in &desired.frontends {
         if current.frontends.get(key) != Some(frontend) {
             ops.push(Op::PutFrontend(*key, *frontend));
+        }
+    }
+    for (addr, vip) in &desired.vips {
+        if current.vips.get(addr) != Some(vip) {
+            ops.push(Op::PutVip(*addr, *vip));
+        }
+    }
+    for addr in current.vips.keys() {
+        if !desired.vips.contains_key(addr) {
+            ops.push(Op::DeleteVip(*addr));
         }
     }
     for key in current.frontends.keys() {
@@ -64,6 +77,12 @@ impl MapEntries {
             }
             Op::PutFrontend(key, frontend) => {
                 self.frontends.insert(key, frontend);
+            }
+            Op::PutVip(addr, vip) => {
+                self.vips.insert(addr, vip);
+            }
+            Op::DeleteVip(addr) => {
+                self.vips.remove(&addr);
             }
             Op::DeleteFrontend(key) => {
                 self.frontends.remove(&key);

@@ -11,10 +11,10 @@ pub use ids::Ids;
 use lb_common::maps::{
     ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_HASH, BACKEND_LOCAL, Backend,
     FRONTEND_REJECT_WHEN_EMPTY, Frontend, FrontendKey, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, Slot, SlotKey,
+    SCOPE_INTERNAL, Slot, SlotKey, Vip,
 };
 
-use crate::model::{self, Algorithm, Protocol, Scope, Skipped, WhenEmpty};
+use crate::model::{self, Algorithm, FrontendKind, Protocol, Scope, Skipped, WhenEmpty};
 
 /// The entries of the agent-written maps, as the kernel holds them (keys and values in the
 /// datapath's layout).
@@ -23,6 +23,8 @@ pub struct MapEntries {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
     pub slots: BTreeMap<SlotKey, Slot>,
     pub backends: BTreeMap<u32, Backend>,
+    /// Service addresses (network order).
+    pub vips: BTreeMap<u32, Vip>,
 }
 
 /// The map entries for `frontends` on node `node`, naming services and backends with `ids`.
@@ -81,6 +83,9 @@ pub fn entries(
             entries
                 .slots
                 .insert(SlotKey { service_id, slot }, Slot { backend_id });
+        }
+        if frontend.kind != FrontendKind::NodePort {
+            entries.vips.entry(key.addr_be).or_default().frontends += 1;
         }
         let flags = match frontend.when_empty {
             WhenEmpty::Reject => FRONTEND_REJECT_WHEN_EMPTY,
@@ -173,6 +178,13 @@ impl MapEntries {
                 key.service_id, key.slot, slot.backend_id
             ));
         }
+        for (addr_be, vip) in &self.vips {
+            lines.push(format!(
+                "VIP: ADDR={} FRONTENDS={}",
+                Ipv4Addr::from(u32::from_be(*addr_be)),
+                vip.frontends
+            ));
+        }
         for (id, be) in &self.backends {
             let local = if be.flags & BACKEND_LOCAL != 0 {
                 " LOCAL"
@@ -216,7 +228,6 @@ fn algorithm_name(algorithm: u8) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::FrontendKind;
 
     fn bytes<T>(value: &T) -> &[u8] {
         // SAFETY: the map types are repr(C) integers with explicit padding.
@@ -297,7 +308,8 @@ mod tests {
         );
         assert_eq!(
             entries.dump(),
-            "FE: ADDR=10.96.0.10:80/TCP SCOPE=internal ID=1 COUNT=0 ALG=round-robin EMPTY=reject\n"
+            "FE: ADDR=10.96.0.10:80/TCP SCOPE=internal ID=1 COUNT=0 ALG=round-robin \
+             EMPTY=reject\nVIP: ADDR=10.96.0.10 FRONTENDS=1\n"
         );
     }
 }
