@@ -208,6 +208,9 @@ pub struct Config {
     /// SNAT source ports, host order, outside the node's ephemeral range.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    /// The node's network namespace: the socket-level program balances only sockets of the
+    /// node itself (pods are balanced by tc).
+    pub netns_cookie: u64,
 }
 
 /// Datapath counters, per CPU: the agent sums them.
@@ -234,6 +237,8 @@ pub struct Stats {
     pub dropped_no_snat: u64,
     /// Packets to a service address on a port it does not serve.
     pub dropped_unknown_port: u64,
+    /// Connections of the node's own sockets sent to a backend at `connect()`.
+    pub socket_connects: u64,
 }
 
 /// Index of the only entry of [`CONFIG`] and [`STATS`].
@@ -248,8 +253,8 @@ const _: () = {
     assert!(size_of::<FlowKey>() == 16);
     assert!(size_of::<Flow>() == 24);
     assert!(size_of::<Reply>() == 24);
-    assert!(size_of::<Config>() == 32);
-    assert!(size_of::<Stats>() == 80);
+    assert!(size_of::<Config>() == 40);
+    assert!(size_of::<Stats>() == 88);
     assert!(size_of::<Vip>() == 4);
     assert!(size_of::<AffinityKey>() == 8);
     assert!(size_of::<Affinity>() == 16);

@@ -1,6 +1,6 @@
 //! The service load balancer's datapath: a tc program on the node's pod-facing interfaces
 //! (traffic from the cluster) and an XDP program on its uplinks (traffic from outside), over
-//! one packet core.
+//! one packet core; and a `connect()` hook for the node's own sockets.
 //!
 //! A packet to a frontend is DNATed to its flow's backend, picking one for a new flow; a reply
 //! from a backend is rewritten back to the frontend it answers for; anything else passes
@@ -15,12 +15,13 @@ mod parse;
 mod reject;
 mod select;
 mod snat;
+mod socket;
 mod stats;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use lb_common::maps::{
     BACKEND_LOCAL, Backend, FRONTEND_REJECT_WHEN_EMPTY, Flow, FlowKey, Frontend, FrontendKey,
@@ -67,6 +68,11 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         // Rejects are answered on the pod-facing side only, for now.
         Verdict::Drop | Verdict::Reject => xdp_action::XDP_DROP,
     }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
+    socket::connect4(&ctx)
 }
 
 /// The packet core: a packet to a frontend of `scope` goes to a backend, a backend's reply

@@ -24,6 +24,8 @@ pub struct Settings {
     /// Where the XDP program goes, likewise.
     pub uplinks: Vec<String>,
     pub xdp_mode: XdpMode,
+    /// Where the `connect()` hook goes.
+    pub cgroup: PathBuf,
     pub bpffs: PathBuf,
     pub pin_dir: PathBuf,
     pub poll_interval: Duration,
@@ -33,7 +35,8 @@ pub struct Settings {
 
 /// Runs until SIGINT or SIGTERM, then detaches and removes its pins.
 pub async fn run(settings: Settings) -> Result<()> {
-    let (mut datapath, maps) = Datapath::load(&settings.bpffs, &settings.pin_dir)?;
+    let (mut datapath, maps) =
+        Datapath::load(&settings.bpffs, &settings.pin_dir, &settings.cgroup)?;
     let source = Manifests::new(settings.manifests.clone());
     let mut syncer = Syncer {
         maps,

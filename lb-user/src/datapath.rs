@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         tc::{SchedClassifierLinkId, TcAttachOptions},
         xdp::XdpLinkId,
     },
@@ -27,6 +27,11 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb
 /// The programs' names in [`OBJECT`]: tc on pod-facing interfaces, XDP on uplinks.
 const TC_PROGRAM: &str = "lb_tc";
 const XDP_PROGRAM: &str = "lb_xdp";
+/// The `connect()` hook for the node's own sockets.
+const CONNECT_PROGRAM: &str = "lb_connect4";
+const CGROUP2_MAGIC: i64 = 0x6367_7270;
+/// Where cgroup v2 is mounted: alone, or beside v1 (hybrid).
+const CGROUP2_MOUNTS: [&str; 2] = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"];
 const BPFFS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Where an instance pins its maps: one directory per agent instance.
@@ -42,8 +47,9 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the object with its maps pinned under `pin_dir`, starting from empty maps.
-    pub fn load(bpffs: &Path, pin_dir: &Path) -> Result<(Self, KernelMaps)> {
+    /// Loads the object with its maps pinned under `pin_dir`, starting from empty maps, and
+    /// hooks `connect()` in `cgroup`.
+    pub fn load(bpffs: &Path, pin_dir: &Path, cgroup: &Path) -> Result<(Self, KernelMaps)> {
         mount_bpffs(bpffs)?;
         if pin_dir.exists() {
             warn!(dir = %pin_dir.display(), "removing the maps a previous instance left pinned");
@@ -70,6 +76,16 @@ impl Datapath {
             .with_context(|| format!("the eBPF object has no program {XDP_PROGRAM}"))?
             .try_into()?;
         xdp.load().context("loading the XDP program")?;
+        let connect: &mut CgroupSockAddr = ebpf
+            .program_mut(CONNECT_PROGRAM)
+            .with_context(|| format!("the eBPF object has no program {CONNECT_PROGRAM}"))?
+            .try_into()?;
+        connect.load().context("loading the connect() hook")?;
+        let cgroup_dir = fs::File::open(cgroup)
+            .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
+        connect
+            .attach(cgroup_dir, CgroupAttachMode::default())
+            .with_context(|| format!("attaching the connect() hook to {}", cgroup.display()))?;
         let maps = KernelMaps::take(&mut ebpf)?;
         let datapath = Self {
             ebpf,
@@ -192,17 +208,59 @@ fn remove_pins(pin_dir: &Path) -> Result<()> {
     }
 }
 
+/// The cookie of this process's network namespace, which the `connect()` hook compares with
+/// each socket's.
+pub fn netns_cookie() -> Result<u64> {
+    let socket =
+        std::net::UdpSocket::bind("127.0.0.1:0").context("a socket for the netns cookie")?;
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket and a buffer of the length given.
+    let ret = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error()).context("SO_NETNS_COOKIE");
+    }
+    Ok(cookie)
+}
+
+/// Where cgroup v2 is mounted.
+pub fn cgroup2_root() -> Result<PathBuf> {
+    CGROUP2_MOUNTS
+        .iter()
+        .map(PathBuf::from)
+        .find(|path| fs_type(path).is_ok_and(|t| t == CGROUP2_MAGIC))
+        .with_context(|| {
+            format!(
+                "no cgroup v2 at {}: give --cgroup",
+                CGROUP2_MOUNTS.join(" or ")
+            )
+        })
+}
+
+fn fs_type(path: &Path) -> Result<i64> {
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return Err(io::Error::last_os_error()).context(format!("statfs {}", path.display()));
+    }
+    Ok(stat.f_type)
+}
+
 /// Mounts bpffs at `bpffs` unless it is there already (it is not at boot on every machine).
 fn mount_bpffs(bpffs: &Path) -> Result<()> {
     fs::create_dir_all(bpffs).with_context(|| format!("creating {}", bpffs.display()))?;
-    let path = CString::new(bpffs.as_os_str().as_encoded_bytes())?;
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
-        return Err(io::Error::last_os_error()).context(format!("statfs {}", bpffs.display()));
-    }
-    if stat.f_type == BPFFS_MAGIC {
+    if fs_type(bpffs)? == BPFFS_MAGIC {
         return Ok(());
     }
+    let path = CString::new(bpffs.as_os_str().as_encoded_bytes())?;
     let fstype = c"bpf";
     if unsafe {
         libc::mount(

@@ -51,6 +51,10 @@ struct RunArgs {
     /// How XDP attaches: native (in the driver), generic (in the stack), or auto.
     #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
     xdp_mode: XdpModeArg,
+    /// The cgroup v2 directory whose processes' `connect()` to a frontend goes straight to a
+    /// backend (those of the node's network namespace); by default the cgroup v2 root.
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
     /// Source ports for SNAT to the node's address: outside the node's ephemeral range.
     #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
     snat_ports: RangeInclusive<u16>,
@@ -167,6 +171,10 @@ async fn run(args: RunArgs) -> Result<()> {
         interfaces: args.interfaces,
         uplinks: args.uplinks,
         xdp_mode: args.xdp_mode.into(),
+        cgroup: match args.cgroup {
+            Some(path) => path,
+            None => datapath::cgroup2_root()?,
+        },
         pin_dir: datapath::pin_dir(&args.instance.bpffs, &args.instance.instance),
         bpffs: args.instance.bpffs,
         poll_interval: Duration::from_millis(args.poll_interval_ms),
@@ -177,6 +185,7 @@ async fn run(args: RunArgs) -> Result<()> {
             snat_addr_be: 0,
             snat_port_min: *args.snat_ports.start(),
             snat_port_max: *args.snat_ports.end(),
+            netns_cookie: datapath::netns_cookie()?,
         },
     })
     .await
@@ -239,7 +248,7 @@ fn dump(args: &InstanceArgs) -> Result<()> {
     println!(
         "STATS: forwarded={} replied={} new_flows={} reselected={} dropped_no_backend={} \
          rejected_no_backend={} dropped_error={} snat_flows={} dropped_no_snat={} \
-         dropped_unknown_port={}",
+         dropped_unknown_port={} socket_connects={}",
         s.forwarded,
         s.replied,
         s.new_flows,
@@ -249,7 +258,8 @@ fn dump(args: &InstanceArgs) -> Result<()> {
         s.dropped_error,
         s.snat_flows,
         s.dropped_no_snat,
-        s.dropped_unknown_port
+        s.dropped_unknown_port,
+        s.socket_connects
     );
     Ok(())
 }

@@ -24,6 +24,8 @@ pub mod cluster;
 /// The node name in `deploy/examples`.
 pub const NODE_NAME: &str = "lab-node";
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
+/// The node's own address: the source of its connections to pods.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 /// The backend pods of `deploy/examples`, by name and address.
 pub const BACKENDS: [(&str, Ipv4Addr); 3] = [
     ("demo-1", Ipv4Addr::new(10, 244, 0, 11)),
@@ -117,6 +119,15 @@ impl Lab {
             "net.ipv4.ip_forward=1",
             "net.ipv4.conf.all.rp_filter=0",
             "net.ipv4.conf.default.rp_filter=0",
+        ]))?;
+        run(Command::new("ip").args([
+            "-n",
+            &node,
+            "addr",
+            "add",
+            &format!("{NODE_IP}/32"),
+            "dev",
+            "lo",
         ]))?;
         let pods: Vec<(String, String, Ipv4Addr)> = std::iter::once(&self.client)
             .chain(&self.backends)
@@ -224,6 +235,14 @@ impl Lab {
             "0",
         ])
         .args(command);
+        cmd
+    }
+
+    /// Runs `command` in the node itself, pinned to CPU 0.
+    pub fn in_node(&self, command: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.node, "taskset", "-c", "0"])
+            .args(command);
         cmd
     }
 

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use lb_tests::{BACKENDS, CLIENT_IP, Lab, client_of, pod_of};
+use lb_tests::{BACKENDS, CLIENT_IP, Lab, NODE_IP, client_of, pod_of};
 
 const HTTP_VIP: &str = "http://10.96.0.10/";
 const STICKY_VIP: &str = "http://10.96.0.11/";
@@ -427,6 +427,41 @@ fn a_service_address_on_a_port_it_does_not_serve_drops() {
     let after = lab.dump().unwrap();
     assert!(
         stat(&after, "dropped_unknown_port") > stat(&before, "dropped_unknown_port"),
+        "{after}"
+    );
+}
+
+#[test]
+fn the_node_itself_reaches_cluster_ips() {
+    let lab = lab("host");
+    let before = lab.dump().unwrap();
+    let pods: Vec<String> = (0..3)
+        .map(|_| {
+            let answer =
+                lb_tests::output(&mut lab.in_node(&["curl", "-sS", "--max-time", "5", HTTP_VIP]))
+                    .expect("curl from the node");
+            assert!(
+                client_of(&answer)
+                    .unwrap()
+                    .starts_with(&format!("{NODE_IP}:")),
+                "{answer}"
+            );
+            pod_of(&answer).unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(
+        counts(&pods).len(),
+        3,
+        "round robin from the node too: {pods:?}"
+    );
+    let target = format!("UDP4:{DNS_VIP}");
+    let answer = lb_tests::udp_query(lab.in_node(&["socat", "-t", "1", "-T", "1", "-", &target]))
+        .expect("UDP from the node");
+    assert!(pod_of(&answer).is_some(), "{answer}");
+    let after = lab.dump().unwrap();
+    assert_eq!(
+        stat(&after, "socket_connects"),
+        stat(&before, "socket_connects") + 4,
         "{after}"
     );
 }
