@@ -65,8 +65,8 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     };
     match balance(&ctx, &packet, SCOPE_EXTERNAL) {
         Verdict::Pass => xdp_action::XDP_PASS,
-        // Rejects are answered on the pod-facing side only, for now.
-        Verdict::Drop | Verdict::Reject => xdp_action::XDP_DROP,
+        Verdict::Drop => xdp_action::XDP_DROP,
+        Verdict::Reject => reject(&ctx, &packet).unwrap_or(xdp_action::XDP_DROP),
     }
 }
 

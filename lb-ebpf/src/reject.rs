@@ -3,16 +3,17 @@
 //! the packet and sent back out of the interface it came in on. Rejects are rare: this path
 //! favours plain code over speed.
 //!
-//! The answer's checksums are computed in full. The skb keeps its `ip_summed`: packets from a
-//! pod's veth are `CHECKSUM_PARTIAL`, which the pod's stack takes as checked.
+//! The answer's checksums are computed in full. In tc the skb keeps its `ip_summed`: packets
+//! from a pod's veth are `CHECKSUM_PARTIAL`, which the pod's stack takes as checked.
 
 use aya_ebpf::{
-    helpers::{bpf_redirect, bpf_skb_change_tail},
-    programs::TcContext,
+    bindings::xdp_action,
+    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::{TcContext, XdpContext},
 };
 use lb_common::maps::PROTO_TCP;
 
-use crate::parse::Packet;
+use crate::parse::{Packet, ptr_at};
 
 const ETH_HLEN: usize = 14;
 const IP_HLEN: usize = 20;
@@ -31,32 +32,80 @@ const QUOTE_LEN: usize = IP_HLEN + UDP_HLEN;
 const RESET_LEN: usize = ETH_HLEN + IP_HLEN + TCP_HLEN;
 const UNREACHABLE_LEN: usize = ETH_HLEN + IP_HLEN + ICMP_HLEN + QUOTE_LEN;
 
-/// Rewrites `packet` into its rejection and redirects it; `None` when it cannot (IP options,
+/// A program context that can answer the packet it holds.
+pub trait Answer {
+    /// The program's return value that sends the answer.
+    type Action;
+    /// The first `N` bytes of the packet.
+    fn head<const N: usize>(&self) -> Option<[u8; N]>;
+    /// Replaces the packet by `answer` and sends it back where it came from.
+    fn send_back<const N: usize>(&self, answer: &[u8; N]) -> Option<Self::Action>;
+}
+
+/// Rewrites `packet` into its rejection and sends it back; `None` when it cannot (IP options,
 /// a short packet), and the caller drops.
 #[inline(always)]
-pub fn reject(ctx: &TcContext, packet: &Packet) -> Option<i32> {
+pub fn reject<C: Answer>(ctx: &C, packet: &Packet) -> Option<C::Action> {
     if packet.l4_offset != ETH_HLEN + IP_HLEN {
         return None;
     }
     if packet.key.protocol == PROTO_TCP {
-        let original: [u8; RESET_LEN] = ctx.load(0).ok()?;
-        let answer = reset(&original);
-        send_back(ctx, &answer)
+        let original = ctx.head::<RESET_LEN>()?;
+        ctx.send_back(&reset(&original))
     } else {
-        let original: [u8; ETH_HLEN + QUOTE_LEN] = ctx.load(0).ok()?;
-        let answer = port_unreachable(&original);
-        send_back(ctx, &answer)
+        let original = ctx.head::<{ ETH_HLEN + QUOTE_LEN }>()?;
+        ctx.send_back(&port_unreachable(&original))
     }
 }
 
-fn send_back<const N: usize>(ctx: &TcContext, answer: &[u8; N]) -> Option<i32> {
-    let skb = ctx.skb.skb;
-    if unsafe { bpf_skb_change_tail(skb, N as u32, 0) } != 0 {
-        return None;
+impl Answer for TcContext {
+    type Action = i32;
+
+    #[inline(always)]
+    fn head<const N: usize>(&self) -> Option<[u8; N]> {
+        self.load(0).ok()
     }
-    ctx.store(0, answer, 0).ok()?;
-    let ifindex = unsafe { (*skb).ifindex };
-    Some(unsafe { bpf_redirect(ifindex, 0) } as i32)
+
+    #[inline(always)]
+    fn send_back<const N: usize>(&self, answer: &[u8; N]) -> Option<i32> {
+        let skb = self.skb.skb;
+        if unsafe { bpf_skb_change_tail(skb, N as u32, 0) } != 0 {
+            return None;
+        }
+        self.store(0, answer, 0).ok()?;
+        let ifindex = unsafe { (*skb).ifindex };
+        Some(unsafe { bpf_redirect(ifindex, 0) } as i32)
+    }
+}
+
+impl Answer for XdpContext {
+    type Action = u32;
+
+    #[inline(always)]
+    fn head<const N: usize>(&self) -> Option<[u8; N]> {
+        let head = ptr_at::<[u8; N]>(self.data(), self.data_end(), 0)?;
+        // SAFETY: bounds-checked against the frame.
+        Some(unsafe { *head })
+    }
+
+    #[inline(always)]
+    fn send_back<const N: usize>(&self, answer: &[u8; N]) -> Option<u32> {
+        let grow = N as i32 - (self.data_end() - self.data()) as i32;
+        // XDP guarantees headroom, not tailroom: grow at the head (the packet's head is
+        // already copied out), shrink at the tail.
+        let resized = if grow > 0 {
+            unsafe { bpf_xdp_adjust_head(self.ctx, -grow) }
+        } else {
+            unsafe { bpf_xdp_adjust_tail(self.ctx, grow) }
+        };
+        if resized != 0 {
+            return None;
+        }
+        let frame = ptr_at::<[u8; N]>(self.data(), self.data_end(), 0)?;
+        // SAFETY: bounds-checked against the resized frame.
+        unsafe { *frame.cast_mut() = *answer };
+        Some(xdp_action::XDP_TX)
+    }
 }
 
 /// The reset RFC 9293 answers a segment for no connection with.

@@ -140,6 +140,10 @@ impl ClusterLab {
                 ],
             )?;
             ip(&net, &["link", "set", &port, "master", "br0", "up"])?;
+            // A veth takes the frames its peer's native XDP sends back (XDP_TX) only with NAPI
+            // on, which GRO turns on; a NIC would transmit them itself.
+            run(Command::new("ip")
+                .args(["netns", "exec", &net, "ethtool", "-K", &port, "gro", "on"]))?;
             ip(
                 &namespace,
                 &["addr", "add", &format!("{address}/24"), "dev", "eth0"],
