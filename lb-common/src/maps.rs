@@ -20,6 +20,9 @@ pub const REPLIES: &str = "lb_replies_v1";
 /// Service addresses: `u32` address -> [`Vip`]. Written by the agent. Traffic to one of them
 /// on a port no frontend serves is dropped, as kube-proxy does.
 pub const VIPS: &str = "lb_vips_v1";
+/// The frontends the node's own unconnected UDP sockets sent to (LRU): [`SocketKey`] ->
+/// [`SocketFrontend`]. Written by the datapath, at `sendmsg()`; read at `recvmsg()`.
+pub const SOCKETS: &str = "lb_sockets_v1";
 /// Session affinity (LRU): [`AffinityKey`] -> [`Affinity`]. Written by the datapath.
 pub const AFFINITY: &str = "lb_affinity_v1";
 /// Per-CPU round-robin cursor of each service, indexed by service id: `u32`.
@@ -30,8 +33,8 @@ pub const STATS: &str = "lb_stats_v1";
 pub const CONFIG: &str = "lb_config_v1";
 
 /// Every map, in the order the agent pins them.
-pub const ALL: [&str; 10] = [
-    FRONTENDS, SLOTS, BACKENDS, VIPS, FLOWS, REPLIES, AFFINITY, CURSORS, STATS, CONFIG,
+pub const ALL: [&str; 11] = [
+    FRONTENDS, SLOTS, BACKENDS, VIPS, FLOWS, REPLIES, SOCKETS, AFFINITY, CURSORS, STATS, CONFIG,
 ];
 
 /// Capacity of [`FRONTENDS`]; service ids are below it, as they index [`CURSORS`].
@@ -44,6 +47,8 @@ pub const MAX_BACKENDS: u32 = 262_144;
 pub const MAX_VIPS: u32 = 65_536;
 /// Capacity of [`FLOWS`] and of [`REPLIES`].
 pub const MAX_FLOWS: u32 = 262_144;
+/// Capacity of [`SOCKETS`].
+pub const MAX_SOCKETS: u32 = 65_536;
 /// Capacity of [`AFFINITY`].
 pub const MAX_AFFINITIES: u32 = 65_536;
 
@@ -179,6 +184,26 @@ pub struct Vip {
     pub frontends: u32,
 }
 
+/// A backend one of the node's own sockets sent a datagram to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SocketKey {
+    /// `bpf_get_socket_cookie`.
+    pub cookie: u64,
+    pub backend_addr_be: u32,
+    pub backend_port_be: u16,
+    pub _pad: u16,
+}
+
+/// The frontend that datagram was for: what the socket's replies come from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketFrontend {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+}
+
 /// A client of a service with session affinity.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -237,8 +262,9 @@ pub struct Stats {
     pub dropped_no_snat: u64,
     /// Packets to a service address on a port it does not serve.
     pub dropped_unknown_port: u64,
-    /// Connections of the node's own sockets sent to a backend at `connect()`.
-    pub socket_connects: u64,
+    /// Destinations of the node's own sockets rewritten to a backend (`connect()`,
+    /// `sendmsg()`).
+    pub socket_rewrites: u64,
 }
 
 /// Index of the only entry of [`CONFIG`] and [`STATS`].
@@ -256,6 +282,8 @@ const _: () = {
     assert!(size_of::<Config>() == 40);
     assert!(size_of::<Stats>() == 88);
     assert!(size_of::<Vip>() == 4);
+    assert!(size_of::<SocketKey>() == 16);
+    assert!(size_of::<SocketFrontend>() == 8);
     assert!(size_of::<AffinityKey>() == 8);
     assert!(size_of::<Affinity>() == 16);
 };
@@ -276,6 +304,8 @@ mod pod {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for Vip {}
+    unsafe impl aya::Pod for SocketKey {}
+    unsafe impl aya::Pod for SocketFrontend {}
     unsafe impl aya::Pod for Affinity {}
     unsafe impl aya::Pod for Stats {}
 }

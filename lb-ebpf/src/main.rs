@@ -1,6 +1,6 @@
 //! The service load balancer's datapath: a tc program on the node's pod-facing interfaces
 //! (traffic from the cluster) and an XDP program on its uplinks (traffic from outside), over
-//! one packet core; and a `connect()` hook for the node's own sockets.
+//! one packet core; and socket hooks for the node's own processes.
 //!
 //! A packet to a frontend is DNATed to its flow's backend, picking one for a new flow; a reply
 //! from a backend is rewritten back to the frontend it answers for; anything else passes
@@ -73,6 +73,16 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
     socket::connect4(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
+    socket::sendmsg4(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
+    socket::recvmsg4(&ctx)
 }
 
 /// The packet core: a packet to a frontend of `scope` goes to a backend, a backend's reply

@@ -7,7 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::maps::{
     Affinity, AffinityKey, Backend, Config, Flow, FlowKey, Frontend, FrontendKey, MAX_AFFINITIES,
-    MAX_BACKENDS, MAX_FLOWS, MAX_SERVICES, MAX_SLOTS, MAX_VIPS, Reply, Slot, SlotKey, Stats, Vip,
+    MAX_BACKENDS, MAX_FLOWS, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MAX_VIPS, Reply, Slot, SlotKey,
+    SocketFrontend, SocketKey, Stats, Vip,
 };
 
 #[btf_map(name = "lb_frontends_v1")]
@@ -27,6 +28,10 @@ pub static FLOWS: LruHashMap<FlowKey, Flow, { MAX_FLOWS as usize }> = LruHashMap
 
 #[btf_map(name = "lb_replies_v1")]
 pub static REPLIES: LruHashMap<FlowKey, Reply, { MAX_FLOWS as usize }> = LruHashMap::new();
+
+#[btf_map(name = "lb_sockets_v1")]
+pub static SOCKETS: LruHashMap<SocketKey, SocketFrontend, { MAX_SOCKETS as usize }> =
+    LruHashMap::new();
 
 #[btf_map(name = "lb_affinity_v1")]
 pub static AFFINITY: LruHashMap<AffinityKey, Affinity, { MAX_AFFINITIES as usize }> =

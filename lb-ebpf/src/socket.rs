@@ -1,29 +1,71 @@
 //! Socket-level balancing for the node's own processes, whose packets cross no pod-facing
-//! interface: at `connect()` (TCP, and UDP sockets that connect), a frontend destination is
-//! replaced by a backend, so the socket talks to the backend directly and no packet needs
-//! rewriting. Only sockets of the node's network namespace are touched.
+//! interface. At `connect()` (TCP, and UDP sockets that connect) and at each `sendmsg()` of an
+//! unconnected UDP socket, a frontend destination is replaced by a backend, so the socket talks
+//! to the backend directly and no packet needs rewriting; `recvmsg()` reports the backend's
+//! datagrams as coming from the frontend. Only sockets of the node's network namespace are
+//! touched: pods are tc's.
 
-use aya_ebpf::{helpers::bpf_get_netns_cookie, programs::SockAddrContext};
-use lb_common::maps::{FlowKey, FrontendKey, SCOPE_INTERNAL};
+use aya_ebpf::{
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::SockAddrContext,
+};
+use lb_common::maps::{FlowKey, FrontendKey, SCOPE_INTERNAL, SocketFrontend, SocketKey};
 
 use crate::{
     conntrack::{config, now_ns},
-    maps::FRONTENDS,
+    maps::{FRONTENDS, SOCKETS},
     select::select_backend,
     stats::count,
 };
 
-/// Let the `connect()` go on (to whichever address it now has).
+/// Let the call go on (to whichever address it now has).
 pub const ALLOW: i32 = 1;
 /// Fail it: the frontend has no backend.
 pub const REFUSE: i32 = 0;
 
+/// A `connect()`: the socket's peer becomes a backend.
 #[inline(always)]
 pub fn connect4(ctx: &SockAddrContext) -> i32 {
-    let Some(config) = config() else {
+    to_backend(ctx, false)
+}
+
+/// A `sendmsg()` on an unconnected UDP socket: this datagram goes to a backend, and the socket
+/// remembers which frontend that backend answers for.
+#[inline(always)]
+pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
+    to_backend(ctx, true)
+}
+
+/// A `recvmsg()`: a datagram from a backend this socket sent to reads as from the frontend.
+#[inline(always)]
+pub fn recvmsg4(ctx: &SockAddrContext) -> i32 {
+    if !of_this_node(ctx) {
         return ALLOW;
+    }
+    // SAFETY: the kernel hands a valid bpf_sock_addr for the program's lifetime.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    let key = SocketKey {
+        cookie: unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) },
+        backend_addr_be: addr.user_ip4,
+        backend_port_be: addr.user_port as u16,
+        _pad: 0,
     };
-    if unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } != config.netns_cookie {
+    if let Some(frontend) = unsafe { SOCKETS.get(key) } {
+        addr.user_ip4 = frontend.addr_be;
+        addr.user_port = u32::from(frontend.port_be);
+    }
+    ALLOW
+}
+
+#[inline(always)]
+fn of_this_node(ctx: &SockAddrContext) -> bool {
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    config().is_some_and(|config| cookie == config.netns_cookie)
+}
+
+#[inline(always)]
+fn to_backend(ctx: &SockAddrContext, remember: bool) -> i32 {
+    if !of_this_node(ctx) {
         return ALLOW;
     }
     // SAFETY: the kernel hands a valid bpf_sock_addr for the program's lifetime.
@@ -54,8 +96,23 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
     let Some((_, backend)) = select_backend(frontend, &key, now_ns()) else {
         return ALLOW;
     };
+    if remember {
+        let socket = SocketKey {
+            cookie: unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) },
+            backend_addr_be: backend.addr_be,
+            backend_port_be: backend.port_be,
+            _pad: 0,
+        };
+        let frontend = SocketFrontend {
+            addr_be: addr.user_ip4,
+            port_be,
+            _pad: 0,
+        };
+        // Without it the reply reads as from the backend: worse, not broken.
+        let _ = SOCKETS.insert(socket, frontend, 0);
+    }
     addr.user_ip4 = backend.addr_be;
     addr.user_port = u32::from(backend.port_be);
-    count(|s| &mut s.socket_connects);
+    count(|s| &mut s.socket_rewrites);
     ALLOW
 }

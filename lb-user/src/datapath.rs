@@ -27,8 +27,8 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb
 /// The programs' names in [`OBJECT`]: tc on pod-facing interfaces, XDP on uplinks.
 const TC_PROGRAM: &str = "lb_tc";
 const XDP_PROGRAM: &str = "lb_xdp";
-/// The `connect()` hook for the node's own sockets.
-const CONNECT_PROGRAM: &str = "lb_connect4";
+/// The socket hooks for the node's own processes.
+const SOCKET_PROGRAMS: [&str; 3] = ["lb_connect4", "lb_sendmsg4", "lb_recvmsg4"];
 const CGROUP2_MAGIC: i64 = 0x6367_7270;
 /// Where cgroup v2 is mounted: alone, or beside v1 (hybrid).
 const CGROUP2_MOUNTS: [&str; 2] = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"];
@@ -48,7 +48,7 @@ pub struct Datapath {
 
 impl Datapath {
     /// Loads the object with its maps pinned under `pin_dir`, starting from empty maps, and
-    /// hooks `connect()` in `cgroup`.
+    /// hooks the sockets of `cgroup`.
     pub fn load(bpffs: &Path, pin_dir: &Path, cgroup: &Path) -> Result<(Self, KernelMaps)> {
         mount_bpffs(bpffs)?;
         if pin_dir.exists() {
@@ -76,16 +76,17 @@ impl Datapath {
             .with_context(|| format!("the eBPF object has no program {XDP_PROGRAM}"))?
             .try_into()?;
         xdp.load().context("loading the XDP program")?;
-        let connect: &mut CgroupSockAddr = ebpf
-            .program_mut(CONNECT_PROGRAM)
-            .with_context(|| format!("the eBPF object has no program {CONNECT_PROGRAM}"))?
-            .try_into()?;
-        connect.load().context("loading the connect() hook")?;
-        let cgroup_dir = fs::File::open(cgroup)
-            .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
-        connect
-            .attach(cgroup_dir, CgroupAttachMode::default())
-            .with_context(|| format!("attaching the connect() hook to {}", cgroup.display()))?;
+        for name in SOCKET_PROGRAMS {
+            let hook: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .with_context(|| format!("the eBPF object has no program {name}"))?
+                .try_into()?;
+            hook.load().with_context(|| format!("loading {name}"))?;
+            let cgroup_dir = fs::File::open(cgroup)
+                .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
+            hook.attach(cgroup_dir, CgroupAttachMode::default())
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+        }
         let maps = KernelMaps::take(&mut ebpf)?;
         let datapath = Self {
             ebpf,

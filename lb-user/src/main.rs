@@ -51,8 +51,8 @@ struct RunArgs {
     /// How XDP attaches: native (in the driver), generic (in the stack), or auto.
     #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
     xdp_mode: XdpModeArg,
-    /// The cgroup v2 directory whose processes' `connect()` to a frontend goes straight to a
-    /// backend (those of the node's network namespace); by default the cgroup v2 root.
+    /// The cgroup v2 directory whose processes (those of the node's network namespace) reach
+    /// frontends through socket hooks; by default the cgroup v2 root.
     #[arg(long)]
     cgroup: Option<PathBuf>,
     /// Source ports for SNAT to the node's address: outside the node's ephemeral range.
@@ -248,7 +248,7 @@ fn dump(args: &InstanceArgs) -> Result<()> {
     println!(
         "STATS: forwarded={} replied={} new_flows={} reselected={} dropped_no_backend={} \
          rejected_no_backend={} dropped_error={} snat_flows={} dropped_no_snat={} \
-         dropped_unknown_port={} socket_connects={}",
+         dropped_unknown_port={} socket_rewrites={}",
         s.forwarded,
         s.replied,
         s.new_flows,
@@ -259,7 +259,7 @@ fn dump(args: &InstanceArgs) -> Result<()> {
         s.snat_flows,
         s.dropped_no_snat,
         s.dropped_unknown_port,
-        s.socket_connects
+        s.socket_rewrites
     );
     Ok(())
 }

@@ -118,7 +118,7 @@ impl KernelMaps {
             snat_flows: sum.snat_flows + s.snat_flows,
             dropped_no_snat: sum.dropped_no_snat + s.dropped_no_snat,
             dropped_unknown_port: sum.dropped_unknown_port + s.dropped_unknown_port,
-            socket_connects: sum.socket_connects + s.socket_connects,
+            socket_rewrites: sum.socket_rewrites + s.socket_rewrites,
             dropped_error: sum.dropped_error + s.dropped_error,
         }))
     }

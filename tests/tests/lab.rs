@@ -458,10 +458,17 @@ fn the_node_itself_reaches_cluster_ips() {
     let answer = lb_tests::udp_query(lab.in_node(&["socat", "-t", "1", "-T", "1", "-", &target]))
         .expect("UDP from the node");
     assert!(pod_of(&answer).is_some(), "{answer}");
+    // Unconnected UDP, as resolvers send: the answer must read as from the service address.
+    let sendto = "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+                  s.settimeout(3); s.sendto(b'query', ('10.96.0.53', 53)); \
+                  data, source = s.recvfrom(1500); print(source[0], source[1], data.decode())";
+    let answer = lb_tests::output(&mut lab.in_node(&["python3", "-c", sendto]))
+        .expect("unconnected UDP from the node");
+    assert!(answer.starts_with("10.96.0.53 53 pod="), "{answer}");
     let after = lab.dump().unwrap();
     assert_eq!(
-        stat(&after, "socket_connects"),
-        stat(&before, "socket_connects") + 4,
+        stat(&after, "socket_rewrites"),
+        stat(&before, "socket_rewrites") + 5,
         "{after}"
     );
 }

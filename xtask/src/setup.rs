@@ -16,13 +16,14 @@ use lb_tests::workspace_root;
 use crate::prepend_path;
 
 /// Debian packages used by the lab and the tests.
-const PACKAGES: [&str; 6] = [
+const PACKAGES: [&str; 7] = [
     "iproute2",
     "curl",
     "socat",
     "bpftool",
     "util-linux",
     "ethtool",
+    "python3",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The LLVM major version of the nightly toolchain, which bpf-linker must link against.
