@@ -158,9 +158,23 @@ async fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Run(args) => run(args).await,
-        Command::Plan(args) => plan(&args),
-        Command::Dump(args) => dump(&args),
+        Command::Plan(args) => {
+            exit_quietly_on_closed_pipe();
+            plan(&args)
+        }
+        Command::Dump(args) => {
+            exit_quietly_on_closed_pipe();
+            dump(&args)
+        }
     }
+}
+
+/// `lb-user plan | head` ends like any Unix tool when `head` stops reading, not with a panic.
+/// Only for the printing commands: the agent must not die of its log's pipe.
+fn exit_quietly_on_closed_pipe() {
+    // SAFETY: restoring the default disposition of a signal, before any thread is spawned that
+    // writes to stdout.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }
 
 async fn run(args: RunArgs) -> Result<()> {
