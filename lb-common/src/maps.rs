@@ -212,13 +212,14 @@ pub struct AffinityKey {
     pub service_id: u32,
 }
 
-/// The backend a client sticks to, until `affinity_timeout_s` after its last new flow.
+/// The backend a client sticks to, until `affinity_timeout_s` after its last new flow, and
+/// while the service's slot still holds it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Affinity {
     pub last_seen_ns: u64,
     pub backend_id: u32,
-    pub _pad: u32,
+    pub slot: u32,
 }
 
 /// Idle timeouts of flow entries, by protocol and state.

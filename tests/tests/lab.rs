@@ -336,6 +336,28 @@ fn session_affinity_keeps_a_client_on_its_backend_until_the_timeout() {
     std::thread::sleep(std::time::Duration::from_millis(3000));
     let after = curl_pods(&lab, "http://10.96.0.12/", 1);
     assert_ne!(after[0], pods[0], "after the timeout, round robin moves on");
+
+    // Removed from this service, the backend still serves demo: the client moves anyway.
+    let stuck = after[0].clone();
+    let ip = BACKENDS.iter().find(|(name, _)| *name == stuck).unwrap().1;
+    lab.edit_manifest("demo-affinity.yaml", |t| {
+        remove_endpoint(&t, &ip.to_string())
+    })
+    .unwrap();
+    lab.wait_for_dump("demo-affinity to shrink", |d| {
+        backend_count(d, "10.96.0.12:80/TCP") == Some(2)
+    })
+    .unwrap();
+    let moved = curl_pods(&lab, "http://10.96.0.12/", 3);
+    assert!(
+        !moved.contains(&stuck),
+        "{stuck} left the service: {moved:?}"
+    );
+    assert_eq!(
+        counts(&moved).len(),
+        1,
+        "and the client sticks to its new one: {moved:?}"
+    );
 }
 
 #[test]
