@@ -35,8 +35,7 @@ pub struct Settings {
 
 /// Runs until SIGINT or SIGTERM, then detaches and removes its pins.
 pub async fn run(settings: Settings) -> Result<()> {
-    let (mut datapath, maps) =
-        Datapath::load(&settings.bpffs, &settings.pin_dir, &settings.cgroup)?;
+    let (mut datapath, maps) = Datapath::load(&settings.bpffs, &settings.pin_dir)?;
     let source = Manifests::new(settings.manifests.clone());
     let mut syncer = Syncer {
         maps,
@@ -58,6 +57,9 @@ pub async fn run(settings: Settings) -> Result<()> {
             fingerprint = Some(now);
         }
         // After the first sync, so that no packet meets half-written maps.
+        if !ready {
+            datapath.attach_sockets(&settings.cgroup)?;
+        }
         let attached = datapath
             .attach_interfaces(&settings.interfaces)
             .and_then(|()| datapath.attach_uplinks(&settings.uplinks, settings.xdp_mode));

@@ -47,9 +47,8 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the object with its maps pinned under `pin_dir`, starting from empty maps, and
-    /// hooks the sockets of `cgroup`.
-    pub fn load(bpffs: &Path, pin_dir: &Path, cgroup: &Path) -> Result<(Self, KernelMaps)> {
+    /// Loads the object with its maps pinned under `pin_dir`, starting from empty maps.
+    pub fn load(bpffs: &Path, pin_dir: &Path) -> Result<(Self, KernelMaps)> {
         mount_bpffs(bpffs)?;
         if pin_dir.exists() {
             warn!(dir = %pin_dir.display(), "removing the maps a previous instance left pinned");
@@ -82,10 +81,6 @@ impl Datapath {
                 .with_context(|| format!("the eBPF object has no program {name}"))?
                 .try_into()?;
             hook.load().with_context(|| format!("loading {name}"))?;
-            let cgroup_dir = fs::File::open(cgroup)
-                .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
-            hook.attach(cgroup_dir, CgroupAttachMode::default())
-                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
         }
         let maps = KernelMaps::take(&mut ebpf)?;
         let datapath = Self {
@@ -146,6 +141,24 @@ impl Datapath {
             info!(interface = %name, ?mode, "attached XDP");
             self.uplinks.insert(name, link);
         }
+        Ok(())
+    }
+
+    /// Hooks the sockets of the processes in `cgroup` (those of this network namespace are
+    /// balanced at `connect()`, `sendmsg()` and `recvmsg()`).
+    pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<()> {
+        for name in SOCKET_PROGRAMS {
+            let hook: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .context("program vanished")?
+                .try_into()?;
+            let cgroup_dir = fs::File::open(cgroup)
+                .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
+            hook.attach(cgroup_dir, CgroupAttachMode::default())
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+        }
+        info!(cgroup = %cgroup.display(), "attached socket hooks");
         Ok(())
     }
 
