@@ -1,7 +1,12 @@
 //! The map definitions; names, keys and values come from `lb_common::maps`, whose constants the
 //! names here must equal (the agent checks every one at load).
+//!
+//! The maps the agent writes allocate entries as they are written: sized for the largest
+//! cluster, they would otherwise hold over 100 MiB of kernel memory on every node. The LRU maps
+//! are always preallocated.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
@@ -11,17 +16,20 @@ use lb_common::maps::{
     SocketFrontend, SocketKey, Stats, Vip,
 };
 
+const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
+
 #[btf_map(name = "lb_frontends_v1")]
-pub static FRONTENDS: HashMap<FrontendKey, Frontend, { MAX_SERVICES as usize }> = HashMap::new();
+pub static FRONTENDS: HashMap<FrontendKey, Frontend, { MAX_SERVICES as usize }, NO_PREALLOC> =
+    HashMap::new();
 
 #[btf_map(name = "lb_slots_v1")]
-pub static SLOTS: HashMap<SlotKey, Slot, { MAX_SLOTS as usize }> = HashMap::new();
+pub static SLOTS: HashMap<SlotKey, Slot, { MAX_SLOTS as usize }, NO_PREALLOC> = HashMap::new();
 
 #[btf_map(name = "lb_backends_v1")]
-pub static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }> = HashMap::new();
+pub static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }, NO_PREALLOC> = HashMap::new();
 
 #[btf_map(name = "lb_vips_v1")]
-pub static VIPS: HashMap<u32, Vip, { MAX_VIPS as usize }> = HashMap::new();
+pub static VIPS: HashMap<u32, Vip, { MAX_VIPS as usize }, NO_PREALLOC> = HashMap::new();
 
 #[btf_map(name = "lb_flows_v1")]
 pub static FLOWS: LruHashMap<FlowKey, Flow, { MAX_FLOWS as usize }> = LruHashMap::new();
