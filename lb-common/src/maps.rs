@@ -17,8 +17,8 @@ pub const BACKENDS: &str = "lb_backends_v1";
 pub const FLOWS: &str = "lb_flows_v1";
 /// Reply flows (LRU): [`FlowKey`] of the backend's reply -> [`Reply`]. Written by the datapath.
 pub const REPLIES: &str = "lb_replies_v1";
-/// Service addresses: `u32` address -> [`Vip`]. Written by the agent. Traffic to one of them
-/// on a port no frontend serves is dropped, as kube-proxy does.
+/// ClusterIPs: `u32` address -> [`Vip`]. Written by the agent. A packet to one of them on a
+/// port no frontend serves is dropped (kube-proxy's nftables mode rejects it).
 pub const VIPS: &str = "lb_vips_v1";
 /// The frontends the node's own unconnected UDP sockets sent to (LRU): [`SocketKey`] ->
 /// [`SocketFrontend`]. Written by the datapath, at `sendmsg()`; read at `recvmsg()`.
@@ -176,11 +176,11 @@ pub struct Reply {
     pub _pad: [u8; 3],
 }
 
-/// A service address (ClusterIP, external IP, load-balancer IP; not a node's address).
+/// A ClusterIP. The datapath only asks whether the address is one.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Vip {
-    /// How many frontends the address has, over ports, protocols and scopes.
+    /// How many frontends the address has, over ports and protocols: for `bpftool` readers.
     pub frontends: u32,
 }
 

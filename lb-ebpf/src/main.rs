@@ -2,9 +2,11 @@
 //! (traffic from the cluster) and an XDP program on its uplinks (traffic from outside), over
 //! one packet core; and socket hooks for the node's own processes.
 //!
-//! A packet to a frontend is DNATed to its flow's backend, picking one for a new flow; a reply
-//! from a backend is rewritten back to the frontend it answers for; anything else passes
-//! untouched.
+//! A packet to a frontend is DNATed to its flow's backend, picking one for a new flow. A reply
+//! from a backend is rewritten back to the frontend it answers for after routing, by the tc
+//! egress program on the interface it leaves by, as kube-proxy's conntrack does; only replies
+//! whose destination must change first (SNATed and hairpinned flows) are rewritten on ingress.
+//! Anything else passes untouched, but for ports a ClusterIP does not serve, which drop.
 #![no_std]
 #![no_main]
 
@@ -38,6 +40,13 @@ use crate::{
     stats::count,
 };
 
+/// Where a program runs: before routing, or after.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    Ingress,
+    Egress,
+}
+
 /// What becomes of a packet.
 enum Verdict {
     Pass,
@@ -55,6 +64,18 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
         Verdict::Pass => TC_ACT_OK,
         Verdict::Drop => TC_ACT_SHOT,
         Verdict::Reject => reject(&ctx, &packet).unwrap_or(TC_ACT_SHOT),
+    }
+}
+
+/// Replies leaving the node's interfaces (to a pod, or out of an uplink), routed already.
+#[classifier]
+pub fn lb_tc_egress(ctx: TcContext) -> i32 {
+    let Some(packet) = parse(ctx.data(), ctx.data_end()) else {
+        return TC_ACT_OK;
+    };
+    match to_client(&ctx, &packet, Hook::Egress) {
+        Ok(Verdict::Pass) | Err(Verdict::Pass) => TC_ACT_OK,
+        Ok(_) | Err(_) => TC_ACT_SHOT,
     }
 }
 
@@ -97,7 +118,7 @@ fn balance<C: Rewrite>(ctx: &C, packet: &Packet, scope: u8) -> Verdict {
     };
     let result = match unsafe { FRONTENDS.get(frontend_key) } {
         Some(frontend) => to_backend(ctx, packet, frontend, scope),
-        None => to_client(ctx, packet),
+        None => to_client(ctx, packet, Hook::Ingress),
     };
     match result {
         Ok(verdict) | Err(verdict) => verdict,
@@ -115,9 +136,11 @@ fn to_backend<C: Rewrite>(
     let config = config().ok_or_else(error)?;
     let now = now_ns();
     let protocol = packet.key.protocol;
+    // A SYN on a flow that is closing opens a new connection on a reused 4-tuple.
     let live_flow = FLOWS.get_ptr_mut(packet.key).filter(|&flow| {
         let flow = unsafe { &*flow };
         is_live(config, protocol, flow.state, flow.last_seen_ns, now)
+            && !(flow.state == STATE_CLOSING && packet.opens_connection())
     });
     let (flow, backend) = match live_flow {
         Some(flow) => {
@@ -210,23 +233,34 @@ fn new_flow(
         state,
         _pad: [0; 5],
     };
-    FLOWS.insert(client, flow, 0).map_err(|_| error())?;
+    if FLOWS.insert(client, flow, 0).is_err() {
+        // Without its flow the reply entry would hold a SNAT port for nothing.
+        let _ = REPLIES.remove(reply_key);
+        return Err(error());
+    }
     count(|s| &mut s.new_flows);
     Ok((flow, backend))
 }
 
-/// A packet that may be a backend's reply: rewrite it back to the frontend and the client.
-/// Not a reply, and to a service address on a port no frontend serves: dropped.
+/// A packet that may be a backend's reply: rewrite it back to the frontend and the client. On
+/// ingress, only a reply whose destination changes (SNATed, hairpinned) is rewritten, before
+/// routing needs it; the others are left to the egress program, after routing. On ingress, a
+/// packet that is no reply, to a ClusterIP on a port it does not serve, is dropped.
 #[inline(always)]
-fn to_client<C: Rewrite>(ctx: &C, packet: &Packet) -> Result<Verdict, Verdict> {
+fn to_client<C: Rewrite>(ctx: &C, packet: &Packet, hook: Hook) -> Result<Verdict, Verdict> {
     let Some(reply) = REPLIES.get_ptr_mut(packet.key) else {
-        if unsafe { VIPS.get(packet.key.dst_addr_be) }.is_some() {
+        if hook == Hook::Ingress && unsafe { VIPS.get(packet.key.dst_addr_be) }.is_some() {
             count(|s| &mut s.dropped_unknown_port);
             return Ok(Verdict::Drop);
         }
         return Ok(Verdict::Pass);
     };
     let reply = unsafe { &mut *reply };
+    let to_client = (reply.client_addr_be, reply.client_port_be)
+        != (packet.key.dst_addr_be, packet.key.dst_port_be);
+    if hook == Hook::Ingress && !to_client {
+        return Ok(Verdict::Pass);
+    }
     let config = config().ok_or_else(error)?;
     let now = now_ns();
     if !is_live(
@@ -251,9 +285,7 @@ fn to_client<C: Rewrite>(ctx: &C, packet: &Packet) -> Result<Verdict, Verdict> {
         reply.frontend_port_be,
     )
     .map_err(|()| error())?;
-    if (reply.client_addr_be, reply.client_port_be)
-        != (packet.key.dst_addr_be, packet.key.dst_port_be)
-    {
+    if to_client {
         ctx.rewrite(
             packet,
             End::Destination,

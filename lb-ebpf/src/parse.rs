@@ -4,13 +4,16 @@ use core::mem::size_of;
 
 use lb_common::maps::{FlowKey, PROTO_TCP, PROTO_UDP};
 
-const ETH_HLEN: usize = 14;
+pub const ETH_HLEN: usize = 14;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
-const IPV4_MIN_HLEN: usize = 20;
+/// An IPv4 header without options.
+pub const IPV4_MIN_HLEN: usize = 20;
 /// Fragment offset and "more fragments": set on every fragment of a split datagram.
 const IPV4_FRAGMENT_MASK_BE: u16 = 0x3fffu16.to_be();
-const TCP_FIN: u8 = 0x01;
-const TCP_RST: u8 = 0x04;
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 #[repr(C)]
 struct Ipv4Header {
@@ -30,6 +33,8 @@ struct Ipv4Header {
 pub struct Packet {
     pub key: FlowKey,
     pub l4_offset: usize,
+    /// The TCP flags; 0 for UDP.
+    pub tcp_flags: u8,
     /// A TCP FIN or RST: the flow is closing.
     pub closing: bool,
 }
@@ -57,6 +62,15 @@ impl Packet {
 
     pub fn is_udp(&self) -> bool {
         self.key.protocol == PROTO_UDP
+    }
+
+    /// A SYN without ACK: a client opening a connection, even on a 4-tuple that just closed.
+    pub fn opens_connection(&self) -> bool {
+        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+
+    pub fn is_reset(&self) -> bool {
+        self.tcp_flags & TCP_RST != 0
     }
 }
 
@@ -93,9 +107,10 @@ pub fn parse(data: usize, data_end: usize) -> Option<Packet> {
     let l4_offset = ETH_HLEN + ip_len;
     // Both headers start with the two ports; TCP flags are at byte 13.
     let ports = unsafe { &*ptr_at::<[u16; 2]>(data, data_end, l4_offset)? };
-    let closing = protocol == PROTO_TCP && {
-        let flags: u8 = unsafe { *ptr_at::<u8>(data, data_end, l4_offset + 13)? };
-        flags & (TCP_FIN | TCP_RST) != 0
+    let tcp_flags = if protocol == PROTO_TCP {
+        unsafe { *ptr_at::<u8>(data, data_end, l4_offset + 13)? }
+    } else {
+        0
     };
     let checksum_end = if protocol == PROTO_TCP { 18 } else { 8 };
     // The checksum is rewritten later: make sure it is in the packet.
@@ -110,6 +125,7 @@ pub fn parse(data: usize, data_end: usize) -> Option<Packet> {
             _pad: [0; 3],
         },
         l4_offset,
-        closing,
+        tcp_flags,
+        closing: tcp_flags & (TCP_FIN | TCP_RST) != 0,
     })
 }

@@ -13,20 +13,16 @@ use aya_ebpf::{
 };
 use lb_common::maps::PROTO_TCP;
 
-use crate::parse::{Packet, ptr_at};
+use crate::parse::{
+    ETH_HLEN, IPV4_MIN_HLEN as IP_HLEN, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at,
+};
 
-const ETH_HLEN: usize = 14;
-const IP_HLEN: usize = 20;
 const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 const ICMP_HLEN: usize = 8;
 const PROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACHABLE: u8 = 3;
 const ICMP_PORT_UNREACHABLE: u8 = 3;
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
 /// What an ICMP error quotes of the offending datagram: its IP header and 8 bytes.
 const QUOTE_LEN: usize = IP_HLEN + UDP_HLEN;
 const RESET_LEN: usize = ETH_HLEN + IP_HLEN + TCP_HLEN;
@@ -43,10 +39,10 @@ pub trait Answer {
 }
 
 /// Rewrites `packet` into its rejection and sends it back; `None` when it cannot (IP options,
-/// a short packet), and the caller drops.
+/// a short packet) or must not (a reset is never answered), and the caller drops.
 #[inline(always)]
 pub fn reject<C: Answer>(ctx: &C, packet: &Packet) -> Option<C::Action> {
-    if packet.l4_offset != ETH_HLEN + IP_HLEN {
+    if packet.l4_offset != ETH_HLEN + IP_HLEN || packet.is_reset() {
         return None;
     }
     if packet.key.protocol == PROTO_TCP {

@@ -2,13 +2,13 @@
 //! address and a port of the configured range, so that the backend's replies come back through
 //! this node. A port is free when no live reply entry holds it for that backend.
 
+use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::maps::{Backend, Config, FlowKey, Reply};
 
 use crate::{conntrack::is_live, maps::REPLIES, select::mix32};
 
 /// Ports tried before the flow is dropped.
 const TRIES: u32 = 8;
-const BPF_NOEXIST: u64 = 1;
 
 /// Records `reply` under a free SNAT port of the node's address for `backend`; the port, in
 /// network order.
@@ -36,13 +36,17 @@ pub fn allocate(
     for i in 0..TRIES {
         let port = config.snat_port_min as u32 + (start.wrapping_add(i) % range);
         key.dst_port_be = (port as u16).to_be();
-        if REPLIES.insert(key, reply, BPF_NOEXIST).is_ok() {
+        if REPLIES.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok() {
             return Some(key.dst_port_be);
         }
-        // Taken; an entry that idled out may be replaced.
+        // Taken; an entry that idled out is removed, and the port claimed like a free one, so
+        // that two CPUs reclaiming it at once cannot both win.
         let stale = unsafe { REPLIES.get(key) }
             .is_some_and(|r| !is_live(config, key.protocol, r.state, r.last_seen_ns, now));
-        if stale && REPLIES.insert(key, reply, 0).is_ok() {
+        if stale
+            && REPLIES.remove(key).is_ok()
+            && REPLIES.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok()
+        {
             return Some(key.dst_port_be);
         }
     }

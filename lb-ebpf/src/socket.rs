@@ -20,7 +20,7 @@ use crate::{
 
 /// Let the call go on (to whichever address it now has).
 pub const ALLOW: i32 = 1;
-/// Fail it: the frontend has no backend.
+/// Fail it: the frontend has no backend to give.
 pub const REFUSE: i32 = 0;
 
 /// A `connect()`: the socket's peer becomes a backend.
@@ -94,7 +94,7 @@ fn to_backend(ctx: &SockAddrContext, remember: bool) -> i32 {
         _pad: [0; 3],
     };
     let Some((_, backend)) = select_backend(frontend, &key, now_ns()) else {
-        return ALLOW;
+        return REFUSE;
     };
     if remember {
         let socket = SocketKey {
@@ -108,7 +108,8 @@ fn to_backend(ctx: &SockAddrContext, remember: bool) -> i32 {
             port_be,
             _pad: 0,
         };
-        // Without it the reply reads as from the backend: worse, not broken.
+        // Without it the answer reads as from the backend, which a resolver discards: the
+        // datagram is still sent, as a full LRU map is the only way this fails.
         let _ = SOCKETS.insert(socket, frontend, 0);
     }
     addr.user_ip4 = backend.addr_be;

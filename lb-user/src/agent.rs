@@ -24,7 +24,7 @@ pub struct Settings {
     /// Where the XDP program goes, likewise.
     pub uplinks: Vec<String>,
     pub xdp_mode: XdpMode,
-    /// Where the `connect()` hook goes.
+    /// Where the socket hooks go.
     pub cgroup: PathBuf,
     pub bpffs: PathBuf,
     pub pin_dir: PathBuf,
@@ -44,6 +44,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         ids: Ids::default(),
         programmed: MapEntries::default(),
         generation: 0,
+        failed: false,
     };
     let mut fingerprint = None;
     let mut ready = false;
@@ -52,17 +53,16 @@ pub async fn run(settings: Settings) -> Result<()> {
     info!(node = %settings.node.name, pins = %settings.pin_dir.display(), "agent started");
     loop {
         let now = source.fingerprint();
-        if fingerprint.as_ref() != Some(&now) {
+        // Writes that failed are retried at every poll, changes or not.
+        if fingerprint.as_ref() != Some(&now) || syncer.failed {
             syncer.sync(&source, &settings.node);
             fingerprint = Some(now);
         }
         // After the first sync, so that no packet meets half-written maps.
-        if !ready {
-            datapath.attach_sockets(&settings.cgroup)?;
-        }
-        let attached = datapath
-            .attach_interfaces(&settings.interfaces)
-            .and_then(|()| datapath.attach_uplinks(&settings.uplinks, settings.xdp_mode));
+        datapath.attach_sockets(&settings.cgroup)?;
+        let pods = datapath.attach_interfaces(&settings.interfaces);
+        let uplinks = datapath.attach_uplinks(&settings.uplinks, settings.xdp_mode);
+        let attached = pods.and(uplinks);
         match attached {
             Ok(()) if !ready => {
                 ready = true;
@@ -90,6 +90,8 @@ struct Syncer {
     ids: Ids,
     programmed: MapEntries,
     generation: u64,
+    /// The last sync left the maps short of the plan.
+    failed: bool,
 }
 
 impl Syncer {
@@ -105,16 +107,20 @@ impl Syncer {
         }
         let ops = plan::diff(&self.programmed, &desired);
         let mut failed = 0;
-        for op in &ops {
+        for (done, op) in ops.iter().enumerate() {
             match self.maps.apply(op) {
-                // Track what the kernel really holds, so the next sync retries what failed.
+                // Track what the kernel really holds: the next sync starts from there.
                 Ok(()) => self.programmed.apply(op),
                 Err(e) => {
-                    failed += 1;
-                    error!(?op, "map update failed: {e}");
+                    // The writes after it depend on it (a slot on its backend, a count on its
+                    // slots): stop, keeping what is programmed consistent.
+                    failed = ops.len() - done;
+                    error!(?op, "map update failed, {failed} writes put off: {e}");
+                    break;
                 }
             }
         }
+        self.failed = failed > 0;
         self.generation += 1;
         info!(
             generation = self.generation,

@@ -24,8 +24,10 @@ use crate::maps::KernelMaps;
 
 /// The compiled datapath, built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
-/// The programs' names in [`OBJECT`]: tc on pod-facing interfaces, XDP on uplinks.
+/// The programs' names in [`OBJECT`]: tc ingress on pod-facing interfaces, XDP on uplinks, tc
+/// egress on both.
 const TC_PROGRAM: &str = "lb_tc";
+const TC_EGRESS_PROGRAM: &str = "lb_tc_egress";
 const XDP_PROGRAM: &str = "lb_xdp";
 /// The socket hooks for the node's own processes.
 const SOCKET_PROGRAMS: [&str; 3] = ["lb_connect4", "lb_sendmsg4", "lb_recvmsg4"];
@@ -42,8 +44,11 @@ pub fn pin_dir(bpffs: &Path, instance: &str) -> PathBuf {
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
-    attached: BTreeMap<String, SchedClassifierLinkId>,
-    uplinks: BTreeMap<String, XdpLinkId>,
+    /// Attached interfaces by index: a veth recreated under the same name (a restarted pod)
+    /// is a new interface.
+    pods: BTreeMap<u32, (SchedClassifierLinkId, SchedClassifierLinkId)>,
+    uplinks: BTreeMap<u32, (XdpLinkId, SchedClassifierLinkId)>,
+    sockets_attached: bool,
 }
 
 impl Datapath {
@@ -65,100 +70,141 @@ impl Datapath {
                 bail!("the eBPF object has no map {name}: lb-common and lb-ebpf disagree");
             }
         }
-        let tc: &mut SchedClassifier = ebpf
-            .program_mut(TC_PROGRAM)
-            .with_context(|| format!("the eBPF object has no program {TC_PROGRAM}"))?
-            .try_into()?;
-        tc.load().context("loading the tc program")?;
-        let xdp: &mut Xdp = ebpf
-            .program_mut(XDP_PROGRAM)
-            .with_context(|| format!("the eBPF object has no program {XDP_PROGRAM}"))?
-            .try_into()?;
-        xdp.load().context("loading the XDP program")?;
+        for name in [TC_PROGRAM, TC_EGRESS_PROGRAM] {
+            let program: &mut SchedClassifier = program(&mut ebpf, name)?.try_into()?;
+            program.load().with_context(|| format!("loading {name}"))?;
+        }
+        let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?.try_into()?;
+        xdp.load()
+            .with_context(|| format!("loading {XDP_PROGRAM}"))?;
         for name in SOCKET_PROGRAMS {
-            let hook: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .with_context(|| format!("the eBPF object has no program {name}"))?
-                .try_into()?;
+            let hook: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
             hook.load().with_context(|| format!("loading {name}"))?;
         }
         let maps = KernelMaps::take(&mut ebpf)?;
         let datapath = Self {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
-            attached: BTreeMap::new(),
+            pods: BTreeMap::new(),
             uplinks: BTreeMap::new(),
+            sockets_attached: false,
         };
         Ok((datapath, maps))
     }
 
-    /// Attaches to every interface matching `patterns` (names, or prefixes ending in `*`) that
-    /// is not attached yet, and forgets interfaces that are gone (their links went with them).
+    /// Attaches tc ingress (balancing) and egress (replies) to every interface matching
+    /// `patterns` (names, or prefixes ending in `*`) not attached yet, and forgets interfaces
+    /// that are gone. One interface failing does not keep the others from attaching.
     pub fn attach_interfaces(&mut self, patterns: &[String]) -> Result<()> {
         let present = interfaces()?;
-        self.attached.retain(|name, _| present.contains(name));
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(TC_PROGRAM)
-            .context("program vanished")?
-            .try_into()?;
-        for name in present {
-            if self.attached.contains_key(&name) || !patterns.iter().any(|p| matches(p, &name)) {
+        let gone: Vec<u32> = self
+            .pods
+            .keys()
+            .filter(|index| !present.iter().any(|(i, _)| i == *index))
+            .copied()
+            .collect();
+        for index in gone {
+            if let Some((ingress, egress)) = self.pods.remove(&index) {
+                // The links went with their interface; this closes our handles on them.
+                let _ = self.classifier(TC_PROGRAM).map(|p| p.detach(ingress));
+                let _ = self.classifier(TC_EGRESS_PROGRAM).map(|p| p.detach(egress));
+            }
+        }
+        let mut failures = Vec::new();
+        for (index, name) in present {
+            if self.pods.contains_key(&index) || !patterns.iter().any(|p| matches(p, &name)) {
                 continue;
             }
-            // First in the tcx chain: services are translated before a CNI program routes.
-            let link = program
-                .attach_with_options(
-                    &name,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::first()),
-                )
-                .with_context(|| format!("attaching to {name} (tcx ingress)"))?;
-            accept_local(&name)?;
-            info!(interface = %name, "attached");
-            self.attached.insert(name, link);
+            let attached = self
+                .attach_tc(TC_PROGRAM, &name, TcAttachType::Ingress)
+                .and_then(|ingress| {
+                    let egress = self.attach_tc(TC_EGRESS_PROGRAM, &name, TcAttachType::Egress)?;
+                    Ok((ingress, egress))
+                });
+            match attached {
+                Ok(links) => {
+                    info!(interface = %name, "attached tc");
+                    self.pods.insert(index, links);
+                }
+                Err(e) => failures.push(format!("{e:#}")),
+            }
         }
-        Ok(())
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            bail!("{}", failures.join("; "))
+        }
     }
 
-    /// Attaches the XDP program to every uplink matching `patterns` not attached yet, in `mode`.
+    /// Attaches XDP (traffic from outside, in `mode`) and tc egress (replies) to every uplink
+    /// matching `patterns` not attached yet.
     pub fn attach_uplinks(&mut self, patterns: &[String], mode: XdpMode) -> Result<()> {
         let present = interfaces()?;
-        self.uplinks.retain(|name, _| present.contains(name));
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(XDP_PROGRAM)
-            .context("program vanished")?
-            .try_into()?;
-        for name in present {
-            if self.uplinks.contains_key(&name) || !patterns.iter().any(|p| matches(p, &name)) {
+        self.uplinks
+            .retain(|index, _| present.iter().any(|(i, _)| i == index));
+        let mut failures = Vec::new();
+        for (index, name) in present {
+            if self.uplinks.contains_key(&index) || !patterns.iter().any(|p| matches(p, &name)) {
                 continue;
             }
-            let link = program
-                .attach(&name, mode)
-                .with_context(|| format!("attaching to {name} (XDP, {mode:?})"))?;
-            accept_local(&name)?;
-            info!(interface = %name, ?mode, "attached XDP");
-            self.uplinks.insert(name, link);
+            let attached = accept_local(&name).and_then(|()| {
+                let xdp: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?.try_into()?;
+                let xdp_link = xdp
+                    .attach(&name, mode)
+                    .with_context(|| format!("attaching to {name} (XDP, {mode:?})"))?;
+                let egress = self.attach_tc(TC_EGRESS_PROGRAM, &name, TcAttachType::Egress)?;
+                Ok((xdp_link, egress))
+            });
+            match attached {
+                Ok(links) => {
+                    info!(interface = %name, ?mode, "attached XDP and tc egress");
+                    self.uplinks.insert(index, links);
+                }
+                Err(e) => failures.push(format!("{e:#}")),
+            }
         }
-        Ok(())
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            bail!("{}", failures.join("; "))
+        }
+    }
+
+    fn classifier(&mut self, name: &str) -> Result<&mut SchedClassifier> {
+        Ok(program(&mut self.ebpf, name)?.try_into()?)
+    }
+
+    fn attach_tc(
+        &mut self,
+        name: &str,
+        interface: &str,
+        direction: TcAttachType,
+    ) -> Result<SchedClassifierLinkId> {
+        // First in the tcx chain: services are translated before a CNI program routes.
+        self.classifier(name)?
+            .attach_with_options(
+                interface,
+                direction,
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
+            )
+            .with_context(|| format!("attaching {name} to {interface} (tcx {direction:?})"))
     }
 
     /// Hooks the sockets of the processes in `cgroup` (those of this network namespace are
-    /// balanced at `connect()`, `sendmsg()` and `recvmsg()`).
+    /// balanced at `connect()`, `sendmsg()` and `recvmsg()`), once.
     pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<()> {
+        if self.sockets_attached {
+            return Ok(());
+        }
         for name in SOCKET_PROGRAMS {
-            let hook: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .context("program vanished")?
-                .try_into()?;
+            let hook: &mut CgroupSockAddr = program(&mut self.ebpf, name)?.try_into()?;
             let cgroup_dir = fs::File::open(cgroup)
                 .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
             hook.attach(cgroup_dir, CgroupAttachMode::default())
                 .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
         }
         info!(cgroup = %cgroup.display(), "attached socket hooks");
+        self.sockets_attached = true;
         Ok(())
     }
 
@@ -170,8 +216,14 @@ impl Datapath {
     }
 }
 
-/// Replies rewritten to a NodePort carry one of the node's own addresses as their source; the
-/// kernel drops such packets as martians unless the interface accepts them.
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name)
+        .with_context(|| format!("the eBPF object has no program {name}"))
+}
+
+/// A SNATed reply is rewritten on the uplink before routing, to a NodePort: one of the node's
+/// own addresses as its source, which the kernel drops as a martian unless the interface
+/// accepts it.
 fn accept_local(interface: &str) -> Result<()> {
     let path = format!("/proc/sys/net/ipv4/conf/{interface}/accept_local");
     fs::write(&path, "1").with_context(|| format!("writing {path}"))
@@ -184,9 +236,9 @@ fn matches(pattern: &str, name: &str) -> bool {
     }
 }
 
-/// The interfaces of this network namespace. Asked of the kernel, not read from /sys/class/net,
-/// which shows the namespace sysfs was mounted in.
-fn interfaces() -> Result<Vec<String>> {
+/// The interfaces of this network namespace, `(index, name)`. Asked of the kernel, not read
+/// from /sys/class/net, which shows the namespace sysfs was mounted in.
+fn interfaces() -> Result<Vec<(u32, String)>> {
     let list = unsafe { libc::if_nameindex() };
     if list.is_null() {
         return Err(io::Error::last_os_error()).context("listing interfaces");
@@ -196,11 +248,10 @@ fn interfaces() -> Result<Vec<String>> {
     // SAFETY: if_nameindex returns an array ending with a zeroed entry.
     unsafe {
         while (*entry).if_index != 0 {
-            names.push(
-                CStr::from_ptr((*entry).if_name)
-                    .to_string_lossy()
-                    .into_owned(),
-            );
+            let name = CStr::from_ptr((*entry).if_name)
+                .to_string_lossy()
+                .into_owned();
+            names.push(((*entry).if_index, name));
             entry = entry.add(1);
         }
         libc::if_freenameindex(list);
@@ -222,8 +273,8 @@ fn remove_pins(pin_dir: &Path) -> Result<()> {
     }
 }
 
-/// The cookie of this process's network namespace, which the `connect()` hook compares with
-/// each socket's.
+/// The cookie of this process's network namespace, which the socket hooks compare with each
+/// socket's.
 pub fn netns_cookie() -> Result<u64> {
     let socket =
         std::net::UdpSocket::bind("127.0.0.1:0").context("a socket for the netns cookie")?;

@@ -204,7 +204,7 @@ impl ClusterLab {
             .args(["--poll-interval-ms", "50", "--manifests"])
             .arg(self.manifests.path())
             .stdout(fs::File::create(&log)?)
-            .stderr(fs::File::create(&log)?.try_clone()?)
+            .stderr(fs::OpenOptions::new().append(true).open(&log)?)
             .spawn()
             .context("starting lb-user")?;
         self.agents.push((node.name.to_string(), child));
@@ -281,10 +281,6 @@ impl ClusterLab {
                 )
             })
             .collect()
-    }
-
-    pub fn manifests_dir(&self) -> &Path {
-        self.manifests.path()
     }
 }
 

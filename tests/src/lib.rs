@@ -166,7 +166,9 @@ impl Lab {
             .stderr(log)
             .spawn()
             .context("starting lb-user")?;
-        self.agent.replace(Some(child));
+        if let Some(previous) = self.agent.replace(Some(child)) {
+            stop_agent(previous);
+        }
         self.wait_for("the agent to be ready", || {
             Ok(self.log_text().contains("ready:"))
         })
@@ -236,6 +238,17 @@ impl Lab {
         ])
         .args(command);
         cmd
+    }
+
+    /// Starts a `demoapp` named `name` in the node itself, on the node's addresses: a backend
+    /// with host networking.
+    pub fn serve_on_node(&mut self, name: &str) -> Result<()> {
+        start_server(
+            &binary("LB_DEMOAPP_BIN")?,
+            name,
+            &self.node,
+            &mut self.servers,
+        )
     }
 
     /// Runs `command` in the node itself, pinned to CPU 0.
@@ -526,29 +539,31 @@ pub fn output(cmd: &mut Command) -> Result<String> {
 }
 
 pub(crate) fn wait_output(mut child: Child, limit: Duration) -> Result<Output> {
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
-    let reader = thread::spawn(move || {
-        let mut out = Vec::new();
-        let mut err = Vec::new();
-        if let Some(s) = stdout.as_mut() {
-            let _ = s.read_to_end(&mut out);
-        }
-        if let Some(s) = stderr.as_mut() {
-            let _ = s.read_to_end(&mut err);
-        }
-        (out, err)
-    });
+    // Each pipe on its own thread: a child filling one while we wait on the other would hang.
+    let out_reader = drain(child.stdout.take());
+    let err_reader = drain(child.stderr.take());
     let Some(status) = wait_within(&mut child, limit) else {
         let _ = child.kill();
         let _ = child.wait();
         bail!("still running after {limit:?}: killed");
     };
-    let (stdout, stderr) = reader.join().expect("reader thread");
+    let stdout = out_reader.join().expect("stdout reader");
+    let stderr = err_reader.join().expect("stderr reader");
     Ok(Output {
         status,
         stdout,
         stderr,
+    })
+}
+
+/// Reads a child's pipe to its end on a thread of its own.
+fn drain(pipe: Option<impl Read + Send + 'static>) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        bytes
     })
 }
 

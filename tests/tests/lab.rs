@@ -65,11 +65,15 @@ fn stat(dump: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in dump:\n{dump}"))
 }
 
+/// The dump line of a frontend (`10.96.0.10:80/TCP`).
+fn frontend_line<'a>(dump: &'a str, frontend: &str) -> Option<&'a str> {
+    dump.lines()
+        .find(|l| l.starts_with(&format!("FE: ADDR={frontend} ")))
+}
+
 /// The backend count of a frontend (`10.96.0.10:80/TCP`) in a dump.
 fn backend_count(dump: &str, frontend: &str) -> Option<u16> {
-    let line = dump
-        .lines()
-        .find(|l| l.starts_with(&format!("FE: ADDR={frontend} ")))?;
+    let line = frontend_line(dump, frontend)?;
     line.split_whitespace()
         .find_map(|kv| kv.strip_prefix("COUNT="))?
         .parse()
@@ -233,7 +237,8 @@ fn internal_traffic_policy_local_without_local_endpoints_drops() {
     .unwrap();
     let before = lab
         .wait_for_dump("the local-only frontend to be empty", |d| {
-            backend_count(d, "10.96.0.10:80/TCP") == Some(0) && d.contains("EMPTY=drop")
+            frontend_line(d, "10.96.0.10:80/TCP")
+                .is_some_and(|l| l.contains("COUNT=0") && l.contains("EMPTY=drop"))
         })
         .unwrap();
     let err = lab
@@ -294,9 +299,11 @@ fn a_flow_whose_backend_is_removed_moves_to_a_live_one() {
     let ip = BACKENDS.iter().find(|(name, _)| *name == first).unwrap().1;
     lab.edit_manifest("demo-dns.yaml", |t| remove_endpoint(&t, &ip.to_string()))
         .unwrap();
+    // The backend's own entry goes last in a sync: wait for it too.
+    let removed = format!("ADDR={ip}:5353/UDP");
     let before = lab
-        .wait_for_dump("demo-dns to shrink to two backends", |d| {
-            backend_count(d, "10.96.0.53:53/UDP") == Some(2)
+        .wait_for_dump("demo-dns to lose the backend", |d| {
+            backend_count(d, "10.96.0.53:53/UDP") == Some(2) && !d.contains(&removed)
         })
         .unwrap();
     let next = udp_pod(&lab, 40_001);
@@ -493,4 +500,30 @@ fn the_node_itself_reaches_cluster_ips() {
         stat(&before, "socket_rewrites") + 5,
         "{after}"
     );
+}
+
+#[test]
+fn a_backend_on_the_node_itself_answers_through_the_vip() {
+    // Like default/kubernetes: the API server listens on the node's own address.
+    let mut lab = lab("hostnet");
+    lab.serve_on_node("node").unwrap();
+    lab.add_manifest(
+        "host-backed.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: host-backed}}\nspec:\n  \
+             clusterIP: 10.96.0.44\n  ports: [{{name: https, port: 443, targetPort: 8080}}]\n\
+             ---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: host-backed}}\n\
+             subsets:\n- addresses: [{{ip: {NODE_IP}}}]\n  ports: [{{name: https, port: 8080}}]\n"
+        ),
+    )
+    .unwrap();
+    lab.wait_for_dump("the host-backed service", |d| {
+        backend_count(d, "10.96.0.44:443/TCP") == Some(1)
+    })
+    .unwrap();
+    let answer = lab
+        .curl("http://10.96.0.44:443/")
+        .expect("an answer from the node");
+    assert_eq!(pod_of(&answer), Some("node"), "{answer}");
+    assert!(answer.contains(&format!("client={CLIENT_IP}:")), "{answer}");
 }

@@ -433,12 +433,11 @@ fn endpoint_slice(
             continue;
         };
         let conditions = endpoint.conditions.clone().unwrap_or_default();
-        // The API's defaults: an unknown readiness counts as ready, serving follows ready.
-        let ready = conditions.ready.unwrap_or(true);
+        // kube-proxy's reading: unknown readiness and serving count as true.
         endpoints.push(Endpoint {
             address,
-            ready,
-            serving: conditions.serving.unwrap_or(ready),
+            ready: conditions.ready.unwrap_or(true),
+            serving: conditions.serving.unwrap_or(true),
             terminating: conditions.terminating.unwrap_or(false),
             node: endpoint.node_name.clone(),
             zone: endpoint.zone.clone(),

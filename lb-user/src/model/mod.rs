@@ -294,6 +294,14 @@ pub struct Desired {
 /// What `objects` define for `node`.
 pub fn compute(objects: &Objects, node: &NodeConfig) -> Desired {
     let (cluster, mut skipped) = cluster(objects);
+    if !cluster.nodes.iter().any(|n| n.name == node.name) {
+        skipped.push(Skipped::new(
+            format!("Node {}", node.name),
+            "",
+            "not found: its labels, zone and addresses are unknown (no NodePorts without \
+             --node-ip, no SNAT, no topology of its own)",
+        ));
+    }
     let node_addresses = node_addresses(&cluster, node);
     let (frontends, more) = frontends(&cluster, node, &node_addresses);
     skipped.extend(more);

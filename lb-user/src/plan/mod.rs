@@ -23,7 +23,7 @@ pub struct MapEntries {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
     pub slots: BTreeMap<SlotKey, Slot>,
     pub backends: BTreeMap<u32, Backend>,
-    /// Service addresses (network order).
+    /// ClusterIPs (network order).
     pub vips: BTreeMap<u32, Vip>,
 }
 
@@ -84,7 +84,9 @@ pub fn entries(
                 .slots
                 .insert(SlotKey { service_id, slot }, Slot { backend_id });
         }
-        if frontend.kind != FrontendKind::NodePort {
+        // Only ClusterIPs: an external or load-balancer IP may be a node's own address, whose
+        // other ports (ssh, the kubelet) are no service's to drop.
+        if frontend.kind == FrontendKind::ClusterIP {
             entries.vips.entry(key.addr_be).or_default().frontends += 1;
         }
         let flags = match frontend.when_empty {

@@ -15,7 +15,7 @@ use crate::model::{Objects, Skipped, TOPOLOGY_KEYS_ANNOTATION};
 const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
 
 /// What identifies a version of the manifests: a change to any file changes it.
-pub type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64)>;
+pub type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64, u64)>;
 
 #[derive(Clone, Debug)]
 pub struct Manifests {
@@ -40,10 +40,13 @@ impl Manifests {
         self.files()
             .into_iter()
             .map(|file| {
+                // The inode too: a file replaced by rename (kubectl, editors, ConfigMap volumes)
+                // may keep its size and modification time.
                 let meta = fs::metadata(&file).ok();
                 let modified = meta.as_ref().and_then(|m| m.modified().ok());
-                let len = meta.map_or(0, |m| m.len());
-                (file, modified, len)
+                let len = meta.as_ref().map_or(0, |m| m.len());
+                let inode = meta.map_or(0, |m| std::os::unix::fs::MetadataExt::ino(&m));
+                (file, modified, len, inode)
             })
             .collect()
     }
@@ -76,10 +79,21 @@ fn collect(path: &Path, files: &mut Vec<PathBuf>) {
         let Ok(entries) = fs::read_dir(path) else {
             return;
         };
-        let mut children: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
+        // Dot-entries are skipped: a ConfigMap volume keeps every file again under `..data`
+        // and a timestamped directory. Directory symlinks are not followed (no loops).
+        let mut children: Vec<PathBuf> = entries
+            .filter_map(|e| Some(e.ok()?.path()))
+            .filter(|p| {
+                !p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })
+            .collect();
         children.sort();
         for child in children {
-            if child.is_dir()
+            let is_link = child
+                .symlink_metadata()
+                .is_ok_and(|m| m.file_type().is_symlink());
+            if (child.is_dir() && !is_link)
                 || child
                     .extension()
                     .is_some_and(|e| EXTENSIONS.iter().any(|x| e == *x))

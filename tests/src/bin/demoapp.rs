@@ -33,9 +33,12 @@ fn main() -> std::io::Result<()> {
     println!("ready");
     let mut buf = [0u8; 1500];
     loop {
-        let (_, peer) = udp.recv_from(&mut buf)?;
-        let local = udp.local_addr()?;
-        udp.send_to(identity(&name, local, peer).as_bytes(), peer)?;
+        // A datagram that cannot be answered is the client's loss, not the server's end.
+        let Ok((_, peer)) = udp.recv_from(&mut buf) else {
+            continue;
+        };
+        // An unconnected socket does not know which of its addresses the datagram reached.
+        let _ = udp.send_to(format!("pod={name} client={peer}\n").as_bytes(), peer);
     }
 }
 
