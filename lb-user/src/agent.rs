@@ -36,7 +36,7 @@ pub struct Settings {
 /// Runs until SIGINT or SIGTERM, then detaches and removes its pins.
 pub async fn run(settings: Settings) -> Result<()> {
     let (mut datapath, maps) = Datapath::load(&settings.bpffs, &settings.pin_dir)?;
-    let source = Manifests::new(settings.manifests.clone());
+    let mut source = Manifests::new(settings.manifests.clone());
     let mut syncer = Syncer {
         maps,
         config: None,
@@ -55,7 +55,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         let now = source.fingerprint();
         // Writes that failed are retried at every poll, changes or not.
         if fingerprint.as_ref() != Some(&now) || syncer.failed {
-            syncer.sync(&source, &settings.node);
+            syncer.sync(&mut source, &settings.node);
             fingerprint = Some(now);
         }
         // After the first sync, so that no packet meets half-written maps.
@@ -95,7 +95,7 @@ struct Syncer {
 }
 
 impl Syncer {
-    fn sync(&mut self, source: &Manifests, node: &model::NodeConfig) {
+    fn sync(&mut self, source: &mut Manifests, node: &model::NodeConfig) {
         let (objects, mut skipped) = source.load();
         let computed = model::compute(&objects, node);
         skipped.extend(computed.skipped);

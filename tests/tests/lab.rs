@@ -527,3 +527,19 @@ fn a_backend_on_the_node_itself_answers_through_the_vip() {
     assert_eq!(pod_of(&answer), Some("node"), "{answer}");
     assert!(answer.contains(&format!("client={CLIENT_IP}:")), "{answer}");
 }
+
+#[test]
+fn a_manifest_broken_by_an_edit_loses_nothing_programmed() {
+    let lab = lab("broken");
+    lab.edit_manifest("demo.yaml", |t| format!("{t}---\nkind: [unclosed\n"))
+        .unwrap();
+    lab.wait_for("the agent to read the broken file", || {
+        let log = std::fs::read_to_string(lab.agent_log()).unwrap_or_default();
+        Ok(log.contains("its last version without errors stays programmed"))
+    })
+    .unwrap();
+    let dump = lab.dump().unwrap();
+    assert_eq!(backend_count(&dump, "10.96.0.10:80/TCP"), Some(3), "{dump}");
+    let pods = curl_pods(&lab, HTTP_VIP, 3);
+    assert_eq!(counts(&pods).len(), 3, "{pods:?}");
+}

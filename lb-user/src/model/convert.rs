@@ -35,6 +35,15 @@ pub struct Objects {
     pub nodes: Vec<core::Node>,
 }
 
+impl Objects {
+    pub fn extend(&mut self, other: Objects) {
+        self.services.extend(other.services);
+        self.endpoint_slices.extend(other.endpoint_slices);
+        self.endpoints.extend(other.endpoints);
+        self.nodes.extend(other.nodes);
+    }
+}
+
 /// Validates `objects` into a [`Cluster`]; what is left out is listed.
 pub fn cluster(objects: &Objects) -> (Cluster, Vec<Skipped>) {
     let mut skipped = Vec::new();

@@ -2,6 +2,7 @@
 //! A document that does not parse is skipped with its file and position; the others load.
 
 use std::{
+    collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
     time::SystemTime,
@@ -20,11 +21,17 @@ pub type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64, u64)>;
 #[derive(Clone, Debug)]
 pub struct Manifests {
     paths: Vec<PathBuf>,
+    /// Each file's objects as last read without error: a file broken by an edit keeps
+    /// programming these until it reads clean again.
+    last_good: BTreeMap<PathBuf, Objects>,
 }
 
 impl Manifests {
     pub fn new(paths: Vec<PathBuf>) -> Self {
-        Self { paths }
+        Self {
+            paths,
+            last_good: BTreeMap::new(),
+        }
     }
 
     /// The manifest files, directories expanded (recursively, sorted).
@@ -51,7 +58,10 @@ impl Manifests {
             .collect()
     }
 
-    pub fn load(&self) -> (Objects, Vec<Skipped>) {
+    /// Reads every file. A file with an error (a document that does not parse) is reported,
+    /// and its last clean version stands in for it, if it had one: an edit in progress or a
+    /// typo does not delete what the file programmed.
+    pub fn load(&mut self) -> (Objects, Vec<Skipped>) {
         let mut objects = Objects::default();
         let mut skipped = Vec::new();
         for path in &self.paths {
@@ -59,16 +69,28 @@ impl Manifests {
                 skipped.push(Skipped::new(path.display().to_string(), "", "no such file"));
             }
         }
-        for file in self.files() {
+        let files = self.files();
+        self.last_good.retain(|file, _| files.contains(file));
+        for file in files {
+            let origin = file.display().to_string();
+            let mut read = Objects::default();
+            let mut errors = Vec::new();
             match fs::read_to_string(&file) {
-                Ok(text) => parse(
-                    &file.display().to_string(),
-                    &text,
-                    &mut objects,
-                    &mut skipped,
-                ),
-                Err(e) => skipped.push(Skipped::new(file.display().to_string(), "", e.to_string())),
+                Ok(text) => parse(&origin, &text, &mut read, &mut errors),
+                Err(e) => errors.push(Skipped::new(&origin, "", e.to_string())),
             }
+            if errors.is_empty() {
+                self.last_good.insert(file, read.clone());
+            } else if let Some(good) = self.last_good.get(&file) {
+                skipped.push(Skipped::new(
+                    &origin,
+                    "",
+                    "has errors: its last version without errors stays programmed",
+                ));
+                read = good.clone();
+            }
+            skipped.extend(errors);
+            objects.extend(read);
         }
         (objects, skipped)
     }
@@ -238,6 +260,38 @@ items:
         assert_eq!(objects.services.len(), 1);
         assert_eq!(objects.nodes.len(), 1);
         assert_eq!(objects.endpoint_slices.len(), 1);
+    }
+
+    #[test]
+    fn a_file_broken_by_an_edit_keeps_its_last_clean_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("svc.yaml");
+        let good =
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1}\n";
+        fs::write(&file, good).unwrap();
+        let mut source = Manifests::new(vec![dir.path().to_path_buf()]);
+        let (objects, skipped) = source.load();
+        assert_eq!((objects.services.len(), skipped.len()), (1, 0));
+
+        fs::write(&file, format!("{good}---\nkind: [unclosed\n")).unwrap();
+        let (objects, skipped) = source.load();
+        assert_eq!(
+            objects.services.len(),
+            1,
+            "the last clean version stands in"
+        );
+        assert_eq!(
+            skipped.len(),
+            2,
+            "the error, and that the old version stays: {skipped:?}"
+        );
+
+        fs::remove_file(&file).unwrap();
+        let (objects, _) = source.load();
+        assert!(
+            objects.services.is_empty(),
+            "a removed file removes its objects"
+        );
     }
 
     #[test]
