@@ -38,13 +38,17 @@ pub fn is_live(config: &Config, protocol: u8, state: u8, last_seen_ns: u64, now:
     now.saturating_sub(last_seen_ns) <= timeout_ns(config, protocol, state)
 }
 
-/// Records a packet of a live entry.
+/// Records a packet of a live entry; whether the entry was written.
 #[inline(always)]
-pub fn touch(last_seen_ns: &mut u64, state: &mut u8, closing: bool, now: u64) {
+pub fn touch(last_seen_ns: &mut u64, state: &mut u8, closing: bool, now: u64) -> bool {
     if closing && *state != STATE_CLOSING {
         *state = STATE_CLOSING;
         *last_seen_ns = now;
+        true
     } else if now.saturating_sub(*last_seen_ns) > REFRESH_NS {
         *last_seen_ns = now;
+        true
+    } else {
+        false
     }
 }

@@ -147,7 +147,9 @@ fn to_backend<C: Rewrite>(
             let flow = unsafe { &mut *flow };
             match unsafe { BACKENDS.get(flow.backend_id) } {
                 Some(backend) => {
-                    touch(&mut flow.last_seen_ns, &mut flow.state, packet.closing, now);
+                    if touch(&mut flow.last_seen_ns, &mut flow.state, packet.closing, now) {
+                        keep_reply_alive(flow, backend, packet, now);
+                    }
                     (*flow, backend)
                 }
                 None => {
@@ -166,6 +168,26 @@ fn to_backend<C: Rewrite>(
     }
     count(|s| &mut s.forwarded);
     Ok(Verdict::Pass)
+}
+
+/// A flow that only sends (a UDP stream, a half-closed connection) keeps its reply entry alive:
+/// expired, it would let a late reply through unrewritten and free the flow's SNAT port for
+/// another client.
+#[inline(always)]
+fn keep_reply_alive(flow: &Flow, backend: &Backend, packet: &Packet, now: u64) {
+    let reply_key = FlowKey {
+        src_addr_be: backend.addr_be,
+        dst_addr_be: flow.src_addr_be,
+        src_port_be: backend.port_be,
+        dst_port_be: flow.src_port_be,
+        protocol: packet.key.protocol,
+        _pad: [0; 3],
+    };
+    if let Some(reply) = REPLIES.get_ptr_mut(reply_key) {
+        let reply = unsafe { &mut *reply };
+        reply.last_seen_ns = now;
+        reply.state = flow.state;
+    }
 }
 
 /// Gives a flow a backend, and a source to leave with, and records both of its directions.

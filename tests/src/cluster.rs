@@ -23,8 +23,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    BPFFS, POLL, WAIT, binary, copy_manifests, output, run, start_server, stop_agent, tear_down,
-    wire_pod,
+    BPFFS, POLL, WAIT, binary, copy_manifests, dies_with_parent, output, run, start_server,
+    stop_agent, tear_down, wire_pod,
 };
 
 pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
@@ -187,7 +187,7 @@ impl ClusterLab {
     fn start_agent(&mut self, node: &NodeSpec, xdp_mode: &str) -> Result<()> {
         let instance = format!("{}-{}", self.prefix, node.name);
         let log = self.agent_log(node.name);
-        let child = Command::new("nsenter")
+        let child = dies_with_parent(&mut Command::new("nsenter"))
             .arg(format!("--net=/run/netns/{}", self.namespace(node.name)))
             .arg("--")
             .arg(&self.lb_user)

@@ -10,6 +10,7 @@ use std::{
     env, fs,
     io::{BufRead, BufReader, Read, Write},
     net::Ipv4Addr,
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio},
     sync::mpsc,
@@ -153,7 +154,7 @@ impl Lab {
         let log = fs::File::create(self.agent_log())?;
         // nsenter, not `ip netns exec`: that one also unshares the mount namespace and remounts
         // /sys, which would hide the agent's pins under /sys/fs/bpf from everyone else.
-        let child = Command::new("nsenter")
+        let child = dies_with_parent(&mut Command::new("nsenter"))
             .arg(format!("--net=/run/netns/{}", self.node))
             .arg("--")
             .arg(&self.lb_user)
@@ -462,7 +463,7 @@ pub(crate) fn start_server(
     namespace: &str,
     servers: &mut Vec<Child>,
 ) -> Result<()> {
-    let mut child = Command::new("ip")
+    let mut child = dies_with_parent(&mut Command::new("ip"))
         .args(["netns", "exec", namespace])
         .arg(demoapp)
         .arg(name)
@@ -554,6 +555,21 @@ pub(crate) fn wait_output(mut child: Child, limit: Duration) -> Result<Output> {
         stdout,
         stderr,
     })
+}
+
+/// Makes `cmd`'s process die with the test process, even one killed without unwinding, so that
+/// no agent or server outlives its lab.
+pub(crate) fn dies_with_parent(cmd: &mut Command) -> &mut Command {
+    // SAFETY: prctl is async-signal-safe, as pre_exec requires.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        })
+    }
 }
 
 /// Reads a child's pipe to its end on a thread of its own.

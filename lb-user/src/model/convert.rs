@@ -216,7 +216,21 @@ fn service(svc: &core::Service, skipped: &mut Vec<Skipped>) -> Option<Service> {
         .filter(|i| i.ip_mode.as_deref().is_none_or(|m| m == "VIP"))
         .filter_map(|i| i.ip.as_ref())
         .collect();
-    let load_balancer_ips = addresses(vip_ips, "status.loadBalancer.ingress", &object, skipped);
+    let mut load_balancer_ips = addresses(vip_ips, "status.loadBalancer.ingress", &object, skipped);
+    // Not enforced yet: closed rather than open to every source.
+    if spec
+        .load_balancer_source_ranges
+        .as_ref()
+        .is_some_and(|r| !r.is_empty())
+        && !load_balancer_ips.is_empty()
+    {
+        load_balancer_ips.clear();
+        skipped.push(Skipped::new(
+            &object,
+            "spec.loadBalancerSourceRanges",
+            "not enforced yet: its load-balancer IPs are not programmed",
+        ));
+    }
     let ports = spec
         .ports
         .iter()
