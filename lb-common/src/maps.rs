@@ -38,13 +38,13 @@ pub const ALL: [&str; 11] = [
 ];
 
 /// Capacity of [`FRONTENDS`]; service ids are below it, as they index [`CURSORS`].
-pub const MAX_SERVICES: u32 = 65_536;
+pub const MAX_SERVICES: u32 = 131_072;
 /// Capacity of [`SLOTS`].
 pub const MAX_SLOTS: u32 = 1_048_576;
 /// Capacity of [`BACKENDS`].
-pub const MAX_BACKENDS: u32 = 262_144;
+pub const MAX_BACKENDS: u32 = 1_048_576;
 /// Capacity of [`VIPS`].
-pub const MAX_VIPS: u32 = 65_536;
+pub const MAX_VIPS: u32 = 131_072;
 /// Capacity of [`FLOWS`] and of [`REPLIES`].
 pub const MAX_FLOWS: u32 = 262_144;
 /// Capacity of [`SOCKETS`].

@@ -190,6 +190,18 @@ impl Datapath {
             .with_context(|| format!("attaching {name} to {interface} (tcx {direction:?})"))
     }
 
+    /// The tc programs, ingress and egress, loaded and not attached: for `BPF_PROG_TEST_RUN`.
+    pub fn tc_programs(&self) -> Result<(&SchedClassifier, &SchedClassifier)> {
+        let get = |name| -> Result<&SchedClassifier> {
+            let program = self
+                .ebpf
+                .program(name)
+                .with_context(|| format!("no program {name}"))?;
+            Ok(program.try_into()?)
+        };
+        Ok((get(TC_PROGRAM)?, get(TC_EGRESS_PROGRAM)?))
+    }
+
     /// Hooks the sockets of the processes in `cgroup` (those of this network namespace are
     /// balanced at `connect()`, `sendmsg()` and `recvmsg()`), once.
     pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<()> {

@@ -39,6 +39,12 @@ enum Task {
     },
     /// Check formatting and run clippy on every crate, the eBPF one included.
     Lint,
+    /// Build in release mode and run the benchmarks; raw figures under target/bench/.
+    Bench {
+        /// Passed to lb-bench (`--scales 1,1000`, `--runs 3`, ...).
+        #[arg(last = true)]
+        bench_args: Vec<String>,
+    },
     /// Run every test: unit, golden and kernel-level lab tests.
     Test {
         /// Passed to `cargo test` (a filter, `--nocapture`, ...).
@@ -53,6 +59,7 @@ fn main() -> Result<ExitCode> {
         Task::Build => build().map(|_| ExitCode::SUCCESS),
         Task::Run { once, agent_args } => run(once, &agent_args),
         Task::Lint => lint().map(|()| ExitCode::SUCCESS),
+        Task::Bench { bench_args } => bench(&bench_args),
         Task::Test { cargo_args } => test(&cargo_args),
     }
 }
@@ -155,6 +162,35 @@ fn run(once: bool, agent_args: &[String]) -> Result<ExitCode> {
     stop.recv().context("waiting for Ctrl-C")?;
     println!("tearing the lab down");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The per-packet benchmark of the datapath (`lb-bench`), in release mode.
+fn bench(bench_args: &[String]) -> Result<ExitCode> {
+    setup::all()?;
+    let status = cargo()
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "lb-user",
+            "--bin",
+            "lb-bench",
+        ])
+        .status()?;
+    if !status.success() {
+        bail!("cargo build failed");
+    }
+    let output = target_dir().join("bench/datapath.json");
+    let status = Command::new(target_dir().join("release/lb-bench"))
+        .arg("--output")
+        .arg(&output)
+        .args(bench_args)
+        .status()?;
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// `cargo` of the nightly toolchain: rustfmt's import options and the eBPF target need it.

@@ -1,0 +1,410 @@
+//! Per-packet cost of the datapath under `BPF_PROG_TEST_RUN`, beside an empty program's.
+//!
+//! N ClusterIP services of 10 backends each are programmed through the agent's own plan and
+//! maps. Each case then runs a tc program on crafted packets, one packet per call (`repeat`
+//! would re-run the program on the packet it already rewrote), and the same loop runs an empty
+//! tc program: a figure is the difference of the kernel-measured durations. Every output packet
+//! is checked (the rewrite it must carry, valid checksums), so a case can never time a program
+//! that did nothing.
+
+use std::{fs, net::Ipv4Addr, path::PathBuf};
+
+use anyhow::{Context as _, Result, ensure};
+use aya::{
+    Ebpf,
+    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+};
+use clap::Parser;
+use lb_common::maps::Config;
+use lb_user::{
+    datapath::{self, Datapath},
+    model::{self, Algorithm, FrontendKind, Protocol, Scope, WhenEmpty},
+    plan::{self, Ids, MapEntries},
+};
+use serde::Serialize;
+
+/// The empty programs, built beside the datapath.
+static EMPTY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/empty"));
+const BPFFS: &str = "/sys/fs/bpf";
+const TC_ACT_OK: u32 = 0;
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+const NOWHERE: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
+/// The first of the clients new flows come from.
+const NEW_CLIENTS: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 0);
+const BACKENDS_PER_SERVICE: u32 = 10;
+const SERVICE_PORT: u16 = 80;
+const BACKEND_PORT: u16 = 8080;
+/// Client ports of the established and reply cases, outside those new flows cycle through.
+const ESTABLISHED_PORT: u16 = 700;
+
+#[derive(Parser)]
+struct Args {
+    /// Services programmed, one scale after another.
+    #[arg(long, value_delimiter = ',', default_value = "1,1000,10000,100000")]
+    scales: Vec<u32>,
+    /// Runs per case; each figure is the median over them.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Packets per run.
+    #[arg(long, default_value_t = 20_000)]
+    packets: u32,
+    /// Where the raw figures go, as JSON.
+    #[arg(long, default_value = "target/bench/datapath.json")]
+    output: PathBuf,
+}
+
+#[derive(Clone, Copy)]
+enum Case {
+    TcpNew,
+    TcpEstablished,
+    UdpNew,
+    Reply,
+    NoFrontend,
+}
+
+impl Case {
+    const ALL: [Case; 5] = [
+        Case::TcpNew,
+        Case::TcpEstablished,
+        Case::UdpNew,
+        Case::Reply,
+        Case::NoFrontend,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Case::TcpNew => "tcp new flow",
+            Case::TcpEstablished => "tcp established",
+            Case::UdpNew => "udp new flow",
+            Case::Reply => "reply (egress)",
+            Case::NoFrontend => "no frontend",
+        }
+    }
+
+    /// The `n`th packet of the case against `target`'s frontend; for a new-flow case, one of a
+    /// tuple never used before (60,000 client ports per client address).
+    fn packet(self, target: &Target, n: u32) -> Vec<u8> {
+        let client = Ipv4Addr::from(u32::from(NEW_CLIENTS) + n / 60_000);
+        let fresh = 1024 + (n % 60_000) as u16;
+        match self {
+            Case::TcpNew => packet(TCP_SYN, client, target.vip, fresh, SERVICE_PORT),
+            Case::TcpEstablished => {
+                packet(TCP_ACK, CLIENT, target.vip, ESTABLISHED_PORT, SERVICE_PORT)
+            }
+            Case::UdpNew => packet(UDP, client, target.vip, fresh, SERVICE_PORT),
+            Case::Reply => packet(
+                TCP_ACK,
+                target.replier,
+                CLIENT,
+                BACKEND_PORT,
+                ESTABLISHED_PORT,
+            ),
+            Case::NoFrontend => packet(TCP_ACK, CLIENT, NOWHERE, ESTABLISHED_PORT, 80),
+        }
+    }
+
+    /// Whether `output`, the program's answer to `input`, carries the case's rewrite.
+    fn check(self, target: &Target, input: &[u8], output: &[u8]) -> Result<()> {
+        ensure!(
+            checksums_valid(output),
+            "{}: bad checksums out",
+            self.name()
+        );
+        let (src, dst) = (addr(output, 26), addr(output, 30));
+        let (sport, dport) = (port(output, 34), port(output, 36));
+        match self {
+            Case::TcpNew | Case::TcpEstablished | Case::UdpNew => ensure!(
+                target.backends.contains(&dst) && dport == BACKEND_PORT && src == addr(input, 26),
+                "{}: not DNATed to a backend: {dst}:{dport}",
+                self.name()
+            ),
+            Case::Reply => ensure!(
+                src == target.vip && sport == SERVICE_PORT,
+                "{}: not rewritten to the frontend: {src}:{sport}",
+                self.name()
+            ),
+            Case::NoFrontend => ensure!(output == input, "{}: rewritten", self.name()),
+        }
+        Ok(())
+    }
+}
+
+struct Target {
+    vip: Ipv4Addr,
+    backends: Vec<Ipv4Addr>,
+    /// The backend the established flow was given, which the reply case answers from.
+    replier: Ipv4Addr,
+}
+
+#[derive(Serialize)]
+struct Figure {
+    case: &'static str,
+    services: u32,
+    /// Nanoseconds per packet above the empty program: median, min and max over the runs.
+    median_ns: f64,
+    min_ns: f64,
+    max_ns: f64,
+    /// The empty program's own cost per packet, median over the runs.
+    floor_ns: f64,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let mut empty = Ebpf::load(EMPTY_OBJECT).context("loading the empty programs")?;
+    let floor: &mut SchedClassifier = empty
+        .program_mut("empty_tc")
+        .context("no empty_tc")?
+        .try_into()?;
+    floor.load()?;
+    let floor: &SchedClassifier = empty.program("empty_tc").context("empty_tc")?.try_into()?;
+
+    let pin_dir = datapath::pin_dir(BPFFS.as_ref(), &format!("bench-{}", std::process::id()));
+    let (datapath, mut maps) = Datapath::load(BPFFS.as_ref(), &pin_dir)?;
+    let figures = measure(&args, &datapath, &mut maps, floor);
+    datapath.remove()?;
+    let figures = figures?;
+
+    println!(
+        "{:<16} {:>9} {:>10} {:>9} {:>9} {:>9}",
+        "case", "services", "median ns", "min", "max", "floor ns"
+    );
+    for f in &figures {
+        println!(
+            "{:<16} {:>9} {:>10.1} {:>9.1} {:>9.1} {:>9.1}",
+            f.case, f.services, f.median_ns, f.min_ns, f.max_ns, f.floor_ns
+        );
+    }
+    if let Some(dir) = args.output.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write(&args.output, serde_json::to_string_pretty(&figures)?)?;
+    println!("raw figures: {}", args.output.display());
+    Ok(())
+}
+
+fn measure(
+    args: &Args,
+    datapath: &Datapath,
+    maps: &mut lb_user::maps::KernelMaps,
+    floor: &SchedClassifier,
+) -> Result<Vec<Figure>> {
+    maps.write_config(&Config {
+        // Long enough that no flow of a run expires in it.
+        tcp_open_timeout_ns: 3_600_000_000_000,
+        tcp_closing_timeout_ns: 3_600_000_000_000,
+        udp_timeout_ns: 3_600_000_000_000,
+        snat_addr_be: 0,
+        snat_port_min: 61_000,
+        snat_port_max: 65_535,
+        netns_cookie: 0,
+    })?;
+    let (ingress, egress) = datapath.tc_programs()?;
+    let mut ids = Ids::default();
+    let mut programmed = MapEntries::default();
+    let mut figures = Vec::new();
+    for &services in &args.scales {
+        // The service in the middle, not the first written, also has a UDP port.
+        let index = services / 2;
+        let mut frontends: Vec<model::Frontend> = (0..services).map(service).collect();
+        frontends.push(model::Frontend {
+            protocol: Protocol::Udp,
+            ..service(index)
+        });
+        let (desired, skipped) = plan::entries(&mut ids, &frontends, "bench-node");
+        ensure!(
+            skipped.is_empty(),
+            "{services} services do not fit: {:?}",
+            skipped.first()
+        );
+        for op in plan::diff(&programmed, &desired) {
+            maps.apply(&op)
+                .with_context(|| format!("programming {services} services"))?;
+            programmed.apply(&op);
+        }
+        let mut target = Target {
+            vip: vip(index),
+            backends: (0..BACKENDS_PER_SERVICE)
+                .map(|b| backend(index, b))
+                .collect(),
+            replier: Ipv4Addr::UNSPECIFIED,
+        };
+        // The established flow's first packet: its backend is the reply case's source.
+        let first = Case::TcpEstablished.packet(&target, 0);
+        let (_, out) = run(ingress, &first)?;
+        target.replier = addr(&out, 30);
+        for case in Case::ALL {
+            let program = if matches!(case, Case::Reply) {
+                egress
+            } else {
+                ingress
+            };
+            let mut per_run = Vec::new();
+            let mut floors = Vec::new();
+            for run in 0..args.runs {
+                let first = run as u32 * args.packets;
+                let (program_ns, floor_ns) =
+                    time(program, floor, case, &target, first, args.packets)?;
+                per_run.push(program_ns - floor_ns);
+                floors.push(floor_ns);
+            }
+            figures.push(Figure {
+                case: case.name(),
+                services,
+                median_ns: median(&mut per_run),
+                min_ns: per_run.iter().copied().fold(f64::INFINITY, f64::min),
+                max_ns: per_run.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                floor_ns: median(&mut floors),
+            });
+        }
+    }
+    Ok(figures)
+}
+
+/// Mean kernel-measured nanoseconds per packet of `program` and of `floor` over the same
+/// packets (the case's `first`th on), every output of `program` checked.
+fn time(
+    program: &SchedClassifier,
+    floor: &SchedClassifier,
+    case: Case,
+    target: &Target,
+    first: u32,
+    packets: u32,
+) -> Result<(f64, f64)> {
+    let (mut program_ns, mut floor_ns) = (0u128, 0u128);
+    for n in first..first + packets {
+        let input = case.packet(target, n);
+        let (duration, output) = run(program, &input)?;
+        case.check(target, &input, &output)?;
+        program_ns += duration;
+        floor_ns += run(floor, &input)?.0;
+    }
+    let packets = f64::from(packets);
+    Ok((program_ns as f64 / packets, floor_ns as f64 / packets))
+}
+
+/// One packet through `program`: the kernel's duration in ns, and the packet out.
+fn run(program: &SchedClassifier, input: &[u8]) -> Result<(u128, Vec<u8>)> {
+    let mut output = vec![0u8; input.len() + 64];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(input);
+    opts.data_out = Some(&mut output);
+    let result = program.test_run(opts)?;
+    ensure!(
+        result.return_value == TC_ACT_OK,
+        "the program returned {}",
+        result.return_value
+    );
+    output.truncate(result.data_size_out as usize);
+    Ok((result.duration.as_nanos(), output))
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Service `i`: ClusterIP 10.96.0.0/15 + i, port 80, 10 backends of its own on 8080.
+fn service(i: u32) -> model::Frontend {
+    model::Frontend {
+        service: format!("bench/svc-{i}"),
+        port_name: "http".into(),
+        kind: FrontendKind::ClusterIP,
+        scope: Scope::Internal,
+        address: vip(i),
+        port: SERVICE_PORT,
+        protocol: Protocol::Tcp,
+        algorithm: Algorithm::RoundRobin,
+        affinity_timeout: None,
+        when_empty: WhenEmpty::Reject,
+        rule: "ready endpoints".into(),
+        backends: (0..BACKENDS_PER_SERVICE)
+            .map(|b| model::Backend {
+                address: backend(i, b),
+                port: BACKEND_PORT,
+                node: Some("bench-node".into()),
+                zone: None,
+            })
+            .collect(),
+    }
+}
+
+fn vip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i)
+}
+
+fn backend(service: u32, b: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + service * BACKENDS_PER_SERVICE + b)
+}
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+/// Not a TCP flag: asks [`packet`] for a UDP datagram.
+const UDP: u8 = 0;
+
+/// Ethernet + IPv4 + TCP (20 bytes, `flags`) or UDP (8 bytes and 12 of payload), checksums
+/// filled in.
+fn packet(flags: u8, src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    let udp = flags == UDP;
+    let l4_len = 20;
+    let mut p = vec![0u8; 14 + 20 + l4_len];
+    p[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    p[14] = 0x45;
+    p[16..18].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
+    p[22] = 64;
+    p[23] = if udp { 17 } else { 6 };
+    p[26..30].copy_from_slice(&src.octets());
+    p[30..34].copy_from_slice(&dst.octets());
+    let ip_checksum = checksum(&p[14..34], 0);
+    p[24..26].copy_from_slice(&ip_checksum.to_be_bytes());
+    p[34..36].copy_from_slice(&sport.to_be_bytes());
+    p[36..38].copy_from_slice(&dport.to_be_bytes());
+    if udp {
+        p[38..40].copy_from_slice(&(l4_len as u16).to_be_bytes());
+    } else {
+        p[38..42].copy_from_slice(&1u32.to_be_bytes());
+        p[46] = 5 << 4;
+        p[47] = flags;
+        p[48..50].copy_from_slice(&64_240u16.to_be_bytes());
+    }
+    let offset = if udp { 40 } else { 50 };
+    let l4_checksum = match checksum(&p[34..], pseudo_header(&p)) {
+        // UDP's 0 means "no checksum": a sum of 0 is sent as all ones.
+        0 if udp => 0xffff,
+        sum => sum,
+    };
+    p[offset..offset + 2].copy_from_slice(&l4_checksum.to_be_bytes());
+    p
+}
+
+fn pseudo_header(p: &[u8]) -> u32 {
+    let words = |b: &[u8]| -> u32 {
+        b.chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .sum()
+    };
+    words(&p[26..34]) + u32::from(p[23]) + (p.len() as u32 - 34)
+}
+
+/// The Internet checksum of `bytes` (even length) over `sum`.
+fn checksum(bytes: &[u8], mut sum: u32) -> u16 {
+    for w in bytes.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Whether the IPv4 and L4 checksums of `p` verify (sum to all ones).
+fn checksums_valid(p: &[u8]) -> bool {
+    p.len() >= 54 && checksum(&p[14..34], 0) == 0 && checksum(&p[34..], pseudo_header(p)) == 0
+}
+
+fn addr(p: &[u8], at: usize) -> Ipv4Addr {
+    Ipv4Addr::new(p[at], p[at + 1], p[at + 2], p[at + 3])
+}
+
+fn port(p: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([p[at], p[at + 1]])
+}
