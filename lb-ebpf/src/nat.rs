@@ -48,6 +48,19 @@ impl Rewrite for TcContext {
     #[inline(always)]
     fn rewrite(&self, packet: &Packet, end: End, addr_be: u32, port_be: u16) -> Result<(), ()> {
         let (addr_offset, old_addr_be, port_offset, old_port_be) = end.fields(packet);
+        // The IPv4 header checksum is always complete, and the addresses and ports are plain
+        // bytes: direct writes. Only the L4 checksum goes through the helpers, which know
+        // whether the skb holds a complete sum or a CHECKSUM_PARTIAL pseudo-header seed.
+        write_ends(
+            self.data(),
+            self.data_end(),
+            addr_offset,
+            old_addr_be,
+            addr_be,
+            port_offset,
+            old_port_be,
+            port_be,
+        )?;
         // UDP's checksum 0 means "none": the helper must leave it so, and never produce it.
         let l4_flags = if packet.is_udp() {
             u64::from(BPF_F_MARK_MANGLED_0)
@@ -60,18 +73,47 @@ impl Rewrite for TcContext {
             let pseudo = l4_flags | u64::from(BPF_F_PSEUDO_HDR) | 4;
             self.l4_csum_replace(l4_checksum, old, new, pseudo)
                 .map_err(drop)?;
-            self.l3_csum_replace(Packet::IP_CHECKSUM_OFFSET, old, new, 4)
-                .map_err(drop)?;
-            self.store(addr_offset, &addr_be, 0).map_err(drop)?;
         }
         if old_port_be != port_be {
             let (old, new) = (u64::from(old_port_be), u64::from(port_be));
             self.l4_csum_replace(l4_checksum, old, new, l4_flags | 2)
                 .map_err(drop)?;
-            self.store(port_offset, &port_be, 0).map_err(drop)?;
         }
         Ok(())
     }
+}
+
+/// Writes one end's address and port, and updates the IPv4 header checksum for the address.
+#[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one end's old and new fields, spelled out"
+)]
+fn write_ends(
+    data: usize,
+    data_end: usize,
+    addr_offset: usize,
+    old_addr_be: u32,
+    addr_be: u32,
+    port_offset: usize,
+    old_port_be: u16,
+    port_be: u16,
+) -> Result<(), ()> {
+    let ip_checksum = ptr_at::<u16>(data, data_end, Packet::IP_CHECKSUM_OFFSET).ok_or(())?;
+    let addr = ptr_at::<u32>(data, data_end, addr_offset).ok_or(())?;
+    let port = ptr_at::<u16>(data, data_end, port_offset).ok_or(())?;
+    // SAFETY: each pointer was bounds-checked against the packet above.
+    unsafe {
+        if old_addr_be != addr_be {
+            let ip_checksum = ip_checksum.cast_mut();
+            *ip_checksum = checksum_update(*ip_checksum, old_addr_be, addr_be);
+            *addr.cast_mut() = addr_be;
+        }
+        if old_port_be != port_be {
+            *port.cast_mut() = port_be;
+        }
+    }
+    Ok(())
 }
 
 impl Rewrite for XdpContext {
