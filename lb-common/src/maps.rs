@@ -150,15 +150,18 @@ pub struct FlowKey {
 pub struct Flow {
     /// `bpf_ktime_get_coarse_ns` of the last packet (refreshed at most once a second).
     pub last_seen_ns: u64,
-    /// When this id is no longer in [`BACKENDS`], the flow gets a new backend.
+    /// While its frontend exists, a flow whose backend id is no longer in [`BACKENDS`] gets a
+    /// new backend; once its Service is deleted, it stays on the address below.
     pub backend_id: u32,
+    pub backend_addr_be: u32,
     /// The source address and port the flow's packets leave with: the client's own unless
     /// SNATed.
     pub src_addr_be: u32,
+    pub backend_port_be: u16,
     pub src_port_be: u16,
     /// `STATE_*`.
     pub state: u8,
-    pub _pad: [u8; 5],
+    pub _pad: [u8; 7],
 }
 
 /// A backend's reply flow: its source is rewritten back to the frontend and its destination
@@ -278,7 +281,7 @@ const _: () = {
     assert!(size_of::<Slot>() == 4);
     assert!(size_of::<Backend>() == 8);
     assert!(size_of::<FlowKey>() == 16);
-    assert!(size_of::<Flow>() == 24);
+    assert!(size_of::<Flow>() == 32);
     assert!(size_of::<Reply>() == 24);
     assert!(size_of::<Config>() == 40);
     assert!(size_of::<Stats>() == 88);

@@ -26,8 +26,8 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 use lb_common::maps::{
-    BACKEND_LOCAL, Backend, FRONTEND_REJECT_WHEN_EMPTY, Flow, FlowKey, Frontend, FrontendKey,
-    Reply, SCOPE_EXTERNAL, SCOPE_INTERNAL, STATE_CLOSING, STATE_OPEN,
+    BACKEND_LOCAL, FRONTEND_REJECT_WHEN_EMPTY, Flow, FlowKey, Frontend, FrontendKey, Reply,
+    SCOPE_EXTERNAL, SCOPE_INTERNAL, STATE_CLOSING, STATE_OPEN,
 };
 
 use crate::{
@@ -106,62 +106,73 @@ pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
     socket::recvmsg4(&ctx)
 }
 
-/// The packet core: a packet to a frontend of `scope` goes to a backend, a backend's reply
-/// back to its client.
+/// The packet core. A packet of a live flow goes to the flow's backend, whether or not its
+/// frontend is still there (as with kube-proxy's conntrack, deleting a Service does not cut its
+/// established connections); a packet to a frontend of `scope` starts a flow; a backend's reply
+/// goes back to its client.
 #[inline(always)]
 fn balance<C: Rewrite>(ctx: &C, packet: &Packet, scope: u8) -> Verdict {
-    let frontend_key = FrontendKey {
-        addr_be: packet.key.dst_addr_be,
-        port_be: packet.key.dst_port_be,
-        protocol: packet.key.protocol,
-        scope,
-    };
-    let result = match unsafe { FRONTENDS.get(frontend_key) } {
-        Some(frontend) => to_backend(ctx, packet, frontend, scope),
-        None => to_client(ctx, packet, Hook::Ingress),
-    };
-    match result {
+    match try_balance(ctx, packet, scope) {
         Ok(verdict) | Err(verdict) => verdict,
     }
 }
 
-/// A client's packet to a frontend: DNAT to the flow's backend (and SNAT if the flow is).
 #[inline(always)]
-fn to_backend<C: Rewrite>(
-    ctx: &C,
-    packet: &Packet,
-    frontend: &Frontend,
-    scope: u8,
-) -> Result<Verdict, Verdict> {
-    let config = config().ok_or_else(error)?;
-    let now = now_ns();
+fn try_balance<C: Rewrite>(ctx: &C, packet: &Packet, scope: u8) -> Result<Verdict, Verdict> {
     let protocol = packet.key.protocol;
-    // A SYN on a flow that is closing opens a new connection on a reused 4-tuple.
-    let live_flow = FLOWS.get_ptr_mut(packet.key).filter(|&flow| {
-        let flow = unsafe { &*flow };
-        is_live(config, protocol, flow.state, flow.last_seen_ns, now)
-            && !(flow.state == STATE_CLOSING && packet.opens_connection())
-    });
-    let (flow, backend) = match live_flow {
-        Some(flow) => {
-            let flow = unsafe { &mut *flow };
-            match unsafe { BACKENDS.get(flow.backend_id) } {
-                Some(backend) => {
-                    if touch(&mut flow.last_seen_ns, &mut flow.state, packet.closing, now) {
-                        keep_reply_alive(flow, backend, packet, now);
-                    }
-                    (*flow, backend)
+    let mut backend_gone = false;
+    // Config and clock only once there is a flow or a frontend: most packets have neither.
+    if let Some(flow) = FLOWS.get_ptr_mut(packet.key) {
+        let flow = unsafe { &mut *flow };
+        let config = config().ok_or_else(error)?;
+        let now = now_ns();
+        // A SYN on a flow that is closing opens a new connection on a reused 4-tuple.
+        let live = is_live(config, protocol, flow.state, flow.last_seen_ns, now)
+            && !(flow.state == STATE_CLOSING && packet.opens_connection());
+        if live {
+            // A backend still programmed, or a Service deleted (no frontend left): the flow
+            // stays on its backend. A backend removed from a Service that remains: a new one.
+            let stays = unsafe { BACKENDS.get(flow.backend_id) }.is_some()
+                || unsafe { FRONTENDS.get(frontend_key(packet, scope)) }.is_none();
+            if stays {
+                if touch(&mut flow.last_seen_ns, &mut flow.state, packet.closing, now) {
+                    keep_reply_alive(flow, packet, now);
                 }
-                None => {
-                    count(|s| &mut s.reselected);
-                    new_flow(packet, frontend, scope, now)?
-                }
+                return forward(ctx, packet, flow);
             }
+            backend_gone = true;
         }
-        None => new_flow(packet, frontend, scope, now)?,
+    }
+    let Some(frontend) = (unsafe { FRONTENDS.get(frontend_key(packet, scope)) }) else {
+        return to_client(ctx, packet, Hook::Ingress);
     };
-    ctx.rewrite(packet, End::Destination, backend.addr_be, backend.port_be)
-        .map_err(|()| error())?;
+    if backend_gone {
+        count(|s| &mut s.reselected);
+    }
+    let flow = new_flow(packet, frontend, scope, now_ns())?;
+    forward(ctx, packet, &flow)
+}
+
+#[inline(always)]
+fn frontend_key(packet: &Packet, scope: u8) -> FrontendKey {
+    FrontendKey {
+        addr_be: packet.key.dst_addr_be,
+        port_be: packet.key.dst_port_be,
+        protocol: packet.key.protocol,
+        scope,
+    }
+}
+
+/// DNATs a packet of `flow` to its backend, and SNATs it if the flow is.
+#[inline(always)]
+fn forward<C: Rewrite>(ctx: &C, packet: &Packet, flow: &Flow) -> Result<Verdict, Verdict> {
+    ctx.rewrite(
+        packet,
+        End::Destination,
+        flow.backend_addr_be,
+        flow.backend_port_be,
+    )
+    .map_err(|()| error())?;
     if (flow.src_addr_be, flow.src_port_be) != (packet.key.src_addr_be, packet.key.src_port_be) {
         ctx.rewrite(packet, End::Source, flow.src_addr_be, flow.src_port_be)
             .map_err(|()| error())?;
@@ -174,11 +185,11 @@ fn to_backend<C: Rewrite>(
 /// expired, it would let a late reply through unrewritten and free the flow's SNAT port for
 /// another client.
 #[inline(always)]
-fn keep_reply_alive(flow: &Flow, backend: &Backend, packet: &Packet, now: u64) {
+fn keep_reply_alive(flow: &Flow, packet: &Packet, now: u64) {
     let reply_key = FlowKey {
-        src_addr_be: backend.addr_be,
+        src_addr_be: flow.backend_addr_be,
         dst_addr_be: flow.src_addr_be,
-        src_port_be: backend.port_be,
+        src_port_be: flow.backend_port_be,
         dst_port_be: flow.src_port_be,
         protocol: packet.key.protocol,
         _pad: [0; 3],
@@ -192,12 +203,7 @@ fn keep_reply_alive(flow: &Flow, backend: &Backend, packet: &Packet, now: u64) {
 
 /// Gives a flow a backend, and a source to leave with, and records both of its directions.
 #[inline(always)]
-fn new_flow(
-    packet: &Packet,
-    frontend: &Frontend,
-    scope: u8,
-    now: u64,
-) -> Result<(Flow, &'static Backend), Verdict> {
+fn new_flow(packet: &Packet, frontend: &Frontend, scope: u8, now: u64) -> Result<Flow, Verdict> {
     if frontend.backend_count == 0 {
         if frontend.flags & FRONTEND_REJECT_WHEN_EMPTY != 0 {
             count(|s| &mut s.rejected_no_backend);
@@ -250,10 +256,12 @@ fn new_flow(
     let flow = Flow {
         last_seen_ns: now,
         backend_id,
+        backend_addr_be: backend.addr_be,
         src_addr_be: reply_key.dst_addr_be,
+        backend_port_be: backend.port_be,
         src_port_be: reply_key.dst_port_be,
         state,
-        _pad: [0; 5],
+        _pad: [0; 7],
     };
     if FLOWS.insert(client, flow, 0).is_err() {
         // Without its flow the reply entry would hold a SNAT port for nothing.
@@ -261,7 +269,7 @@ fn new_flow(
         return Err(error());
     }
     count(|s| &mut s.new_flows);
-    Ok((flow, backend))
+    Ok(flow)
 }
 
 /// A packet that may be a backend's reply: rewrite it back to the frontend and the client. On

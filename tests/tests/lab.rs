@@ -543,3 +543,24 @@ fn a_manifest_broken_by_an_edit_loses_nothing_programmed() {
     let pods = curl_pods(&lab, HTTP_VIP, 3);
     assert_eq!(counts(&pods).len(), 3, "{pods:?}");
 }
+
+#[test]
+fn deleting_a_service_spares_its_established_connections() {
+    let lab = lab("delete");
+    let mut held = lab.connect(ECHO_VIP).expect("connect to the echo VIP");
+    let first = held.ask("before").expect("echo through the VIP");
+    std::fs::remove_file(lab.manifests.path().join("demo.yaml")).unwrap();
+    lab.wait_for_dump("demo's frontends to go", |d| {
+        backend_count(d, "10.96.0.10:9000/TCP").is_none()
+            && backend_count(d, "10.96.0.10:80/TCP").is_none()
+    })
+    .unwrap();
+    let again = held
+        .ask("after")
+        .expect("the connection outlives its Service");
+    assert_eq!(pod_of(&again), pod_of(&first), "{again}");
+    assert!(
+        lab.curl(HTTP_VIP).is_err(),
+        "no new connection to a deleted Service"
+    );
+}
