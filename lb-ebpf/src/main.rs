@@ -21,7 +21,7 @@ mod socket;
 mod stats;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
@@ -181,9 +181,9 @@ fn forward<C: Rewrite>(ctx: &C, packet: &Packet, flow: &Flow) -> Result<Verdict,
     Ok(Verdict::Pass)
 }
 
-/// A flow that only sends (a UDP stream, a half-closed connection) keeps its reply entry alive:
-/// expired, it would let a late reply through unrewritten and free the flow's SNAT port for
-/// another client.
+/// A flow that only sends (a UDP stream, a half-closed connection) keeps its reply entry alive,
+/// and one the LRU table evicted is made again: without it a late reply would pass
+/// unrewritten and the flow's SNAT port go to another client.
 #[inline(always)]
 fn keep_reply_alive(flow: &Flow, packet: &Packet, now: u64) {
     let reply_key = FlowKey {
@@ -198,7 +198,19 @@ fn keep_reply_alive(flow: &Flow, packet: &Packet, now: u64) {
         let reply = unsafe { &mut *reply };
         reply.last_seen_ns = now;
         reply.state = flow.state;
+        return;
     }
+    let reply = Reply {
+        last_seen_ns: now,
+        frontend_addr_be: packet.key.dst_addr_be,
+        client_addr_be: packet.key.src_addr_be,
+        frontend_port_be: packet.key.dst_port_be,
+        client_port_be: packet.key.src_port_be,
+        state: flow.state,
+        _pad: [0; 3],
+    };
+    // Only if still free: a SNAT port is not taken from a flow that holds it now.
+    let _ = REPLIES.insert(reply_key, reply, u64::from(BPF_NOEXIST));
 }
 
 /// Gives a flow a backend, and a source to leave with, and records both of its directions.

@@ -34,7 +34,7 @@ const NEW_CLIENTS: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 0);
 const BACKENDS_PER_SERVICE: u32 = 10;
 const SERVICE_PORT: u16 = 80;
 const BACKEND_PORT: u16 = 8080;
-/// Client ports of the established and reply cases, outside those new flows cycle through.
+/// The first client port of the established and reply cases, below those new flows use.
 const ESTABLISHED_PORT: u16 = 700;
 
 #[derive(Parser)]
@@ -88,16 +88,20 @@ impl Case {
         let fresh = 1024 + (n % 60_000) as u16;
         match self {
             Case::TcpNew => packet(TCP_SYN, client, target.vip, fresh, SERVICE_PORT),
-            Case::TcpEstablished => {
-                packet(TCP_ACK, CLIENT, target.vip, ESTABLISHED_PORT, SERVICE_PORT)
-            }
+            Case::TcpEstablished => packet(
+                TCP_ACK,
+                CLIENT,
+                target.vip,
+                target.established_port,
+                SERVICE_PORT,
+            ),
             Case::UdpNew => packet(UDP, client, target.vip, fresh, SERVICE_PORT),
             Case::Reply => packet(
                 TCP_ACK,
                 target.replier,
                 CLIENT,
                 BACKEND_PORT,
-                ESTABLISHED_PORT,
+                target.established_port,
             ),
             Case::NoFrontend => packet(TCP_ACK, CLIENT, NOWHERE, ESTABLISHED_PORT, 80),
         }
@@ -134,6 +138,8 @@ struct Target {
     backends: Vec<Ipv4Addr>,
     /// The backend the established flow was given, which the reply case answers from.
     replier: Ipv4Addr,
+    /// The established flow's client port, below those new flows cycle through.
+    established_port: u16,
 }
 
 #[derive(Serialize)]
@@ -227,12 +233,16 @@ fn measure(
                 .map(|b| backend(index, b))
                 .collect(),
             replier: Ipv4Addr::UNSPECIFIED,
+            established_port: ESTABLISHED_PORT,
         };
-        // The established flow's first packet: its backend is the reply case's source.
-        let first = Case::TcpEstablished.packet(&target, 0);
-        let (_, out) = run(ingress, &first)?;
-        target.replier = addr(&out, 30);
         for case in Case::ALL {
+            // The established flow, made just before each case from a client port of its own:
+            // the new-flow cases before may have pushed an older one out of the LRU tables.
+            // Its backend is the replier.
+            target.established_port += 1;
+            let first = Case::TcpEstablished.packet(&target, 0);
+            let (_, out) = run(ingress, &first)?;
+            target.replier = addr(&out, 30);
             let program = if matches!(case, Case::Reply) {
                 egress
             } else {
