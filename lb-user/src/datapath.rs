@@ -271,7 +271,9 @@ fn interfaces() -> Result<Vec<(u32, String)>> {
     Ok(names)
 }
 
-fn remove_pins(pin_dir: &Path) -> Result<()> {
+/// Removes what an instance left pinned (an agent stopped by SIGKILL leaves its maps); its
+/// links and programs went with its process.
+pub fn remove_pins(pin_dir: &Path) -> Result<()> {
     match fs::read_dir(pin_dir) {
         Ok(entries) => {
             for entry in entries {

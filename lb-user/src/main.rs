@@ -24,6 +24,21 @@ enum Command {
     Plan(PlanArgs),
     /// Print the entries an agent instance has in its pinned maps, and its counters.
     Dump(InstanceArgs),
+    /// Print the services an agent instance programmed, as `ipvsadm -Ln` does, from its
+    /// pinned maps: what the kernel has, not what the manifests say.
+    Inspect(InstanceArgs),
+    /// Remove what an agent instance left on this node (its pinned maps, after a SIGKILL). A
+    /// running agent keeps working, but can no longer be inspected.
+    Cleanup(CleanupArgs),
+}
+
+#[derive(clap::Args)]
+struct CleanupArgs {
+    #[command(flatten)]
+    instance: InstanceArgs,
+    /// Every instance under <bpffs>/lb, not only --instance.
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(clap::Args)]
@@ -166,6 +181,11 @@ async fn main() -> Result<()> {
             exit_quietly_on_closed_pipe();
             dump(&args)
         }
+        Command::Inspect(args) => {
+            exit_quietly_on_closed_pipe();
+            inspect(&args)
+        }
+        Command::Cleanup(args) => cleanup(&args),
     }
 }
 
@@ -253,10 +273,39 @@ fn plan(args: &PlanArgs) -> Result<()> {
     Ok(())
 }
 
-fn dump(args: &InstanceArgs) -> Result<()> {
+fn open_instance(args: &InstanceArgs) -> Result<KernelMaps> {
     let pin_dir = datapath::pin_dir(&args.bpffs, &args.instance);
-    let maps = KernelMaps::open_pinned(&pin_dir)
-        .with_context(|| format!("no agent instance pinned at {}", pin_dir.display()))?;
+    KernelMaps::open_pinned(&pin_dir)
+        .with_context(|| format!("no agent instance pinned at {}", pin_dir.display()))
+}
+
+fn inspect(args: &InstanceArgs) -> Result<()> {
+    print!("{}", open_instance(args)?.read()?.table());
+    Ok(())
+}
+
+fn cleanup(args: &CleanupArgs) -> Result<()> {
+    let instances: Vec<String> = if args.all {
+        match std::fs::read_dir(args.instance.bpffs.join("lb")) {
+            Ok(entries) => entries
+                .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).context("listing the instances"),
+        }
+    } else {
+        vec![args.instance.instance.clone()]
+    };
+    for instance in instances {
+        let pin_dir = datapath::pin_dir(&args.instance.bpffs, &instance);
+        datapath::remove_pins(&pin_dir)?;
+        println!("removed {}", pin_dir.display());
+    }
+    Ok(())
+}
+
+fn dump(args: &InstanceArgs) -> Result<()> {
+    let maps = open_instance(args)?;
     print!("{}", maps.read()?.dump());
     let s = maps.stats()?;
     println!(

@@ -181,13 +181,31 @@ impl Lab {
 
     /// `lb-user dump` of this lab's agent: its map entries and counters.
     pub fn dump(&self) -> Result<String> {
+        self.lb_user("dump")
+    }
+
+    /// `lb-user <command>` for this lab's agent instance; its output.
+    pub fn lb_user(&self, command: &str) -> Result<String> {
         output(Command::new(&self.lb_user).args([
-            "dump",
+            command,
             "--instance",
             &self.prefix,
             "--bpffs",
             BPFFS,
         ]))
+    }
+
+    /// Where this lab's agent pins its maps.
+    pub fn pin_dir(&self) -> PathBuf {
+        Path::new(BPFFS).join("lb").join(&self.prefix)
+    }
+
+    /// Kills the agent as `kill -9` would: no chance to clean up.
+    pub fn kill_agent(&self) {
+        if let Some(mut agent) = self.agent.take() {
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
     }
 
     /// Waits until the dump satisfies `done`; returns it.

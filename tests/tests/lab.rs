@@ -564,3 +564,25 @@ fn deleting_a_service_spares_its_established_connections() {
         "no new connection to a deleted Service"
     );
 }
+
+#[test]
+fn inspect_shows_the_kernel_and_cleanup_removes_what_a_killed_agent_left() {
+    let lab = lab("inspect");
+    let table = lab.lb_user("inspect").unwrap();
+    let demo: Vec<&str> = table
+        .lines()
+        .skip_while(|l| !l.starts_with("TCP  10.96.0.10:80 "))
+        .skip(1)
+        .take_while(|l| l.starts_with("  -> "))
+        .collect();
+    assert_eq!(demo.len(), 3, "demo's three backends:\n{table}");
+    assert!(demo.iter().all(|l| l.ends_with(":8080 local")), "{table}");
+
+    lab.kill_agent();
+    assert!(
+        lab.pin_dir().exists(),
+        "a killed agent leaves its maps pinned"
+    );
+    lab.lb_user("cleanup").unwrap();
+    assert!(!lab.pin_dir().exists(), "cleanup removes them");
+}

@@ -206,6 +206,72 @@ impl MapEntries {
     }
 }
 
+impl MapEntries {
+    /// The services as `ipvsadm -Ln` shows them: each frontend, then the backends of its slots
+    /// in order.
+    pub fn table(&self) -> String {
+        let mut out = String::from(
+            "Prot LocalAddress:Port        Scope    Scheduler    Flags\n  -> RemoteAddress:Port\n",
+        );
+        for (key, fe) in &self.frontends {
+            let protocol = match key.protocol {
+                PROTO_TCP => "TCP",
+                PROTO_UDP => "UDP",
+                _ => "?",
+            };
+            let address = format!(
+                "{}:{}",
+                Ipv4Addr::from(u32::from_be(key.addr_be)),
+                u16::from_be(key.port_be)
+            );
+            let scope = if key.scope == SCOPE_EXTERNAL {
+                "external"
+            } else {
+                "internal"
+            };
+            let mut flags = Vec::new();
+            if fe.flags & FRONTEND_REJECT_WHEN_EMPTY != 0 {
+                flags.push("reject-when-empty".to_string());
+            }
+            if fe.affinity_timeout_s != 0 {
+                flags.push(format!("persistent {}", fe.affinity_timeout_s));
+            }
+            let _ = writeln!(
+                out,
+                "{protocol:<4} {address:<24} {scope:<8} {:<12} {}",
+                algorithm_name(fe.algorithm),
+                flags.join(",")
+            );
+            for slot in 1..=u32::from(fe.backend_count) {
+                let key = SlotKey {
+                    service_id: fe.service_id,
+                    slot,
+                };
+                let line = match self.slots.get(&key) {
+                    None => "(slot missing)".to_string(),
+                    Some(s) => match self.backends.get(&s.backend_id) {
+                        None => format!("(backend {} missing)", s.backend_id),
+                        Some(be) => {
+                            let local = if be.flags & BACKEND_LOCAL != 0 {
+                                " local"
+                            } else {
+                                ""
+                            };
+                            format!(
+                                "{}:{}{local}",
+                                Ipv4Addr::from(u32::from_be(be.addr_be)),
+                                u16::from_be(be.port_be)
+                            )
+                        }
+                    },
+                };
+                let _ = writeln!(out, "  -> {line}");
+            }
+        }
+        out
+    }
+}
+
 fn endpoint(addr_be: u32, port_be: u16, protocol: u8) -> String {
     let protocol = match protocol {
         PROTO_TCP => "TCP".to_string(),
@@ -299,6 +365,25 @@ mod tests {
             .map(|(k, v)| (k.service_id, k.slot, v.backend_id))
             .collect();
         assert_eq!(slots, [(1, 1, 1), (1, 2, 2)]);
+    }
+
+    #[test]
+    fn the_table_lists_each_frontend_and_its_backends_in_slot_order() {
+        let backends = [
+            (Ipv4Addr::new(10, 244, 0, 12), 8080),
+            (Ipv4Addr::new(10, 244, 0, 11), 8080),
+        ];
+        let (entries, _) = entries(
+            &mut Ids::default(),
+            &[frontend(Algorithm::RoundRobin, &backends)],
+            "node-a",
+        );
+        assert_eq!(
+            entries.table(),
+            "Prot LocalAddress:Port        Scope    Scheduler    Flags\n  -> RemoteAddress:Port\n\
+             TCP  10.96.0.10:80            internal round-robin  reject-when-empty\n  \
+             -> 10.244.0.12:8080 local\n  -> 10.244.0.11:8080 local\n"
+        );
     }
 
     #[test]
