@@ -27,14 +27,27 @@ pub const SOCKETS: &str = "lb_sockets_v1";
 pub const AFFINITY: &str = "lb_affinity_v1";
 /// Per-CPU round-robin cursor of each service, indexed by service id: `u32`.
 pub const CURSORS: &str = "lb_cursors_v1";
+/// Per-CPU counters of each frontend, indexed by its service id: [`FrontendStats`].
+pub const FRONTEND_STATS: &str = "lb_fe_stats_v1";
 /// Per-CPU counters, one entry: [`Stats`].
 pub const STATS: &str = "lb_stats_v1";
 /// Datapath settings, one entry: [`Config`]. Written by the agent.
 pub const CONFIG: &str = "lb_config_v1";
 
 /// Every map, in the order the agent pins them.
-pub const ALL: [&str; 11] = [
-    FRONTENDS, SLOTS, BACKENDS, VIPS, FLOWS, REPLIES, SOCKETS, AFFINITY, CURSORS, STATS, CONFIG,
+pub const ALL: [&str; 12] = [
+    FRONTENDS,
+    SLOTS,
+    BACKENDS,
+    VIPS,
+    FLOWS,
+    REPLIES,
+    SOCKETS,
+    AFFINITY,
+    CURSORS,
+    FRONTEND_STATS,
+    STATS,
+    CONFIG,
 ];
 
 /// Capacity of [`FRONTENDS`]; service ids are below it, as they index [`CURSORS`].
@@ -161,7 +174,9 @@ pub struct Flow {
     pub src_port_be: u16,
     /// `STATE_*`.
     pub state: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
+    /// The frontend the flow came in by, whose counters its packets count in.
+    pub service_id: u32,
 }
 
 /// A backend's reply flow: its source is rewritten back to the frontend and its destination
@@ -242,6 +257,17 @@ pub struct Config {
     pub netns_cookie: u64,
 }
 
+/// A frontend's counters, per CPU: the agent sums them for `/metrics`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrontendStats {
+    /// Packets sent to a backend.
+    pub packets: u64,
+    /// Their IP lengths.
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
 /// Datapath counters, per CPU: the agent sums them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -286,6 +312,7 @@ const _: () = {
     assert!(size_of::<Config>() == 40);
     assert!(size_of::<Stats>() == 88);
     assert!(size_of::<Vip>() == 4);
+    assert!(size_of::<FrontendStats>() == 24);
     assert!(size_of::<SocketKey>() == 16);
     assert!(size_of::<SocketFrontend>() == 8);
     assert!(size_of::<AffinityKey>() == 8);
@@ -308,6 +335,7 @@ mod pod {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for Vip {}
+    unsafe impl aya::Pod for FrontendStats {}
     unsafe impl aya::Pod for SocketKey {}
     unsafe impl aya::Pod for SocketFrontend {}
     unsafe impl aya::Pod for Affinity {}

@@ -37,7 +37,7 @@ use crate::{
     parse::{Packet, parse},
     reject::reject,
     select::select_backend,
-    stats::count,
+    stats::{count, count_frontend},
 };
 
 /// Where a program runs: before routing, or after.
@@ -138,7 +138,7 @@ fn try_balance<C: Rewrite>(ctx: &C, packet: &Packet, scope: u8) -> Result<Verdic
                 if touch(&mut flow.last_seen_ns, &mut flow.state, packet.closing, now) {
                     keep_reply_alive(flow, packet, now);
                 }
-                return forward(ctx, packet, flow);
+                return forward(ctx, packet, flow, false);
             }
             backend_gone = true;
         }
@@ -150,7 +150,7 @@ fn try_balance<C: Rewrite>(ctx: &C, packet: &Packet, scope: u8) -> Result<Verdic
         count(|s| &mut s.reselected);
     }
     let flow = new_flow(packet, frontend, scope, now_ns())?;
-    forward(ctx, packet, &flow)
+    forward(ctx, packet, &flow, true)
 }
 
 #[inline(always)]
@@ -165,7 +165,12 @@ fn frontend_key(packet: &Packet, scope: u8) -> FrontendKey {
 
 /// DNATs a packet of `flow` to its backend, and SNATs it if the flow is.
 #[inline(always)]
-fn forward<C: Rewrite>(ctx: &C, packet: &Packet, flow: &Flow) -> Result<Verdict, Verdict> {
+fn forward<C: Rewrite>(
+    ctx: &C,
+    packet: &Packet,
+    flow: &Flow,
+    new_flow: bool,
+) -> Result<Verdict, Verdict> {
     ctx.rewrite(
         packet,
         End::Destination,
@@ -178,6 +183,7 @@ fn forward<C: Rewrite>(ctx: &C, packet: &Packet, flow: &Flow) -> Result<Verdict,
             .map_err(|()| error())?;
     }
     count(|s| &mut s.forwarded);
+    count_frontend(flow.service_id, packet.ip_len, new_flow);
     Ok(Verdict::Pass)
 }
 
@@ -273,7 +279,8 @@ fn new_flow(packet: &Packet, frontend: &Frontend, scope: u8, now: u64) -> Result
         backend_port_be: backend.port_be,
         src_port_be: reply_key.dst_port_be,
         state,
-        _pad: [0; 7],
+        _pad: [0; 3],
+        service_id: frontend.service_id,
     };
     if FLOWS.insert(client, flow, 0).is_err() {
         // Without its flow the reply entry would hold a SNAT port for nothing.

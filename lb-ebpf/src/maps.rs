@@ -11,9 +11,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::maps::{
-    Affinity, AffinityKey, Backend, Config, Flow, FlowKey, Frontend, FrontendKey, MAX_AFFINITIES,
-    MAX_BACKENDS, MAX_FLOWS, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MAX_VIPS, Reply, Slot, SlotKey,
-    SocketFrontend, SocketKey, Stats, Vip,
+    Affinity, AffinityKey, Backend, Config, Flow, FlowKey, Frontend, FrontendKey, FrontendStats,
+    MAX_AFFINITIES, MAX_BACKENDS, MAX_FLOWS, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MAX_VIPS, Reply,
+    Slot, SlotKey, SocketFrontend, SocketKey, Stats, Vip,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -47,6 +47,10 @@ pub static AFFINITY: LruHashMap<AffinityKey, Affinity, { MAX_AFFINITIES as usize
 
 #[btf_map(name = "lb_cursors_v1")]
 pub static CURSORS: PerCpuArray<u32, { MAX_SERVICES as usize }> = PerCpuArray::new();
+
+#[btf_map(name = "lb_fe_stats_v1")]
+pub static FRONTEND_STATS: PerCpuArray<FrontendStats, { MAX_SERVICES as usize }> =
+    PerCpuArray::new();
 
 #[btf_map(name = "lb_stats_v1")]
 pub static STATS: PerCpuArray<Stats, 1> = PerCpuArray::new();

@@ -35,6 +35,8 @@ pub struct Packet {
     pub l4_offset: usize,
     /// The TCP flags; 0 for UDP.
     pub tcp_flags: u8,
+    /// The IPv4 total length.
+    pub ip_len: u16,
     /// A TCP FIN or RST: the flow is closing.
     pub closing: bool,
 }
@@ -126,6 +128,7 @@ pub fn parse(data: usize, data_end: usize) -> Option<Packet> {
         },
         l4_offset,
         tcp_flags,
+        ip_len: u16::from_be(ip.total_len_be),
         closing: tcp_flags & (TCP_FIN | TCP_RST) != 0,
     })
 }

@@ -1,6 +1,12 @@
 //! The agent's loop: when the manifests change, recompute and write the difference to the maps.
 
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Result;
 use aya::programs::XdpMode;
@@ -14,6 +20,7 @@ use crate::{
     model,
     plan::{self, Ids, MapEntries},
     sources::manifests::Manifests,
+    status::{self, FrontendLabels, Status},
 };
 
 pub struct Settings {
@@ -31,11 +38,19 @@ pub struct Settings {
     pub poll_interval: Duration,
     /// Timeouts and the SNAT port range; the agent fills in the SNAT address.
     pub config: Config,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    pub status_address: SocketAddr,
 }
 
 /// Runs until SIGINT or SIGTERM, then detaches and removes its pins.
 pub async fn run(settings: Settings) -> Result<()> {
     let (mut datapath, maps) = Datapath::load(&settings.bpffs, &settings.pin_dir)?;
+    let status = Arc::new(Status::default());
+    let server = tokio::spawn(status::serve(
+        settings.status_address,
+        Arc::clone(&status),
+        settings.pin_dir.clone(),
+    ));
     let mut source = Manifests::new(settings.manifests.clone());
     let mut syncer = Syncer {
         maps,
@@ -45,6 +60,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         programmed: MapEntries::default(),
         generation: 0,
         failed: false,
+        status: Arc::clone(&status),
     };
     let mut fingerprint = None;
     let mut ready = false;
@@ -66,10 +82,18 @@ pub async fn run(settings: Settings) -> Result<()> {
         match attached {
             Ok(()) if !ready => {
                 ready = true;
+                status.set_ready();
                 info!("ready: maps programmed and interfaces attached");
             }
             Ok(()) => {}
             Err(e) => error!("{e:#}"),
+        }
+        if server.is_finished() {
+            // The endpoint is how the node's operator sees the agent: without it, stop.
+            return match server.await? {
+                Ok(()) => Ok(()),
+                Err(e) => Err(e.context("the status endpoint stopped")),
+            };
         }
         tokio::select! {
             () = tokio::time::sleep(settings.poll_interval) => {}
@@ -79,6 +103,27 @@ pub async fn run(settings: Settings) -> Result<()> {
     }
     info!("stopping: detaching and removing pinned maps");
     datapath.remove()
+}
+
+/// The `/metrics` labels of each programmed frontend, by service id.
+fn labels(frontends: &[model::Frontend], programmed: &MapEntries) -> BTreeMap<u32, FrontendLabels> {
+    frontends
+        .iter()
+        .filter_map(|f| {
+            let key = plan::frontend_key(f.address, f.port, f.protocol, f.scope);
+            let id = programmed.frontends.get(&key)?.service_id;
+            let scope = match f.scope {
+                model::Scope::External => "external",
+                model::Scope::Internal => "internal",
+            };
+            let labels = FrontendLabels {
+                frontend: format!("{}:{}/{}", f.address, f.port, f.protocol),
+                scope,
+                service: f.service.clone(),
+            };
+            Some((id, labels))
+        })
+        .collect()
 }
 
 /// What has been written to the maps, so that each sync writes only the difference.
@@ -92,10 +137,12 @@ struct Syncer {
     generation: u64,
     /// The last sync left the maps short of the plan.
     failed: bool,
+    status: Arc<Status>,
 }
 
 impl Syncer {
     fn sync(&mut self, source: &mut Manifests, node: &model::NodeConfig) {
+        let started = Instant::now();
         let (objects, mut skipped) = source.load();
         let computed = model::compute(&objects, node);
         skipped.extend(computed.skipped);
@@ -121,6 +168,9 @@ impl Syncer {
             }
         }
         self.failed = failed > 0;
+        self.status.record_sync(started.elapsed(), failed);
+        self.status
+            .set_frontends(labels(&computed.frontends, &self.programmed));
         self.generation += 1;
         info!(
             generation = self.generation,

@@ -7,3 +7,4 @@ pub mod maps;
 pub mod model;
 pub mod plan;
 pub mod sources;
+pub mod status;

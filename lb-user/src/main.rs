@@ -70,6 +70,9 @@ struct RunArgs {
     /// frontends through socket hooks; by default the cgroup v2 root.
     #[arg(long)]
     cgroup: Option<PathBuf>,
+    /// Where /healthz, /readyz and /metrics are served.
+    #[arg(long, default_value = "0.0.0.0:9402")]
+    status_address: std::net::SocketAddr,
     /// Source ports for SNAT to the node's address: outside the node's ephemeral range.
     #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
     snat_ports: RangeInclusive<u16>,
@@ -212,6 +215,7 @@ async fn run(args: RunArgs) -> Result<()> {
         pin_dir: datapath::pin_dir(&args.instance.bpffs, &args.instance.instance),
         bpffs: args.instance.bpffs,
         poll_interval: Duration::from_millis(args.poll_interval_ms),
+        status_address: args.status_address,
         config: Config {
             tcp_open_timeout_ns: secs(args.tcp_timeout_secs),
             tcp_closing_timeout_ns: secs(args.tcp_closing_timeout_secs),

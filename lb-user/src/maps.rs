@@ -8,8 +8,8 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray},
 };
 use lb_common::maps::{
-    BACKENDS, Backend, CONFIG, Config, FRONTENDS, Frontend, FrontendKey, SINGLE_ENTRY, SLOTS,
-    STATS, Slot, SlotKey, Stats, VIPS, Vip,
+    BACKENDS, Backend, CONFIG, Config, FRONTEND_STATS, FRONTENDS, Frontend, FrontendKey,
+    FrontendStats, SINGLE_ENTRY, SLOTS, STATS, Slot, SlotKey, Stats, VIPS, Vip,
 };
 
 use crate::plan::{MapEntries, Op};
@@ -21,6 +21,7 @@ pub struct KernelMaps {
     vips: HashMap<MapData, u32, Vip>,
     config: Array<MapData, Config>,
     stats: PerCpuArray<MapData, Stats>,
+    frontend_stats: PerCpuArray<MapData, FrontendStats>,
 }
 
 impl KernelMaps {
@@ -37,6 +38,7 @@ impl KernelMaps {
             take(VIPS)?,
             take(CONFIG)?,
             take(STATS)?,
+            take(FRONTEND_STATS)?,
         )
     }
 
@@ -55,6 +57,7 @@ impl KernelMaps {
             open(VIPS)?,
             open(CONFIG)?,
             open(STATS)?,
+            open(FRONTEND_STATS)?,
         )
     }
 
@@ -65,6 +68,7 @@ impl KernelMaps {
         vips: Map,
         config: Map,
         stats: Map,
+        frontend_stats: Map,
     ) -> Result<Self> {
         Ok(Self {
             frontends: HashMap::try_from(frontends).context(FRONTENDS)?,
@@ -73,6 +77,7 @@ impl KernelMaps {
             vips: HashMap::try_from(vips).context(VIPS)?,
             config: Array::try_from(config).context(CONFIG)?,
             stats: PerCpuArray::try_from(stats).context(STATS)?,
+            frontend_stats: PerCpuArray::try_from(frontend_stats).context(FRONTEND_STATS)?,
         })
     }
 
@@ -103,6 +108,18 @@ impl KernelMaps {
         self.config
             .set(SINGLE_ENTRY, config, 0)
             .with_context(|| format!("writing {CONFIG}"))
+    }
+
+    /// The counters of the frontend `service_id`, summed over CPUs.
+    pub fn frontend_stats(&self, service_id: u32) -> Result<FrontendStats> {
+        let per_cpu = self.frontend_stats.get(&service_id, 0)?;
+        Ok(per_cpu
+            .iter()
+            .fold(FrontendStats::default(), |sum, s| FrontendStats {
+                packets: sum.packets + s.packets,
+                bytes: sum.bytes + s.bytes,
+                new_flows: sum.new_flows + s.new_flows,
+            }))
     }
 
     /// The datapath's counters, summed over CPUs.

@@ -586,3 +586,39 @@ fn inspect_shows_the_kernel_and_cleanup_removes_what_a_killed_agent_left() {
     lab.lb_user("cleanup").unwrap();
     assert!(!lab.pin_dir().exists(), "cleanup removes them");
 }
+
+#[test]
+fn metrics_count_the_packets_a_test_sent() {
+    let lab = lab("metrics");
+    let get = |path: &str| {
+        let url = format!("http://127.0.0.1:9402{path}");
+        lb_tests::output(&mut lab.in_node(&["curl", "-sS", "--max-time", "5", &url]))
+            .unwrap_or_else(|e| panic!("GET {path}: {e:#}"))
+    };
+    let demo = |metrics: &str, name: &str| -> u64 {
+        let series = format!(
+            "{name}{{frontend=\"10.96.0.10:80/TCP\",scope=\"internal\",service=\"default/demo\"}} "
+        );
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
+    };
+    assert_eq!(get("/readyz"), "ready\n");
+    let before = get("/metrics");
+    curl_pods(&lab, HTTP_VIP, 3);
+    let after = get("/metrics");
+    assert_eq!(
+        demo(&after, "lb_frontend_new_flows_total") - demo(&before, "lb_frontend_new_flows_total"),
+        3,
+        "three connections, three flows"
+    );
+    // Each connection: SYN, its ACK, the request, ACKs and the close, at least five packets.
+    let packets =
+        demo(&after, "lb_frontend_packets_total") - demo(&before, "lb_frontend_packets_total");
+    assert!(packets >= 15, "{packets} packets for three HTTP exchanges");
+    let bytes = demo(&after, "lb_frontend_bytes_total") - demo(&before, "lb_frontend_bytes_total");
+    assert!(bytes >= packets * 40, "{bytes} bytes for {packets} packets");
+    assert!(after.contains("lb_syncs_total 1\n"), "{after}");
+}
