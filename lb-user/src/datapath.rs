@@ -115,8 +115,8 @@ impl Datapath {
             if self.pods.contains_key(&index) || !patterns.iter().any(|p| matches(p, &name)) {
                 continue;
             }
-            let attached = self
-                .attach_tc(TC_PROGRAM, &name, TcAttachType::Ingress)
+            let attached = ensure_ethernet(&name)
+                .and_then(|()| self.attach_tc(TC_PROGRAM, &name, TcAttachType::Ingress))
                 .and_then(|ingress| {
                     let egress = self.attach_tc(TC_EGRESS_PROGRAM, &name, TcAttachType::Egress)?;
                     Ok((ingress, egress))
@@ -147,14 +147,16 @@ impl Datapath {
             if self.uplinks.contains_key(&index) || !patterns.iter().any(|p| matches(p, &name)) {
                 continue;
             }
-            let attached = accept_local(&name).and_then(|()| {
-                let xdp: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?.try_into()?;
-                let xdp_link = xdp
-                    .attach(&name, mode)
-                    .with_context(|| format!("attaching to {name} (XDP, {mode:?})"))?;
-                let egress = self.attach_tc(TC_EGRESS_PROGRAM, &name, TcAttachType::Egress)?;
-                Ok((xdp_link, egress))
-            });
+            let attached = ensure_ethernet(&name)
+                .and_then(|()| accept_local(&name))
+                .and_then(|()| {
+                    let xdp: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?.try_into()?;
+                    let xdp_link = xdp
+                        .attach(&name, mode)
+                        .with_context(|| format!("attaching to {name} (XDP, {mode:?})"))?;
+                    let egress = self.attach_tc(TC_EGRESS_PROGRAM, &name, TcAttachType::Egress)?;
+                    Ok((xdp_link, egress))
+                });
             match attached {
                 Ok(links) => {
                     info!(interface = %name, ?mode, "attached XDP and tc egress");
@@ -231,6 +233,31 @@ impl Datapath {
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
     ebpf.program_mut(name)
         .with_context(|| format!("the eBPF object has no program {name}"))
+}
+
+/// The datapath parses Ethernet frames: an L3 device (a tunnel, WireGuard) would be misread.
+fn ensure_ethernet(interface: &str) -> Result<()> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("a socket for SIOCGIFHWADDR")?;
+    // SAFETY: ifreq is plain data; the name fits (IFNAMSIZ) and is NUL-terminated by zeroing.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = interface.as_bytes();
+    if name.len() >= request.ifr_name.len() {
+        bail!("{interface}: name too long");
+    }
+    for (dst, src) in request.ifr_name.iter_mut().zip(name) {
+        *dst = *src as libc::c_char;
+    }
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
+    if unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut request) } != 0 {
+        return Err(io::Error::last_os_error()).context(format!("{interface}: SIOCGIFHWADDR"));
+    }
+    let family = unsafe { request.ifr_ifru.ifru_hwaddr.sa_family };
+    if family != libc::ARPHRD_ETHER {
+        bail!(
+            "{interface} is not an Ethernet device (type {family}): the datapath cannot parse it"
+        );
+    }
+    Ok(())
 }
 
 /// A SNATed reply is rewritten on the uplink before routing, to a NodePort: one of the node's

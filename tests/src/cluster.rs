@@ -23,7 +23,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    BPFFS, POLL, WAIT, binary, copy_manifests, dies_with_parent, output, run, start_server,
+    BPFFS, POLL, READYZ, WAIT, binary, copy_manifests, dies_with_parent, output, run, start_server,
     stop_agent, tear_down, wire_pod,
 };
 
@@ -210,10 +210,14 @@ impl ClusterLab {
         self.agents.push((node.name.to_string(), child));
         let start = Instant::now();
         while start.elapsed() < WAIT {
-            let text = fs::read_to_string(&log).unwrap_or_default();
-            if text.contains("ready:") {
+            let readyz = Command::new("ip")
+                .args(["netns", "exec", &self.namespace(node.name)])
+                .args(["curl", "-sf", "--max-time", "1", READYZ])
+                .output()?;
+            if readyz.status.success() {
                 return Ok(());
             }
+            let text = fs::read_to_string(&log).unwrap_or_default();
             if let Some((_, agent)) = self.agents.last_mut()
                 && let Ok(Some(status)) = agent.try_wait()
             {

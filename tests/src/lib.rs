@@ -38,6 +38,8 @@ const GATEWAY: &str = "169.254.1.1";
 pub(crate) const BPFFS: &str = "/sys/fs/bpf";
 pub(crate) const WAIT: Duration = Duration::from_secs(20);
 pub(crate) const POLL: Duration = Duration::from_millis(50);
+/// The agent's readiness, as seen from its node.
+pub(crate) const READYZ: &str = "http://127.0.0.1:9402/readyz";
 
 /// The workspace's root directory.
 pub fn workspace_root() -> PathBuf {
@@ -171,7 +173,10 @@ impl Lab {
             stop_agent(previous);
         }
         self.wait_for("the agent to be ready", || {
-            Ok(self.log_text().contains("ready:"))
+            let readyz = self
+                .in_node(&["curl", "-sf", "--max-time", "1", READYZ])
+                .output()?;
+            Ok(readyz.status.success())
         })
     }
 

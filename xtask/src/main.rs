@@ -243,6 +243,7 @@ fn lint() -> Result<()> {
 /// last line speaks only of the last suite.
 fn test(cargo_args: &[String]) -> Result<ExitCode> {
     let binaries = build()?;
+    sweep_dead_labs()?;
     let mut cmd = cargo();
     cmd.arg("test").args(cargo_args).stdout(Stdio::piped());
     binaries.export(&mut cmd);
@@ -278,6 +279,38 @@ fn suite_totals(line: &str) -> Option<(u64, u64)> {
             .and_then(|n| n.trim().parse().ok())
     };
     Some((count("passed")?, count("failed")?))
+}
+
+/// Removes the namespaces and pins of labs whose test process is gone (killed before its
+/// `Drop` ran). Lab names start with `lb<pid>-`: those of a live process are left alone.
+fn sweep_dead_labs() -> Result<()> {
+    let dead = |name: &str| {
+        let pid = name
+            .strip_prefix("lb")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        pid.is_some_and(|pid| !PathBuf::from(format!("/proc/{pid}")).exists())
+    };
+    let namespaces = Command::new("ip").args(["netns", "list"]).output()?;
+    for line in String::from_utf8_lossy(&namespaces.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        if dead(name) {
+            eprintln!("removing the namespace {name} of a test run that is gone");
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+    if let Ok(pins) = std::fs::read_dir("/sys/fs/bpf/lb") {
+        for pin in pins.flatten() {
+            if dead(&pin.file_name().to_string_lossy()) {
+                eprintln!(
+                    "removing the pins {} of a test run that is gone",
+                    pin.path().display()
+                );
+                let _ = std::fs::remove_dir_all(pin.path());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `PATH` with the project's tools first.
