@@ -39,7 +39,8 @@ enum Task {
     },
     /// Check formatting and run clippy on every crate, the eBPF one included.
     Lint,
-    /// Build in release mode and run the benchmarks; raw figures under target/bench/.
+    /// Build in release mode and run the benchmarks (datapath, then control plane); raw
+    /// figures under target/bench/.
     Bench {
         /// Passed to lb-bench (`--scales 1,1000`, `--runs 3`, ...).
         #[arg(last = true)]
@@ -172,25 +173,31 @@ fn run(once: bool, agent_args: &[String]) -> Result<ExitCode> {
 fn bench(bench_args: &[String]) -> Result<ExitCode> {
     setup::all()?;
     let status = cargo()
-        .args([
-            "build",
-            "--release",
-            "--package",
-            "lb-user",
-            "--bin",
-            "lb-bench",
-        ])
+        .args(["build", "--release", "--package", "lb-user"])
+        .args(["--bin", "lb-bench", "--bin", "lb-bench-control"])
         .status()?;
     if !status.success() {
         bail!("cargo build failed");
     }
-    let output = target_dir().join("bench/datapath.json");
-    let status = Command::new(target_dir().join("release/lb-bench"))
-        .arg("--output")
-        .arg(&output)
-        .args(bench_args)
-        .status()?;
-    Ok(if status.success() {
+    let release = target_dir().join("release");
+    let bench = target_dir().join("bench");
+    let mut runs = vec![
+        Command::new(release.join("lb-bench"))
+            .arg("--output")
+            .arg(bench.join("datapath.json"))
+            .args(bench_args)
+            .status()?,
+    ];
+    // One process per size, so that each peak RSS is its own.
+    for services in [1_000, 10_000] {
+        runs.push(
+            Command::new(release.join("lb-bench-control"))
+                .args(["--services", &services.to_string(), "--output"])
+                .arg(bench.join(format!("control-plane-{services}.json")))
+                .status()?,
+        );
+    }
+    Ok(if runs.iter().all(|s| s.success()) {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
