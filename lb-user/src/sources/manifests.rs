@@ -21,16 +21,52 @@ pub type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64, u64)>;
 #[derive(Clone, Debug)]
 pub struct Manifests {
     paths: Vec<PathBuf>,
-    /// Each file's objects as last read without error: a file broken by an edit keeps
-    /// programming these until it reads clean again.
-    last_good: BTreeMap<PathBuf, Objects>,
+    /// What each file held when last read: a file whose stamp has not changed is not read
+    /// again.
+    files: BTreeMap<PathBuf, FileState>,
+}
+
+/// What identifies a version of a file. The inode too: a file replaced by rename (kubectl,
+/// editors, ConfigMap volumes) may keep its size and modification time.
+type Stamp = (Option<SystemTime>, u64, u64);
+
+#[derive(Clone, Debug)]
+struct FileState {
+    stamp: Stamp,
+    /// The objects of its last version.
+    read: Objects,
+    /// What was wrong with its last version.
+    errors: Vec<Skipped>,
+    /// While `errors` is not empty, the objects of its last version without error: a file
+    /// broken by an edit keeps programming these until it reads clean again. While the file
+    /// is clean, `read` is that version, and this is empty.
+    last_good: Option<Objects>,
+}
+
+impl FileState {
+    /// The objects of the last version that read without error, if any.
+    fn good(self) -> Option<Objects> {
+        if self.errors.is_empty() {
+            Some(self.read)
+        } else {
+            self.last_good
+        }
+    }
+}
+
+fn stamp(file: &Path) -> Stamp {
+    let meta = fs::metadata(file).ok();
+    let modified = meta.as_ref().and_then(|m| m.modified().ok());
+    let len = meta.as_ref().map_or(0, |m| m.len());
+    let inode = meta.map_or(0, |m| std::os::unix::fs::MetadataExt::ino(&m));
+    (modified, len, inode)
 }
 
 impl Manifests {
     pub fn new(paths: Vec<PathBuf>) -> Self {
         Self {
             paths,
-            last_good: BTreeMap::new(),
+            files: BTreeMap::new(),
         }
     }
 
@@ -47,20 +83,16 @@ impl Manifests {
         self.files()
             .into_iter()
             .map(|file| {
-                // The inode too: a file replaced by rename (kubectl, editors, ConfigMap volumes)
-                // may keep its size and modification time.
-                let meta = fs::metadata(&file).ok();
-                let modified = meta.as_ref().and_then(|m| m.modified().ok());
-                let len = meta.as_ref().map_or(0, |m| m.len());
-                let inode = meta.map_or(0, |m| std::os::unix::fs::MetadataExt::ino(&m));
+                let (modified, len, inode) = stamp(&file);
                 (file, modified, len, inode)
             })
             .collect()
     }
 
-    /// Reads every file. A file with an error (a document that does not parse) is reported,
-    /// and its last clean version stands in for it, if it had one: an edit in progress or a
-    /// typo does not delete what the file programmed.
+    /// Reads the files that changed since the last load and returns the objects of all. A
+    /// file with an error (a document that does not parse) is reported, and its last clean
+    /// version stands in for it, if it had one: an edit in progress or a typo does not delete
+    /// what the file programmed.
     pub fn load(&mut self) -> (Objects, Vec<Skipped>) {
         let mut objects = Objects::default();
         let mut skipped = Vec::new();
@@ -70,29 +102,50 @@ impl Manifests {
             }
         }
         let files = self.files();
-        self.last_good.retain(|file, _| files.contains(file));
+        self.files.retain(|file, _| files.contains(file));
         for file in files {
-            let origin = file.display().to_string();
-            let mut read = Objects::default();
-            let mut errors = Vec::new();
-            match fs::read_to_string(&file) {
-                Ok(text) => parse(&origin, &text, &mut read, &mut errors),
-                Err(e) => errors.push(Skipped::new(&origin, "", e.to_string())),
+            let now = stamp(&file);
+            let state = match self.files.remove(&file) {
+                Some(state) if state.stamp == now => state,
+                previous => read(&file, now, previous.and_then(FileState::good)),
+            };
+            if state.errors.is_empty() {
+                objects.extend(state.read.clone());
+            } else {
+                match &state.last_good {
+                    Some(good) => {
+                        skipped.push(Skipped::new(
+                            file.display().to_string(),
+                            "",
+                            "has errors: its last version without errors stays programmed",
+                        ));
+                        objects.extend(good.clone());
+                    }
+                    None => objects.extend(state.read.clone()),
+                }
+                skipped.extend(state.errors.iter().cloned());
             }
-            if errors.is_empty() {
-                self.last_good.insert(file, read.clone());
-            } else if let Some(good) = self.last_good.get(&file) {
-                skipped.push(Skipped::new(
-                    &origin,
-                    "",
-                    "has errors: its last version without errors stays programmed",
-                ));
-                read = good.clone();
-            }
-            skipped.extend(errors);
-            objects.extend(read);
+            self.files.insert(file, state);
         }
         (objects, skipped)
+    }
+}
+
+/// Reads and parses `file`, at `stamp`; `last_good` is its last version without error.
+fn read(file: &Path, stamp: Stamp, last_good: Option<Objects>) -> FileState {
+    let origin = file.display().to_string();
+    let mut objects = Objects::default();
+    let mut errors = Vec::new();
+    match fs::read_to_string(file) {
+        Ok(text) => parse(&origin, &text, &mut objects, &mut errors),
+        Err(e) => errors.push(Skipped::new(&origin, "", e.to_string())),
+    }
+    let last_good = if errors.is_empty() { None } else { last_good };
+    FileState {
+        stamp,
+        read: objects,
+        errors,
+        last_good,
     }
 }
 
