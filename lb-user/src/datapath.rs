@@ -97,24 +97,13 @@ impl Datapath {
     /// that are gone. One interface failing does not keep the others from attaching.
     pub fn attach_interfaces(&mut self, patterns: &[String]) -> Result<()> {
         let present = interfaces()?;
-        let gone: Vec<u32> = self
-            .pods
-            .keys()
-            .filter(|index| !present.iter().any(|(i, _)| i == *index))
-            .copied()
-            .collect();
-        for index in gone {
-            if let Some((ingress, egress)) = self.pods.remove(&index) {
-                // The links went with their interface; this closes our handles on them.
-                let _ = self.classifier(TC_PROGRAM).map(|p| p.detach(ingress));
-                let _ = self.classifier(TC_EGRESS_PROGRAM).map(|p| p.detach(egress));
-            }
+        for (ingress, egress) in gone(&mut self.pods, &present) {
+            // The links went with their interface; this closes our handles on them.
+            let _ = self.classifier(TC_PROGRAM).map(|p| p.detach(ingress));
+            let _ = self.classifier(TC_EGRESS_PROGRAM).map(|p| p.detach(egress));
         }
         let mut failures = Vec::new();
-        for (index, name) in present {
-            if self.pods.contains_key(&index) || !patterns.iter().any(|p| matches(p, &name)) {
-                continue;
-            }
+        for (index, name) in new_matches(&self.pods, present, patterns) {
             let attached = ensure_ethernet(&name)
                 .and_then(|()| self.attach_tc(TC_PROGRAM, &name, TcAttachType::Ingress))
                 .and_then(|ingress| {
@@ -129,24 +118,20 @@ impl Datapath {
                 Err(e) => failures.push(format!("{e:#}")),
             }
         }
-        if failures.is_empty() {
-            Ok(())
-        } else {
-            bail!("{}", failures.join("; "))
-        }
+        all_attached(failures)
     }
 
     /// Attaches XDP (traffic from outside, in `mode`) and tc egress (replies) to every uplink
-    /// matching `patterns` not attached yet.
+    /// matching `patterns` not attached yet, and forgets uplinks that are gone.
     pub fn attach_uplinks(&mut self, patterns: &[String], mode: XdpMode) -> Result<()> {
         let present = interfaces()?;
-        self.uplinks
-            .retain(|index, _| present.iter().any(|(i, _)| i == index));
+        for (xdp, egress) in gone(&mut self.uplinks, &present) {
+            let _ = program(&mut self.ebpf, XDP_PROGRAM)
+                .and_then(|p| Ok(<&mut Xdp>::try_from(p)?.detach(xdp)?));
+            let _ = self.classifier(TC_EGRESS_PROGRAM).map(|p| p.detach(egress));
+        }
         let mut failures = Vec::new();
-        for (index, name) in present {
-            if self.uplinks.contains_key(&index) || !patterns.iter().any(|p| matches(p, &name)) {
-                continue;
-            }
+        for (index, name) in new_matches(&self.uplinks, present, patterns) {
             let attached = ensure_ethernet(&name)
                 .and_then(|()| accept_local(&name))
                 .and_then(|()| {
@@ -165,11 +150,7 @@ impl Datapath {
                 Err(e) => failures.push(format!("{e:#}")),
             }
         }
-        if failures.is_empty() {
-            Ok(())
-        } else {
-            bail!("{}", failures.join("; "))
-        }
+        all_attached(failures)
     }
 
     fn classifier(&mut self, name: &str) -> Result<&mut SchedClassifier> {
@@ -227,6 +208,42 @@ impl Datapath {
         let Self { ebpf, pin_dir, .. } = self;
         drop(ebpf);
         remove_pins(&pin_dir)
+    }
+}
+
+/// Removes from `attached` the interfaces no longer `present`; their links.
+fn gone<T>(attached: &mut BTreeMap<u32, T>, present: &[(u32, String)]) -> Vec<T> {
+    let vanished: Vec<u32> = attached
+        .keys()
+        .filter(|index| !present.iter().any(|(i, _)| i == *index))
+        .copied()
+        .collect();
+    vanished
+        .into_iter()
+        .filter_map(|index| attached.remove(&index))
+        .collect()
+}
+
+/// The `present` interfaces that match `patterns` and are not `attached` yet.
+fn new_matches<T>(
+    attached: &BTreeMap<u32, T>,
+    present: Vec<(u32, String)>,
+    patterns: &[String],
+) -> Vec<(u32, String)> {
+    present
+        .into_iter()
+        .filter(|(index, name)| {
+            !attached.contains_key(index) && patterns.iter().any(|p| matches(p, name))
+        })
+        .collect()
+}
+
+/// One error naming every interface that failed, if any did.
+fn all_attached(failures: Vec<String>) -> Result<()> {
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        bail!("{}", failures.join("; "))
     }
 }
 
@@ -307,7 +324,12 @@ pub fn remove_pins(pin_dir: &Path) -> Result<()> {
                 let path = entry?.path();
                 fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
             }
-            fs::remove_dir(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))
+            fs::remove_dir(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+            // The last instance out leaves no empty <bpffs>/lb behind; with others, this fails.
+            if let Some(parent) = pin_dir.parent() {
+                let _ = fs::remove_dir(parent);
+            }
+            Ok(())
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e).with_context(|| format!("reading {}", pin_dir.display())),
