@@ -2,20 +2,21 @@
 
 use std::{
     collections::BTreeMap,
+    fs,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use aya::programs::XdpMode;
 use lb_common::maps::Config;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::{
-    datapath::Datapath,
+    datapath::{self, Datapath},
     maps::KernelMaps,
     model,
     plan::{self, Ids, MapEntries},
@@ -35,6 +36,10 @@ pub struct Settings {
     pub cgroup: PathBuf,
     pub bpffs: PathBuf,
     pub pin_dir: PathBuf,
+    /// An eBPF object to load instead of the one built in.
+    pub object: Option<PathBuf>,
+    /// Where sysctls are written: `/proc/sys`, or the host's from a container.
+    pub sysctl_dir: PathBuf,
     pub poll_interval: Duration,
     /// Timeouts and the SNAT port range; the agent fills in the SNAT address.
     pub config: Config,
@@ -42,9 +47,30 @@ pub struct Settings {
     pub status_address: SocketAddr,
 }
 
-/// Runs until SIGINT or SIGTERM, then detaches and removes its pins.
+/// Runs until SIGINT or SIGTERM. What it programmed stays pinned and keeps forwarding; the next
+/// agent adopts it.
 pub async fn run(settings: Settings) -> Result<()> {
-    let (mut datapath, maps) = Datapath::load(&settings.bpffs, &settings.pin_dir)?;
+    let object = match &settings.object {
+        Some(path) => fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+        None => datapath::OBJECT.to_vec(),
+    };
+    let (mut datapath, maps) = Datapath::load(
+        &object,
+        &settings.bpffs,
+        &settings.pin_dir,
+        &settings.sysctl_dir,
+    )?;
+    // What an earlier agent programmed is where this one starts from: an unchanged programme
+    // is not rewritten.
+    let programmed = maps.read()?;
+    let (flows, highest_flow_backend_id) = maps.flows()?;
+    let config = maps.config()?;
+    info!(
+        frontends = programmed.frontends.len(),
+        backends = programmed.backends.len(),
+        flows,
+        "adopted the maps pinned before"
+    );
     let status = Arc::new(Status::default());
     let server = tokio::spawn(status::serve(
         settings.status_address,
@@ -54,10 +80,10 @@ pub async fn run(settings: Settings) -> Result<()> {
     let mut source = Manifests::new(settings.manifests.clone());
     let mut syncer = Syncer {
         maps,
-        config: None,
+        config: Some(config),
         base_config: settings.config,
-        ids: Ids::default(),
-        programmed: MapEntries::default(),
+        ids: Ids::adopt(&programmed, highest_flow_backend_id),
+        programmed,
         generation: 0,
         failed: false,
         status: Arc::clone(&status),
@@ -79,6 +105,13 @@ pub async fn run(settings: Settings) -> Result<()> {
         let pods = datapath.attach_interfaces(&settings.interfaces);
         let uplinks = datapath.attach_uplinks(&settings.uplinks, settings.xdp_mode);
         let attached = pods.and(uplinks);
+        if !ready {
+            // Every wanted interface has had its chance: the links pinned before that are
+            // left are for interfaces no longer wanted.
+            if let Err(e) = datapath.release_unclaimed() {
+                error!("{e:#}");
+            }
+        }
         match attached {
             Ok(()) if !ready => {
                 ready = true;
@@ -101,8 +134,11 @@ pub async fn run(settings: Settings) -> Result<()> {
             _ = terminate.recv() => break,
         }
     }
-    info!("stopping: detaching and removing pinned maps");
-    datapath.remove()
+    info!(
+        pins = %settings.pin_dir.display(),
+        "stopping: the datapath stays pinned and keeps forwarding; `lb-user cleanup` removes it"
+    );
+    Ok(())
 }
 
 /// The `/metrics` labels of each programmed frontend, by service id.

@@ -1,29 +1,36 @@
-//! Loading the eBPF object, pinning its maps under the instance's directory, and attaching the
-//! program with tcx to the node's pod-facing interfaces.
+//! Loading the eBPF object and attaching its programs, all pinned under the instance's
+//! directory so that the datapath keeps forwarding while no agent runs: maps at the top,
+//! programs in `progs/`, links in `links/`. A starting agent adopts what an earlier one pinned:
+//! it keeps the maps whose layout is unchanged (flows, affinity and all) and swaps its new
+//! programs into the existing links, atomically.
 
 use std::{
     collections::BTreeMap,
     ffi::{CStr, CString},
     fs, io,
+    os::{
+        fd::{AsFd as _, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
+    maps::MapInfo,
     programs::{
         CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        tc::{SchedClassifierLinkId, TcAttachOptions},
-        xdp::XdpLinkId,
+        links::FdLink, tc::TcAttachOptions,
     },
 };
 use lb_common::maps;
 use tracing::{info, warn};
 
-use crate::maps::KernelMaps;
+use crate::{links, maps::KernelMaps};
 
 /// The compiled datapath, built by `build.rs`.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 /// The programs' names in [`OBJECT`]: tc ingress on pod-facing interfaces, XDP on uplinks, tc
 /// egress on both.
 const TC_PROGRAM: &str = "lb_tc";
@@ -35,8 +42,10 @@ const CGROUP2_MAGIC: i64 = 0x6367_7270;
 /// Where cgroup v2 is mounted: alone, or beside v1 (hybrid).
 const CGROUP2_MOUNTS: [&str; 2] = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"];
 const BPFFS_MAGIC: i64 = 0xcafe_4a11;
+const PROGRAMS_DIR: &str = "progs";
+const LINKS_DIR: &str = "links";
 
-/// Where an instance pins its maps: one directory per agent instance.
+/// Where an instance pins its maps, programs and links: one directory per agent instance.
 pub fn pin_dir(bpffs: &Path, instance: &str) -> PathBuf {
     bpffs.join("lb").join(instance)
 }
@@ -44,27 +53,42 @@ pub fn pin_dir(bpffs: &Path, instance: &str) -> PathBuf {
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
-    /// Attached interfaces by index: a veth recreated under the same name (a restarted pod)
-    /// is a new interface.
-    pods: BTreeMap<u32, (SchedClassifierLinkId, SchedClassifierLinkId)>,
-    uplinks: BTreeMap<u32, (XdpLinkId, SchedClassifierLinkId)>,
-    sockets_attached: bool,
+    /// Where `accept_local` is set on uplinks: `/proc/sys`, or the host's from a container.
+    sysctl_dir: PathBuf,
+    /// The links this agent attached or adopted, by pin name.
+    links: BTreeMap<String, Link>,
+}
+
+/// A pinned link, and what it is attached to.
+struct Link {
+    /// The interface index, or the cgroup id.
+    target: u64,
+    on_interface: bool,
 }
 
 impl Datapath {
-    /// Loads the object with its maps pinned under `pin_dir`, starting from empty maps.
-    pub fn load(bpffs: &Path, pin_dir: &Path) -> Result<(Self, KernelMaps)> {
+    /// Loads `object` with its maps pinned under `pin_dir`: those an earlier agent pinned are
+    /// kept when their layout is this object's, and started afresh, saying why, when not.
+    pub fn load(
+        object: &[u8],
+        bpffs: &Path,
+        pin_dir: &Path,
+        sysctl_dir: &Path,
+    ) -> Result<(Self, KernelMaps)> {
         mount_bpffs(bpffs)?;
-        if pin_dir.exists() {
-            warn!(dir = %pin_dir.display(), "removing the maps a previous instance left pinned");
-            remove_pins(pin_dir)?;
+        for dir in [
+            pin_dir.to_path_buf(),
+            pin_dir.join(PROGRAMS_DIR),
+            pin_dir.join(LINKS_DIR),
+        ] {
+            fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        fs::create_dir_all(pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
+        drop_incompatible_maps(object, pin_dir)?;
         let mut loader = EbpfLoader::new();
         for name in maps::ALL {
             loader.map_pin_path(name, pin_dir.join(name));
         }
-        let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
+        let mut ebpf = loader.load(object).context("loading the eBPF object")?;
         for name in maps::ALL {
             if ebpf.map(name).is_none() {
                 bail!("the eBPF object has no map {name}: lb-common and lb-ebpf disagree");
@@ -81,96 +105,225 @@ impl Datapath {
             let hook: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
             hook.load().with_context(|| format!("loading {name}"))?;
         }
+        for name in [TC_PROGRAM, TC_EGRESS_PROGRAM, XDP_PROGRAM]
+            .into_iter()
+            .chain(SOCKET_PROGRAMS)
+        {
+            // The programs of the agent before stay alive in their links until those are
+            // updated; their pins name what is loaded now.
+            let path = pin_dir.join(PROGRAMS_DIR).join(name);
+            remove_if_present(&path)?;
+            program(&mut ebpf, name)?
+                .pin(&path)
+                .with_context(|| format!("pinning {name} at {}", path.display()))?;
+        }
         let maps = KernelMaps::take(&mut ebpf)?;
         let datapath = Self {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
-            pods: BTreeMap::new(),
-            uplinks: BTreeMap::new(),
-            sockets_attached: false,
+            sysctl_dir: sysctl_dir.to_path_buf(),
+            links: BTreeMap::new(),
         };
         Ok((datapath, maps))
     }
 
     /// Attaches tc ingress (balancing) and egress (replies) to every interface matching
-    /// `patterns` (names, or prefixes ending in `*`) not attached yet, and forgets interfaces
-    /// that are gone. One interface failing does not keep the others from attaching.
+    /// `patterns` (names, or prefixes ending in `*`) not attached yet, and lets go of the links
+    /// of interfaces that are gone. One interface failing does not keep the others from
+    /// attaching.
     pub fn attach_interfaces(&mut self, patterns: &[String]) -> Result<()> {
-        let present = interfaces()?;
-        for (ingress, egress) in gone(&mut self.pods, &present) {
-            // The links went with their interface; this closes our handles on them.
-            let _ = self.classifier(TC_PROGRAM).map(|p| p.detach(ingress));
-            let _ = self.classifier(TC_EGRESS_PROGRAM).map(|p| p.detach(egress));
-        }
-        let mut failures = Vec::new();
-        for (index, name) in new_matches(&self.pods, present, patterns) {
-            let attached = ensure_ethernet(&name)
-                .and_then(|()| self.attach_tc(TC_PROGRAM, &name, TcAttachType::Ingress))
-                .and_then(|ingress| {
-                    let egress = self.attach_tc(TC_EGRESS_PROGRAM, &name, TcAttachType::Egress)?;
-                    Ok((ingress, egress))
-                });
-            match attached {
-                Ok(links) => {
-                    info!(interface = %name, "attached tc");
-                    self.pods.insert(index, links);
-                }
-                Err(e) => failures.push(format!("{e:#}")),
-            }
-        }
-        all_attached(failures)
+        self.attach_each(patterns, |datapath, index, name| {
+            ensure_ethernet(name)?;
+            datapath.attach_tc(TC_PROGRAM, index, name, TcAttachType::Ingress)?;
+            datapath.attach_tc(TC_EGRESS_PROGRAM, index, name, TcAttachType::Egress)
+        })
     }
 
     /// Attaches XDP (traffic from outside, in `mode`) and tc egress (replies) to every uplink
-    /// matching `patterns` not attached yet, and forgets uplinks that are gone.
+    /// matching `patterns` not attached yet.
     pub fn attach_uplinks(&mut self, patterns: &[String], mode: XdpMode) -> Result<()> {
-        let present = interfaces()?;
-        for (xdp, egress) in gone(&mut self.uplinks, &present) {
-            let _ = program(&mut self.ebpf, XDP_PROGRAM)
-                .and_then(|p| Ok(<&mut Xdp>::try_from(p)?.detach(xdp)?));
-            let _ = self.classifier(TC_EGRESS_PROGRAM).map(|p| p.detach(egress));
-        }
-        let mut failures = Vec::new();
-        for (index, name) in new_matches(&self.uplinks, present, patterns) {
-            let attached = ensure_ethernet(&name)
-                .and_then(|()| accept_local(&name))
-                .and_then(|()| {
-                    let xdp: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?.try_into()?;
-                    let xdp_link = xdp
-                        .attach(&name, mode)
-                        .with_context(|| format!("attaching to {name} (XDP, {mode:?})"))?;
-                    let egress = self.attach_tc(TC_EGRESS_PROGRAM, &name, TcAttachType::Egress)?;
-                    Ok((xdp_link, egress))
-                });
-            match attached {
-                Ok(links) => {
-                    info!(interface = %name, ?mode, "attached XDP and tc egress");
-                    self.uplinks.insert(index, links);
-                }
-                Err(e) => failures.push(format!("{e:#}")),
-            }
-        }
-        all_attached(failures)
+        self.attach_each(patterns, |datapath, index, name| {
+            ensure_ethernet(name)?;
+            datapath.accept_local(name)?;
+            datapath.attach_xdp(index, name, mode)?;
+            datapath.attach_tc(TC_EGRESS_PROGRAM, index, name, TcAttachType::Egress)
+        })
     }
 
-    fn classifier(&mut self, name: &str) -> Result<&mut SchedClassifier> {
-        Ok(program(&mut self.ebpf, name)?.try_into()?)
+    fn attach_each(
+        &mut self,
+        patterns: &[String],
+        mut attach: impl FnMut(&mut Self, u32, &str) -> Result<()>,
+    ) -> Result<()> {
+        let present = interfaces()?;
+        self.release_vanished(&present)?;
+        let mut failures = Vec::new();
+        for (index, name) in present {
+            if patterns.iter().any(|p| matches(p, &name))
+                && let Err(e) = attach(self, index, &name)
+            {
+                failures.push(format!("{e:#}"));
+            }
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            bail!("{}", failures.join("; "))
+        }
+    }
+
+    /// Unpins the links of interfaces no longer `present`: the kernel detached them with their
+    /// interface; the pin kept the link object alive.
+    fn release_vanished(&mut self, present: &[(u32, String)]) -> Result<()> {
+        let vanished: Vec<String> = self
+            .links
+            .iter()
+            .filter(|(_, link)| {
+                link.on_interface && !present.iter().any(|(i, _)| u64::from(*i) == link.target)
+            })
+            .map(|(pin, _)| pin.clone())
+            .collect();
+        for pin in vanished {
+            self.links.remove(&pin);
+            remove_if_present(&self.pin_dir.join(LINKS_DIR).join(&pin))?;
+        }
+        Ok(())
     }
 
     fn attach_tc(
         &mut self,
-        name: &str,
+        program_name: &str,
+        index: u32,
         interface: &str,
         direction: TcAttachType,
-    ) -> Result<SchedClassifierLinkId> {
-        // First in the tcx chain: services are translated before a CNI program routes.
-        self.classifier(name)?
-            .attach_with_options(
-                interface,
-                direction,
-                TcAttachOptions::TcxOrder(LinkOrder::first()),
-            )
-            .with_context(|| format!("attaching {name} to {interface} (tcx {direction:?})"))
+    ) -> Result<()> {
+        let direction_name = match direction {
+            TcAttachType::Ingress => "ingress",
+            _ => "egress",
+        };
+        let pin = format!("tcx-{direction_name}-{interface}");
+        self.ensure_link(&pin, program_name, u64::from(index), true, |ebpf| {
+            let program: &mut SchedClassifier = program(ebpf, program_name)?.try_into()?;
+            // First in the tcx chain: services are translated before a CNI program routes.
+            let id = program
+                .attach_with_options(
+                    interface,
+                    direction,
+                    TcAttachOptions::TcxOrder(LinkOrder::first()),
+                )
+                .with_context(|| {
+                    format!("attaching {program_name} to {interface} (tcx {direction_name})")
+                })?;
+            Ok(FdLink::try_from(program.take_link(id)?)?)
+        })
+    }
+
+    fn attach_xdp(&mut self, index: u32, interface: &str, mode: XdpMode) -> Result<()> {
+        // The mode is in the name: a link adopted in another mode is replaced, not updated.
+        let mode_name = xdp_mode_name(mode);
+        for other in [XdpMode::Default, XdpMode::Driver, XdpMode::Skb] {
+            let other_name = xdp_mode_name(other);
+            if other_name != mode_name {
+                let pin = format!("xdp-{other_name}-{interface}");
+                self.links.remove(&pin);
+                remove_if_present(&self.pin_dir.join(LINKS_DIR).join(pin))?;
+            }
+        }
+        let pin = format!("xdp-{mode_name}-{interface}");
+        self.ensure_link(&pin, XDP_PROGRAM, u64::from(index), true, |ebpf| {
+            let xdp: &mut Xdp = program(ebpf, XDP_PROGRAM)?.try_into()?;
+            let id = xdp
+                .attach(interface, mode)
+                .with_context(|| format!("attaching to {interface} (XDP, {mode_name})"))?;
+            Ok(FdLink::try_from(xdp.take_link(id)?)?)
+        })
+    }
+
+    /// Hooks the sockets of the processes in `cgroup` (those of this network namespace are
+    /// balanced at `connect()`, `sendmsg()` and `recvmsg()`).
+    pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<()> {
+        let cgroup_id = fs::metadata(cgroup)
+            .with_context(|| format!("the cgroup {}", cgroup.display()))?
+            .ino();
+        for name in SOCKET_PROGRAMS {
+            let pin = format!("cgroup-{name}");
+            self.ensure_link(&pin, name, cgroup_id, false, |ebpf| {
+                let hook: &mut CgroupSockAddr = program(ebpf, name)?.try_into()?;
+                let cgroup_dir = fs::File::open(cgroup)
+                    .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
+                let id = hook
+                    .attach(cgroup_dir, CgroupAttachMode::default())
+                    .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+                Ok(FdLink::try_from(hook.take_link(id)?)?)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Makes sure the link pinned as `pin` runs `program_name` on `target`: kept if this agent
+    /// made it, adopted (its program swapped in place) if an earlier agent did, else attached
+    /// by `attach` and pinned.
+    fn ensure_link(
+        &mut self,
+        pin: &str,
+        program_name: &str,
+        target: u64,
+        on_interface: bool,
+        attach: impl FnOnce(&mut Ebpf) -> Result<FdLink>,
+    ) -> Result<()> {
+        if self
+            .links
+            .get(pin)
+            .is_some_and(|link| link.target == target)
+        {
+            return Ok(());
+        }
+        let path = self.pin_dir.join(LINKS_DIR).join(pin);
+        match adoptable(&path, target)? {
+            Some(link) => {
+                let program = program(&mut self.ebpf, program_name)?.fd()?;
+                links::update(link.as_fd(), program.as_fd())
+                    .with_context(|| format!("updating the program of {}", path.display()))?;
+                info!(
+                    link = pin,
+                    "adopted the link pinned before, with the new program"
+                );
+            }
+            None => {
+                remove_if_present(&path)?;
+                attach(&mut self.ebpf)?
+                    .pin(&path)
+                    .with_context(|| format!("pinning {}", path.display()))?;
+                info!(link = pin, "attached");
+            }
+        }
+        self.links.insert(
+            pin.to_owned(),
+            Link {
+                target,
+                on_interface,
+            },
+        );
+        Ok(())
+    }
+
+    /// Detaches the links an earlier agent pinned that this one has not taken over: interfaces
+    /// that no longer match, a cgroup no longer asked for. Called once every wanted interface
+    /// has had its chance.
+    pub fn release_unclaimed(&self) -> Result<()> {
+        let dir = self.pin_dir.join(LINKS_DIR);
+        for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let entry = entry?;
+            let pin = entry.file_name().to_string_lossy().into_owned();
+            if !self.links.contains_key(&pin) {
+                info!(
+                    link = pin,
+                    "detaching a link pinned before and no longer wanted"
+                );
+                remove_if_present(&entry.path())?;
+            }
+        }
+        Ok(())
     }
 
     /// The tc programs, ingress and egress, loaded and not attached: for `BPF_PROG_TEST_RUN`.
@@ -185,65 +338,112 @@ impl Datapath {
         Ok((get(TC_PROGRAM)?, get(TC_EGRESS_PROGRAM)?))
     }
 
-    /// Hooks the sockets of the processes in `cgroup` (those of this network namespace are
-    /// balanced at `connect()`, `sendmsg()` and `recvmsg()`), once.
-    pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<()> {
-        if self.sockets_attached {
-            return Ok(());
-        }
-        for name in SOCKET_PROGRAMS {
-            let hook: &mut CgroupSockAddr = program(&mut self.ebpf, name)?.try_into()?;
-            let cgroup_dir = fs::File::open(cgroup)
-                .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
-            hook.attach(cgroup_dir, CgroupAttachMode::default())
-                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
-        }
-        info!(cgroup = %cgroup.display(), "attached socket hooks");
-        self.sockets_attached = true;
-        Ok(())
-    }
-
-    /// Detaches everything and removes the pinned maps.
+    /// Detaches everything and removes the pins: for tools that load a datapath of their own.
     pub fn remove(self) -> Result<()> {
         let Self { ebpf, pin_dir, .. } = self;
         drop(ebpf);
         remove_pins(&pin_dir)
     }
+
+    /// A SNATed reply is rewritten on the uplink before routing, to a NodePort: one of the
+    /// node's own addresses as its source, which the kernel drops as a martian unless the
+    /// interface accepts it.
+    fn accept_local(&self, interface: &str) -> Result<()> {
+        let path = self
+            .sysctl_dir
+            .join("net/ipv4/conf")
+            .join(interface)
+            .join("accept_local");
+        fs::write(&path, "1").with_context(|| format!("writing {}", path.display()))
+    }
 }
 
-/// Removes from `attached` the interfaces no longer `present`; their links.
-fn gone<T>(attached: &mut BTreeMap<u32, T>, present: &[(u32, String)]) -> Vec<T> {
-    let vanished: Vec<u32> = attached
-        .keys()
-        .filter(|index| !present.iter().any(|(i, _)| i == *index))
-        .copied()
-        .collect();
-    vanished
-        .into_iter()
-        .filter_map(|index| attached.remove(&index))
-        .collect()
+/// The link pinned at `path`, if it is still attached to `target` (a link whose interface was
+/// deleted is attached to nothing).
+fn adoptable(path: &Path, target: u64) -> Result<Option<OwnedFd>> {
+    let link = match links::open_pinned(path) {
+        Ok(link) => link,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+    };
+    let info = links::info(link.as_fd()).with_context(|| format!("reading {}", path.display()))?;
+    Ok((info.target == target).then_some(link))
 }
 
-/// The `present` interfaces that match `patterns` and are not `attached` yet.
-fn new_matches<T>(
-    attached: &BTreeMap<u32, T>,
-    present: Vec<(u32, String)>,
-    patterns: &[String],
-) -> Vec<(u32, String)> {
-    present
-        .into_iter()
-        .filter(|(index, name)| {
-            !attached.contains_key(index) && patterns.iter().any(|p| matches(p, name))
-        })
-        .collect()
+/// Removes the pinned maps whose type, key, value, capacity or flags differ from `object`'s,
+/// and those `object` no longer has (a layout bumped to a new `_vN` name), saying why: the
+/// loader would otherwise reuse a map the new programs misread.
+fn drop_incompatible_maps(object: &[u8], pin_dir: &Path) -> Result<()> {
+    let parsed = aya_obj::Object::parse(object).context("parsing the eBPF object")?;
+    for entry in fs::read_dir(pin_dir).with_context(|| format!("reading {}", pin_dir.display()))? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        let Some(wanted) = parsed
+            .maps
+            .get(&name)
+            .filter(|_| maps::ALL.contains(&name.as_str()))
+        else {
+            warn!(
+                map = name,
+                "removing a pinned map this build does not have: its state is not carried over"
+            );
+            remove_if_present(&path)?;
+            continue;
+        };
+        let pinned =
+            MapInfo::from_pin(&path).with_context(|| format!("reading {}", path.display()))?;
+        let layout = |map_type, key, value, entries, flags| {
+            format!(
+                "type {map_type}, key {key} B, value {value} B, {entries} entries, flags {flags:#x}"
+            )
+        };
+        let old = layout(
+            pinned.map_type().map_or(u32::MAX, |t| t as u32),
+            pinned.key_size(),
+            pinned.value_size(),
+            pinned.max_entries(),
+            pinned.map_flags(),
+        );
+        let new = layout(
+            wanted.map_type(),
+            wanted.key_size(),
+            wanted.value_size(),
+            wanted.max_entries(),
+            wanted.map_flags(),
+        );
+        if old != new {
+            warn!(
+                map = name,
+                pinned = old,
+                this_build = new,
+                "the pinned map's layout differs from this build's: starting it empty, its state is lost"
+            );
+            remove_if_present(&path)?;
+        } else {
+            info!(map = name, "adopting the pinned map");
+        }
+    }
+    Ok(())
 }
 
-/// One error naming every interface that failed, if any did.
-fn all_attached(failures: Vec<String>) -> Result<()> {
-    if failures.is_empty() {
-        Ok(())
-    } else {
-        bail!("{}", failures.join("; "))
+fn xdp_mode_name(mode: XdpMode) -> &'static str {
+    match mode {
+        XdpMode::Driver => "native",
+        XdpMode::Skb => "generic",
+        _ => "auto",
+    }
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", path.display()))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -277,14 +477,6 @@ fn ensure_ethernet(interface: &str) -> Result<()> {
     Ok(())
 }
 
-/// A SNATed reply is rewritten on the uplink before routing, to a NodePort: one of the node's
-/// own addresses as its source, which the kernel drops as a martian unless the interface
-/// accepts it.
-fn accept_local(interface: &str) -> Result<()> {
-    let path = format!("/proc/sys/net/ipv4/conf/{interface}/accept_local");
-    fs::write(&path, "1").with_context(|| format!("writing {path}"))
-}
-
 fn matches(pattern: &str, name: &str) -> bool {
     match pattern.strip_suffix('*') {
         Some(prefix) => name.starts_with(prefix),
@@ -315,16 +507,11 @@ fn interfaces() -> Result<Vec<(u32, String)>> {
     Ok(names)
 }
 
-/// Removes what an instance left pinned (an agent stopped by SIGKILL leaves its maps); its
-/// links and programs went with its process.
+/// Removes everything an instance pinned: its links (which detaches its programs), programs
+/// and maps.
 pub fn remove_pins(pin_dir: &Path) -> Result<()> {
-    match fs::read_dir(pin_dir) {
-        Ok(entries) => {
-            for entry in entries {
-                let path = entry?.path();
-                fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-            }
-            fs::remove_dir(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+    match fs::remove_dir_all(pin_dir) {
+        Ok(()) => {
             // The last instance out leaves no empty <bpffs>/lb behind; with others, this fails.
             if let Some(parent) = pin_dir.parent() {
                 let _ = fs::remove_dir(parent);
@@ -332,7 +519,7 @@ pub fn remove_pins(pin_dir: &Path) -> Result<()> {
             Ok(())
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("reading {}", pin_dir.display())),
+        Err(e) => Err(e).with_context(|| format!("removing {}", pin_dir.display())),
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod datapath;
+pub mod links;
 pub mod maps;
 pub mod model;
 pub mod plan;

@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Program this node's datapath and keep it in step with the manifests.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print what the agent would program on a node (no root, no kernel).
     Plan(PlanArgs),
     /// Print the entries an agent instance has in its pinned maps, and its counters.
@@ -27,8 +27,8 @@ enum Command {
     /// Print the services an agent instance programmed, as `ipvsadm -Ln` does, from its
     /// pinned maps: what the kernel has, not what the manifests say.
     Inspect(InstanceArgs),
-    /// Remove what an agent instance left on this node (its pinned maps, after a SIGKILL). A
-    /// running agent keeps working, but can no longer be inspected.
+    /// Remove everything an agent instance installed on this node: its pinned links (which
+    /// detaches its programs), programs and maps. Stop the agent first: it would attach again.
     Cleanup(CleanupArgs),
 }
 
@@ -81,6 +81,14 @@ struct RunArgs {
     /// How often to look for changed manifests and new interfaces, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_interval_ms: u64,
+    /// Where sysctls are written (accept_local on uplinks): the host's /proc/sys when the agent
+    /// runs in a container.
+    #[arg(long, default_value = "/proc/sys")]
+    sysctl_dir: PathBuf,
+    /// Load this eBPF object instead of the one built into the agent (a newer datapath build
+    /// with the same map layouts, for instance).
+    #[arg(long)]
+    bpf_object: Option<PathBuf>,
     /// Idle timeout of an open TCP flow, in seconds.
     #[arg(long, default_value_t = 6 * 3600)]
     tcp_timeout_secs: u64,
@@ -95,7 +103,7 @@ struct RunArgs {
 #[derive(clap::Args)]
 struct NodeArgs {
     /// This node's name, as in its Node object.
-    #[arg(long = "node", env = "NODE_NAME")]
+    #[arg(long = "node-name", visible_alias = "node", env = "NODE_NAME")]
     name: String,
     /// Addresses NodePorts listen on; by default the Node's InternalIP and ExternalIP.
     #[arg(long = "node-ip", value_delimiter = ',')]
@@ -175,7 +183,7 @@ async fn main() -> Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     match Cli::parse().command {
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
         Command::Plan(args) => {
             exit_quietly_on_closed_pipe();
             plan(&args)
@@ -214,6 +222,8 @@ async fn run(args: RunArgs) -> Result<()> {
         },
         pin_dir: datapath::pin_dir(&args.instance.bpffs, &args.instance.instance),
         bpffs: args.instance.bpffs,
+        object: args.bpf_object,
+        sysctl_dir: args.sysctl_dir,
         poll_interval: Duration::from_millis(args.poll_interval_ms),
         status_address: args.status_address,
         config: Config {

@@ -8,8 +8,9 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray},
 };
 use lb_common::maps::{
-    BACKENDS, Backend, CONFIG, Config, FRONTEND_STATS, FRONTENDS, Frontend, FrontendKey,
-    FrontendStats, SINGLE_ENTRY, SLOTS, STATS, Slot, SlotKey, Stats, VIPS, Vip,
+    BACKENDS, Backend, CONFIG, Config, FLOWS, FRONTEND_STATS, FRONTENDS, Flow, FlowKey, Frontend,
+    FrontendKey, FrontendStats, MAX_FLOWS, SINGLE_ENTRY, SLOTS, STATS, Slot, SlotKey, Stats, VIPS,
+    Vip,
 };
 
 use crate::plan::{MapEntries, Op};
@@ -19,6 +20,7 @@ pub struct KernelMaps {
     slots: HashMap<MapData, SlotKey, Slot>,
     backends: HashMap<MapData, u32, Backend>,
     vips: HashMap<MapData, u32, Vip>,
+    flows: HashMap<MapData, FlowKey, Flow>,
     config: Array<MapData, Config>,
     stats: PerCpuArray<MapData, Stats>,
     frontend_stats: PerCpuArray<MapData, FrontendStats>,
@@ -27,57 +29,32 @@ pub struct KernelMaps {
 impl KernelMaps {
     /// Takes the maps out of a loaded object.
     pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
-        let mut take = |name: &str| {
+        Self::from_maps(|name| {
             ebpf.take_map(name)
                 .with_context(|| format!("the eBPF object has no map {name}"))
-        };
-        Self::from_maps(
-            take(FRONTENDS)?,
-            take(SLOTS)?,
-            take(BACKENDS)?,
-            take(VIPS)?,
-            take(CONFIG)?,
-            take(STATS)?,
-            take(FRONTEND_STATS)?,
-        )
+        })
     }
 
     /// Opens the maps an agent pinned under `pin_dir`.
     pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
-        let open = |name: &str| -> Result<Map> {
+        Self::from_maps(|name| {
             let path = pin_dir.join(name);
             let data =
                 MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
             Map::from_map_data(data).with_context(|| format!("reading {}", path.display()))
-        };
-        Self::from_maps(
-            open(FRONTENDS)?,
-            open(SLOTS)?,
-            open(BACKENDS)?,
-            open(VIPS)?,
-            open(CONFIG)?,
-            open(STATS)?,
-            open(FRONTEND_STATS)?,
-        )
+        })
     }
 
-    fn from_maps(
-        frontends: Map,
-        slots: Map,
-        backends: Map,
-        vips: Map,
-        config: Map,
-        stats: Map,
-        frontend_stats: Map,
-    ) -> Result<Self> {
+    fn from_maps(mut map: impl FnMut(&str) -> Result<Map>) -> Result<Self> {
         Ok(Self {
-            frontends: HashMap::try_from(frontends).context(FRONTENDS)?,
-            slots: HashMap::try_from(slots).context(SLOTS)?,
-            backends: HashMap::try_from(backends).context(BACKENDS)?,
-            vips: HashMap::try_from(vips).context(VIPS)?,
-            config: Array::try_from(config).context(CONFIG)?,
-            stats: PerCpuArray::try_from(stats).context(STATS)?,
-            frontend_stats: PerCpuArray::try_from(frontend_stats).context(FRONTEND_STATS)?,
+            frontends: HashMap::try_from(map(FRONTENDS)?).context(FRONTENDS)?,
+            slots: HashMap::try_from(map(SLOTS)?).context(SLOTS)?,
+            backends: HashMap::try_from(map(BACKENDS)?).context(BACKENDS)?,
+            vips: HashMap::try_from(map(VIPS)?).context(VIPS)?,
+            flows: HashMap::try_from(map(FLOWS)?).context(FLOWS)?,
+            config: Array::try_from(map(CONFIG)?).context(CONFIG)?,
+            stats: PerCpuArray::try_from(map(STATS)?).context(STATS)?,
+            frontend_stats: PerCpuArray::try_from(map(FRONTEND_STATS)?).context(FRONTEND_STATS)?,
         })
     }
 
@@ -102,6 +79,26 @@ impl KernelMaps {
             backends: self.backends.iter().collect::<Result<_, _>>()?,
             vips: self.vips.iter().collect::<Result<_, _>>()?,
         })
+    }
+
+    /// The config the datapath runs with now.
+    pub fn config(&self) -> Result<Config> {
+        self.config
+            .get(&SINGLE_ENTRY, 0)
+            .with_context(|| format!("reading {CONFIG}"))
+    }
+
+    /// How many flows the datapath tracks, and the highest backend id they name. Reads at most
+    /// the table's capacity: entries come and go while it is walked.
+    pub fn flows(&self) -> Result<(usize, u32)> {
+        let mut count = 0;
+        let mut highest_backend_id = 0;
+        for entry in self.flows.iter().take(MAX_FLOWS as usize) {
+            let (_, flow) = entry.with_context(|| format!("reading {FLOWS}"))?;
+            count += 1;
+            highest_backend_id = highest_backend_id.max(flow.backend_id);
+        }
+        Ok((count, highest_backend_id))
     }
 
     pub fn write_config(&mut self, config: &Config) -> Result<()> {

@@ -1,6 +1,6 @@
 //! The agent's HTTP endpoint: `/healthz` (the loop runs), `/readyz` (the first sync is
 //! programmed and the interfaces attached) and `/metrics` (Prometheus text: the datapath's
-//! counters, per frontend and by result, and the agent's syncs). Plain HTTP/1.1, one request
+//! counters, per frontend and by result, its tracked flows, the agent's syncs and API errors). Plain HTTP/1.1, one request
 //! per connection: probes and scrapers need no more.
 
 use std::{
@@ -10,7 +10,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -49,6 +49,8 @@ pub struct Status {
     syncs: Mutex<Syncs>,
     /// By service id, as programmed.
     frontends: Mutex<BTreeMap<u32, FrontendLabels>>,
+    /// Failed requests to the Kubernetes API: lists and watches.
+    api_errors: AtomicU64,
 }
 
 #[derive(Default)]
@@ -76,6 +78,10 @@ impl Status {
                 *bucket += 1;
             }
         }
+    }
+
+    pub fn record_api_error(&self) {
+        self.api_errors.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn set_frontends(&self, frontends: BTreeMap<u32, FrontendLabels>) {
@@ -167,6 +173,15 @@ impl Status {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
             );
         }
+        let (flows, _) = maps.flows()?;
+        let _ = writeln!(
+            out,
+            "# HELP lb_conntrack_entries Flows the datapath tracks.\n\
+             # TYPE lb_conntrack_entries gauge\nlb_conntrack_entries {flows}\n\
+             # HELP lb_api_errors_total Failed lists and watches of the Kubernetes API.\n\
+             # TYPE lb_api_errors_total counter\nlb_api_errors_total {}",
+            self.api_errors.load(Ordering::Relaxed)
+        );
         let syncs = self.syncs.lock().expect("status lock");
         let _ = writeln!(
             out,

@@ -50,7 +50,7 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// A built binary: from `$var`, set by `cargo xtask`.
-pub(crate) fn binary(var: &str) -> Result<PathBuf> {
+pub fn binary(var: &str) -> Result<PathBuf> {
     let path = env::var_os(var)
         .map(PathBuf::from)
         .with_context(|| format!("{var} is not set: run the lab through `cargo xtask`"))?;

@@ -1,7 +1,10 @@
 //! Kernel-level tests: the agent and its eBPF datapath in a lab of network namespaces, real
 //! servers, real clients. Run through `cargo xtask test` (root, and the built binaries).
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    process::{Command, Stdio},
+};
 
 use lb_tests::{BACKENDS, CLIENT_IP, Lab, NODE_IP, client_of, pod_of};
 
@@ -566,7 +569,7 @@ fn deleting_a_service_spares_its_established_connections() {
 }
 
 #[test]
-fn inspect_shows_the_kernel_and_cleanup_removes_what_a_killed_agent_left() {
+fn inspect_shows_what_the_kernel_has() {
     let lab = lab("inspect");
     let table = lab.lb_user("inspect").unwrap();
     let demo: Vec<&str> = table
@@ -577,14 +580,148 @@ fn inspect_shows_the_kernel_and_cleanup_removes_what_a_killed_agent_left() {
         .collect();
     assert_eq!(demo.len(), 3, "demo's three backends:\n{table}");
     assert!(demo.iter().all(|l| l.ends_with(":8080 local")), "{table}");
+}
+
+/// The programs an agent pins, one per hook.
+const PROGRAMS: [&str; 6] = [
+    "lb_tc",
+    "lb_tc_egress",
+    "lb_xdp",
+    "lb_connect4",
+    "lb_sendmsg4",
+    "lb_recvmsg4",
+];
+
+/// The kernel's id of the program `name` that the lab's agent pinned.
+fn pinned_program_id(lab: &Lab, name: &str) -> u32 {
+    let path = lab.pin_dir().join("progs").join(name);
+    let json = lb_tests::output(
+        Command::new("bpftool")
+            .args(["--json", "prog", "show", "pinned"])
+            .arg(&path),
+    )
+    .unwrap_or_else(|e| panic!("bpftool prog show pinned {}: {e:#}", path.display()));
+    json.split("\"id\":")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("no id in {json}"))
+}
+
+fn program_loaded(id: u32) -> bool {
+    Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The programmed entries, without the counters that traffic moves.
+fn programme(lab: &Lab) -> String {
+    let dump = lab.dump().expect("dump");
+    dump.lines()
+        .filter(|l| !l.starts_with("STATS:"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn a_connection_survives_kill_restart_and_upgrade_and_cleanup_removes_everything() {
+    let mut lab = lab("restart");
+    let mut connection = lab.connect(ECHO_VIP).expect("a connection through the VIP");
+    let first = connection.ask("hello").expect("an answer");
+    let pod = pod_of(&first).expect("pod").to_string();
+    let programmed = programme(&lab);
+    let mut same_backend = |when: &str| {
+        let answer = connection
+            .ask(when)
+            .unwrap_or_else(|e| panic!("{when}: {e:#}"));
+        assert_eq!(pod_of(&answer), Some(pod.as_str()), "{when}: {answer}");
+    };
 
     lab.kill_agent();
+    same_backend("no agent running");
     assert!(
-        lab.pin_dir().exists(),
-        "a killed agent leaves its maps pinned"
+        lab.curl(HTTP_VIP).is_ok(),
+        "with no agent running, new connections are balanced too"
     );
+
+    lab.start_agent(&[]).expect("a restarted agent");
+    same_backend("after a restart");
+    assert_eq!(programme(&lab), programmed, "the restart changed the maps");
+    let log = std::fs::read_to_string(lab.agent_log()).unwrap();
+    assert!(
+        log.contains("writes=0"),
+        "the restarted agent's first sync writes nothing:\n{log}"
+    );
+
+    let old_program = pinned_program_id(&lab, "lb_tc");
+    let object = std::env::var("LB_EBPF_OBJECT").expect("LB_EBPF_OBJECT: run through cargo xtask");
+    lab.start_agent(&["--bpf-object", &object])
+        .expect("an agent loading the object anew");
+    assert_ne!(
+        pinned_program_id(&lab, "lb_tc"),
+        old_program,
+        "the upgrade loads new programs"
+    );
+    lab.wait_for("the replaced program to be unloaded", || {
+        Ok(!program_loaded(old_program))
+    })
+    .unwrap();
+    same_backend("after the upgrade");
+    assert_eq!(programme(&lab), programmed, "the upgrade changed the maps");
+
+    let programs = PROGRAMS.map(|name| pinned_program_id(&lab, name));
+    lab.kill_agent();
     lab.lb_user("cleanup").unwrap();
-    assert!(!lab.pin_dir().exists(), "cleanup removes them");
+    assert!(!lab.pin_dir().exists(), "cleanup removes every pin");
+    lab.wait_for("cleanup to unload every program", || {
+        Ok(programs.iter().all(|&id| !program_loaded(id)))
+    })
+    .unwrap();
+    assert!(
+        connection.ask("after cleanup").is_err(),
+        "with its links gone, nothing translates the VIP"
+    );
+}
+
+#[test]
+fn a_pinned_map_of_another_layout_starts_empty_and_the_log_says_why() {
+    let mut lab = lab("layout");
+    lab.kill_agent();
+    // As a build whose flow table had another layout would have left it, and an old version's.
+    let flows = lab.pin_dir().join("lb_flows_v1");
+    std::fs::remove_file(&flows).unwrap();
+    for (path, name) in [
+        (flows.clone(), "lb_flows_v1"),
+        (lab.pin_dir().join("lb_flows_v0"), "lb_flows_v0"),
+    ] {
+        lb_tests::output(
+            Command::new("bpftool")
+                .args(["map", "create"])
+                .arg(&path)
+                .args(["type", "lru_hash", "key", "4", "value", "4", "entries", "8"])
+                .args(["name", name]),
+        )
+        .expect("bpftool map create");
+    }
+    lab.start_agent(&[])
+        .expect("an agent over a changed layout");
+    let log = std::fs::read_to_string(lab.agent_log()).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("lb_flows_v1")
+            && l.contains("layout differs")
+            && l.contains("key 4 B, value 4 B, 8 entries")),
+        "the log names the map and both layouts:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("lb_flows_v0") && l.contains("does not have")),
+        "{log}"
+    );
+    assert!(!lab.pin_dir().join("lb_flows_v0").exists());
+    assert_eq!(curl_pods(&lab, HTTP_VIP, 3).len(), 3, "flows tracked anew");
 }
 
 #[test]
@@ -621,4 +758,11 @@ fn metrics_count_the_packets_a_test_sent() {
     let bytes = demo(&after, "lb_frontend_bytes_total") - demo(&before, "lb_frontend_bytes_total");
     assert!(bytes >= packets * 40, "{bytes} bytes for {packets} packets");
     assert!(after.contains("lb_syncs_total 1\n"), "{after}");
+    let flows = after
+        .lines()
+        .find_map(|l| l.strip_prefix("lb_conntrack_entries "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no lb_conntrack_entries in:\n{after}"));
+    // A closed connection's flow stays in the table until it idles out.
+    assert_eq!(flows, 3, "flows tracked after three connections");
 }

@@ -6,8 +6,9 @@ mod setup;
 use std::{
     env,
     ffi::OsString,
+    fs,
     io::{BufRead as _, BufReader},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, ExitCode, Stdio},
     sync::mpsc,
 };
@@ -69,13 +70,33 @@ fn main() -> Result<ExitCode> {
 struct Binaries {
     lb_user: PathBuf,
     demoapp: PathBuf,
+    /// The eBPF object built into `lb_user`, for the tests that load it as an upgrade.
+    ebpf_object: PathBuf,
 }
 
 impl Binaries {
     fn export(&self, cmd: &mut Command) {
         cmd.env("LB_USER_BIN", &self.lb_user)
-            .env("LB_DEMOAPP_BIN", &self.demoapp);
+            .env("LB_DEMOAPP_BIN", &self.demoapp)
+            .env("LB_EBPF_OBJECT", &self.ebpf_object);
     }
+}
+
+/// The newest eBPF object lb-user's build script wrote under `dir` (one per build-script hash).
+fn built_object(dir: &Path) -> Result<PathBuf> {
+    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+    for entry in fs::read_dir(dir.join("build"))? {
+        let object = entry?.path().join("out/lb");
+        let Ok(modified) = fs::metadata(&object).and_then(|m| m.modified()) else {
+            continue;
+        };
+        if newest.as_ref().is_none_or(|(time, _)| modified > *time) {
+            newest = Some((modified, object));
+        }
+    }
+    newest
+        .map(|(_, object)| object)
+        .with_context(|| format!("no eBPF object under {}/build", dir.display()))
 }
 
 fn cargo() -> Command {
@@ -107,6 +128,7 @@ fn build() -> Result<Binaries> {
     Ok(Binaries {
         lb_user: dir.join("lb-user"),
         demoapp: dir.join("demoapp"),
+        ebpf_object: built_object(&dir)?,
     })
 }
 

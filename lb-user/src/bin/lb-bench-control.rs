@@ -55,7 +55,12 @@ fn main() -> Result<()> {
         fs::write(dir.join(format!("services-{file:04}.yaml")), text)?;
     }
     let pin_dir = datapath::pin_dir(BPFFS.as_ref(), &format!("bench-cp-{}", std::process::id()));
-    let (datapath, mut maps) = Datapath::load(BPFFS.as_ref(), &pin_dir)?;
+    let (datapath, mut maps) = Datapath::load(
+        datapath::OBJECT,
+        BPFFS.as_ref(),
+        &pin_dir,
+        "/proc/sys".as_ref(),
+    )?;
     let figures = measure(&args, dir.clone(), &mut maps);
     datapath.remove()?;
     fs::remove_dir_all(&dir)?;

@@ -165,7 +165,12 @@ fn main() -> Result<()> {
     let floor: &SchedClassifier = empty.program("empty_tc").context("empty_tc")?.try_into()?;
 
     let pin_dir = datapath::pin_dir(BPFFS.as_ref(), &format!("bench-{}", std::process::id()));
-    let (datapath, mut maps) = Datapath::load(BPFFS.as_ref(), &pin_dir)?;
+    let (datapath, mut maps) = Datapath::load(
+        datapath::OBJECT,
+        BPFFS.as_ref(),
+        &pin_dir,
+        "/proc/sys".as_ref(),
+    )?;
     let figures = measure(&args, &datapath, &mut maps, floor);
     datapath.remove()?;
     let figures = figures?;

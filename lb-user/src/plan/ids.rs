@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::maps::{Backend, FrontendKey, MAX_SERVICES};
 
+use super::MapEntries;
+
 #[derive(Clone, Debug, Default)]
 pub struct Ids {
     services: BTreeMap<FrontendKey, u32>,
@@ -13,6 +15,31 @@ pub struct Ids {
 }
 
 impl Ids {
+    /// The ids of what an earlier agent programmed, so that a restarted agent keeps them: its
+    /// first sync then rewrites nothing that has not changed. Backend ids continue after the
+    /// highest one programmed or still named by a tracked flow.
+    pub fn adopt(programmed: &MapEntries, highest_flow_backend_id: u32) -> Self {
+        let backends: BTreeMap<Backend, u32> = programmed
+            .backends
+            .iter()
+            .map(|(&id, &b)| (b, id))
+            .collect();
+        Self {
+            services: programmed
+                .frontends
+                .iter()
+                .map(|(&key, frontend)| (key, frontend.service_id))
+                .collect(),
+            last_backend_id: backends
+                .values()
+                .copied()
+                .chain([highest_flow_backend_id])
+                .max()
+                .unwrap_or(0),
+            backends,
+        }
+    }
+
     /// Ids for exactly `keys`: kept for known frontends, the lowest free one for new frontends.
     /// An id released in this call is not handed out again in it, so a frontend never reads the
     /// slots of the frontend its id belonged to. A frontend past the map's capacity gets none.
@@ -103,6 +130,35 @@ mod tests {
         assert!(!second.contains_key(&key(1)));
         let third = ids.assign_services([key(2), key(3), key(4)]);
         assert_eq!(third[&key(4)], 1, "a released id is reused in a later sync");
+    }
+
+    #[test]
+    fn adopted_ids_are_kept_and_new_backends_follow_the_highest() {
+        let mut first = Ids::default();
+        let services = first.assign_services([key(1), key(2)]);
+        let backends = first.assign_backends([backend(1), backend(2)]);
+        let mut programmed = MapEntries::default();
+        for (key, service_id) in &services {
+            programmed.frontends.insert(
+                *key,
+                lb_common::maps::Frontend {
+                    service_id: *service_id,
+                    ..Default::default()
+                },
+            );
+        }
+        for (backend, id) in &backends {
+            programmed.backends.insert(*id, *backend);
+        }
+        let mut adopted = Ids::adopt(&programmed, 7);
+        assert_eq!(adopted.assign_services([key(1), key(2)]), services);
+        let again = adopted.assign_backends([backend(1), backend(2), backend(3)]);
+        assert_eq!((again[&backend(1)], again[&backend(2)]), (1, 2));
+        assert_eq!(
+            again[&backend(3)],
+            8,
+            "a flow still names backend 7: a new backend must not take its id"
+        );
     }
 
     #[test]
