@@ -1,4 +1,4 @@
-//! The agent's loop: when the manifests change, recompute and write the difference to the maps.
+//! The agent's loop: when the sources change, recompute and write the difference to the maps.
 
 use std::{
     collections::BTreeMap,
@@ -12,21 +12,39 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::programs::XdpMode;
 use lb_common::maps::Config;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
 use tracing::{error, info, warn};
 
 use crate::{
     datapath::{self, Datapath},
     maps::KernelMaps,
-    model,
+    model::{self, Objects, Skipped},
     plan::{self, Ids, MapEntries},
-    sources::manifests::Manifests,
+    sources::{
+        kubernetes,
+        manifests::{Fingerprint, Manifests},
+    },
     status::{self, FrontendLabels, Status},
 };
 
+/// Where the agent learns Services, EndpointSlices and Nodes.
+pub enum SourceSettings {
+    /// Manifest files or directories, polled for changes.
+    Manifests(Vec<PathBuf>),
+    /// The Kubernetes API, watched; each burst of changes is synced at most `batch_delay`
+    /// after its first event.
+    Kubernetes {
+        kubeconfig: Option<PathBuf>,
+        batch_delay: Duration,
+    },
+}
+
 pub struct Settings {
     pub node: model::NodeConfig,
-    pub manifests: Vec<PathBuf>,
+    pub source: SourceSettings,
     /// Where the tc program goes: names, or prefixes ending in `*`.
     pub interfaces: Vec<String>,
     /// Where the XDP program goes, likewise.
@@ -77,7 +95,25 @@ pub async fn run(settings: Settings) -> Result<()> {
         Arc::clone(&status),
         settings.pin_dir.clone(),
     ));
-    let mut source = Manifests::new(settings.manifests.clone());
+    let mut source = match &settings.source {
+        SourceSettings::Manifests(paths) => Source::Manifests {
+            manifests: Manifests::new(paths.clone()),
+            fingerprint: None,
+        },
+        SourceSettings::Kubernetes {
+            kubeconfig,
+            batch_delay,
+        } => {
+            let client = kubernetes::client(kubeconfig.as_deref()).await?;
+            let errors = Arc::clone(&status);
+            Source::Kubernetes(kubernetes::watch(
+                &client,
+                &settings.node.name,
+                *batch_delay,
+                move || errors.record_api_error(),
+            ))
+        }
+    };
     let mut syncer = Syncer {
         maps,
         config: Some(config),
@@ -88,17 +124,30 @@ pub async fn run(settings: Settings) -> Result<()> {
         failed: false,
         status: Arc::clone(&status),
     };
-    let mut fingerprint = None;
+    // The latest objects, kept to retry the writes that failed.
+    let mut latest: Option<(Objects, Vec<Skipped>)> = None;
     let mut ready = false;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     info!(node = %settings.node.name, pins = %settings.pin_dir.display(), "agent started");
     loop {
-        let now = source.fingerprint();
+        let fresh = source.poll();
+        let changed = fresh.is_some();
+        if fresh.is_some() {
+            latest = fresh;
+        }
+        let Some((objects, skipped)) = &latest else {
+            // Nothing listed yet (the API unreachable): what is pinned stays in force.
+            tokio::select! {
+                () = tokio::time::sleep(settings.poll_interval) => continue,
+                () = source.changed() => continue,
+                _ = interrupt.recv() => break,
+                _ = terminate.recv() => break,
+            }
+        };
         // Writes that failed are retried at every poll, changes or not.
-        if fingerprint.as_ref() != Some(&now) || syncer.failed {
-            syncer.sync(&mut source, &settings.node);
-            fingerprint = Some(now);
+        if changed || syncer.failed {
+            syncer.sync(objects, skipped.clone(), &settings.node);
         }
         // After the first sync, so that no packet meets half-written maps.
         datapath.attach_sockets(&settings.cgroup)?;
@@ -130,6 +179,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         }
         tokio::select! {
             () = tokio::time::sleep(settings.poll_interval) => {}
+            () = source.changed() => {}
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
         }
@@ -139,6 +189,53 @@ pub async fn run(settings: Settings) -> Result<()> {
         "stopping: the datapath stays pinned and keeps forwarding; `lb-user cleanup` removes it"
     );
     Ok(())
+}
+
+/// Where the objects come from, and how the agent learns that they changed.
+enum Source {
+    /// Polled: a changed fingerprint means changed files.
+    Manifests {
+        manifests: Manifests,
+        fingerprint: Option<Fingerprint>,
+    },
+    /// Pushed: a snapshot per burst of changes, once everything has been listed.
+    Kubernetes(watch::Receiver<Option<Objects>>),
+}
+
+impl Source {
+    /// The objects, if they changed since the last call.
+    fn poll(&mut self) -> Option<(Objects, Vec<Skipped>)> {
+        match self {
+            Self::Manifests {
+                manifests,
+                fingerprint,
+            } => {
+                let now = manifests.fingerprint();
+                if fingerprint.as_ref() == Some(&now) {
+                    return None;
+                }
+                *fingerprint = Some(now);
+                Some(manifests.load())
+            }
+            Self::Kubernetes(snapshots) => {
+                if !snapshots.has_changed().unwrap_or(false) {
+                    return None;
+                }
+                let objects = snapshots.borrow_and_update().clone()?;
+                Some((objects, Vec::new()))
+            }
+        }
+    }
+
+    /// Returns when there is a snapshot to take; never for polled manifests.
+    async fn changed(&mut self) {
+        if let Self::Kubernetes(snapshots) = self
+            && snapshots.changed().await.is_ok()
+        {
+            return;
+        }
+        std::future::pending().await
+    }
 }
 
 /// The `/metrics` labels of each programmed frontend, by service id.
@@ -177,10 +274,9 @@ struct Syncer {
 }
 
 impl Syncer {
-    fn sync(&mut self, source: &mut Manifests, node: &model::NodeConfig) {
+    fn sync(&mut self, objects: &Objects, mut skipped: Vec<Skipped>, node: &model::NodeConfig) {
         let started = Instant::now();
-        let (objects, mut skipped) = source.load();
-        let computed = model::compute(&objects, node);
+        let computed = model::compute(objects, node);
         skipped.extend(computed.skipped);
         self.write_config(computed.node_addresses.first().copied());
         let (desired, more) = plan::entries(&mut self.ids, &computed.frontends, &node.name);

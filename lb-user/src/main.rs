@@ -18,7 +18,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Program this node's datapath and keep it in step with the manifests.
+    /// Program this node's datapath and keep it in step with the cluster or the manifests.
     Run(Box<RunArgs>),
     /// Print what the agent would program on a node (no root, no kernel).
     Plan(PlanArgs),
@@ -51,10 +51,20 @@ struct InstanceArgs {
 }
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["manifests", "kubernetes"])))]
 struct RunArgs {
-    /// Manifest files or directories (YAML or JSON).
-    #[arg(long, required = true, num_args = 1..)]
+    /// Manifest files or directories (YAML or JSON), watched for changes.
+    #[arg(long, num_args = 1..)]
     manifests: Vec<PathBuf>,
+    /// Watch the Kubernetes API: with --kubeconfig, else as kubectl finds its config, else with
+    /// the pod's service account.
+    #[arg(long)]
+    kubernetes: bool,
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// How long a burst of API events may gather before it is synced, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    batch_delay_ms: u64,
     #[command(flatten)]
     node: NodeArgs,
     /// Pod-facing interfaces (tc): names, or prefixes ending in `*`.
@@ -212,7 +222,14 @@ async fn run(args: RunArgs) -> Result<()> {
     let secs = |s: u64| s.saturating_mul(1_000_000_000);
     agent::run(agent::Settings {
         node: args.node.config(),
-        manifests: args.manifests,
+        source: if args.kubernetes {
+            agent::SourceSettings::Kubernetes {
+                kubeconfig: args.kubeconfig,
+                batch_delay: Duration::from_millis(args.batch_delay_ms),
+            }
+        } else {
+            agent::SourceSettings::Manifests(args.manifests)
+        },
         interfaces: args.interfaces,
         uplinks: args.uplinks,
         xdp_mode: args.xdp_mode.into(),
