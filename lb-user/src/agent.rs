@@ -106,12 +106,15 @@ pub async fn run(settings: Settings) -> Result<()> {
         } => {
             let client = kubernetes::client(kubeconfig.as_deref()).await?;
             let errors = Arc::clone(&status);
-            Source::Kubernetes(kubernetes::watch(
-                &client,
-                &settings.node.name,
-                *batch_delay,
-                move || errors.record_api_error(),
-            ))
+            Source::Kubernetes {
+                snapshots: kubernetes::watch(
+                    &client,
+                    &settings.node.name,
+                    *batch_delay,
+                    move || errors.record_api_error(),
+                ),
+                fresh: false,
+            }
         }
     };
     let mut syncer = Syncer {
@@ -198,8 +201,12 @@ enum Source {
         manifests: Manifests,
         fingerprint: Option<Fingerprint>,
     },
-    /// Pushed: a snapshot per burst of changes, once everything has been listed.
-    Kubernetes(watch::Receiver<Option<Objects>>),
+    /// Pushed: a snapshot per burst of changes, once everything has been listed. `fresh`: one
+    /// came that [`Source::changed`] saw and [`Source::poll`] has not taken yet.
+    Kubernetes {
+        snapshots: watch::Receiver<Option<Objects>>,
+        fresh: bool,
+    },
 }
 
 impl Source {
@@ -217,10 +224,11 @@ impl Source {
                 *fingerprint = Some(now);
                 Some(manifests.load())
             }
-            Self::Kubernetes(snapshots) => {
-                if !snapshots.has_changed().unwrap_or(false) {
+            Self::Kubernetes { snapshots, fresh } => {
+                if !*fresh && !snapshots.has_changed().unwrap_or(false) {
                     return None;
                 }
+                *fresh = false;
                 let objects = snapshots.borrow_and_update().clone()?;
                 Some((objects, Vec::new()))
             }
@@ -229,9 +237,10 @@ impl Source {
 
     /// Returns when there is a snapshot to take; never for polled manifests.
     async fn changed(&mut self) {
-        if let Self::Kubernetes(snapshots) = self
+        if let Self::Kubernetes { snapshots, fresh } = self
             && snapshots.changed().await.is_ok()
         {
+            *fresh = true;
             return;
         }
         std::future::pending().await

@@ -7,7 +7,9 @@
 
 use std::{
     cell::RefCell,
-    env, fs,
+    env,
+    ffi::OsStr,
+    fs,
     io::{BufRead, BufReader, Read, Write},
     net::Ipv4Addr,
     os::unix::process::CommandExt as _,
@@ -20,6 +22,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
+pub mod apiserver;
 pub mod cluster;
 
 /// The node name in `deploy/examples`.
@@ -153,6 +156,14 @@ impl Lab {
     /// Starts the agent in the node on the lab's manifests, with `extra` arguments, and waits
     /// until it has programmed the frontends and attached to every pod's interface.
     pub fn start_agent(&mut self, extra: &[&str]) -> Result<()> {
+        let manifests = self.manifests.path().to_path_buf();
+        let source = [OsStr::new("--manifests"), manifests.as_os_str()];
+        self.start_agent_on(&source, extra)
+    }
+
+    /// Starts the agent in the node with `source` (`--manifests DIR`, `--kubernetes ...`), and
+    /// waits until it is ready.
+    pub fn start_agent_on(&mut self, source: &[&OsStr], extra: &[&str]) -> Result<()> {
         let log = fs::File::create(self.agent_log())?;
         // nsenter, not `ip netns exec`: that one also unshares the mount namespace and remounts
         // /sys, which would hide the agent's pins under /sys/fs/bpf from everyone else.
@@ -162,8 +173,7 @@ impl Lab {
             .arg(&self.lb_user)
             .args(["run", "--node", NODE_NAME, "--interfaces", "v-*"])
             .args(["--instance", &self.prefix, "--poll-interval-ms", "50"])
-            .arg("--manifests")
-            .arg(self.manifests.path())
+            .args(source)
             .args(extra)
             .stdout(log.try_clone()?)
             .stderr(log)

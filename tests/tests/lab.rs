@@ -3,10 +3,15 @@
 
 use std::{
     collections::BTreeMap,
+    ffi::OsStr,
     process::{Command, Stdio},
 };
 
-use lb_tests::{BACKENDS, CLIENT_IP, Lab, NODE_IP, client_of, pod_of};
+use lb_tests::{
+    BACKENDS, CLIENT_IP, Lab, NODE_IP,
+    apiserver::{ApiServer, SLICES},
+    client_of, pod_of,
+};
 
 const HTTP_VIP: &str = "http://10.96.0.10/";
 const STICKY_VIP: &str = "http://10.96.0.11/";
@@ -722,6 +727,54 @@ fn a_pinned_map_of_another_layout_starts_empty_and_the_log_says_why() {
     );
     assert!(!lab.pin_dir().join("lb_flows_v0").exists());
     assert_eq!(curl_pods(&lab, HTTP_VIP, 3).len(), 3, "flows tracked anew");
+}
+
+#[test]
+fn from_the_kubernetes_api_the_agent_programs_and_follows_and_outlives_an_outage() {
+    let mut lab = Lab::up("api").expect("lab");
+    // In the node's network namespace, where the agent runs.
+    let api = ApiServer::start(Some(&lab.node)).expect("a test API server");
+    api.apply_manifests(lab.manifests.path()).unwrap();
+    let kubeconfig = lab.manifests.path().with_extension("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let source = [
+        OsStr::new("--kubernetes"),
+        OsStr::new("--kubeconfig"),
+        kubeconfig.as_os_str(),
+    ];
+    lab.start_agent_on(&source, &[])
+        .expect("an agent on the API");
+    let pods = curl_pods(&lab, HTTP_VIP, 3);
+    assert_eq!(counts(&pods).len(), 3, "{pods:?}");
+
+    // An endpoint leaves demo's slice: one sync, and it gets no more new connections.
+    let slice = lab.manifests.path().join("demo.yaml");
+    let text = std::fs::read_to_string(&slice).unwrap();
+    let removed = BACKENDS[0].1.to_string();
+    let edited = remove_endpoint(&text, &removed);
+    for document in edited.split("\n---") {
+        if document.contains("kind: EndpointSlice") {
+            let object: serde_json::Value = serde_yaml::from_str(document).unwrap();
+            api.apply(SLICES, object);
+        }
+    }
+    lab.wait_for_dump("demo down to two backends", |dump| {
+        backend_count(dump, "10.96.0.10:80/TCP") == Some(2)
+    })
+    .unwrap();
+    let pods = curl_pods(&lab, HTTP_VIP, 4);
+    assert!(!pods.contains(&BACKENDS[0].0.to_string()), "{pods:?}");
+
+    // The API goes away: the agent keeps what it programmed.
+    let before = programme(&lab);
+    api.go_down();
+    lab.wait_for("the agent to see the API gone", || {
+        let log = std::fs::read_to_string(lab.agent_log())?;
+        Ok(log.contains("retrying with backoff"))
+    })
+    .unwrap();
+    assert_eq!(programme(&lab), before, "an outage changed the maps");
+    assert_eq!(curl_pods(&lab, HTTP_VIP, 2).len(), 2);
 }
 
 #[test]
