@@ -153,19 +153,18 @@ pub async fn run(settings: Settings) -> Result<()> {
             syncer.sync(objects, skipped.clone(), &settings.node);
         }
         // After the first sync, so that no packet meets half-written maps.
-        datapath.attach_sockets(&settings.cgroup)?;
+        let sockets = datapath.attach_sockets(&settings.cgroup);
         let pods = datapath.attach_interfaces(&settings.interfaces);
         let uplinks = datapath.attach_uplinks(&settings.uplinks, settings.xdp_mode);
-        let attached = pods.and(uplinks);
-        if !ready {
-            // Every wanted interface has had its chance: the links pinned before that are
-            // left are for interfaces no longer wanted.
-            if let Err(e) = datapath.release_unclaimed() {
-                error!("{e:#}");
-            }
-        }
+        let attached = sockets.and(pods).and(uplinks);
         match attached {
             Ok(()) if !ready => {
+                // Every wanted link is in place: those pinned before and left over are for
+                // interfaces no longer wanted. Not before: a link whose adoption failed still
+                // forwards.
+                if let Err(e) = datapath.release_unclaimed() {
+                    error!("{e:#}");
+                }
                 ready = true;
                 status.set_ready();
                 info!("ready: maps programmed and interfaces attached");

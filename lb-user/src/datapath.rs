@@ -5,7 +5,7 @@
 //! programs into the existing links, atomically.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     ffi::{CStr, CString},
     fs, io,
     os::{
@@ -57,6 +57,17 @@ pub struct Datapath {
     sysctl_dir: PathBuf,
     /// The links this agent attached or adopted, by pin name.
     links: BTreeMap<String, Link>,
+    /// The interfaces whose links are all in place, by index, with their name and role: not
+    /// looked at again until they vanish.
+    attached: BTreeSet<(u32, String, Role)>,
+    /// Held while the agent runs: one agent per instance.
+    _lock: fs::File,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Role {
+    Pod,
+    Uplink,
 }
 
 /// A pinned link, and what it is attached to.
@@ -83,6 +94,7 @@ impl Datapath {
         ] {
             fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         }
+        let lock = lock_instance(pin_dir)?;
         drop_incompatible_maps(object, pin_dir)?;
         let mut loader = EbpfLoader::new();
         for name in maps::ALL {
@@ -123,6 +135,8 @@ impl Datapath {
             pin_dir: pin_dir.to_path_buf(),
             sysctl_dir: sysctl_dir.to_path_buf(),
             links: BTreeMap::new(),
+            attached: BTreeSet::new(),
+            _lock: lock,
         };
         Ok((datapath, maps))
     }
@@ -132,7 +146,7 @@ impl Datapath {
     /// of interfaces that are gone. One interface failing does not keep the others from
     /// attaching.
     pub fn attach_interfaces(&mut self, patterns: &[String]) -> Result<()> {
-        self.attach_each(patterns, |datapath, index, name| {
+        self.attach_each(patterns, Role::Pod, |datapath, index, name| {
             ensure_ethernet(name)?;
             datapath.attach_tc(TC_PROGRAM, index, name, TcAttachType::Ingress)?;
             datapath.attach_tc(TC_EGRESS_PROGRAM, index, name, TcAttachType::Egress)
@@ -142,7 +156,7 @@ impl Datapath {
     /// Attaches XDP (traffic from outside, in `mode`) and tc egress (replies) to every uplink
     /// matching `patterns` not attached yet.
     pub fn attach_uplinks(&mut self, patterns: &[String], mode: XdpMode) -> Result<()> {
-        self.attach_each(patterns, |datapath, index, name| {
+        self.attach_each(patterns, Role::Uplink, |datapath, index, name| {
             ensure_ethernet(name)?;
             datapath.accept_local(name)?;
             datapath.attach_xdp(index, name, mode)?;
@@ -153,16 +167,24 @@ impl Datapath {
     fn attach_each(
         &mut self,
         patterns: &[String],
+        role: Role,
         mut attach: impl FnMut(&mut Self, u32, &str) -> Result<()>,
     ) -> Result<()> {
         let present = interfaces()?;
         self.release_vanished(&present)?;
         let mut failures = Vec::new();
         for (index, name) in present {
-            if patterns.iter().any(|p| matches(p, &name))
-                && let Err(e) = attach(self, index, &name)
+            let interface = (index, name, role);
+            if self.attached.contains(&interface)
+                || !patterns.iter().any(|p| matches(p, &interface.1))
             {
-                failures.push(format!("{e:#}"));
+                continue;
+            }
+            match attach(self, index, &interface.1) {
+                Ok(()) => {
+                    self.attached.insert(interface);
+                }
+                Err(e) => failures.push(format!("{e:#}")),
             }
         }
         if failures.is_empty() {
@@ -175,6 +197,8 @@ impl Datapath {
     /// Unpins the links of interfaces no longer `present`: the kernel detached them with their
     /// interface; the pin kept the link object alive.
     fn release_vanished(&mut self, present: &[(u32, String)]) -> Result<()> {
+        self.attached
+            .retain(|(index, name, _)| present.iter().any(|(i, n)| i == index && n == name));
         let vanished: Vec<String> = self
             .links
             .iter()
@@ -356,6 +380,30 @@ impl Datapath {
             .join("accept_local");
         fs::write(&path, "1").with_context(|| format!("writing {}", path.display()))
     }
+}
+
+/// Locks the instance's pin directory, so that a second agent on the same instance stops
+/// before it touches anything: two would allocate ids each its own way in the same maps.
+fn lock_instance(pin_dir: &Path) -> Result<fs::File> {
+    let dir = fs::File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&dir),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
+    {
+        let error = io::Error::last_os_error();
+        if error.kind() == io::ErrorKind::WouldBlock {
+            bail!(
+                "another agent runs this instance ({}): stop it first",
+                pin_dir.display()
+            );
+        }
+        return Err(error).with_context(|| format!("locking {}", pin_dir.display()));
+    }
+    Ok(dir)
 }
 
 /// The link pinned at `path`, if it is still attached to `target` (a link whose interface was

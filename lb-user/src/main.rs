@@ -28,7 +28,8 @@ enum Command {
     /// pinned maps: what the kernel has, not what the manifests say.
     Inspect(InstanceArgs),
     /// Remove everything an agent instance installed on this node: its pinned links (which
-    /// detaches its programs), programs and maps. Stop the agent first: it would attach again.
+    /// detaches its programs), programs and maps. Stop the agent first: one still running
+    /// would not notice, and stay detached.
     Cleanup(CleanupArgs),
 }
 

@@ -173,13 +173,21 @@ impl Status {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
             );
         }
-        let (flows, _) = maps.flows()?;
+        match maps.flows() {
+            Ok((flows, _)) => {
+                let _ = writeln!(
+                    out,
+                    "# HELP lb_conntrack_entries Flows the datapath tracks.\n\
+                     # TYPE lb_conntrack_entries gauge\nlb_conntrack_entries {flows}"
+                );
+            }
+            // The other metrics are still worth a scrape.
+            Err(e) => warn!("counting flows: {e:#}"),
+        }
         let _ = writeln!(
             out,
-            "# HELP lb_conntrack_entries Flows the datapath tracks.\n\
-             # TYPE lb_conntrack_entries gauge\nlb_conntrack_entries {flows}\n\
-             # HELP lb_api_errors_total Failed lists and watches of the Kubernetes API.\n\
-             # TYPE lb_api_errors_total counter\nlb_api_errors_total {}",
+            "# HELP lb_api_errors_total Failed lists and watches of the Kubernetes API, 410 Gone \
+             included.\n# TYPE lb_api_errors_total counter\nlb_api_errors_total {}",
             self.api_errors.load(Ordering::Relaxed)
         );
         let syncs = self.syncs.lock().expect("status lock");
@@ -243,7 +251,11 @@ async fn answer(mut stream: TcpStream, status: &Status, maps: &KernelMaps) -> Re
         "/healthz" => ("200 OK", "ok\n".to_string()),
         "/readyz" if status.ready.load(Ordering::Relaxed) => ("200 OK", "ready\n".to_string()),
         "/readyz" => ("503 Service Unavailable", "not synced yet\n".to_string()),
-        "/metrics" => ("200 OK", status.metrics(maps)?),
+        // Walking the flow table takes a while: not on a thread other tasks wait for.
+        "/metrics" => (
+            "200 OK",
+            tokio::task::block_in_place(|| status.metrics(maps))?,
+        ),
         _ => ("404 Not Found", "not found\n".to_string()),
     };
     let response = format!(

@@ -126,6 +126,23 @@ async fn the_kubernetes_source_builds_the_model_the_manifests_do() {
     server.delete(SERVICES, &gone_key);
     converges(&mut snapshots, &expected, "watch events").await;
 
+    // The Node deleted, as while it registers again: its last version stays in force.
+    snapshots.borrow_and_update();
+    server.delete(NODES, &format!("/{NODE}"));
+    tokio::time::timeout(WAIT, snapshots.changed())
+        .await
+        .expect("a snapshot after the Node's deletion")
+        .unwrap();
+    let nodes = snapshots
+        .borrow_and_update()
+        .as_ref()
+        .unwrap()
+        .nodes
+        .clone();
+    assert_eq!(nodes.len(), 1, "the last version of the agent's own Node");
+    converges(&mut snapshots, &expected, "the Node deleted").await;
+    server.apply(NODES, serde_json::to_value(&expected.nodes[0]).unwrap());
+
     // A dropped connection, and a change while the watches reconnect.
     until("every kind to watch", || server.requests().watches >= 3).await;
     let watches_before = server.requests().watches;

@@ -164,30 +164,41 @@ impl Lab {
     /// Starts the agent in the node with `source` (`--manifests DIR`, `--kubernetes ...`), and
     /// waits until it is ready.
     pub fn start_agent_on(&mut self, source: &[&OsStr], extra: &[&str]) -> Result<()> {
+        // One agent per instance: the old one stops before the new one starts, as in a
+        // DaemonSet's rolling update.
+        if let Some(previous) = self.agent.take() {
+            stop_agent(previous);
+        }
         let log = fs::File::create(self.agent_log())?;
-        // nsenter, not `ip netns exec`: that one also unshares the mount namespace and remounts
-        // /sys, which would hide the agent's pins under /sys/fs/bpf from everyone else.
-        let child = dies_with_parent(&mut Command::new("nsenter"))
-            .arg(format!("--net=/run/netns/{}", self.node))
-            .arg("--")
-            .arg(&self.lb_user)
-            .args(["run", "--node", NODE_NAME, "--interfaces", "v-*"])
-            .args(["--instance", &self.prefix, "--poll-interval-ms", "50"])
-            .args(source)
-            .args(extra)
+        let child = self
+            .agent_command(source, extra)
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("starting lb-user")?;
-        if let Some(previous) = self.agent.replace(Some(child)) {
-            stop_agent(previous);
-        }
+        self.agent.replace(Some(child));
         self.wait_for("the agent to be ready", || {
             let readyz = self
                 .in_node(&["curl", "-sf", "--max-time", "1", READYZ])
                 .output()?;
             Ok(readyz.status.success())
         })
+    }
+
+    /// `lb-user run` in the node, for this lab's instance.
+    pub fn agent_command(&self, source: &[&OsStr], extra: &[&str]) -> Command {
+        // nsenter, not `ip netns exec`: that one also unshares the mount namespace and remounts
+        // /sys, which would hide the agent's pins under /sys/fs/bpf from everyone else.
+        let mut command = Command::new("nsenter");
+        dies_with_parent(&mut command)
+            .arg(format!("--net=/run/netns/{}", self.node))
+            .arg("--")
+            .arg(&self.lb_user)
+            .args(["run", "--node", NODE_NAME, "--interfaces", "v-*"])
+            .args(["--instance", &self.prefix, "--poll-interval-ms", "50"])
+            .args(source)
+            .args(extra);
+        command
     }
 
     pub fn agent_log(&self) -> PathBuf {
@@ -400,7 +411,8 @@ pub(crate) fn copy_manifests(dir: &str) -> Result<tempfile::TempDir> {
     Ok(copy)
 }
 
-/// SIGTERM lets an agent detach and unpin; SIGKILL if it does not within 5 s.
+/// SIGTERM lets an agent stop cleanly (its datapath stays pinned); SIGKILL if it does not within
+/// 5 s.
 pub(crate) fn stop_agent(mut agent: Child) {
     unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
     if wait_within(&mut agent, Duration::from_secs(5)).is_none() {

@@ -692,6 +692,24 @@ fn a_connection_survives_kill_restart_and_upgrade_and_cleanup_removes_everything
 }
 
 #[test]
+fn a_second_agent_on_the_same_instance_refuses_to_start() {
+    let lab = lab("twice");
+    let manifests = lab.manifests.path().as_os_str();
+    let second = lab
+        .agent_command(&[OsStr::new("--manifests"), manifests], &[])
+        .output()
+        .expect("a second agent");
+    let log = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{log}");
+    assert!(log.contains("another agent runs this instance"), "{log}");
+    assert_eq!(
+        curl_pods(&lab, HTTP_VIP, 3).len(),
+        3,
+        "the first agent's datapath works on"
+    );
+}
+
+#[test]
 fn a_pinned_map_of_another_layout_starts_empty_and_the_log_says_why() {
     let mut lab = lab("layout");
     lab.kill_agent();

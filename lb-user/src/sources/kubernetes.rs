@@ -122,7 +122,11 @@ pub fn watch(
         &on_error,
     );
     let (publish, snapshots) = watch::channel(None);
+    let node_name = node_name.to_owned();
     tokio::spawn(async move {
+        // This node's Node as last seen: while it is missing (deleted and registering again, a
+        // watch failing), its addresses still serve NodePorts.
+        let mut last_node: Option<core::Node> = None;
         loop {
             loop {
                 let notified = progress.changed.notified();
@@ -134,7 +138,18 @@ pub fn watch(
             // The rest of the burst joins this snapshot.
             tokio::time::sleep(batch_delay).await;
             progress.dirty.store(false, Ordering::Release);
-            let objects = snapshot(&services, &slices, &nodes);
+            let mut objects = snapshot(&services, &slices, &nodes);
+            match (objects.nodes.first(), &last_node) {
+                (Some(node), _) => last_node = Some(node.clone()),
+                (None, Some(node)) => {
+                    warn!(
+                        node = node_name,
+                        "the Node is gone from the API: keeping its last version"
+                    );
+                    objects.nodes.push(node.clone());
+                }
+                (None, None) => {}
+            }
             if publish.send(Some(objects)).is_err() {
                 return;
             }
