@@ -40,6 +40,9 @@ struct Args {
     /// Runs of each measurement; figures are their median, min and max.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Runs of each baseline: at 10,000 Services one load takes about a minute.
+    #[arg(long, default_value_t = 3)]
+    baseline_runs: usize,
     /// Skip the iptables and nftables baselines.
     #[arg(long)]
     no_baselines: bool,
@@ -390,7 +393,7 @@ fn baseline<R: Ruleset>(args: &Args, ruleset: &R) -> Result<Baseline> {
     let full = ruleset.full(args.services);
     let change = ruleset.one_endpoint_fewer(args.services);
     let (mut all, mut one) = (Vec::new(), Vec::new());
-    for run in 0..args.runs {
+    for run in 0..args.baseline_runs {
         let netns = format!("lb-bench-cp-{}-{run}", std::process::id());
         run_status(Command::new("ip").args(["netns", "add", &netns]))?;
         let timed = (|| -> Result<(f64, f64)> {
