@@ -117,6 +117,8 @@ fn main() -> Result<()> {
         fs::remove_dir_all(&dir)?;
         runs.push(measured?);
     }
+    // Before the baselines, whose rulesets are large strings of this process's own.
+    let peak_rss_mib = peak_rss_kib()? / 1024.0;
     let (iptables, nftables) = if args.no_baselines {
         (None, None)
     } else {
@@ -131,7 +133,7 @@ fn main() -> Result<()> {
         program_all_ms: Spread::of(runs.iter().map(|r| r.program_all_ms).collect()),
         one_endpoint_ms: Spread::of(runs.iter().map(|r| r.one_endpoint_ms).collect()),
         one_endpoint_writes: runs[0].one_endpoint_writes,
-        peak_rss_mib: peak_rss_kib()? / 1024.0,
+        peak_rss_mib,
         iptables,
         nftables,
     };
