@@ -14,7 +14,7 @@
 use std::{
     fs,
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command},
     thread,
     time::Instant,
@@ -23,8 +23,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    BPFFS, POLL, READYZ, WAIT, binary, copy_manifests, dies_with_parent, output, run, start_server,
-    stop_agent, tear_down, wire_pod,
+    BPFFS, POLL, READYZ, WAIT, binary, copy_manifests, dies_with_parent, output, remove_pins, run,
+    start_server, stop_agent, tear_down, wire_pod,
 };
 
 pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
@@ -294,7 +294,7 @@ impl Drop for ClusterLab {
         for (node, agent) in agents {
             stop_agent(agent);
             let instance = format!("{}-{node}", self.prefix);
-            let _ = fs::remove_dir_all(Path::new(BPFFS).join("lb").join(instance));
+            remove_pins(&instance);
             let _ = fs::remove_file(self.agent_log(&node));
         }
         tear_down(&mut self.servers, &mut self.namespaces);

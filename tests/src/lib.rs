@@ -394,9 +394,16 @@ impl Drop for Lab {
             stop_agent(agent);
         }
         tear_down(&mut self.servers, &mut self.namespaces);
-        let _ = fs::remove_dir_all(Path::new(BPFFS).join("lb").join(&self.prefix));
+        remove_pins(&self.prefix);
         let _ = fs::remove_file(self.agent_log());
     }
+}
+
+/// Removes what the agent `instance` pinned, and `<bpffs>/lb` when it was the last there.
+pub(crate) fn remove_pins(instance: &str) {
+    let lb = Path::new(BPFFS).join("lb");
+    let _ = fs::remove_dir_all(lb.join(instance));
+    let _ = fs::remove_dir(lb);
 }
 
 /// A temporary copy of a manifest directory of the workspace, for an agent to watch and a
