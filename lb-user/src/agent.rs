@@ -139,38 +139,29 @@ pub async fn run(settings: Settings) -> Result<()> {
         if fresh.is_some() {
             latest = fresh;
         }
-        let Some((objects, skipped)) = &latest else {
-            // Nothing listed yet (the API unreachable): what is pinned stays in force.
-            tokio::select! {
-                () = tokio::time::sleep(settings.poll_interval) => continue,
-                () = source.changed() => continue,
-                _ = interrupt.recv() => break,
-                _ = terminate.recv() => break,
+        // Until something is listed (the API unreachable at start), what is pinned stays in
+        // force, untouched.
+        if let Some((objects, skipped)) = &latest {
+            // Writes that failed are retried at every poll, changes or not.
+            if changed || syncer.failed {
+                syncer.sync(objects, skipped.clone(), &settings.node);
             }
-        };
-        // Writes that failed are retried at every poll, changes or not.
-        if changed || syncer.failed {
-            syncer.sync(objects, skipped.clone(), &settings.node);
-        }
-        // After the first sync, so that no packet meets half-written maps.
-        let sockets = datapath.attach_sockets(&settings.cgroup);
-        let pods = datapath.attach_interfaces(&settings.interfaces);
-        let uplinks = datapath.attach_uplinks(&settings.uplinks, settings.xdp_mode);
-        let attached = sockets.and(pods).and(uplinks);
-        match attached {
-            Ok(()) if !ready => {
-                // Every wanted link is in place: those pinned before and left over are for
-                // interfaces no longer wanted. Not before: a link whose adoption failed still
-                // forwards.
-                if let Err(e) = datapath.release_unclaimed() {
-                    error!("{e:#}");
+            // After the first sync, so that no packet meets half-written maps.
+            match attach(&mut datapath, &settings) {
+                Ok(()) if !ready => {
+                    // Every wanted link is in place: those pinned before and left over are for
+                    // interfaces no longer wanted. Not before: a link whose adoption failed
+                    // still forwards.
+                    if let Err(e) = datapath.release_unclaimed() {
+                        error!("{e:#}");
+                    }
+                    ready = true;
+                    status.set_ready();
+                    info!("ready: maps programmed and interfaces attached");
                 }
-                ready = true;
-                status.set_ready();
-                info!("ready: maps programmed and interfaces attached");
+                Ok(()) => {}
+                Err(e) => error!("{e:#}"),
             }
-            Ok(()) => {}
-            Err(e) => error!("{e:#}"),
         }
         if server.is_finished() {
             // The endpoint is how the node's operator sees the agent: without it, stop.
@@ -191,6 +182,14 @@ pub async fn run(settings: Settings) -> Result<()> {
         "stopping: the datapath stays pinned and keeps forwarding; `lb-user cleanup` removes it"
     );
     Ok(())
+}
+
+/// Attaches the socket hooks and the programs on every wanted interface not attached yet.
+fn attach(datapath: &mut Datapath, settings: &Settings) -> Result<()> {
+    let sockets = datapath.attach_sockets(&settings.cgroup);
+    let pods = datapath.attach_interfaces(&settings.interfaces);
+    let uplinks = datapath.attach_uplinks(&settings.uplinks, settings.xdp_mode);
+    sockets.and(pods).and(uplinks)
 }
 
 /// Where the objects come from, and how the agent learns that they changed.

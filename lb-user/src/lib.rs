@@ -2,6 +2,7 @@
 //! sources -> model (pure) -> plan (ids, diff) -> maps -> datapath.
 
 pub mod agent;
+pub mod bench;
 pub mod datapath;
 pub mod links;
 pub mod maps;

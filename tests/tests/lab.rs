@@ -7,11 +7,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use lb_tests::{
-    BACKENDS, CLIENT_IP, Lab, NODE_IP,
-    apiserver::{ApiServer, SLICES},
-    client_of, pod_of,
-};
+use lb_tests::{BACKENDS, CLIENT_IP, Lab, NODE_IP, apiserver::ApiServer, client_of, pod_of};
 
 const HTTP_VIP: &str = "http://10.96.0.10/";
 const STICKY_VIP: &str = "http://10.96.0.11/";
@@ -765,17 +761,11 @@ fn from_the_kubernetes_api_the_agent_programs_and_follows_and_outlives_an_outage
     let pods = curl_pods(&lab, HTTP_VIP, 3);
     assert_eq!(counts(&pods).len(), 3, "{pods:?}");
 
-    // An endpoint leaves demo's slice: one sync, and it gets no more new connections.
-    let slice = lab.manifests.path().join("demo.yaml");
-    let text = std::fs::read_to_string(&slice).unwrap();
-    let removed = BACKENDS[0].1.to_string();
-    let edited = remove_endpoint(&text, &removed);
-    for document in edited.split("\n---") {
-        if document.contains("kind: EndpointSlice") {
-            let object: serde_json::Value = serde_yaml::from_str(document).unwrap();
-            api.apply(SLICES, object);
-        }
-    }
+    // An endpoint leaves demo's slice, as a controller would write it.
+    let demo = lab.manifests.path().join("demo.yaml");
+    let text = std::fs::read_to_string(&demo).unwrap();
+    std::fs::write(&demo, remove_endpoint(&text, &BACKENDS[0].1.to_string())).unwrap();
+    api.apply_manifests(lab.manifests.path()).unwrap();
     lab.wait_for_dump("demo down to two backends", |dump| {
         backend_count(dump, "10.96.0.10:80/TCP") == Some(2)
     })

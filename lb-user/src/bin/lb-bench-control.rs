@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use clap::Parser;
 use lb_user::{
-    datapath::{self, Datapath},
+    bench::{self, Spread},
     maps::KernelMaps,
     model::{self, NodeConfig},
     plan::{self, Ids, MapEntries},
@@ -23,7 +23,6 @@ use lb_user::{
 };
 use serde::Serialize;
 
-const BPFFS: &str = "/sys/fs/bpf";
 const NODE: &str = "bench-node";
 /// Services per manifest file.
 const PER_FILE: u32 = 100;
@@ -46,31 +45,6 @@ struct Args {
     /// Skip the iptables and nftables baselines.
     #[arg(long)]
     no_baselines: bool,
-}
-
-/// A figure over several runs, in milliseconds.
-#[derive(Clone, Copy, Serialize)]
-struct Spread {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Spread {
-    fn of(mut samples: Vec<f64>) -> Self {
-        samples.sort_by(f64::total_cmp);
-        Self {
-            median: samples[samples.len() / 2],
-            min: samples[0],
-            max: samples[samples.len() - 1],
-        }
-    }
-}
-
-impl std::fmt::Display for Spread {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:.0} ms [{:.0}-{:.0}]", self.median, self.min, self.max)
-    }
 }
 
 /// The same work done by kube-proxy's rulesets: load them all, then one endpoint fewer.
@@ -100,16 +74,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let mut runs = Vec::new();
     for run in 0..args.runs {
-        let pin_dir = datapath::pin_dir(
-            BPFFS.as_ref(),
-            &format!("bench-cp-{}-{run}", std::process::id()),
-        );
-        let (datapath, mut maps) = Datapath::load(
-            datapath::OBJECT,
-            BPFFS.as_ref(),
-            &pin_dir,
-            "/proc/sys".as_ref(),
-        )?;
+        let (datapath, mut maps) = bench::datapath(&format!("cp-{run}"))?;
         // Every run starts from the manifests as written.
         let dir = write_manifests(args.services, &format!("{run}"))?;
         let measured = measure(&args, dir.clone(), &mut maps);

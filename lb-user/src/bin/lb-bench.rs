@@ -17,7 +17,8 @@ use aya::{
 use clap::Parser;
 use lb_common::maps::Config;
 use lb_user::{
-    datapath::{self, Datapath},
+    bench::{self, Spread},
+    datapath::Datapath,
     model::{self, Algorithm, FrontendKind, Protocol, Scope, WhenEmpty},
     plan::{self, Ids, MapEntries},
 };
@@ -25,7 +26,6 @@ use serde::Serialize;
 
 /// The empty programs, built beside the datapath.
 static EMPTY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/empty"));
-const BPFFS: &str = "/sys/fs/bpf";
 const TC_ACT_OK: u32 = 0;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 const NOWHERE: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
@@ -164,13 +164,7 @@ fn main() -> Result<()> {
     floor.load()?;
     let floor: &SchedClassifier = empty.program("empty_tc").context("empty_tc")?.try_into()?;
 
-    let pin_dir = datapath::pin_dir(BPFFS.as_ref(), &format!("bench-{}", std::process::id()));
-    let (datapath, mut maps) = Datapath::load(
-        datapath::OBJECT,
-        BPFFS.as_ref(),
-        &pin_dir,
-        "/proc/sys".as_ref(),
-    )?;
+    let (datapath, mut maps) = bench::datapath("datapath")?;
     let figures = measure(&args, &datapath, &mut maps, floor);
     datapath.remove()?;
     let figures = figures?;
@@ -262,13 +256,14 @@ fn measure(
                 per_run.push(program_ns - floor_ns);
                 floors.push(floor_ns);
             }
+            let ns = Spread::of(per_run);
             figures.push(Figure {
                 case: case.name(),
                 services,
-                median_ns: median(&mut per_run),
-                min_ns: per_run.iter().copied().fold(f64::INFINITY, f64::min),
-                max_ns: per_run.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-                floor_ns: median(&mut floors),
+                median_ns: ns.median,
+                min_ns: ns.min,
+                max_ns: ns.max,
+                floor_ns: Spread::of(floors).median,
             });
         }
     }
@@ -311,11 +306,6 @@ fn run(program: &SchedClassifier, input: &[u8]) -> Result<(u128, Vec<u8>)> {
     );
     output.truncate(result.data_size_out as usize);
     Ok((result.duration.as_nanos(), output))
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 /// Service `i`: ClusterIP 10.96.0.0/15 + i, port 80, 10 backends of its own on 8080.
