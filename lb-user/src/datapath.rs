@@ -45,6 +45,16 @@ const BPFFS_MAGIC: i64 = 0xcafe_4a11;
 const PROGRAMS_DIR: &str = "progs";
 const LINKS_DIR: &str = "links";
 
+/// The programs that see packets, borrowed from a [`Datapath`].
+pub struct PacketPrograms<'a> {
+    /// Pod-facing interfaces, ingress: balancing of traffic from the cluster.
+    pub tc_ingress: &'a SchedClassifier,
+    /// Every interface, egress: reverse NAT of replies.
+    pub tc_egress: &'a SchedClassifier,
+    /// Uplinks: balancing of traffic from outside.
+    pub xdp: &'a Xdp,
+}
+
 /// Where an instance pins its maps, programs and links: one directory per agent instance.
 pub fn pin_dir(bpffs: &Path, instance: &str) -> PathBuf {
     bpffs.join("lb").join(instance)
@@ -350,16 +360,18 @@ impl Datapath {
         Ok(())
     }
 
-    /// The tc programs, ingress and egress, loaded and not attached: for `BPF_PROG_TEST_RUN`.
-    pub fn tc_programs(&self) -> Result<(&SchedClassifier, &SchedClassifier)> {
-        let get = |name| -> Result<&SchedClassifier> {
-            let program = self
-                .ebpf
+    /// The packet programs, loaded and not attached: for `BPF_PROG_TEST_RUN`.
+    pub fn packet_programs(&self) -> Result<PacketPrograms<'_>> {
+        let program = |name| {
+            self.ebpf
                 .program(name)
-                .with_context(|| format!("no program {name}"))?;
-            Ok(program.try_into()?)
+                .with_context(|| format!("no program {name}"))
         };
-        Ok((get(TC_PROGRAM)?, get(TC_EGRESS_PROGRAM)?))
+        Ok(PacketPrograms {
+            tc_ingress: program(TC_PROGRAM)?.try_into()?,
+            tc_egress: program(TC_EGRESS_PROGRAM)?.try_into()?,
+            xdp: program(XDP_PROGRAM)?.try_into()?,
+        })
     }
 
     /// Detaches everything and removes the pins: for tools that load a datapath of their own.

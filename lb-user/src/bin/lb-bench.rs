@@ -1,9 +1,11 @@
 //! Per-packet cost of the datapath under `BPF_PROG_TEST_RUN`, beside an empty program's.
 //!
 //! N ClusterIP services of 10 backends each are programmed through the agent's own plan and
-//! maps. Each case then runs a tc program on crafted packets, one packet per call (`repeat`
-//! would re-run the program on the packet it already rewrote), and the same loop runs an empty
-//! tc program: a figure is the difference of the kernel-measured durations. Every output packet
+//! maps, and the one in the middle is also a LoadBalancer IP with node-local backends (the XDP
+//! program balances external frontends only). Each case then runs the tc or XDP program on
+//! crafted packets, one packet per call (`repeat` would re-run the program on the packet it
+//! already rewrote), and the same loop runs an empty program of the same type: a figure is the
+//! difference of the kernel-measured durations. Every output packet
 //! is checked (the rewrite it must carry, valid checksums), so a case can never time a program
 //! that did nothing.
 
@@ -12,13 +14,13 @@ use std::{fs, net::Ipv4Addr, path::PathBuf};
 use anyhow::{Context as _, Result, ensure};
 use aya::{
     Ebpf,
-    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions, TestRunResult, Xdp},
 };
 use clap::Parser;
 use lb_common::maps::Config;
 use lb_user::{
     bench::{self, Spread},
-    datapath::Datapath,
+    datapath::{Datapath, PacketPrograms},
     model::{self, Algorithm, FrontendKind, Protocol, Scope, WhenEmpty},
     plan::{self, Ids, MapEntries},
 };
@@ -27,6 +29,7 @@ use serde::Serialize;
 /// The empty programs, built beside the datapath.
 static EMPTY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/empty"));
 const TC_ACT_OK: u32 = 0;
+const XDP_PASS: u32 = 2;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 const NOWHERE: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 /// The first of the clients new flows come from.
@@ -48,9 +51,43 @@ struct Args {
     /// Packets per run.
     #[arg(long, default_value_t = 20_000)]
     packets: u32,
+    /// Only the cases whose name (`tc tcp established`, ...) contains this: for profiling.
+    #[arg(long, default_value = "")]
+    only: String,
     /// Where the raw figures go, as JSON.
     #[arg(long, default_value = "target/bench/datapath.json")]
     output: PathBuf,
+}
+
+/// A program under test, or its floor.
+#[derive(Clone, Copy)]
+enum Program<'a> {
+    Tc(&'a SchedClassifier),
+    Xdp(&'a Xdp),
+}
+
+impl Program<'_> {
+    fn test_run(self, opts: TestRunOptions<'_>) -> Result<TestRunResult> {
+        Ok(match self {
+            Program::Tc(program) => program.test_run(opts)?,
+            Program::Xdp(program) => program.test_run(opts)?,
+        })
+    }
+
+    /// What the program returns for a packet it lets through.
+    fn pass(self) -> u32 {
+        match self {
+            Program::Tc(_) => TC_ACT_OK,
+            Program::Xdp(_) => XDP_PASS,
+        }
+    }
+
+    fn type_name(self) -> &'static str {
+        match self {
+            Program::Tc(_) => "tc",
+            Program::Xdp(_) => "xdp",
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -76,9 +113,20 @@ impl Case {
             Case::TcpNew => "tcp new flow",
             Case::TcpEstablished => "tcp established",
             Case::UdpNew => "udp new flow",
-            Case::Reply => "reply (egress)",
+            Case::Reply => "reply",
             Case::NoFrontend => "no frontend",
         }
+    }
+
+    /// The program that handles the case's packets on `hook`, if one does: the XDP program
+    /// balances, but replies are rewritten by tc on egress.
+    fn program<'a>(self, programs: &PacketPrograms<'a>, xdp: bool) -> Option<Program<'a>> {
+        Some(match (self, xdp) {
+            (Case::Reply, false) => Program::Tc(programs.tc_egress),
+            (Case::Reply, true) => return None,
+            (_, false) => Program::Tc(programs.tc_ingress),
+            (_, true) => Program::Xdp(programs.xdp),
+        })
     }
 
     /// The `n`th packet of the case against `target`'s frontend; for a new-flow case, one of a
@@ -144,6 +192,8 @@ struct Target {
 
 #[derive(Serialize)]
 struct Figure {
+    /// `tc` or `xdp`.
+    program: &'static str,
     case: &'static str,
     services: u32,
     /// Nanoseconds per packet above the empty program: median, min and max over the runs.
@@ -157,26 +207,38 @@ struct Figure {
 fn main() -> Result<()> {
     let args = Args::parse();
     let mut empty = Ebpf::load(EMPTY_OBJECT).context("loading the empty programs")?;
-    let floor: &mut SchedClassifier = empty
+    let tc: &mut SchedClassifier = empty
         .program_mut("empty_tc")
         .context("no empty_tc")?
         .try_into()?;
-    floor.load()?;
-    let floor: &SchedClassifier = empty.program("empty_tc").context("empty_tc")?.try_into()?;
+    tc.load()?;
+    let xdp: &mut Xdp = empty
+        .program_mut("empty_xdp")
+        .context("no empty_xdp")?
+        .try_into()?;
+    xdp.load()?;
+    let floors = PacketPrograms {
+        tc_ingress: empty.program("empty_tc").context("empty_tc")?.try_into()?,
+        tc_egress: empty.program("empty_tc").context("empty_tc")?.try_into()?,
+        xdp: empty
+            .program("empty_xdp")
+            .context("empty_xdp")?
+            .try_into()?,
+    };
 
     let (datapath, mut maps) = bench::datapath("datapath")?;
-    let figures = measure(&args, &datapath, &mut maps, floor);
+    let figures = measure(&args, &datapath, &mut maps, &floors);
     datapath.remove()?;
     let figures = figures?;
 
     println!(
-        "{:<16} {:>9} {:>10} {:>9} {:>9} {:>9}",
-        "case", "services", "median ns", "min", "max", "floor ns"
+        "{:<4} {:<16} {:>9} {:>10} {:>9} {:>9} {:>9}",
+        "", "case", "services", "median ns", "min", "max", "floor ns"
     );
     for f in &figures {
         println!(
-            "{:<16} {:>9} {:>10.1} {:>9.1} {:>9.1} {:>9.1}",
-            f.case, f.services, f.median_ns, f.min_ns, f.max_ns, f.floor_ns
+            "{:<4} {:<16} {:>9} {:>10.1} {:>9.1} {:>9.1} {:>9.1}",
+            f.program, f.case, f.services, f.median_ns, f.min_ns, f.max_ns, f.floor_ns
         );
     }
     if let Some(dir) = args.output.parent() {
@@ -191,7 +253,7 @@ fn measure(
     args: &Args,
     datapath: &Datapath,
     maps: &mut lb_user::maps::KernelMaps,
-    floor: &SchedClassifier,
+    floors: &PacketPrograms,
 ) -> Result<Vec<Figure>> {
     maps.write_config(&Config {
         // Long enough that no flow of a run expires in it.
@@ -203,18 +265,32 @@ fn measure(
         snat_port_max: 65_535,
         netns_cookie: 0,
     })?;
-    let (ingress, egress) = datapath.tc_programs()?;
+    let programs = datapath.packet_programs()?;
     let mut ids = Ids::default();
     let mut programmed = MapEntries::default();
     let mut figures = Vec::new();
+    // The packet number new flows start from: every case makes flows never seen before.
+    let mut fresh = 0;
     for &services in &args.scales {
-        // The service in the middle, not the first written, also has a UDP port.
+        // The service in the middle, not the first written, also has a UDP port, and both
+        // ports are also a LoadBalancer IP's, for the XDP program.
         let index = services / 2;
         let mut frontends: Vec<model::Frontend> = (0..services).map(service).collect();
-        frontends.push(model::Frontend {
-            protocol: Protocol::Udp,
-            ..service(index)
-        });
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            for (kind, scope) in [
+                (FrontendKind::ClusterIP, Scope::Internal),
+                (FrontendKind::LoadBalancer, Scope::External),
+            ] {
+                if (protocol, scope) != (Protocol::Tcp, Scope::Internal) {
+                    frontends.push(model::Frontend {
+                        protocol,
+                        kind,
+                        scope,
+                        ..service(index)
+                    });
+                }
+            }
+        }
         let (desired, skipped) = plan::entries(&mut ids, &frontends, "bench-node");
         ensure!(
             skipped.is_empty(),
@@ -234,37 +310,45 @@ fn measure(
             replier: Ipv4Addr::UNSPECIFIED,
             established_port: ESTABLISHED_PORT,
         };
-        for case in Case::ALL {
-            // The established flow, made just before each case from a client port of its own:
-            // the new-flow cases before may have pushed an older one out of the LRU tables.
-            // Its backend is the replier.
-            target.established_port += 1;
-            let first = Case::TcpEstablished.packet(&target, 0);
-            let (_, out) = run(ingress, &first)?;
-            target.replier = addr(&out, 30);
-            let program = if matches!(case, Case::Reply) {
-                egress
-            } else {
-                ingress
-            };
-            let mut per_run = Vec::new();
-            let mut floors = Vec::new();
-            for run in 0..args.runs {
-                let first = run as u32 * args.packets;
-                let (program_ns, floor_ns) =
-                    time(program, floor, case, &target, first, args.packets)?;
-                per_run.push(program_ns - floor_ns);
-                floors.push(floor_ns);
+        for xdp in [false, true] {
+            for case in Case::ALL {
+                let (Some(program), Some(floor)) =
+                    (case.program(&programs, xdp), case.program(floors, xdp))
+                else {
+                    continue;
+                };
+                if !format!("{} {}", program.type_name(), case.name()).contains(&args.only) {
+                    continue;
+                }
+                // The established flow, made just before each case from a client port of its
+                // own by the hook's balancing program: the new-flow cases before may have
+                // pushed an older one out of the LRU tables. Its backend is the replier.
+                target.established_port += 1;
+                let balancer = Case::TcpEstablished
+                    .program(&programs, xdp)
+                    .context("no balancer")?;
+                let (_, out) = run(balancer, &Case::TcpEstablished.packet(&target, 0))?;
+                target.replier = addr(&out, 30);
+                let mut per_run = Vec::new();
+                let mut floor_per_run = Vec::new();
+                for _ in 0..args.runs {
+                    let (program_ns, floor_ns) =
+                        time(program, floor, case, &target, fresh, args.packets)?;
+                    fresh += args.packets;
+                    per_run.push(program_ns - floor_ns);
+                    floor_per_run.push(floor_ns);
+                }
+                let ns = Spread::of(per_run);
+                figures.push(Figure {
+                    program: program.type_name(),
+                    case: case.name(),
+                    services,
+                    median_ns: ns.median,
+                    min_ns: ns.min,
+                    max_ns: ns.max,
+                    floor_ns: Spread::of(floor_per_run).median,
+                });
             }
-            let ns = Spread::of(per_run);
-            figures.push(Figure {
-                case: case.name(),
-                services,
-                median_ns: ns.median,
-                min_ns: ns.min,
-                max_ns: ns.max,
-                floor_ns: Spread::of(floors).median,
-            });
         }
     }
     Ok(figures)
@@ -273,8 +357,8 @@ fn measure(
 /// Mean kernel-measured nanoseconds per packet of `program` and of `floor` over the same
 /// packets (the case's `first`th on), every output of `program` checked.
 fn time(
-    program: &SchedClassifier,
-    floor: &SchedClassifier,
+    program: Program,
+    floor: Program,
     case: Case,
     target: &Target,
     first: u32,
@@ -292,16 +376,18 @@ fn time(
     Ok((program_ns as f64 / packets, floor_ns as f64 / packets))
 }
 
-/// One packet through `program`: the kernel's duration in ns, and the packet out.
-fn run(program: &SchedClassifier, input: &[u8]) -> Result<(u128, Vec<u8>)> {
+/// One packet through `program`, which must let it pass: the kernel's duration in ns, and the
+/// packet out.
+fn run(program: Program, input: &[u8]) -> Result<(u128, Vec<u8>)> {
     let mut output = vec![0u8; input.len() + 64];
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(input);
     opts.data_out = Some(&mut output);
     let result = program.test_run(opts)?;
     ensure!(
-        result.return_value == TC_ACT_OK,
-        "the program returned {}",
+        result.return_value == program.pass(),
+        "the {} program returned {}",
+        program.type_name(),
         result.return_value
     );
     output.truncate(result.data_size_out as usize);
