@@ -1,4 +1,7 @@
-//! What the benchmark binaries share: a datapath of their own, and figures over runs.
+//! What the benchmark binaries share: a datapath of their own, figures over runs, and a
+//! synthetic cluster.
+
+pub mod cluster;
 
 use std::fmt;
 
