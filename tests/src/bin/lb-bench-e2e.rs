@@ -1,0 +1,285 @@
+//! End to end on the lab: new connections per second and connect-plus-request latency from the
+//! client pod to the demo Service (a ClusterIP over three HTTP pods), with N Services
+//! programmed, on four paths measured in the same run, each in a lab of its own:
+//!
+//! - `no NAT`: the client connects straight to the pods, in turn: the ceiling;
+//! - `lb`: the agent, on the lab's manifests and N - 1 synthetic Services;
+//! - `iptables`, `nftables`: no agent, but kube-proxy-shaped rulesets of the same N Services
+//!   loaded in the node, with the demo Service in the middle of KUBE-SERVICES.
+//!
+//! The client is one thread in the client pod's network namespace, on CPU 0, making one
+//! connection after another: connect, `GET /`, read the answer to its end (the server closes).
+//! Every answer must name a pod, and every pod must answer in each run, so that no path can be
+//! timed without its connections going through.
+
+use std::{
+    collections::BTreeSet,
+    fmt, fs,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use clap::Parser;
+use lb_tests::{BACKENDS, Lab, pod_of};
+use lb_user::bench::{
+    Spread,
+    cluster::{self, Iptables, Nftables, Ruleset, SERVICE_PORT, Service, TARGET_PORT},
+};
+use serde::Serialize;
+
+/// The demo Service of `deploy/examples`.
+const DEMO_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const REQUEST: &[u8] = b"GET / HTTP/1.0\r\nHost: demo\r\n\r\n";
+const TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections before the measured runs: ARP, caches, the servers' first threads.
+const WARM_UP: u32 = 200;
+
+#[derive(Parser)]
+struct Args {
+    /// Services programmed (the demo Service among them), one scale after another.
+    #[arg(long, value_delimiter = ',', default_value = "1,10000")]
+    scales: Vec<u32>,
+    /// Runs per path; each figure is the median over them.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Connections per run.
+    #[arg(long, default_value_t = 2_000)]
+    connections: u32,
+    /// Where the raw figures go, as JSON.
+    #[arg(long, default_value = "target/bench/end-to-end.json")]
+    output: PathBuf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Path {
+    NoNat,
+    Lb,
+    Iptables,
+    Nftables,
+}
+
+impl Path {
+    const ALL: [Path; 4] = [Path::NoNat, Path::Lb, Path::Iptables, Path::Nftables];
+}
+
+impl fmt::Display for Path {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Path::NoNat => "no NAT",
+            Path::Lb => "lb",
+            Path::Iptables => Iptables::NAME,
+            Path::Nftables => Nftables::NAME,
+        })
+    }
+}
+
+#[derive(Serialize)]
+struct Figure {
+    path: String,
+    services: u32,
+    connections_per_run: u32,
+    connections_per_second: Spread,
+    p50_us: Spread,
+    p99_us: Spread,
+    /// Medians over those of no NAT at the same scale.
+    rate_of_ceiling: f64,
+    p50_of_ceiling: f64,
+    /// How long the path took to set up: the agent's start, or the ruleset's load.
+    setup_ms: f64,
+}
+
+/// One run's figures.
+struct Run {
+    per_second: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let mut figures: Vec<Figure> = Vec::new();
+    for &services in &args.scales {
+        ensure!(services >= 1, "a scale counts the demo Service");
+        let fillers: Vec<Service> = (0..services - 1).map(cluster::synthetic).collect();
+        let mut all = fillers.clone();
+        // In the middle: KUBE-SERVICES is walked in order.
+        all.insert(
+            all.len() / 2,
+            Service {
+                namespace: "default".into(),
+                name: "demo".into(),
+                cluster_ip: DEMO_VIP,
+                endpoints: BACKENDS.iter().map(|&(_, ip)| ip).collect(),
+            },
+        );
+        let mut ceiling = None;
+        for path in Path::ALL {
+            let mut lab = Lab::up(&format!("e2e{}", path as u8)).context("building the lab")?;
+            let started = Instant::now();
+            set_up(&mut lab, path, &fillers, &all).with_context(|| format!("setting up {path}"))?;
+            let setup_ms = started.elapsed().as_secs_f64() * 1000.0;
+            let targets: Vec<SocketAddr> = if path == Path::NoNat {
+                BACKENDS
+                    .iter()
+                    .map(|&(_, ip)| SocketAddrV4::new(ip, TARGET_PORT).into())
+                    .collect()
+            } else {
+                vec![SocketAddrV4::new(DEMO_VIP, SERVICE_PORT).into()]
+            };
+            let runs = in_netns(&lab.client.namespace, || {
+                client(&targets, args.runs, args.connections)
+            })
+            .with_context(|| format!("{path}, {services} services"))?;
+            drop(lab);
+            let rate = Spread::of(runs.iter().map(|r| r.per_second).collect());
+            let p50 = Spread::of(runs.iter().map(|r| r.p50_us).collect());
+            let p99 = Spread::of(runs.iter().map(|r| r.p99_us).collect());
+            let (ceiling_rate, ceiling_p50) = *ceiling.get_or_insert((rate.median, p50.median));
+            figures.push(Figure {
+                path: path.to_string(),
+                services,
+                connections_per_run: args.connections,
+                connections_per_second: rate,
+                p50_us: p50,
+                p99_us: p99,
+                rate_of_ceiling: rate.median / ceiling_rate,
+                p50_of_ceiling: p50.median / ceiling_p50,
+                setup_ms,
+            });
+        }
+    }
+
+    println!(
+        "{:<9} {:>8} {:>24} {:>8} {:>22} {:>8} {:>22} {:>10}",
+        "path", "services", "conn/s", "x no NAT", "p50 us", "x no NAT", "p99 us", "setup ms"
+    );
+    for f in &figures {
+        println!(
+            "{:<9} {:>8} {:>24} {:>8.3} {:>22} {:>8.3} {:>22} {:>10.0}",
+            f.path,
+            f.services,
+            spread(f.connections_per_second, 0),
+            f.rate_of_ceiling,
+            spread(f.p50_us, 1),
+            f.p50_of_ceiling,
+            spread(f.p99_us, 1),
+            f.setup_ms
+        );
+    }
+    if let Some(dir) = args.output.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write(&args.output, serde_json::to_string_pretty(&figures)?)?;
+    println!("raw figures: {}", args.output.display());
+    Ok(())
+}
+
+/// Puts `path` in place in `lab`: the agent on the lab's manifests and `fillers`, or the
+/// ruleset of `all` loaded in the node.
+fn set_up(lab: &mut Lab, path: Path, fillers: &[Service], all: &[Service]) -> Result<()> {
+    match path {
+        Path::NoNat => {}
+        Path::Lb => {
+            cluster::write_manifests(lab.manifests.path(), fillers)?;
+            lab.start_agent(&[])?;
+        }
+        Path::Iptables => {
+            cluster::load::<Iptables>(&lab.node, &Iptables.full(all))?;
+        }
+        Path::Nftables => {
+            cluster::load::<Nftables>(&lab.node, &Nftables.full(all))?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `work` on a thread of its own inside the network namespace `netns`.
+fn in_netns<T: Send>(netns: &str, work: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    let handle = fs::File::open(format!("/run/netns/{netns}"))
+        .with_context(|| format!("opening network namespace {netns}"))?;
+    thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: plain syscalls on this thread only, with a valid descriptor and a
+                // zeroed CPU set.
+                unsafe {
+                    ensure!(
+                        libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) == 0,
+                        "entering {netns}: {}",
+                        std::io::Error::last_os_error()
+                    );
+                    let mut cpus: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(0, &mut cpus);
+                    libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &cpus);
+                }
+                work()
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the client thread panicked"))?
+    })
+}
+
+/// `runs` runs of `connections` connections each, to `targets` in turn, after a warm-up.
+fn client(targets: &[SocketAddr], runs: usize, connections: u32) -> Result<Vec<Run>> {
+    let mut target = targets.iter().cycle();
+    for _ in 0..WARM_UP {
+        request(*target.next().context("no target")?)?;
+    }
+    let mut figures = Vec::new();
+    for _ in 0..runs {
+        let mut latencies = Vec::with_capacity(connections as usize);
+        let mut pods = BTreeSet::new();
+        let started = Instant::now();
+        for _ in 0..connections {
+            let at = Instant::now();
+            let answer = request(*target.next().context("no target")?)?;
+            latencies.push(at.elapsed());
+            pods.insert(answer);
+        }
+        let elapsed = started.elapsed();
+        ensure!(
+            pods.len() == BACKENDS.len(),
+            "answers came from {pods:?} only"
+        );
+        latencies.sort();
+        let percentile = |p: f64| {
+            let at = ((latencies.len() as f64 * p) as usize).min(latencies.len() - 1);
+            latencies[at].as_secs_f64() * 1e6
+        };
+        figures.push(Run {
+            per_second: f64::from(connections) / elapsed.as_secs_f64(),
+            p50_us: percentile(0.50),
+            p99_us: percentile(0.99),
+        });
+    }
+    Ok(figures)
+}
+
+/// One connection: connect, ask, read the answer to its end; the pod that answered.
+fn request(target: SocketAddr) -> Result<String> {
+    let mut stream = TcpStream::connect_timeout(&target, TIMEOUT)
+        .with_context(|| format!("connecting to {target}"))?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.write_all(REQUEST)?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .with_context(|| format!("reading from {target}"))?;
+    match pod_of(&answer) {
+        Some(pod) if answer.starts_with("HTTP/1.1 200") => Ok(pod.to_string()),
+        _ => bail!("{target} answered {answer:?}"),
+    }
+}
+
+/// A spread with `digits` decimals.
+fn spread(s: Spread, digits: usize) -> String {
+    format!(
+        "{:.digits$} [{:.digits$}-{:.digits$}]",
+        s.median, s.min, s.max
+    )
+}
