@@ -23,16 +23,23 @@ pub fn frontends(
     let mut services: Vec<&Service> = cluster.services.iter().collect();
     services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
+    // Indexed once: a scan of every slice for every Service is quadratic in the cluster.
+    let mut slices_of: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in &cluster.slices {
+        slices_of
+            .entry((&slice.namespace, &slice.service))
+            .or_default()
+            .push(slice);
+    }
+
     let mut skipped = Vec::new();
     let mut by_key: BTreeMap<(Ipv4Addr, u16, Protocol, Scope), Frontend> = BTreeMap::new();
     for service in services {
-        let slices: Vec<&EndpointSlice> = cluster
-            .slices
-            .iter()
-            .filter(|s| s.namespace == service.namespace && s.service == service.name)
-            .collect();
+        let slices = slices_of
+            .get(&(service.namespace.as_str(), service.name.as_str()))
+            .map_or(&[][..], Vec::as_slice);
         for port in &service.ports {
-            let candidates = candidates(service, port, &slices, &mut skipped);
+            let candidates = candidates(service, port, slices, &mut skipped);
             let cluster_wide =
                 topology::cluster_wide(&candidates, &service.topology_keys, &topology);
             let local = topology::node_local(&candidates, &topology);
