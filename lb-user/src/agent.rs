@@ -24,6 +24,7 @@ use crate::{
     model::{self, Objects, Skipped},
     plan::{self, Ids, MapEntries},
     sources::{
+        inotify::Notifier,
         kubernetes,
         manifests::{Fingerprint, Manifests},
     },
@@ -99,6 +100,9 @@ pub async fn run(settings: Settings) -> Result<()> {
         SourceSettings::Manifests(paths) => Source::Manifests {
             manifests: Manifests::new(paths.clone()),
             fingerprint: None,
+            notifier: Notifier::new()
+                .inspect_err(|e| warn!("no inotify, manifests are polled only: {e}"))
+                .ok(),
         },
         SourceSettings::Kubernetes {
             kubeconfig,
@@ -194,10 +198,12 @@ fn attach(datapath: &mut Datapath, settings: &Settings) -> Result<()> {
 
 /// Where the objects come from, and how the agent learns that they changed.
 enum Source {
-    /// Polled: a changed fingerprint means changed files.
+    /// Polled: a changed fingerprint means changed files; inotify wakes the poll as soon as
+    /// one may have changed.
     Manifests {
         manifests: Manifests,
         fingerprint: Option<Fingerprint>,
+        notifier: Option<Notifier>,
     },
     /// Pushed: a snapshot per burst of changes, once everything has been listed. `fresh`: one
     /// came that [`Source::changed`] saw and [`Source::poll`] has not taken yet.
@@ -214,12 +220,19 @@ impl Source {
             Self::Manifests {
                 manifests,
                 fingerprint,
+                notifier,
             } => {
                 let now = manifests.fingerprint();
                 if fingerprint.as_ref() == Some(&now) {
                     return None;
                 }
                 *fingerprint = Some(now);
+                if let Some(watching) = notifier
+                    && let Err(e) = watching.watch(manifests.directories())
+                {
+                    warn!("inotify stopped, manifests are polled only: {e}");
+                    *notifier = None;
+                }
                 Some(manifests.load())
             }
             Self::Kubernetes { snapshots, fresh } => {
@@ -233,13 +246,24 @@ impl Source {
         }
     }
 
-    /// Returns when there is a snapshot to take; never for polled manifests.
+    /// Returns when there is a snapshot to take, or when a manifest may have changed; never
+    /// for manifests without inotify.
     async fn changed(&mut self) {
-        if let Self::Kubernetes { snapshots, fresh } = self
-            && snapshots.changed().await.is_ok()
-        {
-            *fresh = true;
-            return;
+        match self {
+            Self::Kubernetes { snapshots, fresh } => {
+                if snapshots.changed().await.is_ok() {
+                    *fresh = true;
+                    return;
+                }
+            }
+            Self::Manifests {
+                notifier: Some(watching),
+                ..
+            } => match watching.changed().await {
+                Ok(()) => return,
+                Err(e) => warn!("inotify failed, manifests are polled only: {e}"),
+            },
+            Self::Manifests { notifier: None, .. } => {}
         }
         std::future::pending().await
     }

@@ -89,7 +89,8 @@ struct RunArgs {
     snat_ports: RangeInclusive<u16>,
     #[command(flatten)]
     instance: InstanceArgs,
-    /// How often to look for changed manifests and new interfaces, in milliseconds.
+    /// How often to look for changed manifests and new interfaces, in milliseconds; inotify
+    /// wakes the agent at once when a manifest changes.
     #[arg(long, default_value_t = 200)]
     poll_interval_ms: u64,
     /// Where sysctls are written (accept_local on uplinks): the host's /proc/sys when the agent

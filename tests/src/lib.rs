@@ -195,9 +195,12 @@ impl Lab {
             .arg("--")
             .arg(&self.lb_user)
             .args(["run", "--node", NODE_NAME, "--interfaces", "v-*"])
-            .args(["--instance", &self.prefix, "--poll-interval-ms", "50"])
-            .args(source)
-            .args(extra);
+            .args(["--instance", &self.prefix]);
+        // Quick polls, so that tests do not wait; unless the test sets its own.
+        if !extra.contains(&"--poll-interval-ms") {
+            command.args(["--poll-interval-ms", "50"]);
+        }
+        command.args(source).args(extra);
         command
     }
 

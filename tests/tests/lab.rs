@@ -4,6 +4,7 @@
 use std::{
     collections::BTreeMap,
     ffi::OsStr,
+    fs,
     process::{Command, Stdio},
 };
 
@@ -171,6 +172,31 @@ fn scale_down_spares_established_connections_and_stops_new_ones() {
         .ask("still there?")
         .expect("the held connection carries on");
     assert_eq!(pod_of(&again), Some(held_pod.as_str()), "{again}");
+}
+
+#[test]
+fn a_manifest_edit_is_synced_at_once_not_at_the_next_poll() {
+    // A poll longer than any wait of the lab: only inotify can wake the agent in time.
+    let lab = lab_with("inotify", &["--poll-interval-ms", "3600000"]);
+    let (_, ip) = BACKENDS[2];
+    lab.edit_manifest("demo.yaml", |t| remove_endpoint(&t, &ip.to_string()))
+        .unwrap();
+    lab.wait_for_dump("demo's frontend to shrink to two backends", |d| {
+        backend_count(d, "10.96.0.10:80/TCP") == Some(2)
+    })
+    .unwrap();
+    // A new file, made by rename as kubectl and editors make them.
+    let extra = fs::read_to_string(lab.manifests.path().join("demo.yaml"))
+        .unwrap()
+        .replace("10.96.0.10", "10.96.0.77")
+        .replace("name: demo\n", "name: demo-copy\n")
+        .replace("name: demo-abc12", "name: demo-copy-abc12")
+        .replace("service-name: demo\n", "service-name: demo-copy\n");
+    lab.add_manifest("demo-copy.yaml", &extra).unwrap();
+    lab.wait_for_dump("the new file's frontend", |d| {
+        backend_count(d, "10.96.0.77:80/TCP") == Some(2)
+    })
+    .unwrap();
 }
 
 #[test]

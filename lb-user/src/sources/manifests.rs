@@ -74,9 +74,28 @@ impl Manifests {
     pub fn files(&self) -> Vec<PathBuf> {
         let mut files = Vec::new();
         for path in &self.paths {
-            collect(path, &mut files);
+            collect(path, &mut files, &mut Vec::new());
         }
         files
+    }
+
+    /// The directories whose entries are the manifests: each directory given and those below
+    /// it, and the parent of each path given (which sees a file replaced by rename, or a
+    /// directory made).
+    pub fn directories(&self) -> Vec<PathBuf> {
+        let mut directories = Vec::new();
+        for path in &self.paths {
+            if let Some(parent) = path.parent() {
+                let parent = if parent.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    parent
+                };
+                directories.push(parent.to_path_buf());
+            }
+            collect(path, &mut Vec::new(), &mut directories);
+        }
+        directories
     }
 
     pub fn fingerprint(&self) -> Fingerprint {
@@ -149,8 +168,9 @@ fn read(file: &Path, stamp: Stamp, last_good: Option<Objects>) -> FileState {
     }
 }
 
-fn collect(path: &Path, files: &mut Vec<PathBuf>) {
+fn collect(path: &Path, files: &mut Vec<PathBuf>, directories: &mut Vec<PathBuf>) {
     if path.is_dir() {
+        directories.push(path.to_path_buf());
         let Ok(entries) = fs::read_dir(path) else {
             return;
         };
@@ -173,7 +193,7 @@ fn collect(path: &Path, files: &mut Vec<PathBuf>) {
                     .extension()
                     .is_some_and(|e| EXTENSIONS.iter().any(|x| e == *x))
             {
-                collect(&child, files);
+                collect(&child, files, directories);
             }
         }
     } else if path.is_file() {
