@@ -40,8 +40,8 @@ enum Task {
     },
     /// Check formatting and run clippy on every crate, the eBPF one included.
     Lint,
-    /// Build in release mode and run the benchmarks (datapath, then control plane); raw
-    /// figures under target/bench/.
+    /// Build in release mode and run the benchmarks (datapath, control plane, end to end);
+    /// raw figures under target/bench/.
     Bench {
         /// Passed to lb-bench (`--scales 1,1000`, `--runs 3`, ...).
         #[arg(last = true)]
@@ -191,17 +191,30 @@ fn run(once: bool, agent_args: &[String]) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The per-packet benchmark of the datapath (`lb-bench`), in release mode.
+/// The benchmarks, in release mode: per packet (`lb-bench`), control plane
+/// (`lb-bench-control`), end to end on the lab (`lb-bench-e2e`).
 fn bench(bench_args: &[String]) -> Result<ExitCode> {
     setup::all()?;
     let status = cargo()
-        .args(["build", "--release", "--package", "lb-user"])
-        .args(["--bin", "lb-bench", "--bin", "lb-bench-control"])
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "lb-user",
+            "--package",
+            "lb-tests",
+        ])
+        .arg("--bins")
         .status()?;
     if !status.success() {
         bail!("cargo build failed");
     }
     let release = target_dir().join("release");
+    let binaries = Binaries {
+        lb_user: release.join("lb-user"),
+        demoapp: release.join("demoapp"),
+        ebpf_object: built_object(&release)?,
+    };
     let bench = target_dir().join("bench");
     let mut runs = vec![
         Command::new(release.join("lb-bench"))
@@ -211,7 +224,7 @@ fn bench(bench_args: &[String]) -> Result<ExitCode> {
             .status()?,
     ];
     // One process per size, so that each peak RSS is its own. At 10,000 Services one
-    // iptables or nftables load takes about a minute: once each keeps the suite bounded.
+    // iptables or nftables load takes minutes: once each keeps the suite bounded.
     for (services, baseline_runs) in [(1_000, 3), (10_000, 1)] {
         runs.push(
             Command::new(release.join("lb-bench-control"))
@@ -221,6 +234,14 @@ fn bench(bench_args: &[String]) -> Result<ExitCode> {
                 .status()?,
         );
     }
+    let mut end_to_end = Command::new(release.join("lb-bench-e2e"));
+    binaries.export(&mut end_to_end);
+    runs.push(
+        end_to_end
+            .arg("--output")
+            .arg(bench.join("end-to-end.json"))
+            .status()?,
+    );
     Ok(if runs.iter().all(|s| s.success()) {
         ExitCode::SUCCESS
     } else {
