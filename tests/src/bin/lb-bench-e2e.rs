@@ -11,6 +11,10 @@
 //! connection after another: connect, `GET /`, read the answer to its end (the server closes).
 //! Every answer must name a pod, and every pod must answer in each run, so that no path can be
 //! timed without its connections going through.
+//!
+//! The ruleset paths also give the control plane's baselines at this size (`cargo xtask bench`
+//! does not load them twice, a load takes minutes at 10,000 Services): the time to load the
+//! whole ruleset into the fresh node, then the partial sync of one endpoint fewer.
 
 use std::{
     collections::BTreeSet,
@@ -89,8 +93,10 @@ struct Figure {
     /// Medians over those of no NAT at the same scale.
     rate_of_ceiling: f64,
     p50_of_ceiling: f64,
-    /// How long the path took to set up: the agent's start, or the ruleset's load.
+    /// How long the path took to set up: the agent's start until ready, or the ruleset's load.
     setup_ms: f64,
+    /// For a ruleset, the load of its partial sync once a Service has one endpoint fewer.
+    one_endpoint_ms: Option<f64>,
 }
 
 /// One run's figures.
@@ -135,6 +141,18 @@ fn main() -> Result<()> {
                 client(&targets, args.runs, args.connections)
             })
             .with_context(|| format!("{path}, {services} services"))?;
+            let ms = |took: Duration| took.as_secs_f64() * 1000.0;
+            let one_endpoint_ms = match path {
+                Path::NoNat | Path::Lb => None,
+                Path::Iptables => Some(ms(cluster::load::<Iptables>(
+                    &lab.node,
+                    &Iptables.one_endpoint_fewer(&all),
+                )?)),
+                Path::Nftables => Some(ms(cluster::load::<Nftables>(
+                    &lab.node,
+                    &Nftables.one_endpoint_fewer(&all),
+                )?)),
+            };
             drop(lab);
             let rate = Spread::of(runs.iter().map(|r| r.per_second).collect());
             let p50 = Spread::of(runs.iter().map(|r| r.p50_us).collect());
@@ -150,17 +168,26 @@ fn main() -> Result<()> {
                 rate_of_ceiling: rate.median / ceiling_rate,
                 p50_of_ceiling: p50.median / ceiling_p50,
                 setup_ms,
+                one_endpoint_ms,
             });
         }
     }
 
     println!(
-        "{:<9} {:>8} {:>24} {:>8} {:>22} {:>8} {:>22} {:>10}",
-        "path", "services", "conn/s", "x no NAT", "p50 us", "x no NAT", "p99 us", "setup ms"
+        "{:<9} {:>8} {:>24} {:>8} {:>22} {:>8} {:>22} {:>10} {:>12}",
+        "path",
+        "services",
+        "conn/s",
+        "x no NAT",
+        "p50 us",
+        "x no NAT",
+        "p99 us",
+        "setup ms",
+        "one endp. ms"
     );
     for f in &figures {
         println!(
-            "{:<9} {:>8} {:>24} {:>8.3} {:>22} {:>8.3} {:>22} {:>10.0}",
+            "{:<9} {:>8} {:>24} {:>8.3} {:>22} {:>8.3} {:>22} {:>10.0} {:>12}",
             f.path,
             f.services,
             spread(f.connections_per_second, 0),
@@ -168,7 +195,9 @@ fn main() -> Result<()> {
             spread(f.p50_us, 1),
             f.p50_of_ceiling,
             spread(f.p99_us, 1),
-            f.setup_ms
+            f.setup_ms,
+            f.one_endpoint_ms
+                .map_or(String::new(), |ms| format!("{ms:.0}"))
         );
     }
     if let Some(dir) = args.output.parent() {
