@@ -9,6 +9,8 @@
 //!
 //! The client is one thread in the client pod's network namespace, on CPU 0, making one
 //! connection after another: connect, `GET /`, read the answer to its end (the server closes).
+//! The ceiling's lab stays up through a scale, and each run of a path follows a run of the
+//! ceiling: a ratio is the median of those pairs'.
 //! Every answer must name a pod, and every pod must answer in each run, so that no path can be
 //! timed without its connections going through.
 //!
@@ -67,10 +69,6 @@ enum Path {
     Nftables,
 }
 
-impl Path {
-    const ALL: [Path; 4] = [Path::NoNat, Path::Lb, Path::Iptables, Path::Nftables];
-}
-
 impl fmt::Display for Path {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -90,13 +88,41 @@ struct Figure {
     connections_per_second: Spread,
     p50_us: Spread,
     p99_us: Spread,
-    /// Medians over those of no NAT at the same scale.
-    rate_of_ceiling: f64,
-    p50_of_ceiling: f64,
+    /// Over the ceiling's run paired with each run.
+    rate_of_ceiling: Spread,
+    p50_of_ceiling: Spread,
     /// How long the path took to set up: the agent's start until ready, or the ruleset's load.
     setup_ms: f64,
     /// For a ruleset, the load of its partial sync once a Service has one endpoint fewer.
     one_endpoint_ms: Option<f64>,
+}
+
+impl Figure {
+    #[expect(clippy::too_many_arguments, reason = "a figure's fields, spelled out")]
+    fn of(
+        path: Path,
+        services: u32,
+        connections_per_run: u32,
+        runs: &[Run],
+        rate_of_ceiling: Spread,
+        p50_of_ceiling: Spread,
+        setup_ms: f64,
+        one_endpoint_ms: Option<f64>,
+    ) -> Self {
+        let over = |field: fn(&Run) -> f64| Spread::of(runs.iter().map(field).collect());
+        Self {
+            path: path.to_string(),
+            services,
+            connections_per_run,
+            connections_per_second: over(|r| r.per_second),
+            p50_us: over(|r| r.p50_us),
+            p99_us: over(|r| r.p99_us),
+            rate_of_ceiling,
+            p50_of_ceiling,
+            setup_ms,
+            one_endpoint_ms,
+        }
+    }
 }
 
 /// One run's figures.
@@ -123,24 +149,32 @@ fn main() -> Result<()> {
                 endpoints: BACKENDS.iter().map(|&(_, ip)| ip).collect(),
             },
         );
-        let mut ceiling = None;
-        for path in Path::ALL {
+        // The ceiling's lab stays up for the whole scale: each run of a path is paired with a
+        // run of the ceiling just before it, so that the ratios do not drift with the machine.
+        let ceiling_lab = Lab::up("e2e-ceiling").context("building the ceiling's lab")?;
+        let direct: Vec<SocketAddr> = BACKENDS
+            .iter()
+            .map(|&(_, ip)| SocketAddrV4::new(ip, TARGET_PORT).into())
+            .collect();
+        let through_vip = [SocketAddrV4::new(DEMO_VIP, SERVICE_PORT).into()];
+        measure(&ceiling_lab, &direct, WARM_UP)?;
+        let mut ceiling_runs = Vec::new();
+        for path in [Path::Lb, Path::Iptables, Path::Nftables] {
             let mut lab = Lab::up(&format!("e2e{}", path as u8)).context("building the lab")?;
             let started = Instant::now();
             set_up(&mut lab, path, &fillers, &all).with_context(|| format!("setting up {path}"))?;
             let setup_ms = started.elapsed().as_secs_f64() * 1000.0;
-            let targets: Vec<SocketAddr> = if path == Path::NoNat {
-                BACKENDS
-                    .iter()
-                    .map(|&(_, ip)| SocketAddrV4::new(ip, TARGET_PORT).into())
-                    .collect()
-            } else {
-                vec![SocketAddrV4::new(DEMO_VIP, SERVICE_PORT).into()]
-            };
-            let runs = in_netns(&lab.client.namespace, || {
-                client(&targets, args.runs, args.connections)
-            })
-            .with_context(|| format!("{path}, {services} services"))?;
+            measure(&lab, &through_vip, WARM_UP)?;
+            let (mut runs, mut rate_ratios, mut p50_ratios) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..args.runs {
+                let ceiling = measure(&ceiling_lab, &direct, args.connections)?;
+                let run = measure(&lab, &through_vip, args.connections)
+                    .with_context(|| format!("{path}, {services} services"))?;
+                rate_ratios.push(run.per_second / ceiling.per_second);
+                p50_ratios.push(run.p50_us / ceiling.p50_us);
+                runs.push(run);
+                ceiling_runs.push(ceiling);
+            }
             let ms = |took: Duration| took.as_secs_f64() * 1000.0;
             let one_endpoint_ms = match path {
                 Path::NoNat | Path::Lb => None,
@@ -153,24 +187,28 @@ fn main() -> Result<()> {
                     &Nftables.one_endpoint_fewer(&all),
                 )?)),
             };
-            drop(lab);
-            let rate = Spread::of(runs.iter().map(|r| r.per_second).collect());
-            let p50 = Spread::of(runs.iter().map(|r| r.p50_us).collect());
-            let p99 = Spread::of(runs.iter().map(|r| r.p99_us).collect());
-            let (ceiling_rate, ceiling_p50) = *ceiling.get_or_insert((rate.median, p50.median));
-            figures.push(Figure {
-                path: path.to_string(),
+            figures.push(Figure::of(
+                path,
                 services,
-                connections_per_run: args.connections,
-                connections_per_second: rate,
-                p50_us: p50,
-                p99_us: p99,
-                rate_of_ceiling: rate.median / ceiling_rate,
-                p50_of_ceiling: p50.median / ceiling_p50,
+                args.connections,
+                &runs,
+                Spread::of(rate_ratios),
+                Spread::of(p50_ratios),
                 setup_ms,
                 one_endpoint_ms,
-            });
+            ));
         }
+        let ones = vec![1.0; ceiling_runs.len()];
+        figures.push(Figure::of(
+            Path::NoNat,
+            services,
+            args.connections,
+            &ceiling_runs,
+            Spread::of(ones.clone()),
+            Spread::of(ones),
+            0.0,
+            None,
+        ));
     }
 
     println!(
@@ -191,9 +229,9 @@ fn main() -> Result<()> {
             f.path,
             f.services,
             spread(f.connections_per_second, 0),
-            f.rate_of_ceiling,
+            f.rate_of_ceiling.median,
             spread(f.p50_us, 1),
-            f.p50_of_ceiling,
+            f.p50_of_ceiling.median,
             spread(f.p99_us, 1),
             f.setup_ms,
             f.one_endpoint_ms
@@ -227,8 +265,9 @@ fn set_up(lab: &mut Lab, path: Path, fillers: &[Service], all: &[Service]) -> Re
     Ok(())
 }
 
-/// Runs `work` on a thread of its own inside the network namespace `netns`.
-fn in_netns<T: Send>(netns: &str, work: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+/// One run of `connections` connections from `lab`'s client to `targets` in turn.
+fn measure(lab: &Lab, targets: &[SocketAddr], connections: u32) -> Result<Run> {
+    let netns = lab.client.namespace.as_str();
     let handle = fs::File::open(format!("/run/netns/{netns}"))
         .with_context(|| format!("opening network namespace {netns}"))?;
     thread::scope(|scope| {
@@ -246,47 +285,39 @@ fn in_netns<T: Send>(netns: &str, work: impl FnOnce() -> Result<T> + Send) -> Re
                     libc::CPU_SET(0, &mut cpus);
                     libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &cpus);
                 }
-                work()
+                run(targets, connections)
             })
             .join()
             .map_err(|_| anyhow::anyhow!("the client thread panicked"))?
     })
 }
 
-/// `runs` runs of `connections` connections each, to `targets` in turn, after a warm-up.
-fn client(targets: &[SocketAddr], runs: usize, connections: u32) -> Result<Vec<Run>> {
-    let mut target = targets.iter().cycle();
-    for _ in 0..WARM_UP {
-        request(*target.next().context("no target")?)?;
+/// `connections` connections, to `targets` in turn, from this thread.
+fn run(targets: &[SocketAddr], connections: u32) -> Result<Run> {
+    let mut latencies = Vec::with_capacity(connections as usize);
+    let mut pods = BTreeSet::new();
+    let started = Instant::now();
+    for target in targets.iter().cycle().take(connections as usize) {
+        let at = Instant::now();
+        let answer = request(*target)?;
+        latencies.push(at.elapsed());
+        pods.insert(answer);
     }
-    let mut figures = Vec::new();
-    for _ in 0..runs {
-        let mut latencies = Vec::with_capacity(connections as usize);
-        let mut pods = BTreeSet::new();
-        let started = Instant::now();
-        for _ in 0..connections {
-            let at = Instant::now();
-            let answer = request(*target.next().context("no target")?)?;
-            latencies.push(at.elapsed());
-            pods.insert(answer);
-        }
-        let elapsed = started.elapsed();
-        ensure!(
-            pods.len() == BACKENDS.len(),
-            "answers came from {pods:?} only"
-        );
-        latencies.sort();
-        let percentile = |p: f64| {
-            let at = ((latencies.len() as f64 * p) as usize).min(latencies.len() - 1);
-            latencies[at].as_secs_f64() * 1e6
-        };
-        figures.push(Run {
-            per_second: f64::from(connections) / elapsed.as_secs_f64(),
-            p50_us: percentile(0.50),
-            p99_us: percentile(0.99),
-        });
-    }
-    Ok(figures)
+    let elapsed = started.elapsed();
+    ensure!(
+        pods.len() == BACKENDS.len(),
+        "answers came from {pods:?} only"
+    );
+    latencies.sort();
+    let percentile = |p: f64| {
+        let at = ((latencies.len() as f64 * p) as usize).min(latencies.len() - 1);
+        latencies[at].as_secs_f64() * 1e6
+    };
+    Ok(Run {
+        per_second: f64::from(connections) / elapsed.as_secs_f64(),
+        p50_us: percentile(0.50),
+        p99_us: percentile(0.99),
+    })
 }
 
 /// One connection: connect, ask, read the answer to its end; the pod that answered.
