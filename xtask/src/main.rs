@@ -204,7 +204,7 @@ fn bench(bench_args: &[String]) -> Result<ExitCode> {
             "--package",
             "lb-tests",
         ])
-        .arg("--bins")
+        .args(["--features", "lb-tests/bench", "--bins"])
         .status()?;
     if !status.success() {
         bail!("cargo build failed");
@@ -274,7 +274,8 @@ fn lint() -> Result<()> {
         (
             "clippy",
             cargo()
-                .args(["clippy", "--all-targets", "--", "-D", "warnings"])
+                .args(["clippy", "--all-targets", "--features", "lb-tests/bench"])
+                .args(["--", "-D", "warnings"])
                 .status()?,
         ),
         (

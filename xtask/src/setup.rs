@@ -15,8 +15,9 @@ use lb_tests::workspace_root;
 
 use crate::prepend_path;
 
-/// Debian packages used by the lab and the tests.
-const PACKAGES: [&str; 7] = [
+/// Debian packages used by the lab, the tests and the benchmarks (the kube-proxy-shaped
+/// baselines load with iptables-restore and nft).
+const PACKAGES: [&str; 9] = [
     "iproute2",
     "curl",
     "socat",
@@ -24,6 +25,8 @@ const PACKAGES: [&str; 7] = [
     "util-linux",
     "ethtool",
     "python3",
+    "iptables",
+    "nftables",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The LLVM major version of the nightly toolchain, which bpf-linker must link against.
