@@ -228,7 +228,7 @@ impl Source {
                 }
                 *fingerprint = Some(now);
                 if let Some(watching) = notifier
-                    && let Err(e) = watching.watch(manifests.directories())
+                    && let Err(e) = watching.watch(&manifests.directories())
                 {
                     warn!("inotify stopped, manifests are polled only: {e}");
                     *notifier = None;

@@ -58,7 +58,7 @@ enum Task {
 fn main() -> Result<ExitCode> {
     match Cli::parse().command {
         Task::Setup => setup::all().map(|()| ExitCode::SUCCESS),
-        Task::Build => build().map(|_| ExitCode::SUCCESS),
+        Task::Build => build(Profile::Debug).map(|_| ExitCode::SUCCESS),
         Task::Run { once, agent_args } => run(once, &agent_args),
         Task::Lint => lint().map(|()| ExitCode::SUCCESS),
         Task::Bench { bench_args } => bench(&bench_args),
@@ -109,22 +109,28 @@ fn target_dir() -> PathBuf {
     env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from)
 }
 
-fn build() -> Result<Binaries> {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Profile {
+    Debug,
+    Release,
+}
+
+/// Builds every binary of the agent and the lab in `profile`, the benchmarks too.
+fn build(profile: Profile) -> Result<Binaries> {
     setup::all()?;
-    let status = cargo()
-        .args([
-            "build",
-            "--package",
-            "lb-user",
-            "--package",
-            "lb-tests",
-            "--bins",
-        ])
-        .status()?;
-    if !status.success() {
+    let mut cargo = cargo();
+    cargo.args(["build", "--package", "lb-user", "--package", "lb-tests"]);
+    cargo.args(["--features", "lb-tests/bench", "--bins"]);
+    if profile == Profile::Release {
+        cargo.arg("--release");
+    }
+    if !cargo.status()?.success() {
         bail!("cargo build failed");
     }
-    let dir = target_dir().join("debug");
+    let dir = target_dir().join(match profile {
+        Profile::Debug => "debug",
+        Profile::Release => "release",
+    });
     Ok(Binaries {
         lb_user: dir.join("lb-user"),
         demoapp: dir.join("demoapp"),
@@ -133,7 +139,7 @@ fn build() -> Result<Binaries> {
 }
 
 fn run(once: bool, agent_args: &[String]) -> Result<ExitCode> {
-    let binaries = build()?;
+    let binaries = build(Profile::Debug)?;
     if !agent_args.is_empty() {
         let status = Command::new(&binaries.lb_user)
             .arg("run")
@@ -194,27 +200,8 @@ fn run(once: bool, agent_args: &[String]) -> Result<ExitCode> {
 /// The benchmarks, in release mode: per packet (`lb-bench`), control plane
 /// (`lb-bench-control`), end to end on the lab (`lb-bench-e2e`).
 fn bench(bench_args: &[String]) -> Result<ExitCode> {
-    setup::all()?;
-    let status = cargo()
-        .args([
-            "build",
-            "--release",
-            "--package",
-            "lb-user",
-            "--package",
-            "lb-tests",
-        ])
-        .args(["--features", "lb-tests/bench", "--bins"])
-        .status()?;
-    if !status.success() {
-        bail!("cargo build failed");
-    }
+    let binaries = build(Profile::Release)?;
     let release = target_dir().join("release");
-    let binaries = Binaries {
-        lb_user: release.join("lb-user"),
-        demoapp: release.join("demoapp"),
-        ebpf_object: built_object(&release)?,
-    };
     let bench = target_dir().join("bench");
     let mut runs = vec![
         Command::new(release.join("lb-bench"))
@@ -301,7 +288,7 @@ fn lint() -> Result<()> {
 /// Runs `cargo test`, echoing its output, and ends with the totals over every suite: cargo's own
 /// last line speaks only of the last suite.
 fn test(cargo_args: &[String]) -> Result<ExitCode> {
-    let binaries = build()?;
+    let binaries = build(Profile::Debug)?;
     sweep_dead_labs()?;
     let mut cmd = cargo();
     cmd.arg("test").args(cargo_args).stdout(Stdio::piped());

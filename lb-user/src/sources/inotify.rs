@@ -3,7 +3,6 @@
 //! fallback for what inotify does not see (network filesystems, a watch limit reached).
 
 use std::{
-    collections::BTreeSet,
     ffi::CString,
     io,
     os::{
@@ -29,7 +28,6 @@ const EVENTS: u32 = libc::IN_CLOSE_WRITE
 
 pub struct Notifier {
     fd: AsyncFd<OwnedFd>,
-    watched: BTreeSet<PathBuf>,
 }
 
 impl Notifier {
@@ -44,21 +42,18 @@ impl Notifier {
         let fd = unsafe {
             AsyncFd::register_with_interest(OwnedFd::from_raw_fd(fd), Interest::READABLE)
         }?;
-        Ok(Self {
-            fd,
-            watched: BTreeSet::new(),
-        })
+        Ok(Self { fd })
     }
 
-    /// Watches `directories` too (those watched already stay watched: the kernel drops the
-    /// watch of a directory that goes).
-    pub fn watch(&mut self, directories: impl IntoIterator<Item = PathBuf>) -> io::Result<()> {
+    /// Watches `directories`. Watching one again is harmless (the kernel keeps one watch per
+    /// directory), and re-watches one that was removed and made again; one gone meanwhile is
+    /// the next change's to find.
+    pub fn watch(&mut self, directories: &[PathBuf]) -> io::Result<()> {
         for directory in directories {
-            if self.watched.contains(&directory) {
-                continue;
+            match add_watch(&self.fd, directory) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                result => result?,
             }
-            add_watch(&self.fd, &directory)?;
-            self.watched.insert(directory);
         }
         Ok(())
     }

@@ -38,6 +38,8 @@ use lb_user::bench::{
 };
 use serde::Serialize;
 
+/// The path straight to the pods.
+const CEILING: &str = "no NAT";
 /// The demo Service of `deploy/examples`.
 const DEMO_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const REQUEST: &[u8] = b"GET / HTTP/1.0\r\nHost: demo\r\n\r\n";
@@ -61,9 +63,9 @@ struct Args {
     output: PathBuf,
 }
 
+/// A path measured against the ceiling.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Path {
-    NoNat,
     Lb,
     Iptables,
     Nftables,
@@ -72,7 +74,6 @@ enum Path {
 impl fmt::Display for Path {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Path::NoNat => "no NAT",
             Path::Lb => "lb",
             Path::Iptables => Iptables::NAME,
             Path::Nftables => Nftables::NAME,
@@ -100,7 +101,7 @@ struct Figure {
 impl Figure {
     #[expect(clippy::too_many_arguments, reason = "a figure's fields, spelled out")]
     fn of(
-        path: Path,
+        path: &str,
         services: u32,
         connections_per_run: u32,
         runs: &[Run],
@@ -177,7 +178,7 @@ fn main() -> Result<()> {
             }
             let ms = |took: Duration| took.as_secs_f64() * 1000.0;
             let one_endpoint_ms = match path {
-                Path::NoNat | Path::Lb => None,
+                Path::Lb => None,
                 Path::Iptables => Some(ms(cluster::load::<Iptables>(
                     &lab.node,
                     &Iptables.one_endpoint_fewer(&all),
@@ -188,7 +189,7 @@ fn main() -> Result<()> {
                 )?)),
             };
             figures.push(Figure::of(
-                path,
+                &path.to_string(),
                 services,
                 args.connections,
                 &runs,
@@ -200,7 +201,7 @@ fn main() -> Result<()> {
         }
         let ones = vec![1.0; ceiling_runs.len()];
         figures.push(Figure::of(
-            Path::NoNat,
+            CEILING,
             services,
             args.connections,
             &ceiling_runs,
@@ -250,7 +251,6 @@ fn main() -> Result<()> {
 /// ruleset of `all` loaded in the node.
 fn set_up(lab: &mut Lab, path: Path, fillers: &[Service], all: &[Service]) -> Result<()> {
     match path {
-        Path::NoNat => {}
         Path::Lb => {
             cluster::write_manifests(lab.manifests.path(), fillers)?;
             lab.start_agent(&[])?;
