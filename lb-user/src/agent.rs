@@ -22,13 +22,14 @@ use crate::{
     datapath::{self, Datapath},
     maps::KernelMaps,
     model::{self, Objects, Skipped},
-    plan::{self, Ids, MapEntries},
+    plan::{self, MapEntries},
     sources::{
         inotify::Notifier,
         kubernetes,
         manifests::{Fingerprint, Manifests},
     },
     status::{self, FrontendLabels, Status},
+    sync::Pipeline,
 };
 
 /// Where the agent learns Services, EndpointSlices and Nodes.
@@ -125,8 +126,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         maps,
         config: Some(config),
         base_config: settings.config,
-        ids: Ids::adopt(&programmed, highest_flow_backend_id),
-        programmed,
+        pipeline: Pipeline::new(&settings.node.name, programmed, highest_flow_backend_id),
         generation: 0,
         failed: false,
         status: Arc::clone(&status),
@@ -270,7 +270,10 @@ impl Source {
 }
 
 /// The `/metrics` labels of each programmed frontend, by service id.
-fn labels(frontends: &[model::Frontend], programmed: &MapEntries) -> BTreeMap<u32, FrontendLabels> {
+fn labels(
+    frontends: &[Arc<model::Frontend>],
+    programmed: &MapEntries,
+) -> BTreeMap<u32, FrontendLabels> {
     frontends
         .iter()
         .filter_map(|f| {
@@ -290,14 +293,13 @@ fn labels(frontends: &[model::Frontend], programmed: &MapEntries) -> BTreeMap<u3
         .collect()
 }
 
-/// What has been written to the maps, so that each sync writes only the difference.
+/// The agent's side of the syncs: the config, the status, the log.
 struct Syncer {
     maps: KernelMaps,
     /// The config last written.
     config: Option<Config>,
     base_config: Config,
-    ids: Ids,
-    programmed: MapEntries,
+    pipeline: Pipeline,
     generation: u64,
     /// The last sync left the maps short of the plan.
     failed: bool,
@@ -307,40 +309,26 @@ struct Syncer {
 impl Syncer {
     fn sync(&mut self, objects: &Objects, mut skipped: Vec<Skipped>, node: &model::NodeConfig) {
         let started = Instant::now();
-        let computed = model::compute(objects, node);
-        skipped.extend(computed.skipped);
-        self.write_config(computed.node_addresses.first().copied());
-        let (desired, more) = plan::entries(&mut self.ids, &computed.frontends, &node.name);
-        skipped.extend(more);
+        let planned = self.pipeline.plan(objects, node);
+        // The SNAT address first: a new NodePort's first packets need it.
+        self.write_config(planned.desired.node_addresses.first().copied());
+        let written = self.pipeline.write(&planned, &mut self.maps);
+        skipped.extend(planned.skipped);
         for s in &skipped {
             warn!("skipped {s}");
         }
-        let ops = plan::diff(&self.programmed, &desired);
-        let mut failed = 0;
-        for (done, op) in ops.iter().enumerate() {
-            match self.maps.apply(op) {
-                // Track what the kernel really holds: the next sync starts from there.
-                Ok(()) => self.programmed.apply(op),
-                Err(e) => {
-                    // The writes after it depend on it (a slot on its backend, a count on its
-                    // slots): stop, keeping what is programmed consistent.
-                    failed = ops.len() - done;
-                    error!(?op, "map update failed, {failed} writes put off: {e}");
-                    break;
-                }
-            }
-        }
-        self.failed = failed > 0;
-        self.status.record_sync(started.elapsed(), failed);
+        self.failed = written.failed > 0;
+        self.status.record_sync(started.elapsed(), written.failed);
+        let programmed = self.pipeline.programmed();
         self.status
-            .set_frontends(labels(&computed.frontends, &self.programmed));
+            .set_frontends(labels(&planned.desired.frontends, programmed));
         self.generation += 1;
         info!(
             generation = self.generation,
-            frontends = desired.frontends.len(),
-            backends = desired.backends.len(),
-            writes = ops.len(),
-            failed,
+            frontends = programmed.frontends.len(),
+            backends = programmed.backends.len(),
+            writes = written.writes,
+            failed = written.failed,
             skipped = skipped.len(),
             "synced"
         );

@@ -1,5 +1,6 @@
 //! The agent of the eBPF service load balancer. Data flows one way:
-//! sources -> model (pure) -> plan (ids, diff) -> maps -> datapath.
+//! sources -> model (pure) -> plan (ids, diff) -> maps -> datapath; [`sync`] runs the
+//! middle three, keeping the model and the plan between syncs.
 
 pub mod agent;
 pub mod bench;
@@ -10,3 +11,4 @@ pub mod model;
 pub mod plan;
 pub mod sources;
 pub mod status;
+pub mod sync;

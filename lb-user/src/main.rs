@@ -1,4 +1,7 @@
-use std::{io::IsTerminal as _, net::Ipv4Addr, ops::RangeInclusive, path::PathBuf, time::Duration};
+use std::{
+    io::IsTerminal as _, net::Ipv4Addr, ops::RangeInclusive, path::PathBuf, sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use aya::programs::XdpMode;
@@ -183,7 +186,7 @@ enum Output {
 #[derive(Serialize)]
 struct PlanOutput<'a> {
     node: &'a str,
-    frontends: Vec<model::Frontend>,
+    frontends: Vec<Arc<model::Frontend>>,
     skipped: Vec<model::Skipped>,
 }
 

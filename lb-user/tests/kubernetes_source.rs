@@ -31,7 +31,7 @@ fn node() -> NodeConfig {
     }
 }
 
-fn frontends(objects: &Objects) -> Vec<model::Frontend> {
+fn frontends(objects: &Objects) -> Vec<Arc<model::Frontend>> {
     model::compute(objects, &node()).frontends
 }
 
@@ -114,7 +114,7 @@ async fn the_kubernetes_source_builds_the_model_the_manifests_do() {
     assert_eq!(first.nodes.len(), 1, "only the agent's own Node");
 
     // Watch events: an endpoint leaves a slice, a Service goes.
-    let slice = &mut expected.endpoint_slices[0];
+    let slice = Arc::make_mut(&mut expected.endpoint_slices[0]);
     slice.endpoints.pop().expect("an endpoint to remove");
     server.apply(SLICES, serde_json::to_value(&*slice).unwrap());
     let gone = expected.services.pop().expect("a Service to delete");
@@ -159,7 +159,7 @@ async fn the_kubernetes_source_builds_the_model_the_manifests_do() {
     let lists_before = server.requests().lists;
     let errors_before = errors.load(Ordering::Relaxed);
     server.drop_watches(true);
-    let slice = &mut expected.endpoint_slices[1];
+    let slice = Arc::make_mut(&mut expected.endpoint_slices[1]);
     slice.endpoints.truncate(1);
     server.apply(SLICES, serde_json::to_value(&*slice).unwrap());
     converges(&mut snapshots, &expected, "after 410 Gone").await;

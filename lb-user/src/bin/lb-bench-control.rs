@@ -13,9 +13,10 @@ use lb_user::{
         cluster::{self, ENDPOINTS, Iptables, Nftables, Ruleset, Service},
     },
     maps::KernelMaps,
-    model::{self, NodeConfig},
-    plan::{self, Ids, MapEntries},
+    model::NodeConfig,
+    plan::MapEntries,
     sources::manifests::Manifests,
+    sync::Pipeline,
 };
 use serde::Serialize;
 
@@ -73,6 +74,10 @@ fn main() -> Result<()> {
         let dir =
             std::env::temp_dir().join(format!("lb-bench-control-{}-{run}", std::process::id()));
         cluster::write_manifests(&dir, &services)?;
+        fs::write(
+            dir.join("node.yaml"),
+            format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\n"),
+        )?;
         let measured = measure(&args, &services[0], dir.clone(), &mut maps);
         datapath.remove()?;
         fs::remove_dir_all(&dir)?;
@@ -141,17 +146,16 @@ struct Run {
 
 fn measure(args: &Args, first: &Service, dir: PathBuf, maps: &mut KernelMaps) -> Result<Run> {
     let mut source = Manifests::new(vec![dir.clone()]);
-    let mut ids = Ids::default();
-    let mut programmed = MapEntries::default();
+    let mut pipeline = Pipeline::new(NODE, MapEntries::default(), 0);
     let node = NodeConfig::new(NODE);
 
     let started = Instant::now();
-    let writes = sync(&mut source, &node, &mut ids, &mut programmed, maps)?;
+    let writes = sync(&mut source, &node, &mut pipeline, maps)?;
     let program_all_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let programmed = pipeline.programmed().frontends.len();
     ensure!(
-        programmed.frontends.len() == args.services as usize,
-        "{} frontends programmed",
-        programmed.frontends.len()
+        programmed == args.services as usize,
+        "{programmed} frontends programmed"
     );
 
     // One endpoint fewer in the first file, as an edit would leave it.
@@ -161,7 +165,7 @@ fn measure(args: &Args, first: &Service, dir: PathBuf, maps: &mut KernelMaps) ->
     ensure!(text.contains(&gone), "endpoint to remove not found");
     fs::write(&file, text.replacen(&gone, "", 1))?;
     let started = Instant::now();
-    let one_endpoint_writes = sync(&mut source, &node, &mut ids, &mut programmed, maps)?;
+    let one_endpoint_writes = sync(&mut source, &node, &mut pipeline, maps)?;
     let one_endpoint_ms = started.elapsed().as_secs_f64() * 1000.0;
 
     Ok(Run {
@@ -205,25 +209,21 @@ fn run_status(command: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// The agent's sync: every file read, the model and the plan computed, the difference written.
+/// The agent's sync: the files that changed read, the model and the plan brought up to date,
+/// the difference written.
 fn sync(
     source: &mut Manifests,
     node: &NodeConfig,
-    ids: &mut Ids,
-    programmed: &mut MapEntries,
+    pipeline: &mut Pipeline,
     maps: &mut KernelMaps,
 ) -> Result<usize> {
     let (objects, skipped) = source.load();
     ensure!(skipped.is_empty(), "manifests: {:?}", skipped.first());
-    let desired = model::compute(&objects, node);
-    let (entries, more) = plan::entries(ids, &desired.frontends, NODE);
-    ensure!(more.is_empty(), "plan: {:?}", more.first());
-    let ops = plan::diff(programmed, &entries);
-    for op in &ops {
-        maps.apply(op).context("map write")?;
-        programmed.apply(op);
-    }
-    Ok(ops.len())
+    let planned = pipeline.plan(&objects, node);
+    ensure!(planned.skipped.is_empty(), "{:?}", planned.skipped.first());
+    let written = pipeline.write(&planned, maps);
+    ensure!(written.failed == 0, "{} map writes failed", written.failed);
+    Ok(written.writes)
 }
 
 /// This process's peak resident set, in KiB.

@@ -9,7 +9,7 @@
 //! is checked (the rewrite it must carry, valid checksums), so a case can never time a program
 //! that did nothing.
 
-use std::{fs, net::Ipv4Addr, path::PathBuf};
+use std::{fs, net::Ipv4Addr, path::PathBuf, sync::Arc};
 
 use anyhow::{Context as _, Result, ensure};
 use aya::{
@@ -22,7 +22,7 @@ use lb_user::{
     bench::{self, Spread},
     datapath::{Datapath, PacketPrograms},
     model::{self, Algorithm, FrontendKind, Protocol, Scope, WhenEmpty},
-    plan::{self, Ids, MapEntries},
+    plan::{self, Ids, MapEntries, Planner},
 };
 use serde::Serialize;
 
@@ -266,7 +266,7 @@ fn measure(
         netns_cookie: 0,
     })?;
     let programs = datapath.packet_programs()?;
-    let mut ids = Ids::default();
+    let mut planner = Planner::new("bench-node", Ids::default());
     let mut programmed = MapEntries::default();
     let mut figures = Vec::new();
     // The packet number new flows start from: every case makes flows never seen before.
@@ -275,29 +275,30 @@ fn measure(
         // The service in the middle, not the first written, also has a UDP port, and both
         // ports are also a LoadBalancer IP's, for the XDP program.
         let index = services / 2;
-        let mut frontends: Vec<model::Frontend> = (0..services).map(service).collect();
+        let mut frontends: Vec<Arc<model::Frontend>> =
+            (0..services).map(|i| Arc::new(service(i))).collect();
         for protocol in [Protocol::Tcp, Protocol::Udp] {
             for (kind, scope) in [
                 (FrontendKind::ClusterIP, Scope::Internal),
                 (FrontendKind::LoadBalancer, Scope::External),
             ] {
                 if (protocol, scope) != (Protocol::Tcp, Scope::Internal) {
-                    frontends.push(model::Frontend {
+                    frontends.push(Arc::new(model::Frontend {
                         protocol,
                         kind,
                         scope,
                         ..service(index)
-                    });
+                    }));
                 }
             }
         }
-        let (desired, skipped) = plan::entries(&mut ids, &frontends, "bench-node");
+        let (_, skipped) = planner.update(&frontends);
         ensure!(
             skipped.is_empty(),
             "{services} services do not fit: {:?}",
             skipped.first()
         );
-        for op in plan::diff(&programmed, &desired) {
+        for op in plan::diff(&programmed, planner.desired()) {
             maps.apply(&op)
                 .with_context(|| format!("programming {services} services"))?;
             programmed.apply(&op);

@@ -2,7 +2,7 @@
 //! skips the smallest thing it spoils (a port, an endpoint, or the object) with a [`Skipped`]
 //! that names the object and the field.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
 use k8s_openapi::{
     api::{
@@ -26,13 +26,15 @@ const DEFAULT_AFFINITY_TIMEOUT: i32 = 10_800;
 const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
 const MAX_TOPOLOGY_KEYS: usize = 16;
 
-/// The Kubernetes objects a source has read, as the API serves them.
+/// The Kubernetes objects a source has read, as the API serves them. Shared: a source hands out
+/// the same allocation for an object that has not changed, which is how the model tells what
+/// did.
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
-    pub services: Vec<core::Service>,
-    pub endpoint_slices: Vec<discovery::EndpointSlice>,
-    pub endpoints: Vec<core::Endpoints>,
-    pub nodes: Vec<core::Node>,
+    pub services: Vec<Arc<core::Service>>,
+    pub endpoint_slices: Vec<Arc<discovery::EndpointSlice>>,
+    pub endpoints: Vec<Arc<core::Endpoints>>,
+    pub nodes: Vec<Arc<core::Node>>,
 }
 
 impl Objects {
@@ -44,52 +46,95 @@ impl Objects {
     }
 }
 
-/// Validates `objects` into a [`Cluster`]; what is left out is listed.
-pub fn cluster(objects: &Objects) -> (Cluster, Vec<Skipped>) {
-    let mut skipped = Vec::new();
-    let services: Vec<Service> = objects
+/// The objects that make one Service's frontends, in the order listed: the Service (twice if
+/// it is listed twice), its EndpointSlices, its Endpoints.
+#[derive(Clone, Debug, Default)]
+pub struct Group {
+    pub services: Vec<Arc<core::Service>>,
+    pub slices: Vec<Arc<discovery::EndpointSlice>>,
+    pub endpoints: Vec<Arc<core::Endpoints>>,
+}
+
+impl Group {
+    /// The same objects: the same allocations, in the same order.
+    pub fn is_same(&self, other: &Group) -> bool {
+        fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+            a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b))
+        }
+        same(&self.services, &other.services)
+            && same(&self.slices, &other.slices)
+            && same(&self.endpoints, &other.endpoints)
+    }
+}
+
+/// `objects` grouped by the Service they belong to (namespace, name). A slice without a
+/// Service label is grouped under an empty name, to be reported.
+pub fn groups(objects: &Objects) -> BTreeMap<(&str, &str), Group> {
+    fn key(meta: &ObjectMeta) -> (&str, &str) {
+        (
+            meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE),
+            meta.name.as_deref().unwrap_or_default(),
+        )
+    }
+    let mut groups: BTreeMap<(&str, &str), Group> = BTreeMap::new();
+    for service in &objects.services {
+        let group = groups.entry(key(&service.metadata)).or_default();
+        group.services.push(Arc::clone(service));
+    }
+    for slice in &objects.endpoint_slices {
+        let (namespace, _) = key(&slice.metadata);
+        let service = label(&slice.metadata, SERVICE_NAME_LABEL).unwrap_or_default();
+        let group = groups.entry((namespace, service)).or_default();
+        group.slices.push(Arc::clone(slice));
+    }
+    for endpoints in &objects.endpoints {
+        let group = groups.entry(key(&endpoints.metadata)).or_default();
+        group.endpoints.push(Arc::clone(endpoints));
+    }
+    groups
+}
+
+/// Validates one group's objects into the model; what is left out is listed.
+pub fn cluster(group: &Group, skipped: &mut Vec<Skipped>) -> Cluster {
+    let services = group
         .services
         .iter()
-        .filter_map(|s| service(s, &mut skipped))
+        .filter_map(|s| service(s, skipped))
         .collect();
-    let mut slices: Vec<EndpointSlice> = objects
-        .endpoint_slices
+    let mut slices: Vec<EndpointSlice> = group
+        .slices
         .iter()
-        .filter_map(|s| endpoint_slice(s, &mut skipped))
+        .filter_map(|s| endpoint_slice(s, skipped))
         .collect();
     // As the mirroring controller does: only Services without a selector get slices from their
     // Endpoints; the others' Endpoints duplicate what their slices say.
-    let selectorless: BTreeSet<(String, String)> = objects
+    let selectorless = group
         .services
         .iter()
-        .filter(|s| s.spec.as_ref().is_some_and(|spec| spec.selector.is_none()))
-        .map(|s| (namespace(&s.metadata), name(&s.metadata)))
-        .collect();
-    for endpoints in objects
-        .endpoints
-        .iter()
-        .filter(|e| selectorless.contains(&(namespace(&e.metadata), name(&e.metadata))))
-        .filter(|e| label(&e.metadata, SKIP_MIRROR_LABEL) != Some("true"))
-    {
-        slices.extend(mirrored_slices(endpoints, &mut skipped));
+        .any(|s| s.spec.as_ref().is_some_and(|spec| spec.selector.is_none()));
+    if selectorless {
+        for endpoints in group
+            .endpoints
+            .iter()
+            .filter(|e| label(&e.metadata, SKIP_MIRROR_LABEL) != Some("true"))
+        {
+            slices.extend(mirrored_slices(endpoints, skipped));
+        }
     }
-    let nodes = objects
-        .nodes
-        .iter()
-        .map(|n| node(n, &mut skipped))
-        .collect();
-    (
-        Cluster {
-            services,
-            slices,
-            nodes,
-        },
-        skipped,
-    )
+    Cluster { services, slices }
 }
 
+/// Validates the Nodes; what is wrong is listed.
+pub fn nodes(nodes: &[Arc<core::Node>], skipped: &mut Vec<Skipped>) -> Vec<Node> {
+    nodes.iter().map(|n| node(n, skipped)).collect()
+}
+
+const DEFAULT_NAMESPACE: &str = "default";
+
 fn namespace(meta: &ObjectMeta) -> String {
-    meta.namespace.clone().unwrap_or_else(|| "default".into())
+    meta.namespace
+        .clone()
+        .unwrap_or_else(|| DEFAULT_NAMESPACE.into())
 }
 
 fn name(meta: &ObjectMeta) -> String {

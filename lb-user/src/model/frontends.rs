@@ -2,24 +2,40 @@
 //! NodePorts, external IPs and load-balancer IPs for traffic from outside and inside.
 
 use std::{
+    borrow::Borrow,
     collections::{BTreeMap, btree_map::Entry},
     net::Ipv4Addr,
 };
 
 use super::{
-    Backend, Cluster, EndpointSlice, Frontend, FrontendKind, NodeConfig, Protocol, Scope, Service,
-    ServiceKind, ServicePort, Skipped, TargetPort, TrafficPolicy, WhenEmpty, ZONE_LABEL,
+    Backend, Cluster, EndpointSlice, Frontend, FrontendKind, Node, NodeConfig, Protocol, Scope,
+    Service, ServiceKind, ServicePort, Skipped, TargetPort, TrafficPolicy, WhenEmpty, ZONE_LABEL,
+    port_field,
     topology::{self, Candidate, Selection, Topology},
 };
 
-/// The frontends of `cluster` on `node`, whose NodePorts listen on `node_ips`, sorted by
-/// address, port, protocol and scope.
-pub fn frontends(
-    cluster: &Cluster,
-    node: &NodeConfig,
-    node_ips: &[Ipv4Addr],
-) -> (Vec<Frontend>, Vec<Skipped>) {
-    let topology = Topology::new(&node.name, &cluster.nodes);
+/// The node the frontends are for: its config, the addresses its NodePorts listen on, and the
+/// topology of the cluster around it.
+pub struct Here<'a> {
+    pub node: &'a NodeConfig,
+    pub node_ips: &'a [Ipv4Addr],
+    pub topology: Topology<'a>,
+}
+
+impl<'a> Here<'a> {
+    pub fn new(node: &'a NodeConfig, node_ips: &'a [Ipv4Addr], nodes: &'a [Node]) -> Self {
+        Self {
+            node,
+            node_ips,
+            topology: Topology::new(&node.name, nodes),
+        }
+    }
+}
+
+/// The frontends of `cluster`'s Services here, sorted by address, port, protocol and scope.
+/// Services are taken in order of namespace and name, and the first to claim a frontend has
+/// it.
+pub fn frontends(cluster: &Cluster, here: &Here<'_>) -> (Vec<Frontend>, Vec<Skipped>) {
     let mut services: Vec<&Service> = cluster.services.iter().collect();
     services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
@@ -33,99 +49,130 @@ pub fn frontends(
     }
 
     let mut skipped = Vec::new();
-    let mut by_key: BTreeMap<(Ipv4Addr, u16, Protocol, Scope), Frontend> = BTreeMap::new();
+    let mut claims = Vec::new();
     for service in services {
         let slices = slices_of
             .get(&(service.namespace.as_str(), service.name.as_str()))
             .map_or(&[][..], Vec::as_slice);
-        for port in &service.ports {
-            let candidates = candidates(service, port, slices, &mut skipped);
-            let cluster_wide =
-                topology::cluster_wide(&candidates, &service.topology_keys, &topology);
-            let local = topology::node_local(&candidates, &topology);
-            let local_when_empty = if topology::any_usable(&candidates) {
-                WhenEmpty::Drop
-            } else {
-                WhenEmpty::Reject
-            };
-            let policy = |policy: TrafficPolicy, name: &str| match policy {
-                TrafficPolicy::Cluster => (&cluster_wide, WhenEmpty::Reject, String::new()),
-                TrafficPolicy::Local => (&local, local_when_empty, format!("{name} Local: ")),
-            };
-            let internal = policy(service.internal_policy, "internalTrafficPolicy");
-            let external = policy(service.external_policy, "externalTrafficPolicy");
-            // Traffic from inside the cluster to an external frontend may use every endpoint,
-            // whatever the external policy ("short-circuit", as kube-proxy does).
-            let short_circuit = (&cluster_wide, WhenEmpty::Reject, String::new());
+        claims.extend(service_frontends(service, slices, here, &mut skipped));
+    }
+    (settle(claims, &mut skipped), skipped)
+}
 
-            let mut externals = Vec::new();
-            if let Some(node_port) = node_port(service, port, node, &mut skipped) {
-                externals.extend(
-                    node_ips
-                        .iter()
-                        .map(|&ip| (FrontendKind::NodePort, ip, node_port)),
-                );
+/// The frontends `claims` make, in order: the first claim of an address, port, protocol and
+/// scope has it, the later ones are reported. Sorted by that key.
+pub fn settle<F: Borrow<Frontend>>(
+    claims: impl IntoIterator<Item = F>,
+    skipped: &mut Vec<Skipped>,
+) -> Vec<F> {
+    let mut by_key: BTreeMap<(Ipv4Addr, u16, Protocol, Scope), F> = BTreeMap::new();
+    for claim in claims {
+        let frontend = claim.borrow();
+        match by_key.entry((
+            frontend.address,
+            frontend.port,
+            frontend.protocol,
+            frontend.scope,
+        )) {
+            Entry::Vacant(slot) => {
+                slot.insert(claim);
             }
-            externals.extend(
-                service
-                    .external_ips
-                    .iter()
-                    .map(|&ip| (FrontendKind::ExternalIP, ip, port.port)),
-            );
-            externals.extend(
-                service
-                    .load_balancer_ips
-                    .iter()
-                    .map(|&ip| (FrontendKind::LoadBalancer, ip, port.port)),
-            );
-            let mut add =
-                |kind, scope, address, number, choice: &(&Selection, WhenEmpty, String)| {
-                    let (selection, when_empty, prefix) = choice;
-                    let frontend = Frontend {
-                        service: format!("{}/{}", service.namespace, service.name),
-                        port_name: port.name.clone(),
-                        kind,
-                        scope,
-                        address,
-                        port: number,
-                        protocol: port.protocol,
-                        algorithm: service.algorithm,
-                        affinity_timeout: service.affinity_timeout,
-                        when_empty: *when_empty,
-                        rule: format!("{prefix}{}", selection.rule),
-                        backends: backends(selection, &topology),
-                    };
-                    match by_key.entry((address, number, port.protocol, scope)) {
-                        Entry::Vacant(slot) => {
-                            slot.insert(frontend);
-                        }
-                        Entry::Occupied(taken) => skipped.push(Skipped::new(
-                            format!("Service {}", frontend.service),
-                            port.field(),
-                            format!(
-                                "{address}:{number}/{} is already a frontend of Service {}",
-                                port.protocol,
-                                taken.get().service
-                            ),
-                        )),
-                    }
-                };
-            for &address in &service.cluster_ips {
-                add(
-                    FrontendKind::ClusterIP,
-                    Scope::Internal,
-                    address,
-                    port.port,
-                    &internal,
-                );
-            }
-            for (kind, address, number) in externals {
-                add(kind, Scope::External, address, number, &external);
-                add(kind, Scope::Internal, address, number, &short_circuit);
-            }
+            Entry::Occupied(taken) => skipped.push(Skipped::new(
+                format!("Service {}", frontend.service),
+                port_field(&frontend.port_name, frontend.port, frontend.protocol),
+                format!(
+                    "{}:{}/{} is already a frontend of Service {}",
+                    frontend.address,
+                    frontend.port,
+                    frontend.protocol,
+                    taken.get().borrow().service
+                ),
+            )),
         }
     }
-    (by_key.into_values().collect(), skipped)
+    by_key.into_values().collect()
+}
+
+/// The frontends one Service claims, in the order they are claimed.
+fn service_frontends(
+    service: &Service,
+    slices: &[&EndpointSlice],
+    here: &Here<'_>,
+    skipped: &mut Vec<Skipped>,
+) -> Vec<Frontend> {
+    let topology = &here.topology;
+    let mut claims = Vec::new();
+    for port in &service.ports {
+        let candidates = candidates(service, port, slices, skipped);
+        let cluster_wide = topology::cluster_wide(&candidates, &service.topology_keys, topology);
+        let local = topology::node_local(&candidates, topology);
+        let local_when_empty = if topology::any_usable(&candidates) {
+            WhenEmpty::Drop
+        } else {
+            WhenEmpty::Reject
+        };
+        let policy = |policy: TrafficPolicy, name: &str| match policy {
+            TrafficPolicy::Cluster => (&cluster_wide, WhenEmpty::Reject, String::new()),
+            TrafficPolicy::Local => (&local, local_when_empty, format!("{name} Local: ")),
+        };
+        let internal = policy(service.internal_policy, "internalTrafficPolicy");
+        let external = policy(service.external_policy, "externalTrafficPolicy");
+        // Traffic from inside the cluster to an external frontend may use every endpoint,
+        // whatever the external policy ("short-circuit", as kube-proxy does).
+        let short_circuit = (&cluster_wide, WhenEmpty::Reject, String::new());
+
+        let mut externals = Vec::new();
+        if let Some(node_port) = node_port(service, port, here.node, skipped) {
+            externals.extend(
+                here.node_ips
+                    .iter()
+                    .map(|&ip| (FrontendKind::NodePort, ip, node_port)),
+            );
+        }
+        externals.extend(
+            service
+                .external_ips
+                .iter()
+                .map(|&ip| (FrontendKind::ExternalIP, ip, port.port)),
+        );
+        externals.extend(
+            service
+                .load_balancer_ips
+                .iter()
+                .map(|&ip| (FrontendKind::LoadBalancer, ip, port.port)),
+        );
+        let mut claim = |kind, scope, address, number, choice: &(&Selection, WhenEmpty, String)| {
+            let (selection, when_empty, prefix) = choice;
+            claims.push(Frontend {
+                service: format!("{}/{}", service.namespace, service.name),
+                port_name: port.name.clone(),
+                kind,
+                scope,
+                address,
+                port: number,
+                protocol: port.protocol,
+                algorithm: service.algorithm,
+                affinity_timeout: service.affinity_timeout,
+                when_empty: *when_empty,
+                rule: format!("{prefix}{}", selection.rule),
+                backends: backends(selection, topology),
+            });
+        };
+        for &address in &service.cluster_ips {
+            claim(
+                FrontendKind::ClusterIP,
+                Scope::Internal,
+                address,
+                port.port,
+                &internal,
+            );
+        }
+        for (kind, address, number) in externals {
+            claim(kind, Scope::External, address, number, &external);
+            claim(kind, Scope::Internal, address, number, &short_circuit);
+        }
+    }
+    claims
 }
 
 /// The port's NodePort, if it has one this node can serve.
@@ -317,7 +364,7 @@ mod tests {
         }
     }
 
-    /// n1 and n2 in zone a, n3 in zone b, n4 without a zone.
+    /// The Service, with one slice of `endpoints`.
     fn cluster(service: Service, endpoints: Vec<Endpoint>) -> Cluster {
         Cluster {
             services: vec![service],
@@ -332,24 +379,29 @@ mod tests {
                 }],
                 endpoints,
             }],
-            nodes: vec![
-                node("n1", Some("a"), 1),
-                node("n2", Some("a"), 2),
-                node("n3", Some("b"), 3),
-                node("n4", None, 4),
-            ],
         }
+    }
+
+    /// n1 and n2 in zone a, n3 in zone b, n4 without a zone.
+    fn nodes() -> Vec<Node> {
+        vec![
+            node("n1", Some("a"), 1),
+            node("n2", Some("a"), 2),
+            node("n3", Some("b"), 3),
+            node("n4", None, 4),
+        ]
     }
 
     /// `frontends` with the node's addresses as the agent finds them.
     fn run(cluster: &Cluster, node: &NodeConfig) -> (Vec<Frontend>, Vec<Skipped>) {
+        let nodes = nodes();
         let node_ips = if node.addresses.is_empty() {
-            let own = cluster.nodes.iter().find(|n| n.name == node.name);
+            let own = nodes.iter().find(|n| n.name == node.name);
             own.map(|n| n.addresses.clone()).unwrap_or_default()
         } else {
             node.addresses.clone()
         };
-        super::frontends(cluster, node, &node_ips)
+        super::frontends(cluster, &Here::new(node, &node_ips, &nodes))
     }
 
     /// The frontend `kind` from `scope` on `node`: its backends' last octets, its rule, and

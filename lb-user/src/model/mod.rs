@@ -1,15 +1,18 @@
 //! The model: plain structs for what the cluster says, and the pure computation of what this
-//! node programs. No I/O here: sources fill a [`Cluster`], [`frontends`] turns it into
-//! [`Frontend`]s, the plan turns those into map entries.
+//! node programs. No I/O here: sources fill [`Objects`], each Service's objects are validated
+//! into a [`Cluster`] and turned into the [`Frontend`]s it claims, the claims are settled
+//! between Services, the plan turns the frontends into map entries. [`Memo`] keeps each
+//! Service's part between syncs.
 
 mod convert;
 mod frontends;
+mod memo;
 mod topology;
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr, ops::RangeInclusive};
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, ops::RangeInclusive, sync::Arc};
 
-pub use convert::{Objects, cluster};
-pub use frontends::frontends;
+pub use convert::Objects;
+pub use memo::Memo;
 use serde::Serialize;
 
 /// The annotation that chooses a Service's backend selection ([`Algorithm`]).
@@ -23,12 +26,11 @@ pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
 /// Kubernetes' default `--service-node-port-range`.
 pub const DEFAULT_NODE_PORT_RANGE: RangeInclusive<u16> = 30000..=32767;
 
-/// Everything the agent knows of the cluster, validated.
+/// Services and their EndpointSlices, validated.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Cluster {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
-    pub nodes: Vec<Node>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -137,7 +139,7 @@ pub struct Node {
 }
 
 /// The node the agent programs, as configured.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct NodeConfig {
     pub name: String,
     /// Where NodePorts listen (`--node-ip`); empty: the Node's InternalIP and ExternalIP.
@@ -284,7 +286,8 @@ impl fmt::Display for Algorithm {
 /// What this node should program.
 #[derive(Clone, Debug, Default)]
 pub struct Desired {
-    pub frontends: Vec<Frontend>,
+    /// Sorted by address, port, protocol and scope.
+    pub frontends: Vec<Arc<Frontend>>,
     /// Everything left out on the way, and why.
     pub skipped: Vec<Skipped>,
     /// The node's addresses: where NodePorts listen, the first is the SNAT address.
@@ -293,35 +296,5 @@ pub struct Desired {
 
 /// What `objects` define for `node`.
 pub fn compute(objects: &Objects, node: &NodeConfig) -> Desired {
-    let (cluster, mut skipped) = cluster(objects);
-    if !cluster.nodes.iter().any(|n| n.name == node.name) {
-        skipped.push(Skipped::new(
-            format!("Node {}", node.name),
-            "",
-            "not found: its labels, zone and addresses are unknown (no NodePorts without \
-             --node-ip, no SNAT, no topology of its own)",
-        ));
-    }
-    let node_addresses = node_addresses(&cluster, node);
-    let (frontends, more) = frontends(&cluster, node, &node_addresses);
-    skipped.extend(more);
-    skipped.sort();
-    Desired {
-        frontends,
-        skipped,
-        node_addresses,
-    }
-}
-
-/// `--node-ip`, or else the Node's InternalIP and ExternalIP addresses.
-fn node_addresses(cluster: &Cluster, node: &NodeConfig) -> Vec<Ipv4Addr> {
-    if !node.addresses.is_empty() {
-        return node.addresses.clone();
-    }
-    cluster
-        .nodes
-        .iter()
-        .find(|n| n.name == node.name)
-        .map(|n| n.addresses.clone())
-        .unwrap_or_default()
+    Memo::default().update(objects, node)
 }

@@ -3,6 +3,8 @@
 //! slots, then frontends, then service addresses (which drop ports without a frontend);
 //! removals the other way round.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use lb_common::maps::{Backend, Frontend, FrontendKey, Slot, SlotKey, Vip};
 
 use super::MapEntries;
@@ -19,50 +21,125 @@ pub enum Op {
     DeleteBackend(u32),
 }
 
+/// The keys a [`super::Planner`] update may have changed, of each map.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Touched {
+    pub frontends: BTreeSet<FrontendKey>,
+    pub slots: BTreeSet<SlotKey>,
+    pub backends: BTreeSet<u32>,
+    pub vips: BTreeSet<u32>,
+}
+
+impl Touched {
+    /// Every key either side holds.
+    pub fn all(current: &MapEntries, desired: &MapEntries) -> Self {
+        fn keys<K: Ord + Copy, V>(a: &BTreeMap<K, V>, b: &BTreeMap<K, V>) -> BTreeSet<K> {
+            a.keys().chain(b.keys()).copied().collect()
+        }
+        Self {
+            frontends: keys(&current.frontends, &desired.frontends),
+            slots: keys(&current.slots, &desired.slots),
+            backends: keys(&current.backends, &desired.backends),
+            vips: keys(&current.vips, &desired.vips),
+        }
+    }
+}
+
 /// Only what differs is written.
 pub fn diff(current: &MapEntries, desired: &MapEntries) -> Vec<Op> {
+    diff_touched(current, desired, &Touched::all(current, desired))
+}
+
+/// What differs among the `touched` keys.
+pub fn diff_touched(current: &MapEntries, desired: &MapEntries, touched: &Touched) -> Vec<Op> {
     let mut ops = Vec::new();
-    for (id, backend) in &desired.backends {
-        if current.backends.get(id) != Some(backend) {
-            ops.push(Op::PutBackend(*id, *backend));
-        }
-    }
-    for (key, slot) in &desired.slots {
-        if current.slots.get(key) != Some(slot) {
-            ops.push(Op::PutSlot(*key, *slot));
-        }
-    }
-    for (key, frontend) in &desired.frontends {
-        if current.frontends.get(key) != Some(frontend) {
-            ops.push(Op::PutFrontend(*key, *frontend));
-        }
-    }
-    for (addr, vip) in &desired.vips {
-        if current.vips.get(addr) != Some(vip) {
-            ops.push(Op::PutVip(*addr, *vip));
-        }
-    }
-    for addr in current.vips.keys() {
-        if !desired.vips.contains_key(addr) {
-            ops.push(Op::DeleteVip(*addr));
-        }
-    }
-    for key in current.frontends.keys() {
-        if !desired.frontends.contains_key(key) {
-            ops.push(Op::DeleteFrontend(*key));
-        }
-    }
-    for key in current.slots.keys() {
-        if !desired.slots.contains_key(key) {
-            ops.push(Op::DeleteSlot(*key));
-        }
-    }
-    for id in current.backends.keys() {
-        if !desired.backends.contains_key(id) {
-            ops.push(Op::DeleteBackend(*id));
-        }
-    }
+    puts(
+        &current.backends,
+        &desired.backends,
+        &touched.backends,
+        Op::PutBackend,
+        &mut ops,
+    );
+    puts(
+        &current.slots,
+        &desired.slots,
+        &touched.slots,
+        Op::PutSlot,
+        &mut ops,
+    );
+    puts(
+        &current.frontends,
+        &desired.frontends,
+        &touched.frontends,
+        Op::PutFrontend,
+        &mut ops,
+    );
+    puts(
+        &current.vips,
+        &desired.vips,
+        &touched.vips,
+        Op::PutVip,
+        &mut ops,
+    );
+    deletes(
+        &current.vips,
+        &desired.vips,
+        &touched.vips,
+        Op::DeleteVip,
+        &mut ops,
+    );
+    deletes(
+        &current.frontends,
+        &desired.frontends,
+        &touched.frontends,
+        Op::DeleteFrontend,
+        &mut ops,
+    );
+    deletes(
+        &current.slots,
+        &desired.slots,
+        &touched.slots,
+        Op::DeleteSlot,
+        &mut ops,
+    );
+    deletes(
+        &current.backends,
+        &desired.backends,
+        &touched.backends,
+        Op::DeleteBackend,
+        &mut ops,
+    );
     ops
+}
+
+fn puts<K: Ord + Copy, V: PartialEq + Copy>(
+    current: &BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+    keys: &BTreeSet<K>,
+    op: fn(K, V) -> Op,
+    ops: &mut Vec<Op>,
+) {
+    for key in keys {
+        if let Some(value) = desired.get(key)
+            && current.get(key) != Some(value)
+        {
+            ops.push(op(*key, *value));
+        }
+    }
+}
+
+fn deletes<K: Ord + Copy, V>(
+    current: &BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+    keys: &BTreeSet<K>,
+    op: fn(K) -> Op,
+    ops: &mut Vec<Op>,
+) {
+    for key in keys {
+        if current.contains_key(key) && !desired.contains_key(key) {
+            ops.push(op(*key));
+        }
+    }
 }
 
 impl MapEntries {

@@ -10,7 +10,14 @@ use super::MapEntries;
 #[derive(Clone, Debug, Default)]
 pub struct Ids {
     services: BTreeMap<FrontendKey, u32>,
-    backends: BTreeMap<Backend, u32>,
+    /// The service ids of `services`, and those released in this sync.
+    taken: BTreeSet<u32>,
+    /// Below it, every service id is taken: where the search for a free one starts.
+    free_from: u32,
+    /// Each backend's id, and how many slots name it.
+    backends: BTreeMap<Backend, (u32, u32)>,
+    /// Backends whose last slot went in this sync: released at its end unless named again.
+    unnamed: Vec<Backend>,
     last_backend_id: u32,
 }
 
@@ -19,19 +26,24 @@ impl Ids {
     /// first sync then rewrites nothing that has not changed. Backend ids continue after the
     /// highest one programmed or still named by a tracked flow.
     pub fn adopt(programmed: &MapEntries, highest_flow_backend_id: u32) -> Self {
-        let backends: BTreeMap<Backend, u32> = programmed
+        let services: BTreeMap<FrontendKey, u32> = programmed
+            .frontends
+            .iter()
+            .map(|(&key, frontend)| (key, frontend.service_id))
+            .collect();
+        let backends: BTreeMap<Backend, (u32, u32)> = programmed
             .backends
             .iter()
-            .map(|(&id, &b)| (b, id))
+            .map(|(&id, &b)| (b, (id, 0)))
             .collect();
         Self {
-            services: programmed
-                .frontends
-                .iter()
-                .map(|(&key, frontend)| (key, frontend.service_id))
-                .collect(),
-            last_backend_id: backends
-                .values()
+            taken: services.values().copied().collect(),
+            free_from: 1,
+            services,
+            unnamed: backends.keys().copied().collect(),
+            last_backend_id: programmed
+                .backends
+                .keys()
                 .copied()
                 .chain([highest_flow_backend_id])
                 .max()
@@ -40,59 +52,64 @@ impl Ids {
         }
     }
 
-    /// Ids for exactly `keys`: kept for known frontends, the lowest free one for new frontends.
-    /// An id released in this call is not handed out again in it, so a frontend never reads the
-    /// slots of the frontend its id belonged to. A frontend past the map's capacity gets none.
-    pub fn assign_services(
-        &mut self,
-        keys: impl IntoIterator<Item = FrontendKey>,
-    ) -> BTreeMap<FrontendKey, u32> {
-        let keys: BTreeSet<FrontendKey> = keys.into_iter().collect();
-        let mut taken: BTreeSet<u32> = self.services.values().copied().collect();
-        let mut assigned = BTreeMap::new();
-        let mut candidate = 1;
-        for key in keys {
-            let id = match self.services.get(&key) {
-                Some(&id) => id,
-                None => {
-                    while taken.contains(&candidate) {
-                        candidate += 1;
-                    }
-                    if candidate >= MAX_SERVICES {
-                        continue;
-                    }
-                    taken.insert(candidate);
-                    candidate
-                }
-            };
-            assigned.insert(key, id);
+    /// The id of frontend `key`: the one it has, or else the lowest free one. An id released
+    /// in this sync is not handed out again in it, so a frontend never reads the slots of the
+    /// frontend its id belonged to. None when the frontend map is full.
+    pub fn service(&mut self, key: FrontendKey) -> Option<u32> {
+        if let Some(&id) = self.services.get(&key) {
+            return Some(id);
         }
-        self.services.clone_from(&assigned);
-        assigned
+        let mut id = self.free_from.max(1);
+        while self.taken.contains(&id) {
+            id += 1;
+        }
+        self.free_from = id;
+        if id >= MAX_SERVICES {
+            return None;
+        }
+        self.taken.insert(id);
+        self.services.insert(key, id);
+        Some(id)
     }
 
-    /// Ids for exactly `backends`: kept for known backends, new ones never reused, because a
-    /// tracked flow names its backend by id and must not land on another backend that took it.
-    pub fn assign_backends(
-        &mut self,
-        backends: impl IntoIterator<Item = Backend>,
-    ) -> BTreeMap<Backend, u32> {
-        let mut assigned = BTreeMap::new();
-        for backend in backends {
-            if assigned.contains_key(&backend) {
-                continue;
+    /// The id of `backend`, named by one more slot: the one it has, or else a new one. Ids are
+    /// never reused, because a tracked flow names its backend by id and must not land on
+    /// another backend that took it.
+    pub fn name_backend(&mut self, backend: Backend) -> u32 {
+        let (id, slots) = self.backends.entry(backend).or_insert_with(|| {
+            self.last_backend_id += 1;
+            (self.last_backend_id, 0)
+        });
+        *slots += 1;
+        *id
+    }
+
+    /// One slot fewer names `backend`.
+    pub fn unname_backend(&mut self, backend: Backend) {
+        if let Some((_, slots)) = self.backends.get_mut(&backend) {
+            *slots = slots.saturating_sub(1);
+            if *slots == 0 {
+                self.unnamed.push(backend);
             }
-            let id = match self.backends.get(&backend) {
-                Some(&id) => id,
-                None => {
-                    self.last_backend_id += 1;
-                    self.last_backend_id
-                }
-            };
-            assigned.insert(backend, id);
         }
-        self.backends.clone_from(&assigned);
-        assigned
+    }
+
+    /// Ends a sync: releases the service ids of the frontends `kept` rejects, and the ids of
+    /// the backends no slot names; returns the latter.
+    pub fn end_sync(&mut self, kept: impl Fn(&FrontendKey) -> bool) -> Vec<u32> {
+        self.services.retain(|key, _| kept(key));
+        if self.taken.len() != self.services.len() {
+            self.taken = self.services.values().copied().collect();
+        }
+        self.free_from = 1;
+        let mut released = Vec::new();
+        for backend in std::mem::take(&mut self.unnamed) {
+            if let Some(&(id, 0)) = self.backends.get(&backend) {
+                self.backends.remove(&backend);
+                released.push(id);
+            }
+        }
+        released
     }
 }
 
@@ -117,60 +134,109 @@ mod tests {
     #[test]
     fn service_ids_are_stable_and_start_at_one() {
         let mut ids = Ids::default();
-        let first = ids.assign_services([key(1), key(2)]);
-        assert_eq!(first[&key(1)], 1);
-        assert_eq!(first[&key(2)], 2);
-        let second = ids.assign_services([key(2), key(3)]);
-        assert_eq!(second[&key(2)], 2, "a kept frontend keeps its id");
         assert_eq!(
-            second[&key(3)],
-            3,
+            (ids.service(key(1)), ids.service(key(2))),
+            (Some(1), Some(2))
+        );
+        ids.end_sync(|_| true);
+        assert_eq!(ids.service(key(2)), Some(2), "a kept frontend keeps its id");
+        assert_eq!(
+            ids.service(key(3)),
+            Some(3),
             "an id released in the same sync is not reused"
         );
-        assert!(!second.contains_key(&key(1)));
-        let third = ids.assign_services([key(2), key(3), key(4)]);
-        assert_eq!(third[&key(4)], 1, "a released id is reused in a later sync");
+        ids.end_sync(|k| *k != key(1));
+        assert_eq!(
+            ids.service(key(4)),
+            Some(1),
+            "a released id is reused in a later sync"
+        );
     }
 
     #[test]
     fn adopted_ids_are_kept_and_new_backends_follow_the_highest() {
         let mut first = Ids::default();
-        let services = first.assign_services([key(1), key(2)]);
-        let backends = first.assign_backends([backend(1), backend(2)]);
+        let services = [first.service(key(1)), first.service(key(2))];
+        let backends = [
+            first.name_backend(backend(1)),
+            first.name_backend(backend(2)),
+        ];
         let mut programmed = MapEntries::default();
-        for (key, service_id) in &services {
+        for (port, service_id) in [(1, services[0]), (2, services[1])] {
             programmed.frontends.insert(
-                *key,
+                key(port),
                 lb_common::maps::Frontend {
-                    service_id: *service_id,
+                    service_id: service_id.unwrap(),
                     ..Default::default()
                 },
             );
         }
-        for (backend, id) in &backends {
-            programmed.backends.insert(*id, *backend);
+        for (port, id) in [(1, backends[0]), (2, backends[1])] {
+            programmed.backends.insert(id, backend(port));
         }
         let mut adopted = Ids::adopt(&programmed, 7);
-        assert_eq!(adopted.assign_services([key(1), key(2)]), services);
-        let again = adopted.assign_backends([backend(1), backend(2), backend(3)]);
-        assert_eq!((again[&backend(1)], again[&backend(2)]), (1, 2));
+        assert_eq!([adopted.service(key(1)), adopted.service(key(2))], services);
         assert_eq!(
-            again[&backend(3)],
+            [
+                adopted.name_backend(backend(1)),
+                adopted.name_backend(backend(2))
+            ],
+            backends
+        );
+        assert_eq!(
+            adopted.name_backend(backend(3)),
             8,
             "a flow still names backend 7: a new backend must not take its id"
         );
+        assert_eq!(adopted.end_sync(|_| true), Vec::<u32>::new());
     }
 
     #[test]
-    fn backend_ids_are_stable_and_never_reused() {
+    fn adopted_ids_nothing_names_are_released_after_the_first_sync() {
+        let mut programmed = MapEntries::default();
+        programmed.frontends.insert(
+            key(1),
+            lb_common::maps::Frontend {
+                service_id: 5,
+                ..Default::default()
+            },
+        );
+        programmed.backends.insert(4, backend(1));
+        let mut adopted = Ids::adopt(&programmed, 0);
+        assert_eq!(adopted.service(key(2)), Some(1));
+        assert_eq!(adopted.end_sync(|k| *k == key(2)), vec![4]);
+        assert_eq!(adopted.service(key(3)), Some(2));
+        assert_eq!(adopted.service(key(4)), Some(3));
+        assert_eq!(adopted.service(key(5)), Some(4));
+        assert_eq!(adopted.service(key(6)), Some(5), "5 was released");
+    }
+
+    #[test]
+    fn backend_ids_are_stable_while_named_and_never_reused() {
         let mut ids = Ids::default();
-        let first = ids.assign_backends([backend(1), backend(2), backend(1)]);
-        assert_eq!((first[&backend(1)], first[&backend(2)]), (1, 2));
-        let second = ids.assign_backends([backend(2)]);
-        assert_eq!(second[&backend(2)], 2);
-        let third = ids.assign_backends([backend(2), backend(1)]);
+        let first = [
+            ids.name_backend(backend(1)),
+            ids.name_backend(backend(2)),
+            ids.name_backend(backend(1)),
+        ];
+        assert_eq!(first, [1, 2, 1]);
+        assert_eq!(ids.end_sync(|_| true), Vec::<u32>::new());
+        ids.unname_backend(backend(1));
         assert_eq!(
-            third[&backend(1)],
+            ids.end_sync(|_| true),
+            Vec::<u32>::new(),
+            "another slot still names it"
+        );
+        ids.unname_backend(backend(1));
+        ids.unname_backend(backend(2));
+        assert_eq!(
+            ids.name_backend(backend(2)),
+            2,
+            "named again in the same sync"
+        );
+        assert_eq!(ids.end_sync(|_| true), vec![1]);
+        assert_eq!(
+            ids.name_backend(backend(1)),
             3,
             "a removed backend comes back with a new id"
         );

@@ -4,9 +4,9 @@
 mod diff;
 mod ids;
 
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, sync::Arc};
 
-pub use diff::{Op, diff};
+pub use diff::{Op, Touched, diff, diff_touched};
 pub use ids::Ids;
 use lb_common::maps::{
     ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_HASH, BACKEND_LOCAL, Backend,
@@ -27,73 +27,159 @@ pub struct MapEntries {
     pub vips: BTreeMap<u32, Vip>,
 }
 
-/// The map entries for `frontends` on node `node`, naming services and backends with `ids`.
-pub fn entries(
-    ids: &mut Ids,
-    frontends: &[model::Frontend],
-    node: &str,
-) -> (MapEntries, Vec<Skipped>) {
-    let mut skipped = Vec::new();
-    let mut wanted = Vec::new();
-    for frontend in frontends {
-        let key = frontend_key(
-            frontend.address,
-            frontend.port,
-            frontend.protocol,
-            frontend.scope,
-        );
-        let backends: Vec<Backend> = frontend
-            .backends
-            .iter()
-            .map(|b| backend(b, frontend.protocol, node))
-            .collect();
-        let Ok(backend_count) = u16::try_from(backends.len()) else {
-            skipped.push(Skipped::new(
-                format!("Service {}", frontend.service),
-                model::port_field(&frontend.port_name, frontend.port, frontend.protocol),
-                format!(
-                    "{} backends: at most {} fit a frontend",
-                    backends.len(),
-                    u16::MAX
-                ),
-            ));
-            continue;
-        };
-        wanted.push((key, frontend, backends, backend_count));
-    }
-    let service_ids = ids.assign_services(wanted.iter().map(|(key, ..)| *key));
-    let backend_ids = ids.assign_backends(wanted.iter().flat_map(|(.., b, _)| b.iter().copied()));
+/// The map entries for `frontends` on node `node`, with fresh ids.
+pub fn entries(frontends: &[Arc<model::Frontend>], node: &str) -> (MapEntries, Vec<Skipped>) {
+    let mut planner = Planner::new(node, Ids::default());
+    let (_, skipped) = planner.update(frontends);
+    (planner.desired, skipped)
+}
 
-    let mut entries = MapEntries::default();
-    for (key, frontend, backends, backend_count) in wanted {
-        let Some(&service_id) = service_ids.get(&key) else {
-            skipped.push(Skipped::new(
+/// The plan kept between syncs: the map entries of every frontend, planned again only for the
+/// frontends the model changed, and the keys that may differ from what the maps hold.
+#[derive(Debug)]
+pub struct Planner {
+    node: String,
+    ids: Ids,
+    /// What each frontend's entries were planned from, and why it has none if it has none.
+    planned: BTreeMap<FrontendKey, (Arc<model::Frontend>, Option<Skipped>)>,
+    /// The entries of every planned frontend: what the maps should hold.
+    desired: MapEntries,
+}
+
+impl Planner {
+    pub fn new(node: &str, ids: Ids) -> Self {
+        Self {
+            node: node.to_string(),
+            ids,
+            planned: BTreeMap::new(),
+            desired: MapEntries::default(),
+        }
+    }
+
+    /// What the maps should hold.
+    pub fn desired(&self) -> &MapEntries {
+        &self.desired
+    }
+
+    /// Plans `frontends`, the model's whole output: a frontend that is the same allocation as
+    /// in the last update keeps its entries. Returns the keys whose entries may have changed,
+    /// and what could not be planned.
+    pub fn update(&mut self, frontends: &[Arc<model::Frontend>]) -> (Touched, Vec<Skipped>) {
+        let wanted: BTreeMap<FrontendKey, &Arc<model::Frontend>> = frontends
+            .iter()
+            .map(|f| (frontend_key(f.address, f.port, f.protocol, f.scope), f))
+            .collect();
+        let mut touched = Touched::default();
+        // Out first, in, then the backends no slot names any more: a backend that stays keeps
+        // its id.
+        let stale: Vec<FrontendKey> = self
+            .planned
+            .iter()
+            .filter(|(key, (before, unplanned))| {
+                unplanned.is_some() || wanted.get(key).is_none_or(|f| !Arc::ptr_eq(f, before))
+            })
+            .map(|(key, _)| *key)
+            .collect();
+        for key in stale {
+            self.withdraw(key, &mut touched);
+        }
+        for (key, frontend) in wanted {
+            if !self.planned.contains_key(&key) {
+                let unplanned = self.place(key, frontend, &mut touched);
+                self.planned.insert(key, (Arc::clone(frontend), unplanned));
+            }
+        }
+        for id in self.ids.end_sync(|key| self.planned.contains_key(key)) {
+            self.desired.backends.remove(&id);
+            touched.backends.insert(id);
+        }
+        let skipped = self
+            .planned
+            .values()
+            .filter_map(|(_, unplanned)| unplanned.clone())
+            .collect();
+        (touched, skipped)
+    }
+
+    /// Takes frontend `key`'s entries out of the plan.
+    fn withdraw(&mut self, key: FrontendKey, touched: &mut Touched) {
+        let Some((before, _)) = self.planned.remove(&key) else {
+            return;
+        };
+        let Some(frontend) = self.desired.frontends.remove(&key) else {
+            return;
+        };
+        touched.frontends.insert(key);
+        for slot in 1..=u32::from(frontend.backend_count) {
+            let slot_key = SlotKey {
+                service_id: frontend.service_id,
+                slot,
+            };
+            if let Some(Slot { backend_id }) = self.desired.slots.remove(&slot_key)
+                && let Some(&backend) = self.desired.backends.get(&backend_id)
+            {
+                self.ids.unname_backend(backend);
+            }
+            touched.slots.insert(slot_key);
+        }
+        if before.kind == FrontendKind::ClusterIP
+            && let Some(vip) = self.desired.vips.get_mut(&key.addr_be)
+        {
+            vip.frontends -= 1;
+            if vip.frontends == 0 {
+                self.desired.vips.remove(&key.addr_be);
+            }
+            touched.vips.insert(key.addr_be);
+        }
+    }
+
+    /// Puts frontend `key`'s entries into the plan; why it cannot, if it cannot.
+    fn place(
+        &mut self,
+        key: FrontendKey,
+        frontend: &model::Frontend,
+        touched: &mut Touched,
+    ) -> Option<Skipped> {
+        let skip = |reason: String| {
+            Some(Skipped::new(
                 format!("Service {}", frontend.service),
                 model::port_field(&frontend.port_name, frontend.port, frontend.protocol),
-                format!(
-                    "{}:{}/{}: the frontend map is full",
-                    frontend.address, frontend.port, frontend.protocol
-                ),
-            ));
-            continue;
+                reason,
+            ))
         };
-        for (slot, backend) in (1..).zip(&backends) {
-            let backend_id = backend_ids[backend];
-            entries.backends.insert(backend_id, *backend);
-            entries
-                .slots
-                .insert(SlotKey { service_id, slot }, Slot { backend_id });
+        let Ok(backend_count) = u16::try_from(frontend.backends.len()) else {
+            return skip(format!(
+                "{} backends: at most {} fit a frontend",
+                frontend.backends.len(),
+                u16::MAX
+            ));
+        };
+        let Some(service_id) = self.ids.service(key) else {
+            return skip(format!(
+                "{}:{}/{}: the frontend map is full",
+                frontend.address, frontend.port, frontend.protocol
+            ));
+        };
+        for (slot, backend) in (1..).zip(&frontend.backends) {
+            let backend = self::backend(backend, frontend.protocol, &self.node);
+            let backend_id = self.ids.name_backend(backend);
+            self.desired.backends.insert(backend_id, backend);
+            touched.backends.insert(backend_id);
+            let slot_key = SlotKey { service_id, slot };
+            self.desired.slots.insert(slot_key, Slot { backend_id });
+            touched.slots.insert(slot_key);
         }
         // Only ClusterIPs: an external or load-balancer IP may be a node's own address, whose
         // other ports (ssh, the kubelet) are no service's to drop.
         if frontend.kind == FrontendKind::ClusterIP {
-            entries.vips.entry(key.addr_be).or_default().frontends += 1;
+            self.desired.vips.entry(key.addr_be).or_default().frontends += 1;
+            touched.vips.insert(key.addr_be);
         }
         let flags = match frontend.when_empty {
             WhenEmpty::Reject => FRONTEND_REJECT_WHEN_EMPTY,
             WhenEmpty::Drop => 0,
         };
-        entries.frontends.insert(
+        self.desired.frontends.insert(
             key,
             Frontend {
                 service_id,
@@ -104,8 +190,9 @@ pub fn entries(
                 _pad: 0,
             },
         );
+        touched.frontends.insert(key);
+        None
     }
-    (entries, skipped)
 }
 
 pub fn frontend_key(address: Ipv4Addr, port: u16, protocol: Protocol, scope: Scope) -> FrontendKey {
@@ -334,8 +421,7 @@ mod tests {
             (Ipv4Addr::new(10, 244, 0, 12), 8080),
         ];
         let (entries, skipped) = entries(
-            &mut Ids::default(),
-            &[frontend(Algorithm::SourceHash, &backends)],
+            &[Arc::new(frontend(Algorithm::SourceHash, &backends))],
             "node-a",
         );
         assert!(skipped.is_empty());
@@ -374,8 +460,7 @@ mod tests {
             (Ipv4Addr::new(10, 244, 0, 11), 8080),
         ];
         let (entries, _) = entries(
-            &mut Ids::default(),
-            &[frontend(Algorithm::RoundRobin, &backends)],
+            &[Arc::new(frontend(Algorithm::RoundRobin, &backends))],
             "node-a",
         );
         assert_eq!(
@@ -388,11 +473,7 @@ mod tests {
 
     #[test]
     fn a_frontend_without_backends_is_programmed_with_count_zero() {
-        let (entries, _) = entries(
-            &mut Ids::default(),
-            &[frontend(Algorithm::RoundRobin, &[])],
-            "node-a",
-        );
+        let (entries, _) = entries(&[Arc::new(frontend(Algorithm::RoundRobin, &[]))], "node-a");
         assert_eq!(
             entries.dump(),
             "FE: ADDR=10.96.0.10:80/TCP SCOPE=internal ID=1 COUNT=0 ALG=round-robin \

@@ -126,7 +126,7 @@ pub fn watch(
     tokio::spawn(async move {
         // This node's Node as last seen: while it is missing (deleted and registering again, a
         // watch failing), its addresses still serve NodePorts.
-        let mut last_node: Option<core::Node> = None;
+        let mut last_node: Option<Arc<core::Node>> = None;
         loop {
             loop {
                 let notified = progress.changed.notified();
@@ -208,8 +208,8 @@ fn snapshot(
     slices: &Store<discovery::EndpointSlice>,
     nodes: &Store<core::Node>,
 ) -> Objects {
-    fn sorted<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<K> {
-        let mut objects: Vec<K> = store.state().iter().map(|o| (**o).clone()).collect();
+    fn sorted<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<Arc<K>> {
+        let mut objects = store.state();
         objects.sort_by_key(|o| (o.namespace(), o.name_any()));
         objects
     }

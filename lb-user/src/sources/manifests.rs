@@ -5,6 +5,7 @@ use std::{
     collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -235,16 +236,22 @@ fn add(place: &str, value: Value, objects: &mut Objects, skipped: &mut Vec<Skipp
     );
     let mut typed = |objects: &mut Objects| -> Result<(), serde_yaml::Error> {
         match (api_version.as_str(), kind.as_str()) {
-            ("v1", "Service") => objects
-                .services
-                .push(serde_yaml::from_value(with_topology_keys(value.clone()))?),
+            ("v1", "Service") => {
+                objects
+                    .services
+                    .push(Arc::new(serde_yaml::from_value(with_topology_keys(
+                        value.clone(),
+                    ))?))
+            }
             ("v1", "Endpoints") => objects
                 .endpoints
-                .push(serde_yaml::from_value(value.clone())?),
-            ("v1", "Node") => objects.nodes.push(serde_yaml::from_value(value.clone())?),
+                .push(Arc::new(serde_yaml::from_value(value.clone())?)),
+            ("v1", "Node") => objects
+                .nodes
+                .push(Arc::new(serde_yaml::from_value(value.clone())?)),
             ("discovery.k8s.io/v1", "EndpointSlice") => objects
                 .endpoint_slices
-                .push(serde_yaml::from_value(value.clone())?),
+                .push(Arc::new(serde_yaml::from_value(value.clone())?)),
             (_, kind) if kind.ends_with("List") => {
                 for item in value
                     .get("items")

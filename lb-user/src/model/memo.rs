@@ -1,0 +1,138 @@
+//! The model kept between syncs. A Service's frontends are computed again only when one of its
+//! objects changed (the Service, its EndpointSlices, its Endpoints), or when the Nodes or the
+//! node's config did: with 10,000 Services, an edit to one costs the work of one. Sources hand
+//! out the same allocation for an object that did not change, so a change is found by address,
+//! without comparing contents.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
+
+use k8s_openapi::api::core::v1 as core;
+
+use super::{
+    Desired, Frontend, Node, NodeConfig, Objects, Skipped,
+    convert::{self, Group},
+    frontends::{Here, frontends, settle},
+};
+
+#[derive(Default)]
+pub struct Memo {
+    /// What every Service below was computed for.
+    context: Option<Context>,
+    /// By namespace and name.
+    services: BTreeMap<(String, String), Computed>,
+}
+
+struct Context {
+    node: NodeConfig,
+    /// The Node objects the rest was computed from.
+    objects: Vec<Arc<core::Node>>,
+    nodes: Vec<Node>,
+    /// Where NodePorts listen; the first is the SNAT address.
+    node_addresses: Vec<Ipv4Addr>,
+    skipped: Vec<Skipped>,
+}
+
+/// One Service's part of the model.
+struct Computed {
+    group: Group,
+    /// Every frontend it claims, before other Services' claims are settled.
+    frontends: Vec<Arc<Frontend>>,
+    skipped: Vec<Skipped>,
+}
+
+impl Memo {
+    /// What `objects` define for `node`: [`super::compute`], from what the last update left.
+    /// A frontend that did not change is the same allocation as in the last update.
+    pub fn update(&mut self, objects: &Objects, node: &NodeConfig) -> Desired {
+        let context = match self.context.take() {
+            Some(c) if c.node == *node && same(&c.objects, &objects.nodes) => c,
+            _ => {
+                self.services.clear();
+                Context::new(objects, node)
+            }
+        };
+        let here = Here::new(&context.node, &context.node_addresses, &context.nodes);
+        let mut before = std::mem::take(&mut self.services).into_iter().peekable();
+        self.services = convert::groups(objects)
+            .into_iter()
+            .map(|(key, group)| {
+                let is_before =
+                    |(k, _): &((String, String), Computed)| (k.0.as_str(), k.1.as_str()) < key;
+                while before.next_if(is_before).is_some() {}
+                let kept = before.next_if(|(k, computed)| {
+                    (k.0.as_str(), k.1.as_str()) == key && computed.group.is_same(&group)
+                });
+                kept.unwrap_or_else(|| {
+                    let computed = Computed::new(group, &here);
+                    ((key.0.to_string(), key.1.to_string()), computed)
+                })
+            })
+            .collect();
+        drop(before);
+
+        let mut skipped = context.skipped.clone();
+        for computed in self.services.values() {
+            skipped.extend_from_slice(&computed.skipped);
+        }
+        let claims = self
+            .services
+            .values()
+            .flat_map(|c| c.frontends.iter().cloned());
+        let frontends = settle(claims, &mut skipped);
+        skipped.sort();
+        let node_addresses = context.node_addresses.clone();
+        self.context = Some(context);
+        Desired {
+            frontends,
+            skipped,
+            node_addresses,
+        }
+    }
+}
+
+impl Context {
+    fn new(objects: &Objects, node: &NodeConfig) -> Self {
+        let mut skipped = Vec::new();
+        let nodes = convert::nodes(&objects.nodes, &mut skipped);
+        let own = nodes.iter().find(|n| n.name == node.name);
+        if own.is_none() {
+            skipped.push(Skipped::new(
+                format!("Node {}", node.name),
+                "",
+                "not found: its labels, zone and addresses are unknown (no NodePorts without \
+                 --node-ip, no SNAT, no topology of its own)",
+            ));
+        }
+        // `--node-ip`, or else the Node's InternalIP and ExternalIP addresses.
+        let node_addresses = if node.addresses.is_empty() {
+            own.map(|n| n.addresses.clone()).unwrap_or_default()
+        } else {
+            node.addresses.clone()
+        };
+        Self {
+            node: node.clone(),
+            objects: objects.nodes.clone(),
+            nodes,
+            node_addresses,
+            skipped,
+        }
+    }
+}
+
+impl Computed {
+    fn new(group: Group, here: &Here<'_>) -> Self {
+        let mut skipped = Vec::new();
+        let cluster = convert::cluster(&group, &mut skipped);
+        let (frontends, more) = frontends(&cluster, here);
+        skipped.extend(more);
+        Self {
+            group,
+            frontends: frontends.into_iter().map(Arc::new).collect(),
+            skipped,
+        }
+    }
+}
+
+fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b))
+}

@@ -1,0 +1,96 @@
+//! One sync, from the sources' objects to the maps. The model and the plan are kept between
+//! syncs, so that an edit to one Service computes, plans and compares that Service's entries
+//! only: at 10,000 Services, the work of one. The agent runs it; the control-plane benchmark
+//! times it.
+
+use tracing::error;
+
+use crate::{
+    maps::KernelMaps,
+    model::{Desired, Memo, NodeConfig, Objects, Skipped},
+    plan::{self, Ids, MapEntries, Op, Planner},
+};
+
+pub struct Pipeline {
+    memo: Memo,
+    planner: Planner,
+    /// What the maps hold: what was read from them at start, then every write that took.
+    programmed: MapEntries,
+    /// The maps may differ from the plan beyond the keys the next update touches: at start,
+    /// over an earlier agent's entries, and after a write failed.
+    compare_all: bool,
+}
+
+/// A sync's plan, before its writes.
+pub struct Planned {
+    pub desired: Desired,
+    /// Everything left out, the model's and the plan's.
+    pub skipped: Vec<Skipped>,
+    ops: Vec<Op>,
+}
+
+/// What a sync's writes did.
+pub struct Written {
+    pub writes: usize,
+    /// Writes put off by a failed one, to be retried at the next sync.
+    pub failed: usize,
+}
+
+impl Pipeline {
+    /// Starts from what the maps hold, keeping its ids. `highest_flow_backend_id`: the highest
+    /// backend id a tracked flow names, which a new backend must not take.
+    pub fn new(node: &str, programmed: MapEntries, highest_flow_backend_id: u32) -> Self {
+        Self {
+            memo: Memo::default(),
+            planner: Planner::new(node, Ids::adopt(&programmed, highest_flow_backend_id)),
+            programmed,
+            compare_all: true,
+        }
+    }
+
+    pub fn programmed(&self) -> &MapEntries {
+        &self.programmed
+    }
+
+    /// What `objects` define for `node`, and the writes that take the maps there.
+    pub fn plan(&mut self, objects: &Objects, node: &NodeConfig) -> Planned {
+        let desired = self.memo.update(objects, node);
+        let (touched, unplanned) = self.planner.update(&desired.frontends);
+        let ops = if self.compare_all {
+            plan::diff(&self.programmed, self.planner.desired())
+        } else {
+            plan::diff_touched(&self.programmed, self.planner.desired(), &touched)
+        };
+        let mut skipped = desired.skipped.clone();
+        skipped.extend(unplanned);
+        Planned {
+            desired,
+            skipped,
+            ops,
+        }
+    }
+
+    /// Writes `planned` to the maps. A failed write stops the sync: the writes after it depend
+    /// on it (a slot on its backend, a count on its slots), and what is programmed stays
+    /// consistent; the next sync compares everything and writes the rest.
+    pub fn write(&mut self, planned: &Planned, maps: &mut KernelMaps) -> Written {
+        let ops = &planned.ops;
+        let mut failed = 0;
+        for (done, op) in ops.iter().enumerate() {
+            match maps.apply(op) {
+                // Track what the kernel really holds: the next sync starts from there.
+                Ok(()) => self.programmed.apply(op),
+                Err(e) => {
+                    failed = ops.len() - done;
+                    error!(?op, "map update failed, {failed} writes put off: {e}");
+                    break;
+                }
+            }
+        }
+        self.compare_all = failed > 0;
+        Written {
+            writes: ops.len(),
+            failed,
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! The model and the plan kept between syncs must program what a fresh computation would,
+//! whatever the edits, and touch only what an edit changed. Each golden case's files are
+//! added one at a time, edited and removed again; after every step the entries written
+//! through the touched keys alone are compared with those computed from nothing.
+
+mod txtar;
+
+use std::sync::Arc;
+
+use lb_user::{
+    model::{self, Memo, NodeConfig, Objects, Skipped},
+    plan::{self, Ids, MapEntries, Planner},
+    sources::manifests,
+};
+
+/// A source that keeps each file's objects while the file is unchanged, as the manifest
+/// source does.
+struct Files(Vec<(String, Objects)>);
+
+impl Files {
+    fn put(&mut self, name: &str, text: &str) {
+        let mut objects = Objects::default();
+        manifests::parse(name, text, &mut objects, &mut Vec::new());
+        match self.0.iter_mut().find(|(n, _)| n == name) {
+            Some((_, old)) => *old = objects,
+            None => self.0.push((name.to_string(), objects)),
+        }
+    }
+
+    fn remove(&mut self, name: &str) {
+        self.0.retain(|(n, _)| n != name);
+    }
+
+    fn objects(&self) -> Objects {
+        let mut all = Objects::default();
+        for (_, objects) in &self.0 {
+            all.extend(objects.clone());
+        }
+        all
+    }
+}
+
+/// The agent's state between syncs, and what it wrote.
+struct Agent {
+    node: NodeConfig,
+    memo: Memo,
+    planner: Planner,
+    programmed: MapEntries,
+}
+
+impl Agent {
+    fn new(node: &str) -> Self {
+        Self {
+            node: NodeConfig::new(node),
+            memo: Memo::default(),
+            planner: Planner::new(node, Ids::default()),
+            programmed: MapEntries::default(),
+        }
+    }
+
+    /// Syncs, writing the touched keys only; the writes.
+    fn sync(&mut self, objects: &Objects, step: &str) -> Vec<plan::Op> {
+        let desired = self.memo.update(objects, &self.node);
+        let (touched, unplanned) = self.planner.update(&desired.frontends);
+        let ops = plan::diff_touched(&self.programmed, self.planner.desired(), &touched);
+        for op in &ops {
+            self.programmed.apply(op);
+        }
+        assert_eq!(
+            &self.programmed,
+            self.planner.desired(),
+            "{step}: an entry that changed was not touched"
+        );
+        let (entries, skipped) = fresh(objects, &self.node);
+        assert_eq!(
+            self.programmed.table(),
+            entries.table(),
+            "{step}: the frontends and their backends differ from a fresh computation"
+        );
+        assert_eq!(self.programmed.vips, entries.vips, "{step}: vips");
+        let mut incremental: Vec<Skipped> = desired.skipped.into_iter().chain(unplanned).collect();
+        incremental.sort();
+        assert_eq!(incremental, skipped, "{step}: skipped");
+        ops
+    }
+}
+
+fn fresh(objects: &Objects, node: &NodeConfig) -> (MapEntries, Vec<Skipped>) {
+    let desired = model::compute(objects, node);
+    let (entries, more) = plan::entries(&desired.frontends, &node.name);
+    let mut skipped: Vec<Skipped> = desired.skipped.into_iter().chain(more).collect();
+    skipped.sort();
+    (entries, skipped)
+}
+
+#[test]
+fn every_step_of_every_golden_case_programs_what_a_fresh_computation_would() {
+    for case in txtar::cases() {
+        let sections: Vec<&(String, String)> = case.manifests().collect();
+        let mut agent = Agent::new(case.node());
+        let case = case.path.display();
+        let mut files = Files(Vec::new());
+        for (name, text) in sections.iter().copied() {
+            files.put(name, text);
+            agent.sync(&files.objects(), &format!("{case}: {name} added"));
+        }
+        // The same text read again: new objects, the same entries, nothing written.
+        for (name, text) in sections.iter().copied() {
+            files.put(name, text);
+            let ops = agent.sync(&files.objects(), &format!("{case}: {name} read again"));
+            assert!(ops.is_empty(), "{case}: {name} read again wrote {ops:?}");
+        }
+        // Every file without its last endpoint address, then back.
+        for (name, text) in sections.iter().copied() {
+            if let Some(cut) = text.rfind("- addresses:") {
+                let end = text[cut..].find('\n').map_or(text.len(), |n| cut + n + 1);
+                files.put(name, &format!("{}{}", &text[..cut], &text[end..]));
+                agent.sync(
+                    &files.objects(),
+                    &format!("{case}: {name} one address fewer"),
+                );
+                files.put(name, text);
+                agent.sync(&files.objects(), &format!("{case}: {name} restored"));
+            }
+        }
+        for (name, _) in sections.iter().copied() {
+            files.remove(name);
+            agent.sync(&files.objects(), &format!("{case}: {name} removed"));
+        }
+        assert_eq!(
+            agent.programmed,
+            MapEntries::default(),
+            "{case}: all removed"
+        );
+    }
+}
+
+/// 100 Services of 10 endpoints; Service `i`'s text, with `endpoints` of them.
+fn service(i: u32, endpoints: u32) -> String {
+    let mut text = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec:\n  clusterIP: \
+         10.96.1.{i}\n  ports: [{{port: 80, targetPort: 8080}}]\n---\napiVersion: \
+         discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}-1\n  labels: \
+         {{kubernetes.io/service-name: s{i}}}\naddressType: IPv4\nports: [{{port: \
+         8080}}]\nendpoints:\n"
+    );
+    for e in 0..endpoints {
+        text.push_str(&format!("- addresses: [10.244.{i}.{e}]\n"));
+    }
+    text
+}
+
+#[test]
+fn an_edit_to_one_service_touches_its_entries_only() {
+    let mut agent = Agent::new("lab-node");
+    let mut files = Files(Vec::new());
+    for i in 0..100 {
+        files.put(&format!("s{i}.yaml"), &service(i, 10));
+    }
+    let ops = agent.sync(&files.objects(), "all written");
+    assert_eq!(
+        ops.len(),
+        100 * (1 + 10 + 10) + 100,
+        "frontends, slots, backends, vips"
+    );
+    let ids_before = agent.programmed.clone();
+
+    files.put("s42.yaml", &service(42, 9));
+    let ops = agent.sync(&files.objects(), "one endpoint fewer");
+    // The frontend's count, and its tenth slot and backend gone: slots keep their order.
+    assert_eq!(ops.len(), 3, "{ops:?}");
+    for (key, frontend) in &ids_before.frontends {
+        assert_eq!(
+            agent.programmed.frontends[key].service_id, frontend.service_id,
+            "service ids are stable"
+        );
+    }
+    let kept = ids_before
+        .backends
+        .iter()
+        .filter(|(id, backend)| agent.programmed.backends.get(id) == Some(backend))
+        .count();
+    assert_eq!(kept, 999, "every other backend keeps its id");
+
+    // An endpoint that two Services share is one backend, while either names it.
+    let shared = service(7, 10).replace("10.244.7.3", "10.244.8.3");
+    files.put("s7.yaml", &shared);
+    agent.sync(&files.objects(), "a backend shared");
+    files.remove("s8.yaml");
+    agent.sync(&files.objects(), "the other Service gone");
+    files.remove("s7.yaml");
+    agent.sync(&files.objects(), "both gone");
+}
+
+#[test]
+fn a_frontend_claimed_twice_goes_to_the_second_when_the_first_goes() {
+    let mut agent = Agent::new("lab-node");
+    let mut files = Files(Vec::new());
+    files.put("a.yaml", &service(1, 2));
+    files.put("b.yaml", &service(2, 3).replace("10.96.1.2", "10.96.1.1"));
+    agent.sync(&files.objects(), "both claim 10.96.1.1:80");
+    let frontend = |agent: &Agent| agent.programmed.frontends.values().next().copied();
+    assert_eq!(frontend(&agent).map(|f| f.backend_count), Some(2));
+    files.remove("a.yaml");
+    agent.sync(&files.objects(), "the first claim gone");
+    assert_eq!(frontend(&agent).map(|f| f.backend_count), Some(3));
+}
+
+#[test]
+fn unchanged_objects_are_not_computed_again() {
+    let node = NodeConfig::new("lab-node");
+    let mut files = Files(Vec::new());
+    files.put("a.yaml", &service(1, 2));
+    files.put("b.yaml", &service(2, 2));
+    let mut memo = Memo::default();
+    let first = memo.update(&files.objects(), &node);
+    files.put("b.yaml", &service(2, 1));
+    let second = memo.update(&files.objects(), &node);
+    assert!(Arc::ptr_eq(&first.frontends[0], &second.frontends[0]));
+    assert!(!Arc::ptr_eq(&first.frontends[1], &second.frontends[1]));
+    // Another node config: everything again.
+    let third = memo.update(&files.objects(), &NodeConfig::new("other"));
+    assert!(!Arc::ptr_eq(&second.frontends[0], &third.frontends[0]));
+}
