@@ -33,9 +33,11 @@ pub const FRONTEND_STATS: &str = "lb_fe_stats_v1";
 pub const STATS: &str = "lb_stats_v1";
 /// Datapath settings, one entry: [`Config`]. Written by the agent.
 pub const CONFIG: &str = "lb_config_v1";
+/// The datapath's clock, one entry: [`Clock`]. Written by the agent, at start.
+pub const CLOCK: &str = "lb_clock_v1";
 
 /// Every map, in the order the agent pins them.
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 13] = [
     FRONTENDS,
     SLOTS,
     BACKENDS,
@@ -48,6 +50,7 @@ pub const ALL: [&str; 12] = [
     FRONTEND_STATS,
     STATS,
     CONFIG,
+    CLOCK,
 ];
 
 /// Capacity of [`FRONTENDS`]; service ids are below it, as they index [`CURSORS`].
@@ -257,6 +260,17 @@ pub struct Config {
     pub netns_cookie: u64,
 }
 
+/// How the datapath reads the time: `jiffies * ns_per_jiffy - offset_ns` is CLOCK_MONOTONIC to
+/// within a tick, the resolution of `bpf_ktime_get_coarse_ns` too, for the cost of a load (the
+/// verifier inlines `bpf_jiffies64`) where the latter is a helper call on every packet. While
+/// `ns_per_jiffy` is 0 (the agent has not measured the tick yet), the datapath calls the helper.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Clock {
+    pub ns_per_jiffy: u64,
+    pub offset_ns: u64,
+}
+
 /// A frontend's counters, per CPU: the agent sums them for `/metrics`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -297,7 +311,7 @@ pub struct Stats {
     pub socket_rewrites: u64,
 }
 
-/// Index of the only entry of [`CONFIG`] and [`STATS`].
+/// Index of the only entry of [`CONFIG`], [`CLOCK`] and [`STATS`].
 pub const SINGLE_ENTRY: u32 = 0;
 
 const _: () = {
@@ -310,6 +324,7 @@ const _: () = {
     assert!(size_of::<Flow>() == 32);
     assert!(size_of::<Reply>() == 24);
     assert!(size_of::<Config>() == 40);
+    assert!(size_of::<Clock>() == 16);
     assert!(size_of::<Stats>() == 88);
     assert!(size_of::<Vip>() == 4);
     assert!(size_of::<FrontendStats>() == 24);
@@ -325,6 +340,7 @@ mod pod {
 
     // SAFETY: all of these are `#[repr(C)]` with explicit padding and integer fields only.
     unsafe impl aya::Pod for FrontendKey {}
+    unsafe impl aya::Pod for Clock {}
     unsafe impl aya::Pod for Frontend {}
     unsafe impl aya::Pod for SlotKey {}
     unsafe impl aya::Pod for Slot {}

@@ -2,18 +2,42 @@
 //! idle timeout ([`Config`]); FIN or RST moves it to the shorter closing timeout. The LRU maps
 //! evict the oldest entries when full.
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use lb_common::maps::{Config, PROTO_TCP, SINGLE_ENTRY, STATE_CLOSING};
 
-use crate::maps::CONFIG;
+use crate::maps::{CLOCK, CONFIG};
 
 /// Refresh `last_seen_ns` at most this often: a write per packet would bounce the entry's cache
 /// line between CPUs for nothing.
 const REFRESH_NS: u64 = 1_000_000_000;
 
+/// CLOCK_MONOTONIC, to within a tick: from jiffies once the agent has measured the tick
+/// ([`lb_common::maps::Clock`]).
 #[inline(always)]
 pub fn now_ns() -> u64 {
-    unsafe { bpf_ktime_get_coarse_ns() }
+    match CLOCK.get(SINGLE_ENTRY) {
+        Some(clock) if clock.ns_per_jiffy != 0 => unsafe { bpf_jiffies64() }
+            .wrapping_mul(clock.ns_per_jiffy)
+            .wrapping_sub(clock.offset_ns),
+        _ => unsafe { bpf_ktime_get_coarse_ns() },
+    }
+}
+
+/// The clock's two sources at one instant, jiffies and CLOCK_MONOTONIC in ns, written over the
+/// start of the packet: what the agent measures the tick with, under `BPF_PROG_TEST_RUN`.
+#[inline(always)]
+pub fn sample(data: usize, data_end: usize) -> bool {
+    if data + 16 > data_end {
+        return false;
+    }
+    let words = data as *mut u64;
+    unsafe {
+        let jiffies = bpf_jiffies64();
+        let ns = bpf_ktime_get_ns();
+        words.write_unaligned(jiffies);
+        words.add(1).write_unaligned(ns);
+    }
+    true
 }
 
 #[inline(always)]

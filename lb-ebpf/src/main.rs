@@ -91,6 +91,16 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     }
 }
 
+/// Not attached: run by the agent to measure the kernel's tick.
+#[xdp]
+pub fn lb_clock_probe(ctx: XdpContext) -> u32 {
+    if conntrack::sample(ctx.data(), ctx.data_end()) {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_ABORTED
+    }
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
     socket::connect4(&ctx)

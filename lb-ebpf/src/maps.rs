@@ -11,9 +11,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::maps::{
-    Affinity, AffinityKey, Backend, Config, Flow, FlowKey, Frontend, FrontendKey, FrontendStats,
-    MAX_AFFINITIES, MAX_BACKENDS, MAX_FLOWS, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MAX_VIPS, Reply,
-    Slot, SlotKey, SocketFrontend, SocketKey, Stats, Vip,
+    Affinity, AffinityKey, Backend, Clock, Config, Flow, FlowKey, Frontend, FrontendKey,
+    FrontendStats, MAX_AFFINITIES, MAX_BACKENDS, MAX_FLOWS, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS,
+    MAX_VIPS, Reply, Slot, SlotKey, SocketFrontend, SocketKey, Stats, Vip,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -57,3 +57,6 @@ pub static STATS: PerCpuArray<Stats, 1> = PerCpuArray::new();
 
 #[btf_map(name = "lb_config_v1")]
 pub static CONFIG: Array<Config, 1> = Array::new();
+
+#[btf_map(name = "lb_clock_v1")]
+pub static CLOCK: Array<Clock, 1> = Array::new();

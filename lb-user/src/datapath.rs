@@ -27,7 +27,7 @@ use aya::{
 use lb_common::maps;
 use tracing::{info, warn};
 
-use crate::{links, maps::KernelMaps};
+use crate::{clock, links, maps::KernelMaps};
 
 /// The compiled datapath, built by `build.rs`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
@@ -36,6 +36,10 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 const TC_PROGRAM: &str = "lb_tc";
 const TC_EGRESS_PROGRAM: &str = "lb_tc_egress";
 const XDP_PROGRAM: &str = "lb_xdp";
+/// What an XDP program returns for a packet it lets through.
+pub const XDP_PASS: u32 = 2;
+/// Run once at load, never attached: see [`clock`].
+const CLOCK_PROBE: &str = "lb_clock_probe";
 /// The socket hooks for the node's own processes.
 const SOCKET_PROGRAMS: [&str; 3] = ["lb_connect4", "lb_sendmsg4", "lb_recvmsg4"];
 const CGROUP2_MAGIC: i64 = 0x6367_7270;
@@ -139,7 +143,22 @@ impl Datapath {
                 .pin(&path)
                 .with_context(|| format!("pinning {name} at {}", path.display()))?;
         }
-        let maps = KernelMaps::take(&mut ebpf)?;
+        let mut maps = KernelMaps::take(&mut ebpf)?;
+        let probe: &mut Xdp = program(&mut ebpf, CLOCK_PROBE)?.try_into()?;
+        probe
+            .load()
+            .with_context(|| format!("loading {CLOCK_PROBE}"))?;
+        // Before any program is attached: until it is written, they call a helper instead.
+        match clock::measure(probe) {
+            Ok(measured) => {
+                maps.write_clock(&measured)?;
+                info!(
+                    ns_per_jiffy = measured.ns_per_jiffy,
+                    "datapath clock measured"
+                );
+            }
+            Err(e) => warn!("the datapath reads the time with a helper call: {e:#}"),
+        }
         let datapath = Self {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod clock;
 pub mod datapath;
 pub mod links;
 pub mod maps;

@@ -8,9 +8,9 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray},
 };
 use lb_common::maps::{
-    BACKENDS, Backend, CONFIG, Config, FLOWS, FRONTEND_STATS, FRONTENDS, Flow, FlowKey, Frontend,
-    FrontendKey, FrontendStats, MAX_FLOWS, SINGLE_ENTRY, SLOTS, STATS, Slot, SlotKey, Stats, VIPS,
-    Vip,
+    BACKENDS, Backend, CLOCK, CONFIG, Clock, Config, FLOWS, FRONTEND_STATS, FRONTENDS, Flow,
+    FlowKey, Frontend, FrontendKey, FrontendStats, MAX_FLOWS, SINGLE_ENTRY, SLOTS, STATS, Slot,
+    SlotKey, Stats, VIPS, Vip,
 };
 
 use crate::plan::{MapEntries, Op};
@@ -22,6 +22,7 @@ pub struct KernelMaps {
     vips: HashMap<MapData, u32, Vip>,
     flows: HashMap<MapData, FlowKey, Flow>,
     config: Array<MapData, Config>,
+    clock: Array<MapData, Clock>,
     stats: PerCpuArray<MapData, Stats>,
     frontend_stats: PerCpuArray<MapData, FrontendStats>,
 }
@@ -53,6 +54,7 @@ impl KernelMaps {
             vips: HashMap::try_from(map(VIPS)?).context(VIPS)?,
             flows: HashMap::try_from(map(FLOWS)?).context(FLOWS)?,
             config: Array::try_from(map(CONFIG)?).context(CONFIG)?,
+            clock: Array::try_from(map(CLOCK)?).context(CLOCK)?,
             stats: PerCpuArray::try_from(map(STATS)?).context(STATS)?,
             frontend_stats: PerCpuArray::try_from(map(FRONTEND_STATS)?).context(FRONTEND_STATS)?,
         })
@@ -105,6 +107,12 @@ impl KernelMaps {
         self.config
             .set(SINGLE_ENTRY, config, 0)
             .with_context(|| format!("writing {CONFIG}"))
+    }
+
+    pub fn write_clock(&mut self, clock: &Clock) -> Result<()> {
+        self.clock
+            .set(SINGLE_ENTRY, clock, 0)
+            .with_context(|| format!("writing {CLOCK}"))
     }
 
     /// The counters of the frontend `service_id`, summed over CPUs.

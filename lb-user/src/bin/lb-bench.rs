@@ -20,7 +20,7 @@ use clap::Parser;
 use lb_common::maps::Config;
 use lb_user::{
     bench::{self, Spread},
-    datapath::{Datapath, PacketPrograms},
+    datapath::{Datapath, PacketPrograms, XDP_PASS},
     model::{self, Algorithm, FrontendKind, Protocol, Scope, WhenEmpty},
     plan::{self, Ids, MapEntries, Planner},
 };
@@ -29,7 +29,6 @@ use serde::Serialize;
 /// The empty programs, built beside the datapath.
 static EMPTY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/empty"));
 const TC_ACT_OK: u32 = 0;
-const XDP_PASS: u32 = 2;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 const NOWHERE: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 /// The first of the clients new flows come from.
