@@ -58,13 +58,15 @@ pub struct Group {
 impl Group {
     /// The same objects: the same allocations, in the same order.
     pub fn is_same(&self, other: &Group) -> bool {
-        fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
-            a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b))
-        }
         same(&self.services, &other.services)
             && same(&self.slices, &other.slices)
             && same(&self.endpoints, &other.endpoints)
     }
+}
+
+/// The same allocations, in the same order.
+pub fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b))
 }
 
 /// `objects` grouped by the Service they belong to (namespace, name). A slice without a

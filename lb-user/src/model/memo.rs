@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1 as core;
 
 use super::{
     Desired, Frontend, Node, NodeConfig, Objects, Skipped,
-    convert::{self, Group},
+    convert::{self, Group, same},
     frontends::{Here, frontends, settle},
 };
 
@@ -131,8 +131,4 @@ impl Computed {
             skipped,
         }
     }
-}
-
-fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b))
 }
