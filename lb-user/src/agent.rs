@@ -313,7 +313,7 @@ impl Syncer {
         // The SNAT address first: a new NodePort's first packets need it.
         self.write_config(planned.desired.node_addresses.first().copied());
         let written = self.pipeline.write(&planned, &mut self.maps);
-        skipped.extend(planned.skipped);
+        skipped.extend(planned.skipped().cloned());
         for s in &skipped {
             warn!("skipped {s}");
         }

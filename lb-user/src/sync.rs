@@ -24,9 +24,16 @@ pub struct Pipeline {
 /// A sync's plan, before its writes.
 pub struct Planned {
     pub desired: Desired,
-    /// Everything left out, the model's and the plan's.
-    pub skipped: Vec<Skipped>,
+    /// The frontends the plan left out (the model's are in `desired`).
+    unplanned: Vec<Skipped>,
     ops: Vec<Op>,
+}
+
+impl Planned {
+    /// Everything left out, the model's and the plan's.
+    pub fn skipped(&self) -> impl Iterator<Item = &Skipped> {
+        self.desired.skipped.iter().chain(&self.unplanned)
+    }
 }
 
 /// What a sync's writes did.
@@ -61,11 +68,9 @@ impl Pipeline {
         } else {
             plan::diff_touched(&self.programmed, self.planner.desired(), &touched)
         };
-        let mut skipped = desired.skipped.clone();
-        skipped.extend(unplanned);
         Planned {
             desired,
-            skipped,
+            unplanned,
             ops,
         }
     }

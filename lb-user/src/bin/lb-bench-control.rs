@@ -5,7 +5,7 @@
 
 use std::{fs, path::PathBuf, process::Command, time::Instant};
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result, bail, ensure};
 use clap::Parser;
 use lb_user::{
     bench::{
@@ -54,7 +54,8 @@ struct Figures {
     map_entries: usize,
     /// From reading the manifests to the last map write, into empty maps.
     program_all_ms: Spread,
-    /// The same for one endpoint removed: every file re-read, one slot and backend less.
+    /// The same for one endpoint removed from one file: that file read again, that Service
+    /// computed and planned again, its changed entries written.
     one_endpoint_ms: Spread,
     one_endpoint_writes: usize,
     peak_rss_mib: f64,
@@ -220,7 +221,9 @@ fn sync(
     let (objects, skipped) = source.load();
     ensure!(skipped.is_empty(), "manifests: {:?}", skipped.first());
     let planned = pipeline.plan(&objects, node);
-    ensure!(planned.skipped.is_empty(), "{:?}", planned.skipped.first());
+    if let Some(skipped) = planned.skipped().next() {
+        bail!("{skipped}");
+    }
     let written = pipeline.write(&planned, maps);
     ensure!(written.failed == 0, "{} map writes failed", written.failed);
     Ok(written.writes)
