@@ -14,7 +14,7 @@ pub const SLOTS: &str = "lb_slots_v1";
 /// Backends by id: `u32` -> [`Backend`]. Written by the agent.
 pub const BACKENDS: &str = "lb_backends_v1";
 /// Forward flows (LRU): [`FlowKey`] of the client's packet -> [`Flow`]. Written by the datapath.
-pub const FLOWS: &str = "lb_flows_v1";
+pub const FLOWS: &str = "lb_flows_v2";
 /// Reply flows (LRU): [`FlowKey`] of the backend's reply -> [`Reply`]. Written by the datapath.
 pub const REPLIES: &str = "lb_replies_v1";
 /// ClusterIPs: `u32` address -> [`Vip`]. Written by the agent. A packet to one of them on a
@@ -35,9 +35,11 @@ pub const STATS: &str = "lb_stats_v1";
 pub const CONFIG: &str = "lb_config_v1";
 /// The datapath's clock, one entry: [`Clock`]. Written by the agent, at start.
 pub const CLOCK: &str = "lb_clock_v1";
+/// When backends were last removed, one entry: [`Epoch`]. Written by the agent.
+pub const EPOCH: &str = "lb_epoch_v1";
 
 /// Every map, in the order the agent pins them.
-pub const ALL: [&str; 13] = [
+pub const ALL: [&str; 14] = [
     FRONTENDS,
     SLOTS,
     BACKENDS,
@@ -51,6 +53,7 @@ pub const ALL: [&str; 13] = [
     STATS,
     CONFIG,
     CLOCK,
+    EPOCH,
 ];
 
 /// Capacity of [`FRONTENDS`]; service ids are below it, as they index [`CURSORS`].
@@ -164,7 +167,7 @@ pub struct FlowKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
-    /// `bpf_ktime_get_coarse_ns` of the last packet (refreshed at most once a second).
+    /// The datapath's time ([`Clock`]) of the last packet, refreshed at most once a second.
     pub last_seen_ns: u64,
     /// While its frontend exists, a flow whose backend id is no longer in [`BACKENDS`] gets a
     /// new backend; once its Service is deleted, it stays on the address below.
@@ -180,6 +183,10 @@ pub struct Flow {
     pub _pad: [u8; 3],
     /// The frontend the flow came in by, whose counters its packets count in.
     pub service_id: u32,
+    /// The [`Epoch`] at which the backend was last seen in [`BACKENDS`]: while the epoch has
+    /// not moved, no backend was removed, and the flow's packets need not look.
+    pub backends_epoch: u32,
+    pub _pad_end: u32,
 }
 
 /// A backend's reply flow: its source is rewritten back to the frontend and its destination
@@ -271,6 +278,15 @@ pub struct Clock {
     pub offset_ns: u64,
 }
 
+/// Bumped by the agent after every sync that deleted backends (and once at start, for
+/// deletions an earlier agent may not have announced). It saves each packet of a flow a
+/// lookup of its backend: a flow looks again only when the epoch differs from its own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Epoch {
+    pub backends_removed: u32,
+}
+
 /// A frontend's counters, per CPU: the agent sums them for `/metrics`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -311,7 +327,7 @@ pub struct Stats {
     pub socket_rewrites: u64,
 }
 
-/// Index of the only entry of [`CONFIG`], [`CLOCK`] and [`STATS`].
+/// Index of the only entry of [`CONFIG`], [`CLOCK`], [`EPOCH`] and [`STATS`].
 pub const SINGLE_ENTRY: u32 = 0;
 
 const _: () = {
@@ -321,10 +337,11 @@ const _: () = {
     assert!(size_of::<Slot>() == 4);
     assert!(size_of::<Backend>() == 8);
     assert!(size_of::<FlowKey>() == 16);
-    assert!(size_of::<Flow>() == 32);
+    assert!(size_of::<Flow>() == 40);
     assert!(size_of::<Reply>() == 24);
     assert!(size_of::<Config>() == 40);
     assert!(size_of::<Clock>() == 16);
+    assert!(size_of::<Epoch>() == 4);
     assert!(size_of::<Stats>() == 88);
     assert!(size_of::<Vip>() == 4);
     assert!(size_of::<FrontendStats>() == 24);
@@ -341,6 +358,7 @@ mod pod {
     // SAFETY: all of these are `#[repr(C)]` with explicit padding and integer fields only.
     unsafe impl aya::Pod for FrontendKey {}
     unsafe impl aya::Pod for Clock {}
+    unsafe impl aya::Pod for Epoch {}
     unsafe impl aya::Pod for Frontend {}
     unsafe impl aya::Pod for SlotKey {}
     unsafe impl aya::Pod for Slot {}

@@ -5,7 +5,7 @@
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use lb_common::maps::{Config, PROTO_TCP, SINGLE_ENTRY, STATE_CLOSING};
 
-use crate::maps::{CLOCK, CONFIG};
+use crate::maps::{CLOCK, CONFIG, EPOCH};
 
 /// Refresh `last_seen_ns` at most this often: a write per packet would bounce the entry's cache
 /// line between CPUs for nothing.
@@ -43,6 +43,14 @@ pub fn sample(data: usize, data_end: usize) -> bool {
 #[inline(always)]
 pub fn config() -> Option<&'static Config> {
     CONFIG.get(SINGLE_ENTRY)
+}
+
+/// The agent's count of backend removals ([`lb_common::maps::Epoch`]).
+#[inline(always)]
+pub fn backends_epoch() -> u32 {
+    EPOCH
+        .get(SINGLE_ENTRY)
+        .map_or(0, |epoch| epoch.backends_removed)
 }
 
 #[inline(always)]

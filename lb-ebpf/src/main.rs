@@ -31,7 +31,7 @@ use lb_common::maps::{
 };
 
 use crate::{
-    conntrack::{config, is_live, now_ns, touch},
+    conntrack::{backends_epoch, config, is_live, now_ns, touch},
     maps::{BACKENDS, FLOWS, FRONTENDS, REPLIES, VIPS},
     nat::{End, Rewrite},
     parse::{Packet, parse},
@@ -142,8 +142,16 @@ fn try_balance<C: Rewrite>(ctx: &C, packet: &Packet, scope: u8) -> Result<Verdic
         if live {
             // A backend still programmed, or a Service deleted (no frontend left): the flow
             // stays on its backend. A backend removed from a Service that remains: a new one.
-            let stays = unsafe { BACKENDS.get(flow.backend_id) }.is_some()
-                || unsafe { FRONTENDS.get(frontend_key(packet, scope)) }.is_none();
+            // The backend was there at the flow's epoch: only a removal since can have taken
+            // it, and only then is it looked up.
+            let epoch = backends_epoch();
+            let backend_there =
+                flow.backends_epoch == epoch || unsafe { BACKENDS.get(flow.backend_id) }.is_some();
+            if backend_there && flow.backends_epoch != epoch {
+                flow.backends_epoch = epoch;
+            }
+            let stays =
+                backend_there || unsafe { FRONTENDS.get(frontend_key(packet, scope)) }.is_none();
             if stays {
                 if touch(&mut flow.last_seen_ns, &mut flow.state, packet.closing, now) {
                     keep_reply_alive(flow, packet, now);
@@ -241,6 +249,8 @@ fn new_flow(packet: &Packet, frontend: &Frontend, scope: u8, now: u64) -> Result
         return Err(Verdict::Drop);
     }
     let config = config().ok_or_else(error)?;
+    // Read before the backend is: a removal after this is a later epoch.
+    let backends_epoch = backends_epoch();
     let (backend_id, backend) = select_backend(frontend, &packet.key, now).ok_or_else(error)?;
     let state = if packet.closing {
         STATE_CLOSING
@@ -291,6 +301,8 @@ fn new_flow(packet: &Packet, frontend: &Frontend, scope: u8, now: u64) -> Result
         state,
         _pad: [0; 3],
         service_id: frontend.service_id,
+        backends_epoch,
+        _pad_end: 0,
     };
     if FLOWS.insert(client, flow, 0).is_err() {
         // Without its flow the reply entry would hold a SNAT port for nothing.

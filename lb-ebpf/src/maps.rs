@@ -11,7 +11,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::maps::{
-    Affinity, AffinityKey, Backend, Clock, Config, Flow, FlowKey, Frontend, FrontendKey,
+    Affinity, AffinityKey, Backend, Clock, Config, Epoch, Flow, FlowKey, Frontend, FrontendKey,
     FrontendStats, MAX_AFFINITIES, MAX_BACKENDS, MAX_FLOWS, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS,
     MAX_VIPS, Reply, Slot, SlotKey, SocketFrontend, SocketKey, Stats, Vip,
 };
@@ -31,7 +31,7 @@ pub static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }, NO_PREALLO
 #[btf_map(name = "lb_vips_v1")]
 pub static VIPS: HashMap<u32, Vip, { MAX_VIPS as usize }, NO_PREALLOC> = HashMap::new();
 
-#[btf_map(name = "lb_flows_v1")]
+#[btf_map(name = "lb_flows_v2")]
 pub static FLOWS: LruHashMap<FlowKey, Flow, { MAX_FLOWS as usize }> = LruHashMap::new();
 
 #[btf_map(name = "lb_replies_v1")]
@@ -60,3 +60,6 @@ pub static CONFIG: Array<Config, 1> = Array::new();
 
 #[btf_map(name = "lb_clock_v1")]
 pub static CLOCK: Array<Clock, 1> = Array::new();
+
+#[btf_map(name = "lb_epoch_v1")]
+pub static EPOCH: Array<Epoch, 1> = Array::new();

@@ -360,5 +360,6 @@ fn dump(args: &InstanceArgs) -> Result<()> {
         s.dropped_unknown_port,
         s.socket_rewrites
     );
+    println!("EPOCH: backends_removed={}", maps.epoch()?.backends_removed);
     Ok(())
 }

@@ -8,9 +8,9 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray},
 };
 use lb_common::maps::{
-    BACKENDS, Backend, CLOCK, CONFIG, Clock, Config, FLOWS, FRONTEND_STATS, FRONTENDS, Flow,
-    FlowKey, Frontend, FrontendKey, FrontendStats, MAX_FLOWS, SINGLE_ENTRY, SLOTS, STATS, Slot,
-    SlotKey, Stats, VIPS, Vip,
+    BACKENDS, Backend, CLOCK, CONFIG, Clock, Config, EPOCH, Epoch, FLOWS, FRONTEND_STATS,
+    FRONTENDS, Flow, FlowKey, Frontend, FrontendKey, FrontendStats, MAX_FLOWS, SINGLE_ENTRY, SLOTS,
+    STATS, Slot, SlotKey, Stats, VIPS, Vip,
 };
 
 use crate::plan::{MapEntries, Op};
@@ -23,6 +23,7 @@ pub struct KernelMaps {
     flows: HashMap<MapData, FlowKey, Flow>,
     config: Array<MapData, Config>,
     clock: Array<MapData, Clock>,
+    epoch: Array<MapData, Epoch>,
     stats: PerCpuArray<MapData, Stats>,
     frontend_stats: PerCpuArray<MapData, FrontendStats>,
 }
@@ -55,6 +56,7 @@ impl KernelMaps {
             flows: HashMap::try_from(map(FLOWS)?).context(FLOWS)?,
             config: Array::try_from(map(CONFIG)?).context(CONFIG)?,
             clock: Array::try_from(map(CLOCK)?).context(CLOCK)?,
+            epoch: Array::try_from(map(EPOCH)?).context(EPOCH)?,
             stats: PerCpuArray::try_from(map(STATS)?).context(STATS)?,
             frontend_stats: PerCpuArray::try_from(map(FRONTEND_STATS)?).context(FRONTEND_STATS)?,
         })
@@ -113,6 +115,22 @@ impl KernelMaps {
         self.clock
             .set(SINGLE_ENTRY, clock, 0)
             .with_context(|| format!("writing {CLOCK}"))
+    }
+
+    pub fn epoch(&self) -> Result<Epoch> {
+        self.epoch
+            .get(&SINGLE_ENTRY, 0)
+            .with_context(|| format!("reading {EPOCH}"))
+    }
+
+    /// Tells the datapath that backends were removed: its flows look theirs up again.
+    pub fn bump_epoch(&mut self) -> Result<()> {
+        let bumped = Epoch {
+            backends_removed: self.epoch()?.backends_removed.wrapping_add(1),
+        };
+        self.epoch
+            .set(SINGLE_ENTRY, bumped, 0)
+            .with_context(|| format!("writing {EPOCH}"))
     }
 
     /// The counters of the frontend `service_id`, summed over CPUs.

@@ -19,6 +19,9 @@ pub struct Pipeline {
     /// The maps may differ from the plan beyond the keys the next update touches: at start,
     /// over an earlier agent's entries, and after a write failed.
     compare_all: bool,
+    /// Backends were deleted and the datapath not yet told ([`KernelMaps::bump_epoch`]); at
+    /// start, an earlier agent may have deleted some without telling.
+    epoch_due: bool,
 }
 
 /// A sync's plan, before its writes.
@@ -52,6 +55,7 @@ impl Pipeline {
             planner: Planner::new(node, Ids::adopt(&programmed, highest_flow_backend_id)),
             programmed,
             compare_all: true,
+            epoch_due: true,
         }
     }
 
@@ -84,7 +88,10 @@ impl Pipeline {
         for (done, op) in ops.iter().enumerate() {
             match maps.apply(op) {
                 // Track what the kernel really holds: the next sync starts from there.
-                Ok(()) => self.programmed.apply(op),
+                Ok(()) => {
+                    self.programmed.apply(op);
+                    self.epoch_due |= matches!(op, Op::DeleteBackend(_));
+                }
                 Err(e) => {
                     failed = ops.len() - done;
                     error!(?op, "map update failed, {failed} writes put off: {e}");
@@ -93,6 +100,13 @@ impl Pipeline {
             }
         }
         self.compare_all = failed > 0;
+        // After the deletions: a flow that looks again must find its backend gone.
+        if self.epoch_due {
+            match maps.bump_epoch() {
+                Ok(()) => self.epoch_due = false,
+                Err(e) => error!("flows keep removed backends until the next sync: {e:#}"),
+            }
+        }
         Written {
             writes: ops.len(),
             failed,

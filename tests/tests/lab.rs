@@ -58,14 +58,15 @@ fn counts(pods: &[String]) -> BTreeMap<&str, usize> {
     counts
 }
 
-/// A counter from the dump's `STATS:` line.
+/// A counter from the dump's `STATS:` or `EPOCH:` line.
 fn stat(dump: &str, name: &str) -> u64 {
     dump.lines()
-        .find_map(|l| l.strip_prefix("STATS: "))
-        .and_then(|s| {
-            s.split_whitespace()
-                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+        .filter_map(|l| {
+            l.strip_prefix("STATS: ")
+                .or_else(|| l.strip_prefix("EPOCH: "))
         })
+        .flat_map(str::split_whitespace)
+        .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no {name} in dump:\n{dump}"))
 }
@@ -327,13 +328,17 @@ fn a_flow_whose_backend_is_removed_moves_to_a_live_one() {
     let lab = lab("resel");
     let first = udp_pod(&lab, 40_001);
     let ip = BACKENDS.iter().find(|(name, _)| *name == first).unwrap().1;
+    let epoch = stat(&lab.dump().unwrap(), "backends_removed");
     lab.edit_manifest("demo-dns.yaml", |t| remove_endpoint(&t, &ip.to_string()))
         .unwrap();
-    // The backend's own entry goes last in a sync: wait for it too.
+    // The backend's own entry goes last in a sync, and then the epoch that tells flows to
+    // look: wait for both.
     let removed = format!("ADDR={ip}:5353/UDP");
     let before = lab
         .wait_for_dump("demo-dns to lose the backend", |d| {
-            backend_count(d, "10.96.0.53:53/UDP") == Some(2) && !d.contains(&removed)
+            backend_count(d, "10.96.0.53:53/UDP") == Some(2)
+                && !d.contains(&removed)
+                && stat(d, "backends_removed") > epoch
         })
         .unwrap();
     let next = udp_pod(&lab, 40_001);
@@ -644,11 +649,12 @@ fn program_loaded(id: u32) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// The programmed entries, without the counters that traffic moves.
+/// The programmed entries, without the counters that traffic moves and the epoch that every
+/// start bumps.
 fn programme(lab: &Lab) -> String {
     let dump = lab.dump().expect("dump");
     dump.lines()
-        .filter(|l| !l.starts_with("STATS:"))
+        .filter(|l| !l.starts_with("STATS:") && !l.starts_with("EPOCH:"))
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -736,11 +742,11 @@ fn a_pinned_map_of_another_layout_starts_empty_and_the_log_says_why() {
     let mut lab = lab("layout");
     lab.kill_agent();
     // As a build whose flow table had another layout would have left it, and an old version's.
-    let flows = lab.pin_dir().join("lb_flows_v1");
+    let flows = lab.pin_dir().join("lb_flows_v2");
     std::fs::remove_file(&flows).unwrap();
     for (path, name) in [
-        (flows.clone(), "lb_flows_v1"),
-        (lab.pin_dir().join("lb_flows_v0"), "lb_flows_v0"),
+        (flows.clone(), "lb_flows_v2"),
+        (lab.pin_dir().join("lb_flows_v1"), "lb_flows_v1"),
     ] {
         lb_tests::output(
             Command::new("bpftool")
@@ -755,17 +761,17 @@ fn a_pinned_map_of_another_layout_starts_empty_and_the_log_says_why() {
         .expect("an agent over a changed layout");
     let log = std::fs::read_to_string(lab.agent_log()).unwrap();
     assert!(
-        log.lines().any(|l| l.contains("lb_flows_v1")
+        log.lines().any(|l| l.contains("lb_flows_v2")
             && l.contains("layout differs")
             && l.contains("key 4 B, value 4 B, 8 entries")),
         "the log names the map and both layouts:\n{log}"
     );
     assert!(
         log.lines()
-            .any(|l| l.contains("lb_flows_v0") && l.contains("does not have")),
+            .any(|l| l.contains("lb_flows_v1") && l.contains("does not have")),
         "{log}"
     );
-    assert!(!lab.pin_dir().join("lb_flows_v0").exists());
+    assert!(!lab.pin_dir().join("lb_flows_v1").exists());
     assert_eq!(curl_pods(&lab, HTTP_VIP, 3).len(), 3, "flows tracked anew");
 }
 
