@@ -117,6 +117,7 @@ impl KernelMaps {
             .with_context(|| format!("writing {CLOCK}"))
     }
 
+    /// The datapath's epoch now: how many times backends were removed.
     pub fn epoch(&self) -> Result<Epoch> {
         self.epoch
             .get(&SINGLE_ENTRY, 0)
