@@ -16,7 +16,7 @@ use crate::{
 const BPFFS: &str = "/sys/fs/bpf";
 
 /// The built-in datapath, loaded under a pin directory of this process's (`bench-<tag>-<pid>`),
-/// attached nowhere; [`Datapath::remove`] takes it away.
+/// attached nowhere; [`Datapath::remove`] takes it away, and a load that fails takes its pins.
 pub fn datapath(tag: &str) -> Result<(Datapath, KernelMaps)> {
     let pin_dir = datapath::pin_dir(
         BPFFS.as_ref(),
@@ -28,6 +28,11 @@ pub fn datapath(tag: &str) -> Result<(Datapath, KernelMaps)> {
         &pin_dir,
         "/proc/sys".as_ref(),
     )
+    .inspect_err(|_| {
+        if let Err(e) = datapath::remove_pins(&pin_dir) {
+            eprintln!("{e:#}");
+        }
+    })
 }
 
 /// A figure over several runs.
