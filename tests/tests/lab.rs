@@ -71,6 +71,14 @@ fn stat(dump: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in dump:\n{dump}"))
 }
 
+/// Waits until `frontend` is programmed with `count` backends.
+fn wait_for_backends(lab: &Lab, frontend: &str, count: u16) {
+    lab.wait_for_dump(&format!("{frontend} to have {count} backends"), |d| {
+        backend_count(d, frontend) == Some(count)
+    })
+    .unwrap();
+}
+
 /// The dump line of a frontend (`10.96.0.10:80/TCP`).
 fn frontend_line<'a>(dump: &'a str, frontend: &str) -> Option<&'a str> {
     dump.lines()
@@ -182,10 +190,7 @@ fn a_manifest_edit_is_synced_at_once_not_at_the_next_poll() {
     let (_, ip) = BACKENDS[2];
     lab.edit_manifest("demo.yaml", |t| remove_endpoint(&t, &ip.to_string()))
         .unwrap();
-    lab.wait_for_dump("demo's frontend to shrink to two backends", |d| {
-        backend_count(d, "10.96.0.10:80/TCP") == Some(2)
-    })
-    .unwrap();
+    wait_for_backends(&lab, "10.96.0.10:80/TCP", 2);
     // A new file, made by rename as kubectl and editors make them.
     let extra = fs::read_to_string(lab.manifests.path().join("demo.yaml"))
         .unwrap()
@@ -194,10 +199,7 @@ fn a_manifest_edit_is_synced_at_once_not_at_the_next_poll() {
         .replace("name: demo-abc12", "name: demo-copy-abc12")
         .replace("service-name: demo\n", "service-name: demo-copy\n");
     lab.add_manifest("demo-copy.yaml", &extra).unwrap();
-    lab.wait_for_dump("the new file's frontend", |d| {
-        backend_count(d, "10.96.0.77:80/TCP") == Some(2)
-    })
-    .unwrap();
+    wait_for_backends(&lab, "10.96.0.77:80/TCP", 2);
 }
 
 #[test]
@@ -206,10 +208,7 @@ fn an_endpoint_that_stops_being_ready_gets_no_new_connections() {
     let (pod, ip) = BACKENDS[1];
     lab.edit_manifest("demo.yaml", |t| set_not_ready(&t, &ip.to_string()))
         .unwrap();
-    lab.wait_for_dump("demo's frontend to shrink to two backends", |d| {
-        backend_count(d, "10.96.0.10:80/TCP") == Some(2)
-    })
-    .unwrap();
+    wait_for_backends(&lab, "10.96.0.10:80/TCP", 2);
     let pods = curl_pods(&lab, HTTP_VIP, 9);
     assert!(
         !pods.iter().any(|p| p == pod),
@@ -386,10 +385,7 @@ fn session_affinity_keeps_a_client_on_its_backend_until_the_timeout() {
         remove_endpoint(&t, &ip.to_string())
     })
     .unwrap();
-    lab.wait_for_dump("demo-affinity to shrink", |d| {
-        backend_count(d, "10.96.0.12:80/TCP") == Some(2)
-    })
-    .unwrap();
+    wait_for_backends(&lab, "10.96.0.12:80/TCP", 2);
     let moved = curl_pods(&lab, "http://10.96.0.12/", 3);
     assert!(
         !moved.contains(&stuck),
@@ -441,10 +437,7 @@ fn with_no_ready_endpoint_the_serving_terminating_one_serves() {
         )
     })
     .unwrap();
-    lab.wait_for_dump("one serving terminating backend", |d| {
-        backend_count(d, "10.96.0.10:80/TCP") == Some(1)
-    })
-    .unwrap();
+    wait_for_backends(&lab, "10.96.0.10:80/TCP", 1);
     let pods = curl_pods(&lab, HTTP_VIP, 4);
     assert!(pods.iter().all(|p| p == survivor), "{pods:?}");
 }
@@ -463,10 +456,7 @@ fn a_service_without_a_selector_uses_hand_made_endpoints() {
         ),
     )
     .unwrap();
-    lab.wait_for_dump("the selectorless service", |d| {
-        backend_count(d, "10.96.0.33:3306/TCP") == Some(1)
-    })
-    .unwrap();
+    wait_for_backends(&lab, "10.96.0.33:3306/TCP", 1);
     let mut held = lab.connect("10.96.0.33:3306").expect("connect");
     let answer = held.ask("select 1").expect("answer through the VIP");
     assert_eq!(pod_of(&answer), Some(pod), "{answer}");
@@ -552,10 +542,7 @@ fn a_backend_on_the_node_itself_answers_through_the_vip() {
         ),
     )
     .unwrap();
-    lab.wait_for_dump("the host-backed service", |d| {
-        backend_count(d, "10.96.0.44:443/TCP") == Some(1)
-    })
-    .unwrap();
+    wait_for_backends(&lab, "10.96.0.44:443/TCP", 1);
     let answer = lab
         .curl("http://10.96.0.44:443/")
         .expect("an answer from the node");
