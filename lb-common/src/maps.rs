@@ -267,6 +267,27 @@ pub struct Config {
     pub netns_cookie: u64,
 }
 
+impl Config {
+    /// How long an entry of `protocol` in `state` lives idle.
+    #[inline(always)]
+    pub fn timeout_ns(&self, protocol: u8, state: u8) -> u64 {
+        if protocol != PROTO_TCP {
+            self.udp_timeout_ns
+        } else if state == STATE_CLOSING {
+            self.tcp_closing_timeout_ns
+        } else {
+            self.tcp_open_timeout_ns
+        }
+    }
+
+    /// Whether an entry last seen at `last_seen_ns` is still alive at `now`: the datapath's
+    /// test, and the agent's before it removes an idle one.
+    #[inline(always)]
+    pub fn is_live(&self, protocol: u8, state: u8, last_seen_ns: u64, now: u64) -> bool {
+        now.saturating_sub(last_seen_ns) <= self.timeout_ns(protocol, state)
+    }
+}
+
 /// How the datapath reads the time: `jiffies * ns_per_jiffy - offset_ns` is CLOCK_MONOTONIC to
 /// within a tick, the resolution of `bpf_ktime_get_coarse_ns` too, for the cost of a load (the
 /// verifier inlines `bpf_jiffies64`) where the latter is a helper call on every packet. While
@@ -374,4 +395,37 @@ mod pod {
     unsafe impl aya::Pod for SocketFrontend {}
     unsafe impl aya::Pod for Affinity {}
     unsafe impl aya::Pod for Stats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_lives_for_its_protocol_and_state_s_timeout() {
+        let config = Config {
+            tcp_open_timeout_ns: 100,
+            tcp_closing_timeout_ns: 10,
+            udp_timeout_ns: 50,
+            ..Config::default()
+        };
+        // (protocol, state, last seen, now, live)
+        let cases = [
+            (PROTO_TCP, STATE_OPEN, 1000, 1100, true),
+            (PROTO_TCP, STATE_OPEN, 1000, 1101, false),
+            (PROTO_TCP, STATE_CLOSING, 1000, 1010, true),
+            (PROTO_TCP, STATE_CLOSING, 1000, 1011, false),
+            (PROTO_UDP, STATE_OPEN, 1000, 1050, true),
+            (PROTO_UDP, STATE_CLOSING, 1000, 1051, false),
+            // Seen after `now` (another CPU's clock read): alive.
+            (PROTO_TCP, STATE_OPEN, 1000, 900, true),
+        ];
+        for (protocol, state, last_seen, now, live) in cases {
+            assert_eq!(
+                config.is_live(protocol, state, last_seen, now),
+                live,
+                "protocol {protocol} state {state} seen {last_seen} now {now}"
+            );
+        }
+    }
 }

@@ -1,9 +1,9 @@
 //! Flow tracking: the datapath's own conntrack. A flow lives while it sees packets within its
-//! idle timeout ([`Config`]); FIN or RST moves it to the shorter closing timeout. The LRU maps
-//! evict the oldest entries when full.
+//! idle timeout ([`Config::is_live`]); FIN or RST moves it to the shorter closing timeout. The
+//! agent removes idle entries; the LRU maps evict the oldest when full all the same.
 
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
-use lb_common::maps::{Config, PROTO_TCP, SINGLE_ENTRY, STATE_CLOSING};
+use lb_common::maps::{Config, SINGLE_ENTRY, STATE_CLOSING};
 
 use crate::maps::{CLOCK, CONFIG, EPOCH};
 
@@ -51,23 +51,6 @@ pub fn backends_epoch() -> u32 {
     EPOCH
         .get(SINGLE_ENTRY)
         .map_or(0, |epoch| epoch.backends_removed)
-}
-
-#[inline(always)]
-fn timeout_ns(config: &Config, protocol: u8, state: u8) -> u64 {
-    if protocol != PROTO_TCP {
-        config.udp_timeout_ns
-    } else if state == STATE_CLOSING {
-        config.tcp_closing_timeout_ns
-    } else {
-        config.tcp_open_timeout_ns
-    }
-}
-
-/// Whether an entry last seen at `last_seen_ns` is still alive at `now`.
-#[inline(always)]
-pub fn is_live(config: &Config, protocol: u8, state: u8, last_seen_ns: u64, now: u64) -> bool {
-    now.saturating_sub(last_seen_ns) <= timeout_ns(config, protocol, state)
 }
 
 /// Records a packet of a live entry; whether the entry was written.

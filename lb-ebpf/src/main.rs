@@ -31,7 +31,7 @@ use lb_common::maps::{
 };
 
 use crate::{
-    conntrack::{backends_epoch, config, is_live, now_ns, touch},
+    conntrack::{backends_epoch, config, now_ns, touch},
     maps::{BACKENDS, FLOWS, FRONTENDS, REPLIES, VIPS},
     nat::{End, Rewrite},
     parse::{Packet, parse},
@@ -137,7 +137,7 @@ fn try_balance<C: Rewrite>(ctx: &C, packet: &Packet, scope: u8) -> Result<Verdic
         let config = config().ok_or_else(error)?;
         let now = now_ns();
         // A SYN on a flow that is closing opens a new connection on a reused 4-tuple.
-        let live = is_live(config, protocol, flow.state, flow.last_seen_ns, now)
+        let live = config.is_live(protocol, flow.state, flow.last_seen_ns, now)
             && !(flow.state == STATE_CLOSING && packet.opens_connection());
         if live {
             // A backend still programmed, or a Service deleted (no frontend left): the flow
@@ -334,13 +334,7 @@ fn to_client<C: Rewrite>(ctx: &C, packet: &Packet, hook: Hook) -> Result<Verdict
     }
     let config = config().ok_or_else(error)?;
     let now = now_ns();
-    if !is_live(
-        config,
-        packet.key.protocol,
-        reply.state,
-        reply.last_seen_ns,
-        now,
-    ) {
+    if !config.is_live(packet.key.protocol, reply.state, reply.last_seen_ns, now) {
         return Ok(Verdict::Pass);
     }
     touch(

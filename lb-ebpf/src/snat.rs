@@ -5,7 +5,7 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::maps::{Backend, Config, FlowKey, Reply};
 
-use crate::{conntrack::is_live, maps::REPLIES, select::mix32};
+use crate::{maps::REPLIES, select::mix32};
 
 /// Ports tried before the flow is dropped.
 const TRIES: u32 = 8;
@@ -42,7 +42,7 @@ pub fn allocate(
         // Taken; an entry that idled out is removed, and the port claimed like a free one, so
         // that two CPUs reclaiming it at once cannot both win.
         let stale = unsafe { REPLIES.get(key) }
-            .is_some_and(|r| !is_live(config, key.protocol, r.state, r.last_seen_ns, now));
+            .is_some_and(|r| !config.is_live(key.protocol, r.state, r.last_seen_ns, now));
         if stale
             && REPLIES.remove(key).is_ok()
             && REPLIES.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok()

@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     datapath::{self, Datapath},
+    flow_gc,
     maps::KernelMaps,
     model::{self, Objects, Skipped},
     plan::{self, MapEntries},
@@ -61,6 +62,8 @@ pub struct Settings {
     /// Where sysctls are written: `/proc/sys`, or the host's from a container.
     pub sysctl_dir: PathBuf,
     pub poll_interval: Duration,
+    /// How often idle flows are removed.
+    pub flow_gc_interval: Duration,
     /// Timeouts and the SNAT port range; the agent fills in the SNAT address.
     pub config: Config,
     /// Where `/healthz`, `/readyz` and `/metrics` are served.
@@ -91,6 +94,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         flows,
         "adopted the maps pinned before"
     );
+    flow_gc::spawn(settings.pin_dir.clone(), settings.flow_gc_interval)?;
     let status = Arc::new(Status::default());
     let server = tokio::spawn(status::serve(
         settings.status_address,

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod bench;
 pub mod clock;
 pub mod datapath;
+pub mod flow_gc;
 pub mod links;
 pub mod maps;
 pub mod model;

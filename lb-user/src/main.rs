@@ -113,6 +113,9 @@ struct RunArgs {
     /// Idle timeout of a UDP flow, in seconds.
     #[arg(long, default_value_t = 60)]
     udp_timeout_secs: u64,
+    /// How often idle flows are removed from the datapath's tables, in seconds.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    flow_gc_interval_secs: u64,
 }
 
 #[derive(clap::Args)]
@@ -247,6 +250,7 @@ async fn run(args: RunArgs) -> Result<()> {
         object: args.bpf_object,
         sysctl_dir: args.sysctl_dir,
         poll_interval: Duration::from_millis(args.poll_interval_ms),
+        flow_gc_interval: Duration::from_secs(args.flow_gc_interval_secs),
         status_address: args.status_address,
         config: Config {
             tcp_open_timeout_ns: secs(args.tcp_timeout_secs),
@@ -361,5 +365,7 @@ fn dump(args: &InstanceArgs) -> Result<()> {
         s.socket_rewrites
     );
     println!("EPOCH: backends_removed={}", maps.epoch()?.backends_removed);
+    let (flows, replies) = maps.flow_entries()?;
+    println!("FLOWS: flows={flows} replies={replies}");
     Ok(())
 }

@@ -5,12 +5,12 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
 };
 use lb_common::maps::{
     BACKENDS, Backend, CLOCK, CONFIG, Clock, Config, EPOCH, Epoch, FLOWS, FRONTEND_STATS,
-    FRONTENDS, Flow, FlowKey, Frontend, FrontendKey, FrontendStats, MAX_FLOWS, SINGLE_ENTRY, SLOTS,
-    STATS, Slot, SlotKey, Stats, VIPS, Vip,
+    FRONTENDS, Flow, FlowKey, Frontend, FrontendKey, FrontendStats, MAX_FLOWS, REPLIES, Reply,
+    SINGLE_ENTRY, SLOTS, STATS, Slot, SlotKey, Stats, VIPS, Vip,
 };
 
 use crate::plan::{MapEntries, Op};
@@ -21,6 +21,7 @@ pub struct KernelMaps {
     backends: HashMap<MapData, u32, Backend>,
     vips: HashMap<MapData, u32, Vip>,
     flows: HashMap<MapData, FlowKey, Flow>,
+    replies: HashMap<MapData, FlowKey, Reply>,
     config: Array<MapData, Config>,
     clock: Array<MapData, Clock>,
     epoch: Array<MapData, Epoch>,
@@ -54,6 +55,7 @@ impl KernelMaps {
             backends: HashMap::try_from(map(BACKENDS)?).context(BACKENDS)?,
             vips: HashMap::try_from(map(VIPS)?).context(VIPS)?,
             flows: HashMap::try_from(map(FLOWS)?).context(FLOWS)?,
+            replies: HashMap::try_from(map(REPLIES)?).context(REPLIES)?,
             config: Array::try_from(map(CONFIG)?).context(CONFIG)?,
             clock: Array::try_from(map(CLOCK)?).context(CLOCK)?,
             epoch: Array::try_from(map(EPOCH)?).context(EPOCH)?,
@@ -62,7 +64,7 @@ impl KernelMaps {
         })
     }
 
-    pub fn apply(&mut self, op: &Op) -> Result<(), aya::maps::MapError> {
+    pub fn apply(&mut self, op: &Op) -> Result<(), MapError> {
         match op {
             Op::PutBackend(id, backend) => self.backends.insert(id, backend, 0),
             Op::PutSlot(key, slot) => self.slots.insert(key, slot, 0),
@@ -103,6 +105,35 @@ impl KernelMaps {
             highest_backend_id = highest_backend_id.max(flow.backend_id);
         }
         Ok((count, highest_backend_id))
+    }
+
+    /// How many flow and reply entries the datapath holds, idle ones included.
+    pub fn flow_entries(&self) -> Result<(usize, usize)> {
+        let count = |keys: &mut dyn Iterator<Item = Result<FlowKey, MapError>>, name| {
+            keys.take(MAX_FLOWS as usize)
+                .try_fold(0, |n, key| key.map(|_| n + 1))
+                .with_context(|| format!("reading {name}"))
+        };
+        Ok((
+            count(&mut self.flows.keys(), FLOWS)?,
+            count(&mut self.replies.keys(), REPLIES)?,
+        ))
+    }
+
+    /// Removes the flow and reply entries idle at `now_ns` (the datapath's clock, CLOCK_MONOTONIC):
+    /// the LRU tables would keep them until full, and an insert that must evict costs about
+    /// twice one that finds room. How many of each went.
+    pub fn expire_flows(&mut self, now_ns: u64) -> Result<(usize, usize)> {
+        let config = self.config()?;
+        let flows = expire(&mut self.flows, |key, flow| {
+            config.is_live(key.protocol, flow.state, flow.last_seen_ns, now_ns)
+        })
+        .with_context(|| format!("expiring {FLOWS}"))?;
+        let replies = expire(&mut self.replies, |key, reply| {
+            config.is_live(key.protocol, reply.state, reply.last_seen_ns, now_ns)
+        })
+        .with_context(|| format!("expiring {REPLIES}"))?;
+        Ok((flows, replies))
     }
 
     pub fn write_config(&mut self, config: &Config) -> Result<()> {
@@ -163,4 +194,36 @@ impl KernelMaps {
             dropped_error: sum.dropped_error + s.dropped_error,
         }))
     }
+}
+
+/// Removes the entries of `table` that are not `live`. The idle keys are gathered first (a walk
+/// that deletes as it goes restarts from the table's start), and each is read again just before
+/// its removal, so that one a packet has revived since stays.
+fn expire<V: aya::Pod>(
+    table: &mut HashMap<MapData, FlowKey, V>,
+    live: impl Fn(&FlowKey, &V) -> bool,
+) -> Result<usize, MapError> {
+    let mut idle = Vec::new();
+    for entry in table.iter().take(MAX_FLOWS as usize) {
+        let (key, value) = entry?;
+        if !live(&key, &value) {
+            idle.push(key);
+        }
+    }
+    let mut removed = 0;
+    for key in idle {
+        let still_idle = match table.get(&key, 0) {
+            Ok(value) => !live(&key, &value),
+            Err(MapError::KeyNotFound) => false,
+            Err(e) => return Err(e),
+        };
+        if still_idle {
+            match table.remove(&key) {
+                Ok(()) => removed += 1,
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(removed)
 }

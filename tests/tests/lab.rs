@@ -58,13 +58,13 @@ fn counts(pods: &[String]) -> BTreeMap<&str, usize> {
     counts
 }
 
-/// A counter from the dump's `STATS:` or `EPOCH:` line.
+/// The dump's lines of counters, after the map entries.
+const COUNTER_LINES: [&str; 3] = ["STATS: ", "EPOCH: ", "FLOWS: "];
+
+/// A counter from one of the dump's [`COUNTER_LINES`].
 fn stat(dump: &str, name: &str) -> u64 {
     dump.lines()
-        .filter_map(|l| {
-            l.strip_prefix("STATS: ")
-                .or_else(|| l.strip_prefix("EPOCH: "))
-        })
+        .filter_map(|l| COUNTER_LINES.iter().find_map(|p| l.strip_prefix(p)))
         .flat_map(str::split_whitespace)
         .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
         .and_then(|v| v.parse().ok())
@@ -320,6 +320,26 @@ fn a_udp_flow_keeps_its_backend_until_it_idles_out() {
         first,
         "an expired flow gets a new backend"
     );
+}
+
+#[test]
+fn idle_flows_are_removed_from_the_tables() {
+    // The query ends about a second after the flow's last packet: well inside 3 s.
+    let lab = lab_with(
+        "flowgc",
+        &["--udp-timeout-secs", "3", "--flow-gc-interval-secs", "1"],
+    );
+    udp_pod(&lab, 40_002);
+    let dump = lab.dump().unwrap();
+    assert_eq!(
+        (stat(&dump, "flows"), stat(&dump, "replies")),
+        (1, 1),
+        "the query's flow and its reply are tracked\n{dump}"
+    );
+    lab.wait_for_dump("the idle flow to be removed", |d| {
+        stat(d, "flows") == 0 && stat(d, "replies") == 0
+    })
+    .unwrap();
 }
 
 #[test]
@@ -641,7 +661,7 @@ fn program_loaded(id: u32) -> bool {
 fn programme(lab: &Lab) -> String {
     let dump = lab.dump().expect("dump");
     dump.lines()
-        .filter(|l| !l.starts_with("STATS:") && !l.starts_with("EPOCH:"))
+        .filter(|l| !COUNTER_LINES.iter().any(|p| l.starts_with(p)))
         .collect::<Vec<_>>()
         .join("\n")
 }
