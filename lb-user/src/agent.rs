@@ -86,7 +86,8 @@ pub async fn run(settings: Settings) -> Result<()> {
     // What an earlier agent programmed is where this one starts from: an unchanged programme
     // is not rewritten.
     let programmed = maps.read()?;
-    let (flows, highest_flow_backend_id) = maps.flows()?;
+    let (flows, _) = maps.flow_entries()?;
+    let highest_flow_backend_id = maps.highest_flow_backend_id()?;
     let config = maps.config()?;
     info!(
         frontends = programmed.frontends.len(),
@@ -94,8 +95,15 @@ pub async fn run(settings: Settings) -> Result<()> {
         flows,
         "adopted the maps pinned before"
     );
-    flow_gc::spawn(settings.pin_dir.clone(), settings.flow_gc_interval)?;
     let status = Arc::new(Status::default());
+    // Optional: without it, the LRU tables still evict when full.
+    if let Err(e) = flow_gc::spawn(
+        &settings.pin_dir,
+        settings.flow_gc_interval,
+        Arc::clone(&status),
+    ) {
+        error!("no flow GC: {e:#}");
+    }
     let server = tokio::spawn(status::serve(
         settings.status_address,
         Arc::clone(&status),

@@ -56,6 +56,17 @@ pub fn measure(probe: &Xdp) -> Result<Clock> {
     }
 }
 
+/// CLOCK_MONOTONIC in ns: what the datapath's clock follows.
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // Cannot fail: the clock exists and the pointer is valid.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
 fn sample(probe: &Xdp) -> Result<Sample> {
     let packet = [0u8; 64];
     let mut out = [0u8; 64];

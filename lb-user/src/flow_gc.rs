@@ -4,20 +4,21 @@
 //! README's benchmarks). Runs on a thread of its own: a pass over full tables takes a while,
 //! and must not hold up a sync.
 
-use std::{path::PathBuf, thread, time::Duration};
+use std::{path::Path, sync::Arc, thread, time::Duration};
 
 use anyhow::{Context as _, Result};
 use tracing::{debug, error};
 
-use crate::maps::KernelMaps;
+use crate::{clock::monotonic_ns, maps::KernelMaps, status::Status};
 
 /// The datapath's clock is CLOCK_MONOTONIC to within a tick: an entry goes only once it is
 /// idle by this much more than its timeout, so that the datapath agrees it is gone.
 const CLOCK_SLACK_NS: u64 = 1_000_000_000;
 
-/// Starts removing idle entries from the tables pinned under `pin_dir`, every `interval`.
-pub fn spawn(pin_dir: PathBuf, interval: Duration) -> Result<()> {
-    let mut maps = KernelMaps::open_pinned(&pin_dir)?;
+/// Starts removing idle entries from the tables pinned under `pin_dir` every `interval`,
+/// counting them and the passes that failed in `status`.
+pub fn spawn(pin_dir: &Path, interval: Duration, status: Arc<Status>) -> Result<()> {
+    let mut maps = KernelMaps::open_pinned(pin_dir)?;
     thread::Builder::new()
         .name("flow-gc".into())
         .spawn(move || {
@@ -25,22 +26,19 @@ pub fn spawn(pin_dir: PathBuf, interval: Duration) -> Result<()> {
                 thread::sleep(interval);
                 let now = monotonic_ns().saturating_sub(CLOCK_SLACK_NS);
                 match maps.expire_flows(now) {
-                    Ok((flows, replies)) => debug!(flows, replies, "removed idle flow entries"),
-                    Err(e) => error!("{e:#}"),
+                    Ok((flows, replies)) => {
+                        status.record_flow_gc(flows + replies, false);
+                        if flows + replies > 0 {
+                            debug!(flows, replies, "removed idle flow entries");
+                        }
+                    }
+                    Err(e) => {
+                        status.record_flow_gc(0, true);
+                        error!("{e:#}");
+                    }
                 }
             }
         })
         .context("starting the flow GC thread")?;
     Ok(())
-}
-
-/// CLOCK_MONOTONIC in ns: the clock the datapath's `now_ns` follows.
-fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // Cannot fail: the clock exists and the pointer is valid.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }

@@ -94,46 +94,40 @@ impl KernelMaps {
             .with_context(|| format!("reading {CONFIG}"))
     }
 
-    /// How many flows the datapath tracks, and the highest backend id they name. Reads at most
-    /// the table's capacity: entries come and go while it is walked.
-    pub fn flows(&self) -> Result<(usize, u32)> {
-        let mut count = 0;
-        let mut highest_backend_id = 0;
-        for entry in self.flows.iter().take(MAX_FLOWS as usize) {
-            let (_, flow) = entry.with_context(|| format!("reading {FLOWS}"))?;
-            count += 1;
-            highest_backend_id = highest_backend_id.max(flow.backend_id);
-        }
-        Ok((count, highest_backend_id))
+    /// The highest backend id the datapath's flows name.
+    pub fn highest_flow_backend_id(&self) -> Result<u32> {
+        walk(&self.flows)
+            .try_fold(0, |highest, entry| {
+                entry.map(|(_, flow)| highest.max(flow.backend_id))
+            })
+            .with_context(|| format!("reading {FLOWS}"))
     }
 
     /// How many flow and reply entries the datapath holds, idle ones included.
     pub fn flow_entries(&self) -> Result<(usize, usize)> {
-        let count = |keys: &mut dyn Iterator<Item = Result<FlowKey, MapError>>, name| {
-            keys.take(MAX_FLOWS as usize)
-                .try_fold(0, |n, key| key.map(|_| n + 1))
-                .with_context(|| format!("reading {name}"))
-        };
+        let flows = walk(&self.flows).try_fold(0, |n, entry| entry.map(|_| n + 1));
+        let replies = walk(&self.replies).try_fold(0, |n, entry| entry.map(|_| n + 1));
         Ok((
-            count(&mut self.flows.keys(), FLOWS)?,
-            count(&mut self.replies.keys(), REPLIES)?,
+            flows.with_context(|| format!("reading {FLOWS}"))?,
+            replies.with_context(|| format!("reading {REPLIES}"))?,
         ))
     }
 
     /// Removes the flow and reply entries idle at `now_ns` (the datapath's clock, CLOCK_MONOTONIC):
-    /// the LRU tables would keep them until full, and an insert that must evict costs about
-    /// twice one that finds room. How many of each went.
+    /// the LRU tables would keep them until full, and an insert that must evict costs more than
+    /// one that finds room. How many of each went; a failure on one table still lets the other
+    /// be done.
     pub fn expire_flows(&mut self, now_ns: u64) -> Result<(usize, usize)> {
         let config = self.config()?;
         let flows = expire(&mut self.flows, |key, flow| {
             config.is_live(key.protocol, flow.state, flow.last_seen_ns, now_ns)
         })
-        .with_context(|| format!("expiring {FLOWS}"))?;
+        .with_context(|| format!("expiring {FLOWS}"));
         let replies = expire(&mut self.replies, |key, reply| {
             config.is_live(key.protocol, reply.state, reply.last_seen_ns, now_ns)
         })
-        .with_context(|| format!("expiring {REPLIES}"))?;
-        Ok((flows, replies))
+        .with_context(|| format!("expiring {REPLIES}"));
+        Ok((flows?, replies?))
     }
 
     pub fn write_config(&mut self, config: &Config) -> Result<()> {
@@ -196,15 +190,25 @@ impl KernelMaps {
     }
 }
 
+/// The entries of a flow table, at most its capacity: entries come and go while it is walked,
+/// and the kernel restarts a walk whose key was just deleted.
+fn walk<V: aya::Pod>(
+    table: &HashMap<MapData, FlowKey, V>,
+) -> impl Iterator<Item = Result<(FlowKey, V), MapError>> + '_ {
+    table.iter().take(MAX_FLOWS as usize)
+}
+
 /// Removes the entries of `table` that are not `live`. The idle keys are gathered first (a walk
 /// that deletes as it goes restarts from the table's start), and each is read again just before
-/// its removal, so that one a packet has revived since stays.
+/// its removal: one a packet has revived since stays, but for a packet in the microseconds
+/// between that read and the removal (there is no compare-and-delete; Cilium's GC has the same
+/// window). The datapath treats such an entry as new anyway.
 fn expire<V: aya::Pod>(
     table: &mut HashMap<MapData, FlowKey, V>,
     live: impl Fn(&FlowKey, &V) -> bool,
 ) -> Result<usize, MapError> {
     let mut idle = Vec::new();
-    for entry in table.iter().take(MAX_FLOWS as usize) {
+    for entry in walk(table) {
         let (key, value) = entry?;
         if !live(&key, &value) {
             idle.push(key);

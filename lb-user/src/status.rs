@@ -51,6 +51,10 @@ pub struct Status {
     frontends: Mutex<BTreeMap<u32, FrontendLabels>>,
     /// Failed requests to the Kubernetes API: lists and watches.
     api_errors: AtomicU64,
+    /// Flow and reply entries the flow GC removed.
+    flow_gc_removed: AtomicU64,
+    /// Flow GC passes that failed.
+    flow_gc_failures: AtomicU64,
 }
 
 #[derive(Default)]
@@ -82,6 +86,13 @@ impl Status {
 
     pub fn record_api_error(&self) {
         self.api_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn record_flow_gc(&self, removed: usize, failed: bool) {
+        self.flow_gc_removed
+            .fetch_add(removed as u64, Ordering::Relaxed);
+        self.flow_gc_failures
+            .fetch_add(u64::from(failed), Ordering::Relaxed);
     }
 
     pub fn set_frontends(&self, frontends: BTreeMap<u32, FrontendLabels>) {
@@ -173,7 +184,7 @@ impl Status {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
             );
         }
-        match maps.flows() {
+        match maps.flow_entries() {
             Ok((flows, _)) => {
                 let _ = writeln!(
                     out,
@@ -189,6 +200,15 @@ impl Status {
             "# HELP lb_api_errors_total Failed lists and watches of the Kubernetes API, 410 Gone \
              included.\n# TYPE lb_api_errors_total counter\nlb_api_errors_total {}",
             self.api_errors.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP lb_flow_gc_removed_total Idle flow and reply entries removed.\n\
+             # TYPE lb_flow_gc_removed_total counter\nlb_flow_gc_removed_total {}\n\
+             # HELP lb_flow_gc_failures_total Flow GC passes that failed.\n\
+             # TYPE lb_flow_gc_failures_total counter\nlb_flow_gc_failures_total {}",
+            self.flow_gc_removed.load(Ordering::Relaxed),
+            self.flow_gc_failures.load(Ordering::Relaxed)
         );
         let syncs = self.syncs.lock().expect("status lock");
         let _ = writeln!(

@@ -324,17 +324,30 @@ fn a_udp_flow_keeps_its_backend_until_it_idles_out() {
 
 #[test]
 fn idle_flows_are_removed_from_the_tables() {
-    // The query ends about a second after the flow's last packet: well inside 3 s.
+    // Each query takes about a second (socat's idle wait): the flow is never idle for its 3 s
+    // while they run, across two GC passes or more.
     let lab = lab_with(
         "flowgc",
         &["--udp-timeout-secs", "3", "--flow-gc-interval-secs", "1"],
     );
-    udp_pod(&lab, 40_002);
+    let first = udp_pod(&lab, 40_002);
+    for _ in 0..2 {
+        assert_eq!(
+            udp_pod(&lab, 40_002),
+            first,
+            "the live flow kept its backend"
+        );
+    }
     let dump = lab.dump().unwrap();
+    assert_eq!(
+        stat(&dump, "new_flows"),
+        1,
+        "the GC left the live flow alone\n{dump}"
+    );
     assert_eq!(
         (stat(&dump, "flows"), stat(&dump, "replies")),
         (1, 1),
-        "the query's flow and its reply are tracked\n{dump}"
+        "the queries' flow and its reply are tracked\n{dump}"
     );
     lab.wait_for_dump("the idle flow to be removed", |d| {
         stat(d, "flows") == 0 && stat(d, "replies") == 0

@@ -321,12 +321,11 @@ fn measure(
                     continue;
                 }
                 // Every case starts on flow tables with room, as the agent's GC keeps them on
-                // a node: here all flows are idle as of a time past every timeout.
+                // a node: the GC's own pass, as of a time past every timeout, empties them.
                 maps.expire_flows(u64::MAX)
                     .context("expiring the flows of the cases before")?;
-                // The established flow, made just before each case from a client port of its
-                // own by the hook's balancing program: the new-flow cases before may have
-                // pushed an older one out of the LRU tables. Its backend is the replier.
+                // So the established flow is made just before each case, from a client port of
+                // its own, by the hook's balancing program. Its backend is the replier.
                 target.established_port += 1;
                 let balancer = Case::TcpEstablished
                     .program(&programs, xdp)
