@@ -86,8 +86,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     // What an earlier agent programmed is where this one starts from: an unchanged programme
     // is not rewritten.
     let programmed = maps.read()?;
-    let (flows, _) = maps.flow_entries()?;
-    let highest_flow_backend_id = maps.highest_flow_backend_id()?;
+    let (flows, highest_flow_backend_id) = maps.flows()?;
     let config = maps.config()?;
     info!(
         frontends = programmed.frontends.len(),

@@ -94,11 +94,12 @@ impl KernelMaps {
             .with_context(|| format!("reading {CONFIG}"))
     }
 
-    /// The highest backend id the datapath's flows name.
-    pub fn highest_flow_backend_id(&self) -> Result<u32> {
+    /// How many flows the datapath tracks, and the highest backend id they name: one walk, for
+    /// the agent's start.
+    pub fn flows(&self) -> Result<(usize, u32)> {
         walk(&self.flows)
-            .try_fold(0, |highest, entry| {
-                entry.map(|(_, flow)| highest.max(flow.backend_id))
+            .try_fold((0, 0), |(count, highest), entry| {
+                entry.map(|(_, flow)| (count + 1, highest.max(flow.backend_id)))
             })
             .with_context(|| format!("reading {FLOWS}"))
     }

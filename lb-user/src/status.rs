@@ -184,7 +184,7 @@ impl Status {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
             );
         }
-        match maps.flow_entries() {
+        match maps.flows() {
             Ok((flows, _)) => {
                 let _ = writeln!(
                     out,
