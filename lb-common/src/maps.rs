@@ -11,7 +11,8 @@
 pub const FRONTENDS: &str = "lb_frontends_v1";
 /// Backend slots of each service: [`SlotKey`] -> [`Slot`]. Written by the agent.
 pub const SLOTS: &str = "lb_slots_v1";
-/// Backends by id: `u32` -> [`Backend`]. Written by the agent.
+/// Backends by id: `u32` -> [`Backend`]. Written by the agent: the backends of every slot, and
+/// the serving endpoints of UDP frontends that take no new flow but keep their flows.
 pub const BACKENDS: &str = "lb_backends_v1";
 /// Forward flows (LRU): [`FlowKey`] of the client's packet -> [`Flow`]. Written by the datapath.
 pub const FLOWS: &str = "lb_flows_v2";
@@ -169,8 +170,9 @@ pub struct FlowKey {
 pub struct Flow {
     /// The datapath's time ([`Clock`]) of the last packet, refreshed at most once a second.
     pub last_seen_ns: u64,
-    /// While its frontend exists, a flow whose backend id is no longer in [`BACKENDS`] gets a
-    /// new backend; once its Service is deleted, it stays on the address below.
+    /// A UDP flow whose backend id is no longer in [`BACKENDS`] (its endpoint stopped serving)
+    /// gets a new backend while its frontend exists. A TCP flow stays on the address below
+    /// until it closes or idles out, as kube-proxy's conntrack keeps established connections.
     pub backend_id: u32,
     pub backend_addr_be: u32,
     /// The source address and port the flow's packets leave with: the client's own unless
@@ -183,8 +185,8 @@ pub struct Flow {
     pub _pad: [u8; 3],
     /// The frontend the flow came in by, whose counters its packets count in.
     pub service_id: u32,
-    /// The [`Epoch`] at which the backend was last seen in [`BACKENDS`]: while the epoch has
-    /// not moved, no backend was removed, and the flow's packets need not look.
+    /// UDP: the [`Epoch`] at which the backend was last seen in [`BACKENDS`]: while the epoch
+    /// has not moved, no backend was removed, and the flow's packets need not look.
     pub backends_epoch: u32,
     pub _pad_end: u32,
 }
@@ -300,7 +302,7 @@ pub struct Clock {
 }
 
 /// Bumped by the agent after every sync that deleted backends (and once at start, for
-/// deletions an earlier agent may not have announced). It saves each packet of a flow a
+/// deletions an earlier agent may not have announced). It saves each packet of a UDP flow a
 /// lookup of its backend: a flow looks again only when the epoch differs from its own.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -329,7 +331,7 @@ pub struct Stats {
     pub replied: u64,
     /// Flows given a backend.
     pub new_flows: u64,
-    /// Flows whose backend went away and that were given another.
+    /// UDP flows whose backend stopped serving and that were given another.
     pub reselected: u64,
     /// New flows dropped because their frontend has no backend.
     pub dropped_no_backend: u64,

@@ -26,8 +26,8 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 use lb_common::maps::{
-    BACKEND_LOCAL, FRONTEND_REJECT_WHEN_EMPTY, Flow, FlowKey, Frontend, FrontendKey, Reply,
-    SCOPE_EXTERNAL, SCOPE_INTERNAL, STATE_CLOSING, STATE_OPEN,
+    BACKEND_LOCAL, FRONTEND_REJECT_WHEN_EMPTY, Flow, FlowKey, Frontend, FrontendKey, PROTO_TCP,
+    Reply, SCOPE_EXTERNAL, SCOPE_INTERNAL, STATE_CLOSING, STATE_OPEN,
 };
 
 use crate::{
@@ -116,10 +116,8 @@ pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
     socket::recvmsg4(&ctx)
 }
 
-/// The packet core. A packet of a live flow goes to the flow's backend, whether or not its
-/// frontend is still there (as with kube-proxy's conntrack, deleting a Service does not cut its
-/// established connections); a packet to a frontend of `scope` starts a flow; a backend's reply
-/// goes back to its client.
+/// The packet core. A packet of a live flow goes to the flow's backend; a packet to a frontend
+/// of `scope` starts a flow; a backend's reply goes back to its client.
 #[inline(always)]
 fn balance<C: Rewrite>(ctx: &C, packet: &Packet, scope: u8) -> Verdict {
     match try_balance(ctx, packet, scope) {
@@ -129,46 +127,81 @@ fn balance<C: Rewrite>(ctx: &C, packet: &Packet, scope: u8) -> Verdict {
 
 #[inline(always)]
 fn try_balance<C: Rewrite>(ctx: &C, packet: &Packet, scope: u8) -> Result<Verdict, Verdict> {
-    let protocol = packet.key.protocol;
-    let mut backend_gone = false;
-    // Config and clock only once there is a flow or a frontend: most packets have neither.
-    if let Some(flow) = FLOWS.get_ptr_mut(packet.key) {
-        let flow = unsafe { &mut *flow };
-        let config = config().ok_or_else(error)?;
-        let now = now_ns();
-        // A SYN on a flow that is closing opens a new connection on a reused 4-tuple.
-        let live = config.is_live(protocol, flow.state, flow.last_seen_ns, now)
-            && !(flow.state == STATE_CLOSING && packet.opens_connection());
-        if live {
-            // A backend still programmed, or a Service deleted (no frontend left): the flow
-            // stays on its backend. A backend removed from a Service that remains: a new one.
-            // The backend was there at the flow's epoch: only a removal since can have taken
-            // it, and only then is it looked up.
-            let epoch = backends_epoch();
-            let backend_there =
-                flow.backends_epoch == epoch || unsafe { BACKENDS.get(flow.backend_id) }.is_some();
-            if backend_there && flow.backends_epoch != epoch {
-                flow.backends_epoch = epoch;
-            }
-            let stays =
-                backend_there || unsafe { FRONTENDS.get(frontend_key(packet, scope)) }.is_none();
-            if stays {
-                if touch(&mut flow.last_seen_ns, &mut flow.state, packet.closing, now) {
-                    keep_reply_alive(flow, packet, now);
-                }
-                return forward(ctx, packet, flow, false);
-            }
-            backend_gone = true;
-        }
-    }
+    let moves = match tracked_flow(packet, scope)? {
+        Tracked::Stays(flow) => return forward(ctx, packet, flow, false),
+        Tracked::Moves => true,
+        Tracked::Untracked => false,
+    };
+    // SAFETY: a hash map value stays valid while the program runs (RCU); the agent replaces
+    // frontends whole, so the read sees one version.
     let Some(frontend) = (unsafe { FRONTENDS.get(frontend_key(packet, scope)) }) else {
         return to_client(ctx, packet, Hook::Ingress);
     };
-    if backend_gone {
+    if moves {
         count(|s| &mut s.reselected);
     }
     let flow = new_flow(packet, frontend, scope, now_ns())?;
     forward(ctx, packet, &flow, true)
+}
+
+/// What the flow table says of a packet.
+enum Tracked<'a> {
+    /// A live flow, refreshed: the packet goes to its backend.
+    Stays(&'a Flow),
+    /// A live UDP flow whose backend stopped serving its frontend: it gets a new one.
+    Moves,
+    /// No live flow.
+    Untracked,
+}
+
+/// Looks the packet's flow up. A TCP flow stays on its backend until it closes or idles out,
+/// whatever becomes of the backend (kube-proxy's conntrack keeps established connections
+/// through rollouts; moved mid-stream, a connection would meet a reset). A UDP flow stays
+/// while its backend serves, or once its Service is gone (no frontend left).
+#[inline(always)]
+fn tracked_flow<'a>(packet: &Packet, scope: u8) -> Result<Tracked<'a>, Verdict> {
+    let Some(flow) = FLOWS.get_ptr_mut(packet.key) else {
+        return Ok(Tracked::Untracked);
+    };
+    // SAFETY: an LRU hash value stays valid while the program runs (RCU); racing writers of
+    // the same flow write the same fields with values that are each valid.
+    let flow = unsafe { &mut *flow };
+    // Config and clock only once there is a flow: most packets have none.
+    let config = config().ok_or_else(error)?;
+    let now = now_ns();
+    let protocol = packet.key.protocol;
+    // A SYN on a flow that is closing opens a new connection on a reused 4-tuple.
+    if !config.is_live(protocol, flow.state, flow.last_seen_ns, now)
+        || (flow.state == STATE_CLOSING && packet.opens_connection())
+    {
+        return Ok(Tracked::Untracked);
+    }
+    if protocol != PROTO_TCP && !backend_serves(flow, packet, scope) {
+        return Ok(Tracked::Moves);
+    }
+    if touch(&mut flow.last_seen_ns, &mut flow.state, packet.closing, now) {
+        keep_reply_alive(flow, packet, now);
+    }
+    Ok(Tracked::Stays(flow))
+}
+
+/// Whether a UDP flow may stay on its backend: the backend is still in [`BACKENDS`] (the agent
+/// keeps every serving endpoint there), or the flow's frontend is gone. Only after the agent
+/// removed backends ([`backends_epoch`]) is the backend looked up.
+#[inline(always)]
+fn backend_serves(flow: &mut Flow, packet: &Packet, scope: u8) -> bool {
+    let epoch = backends_epoch();
+    if flow.backends_epoch == epoch {
+        return true;
+    }
+    // SAFETY: as for every hash map value, valid while the program runs; only its presence
+    // is read.
+    if unsafe { BACKENDS.get(flow.backend_id) }.is_some() {
+        flow.backends_epoch = epoch;
+        return true;
+    }
+    // SAFETY: likewise.
+    unsafe { FRONTENDS.get(frontend_key(packet, scope)) }.is_none()
 }
 
 #[inline(always)]

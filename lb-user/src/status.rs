@@ -165,7 +165,7 @@ impl Status {
             ),
             (
                 "lb_datapath_reselected_total",
-                "Flows moved off a removed backend.",
+                "UDP flows moved off a backend that stopped serving.",
                 s.reselected,
             ),
             (

@@ -208,6 +208,11 @@ impl Lab {
         self.manifests.path().with_extension("agent.log")
     }
 
+    /// How many syncs the agent has logged.
+    pub fn syncs(&self) -> usize {
+        self.log_text().matches(" synced ").count()
+    }
+
     /// `lb-user dump` of this lab's agent: its map entries and counters.
     pub fn dump(&self) -> Result<String> {
         self.lb_user("dump")
@@ -548,6 +553,25 @@ impl Connection {
             .lines
             .recv_timeout(Duration::from_secs(5))
             .context("no answer within 5 s")??)
+    }
+}
+
+impl Connection {
+    /// Waits for the server to close the connection: socat sees the end of the stream and
+    /// exits cleanly (a reset makes it fail).
+    pub fn wait_closed(&mut self) -> Result<()> {
+        match self.lines.recv_timeout(Duration::from_secs(5)) {
+            Err(mpsc::RecvTimeoutError::Disconnected) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => bail!("still open after 5 s"),
+            Ok(line) => bail!("more after the close: {line:?}"),
+        }
+        let status = wait_within(&mut self.child, Duration::from_secs(5))
+            .context("socat still running after the close")?;
+        ensure!(
+            status.success(),
+            "socat failed ({status}): not a clean close"
+        );
+        Ok(())
     }
 }
 

@@ -103,6 +103,14 @@ fn set_not_ready(text: &str, ip: &str) -> String {
     )
 }
 
+/// Gives the endpoint at `ip` the `conditions` (`ready: false, serving: true, ...`).
+fn set_conditions(text: &str, ip: &str, conditions: &str) -> String {
+    let marker = format!("- addresses: [{ip}]\n  conditions: {{");
+    let start = text.find(&marker).expect("endpoint in the manifest") + marker.len();
+    let end = start + text[start..].find('}').expect("conditions end");
+    format!("{}{conditions}{}", &text[..start], &text[end..])
+}
+
 /// Removes the endpoint at `ip` (its three lines and its targetRef) from demo.yaml.
 fn remove_endpoint(text: &str, ip: &str) -> String {
     let start = text
@@ -356,15 +364,156 @@ fn idle_flows_are_removed_from_the_tables() {
 }
 
 #[test]
-fn a_flow_whose_backend_is_removed_moves_to_a_live_one() {
+fn established_connections_stay_on_endpoints_not_ready_terminating_or_removed() {
+    let lab = lab("graceful");
+    // Round robin from one CPU: three connections, three pods.
+    let mut held: Vec<(lb_tests::Connection, String)> = (0..3)
+        .map(|i| {
+            let mut connection = lab.connect(ECHO_VIP).expect("connect to the echo VIP");
+            let answer = connection.ask(&format!("hello {i}")).expect("echo");
+            (connection, pod_of(&answer).expect("pod").to_string())
+        })
+        .collect();
+    let pods: Vec<String> = held.iter().map(|(_, pod)| pod.clone()).collect();
+    assert_eq!(counts(&pods).len(), 3, "{pods:?}");
+    let ip_of = |pod: &str| {
+        BACKENDS
+            .iter()
+            .find(|(name, _)| *name == pod)
+            .unwrap()
+            .1
+            .to_string()
+    };
+    let (unready, terminating, live) = (ip_of(&held[0].1), ip_of(&held[1].1), held[2].1.clone());
+    let epoch = stat(&lab.dump().unwrap(), "backends_removed");
+
+    // A readiness flap and a rolling update's first step.
+    lab.edit_manifest("demo.yaml", |t| {
+        let t = set_conditions(
+            &t,
+            &unready,
+            "ready: false, serving: false, terminating: false",
+        );
+        set_conditions(
+            &t,
+            &terminating,
+            "ready: false, serving: true, terminating: true",
+        )
+    })
+    .unwrap();
+    let gone = |ip: &str| format!("ADDR={ip}:9000/TCP");
+    lab.wait_for_dump(
+        "both to leave the echo frontend, and the datapath to know",
+        |d| {
+            backend_count(d, "10.96.0.10:9000/TCP") == Some(1)
+                && !d.contains(&gone(&unready))
+                && !d.contains(&gone(&terminating))
+                && stat(d, "backends_removed") > epoch
+        },
+    )
+    .unwrap();
+    let check = |held: &mut Vec<(lb_tests::Connection, String)>, when: &str| {
+        for (connection, pod) in held.iter_mut() {
+            let answer = connection
+                .ask(when)
+                .unwrap_or_else(|e| panic!("the connection to {pod} {when}: {e:#}"));
+            assert_eq!(pod_of(&answer), Some(pod.as_str()), "{when}: {answer}");
+        }
+    };
+    check(&mut held, "after not ready and terminating");
+    for i in 0..3 {
+        let mut fresh = lab.connect(ECHO_VIP).expect("a new connection");
+        let answer = fresh.ask(&format!("new {i}")).expect("echo");
+        assert_eq!(
+            pod_of(&answer),
+            Some(live.as_str()),
+            "new connections avoid them: {answer}"
+        );
+    }
+
+    // The rolling update's end: both leave the slice.
+    let syncs = lab.syncs();
+    lab.edit_manifest("demo.yaml", |t| {
+        remove_endpoint(&remove_endpoint(&t, &unready), &terminating)
+    })
+    .unwrap();
+    lab.wait_for("the agent to sync the removal", || Ok(lab.syncs() > syncs))
+        .unwrap();
+    check(&mut held, "after removal");
+
+    // The terminating server ends its connection itself: a clean close, not a reset.
+    let (connection, pod) = &mut held[1];
+    let answer = connection.ask("close").expect("the last answer");
+    assert_eq!(pod_of(&answer), Some(pod.as_str()), "{answer}");
+    connection.wait_closed().expect("closed by the server");
+}
+
+#[test]
+fn a_udp_flow_stays_while_its_endpoint_serves_and_moves_when_it_stops() {
+    let lab = lab("udpmove");
+    let first = udp_pod(&lab, 40_001);
+    let ip = BACKENDS
+        .iter()
+        .find(|(name, _)| *name == first)
+        .unwrap()
+        .1
+        .to_string();
+    let kept = format!("ADDR={ip}:5353/UDP");
+
+    // Terminating but serving: no new flows, but this one stays (kube-proxy keeps its
+    // conntrack entry).
+    lab.edit_manifest("demo-dns.yaml", |t| {
+        set_conditions(&t, &ip, "ready: false, serving: true, terminating: true")
+    })
+    .unwrap();
+    let epoch = stat(
+        &lab.wait_for_dump("demo-dns to take no new flow to it", |d| {
+            backend_count(d, "10.96.0.53:53/UDP") == Some(2) && d.contains(&kept)
+        })
+        .unwrap(),
+        "backends_removed",
+    );
+    assert_eq!(
+        udp_pod(&lab, 40_001),
+        first,
+        "a serving endpoint keeps its flow"
+    );
+    for port in 40_002..40_006 {
+        assert_ne!(udp_pod(&lab, port), first, "a new flow from port {port}");
+    }
+
+    // No longer serving: the flow moves at its next datagram. The backend's entry goes last
+    // in a sync, and then the epoch that tells flows to look: wait for both.
+    lab.edit_manifest("demo-dns.yaml", |t| {
+        set_conditions(&t, &ip, "ready: false, serving: false, terminating: true")
+    })
+    .unwrap();
+    let before = lab
+        .wait_for_dump("demo-dns to lose the backend", |d| {
+            !d.contains(&kept) && stat(d, "backends_removed") > epoch
+        })
+        .unwrap();
+    let next = udp_pod(&lab, 40_001);
+    assert_ne!(
+        next, first,
+        "the flow left the endpoint that stopped serving"
+    );
+    let after = lab.dump().unwrap();
+    assert_eq!(
+        stat(&after, "reselected"),
+        stat(&before, "reselected") + 1,
+        "{after}"
+    );
+}
+
+#[test]
+fn a_udp_flow_whose_endpoint_is_removed_moves_to_a_live_one() {
     let lab = lab("resel");
     let first = udp_pod(&lab, 40_001);
     let ip = BACKENDS.iter().find(|(name, _)| *name == first).unwrap().1;
     let epoch = stat(&lab.dump().unwrap(), "backends_removed");
     lab.edit_manifest("demo-dns.yaml", |t| remove_endpoint(&t, &ip.to_string()))
         .unwrap();
-    // The backend's own entry goes last in a sync, and then the epoch that tells flows to
-    // look: wait for both.
     let removed = format!("ADDR={ip}:5353/UDP");
     let before = lab
         .wait_for_dump("demo-dns to lose the backend", |d| {

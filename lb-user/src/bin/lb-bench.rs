@@ -419,6 +419,7 @@ fn service(i: u32) -> model::Frontend {
                 zone: None,
             })
             .collect(),
+        retained: Vec::new(),
     }
 }
 

@@ -8,9 +8,9 @@ use std::{
 };
 
 use super::{
-    Backend, Cluster, EndpointSlice, Frontend, FrontendKind, Node, NodeConfig, Protocol, Scope,
-    Service, ServiceKind, ServicePort, Skipped, TargetPort, TrafficPolicy, WhenEmpty, ZONE_LABEL,
-    port_field,
+    Backend, Cluster, Endpoint, EndpointSlice, Frontend, FrontendKind, Node, NodeConfig, Protocol,
+    Scope, Service, ServiceKind, ServicePort, Skipped, TargetPort, TrafficPolicy, WhenEmpty,
+    ZONE_LABEL, port_field,
     topology::{self, Candidate, Selection, Topology},
 };
 
@@ -120,6 +120,10 @@ fn service_frontends(
         // Traffic from inside the cluster to an external frontend may use every endpoint,
         // whatever the external policy ("short-circuit", as kube-proxy does).
         let short_circuit = (&cluster_wide, WhenEmpty::Reject, String::new());
+        let serving = match port.protocol {
+            Protocol::Udp => backends(&candidates, |e| e.serving, topology),
+            Protocol::Tcp => Vec::new(),
+        };
 
         let mut externals = Vec::new();
         if let Some(node_port) = node_port(service, port, here.node, skipped) {
@@ -143,6 +147,12 @@ fn service_frontends(
         );
         let mut claim = |kind, scope, address, number, choice: &(&Selection, WhenEmpty, String)| {
             let (selection, when_empty, prefix) = choice;
+            let backends = backends(&selection.candidates, |_| true, topology);
+            let retained = serving
+                .iter()
+                .filter(|b| backends.binary_search(b).is_err())
+                .cloned()
+                .collect();
             claims.push(Frontend {
                 service: format!("{}/{}", service.namespace, service.name),
                 port_name: port.name.clone(),
@@ -155,7 +165,8 @@ fn service_frontends(
                 affinity_timeout: service.affinity_timeout,
                 when_empty: *when_empty,
                 rule: format!("{prefix}{}", selection.rule),
-                backends: backends(selection, topology),
+                backends,
+                retained,
             });
         };
         for &address in &service.cluster_ips {
@@ -263,10 +274,15 @@ fn candidates<'a>(
     by_address.into_values().collect()
 }
 
-fn backends(selection: &Selection<'_>, topology: &Topology<'_>) -> Vec<Backend> {
-    let mut backends: Vec<Backend> = selection
-        .candidates
+/// The `candidates` whose endpoint is `wanted`, as backends, sorted.
+fn backends(
+    candidates: &[Candidate<'_>],
+    wanted: impl Fn(&Endpoint) -> bool,
+    topology: &Topology<'_>,
+) -> Vec<Backend> {
+    let mut backends: Vec<Backend> = candidates
         .iter()
+        .filter(|c| wanted(c.endpoint))
         .map(|c| Backend {
             address: c.endpoint.address,
             port: c.port,
@@ -841,6 +857,35 @@ mod tests {
         let (backends, rule, _) =
             frontend_of(&cluster, "n1", FrontendKind::ClusterIP, Scope::Internal);
         assert_eq!((backends, rule.as_str()), (vec![1], "ready endpoints"));
+    }
+
+    #[test]
+    fn a_udp_frontend_retains_its_serving_endpoints_outside_the_selection() {
+        let endpoints = vec![
+            ep(1, "n1"),
+            terminating(ep(2, "n1"), true),
+            terminating(ep(3, "n1"), false),
+            Endpoint {
+                ready: false,
+                serving: false,
+                ..ep(4, "n1")
+            },
+        ];
+        let retained = |protocol| {
+            let mut cluster = cluster(service(), endpoints.clone());
+            cluster.services[0].ports[0].protocol = protocol;
+            cluster.slices[0].ports[0].protocol = protocol;
+            let (frontends, skipped) = run(&cluster, &NodeConfig::new("n1"));
+            assert!(skipped.is_empty(), "{skipped:?}");
+            let fe = &frontends[0];
+            let octets = |b: &[Backend]| b.iter().map(|b| b.address.octets()[3]).collect();
+            (octets(&fe.backends), octets(&fe.retained))
+        };
+        // (backends, retained): the terminating endpoint still serving keeps its UDP flows,
+        // the two that stopped serving keep none.
+        assert_eq!(retained(Protocol::Udp), (vec![1], vec![2]));
+        // TCP flows stay on their backend whatever it becomes: nothing to retain.
+        assert_eq!(retained(Protocol::Tcp), (vec![1], Vec::<u8>::new()));
     }
 
     #[test]

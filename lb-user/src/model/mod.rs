@@ -175,7 +175,14 @@ pub struct Frontend {
     pub when_empty: WhenEmpty,
     /// The rule that chose the backends.
     pub rule: String,
+    /// Where new flows go.
     pub backends: Vec<Backend>,
+    /// UDP only: the port's other serving endpoints (terminating, or outside the topology's
+    /// choice). They take no new flow, but their flows stay: kube-proxy flushes only the UDP
+    /// conntrack entries of endpoints that stopped serving. TCP flows stay on their backend
+    /// whatever becomes of it, so a TCP frontend needs none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub retained: Vec<Backend>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -14,9 +14,10 @@ pub struct Ids {
     taken: BTreeSet<u32>,
     /// Below it, every service id is taken: where the search for a free one starts.
     free_from: u32,
-    /// Each backend's id, and how many slots name it.
+    /// Each backend's id, and how many names it has: slots, and frontends that retain it for
+    /// its flows ([`crate::model::Frontend::retained`]).
     backends: BTreeMap<Backend, (u32, u32)>,
-    /// Backends whose last slot went in this sync: released at its end unless named again.
+    /// Backends whose last name went in this sync: released at its end unless named again.
     unnamed: Vec<Backend>,
     last_backend_id: u32,
 }
@@ -72,30 +73,30 @@ impl Ids {
         Some(id)
     }
 
-    /// The id of `backend`, named by one more slot: the one it has, or else a new one. Ids are
+    /// The id of `backend`, named once more: the one it has, or else a new one. Ids are
     /// never reused, because a tracked flow names its backend by id and must not land on
     /// another backend that took it.
     pub fn name_backend(&mut self, backend: Backend) -> u32 {
-        let (id, slots) = self.backends.entry(backend).or_insert_with(|| {
+        let (id, names) = self.backends.entry(backend).or_insert_with(|| {
             self.last_backend_id += 1;
             (self.last_backend_id, 0)
         });
-        *slots += 1;
+        *names += 1;
         *id
     }
 
-    /// One slot fewer names `backend`.
+    /// `backend` has one name fewer.
     pub fn unname_backend(&mut self, backend: Backend) {
-        if let Some((_, slots)) = self.backends.get_mut(&backend) {
-            *slots = slots.saturating_sub(1);
-            if *slots == 0 {
+        if let Some((_, names)) = self.backends.get_mut(&backend) {
+            *names = names.saturating_sub(1);
+            if *names == 0 {
                 self.unnamed.push(backend);
             }
         }
     }
 
     /// Ends a sync: releases the service ids of the frontends `kept` rejects, and the ids of
-    /// the backends no slot names; returns the latter.
+    /// the backends nothing names; returns the latter.
     pub fn end_sync(&mut self, kept: impl Fn(&FrontendKey) -> bool) -> Vec<u32> {
         self.services.retain(|key, _| kept(key));
         if self.taken.len() != self.services.len() {

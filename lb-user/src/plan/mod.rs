@@ -70,7 +70,7 @@ impl Planner {
             .map(|f| (frontend_key(f.address, f.port, f.protocol, f.scope), f))
             .collect();
         let mut touched = Touched::default();
-        // Out first, in, then the backends no slot names any more: a backend that stays keeps
+        // Out first, in, then the backends nothing names any more: a backend that stays keeps
         // its id.
         let stale: Vec<FrontendKey> = self
             .planned
@@ -122,6 +122,10 @@ impl Planner {
             }
             touched.slots.insert(slot_key);
         }
+        for retained in &before.retained {
+            self.ids
+                .unname_backend(self::backend(retained, before.protocol, &self.node));
+        }
         if before.kind == FrontendKind::ClusterIP
             && let Some(vip) = self.desired.vips.get_mut(&key.addr_be)
         {
@@ -168,6 +172,13 @@ impl Planner {
             let slot_key = SlotKey { service_id, slot };
             self.desired.slots.insert(slot_key, Slot { backend_id });
             touched.slots.insert(slot_key);
+        }
+        // In no slot: there for the flows they have, which look them up by id.
+        for retained in &frontend.retained {
+            let backend = self::backend(retained, frontend.protocol, &self.node);
+            let backend_id = self.ids.name_backend(backend);
+            self.desired.backends.insert(backend_id, backend);
+            touched.backends.insert(backend_id);
         }
         // Only ClusterIPs: an external or load-balancer IP may be a node's own address, whose
         // other ports (ssh, the kubelet) are no service's to drop.
@@ -411,6 +422,7 @@ mod tests {
                     zone: None,
                 })
                 .collect(),
+            retained: Vec::new(),
         }
     }
 

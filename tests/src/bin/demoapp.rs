@@ -2,7 +2,8 @@
 //! names the pod, its address and the client's address as the pod saw it.
 //!
 //! - HTTP on 8080: one answer per request, then the connection closes.
-//! - TCP on 9000: answers each line, for long-lived connections.
+//! - TCP on 9000: answers each line, for long-lived connections; after answering `close`, closes
+//!   the connection (a server ending its connections as it terminates).
 //! - UDP on 5353: answers each datagram.
 //!
 //! Prints `ready` once all three listen.
@@ -76,7 +77,11 @@ fn answer_lines(stream: TcpStream, pod: &str) -> std::io::Result<()> {
     let who = identity(pod, stream.local_addr()?, stream.peer_addr()?);
     let mut writer = stream.try_clone()?;
     for line in BufReader::new(stream).lines() {
-        writer.write_all(format!("{} {who}", line?).as_bytes())?;
+        let line = line?;
+        writer.write_all(format!("{line} {who}").as_bytes())?;
+        if line == "close" {
+            break;
+        }
     }
     Ok(())
 }
