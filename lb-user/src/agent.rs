@@ -29,7 +29,7 @@ use crate::{
         kubernetes,
         manifests::{Fingerprint, Manifests},
     },
-    status::{self, FrontendLabels, Status},
+    status::{self, Endpoints, FrontendLabels, Status},
     sync::Pipeline,
 };
 
@@ -66,8 +66,12 @@ pub struct Settings {
     pub flow_gc_interval: Duration,
     /// Timeouts and the SNAT port range; the agent fills in the SNAT address.
     pub config: Config,
-    /// Where `/healthz`, `/readyz` and `/metrics` are served.
-    pub status_address: SocketAddr,
+    /// Where `/healthz` and `/readyz` are served.
+    pub health_address: SocketAddr,
+    /// Where `/metrics` is served (and health too).
+    pub metrics_address: SocketAddr,
+    /// Health fails once the sync loop has not gone round for this long.
+    pub stall_after: Duration,
 }
 
 /// Runs until SIGINT or SIGTERM. What it programmed stays pinned and keeps forwarding; the next
@@ -94,7 +98,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         flows,
         "adopted the maps pinned before"
     );
-    let status = Arc::new(Status::default());
+    let status = Arc::new(Status::new(settings.stall_after));
     // Optional: without it, the LRU tables still evict when full.
     if let Err(e) = flow_gc::spawn(
         &settings.pin_dir,
@@ -103,10 +107,17 @@ pub async fn run(settings: Settings) -> Result<()> {
     ) {
         error!("no flow GC: {e:#}");
     }
-    let server = tokio::spawn(status::serve(
-        settings.status_address,
+    // The servers live on their own: no client of theirs, and no failure of theirs, reaches
+    // this loop.
+    tokio::spawn(status::serve(
+        settings.health_address,
+        Endpoints::Health,
         Arc::clone(&status),
-        settings.pin_dir.clone(),
+    ));
+    tokio::spawn(status::serve(
+        settings.metrics_address,
+        Endpoints::Metrics(Arc::new(KernelMaps::open_pinned(&settings.pin_dir)?)),
+        Arc::clone(&status),
     ));
     let mut source = match &settings.source {
         SourceSettings::Manifests(paths) => Source::Manifests {
@@ -178,13 +189,7 @@ pub async fn run(settings: Settings) -> Result<()> {
                 Err(e) => error!("{e:#}"),
             }
         }
-        if server.is_finished() {
-            // The endpoint is how the node's operator sees the agent: without it, stop.
-            return match server.await? {
-                Ok(()) => Ok(()),
-                Err(e) => Err(e.context("the status endpoint stopped")),
-            };
-        }
+        status.record_loop();
         tokio::select! {
             () = tokio::time::sleep(settings.poll_interval) => {}
             () = source.changed() => {}

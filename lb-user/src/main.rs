@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::maps::Config;
 use lb_user::{agent, datapath, maps::KernelMaps, model, sources::manifests::Manifests};
 use serde::Serialize;
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 /// An eBPF Kubernetes service load balancer: a kube-proxy replacement.
@@ -84,9 +85,18 @@ struct RunArgs {
     /// frontends through socket hooks; by default the cgroup v2 root.
     #[arg(long)]
     cgroup: Option<PathBuf>,
-    /// Where /healthz, /readyz and /metrics are served.
+    /// Where /healthz and /readyz are served: for the kubelet's probes and load balancers'
+    /// health checks.
     #[arg(long, default_value = "0.0.0.0:9402")]
-    status_address: std::net::SocketAddr,
+    health_address: std::net::SocketAddr,
+    /// Where /metrics is served (health too). It names every Service and counts its traffic:
+    /// loopback by default, as kube-proxy's.
+    #[arg(long, default_value = "127.0.0.1:9403")]
+    metrics_address: std::net::SocketAddr,
+    /// /healthz and /readyz fail once the sync loop has not gone round for this long, in
+    /// seconds (a source that hangs applies nothing).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    stall_timeout_secs: u64,
     /// Source ports for SNAT to the node's address: outside the node's ephemeral range.
     #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
     snat_ports: RangeInclusive<u16>,
@@ -227,6 +237,7 @@ fn exit_quietly_on_closed_pipe() {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
+    raise_file_limit();
     let secs = |s: u64| s.saturating_mul(1_000_000_000);
     agent::run(agent::Settings {
         node: args.node.config(),
@@ -251,7 +262,9 @@ async fn run(args: RunArgs) -> Result<()> {
         sysctl_dir: args.sysctl_dir,
         poll_interval: Duration::from_millis(args.poll_interval_ms),
         flow_gc_interval: Duration::from_secs(args.flow_gc_interval_secs),
-        status_address: args.status_address,
+        health_address: args.health_address,
+        metrics_address: args.metrics_address,
+        stall_after: Duration::from_secs(args.stall_timeout_secs),
         config: Config {
             tcp_open_timeout_ns: secs(args.tcp_timeout_secs),
             tcp_closing_timeout_ns: secs(args.tcp_closing_timeout_secs),
@@ -263,6 +276,38 @@ async fn run(args: RunArgs) -> Result<()> {
         },
     })
     .await
+}
+
+/// Raises the soft limit on open files to the hard one: the agent holds a descriptor per map,
+/// program, link and client, and the usual soft limit of 1,024 is the first thing a flood of
+/// connections to its endpoints would exhaust.
+fn raise_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "reading the open files limit");
+        return;
+    }
+    if limit.rlim_cur >= limit.rlim_max {
+        return;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: limit.rlim_max,
+        ..limit
+    };
+    // SAFETY: setrlimit only reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        info!(
+            from = limit.rlim_cur,
+            to = raised.rlim_cur,
+            "raised the open files limit"
+        );
+    } else {
+        warn!(error = %std::io::Error::last_os_error(), "raising the open files limit");
+    }
 }
 
 fn plan(args: &PlanArgs) -> Result<()> {
@@ -295,9 +340,12 @@ fn plan(args: &PlanArgs) -> Result<()> {
                     fe.rule,
                     fe.when_empty
                 );
-                for be in &fe.backends {
+                let backends = fe.backends.iter().map(|be| ("->", be));
+                // Serving, so their UDP flows stay, but no new flow goes there.
+                let retained = fe.retained.iter().map(|be| ("~>", be));
+                for (arrow, be) in backends.chain(retained) {
                     println!(
-                        "  -> {}:{} node={} zone={}",
+                        "  {arrow} {}:{} node={} zone={}",
                         be.address,
                         be.port,
                         be.node.as_deref().unwrap_or("-"),

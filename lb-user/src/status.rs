@@ -1,21 +1,26 @@
-//! The agent's HTTP endpoint: `/healthz` (the loop runs), `/readyz` (the first sync is
-//! programmed and the interfaces attached) and `/metrics` (Prometheus text: the datapath's
-//! counters, per frontend and by result, its tracked flows, the agent's syncs and API errors). Plain HTTP/1.1, one request
-//! per connection: probes and scrapers need no more.
+//! The agent's HTTP endpoints, as kube-proxy splits them: health (`/healthz`: the sync loop
+//! goes round; `/readyz`: the first sync is programmed, the interfaces attached, and the loop
+//! goes round), for the kubelet and load balancers, on every address by default; and metrics
+//! (`/metrics`, Prometheus text: the datapath's counters, per frontend and by result, its
+//! tracked flows, the agent's syncs and API errors), which name every Service, on loopback by
+//! default. Plain HTTP/1.1, one request per connection: probes and scrapers need no more.
+//!
+//! Nothing a client does reaches the agent's sync loop: connections are capped per peer and in
+//! all, each has a deadline for the whole request, and a server that cannot bind or accept
+//! retries on its own.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fmt::Write as _,
-    net::SocketAddr,
-    path::PathBuf,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use lb_common::maps::FrontendStats;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -28,6 +33,15 @@ use crate::maps::KernelMaps;
 /// Upper bounds of the sync duration histogram, in seconds.
 const SYNC_BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
 const MAX_REQUEST: usize = 8192;
+/// How long a connection may take, from accept to the last byte of the answer.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// Connections served at once, in all and from one peer address: past them a connection is
+/// closed at once, so that no client can hold the agent's file descriptors, and one peer
+/// (a pod) cannot crowd out the kubelet's probes.
+const MAX_CONNECTIONS: usize = 256;
+const MAX_CONNECTIONS_PER_PEER: usize = 8;
+/// How long a server that cannot bind or accept waits before it tries again.
+const RETRY: Duration = Duration::from_secs(1);
 
 /// A per-frontend metric: its name, its help, and the counter it shows.
 type Counter = (&'static str, &'static str, fn(&FrontendStats) -> u64);
@@ -43,9 +57,13 @@ pub struct FrontendLabels {
 }
 
 /// The agent's side of the metrics, written by the sync loop.
-#[derive(Default)]
 pub struct Status {
     ready: AtomicBool,
+    started: Instant,
+    /// When the sync loop last went round, in ms since `started`.
+    loop_beat_ms: AtomicU64,
+    /// Health fails once the loop has not gone round for this long.
+    stall_after: Duration,
     syncs: Mutex<Syncs>,
     /// By service id, as programmed.
     frontends: Mutex<BTreeMap<u32, FrontendLabels>>,
@@ -67,6 +85,59 @@ struct Syncs {
 }
 
 impl Status {
+    pub fn new(stall_after: Duration) -> Self {
+        Self {
+            ready: AtomicBool::new(false),
+            started: Instant::now(),
+            loop_beat_ms: AtomicU64::new(0),
+            stall_after,
+            syncs: Mutex::default(),
+            frontends: Mutex::default(),
+            api_errors: AtomicU64::new(0),
+            flow_gc_removed: AtomicU64::new(0),
+            flow_gc_failures: AtomicU64::new(0),
+        }
+    }
+
+    /// The sync loop went round: what it had to apply is applied, or retried.
+    pub fn record_loop(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.loop_beat_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long the loop has been stuck at `now`, if longer than `stall_after`: a sync that
+    /// cannot finish (a source that hangs) applies nothing, and must not look healthy.
+    fn stalled(&self, now: Instant) -> Option<Duration> {
+        let beat = self.started + Duration::from_millis(self.loop_beat_ms.load(Ordering::Relaxed));
+        let stuck = now.saturating_duration_since(beat);
+        (stuck > self.stall_after).then_some(stuck)
+    }
+
+    /// The answer to `path`; `/metrics` only where `maps` are given.
+    fn answer(&self, path: &str, maps: Option<&KernelMaps>) -> Result<(&'static str, String)> {
+        let stalled = self.stalled(Instant::now());
+        Ok(match (path, stalled, maps) {
+            ("/healthz" | "/readyz", Some(stuck), _) => (
+                "503 Service Unavailable",
+                format!(
+                    "the sync loop has not gone round for {} s\n",
+                    stuck.as_secs()
+                ),
+            ),
+            ("/healthz", None, _) => ("200 OK", "ok\n".to_string()),
+            ("/readyz", None, _) if self.ready.load(Ordering::Relaxed) => {
+                ("200 OK", "ready\n".to_string())
+            }
+            ("/readyz", None, _) => ("503 Service Unavailable", "not synced yet\n".to_string()),
+            // Walking the flow table takes a while: not on a thread other tasks wait for.
+            ("/metrics", _, Some(maps)) => (
+                "200 OK",
+                tokio::task::block_in_place(|| self.metrics(maps))?,
+            ),
+            _ => ("404 Not Found", "not found\n".to_string()),
+        })
+    }
+
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Relaxed);
     }
@@ -236,30 +307,107 @@ impl Status {
     }
 }
 
-/// Serves the endpoint at `address` until the process ends; the datapath's counters are read
-/// from the maps pinned at `pin_dir`.
-pub async fn serve(address: SocketAddr, status: Arc<Status>, pin_dir: PathBuf) -> Result<()> {
-    let listener = TcpListener::bind(address)
-        .await
-        .with_context(|| format!("listening on {address}"))?;
-    let maps = Arc::new(KernelMaps::open_pinned(&pin_dir)?);
-    info!(%address, "serving /healthz, /readyz and /metrics");
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let (status, maps) = (Arc::clone(&status), Arc::clone(&maps));
-        tokio::spawn(async move {
-            if let Err(e) = answer(stream, &status, &maps).await {
-                warn!("status request: {e:#}");
+/// What an address serves.
+#[derive(Clone)]
+pub enum Endpoints {
+    /// `/healthz` and `/readyz`.
+    Health,
+    /// `/metrics`, from these maps, and health too.
+    Metrics(Arc<KernelMaps>),
+}
+
+/// Serves `endpoints` at `address` for as long as the agent runs. Never returns: an address
+/// that cannot be bound, or an accept that fails (out of file descriptors), is logged and
+/// tried again.
+pub async fn serve(address: SocketAddr, endpoints: Endpoints, status: Arc<Status>) {
+    let what = match endpoints {
+        Endpoints::Health => "/healthz and /readyz",
+        Endpoints::Metrics(_) => "/metrics, /healthz and /readyz",
+    };
+    let listener = loop {
+        match TcpListener::bind(address).await {
+            Ok(listener) => break listener,
+            Err(e) => {
+                warn!(%address, error = %e, "cannot listen for {what}: trying again");
+                tokio::time::sleep(RETRY).await;
             }
+        }
+    };
+    info!(%address, "serving {what}");
+    let peers = Arc::new(Peers::default());
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                warn!(%address, error = %e, "status endpoint: accept failed, trying again");
+                tokio::time::sleep(RETRY).await;
+                continue;
+            }
+        };
+        // Over the caps, dropped: closed at once.
+        let Some(guard) = Peers::admit(&peers, peer.ip()) else {
+            continue;
+        };
+        let (status, endpoints) = (Arc::clone(&status), endpoints.clone());
+        tokio::spawn(async move {
+            let maps = match &endpoints {
+                Endpoints::Health => None,
+                Endpoints::Metrics(maps) => Some(maps.as_ref()),
+            };
+            match tokio::time::timeout(REQUEST_DEADLINE, answer(stream, &status, maps)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(%peer, "status request: {e:#}"),
+                Err(_) => warn!(%peer, "status request: over its {REQUEST_DEADLINE:?} deadline"),
+            }
+            drop(guard);
         });
     }
 }
 
-async fn answer(mut stream: TcpStream, status: &Status, maps: &KernelMaps) -> Result<()> {
+/// The connections being served, by peer address.
+#[derive(Default)]
+struct Peers(Mutex<HashMap<IpAddr, usize>>);
+
+/// One connection admitted by [`Peers::admit`], until dropped.
+struct Admitted {
+    peers: Arc<Peers>,
+    peer: IpAddr,
+}
+
+impl Peers {
+    /// Admits a connection from `peer`, unless that would pass a cap.
+    fn admit(peers: &Arc<Self>, peer: IpAddr) -> Option<Admitted> {
+        let mut counts = peers.0.lock().expect("status lock");
+        let total: usize = counts.values().sum();
+        let from_peer = counts.entry(peer).or_default();
+        if total >= MAX_CONNECTIONS || *from_peer >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *from_peer += 1;
+        Some(Admitted {
+            peers: Arc::clone(peers),
+            peer,
+        })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut counts = self.peers.0.lock().expect("status lock");
+        if let Some(count) = counts.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.peer);
+            }
+        }
+    }
+}
+
+async fn answer(mut stream: TcpStream, status: &Status, maps: Option<&KernelMaps>) -> Result<()> {
     let mut request = Vec::new();
     let mut buf = [0u8; 1024];
     while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < MAX_REQUEST {
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await??;
+        let n = stream.read(&mut buf).await?;
         if n == 0 {
             break;
         }
@@ -267,17 +415,7 @@ async fn answer(mut stream: TcpStream, status: &Status, maps: &KernelMaps) -> Re
     }
     let line = String::from_utf8_lossy(&request);
     let path = line.split_whitespace().nth(1).unwrap_or("/");
-    let (code, body) = match path {
-        "/healthz" => ("200 OK", "ok\n".to_string()),
-        "/readyz" if status.ready.load(Ordering::Relaxed) => ("200 OK", "ready\n".to_string()),
-        "/readyz" => ("503 Service Unavailable", "not synced yet\n".to_string()),
-        // Walking the flow table takes a while: not on a thread other tasks wait for.
-        "/metrics" => (
-            "200 OK",
-            tokio::task::block_in_place(|| status.metrics(maps))?,
-        ),
-        _ => ("404 Not Found", "not found\n".to_string()),
-    };
+    let (code, body) = status.answer(path, maps)?;
     let response = format!(
         "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\
          Connection: close\r\n\r\n{body}",
@@ -285,4 +423,85 @@ async fn answer(mut stream: TcpStream, status: &Status, maps: &KernelMaps) -> Re
     );
     stream.write_all(response.as_bytes()).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_fails_once_the_sync_loop_stops_going_round() {
+        let status = Status::new(Duration::from_secs(60));
+        let answer = |path| status.answer(path, None).unwrap();
+        assert_eq!(answer("/healthz").0, "200 OK");
+        assert_eq!(
+            answer("/readyz").0,
+            "503 Service Unavailable",
+            "not synced yet"
+        );
+        status.set_ready();
+        assert_eq!(answer("/readyz").0, "200 OK");
+        assert_eq!(
+            answer("/metrics").0,
+            "404 Not Found",
+            "not on the health address"
+        );
+
+        let beat = status.started;
+        // (seconds since the loop last went round, stalled)
+        for (after, stalled) in [
+            (0, false),
+            (59, false),
+            (60, false),
+            (61, true),
+            (3600, true),
+        ] {
+            assert_eq!(
+                status.stalled(beat + Duration::from_secs(after)).is_some(),
+                stalled,
+                "{after} s"
+            );
+        }
+        // A stall shows in both probes; the loop going round again heals them.
+        let stuck = Status::new(Duration::from_millis(50));
+        stuck.set_ready();
+        std::thread::sleep(Duration::from_millis(100));
+        for path in ["/healthz", "/readyz"] {
+            let (code, body) = stuck.answer(path, None).unwrap();
+            assert_eq!(code, "503 Service Unavailable", "{path}: {body}");
+            assert!(body.contains("sync loop"), "{body}");
+        }
+        stuck.record_loop();
+        assert_eq!(stuck.answer("/healthz", None).unwrap().0, "200 OK");
+    }
+
+    #[test]
+    fn connections_are_capped_per_peer_and_in_all() {
+        let peers = Arc::new(Peers::default());
+        let pod = IpAddr::from([10, 244, 0, 2]);
+        let held: Vec<Admitted> = (0..MAX_CONNECTIONS_PER_PEER)
+            .map(|_| Peers::admit(&peers, pod).expect("under the cap"))
+            .collect();
+        assert!(Peers::admit(&peers, pod).is_none(), "one peer past its cap");
+        let kubelet = Peers::admit(&peers, IpAddr::from([10, 0, 0, 1]));
+        assert!(kubelet.is_some(), "another peer is still served");
+        drop(held);
+        assert!(
+            Peers::admit(&peers, pod).is_some(),
+            "closed connections free their places"
+        );
+
+        // The kubelet's connection and these fill the total.
+        let many: Vec<Admitted> = (0..MAX_CONNECTIONS - 1)
+            .map(|i| {
+                let peer = IpAddr::from((0xac10_0000_u32 + i as u32).to_be_bytes());
+                Peers::admit(&peers, peer).expect("under the total cap")
+            })
+            .collect();
+        assert!(
+            Peers::admit(&peers, IpAddr::from([192, 0, 2, 1])).is_none(),
+            "past the total cap"
+        );
+        drop(many);
+    }
 }

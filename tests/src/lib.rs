@@ -43,6 +43,8 @@ pub(crate) const WAIT: Duration = Duration::from_secs(20);
 pub(crate) const POLL: Duration = Duration::from_millis(50);
 /// The agent's readiness, as seen from its node.
 pub(crate) const READYZ: &str = "http://127.0.0.1:9402/readyz";
+/// The soft limit on open files the lab starts its agents with.
+pub const SOFT_FILE_LIMIT: u64 = 1024;
 
 /// The workspace's root directory.
 pub fn workspace_root() -> PathBuf {
@@ -190,7 +192,24 @@ impl Lab {
         // nsenter, not `ip netns exec`: that one also unshares the mount namespace and remounts
         // /sys, which would hide the agent's pins under /sys/fs/bpf from everyone else.
         let mut command = Command::new("nsenter");
-        dies_with_parent(&mut command)
+        dies_with_parent(&mut command);
+        // SAFETY: getrlimit and setrlimit are async-signal-safe, as pre_exec requires.
+        unsafe {
+            command.pre_exec(|| {
+                // As systemd and many container runtimes start a service: a soft limit of
+                // 1,024 open files under a higher hard one.
+                let mut limit = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                    limit.rlim_cur = limit.rlim_cur.min(SOFT_FILE_LIMIT);
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+                }
+                Ok(())
+            });
+        }
+        command
             .arg(format!("--net=/run/netns/{}", self.node))
             .arg("--")
             .arg(&self.lb_user)
@@ -206,6 +225,11 @@ impl Lab {
 
     pub fn agent_log(&self) -> PathBuf {
         self.manifests.path().with_extension("agent.log")
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.borrow().as_ref().map(Child::id)
     }
 
     /// How many syncs the agent has logged.

@@ -327,8 +327,13 @@ fn the_agent_pod_is_wired_to_the_host() {
         "NODE_NAME is the pod's node"
     );
 
-    let status: SocketAddr = flag(flags, "status-address").parse().expect("an address");
-    let status_port = i32::from(status.port());
+    let health: SocketAddr = flag(flags, "health-address").parse().expect("an address");
+    let status_port = i32::from(health.port());
+    let metrics: SocketAddr = flag(flags, "metrics-address").parse().expect("an address");
+    assert!(
+        metrics.ip().is_loopback(),
+        "metrics name every Service: not for every pod to read"
+    );
     for (name, probe) in [
         ("liveness", &agent.liveness_probe),
         ("readiness", &agent.readiness_probe),
@@ -344,9 +349,9 @@ fn the_agent_pod_is_wired_to_the_host() {
         );
     }
     assert_eq!(
-        port_number(agent, &IntOrString::String("metrics".into())),
+        port_number(agent, &IntOrString::String("health".into())),
         status_port,
-        "the metrics port"
+        "the health port"
     );
 
     // Pins must outlive the pod: the host's bpffs, which a privileged init container mounts

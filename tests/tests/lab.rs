@@ -5,6 +5,7 @@ use std::{
     collections::BTreeMap,
     ffi::OsStr,
     fs,
+    io::Write as _,
     process::{Command, Stdio},
 };
 
@@ -14,6 +15,7 @@ const HTTP_VIP: &str = "http://10.96.0.10/";
 const STICKY_VIP: &str = "http://10.96.0.11/";
 const DNS_VIP: &str = "10.96.0.53:53";
 const ECHO_VIP: &str = "10.96.0.10:9000";
+const READYZ: &str = "http://127.0.0.1:9402/readyz";
 
 fn lab(tag: &str) -> Lab {
     lab_with(tag, &[])
@@ -990,7 +992,10 @@ fn from_the_kubernetes_api_the_agent_programs_and_follows_and_outlives_an_outage
 fn metrics_count_the_packets_a_test_sent() {
     let lab = lab("metrics");
     let get = |path: &str| {
-        let url = format!("http://127.0.0.1:9402{path}");
+        let url = format!(
+            "http://127.0.0.1:{}{path}",
+            if path == "/metrics" { 9403 } else { 9402 }
+        );
         lb_tests::output(&mut lab.in_node(&["curl", "-sS", "--max-time", "5", &url]))
             .unwrap_or_else(|e| panic!("GET {path}: {e:#}"))
     };
@@ -1027,4 +1032,116 @@ fn metrics_count_the_packets_a_test_sent() {
         .unwrap_or_else(|| panic!("no lb_conntrack_entries in:\n{after}"));
     // A closed connection's flow stays in the table until it idles out.
     assert_eq!(flows, 3, "flows tracked after three connections");
+}
+
+/// Opens `argv[3]` connections to `argv[1]:argv[2]` and prints how many connected; after a line
+/// on stdin, sends a byte on each every half second, as a slow client under any read timeout
+/// would, and prints how many the server left open after 8 s.
+const SLOW_CLIENTS: &str = r#"
+import socket, sys, time
+address = (sys.argv[1], int(sys.argv[2]))
+held = [socket.create_connection(address, timeout=2) for _ in range(int(sys.argv[3]))]
+for s in held:
+    s.setblocking(False)
+print(f"connected={len(held)}", flush=True)
+sys.stdin.readline()
+def is_open(s):
+    try:
+        s.send(b"G")
+        return s.recv(1) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+start = time.monotonic()
+while held and time.monotonic() - start < 8:
+    held = [s for s in held if is_open(s)]
+    time.sleep(0.5)
+print(f"open={len(held)}", flush=True)
+"#;
+
+#[test]
+fn the_status_endpoints_keep_metrics_from_pods_and_outlast_a_flood_of_slow_clients() {
+    let lab = lab("status");
+    let from_pod =
+        |url: &str| lb_tests::output(&mut lab.in_client(&["curl", "-sS", "--max-time", "2", url]));
+    let node = format!("http://{NODE_IP}");
+    assert_eq!(from_pod(&format!("{node}:9402/healthz")).unwrap(), "ok\n");
+    let err = from_pod(&format!("{node}:9403/metrics")).expect_err("metrics are the node's");
+    assert!(
+        format!("{err:#}").contains("exit status: 7"),
+        "refused: {err:#}"
+    );
+    assert_eq!(
+        from_pod(&format!("{node}:9402/metrics")).unwrap(),
+        "not found\n",
+        "metrics are not on the health address"
+    );
+
+    let pid = lab.agent_pid().expect("the agent runs");
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect();
+    assert_eq!(
+        files[0], files[1],
+        "the soft limit raised to the hard one: {limits}"
+    );
+    assert_ne!(files[0], lb_tests::SOFT_FILE_LIMIT.to_string(), "{limits}");
+
+    let descriptors = || fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let before = descriptors();
+    let mut flood = KillOnDrop(
+        lab.in_client(&[
+            "python3",
+            "-c",
+            SLOW_CLIENTS,
+            &NODE_IP.to_string(),
+            "9402",
+            "300",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap(),
+    );
+    let mut out = std::io::BufReader::new(flood.0.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line, "connected=300\n");
+    let held = descriptors();
+    assert!(
+        held < before + 20,
+        "{held} descriptors with 300 connections held, {before} before"
+    );
+    // Meanwhile the node's probes are answered and the loop syncs.
+    for _ in 0..3 {
+        let ok = lb_tests::output(&mut lab.in_node(&["curl", "-sS", "--max-time", "2", READYZ]));
+        assert_eq!(ok.unwrap(), "ready\n");
+    }
+    let (_, ip) = BACKENDS[2];
+    lab.edit_manifest("demo.yaml", |t| remove_endpoint(&t, &ip.to_string()))
+        .unwrap();
+    wait_for_backends(&lab, "10.96.0.10:80/TCP", 2);
+
+    // Slow clients are cut at the request deadline, however often they send.
+    writeln!(flood.0.stdin.take().unwrap()).unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line, "open=0\n", "every slow client was cut");
+}
+
+/// A child process killed when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -2,8 +2,9 @@
 //! A document that does not parse is skipped with its file and position; the others load.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     fs,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::Arc,
     time::SystemTime,
@@ -59,7 +60,7 @@ fn stamp(file: &Path) -> Stamp {
     let meta = fs::metadata(file).ok();
     let modified = meta.as_ref().and_then(|m| m.modified().ok());
     let len = meta.as_ref().map_or(0, |m| m.len());
-    let inode = meta.map_or(0, |m| std::os::unix::fs::MetadataExt::ino(&m));
+    let inode = meta.map_or(0, |m| m.ino());
     (modified, len, inode)
 }
 
@@ -73,11 +74,7 @@ impl Manifests {
 
     /// The manifest files, directories expanded (recursively, sorted).
     pub fn files(&self) -> Vec<PathBuf> {
-        let mut files = Vec::new();
-        for path in &self.paths {
-            collect(path, &mut files, &mut Vec::new());
-        }
-        files
+        walk(&self.paths).files
     }
 
     /// The directories whose entries are the manifests: each directory given and those below
@@ -94,8 +91,8 @@ impl Manifests {
                 };
                 directories.push(parent.to_path_buf());
             }
-            collect(path, &mut Vec::new(), &mut directories);
         }
+        directories.extend(walk(&self.paths).directories);
         directories
     }
 
@@ -169,36 +166,65 @@ fn read(file: &Path, stamp: Stamp, last_good: Option<Objects>) -> FileState {
     }
 }
 
-fn collect(path: &Path, files: &mut Vec<PathBuf>, directories: &mut Vec<PathBuf>) {
-    if path.is_dir() {
-        directories.push(path.to_path_buf());
-        let Ok(entries) = fs::read_dir(path) else {
-            return;
+/// What a walk of the paths given found.
+#[derive(Default)]
+struct Walk {
+    files: Vec<PathBuf>,
+    directories: Vec<PathBuf>,
+}
+
+/// Walks `paths`: a file given is a manifest, a directory given holds them, in its own files
+/// and in its directories, recursively, sorted. Below a path given, a symlink is followed to a
+/// file (a ConfigMap volume's files are symlinks) but never to a directory, and no directory is
+/// entered twice (a bind mount of a parent below it): the walk is bounded by the directories
+/// on disk, whatever links and mounts a manifest directory holds.
+fn walk(paths: &[PathBuf]) -> Walk {
+    let mut walk = Walk::default();
+    let mut entered = HashSet::new();
+    for path in paths {
+        visit(path, &mut walk, &mut entered);
+    }
+    walk
+}
+
+fn visit(path: &Path, walk: &mut Walk, entered: &mut HashSet<(u64, u64)>) {
+    let Ok(meta) = fs::metadata(path) else {
+        return;
+    };
+    if meta.is_file() {
+        walk.files.push(path.to_path_buf());
+        return;
+    }
+    if !meta.is_dir() || !entered.insert((meta.dev(), meta.ino())) {
+        return;
+    }
+    walk.directories.push(path.to_path_buf());
+    let Ok(entries) = fs::read_dir(path) else {
+        return;
+    };
+    // Dot-entries are skipped: a ConfigMap volume keeps every file again under `..data` and a
+    // timestamped directory.
+    let mut children: Vec<PathBuf> = entries
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
+        .collect();
+    children.sort();
+    for child in children {
+        let Ok(link) = child.symlink_metadata() else {
+            continue;
         };
-        // Dot-entries are skipped: a ConfigMap volume keeps every file again under `..data`
-        // and a timestamped directory. Directory symlinks are not followed (no loops).
-        let mut children: Vec<PathBuf> = entries
-            .filter_map(|e| Some(e.ok()?.path()))
-            .filter(|p| {
-                !p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-            })
-            .collect();
-        children.sort();
-        for child in children {
-            let is_link = child
-                .symlink_metadata()
-                .is_ok_and(|m| m.file_type().is_symlink());
-            if (child.is_dir() && !is_link)
-                || child
-                    .extension()
-                    .is_some_and(|e| EXTENSIONS.iter().any(|x| e == *x))
-            {
-                collect(&child, files, directories);
-            }
+        if link.file_type().is_symlink() && child.is_dir() {
+            continue;
         }
-    } else if path.is_file() {
-        files.push(path.to_path_buf());
+        let manifest = child
+            .extension()
+            .is_some_and(|e| EXTENSIONS.iter().any(|x| e == *x));
+        if link.is_dir() || manifest {
+            visit(&child, walk, entered);
+        }
     }
 }
 
@@ -310,6 +336,36 @@ mod tests {
         let mut skipped = Vec::new();
         parse("test.yaml", text, &mut objects, &mut skipped);
         (objects, skipped)
+    }
+
+    #[test]
+    fn the_walk_follows_file_links_only_and_enters_each_directory_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir(root.join("sub")).unwrap();
+        fs::write(root.join("a.yaml"), "").unwrap();
+        fs::write(root.join("sub/b.yml"), "").unwrap();
+        fs::write(root.join("notes.txt"), "").unwrap();
+        // Directory links named like manifests: followed, each would walk the tree again,
+        // and two of them double the walk at every level.
+        std::os::unix::fs::symlink(".", root.join("loop.yaml")).unwrap();
+        std::os::unix::fs::symlink("..", root.join("sub/up.json")).unwrap();
+        std::os::unix::fs::symlink("sub", root.join("sub-link")).unwrap();
+        // A file link, as a ConfigMap volume has them: followed.
+        std::os::unix::fs::symlink("sub/b.yml", root.join("c.yaml")).unwrap();
+        let manifests = Manifests::new(vec![root.to_path_buf()]);
+        let names: Vec<String> = manifests
+            .files()
+            .iter()
+            .map(|f| f.strip_prefix(root).unwrap().display().to_string())
+            .collect();
+        assert_eq!(names, ["a.yaml", "c.yaml", "sub/b.yml"]);
+        let directories = manifests.directories();
+        assert_eq!(
+            directories.len(),
+            3,
+            "the parent, the root, sub: {directories:?}"
+        );
     }
 
     #[test]
