@@ -338,6 +338,8 @@ impl Syncer {
         let programmed = self.pipeline.programmed();
         self.status
             .set_frontends(labels(&planned.desired.frontends, programmed));
+        self.status
+            .set_lost_claims(planned.desired.lost_claims.clone());
         self.generation += 1;
         info!(
             generation = self.generation,

@@ -28,7 +28,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use crate::maps::KernelMaps;
+use crate::{maps::KernelMaps, model::LostClaim};
 
 /// Upper bounds of the sync duration histogram, in seconds.
 const SYNC_BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
@@ -67,6 +67,8 @@ pub struct Status {
     syncs: Mutex<Syncs>,
     /// By service id, as programmed.
     frontends: Mutex<BTreeMap<u32, FrontendLabels>>,
+    /// Frontends claimed by a Service that an older one holds, as of the last sync.
+    lost_claims: Mutex<Vec<LostClaim>>,
     /// Failed requests to the Kubernetes API: lists and watches.
     api_errors: AtomicU64,
     /// Flow and reply entries the flow GC removed.
@@ -93,6 +95,7 @@ impl Status {
             stall_after,
             syncs: Mutex::default(),
             frontends: Mutex::default(),
+            lost_claims: Mutex::default(),
             api_errors: AtomicU64::new(0),
             flow_gc_removed: AtomicU64::new(0),
             flow_gc_failures: AtomicU64::new(0),
@@ -168,6 +171,10 @@ impl Status {
 
     pub fn set_frontends(&self, frontends: BTreeMap<u32, FrontendLabels>) {
         *self.frontends.lock().expect("status lock") = frontends;
+    }
+
+    pub fn set_lost_claims(&self, lost: Vec<LostClaim>) {
+        *self.lost_claims.lock().expect("status lock") = lost;
     }
 
     /// The Prometheus text of the agent's and the datapath's counters.
@@ -281,6 +288,23 @@ impl Status {
             self.flow_gc_removed.load(Ordering::Relaxed),
             self.flow_gc_failures.load(Ordering::Relaxed)
         );
+        let lost = self.lost_claims.lock().expect("status lock").clone();
+        let _ = writeln!(
+            out,
+            "# HELP lb_frontend_claims_lost Frontends a Service claims that an older Service \
+             holds: the newcomer gets none of them.\n# TYPE lb_frontend_claims_lost gauge\n\
+             lb_frontend_claims_lost {}\n# HELP lb_frontend_claim_lost One lost claim: the \
+             frontend, the Service that claims it, the one that holds it.\n\
+             # TYPE lb_frontend_claim_lost gauge",
+            lost.len()
+        );
+        for claim in &lost {
+            let _ = writeln!(
+                out,
+                "lb_frontend_claim_lost{{frontend=\"{}\",service=\"{}\",holder=\"{}\"}} 1",
+                claim.frontend, claim.service, claim.holder
+            );
+        }
         let syncs = self.syncs.lock().expect("status lock");
         let _ = writeln!(
             out,

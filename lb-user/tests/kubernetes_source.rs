@@ -31,8 +31,17 @@ fn node() -> NodeConfig {
     }
 }
 
-fn frontends(objects: &Objects) -> Vec<Arc<model::Frontend>> {
-    model::compute(objects, &node()).frontends
+/// The model of `objects`, but for the claims' ages: an API server stamps each object with its
+/// creation, the example manifests carry no stamp.
+fn frontends(objects: &Objects) -> Vec<model::Frontend> {
+    model::compute(objects, &node())
+        .frontends
+        .iter()
+        .map(|f| model::Frontend {
+            created: None,
+            ..f.as_ref().clone()
+        })
+        .collect()
 }
 
 /// Polls `done` until it holds, for at most [`WAIT`].

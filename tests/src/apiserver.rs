@@ -57,6 +57,12 @@ struct State {
     down: bool,
 }
 
+/// `2026-01-01T00:00:00Z` plus `seconds` (under a day), in the API's format.
+fn creation_timestamp(seconds: u64) -> String {
+    let (hours, minutes, seconds) = (seconds / 3600, seconds / 60 % 60, seconds % 60);
+    format!("2026-01-01T{hours:02}:{minutes:02}:{seconds:02}Z")
+}
+
 fn key(object: &Value) -> String {
     let meta = &object["metadata"];
     format!(
@@ -71,6 +77,13 @@ impl Server {
         let mut state = self.state.lock().unwrap();
         state.version += 1;
         object["metadata"]["resourceVersion"] = json!(state.version.to_string());
+        // As an API server stamps an object when it is created, and keeps the stamp: here a
+        // second per version, so that what is created later is younger.
+        let created = match state.objects.entry(path).or_default().get(&key(&object)) {
+            Some(stored) => stored["metadata"]["creationTimestamp"].clone(),
+            None => json!(creation_timestamp(state.version)),
+        };
+        object["metadata"]["creationTimestamp"] = created;
         let kind = if state
             .objects
             .entry(path)

@@ -989,6 +989,73 @@ fn from_the_kubernetes_api_the_agent_programs_and_follows_and_outlives_an_outage
 }
 
 #[test]
+fn a_newer_service_cannot_take_a_frontend_another_serves() {
+    let mut lab = Lab::up("claims").expect("lab");
+    let api = ApiServer::start(Some(&lab.node)).expect("a test API server");
+    api.apply_manifests(lab.manifests.path()).unwrap();
+    let kubeconfig = lab.manifests.path().with_extension("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let source = [
+        OsStr::new("--kubernetes"),
+        OsStr::new("--kubeconfig"),
+        kubeconfig.as_os_str(),
+    ];
+    lab.start_agent_on(&source, &[])
+        .expect("an agent on the API");
+    // CVE-2020-8554's shape: a tenant's new Service, named to sort first, claims demo's
+    // ClusterIP and port as an external IP, with no endpoints of its own.
+    let syncs = lab.syncs();
+    api.apply(
+        lb_tests::apiserver::SERVICES,
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "aaa-squatter", "namespace": "default"},
+            "spec": {
+                "type": "ClusterIP",
+                "clusterIP": "10.96.0.99",
+                "externalIPs": ["10.96.0.10"],
+                "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
+            },
+        }),
+    );
+    lab.wait_for("the agent to sync the newcomer", || Ok(lab.syncs() > syncs))
+        .unwrap();
+    let pods = curl_pods(&lab, HTTP_VIP, 3);
+    assert_eq!(
+        counts(&pods).len(),
+        3,
+        "demo still serves its ClusterIP: {pods:?}"
+    );
+    let log = fs::read_to_string(lab.agent_log()).unwrap();
+    assert!(
+        log.contains(
+            "Service default/aaa-squatter spec.ports[http]: 10.96.0.10:80/TCP is already a \
+             frontend of Service default/demo, created earlier"
+        ),
+        "{log}"
+    );
+    let metrics = lb_tests::output(&mut lab.in_node(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        "http://127.0.0.1:9403/metrics",
+    ]))
+    .unwrap();
+    assert!(
+        metrics.contains(
+            "lb_frontend_claim_lost{frontend=\"10.96.0.10:80/TCP\",\
+             service=\"default/aaa-squatter\",holder=\"default/demo\"} 1"
+        ),
+        "{metrics}"
+    );
+    // A restarted agent settles the claims the same way.
+    lab.start_agent_on(&source, &[]).expect("the agent again");
+    assert_eq!(counts(&curl_pods(&lab, HTTP_VIP, 3)).len(), 3);
+}
+
+#[test]
 fn metrics_count_the_packets_a_test_sent() {
     let lab = lab("metrics");
     let get = |path: &str| {

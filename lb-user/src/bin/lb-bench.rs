@@ -401,6 +401,7 @@ fn run(program: Program, input: &[u8]) -> Result<(u128, Vec<u8>)> {
 fn service(i: u32) -> model::Frontend {
     model::Frontend {
         service: format!("bench/svc-{i}"),
+        created: None,
         port_name: "http".into(),
         kind: FrontendKind::ClusterIP,
         scope: Scope::Internal,

@@ -288,6 +288,11 @@ fn service(svc: &core::Service, skipped: &mut Vec<Skipped>) -> Option<Service> {
     Some(Service {
         namespace: namespace(&svc.metadata),
         name: name(&svc.metadata),
+        created: svc
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.as_second()),
         kind,
         cluster_ips,
         external_ips,

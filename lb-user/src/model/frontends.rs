@@ -8,9 +8,9 @@ use std::{
 };
 
 use super::{
-    Backend, Cluster, Endpoint, EndpointSlice, Frontend, FrontendKind, Node, NodeConfig, Protocol,
-    Scope, Service, ServiceKind, ServicePort, Skipped, TargetPort, TrafficPolicy, WhenEmpty,
-    ZONE_LABEL, port_field,
+    Backend, Cluster, Endpoint, EndpointSlice, Frontend, FrontendKind, LostClaim, Node, NodeConfig,
+    Protocol, Scope, Service, ServiceKind, ServicePort, Skipped, TargetPort, TrafficPolicy,
+    WhenEmpty, ZONE_LABEL, port_field,
     topology::{self, Candidate, Selection, Topology},
 };
 
@@ -32,10 +32,12 @@ impl<'a> Here<'a> {
     }
 }
 
-/// The frontends of `cluster`'s Services here, sorted by address, port, protocol and scope.
-/// Services are taken in order of namespace and name, and the first to claim a frontend has
-/// it.
-pub fn frontends(cluster: &Cluster, here: &Here<'_>) -> (Vec<Frontend>, Vec<Skipped>) {
+/// The frontends of `cluster`'s Services here, sorted by address, port, protocol and scope,
+/// with the claims that lost ([`settle`]).
+pub fn frontends(
+    cluster: &Cluster,
+    here: &Here<'_>,
+) -> (Vec<Frontend>, Vec<LostClaim>, Vec<Skipped>) {
     let mut services: Vec<&Service> = cluster.services.iter().collect();
     services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
@@ -56,16 +58,24 @@ pub fn frontends(cluster: &Cluster, here: &Here<'_>) -> (Vec<Frontend>, Vec<Skip
             .map_or(&[][..], Vec::as_slice);
         claims.extend(service_frontends(service, slices, here, &mut skipped));
     }
-    (settle(claims, &mut skipped), skipped)
+    let (frontends, lost) = settle(claims, &mut skipped);
+    (frontends, lost, skipped)
 }
 
-/// The frontends `claims` make, in order: the first claim of an address, port, protocol and
-/// scope has it, the later ones are reported. Sorted by that key.
+/// The frontends `claims` make: of the claims of one address, port, protocol and scope, the
+/// oldest Service's has it (by creation timestamp, a Service without one after those with
+/// one, then by `namespace/name`), and the others are reported, in `skipped` and as lost
+/// claims. Age, not name: a Service created later can never take a frontend another serves,
+/// on any node or after any restart. Sorted by that key.
 pub fn settle<F: Borrow<Frontend>>(
     claims: impl IntoIterator<Item = F>,
     skipped: &mut Vec<Skipped>,
-) -> Vec<F> {
+) -> (Vec<F>, Vec<LostClaim>) {
+    let mut claims: Vec<F> = claims.into_iter().collect();
+    // Stable: a Service's own claims keep their order.
+    claims.sort_by(|a, b| claim_order(a.borrow()).cmp(&claim_order(b.borrow())));
     let mut by_key: BTreeMap<(Ipv4Addr, u16, Protocol, Scope), F> = BTreeMap::new();
+    let mut lost = Vec::new();
     for claim in claims {
         let frontend = claim.borrow();
         match by_key.entry((
@@ -77,20 +87,52 @@ pub fn settle<F: Borrow<Frontend>>(
             Entry::Vacant(slot) => {
                 slot.insert(claim);
             }
-            Entry::Occupied(taken) => skipped.push(Skipped::new(
-                format!("Service {}", frontend.service),
-                port_field(&frontend.port_name, frontend.port, frontend.protocol),
-                format!(
-                    "{}:{}/{} is already a frontend of Service {}",
-                    frontend.address,
-                    frontend.port,
-                    frontend.protocol,
-                    taken.get().borrow().service
-                ),
-            )),
+            Entry::Occupied(taken) => {
+                let holder = taken.get().borrow();
+                let address = format!(
+                    "{}:{}/{}",
+                    frontend.address, frontend.port, frontend.protocol
+                );
+                skipped.push(Skipped::new(
+                    format!("Service {}", frontend.service),
+                    port_field(&frontend.port_name, frontend.port, frontend.protocol),
+                    format!(
+                        "{address} is already a frontend of Service {}, {}: the oldest claim \
+                         keeps a frontend",
+                        holder.service,
+                        older(holder.created, frontend.created)
+                    ),
+                ));
+                lost.push(LostClaim {
+                    frontend: address,
+                    service: frontend.service.clone(),
+                    holder: holder.service.clone(),
+                });
+            }
         }
     }
-    by_key.into_values().collect()
+    lost.sort();
+    lost.dedup();
+    (by_key.into_values().collect(), lost)
+}
+
+/// Claims are settled oldest first.
+fn claim_order(frontend: &Frontend) -> (bool, Option<i64>, &str) {
+    (
+        frontend.created.is_none(),
+        frontend.created,
+        &frontend.service,
+    )
+}
+
+/// Why the holder's claim is older than the newcomer's.
+fn older(holder: Option<i64>, newcomer: Option<i64>) -> &'static str {
+    match (holder, newcomer) {
+        (Some(h), Some(n)) if h < n => "created earlier",
+        (Some(_), None) => "which has a creation timestamp where this one has none",
+        (None, None) => "first by namespace/name, neither having a creation timestamp",
+        _ => "created in the same second and first by namespace/name",
+    }
 }
 
 /// The frontends one Service claims, in the order they are claimed.
@@ -155,6 +197,7 @@ fn service_frontends(
                 .collect();
             claims.push(Frontend {
                 service: format!("{}/{}", service.namespace, service.name),
+                created: service.created,
                 port_name: port.name.clone(),
                 kind,
                 scope,
@@ -309,6 +352,7 @@ mod tests {
         Service {
             namespace: "ns".into(),
             name: "svc".into(),
+            created: None,
             kind: ServiceKind::ClusterIP,
             cluster_ips: vec![VIP],
             external_ips: vec![],
@@ -417,7 +461,9 @@ mod tests {
         } else {
             node.addresses.clone()
         };
-        super::frontends(cluster, &Here::new(node, &node_ips, &nodes))
+        let (frontends, _, skipped) =
+            super::frontends(cluster, &Here::new(node, &node_ips, &nodes));
+        (frontends, skipped)
     }
 
     /// The frontend `kind` from `scope` on `node`: its backends' last octets, its rule, and
@@ -857,6 +903,82 @@ mod tests {
         let (backends, rule, _) =
             frontend_of(&cluster, "n1", FrontendKind::ClusterIP, Scope::Internal);
         assert_eq!((backends, rule.as_str()), (vec![1], "ready endpoints"));
+    }
+
+    #[test]
+    fn of_two_services_claiming_a_frontend_the_older_keeps_it() {
+        let claimant = |name: &str, created: Option<i64>, vip: u8| Service {
+            name: name.into(),
+            created,
+            cluster_ips: vec![Ipv4Addr::new(10, 96, 0, vip)],
+            external_ips: vec![Ipv4Addr::new(192, 0, 2, 100)],
+            ..service()
+        };
+        // (first Service, second Service, who keeps the external IP, the reason's end)
+        let cases = [
+            (
+                ("aaa", Some(200)),
+                ("victim", Some(100)),
+                "ns/victim",
+                "created earlier",
+            ),
+            (
+                ("victim", Some(100)),
+                ("aaa", Some(200)),
+                "ns/victim",
+                "created earlier",
+            ),
+            (
+                ("aaa", None),
+                ("victim", Some(100)),
+                "ns/victim",
+                "where this one has none",
+            ),
+            (
+                ("aaa", Some(100)),
+                ("victim", Some(100)),
+                "ns/aaa",
+                "in the same second",
+            ),
+            (("aaa", None), ("victim", None), "ns/aaa", "neither having"),
+        ];
+        for ((first, first_created), (second, second_created), holder, reason) in cases {
+            let cluster = Cluster {
+                services: vec![
+                    claimant(first, first_created, 1),
+                    claimant(second, second_created, 2),
+                ],
+                slices: vec![],
+            };
+            let nodes = nodes();
+            let node = NodeConfig::new("n1");
+            let (frontends, lost, skipped) =
+                super::frontends(&cluster, &Here::new(&node, &[], &nodes));
+            let external = frontends
+                .iter()
+                .find(|f| f.kind == FrontendKind::ExternalIP && f.scope == Scope::External)
+                .unwrap();
+            let case = format!("{first} {first_created:?}, {second} {second_created:?}");
+            assert_eq!(external.service, holder, "{case}");
+            let loser = if holder == "ns/victim" {
+                "ns/aaa"
+            } else {
+                "ns/victim"
+            };
+            // From outside and from inside: one lost claim of the address.
+            assert_eq!(
+                lost,
+                [LostClaim {
+                    frontend: "192.0.2.100:80/TCP".into(),
+                    service: loser.into(),
+                    holder: holder.into(),
+                }],
+                "{case}"
+            );
+            assert_eq!(skipped.len(), 2, "{case}: {skipped:?}");
+            assert!(skipped[0].reason.contains(reason), "{case}: {}", skipped[0]);
+            assert_eq!(skipped[0].object, format!("Service {loser}"), "{case}");
+        }
     }
 
     #[test]

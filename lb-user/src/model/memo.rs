@@ -78,13 +78,14 @@ impl Memo {
             .services
             .values()
             .flat_map(|c| c.frontends.iter().cloned());
-        let frontends = settle(claims, &mut skipped);
+        let (frontends, lost_claims) = settle(claims, &mut skipped);
         skipped.sort();
         let node_addresses = context.node_addresses.clone();
         self.context = Some(context);
         Desired {
             frontends,
             skipped,
+            lost_claims,
             node_addresses,
         }
     }
@@ -123,7 +124,8 @@ impl Computed {
     fn new(group: Group, here: &Here<'_>) -> Self {
         let mut skipped = Vec::new();
         let cluster = convert::cluster(&group, &mut skipped);
-        let (frontends, more) = frontends(&cluster, here);
+        // Claims within one Service are settled here, between Services in `update`.
+        let (frontends, _, more) = frontends(&cluster, here);
         skipped.extend(more);
         Self {
             group,

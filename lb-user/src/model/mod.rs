@@ -37,6 +37,9 @@ pub struct Cluster {
 pub struct Service {
     pub namespace: String,
     pub name: String,
+    /// `metadata.creationTimestamp`, in seconds since the Unix epoch: of two Services claiming
+    /// one frontend, the older keeps it.
+    pub created: Option<i64>,
     pub kind: ServiceKind,
     pub cluster_ips: Vec<Ipv4Addr>,
     pub external_ips: Vec<Ipv4Addr>,
@@ -162,6 +165,9 @@ impl NodeConfig {
 pub struct Frontend {
     /// `namespace/name`.
     pub service: String,
+    /// The Service's [`Service::created`]: the claim's age.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created: Option<i64>,
     pub port_name: String,
     pub kind: FrontendKind,
     pub scope: Scope,
@@ -290,6 +296,18 @@ impl fmt::Display for Algorithm {
     }
 }
 
+/// A frontend claimed by a Service that another, older Service holds: the newcomer's claim is
+/// left out, so that no Service can take a live frontend from another by appearing.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct LostClaim {
+    /// `address:port/PROTOCOL`.
+    pub frontend: String,
+    /// `namespace/name` of the Service whose claim lost.
+    pub service: String,
+    /// `namespace/name` of the Service that holds it.
+    pub holder: String,
+}
+
 /// What this node should program.
 #[derive(Clone, Debug, Default)]
 pub struct Desired {
@@ -297,6 +315,8 @@ pub struct Desired {
     pub frontends: Vec<Arc<Frontend>>,
     /// Everything left out on the way, and why.
     pub skipped: Vec<Skipped>,
+    /// The claims that lost to an older Service's (also in `skipped`), sorted.
+    pub lost_claims: Vec<LostClaim>,
     /// The node's addresses: where NodePorts listen, the first is the SNAT address.
     pub node_addresses: Vec<Ipv4Addr>,
 }

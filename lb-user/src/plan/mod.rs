@@ -403,6 +403,7 @@ mod tests {
     fn frontend(algorithm: Algorithm, backends: &[(Ipv4Addr, u16)]) -> model::Frontend {
         model::Frontend {
             service: "default/demo".into(),
+            created: None,
             port_name: "http".into(),
             kind: FrontendKind::ClusterIP,
             scope: Scope::Internal,
