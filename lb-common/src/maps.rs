@@ -21,8 +21,9 @@ pub const REPLIES: &str = "lb_replies_v1";
 /// ClusterIPs: `u32` address -> [`Vip`]. Written by the agent. A packet to one of them on a
 /// port no frontend serves is dropped (kube-proxy's nftables mode rejects it).
 pub const VIPS: &str = "lb_vips_v1";
-/// The frontends the node's own unconnected UDP sockets sent to (LRU): [`SocketKey`] ->
-/// [`SocketFrontend`]. Written by the datapath, at `sendmsg()`; read at `recvmsg()`.
+/// The frontends the node's own sockets dialled (LRU): [`SocketKey`] -> [`SocketFrontend`].
+/// Written by the datapath at `connect()` and `sendmsg()`; read at `recvmsg()` and
+/// `getpeername()`, and by the agent, which resets a connected UDP socket whose backend is gone.
 pub const SOCKETS: &str = "lb_sockets_v1";
 /// Session affinity (LRU): [`AffinityKey`] -> [`Affinity`]. Written by the datapath.
 pub const AFFINITY: &str = "lb_affinity_v1";

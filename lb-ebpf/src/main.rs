@@ -113,7 +113,12 @@ pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
-    socket::recvmsg4(&ctx)
+    socket::to_frontend(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
+    socket::to_frontend(&ctx)
 }
 
 /// The packet core. A packet of a live flow goes to the flow's backend; a packet to a frontend

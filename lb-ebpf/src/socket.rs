@@ -1,9 +1,10 @@
 //! Socket-level balancing for the node's own processes, whose packets cross no pod-facing
 //! interface. At `connect()` (TCP, and UDP sockets that connect) and at each `sendmsg()` of an
 //! unconnected UDP socket, a frontend destination is replaced by a backend, so the socket talks
-//! to the backend directly and no packet needs rewriting; `recvmsg()` reports the backend's
-//! datagrams as coming from the frontend. Only sockets of the node's network namespace are
-//! touched: pods are tc's.
+//! to the backend directly and no packet needs rewriting; the socket remembers which frontend
+//! it dialled, so that `recvmsg()` reports the backend's datagrams as coming from the frontend
+//! and `getpeername()` names the frontend, as applications and TLS libraries expect. Only
+//! sockets of the node's network namespace are touched: pods are tc's.
 
 use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
@@ -26,19 +27,19 @@ pub const REFUSE: i32 = 0;
 /// A `connect()`: the socket's peer becomes a backend.
 #[inline(always)]
 pub fn connect4(ctx: &SockAddrContext) -> i32 {
-    to_backend(ctx, false)
+    to_backend(ctx)
 }
 
-/// A `sendmsg()` on an unconnected UDP socket: this datagram goes to a backend, and the socket
-/// remembers which frontend that backend answers for.
+/// A `sendmsg()` on an unconnected UDP socket: this datagram goes to a backend.
 #[inline(always)]
 pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
-    to_backend(ctx, true)
+    to_backend(ctx)
 }
 
-/// A `recvmsg()`: a datagram from a backend this socket sent to reads as from the frontend.
+/// A `recvmsg()` or a `getpeername()`: a backend this socket was sent to reads as the
+/// frontend it dialled.
 #[inline(always)]
-pub fn recvmsg4(ctx: &SockAddrContext) -> i32 {
+pub fn to_frontend(ctx: &SockAddrContext) -> i32 {
     if !of_this_node(ctx) {
         return ALLOW;
     }
@@ -64,7 +65,7 @@ fn of_this_node(ctx: &SockAddrContext) -> bool {
 }
 
 #[inline(always)]
-fn to_backend(ctx: &SockAddrContext, remember: bool) -> i32 {
+fn to_backend(ctx: &SockAddrContext) -> i32 {
     if !of_this_node(ctx) {
         return ALLOW;
     }
@@ -96,22 +97,20 @@ fn to_backend(ctx: &SockAddrContext, remember: bool) -> i32 {
     let Some((_, backend)) = select_backend(frontend, &key, now_ns()) else {
         return REFUSE;
     };
-    if remember {
-        let socket = SocketKey {
-            cookie: unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) },
-            backend_addr_be: backend.addr_be,
-            backend_port_be: backend.port_be,
-            _pad: 0,
-        };
-        let frontend = SocketFrontend {
-            addr_be: addr.user_ip4,
-            port_be,
-            _pad: 0,
-        };
-        // Without it the answer reads as from the backend, which a resolver discards: the
-        // datagram is still sent, as a full LRU map is the only way this fails.
-        let _ = SOCKETS.insert(socket, frontend, 0);
-    }
+    let socket = SocketKey {
+        cookie: unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) },
+        backend_addr_be: backend.addr_be,
+        backend_port_be: backend.port_be,
+        _pad: 0,
+    };
+    let frontend = SocketFrontend {
+        addr_be: addr.user_ip4,
+        port_be,
+        _pad: 0,
+    };
+    // Without it the answer reads as from the backend, which a resolver discards: the
+    // datagram is still sent, as a full LRU map is the only way this fails.
+    let _ = SOCKETS.insert(socket, frontend, 0);
     addr.user_ip4 = backend.addr_be;
     addr.user_port = u32::from(backend.port_be);
     count(|s| &mut s.socket_rewrites);

@@ -24,6 +24,7 @@ use crate::{
     maps::KernelMaps,
     model::{self, Objects, Skipped},
     plan::{self, MapEntries},
+    sockets,
     sources::{
         inotify::Notifier,
         kubernetes,
@@ -329,6 +330,9 @@ impl Syncer {
         // The SNAT address first: a new NodePort's first packets need it.
         self.write_config(planned.desired.node_addresses.first().copied());
         let written = self.pipeline.write(&planned, &mut self.maps);
+        if written.backends_gone {
+            self.reset_stale_sockets();
+        }
         skipped.extend(planned.skipped().cloned());
         for s in &skipped {
             warn!("skipped {s}");
@@ -350,6 +354,21 @@ impl Syncer {
             skipped = skipped.len(),
             "synced"
         );
+    }
+
+    /// Resets the node's connected UDP sockets whose backend is gone ([`sockets`]).
+    fn reset_stale_sockets(&self) {
+        match sockets::reset_stale(&self.maps, self.pipeline.programmed()) {
+            Ok(0) => {}
+            Ok(reset) => {
+                self.status.record_sockets_reset(reset);
+                info!(
+                    reset,
+                    "reset the node's connected UDP sockets whose backend is gone"
+                );
+            }
+            Err(e) => warn!("connected UDP sockets keep their gone backends: {e:#}"),
+        }
     }
 
     /// Writes the datapath's config when it changes: the SNAT address follows the Node's.

@@ -41,7 +41,12 @@ pub const XDP_PASS: u32 = 2;
 /// Run once at load, never attached: see [`clock`].
 const CLOCK_PROBE: &str = "lb_clock_probe";
 /// The socket hooks for the node's own processes.
-const SOCKET_PROGRAMS: [&str; 3] = ["lb_connect4", "lb_sendmsg4", "lb_recvmsg4"];
+const SOCKET_PROGRAMS: [&str; 4] = [
+    "lb_connect4",
+    "lb_sendmsg4",
+    "lb_recvmsg4",
+    "lb_getpeername4",
+];
 const CGROUP2_MAGIC: i64 = 0x6367_7270;
 /// Where cgroup v2 is mounted: alone, or beside v1 (hybrid).
 const CGROUP2_MOUNTS: [&str; 2] = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"];
@@ -293,7 +298,7 @@ impl Datapath {
     }
 
     /// Hooks the sockets of the processes in `cgroup` (those of this network namespace are
-    /// balanced at `connect()`, `sendmsg()` and `recvmsg()`).
+    /// balanced at `connect()`, `sendmsg()`, `recvmsg()` and `getpeername()`).
     pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<()> {
         let cgroup_id = fs::metadata(cgroup)
             .with_context(|| format!("the cgroup {}", cgroup.display()))?

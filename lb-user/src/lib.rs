@@ -11,6 +11,7 @@ pub mod links;
 pub mod maps;
 pub mod model;
 pub mod plan;
+pub mod sockets;
 pub mod sources;
 pub mod status;
 pub mod sync;

@@ -10,7 +10,8 @@ use aya::{
 use lb_common::maps::{
     BACKENDS, Backend, CLOCK, CONFIG, Clock, Config, EPOCH, Epoch, FLOWS, FRONTEND_STATS,
     FRONTENDS, Flow, FlowKey, Frontend, FrontendKey, FrontendStats, MAX_FLOWS, REPLIES, Reply,
-    SINGLE_ENTRY, SLOTS, STATS, Slot, SlotKey, Stats, VIPS, Vip,
+    SINGLE_ENTRY, SLOTS, SOCKETS, STATS, Slot, SlotKey, SocketFrontend, SocketKey, Stats, VIPS,
+    Vip,
 };
 
 use crate::plan::{MapEntries, Op};
@@ -22,6 +23,7 @@ pub struct KernelMaps {
     vips: HashMap<MapData, u32, Vip>,
     flows: HashMap<MapData, FlowKey, Flow>,
     replies: HashMap<MapData, FlowKey, Reply>,
+    sockets: HashMap<MapData, SocketKey, SocketFrontend>,
     config: Array<MapData, Config>,
     clock: Array<MapData, Clock>,
     epoch: Array<MapData, Epoch>,
@@ -56,6 +58,7 @@ impl KernelMaps {
             vips: HashMap::try_from(map(VIPS)?).context(VIPS)?,
             flows: HashMap::try_from(map(FLOWS)?).context(FLOWS)?,
             replies: HashMap::try_from(map(REPLIES)?).context(REPLIES)?,
+            sockets: HashMap::try_from(map(SOCKETS)?).context(SOCKETS)?,
             config: Array::try_from(map(CONFIG)?).context(CONFIG)?,
             clock: Array::try_from(map(CLOCK)?).context(CLOCK)?,
             epoch: Array::try_from(map(EPOCH)?).context(EPOCH)?,
@@ -85,6 +88,18 @@ impl KernelMaps {
             backends: self.backends.iter().collect::<Result<_, _>>()?,
             vips: self.vips.iter().collect::<Result<_, _>>()?,
         })
+    }
+
+    /// Whether the node's socket `cookie` dialled a frontend that the datapath gave the backend
+    /// at `addr_be:port_be`.
+    pub fn socket_dialled_frontend(&self, cookie: u64, addr_be: u32, port_be: u16) -> bool {
+        let key = SocketKey {
+            cookie,
+            backend_addr_be: addr_be,
+            backend_port_be: port_be,
+            _pad: 0,
+        };
+        self.sockets.get(&key, 0).is_ok()
     }
 
     /// The config the datapath runs with now.

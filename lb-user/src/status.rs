@@ -75,6 +75,8 @@ pub struct Status {
     flow_gc_removed: AtomicU64,
     /// Flow GC passes that failed.
     flow_gc_failures: AtomicU64,
+    /// The node's connected UDP sockets reset because their backend was gone.
+    sockets_reset: AtomicU64,
 }
 
 #[derive(Default)]
@@ -99,6 +101,7 @@ impl Status {
             api_errors: AtomicU64::new(0),
             flow_gc_removed: AtomicU64::new(0),
             flow_gc_failures: AtomicU64::new(0),
+            sockets_reset: AtomicU64::new(0),
         }
     }
 
@@ -167,6 +170,11 @@ impl Status {
             .fetch_add(removed as u64, Ordering::Relaxed);
         self.flow_gc_failures
             .fetch_add(u64::from(failed), Ordering::Relaxed);
+    }
+
+    pub fn record_sockets_reset(&self, reset: usize) {
+        self.sockets_reset
+            .fetch_add(reset as u64, Ordering::Relaxed);
     }
 
     pub fn set_frontends(&self, frontends: BTreeMap<u32, FrontendLabels>) {
@@ -287,6 +295,13 @@ impl Status {
              # TYPE lb_flow_gc_failures_total counter\nlb_flow_gc_failures_total {}",
             self.flow_gc_removed.load(Ordering::Relaxed),
             self.flow_gc_failures.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP lb_sockets_reset_total The node's connected UDP sockets reset because their \
+             backend was gone.\n# TYPE lb_sockets_reset_total counter\n\
+             lb_sockets_reset_total {}",
+            self.sockets_reset.load(Ordering::Relaxed)
         );
         let lost = self.lost_claims.lock().expect("status lock").clone();
         let _ = writeln!(

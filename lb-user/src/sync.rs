@@ -44,6 +44,9 @@ pub struct Written {
     pub writes: usize,
     /// Writes put off by a failed one, to be retried at the next sync.
     pub failed: usize,
+    /// Backends may have gone, in this sync or, at start, while no agent ran: what still
+    /// names one (a flow, a connected socket) must look again.
+    pub backends_gone: bool,
 }
 
 impl Pipeline {
@@ -101,6 +104,7 @@ impl Pipeline {
         }
         self.compare_all = failed > 0;
         // After the deletions: a flow that looks again must find its backend gone.
+        let backends_gone = self.epoch_due;
         if self.epoch_due {
             match maps.bump_epoch() {
                 Ok(()) => self.epoch_due = false,
@@ -110,6 +114,7 @@ impl Pipeline {
         Written {
             writes: ops.len(),
             failed,
+            backends_gone,
         }
     }
 }

@@ -711,6 +711,84 @@ fn the_node_itself_reaches_cluster_ips() {
     );
 }
 
+/// On the node: a connected UDP socket and a TCP connection to frontends; prints what
+/// `getpeername()` names and the pod that answered the datagram, then, after a line on stdin,
+/// what the UDP socket's next exchange gives and the pod that a new connected socket reaches.
+const NODE_SOCKETS: &str = r#"
+import errno, socket, sys
+def connected():
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.settimeout(3)
+    udp.connect(("10.96.0.53", 53))
+    return udp
+def ask(udp):
+    udp.send(b"query")
+    return udp.recv(1500).decode().split()[0]
+udp = connected()
+tcp = socket.create_connection(("10.96.0.10", 80), timeout=3)
+peer = lambda s: "%s:%d" % s.getpeername()
+print(f"udp={peer(udp)} tcp={peer(tcp)} {ask(udp)}", flush=True)
+sys.stdin.readline()
+try:
+    print(f"next={ask(udp)}", flush=True)
+except OSError as e:
+    print(f"next={errno.errorcode[e.errno]}", flush=True)
+print(f"again={ask(connected())}", flush=True)
+"#;
+
+#[test]
+fn the_node_s_sockets_name_the_vip_and_a_connected_udp_socket_leaves_a_removed_backend() {
+    let lab = lab("nodesock");
+    let mut script = KillOnDrop(
+        lab.in_node(&["python3", "-c", NODE_SOCKETS])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = std::io::BufReader::new(script.0.stdout.take().unwrap());
+    let mut line = String::new();
+    let mut next_line = || {
+        line.clear();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        line.trim().to_string()
+    };
+    let first = next_line();
+    assert!(
+        first.starts_with("udp=10.96.0.53:53 tcp=10.96.0.10:80 pod="),
+        "getpeername() names what was dialled: {first}"
+    );
+    let pod = first.rsplit("pod=").next().unwrap().to_string();
+    let ip = BACKENDS.iter().find(|(name, _)| *name == pod).unwrap().1;
+    lab.edit_manifest("demo-dns.yaml", |t| remove_endpoint(&t, &ip.to_string()))
+        .unwrap();
+    lab.wait_for(
+        "the agent to reset the socket of the removed backend",
+        || {
+            let log = fs::read_to_string(lab.agent_log())?;
+            Ok(
+                log.contains(
+                    "reset the node's connected UDP sockets whose backend is gone reset=1",
+                ),
+            )
+        },
+    )
+    .unwrap();
+    writeln!(script.0.stdin.as_ref().unwrap()).unwrap();
+    let next = next_line();
+    assert!(
+        next == "next=ECONNABORTED" || next == "next=EDESTADDRREQ",
+        "the socket is reset, as a TCP application meets a reset: {next}"
+    );
+    let again = next_line();
+    assert!(again.starts_with("again=pod="), "{again}");
+    assert_ne!(
+        again,
+        format!("again=pod={pod}"),
+        "a new socket reaches a live backend"
+    );
+}
+
 #[test]
 fn a_backend_on_the_node_itself_answers_through_the_vip() {
     // Like default/kubernetes: the API server listens on the node's own address.
