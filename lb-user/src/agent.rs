@@ -71,7 +71,8 @@ pub struct Settings {
     pub health_address: SocketAddr,
     /// Where `/metrics` is served (and health too).
     pub metrics_address: SocketAddr,
-    /// Health fails once the sync loop has not gone round for this long.
+    /// Health fails once the sync loop has not gone round, or its writes have kept failing,
+    /// for this long.
     pub stall_after: Duration,
 }
 

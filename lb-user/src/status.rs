@@ -42,6 +42,8 @@ const MAX_CONNECTIONS: usize = 256;
 const MAX_CONNECTIONS_PER_PEER: usize = 8;
 /// How long a server that cannot bind or accept waits before it tries again.
 const RETRY: Duration = Duration::from_secs(1);
+/// [`Status`]'s `short_since_ms` while the maps hold what the sources say.
+const APPLIED: u64 = u64::MAX;
 
 /// A per-frontend metric: its name, its help, and the counter it shows.
 type Counter = (&'static str, &'static str, fn(&FrontendStats) -> u64);
@@ -62,7 +64,10 @@ pub struct Status {
     started: Instant,
     /// When the sync loop last went round, in ms since `started`.
     loop_beat_ms: AtomicU64,
-    /// Health fails once the loop has not gone round for this long.
+    /// Since when, in ms since `started`, every sync has left writes failed (the maps short of
+    /// the sources); [`APPLIED`] while the last sync wrote everything.
+    short_since_ms: AtomicU64,
+    /// Health fails once the loop has not gone round, or the maps have been short, this long.
     stall_after: Duration,
     syncs: Mutex<Syncs>,
     /// By service id, as programmed.
@@ -94,6 +99,7 @@ impl Status {
             ready: AtomicBool::new(false),
             started: Instant::now(),
             loop_beat_ms: AtomicU64::new(0),
+            short_since_ms: AtomicU64::new(APPLIED),
             stall_after,
             syncs: Mutex::default(),
             frontends: Mutex::default(),
@@ -105,31 +111,46 @@ impl Status {
         }
     }
 
-    /// The sync loop went round: what it had to apply is applied, or retried.
-    pub fn record_loop(&self) {
-        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.loop_beat_ms.store(ms, Ordering::Relaxed);
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
     }
 
-    /// How long the loop has been stuck at `now`, if longer than `stall_after`: a sync that
-    /// cannot finish (a source that hangs) applies nothing, and must not look healthy.
-    fn stalled(&self, now: Instant) -> Option<Duration> {
-        let beat = self.started + Duration::from_millis(self.loop_beat_ms.load(Ordering::Relaxed));
-        let stuck = now.saturating_duration_since(beat);
-        (stuck > self.stall_after).then_some(stuck)
+    /// The sync loop went round: what it had to apply is applied, or retried.
+    pub fn record_loop(&self) {
+        self.loop_beat_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Why the agent is not healthy at `now`, if it is not: a loop that has not gone round for
+    /// longer than `stall_after` (a source that hangs applies nothing), or maps short of the
+    /// sources for as long (writes that keep failing), as kube-proxy's health fails when its
+    /// rules have not been synced in time.
+    fn unhealthy(&self, now: Instant) -> Option<String> {
+        let since =
+            |ms: u64| now.saturating_duration_since(self.started + Duration::from_millis(ms));
+        let stuck = since(self.loop_beat_ms.load(Ordering::Relaxed));
+        if stuck > self.stall_after {
+            return Some(format!(
+                "the sync loop has not gone round for {} s",
+                stuck.as_secs()
+            ));
+        }
+        let short = self.short_since_ms.load(Ordering::Relaxed);
+        if short != APPLIED && since(short) > self.stall_after {
+            return Some(format!(
+                "map writes have failed for {} s: the datapath is short of the sources",
+                since(short).as_secs()
+            ));
+        }
+        None
     }
 
     /// The answer to `path`; `/metrics` only where `maps` are given.
     fn answer(&self, path: &str, maps: Option<&KernelMaps>) -> Result<(&'static str, String)> {
-        let stalled = self.stalled(Instant::now());
-        Ok(match (path, stalled, maps) {
-            ("/healthz" | "/readyz", Some(stuck), _) => (
-                "503 Service Unavailable",
-                format!(
-                    "the sync loop has not gone round for {} s\n",
-                    stuck.as_secs()
-                ),
-            ),
+        let unhealthy = self.unhealthy(Instant::now());
+        Ok(match (path, unhealthy, maps) {
+            ("/healthz" | "/readyz", Some(why), _) => {
+                ("503 Service Unavailable", format!("{why}\n"))
+            }
             ("/healthz", None, _) => ("200 OK", "ok\n".to_string()),
             ("/readyz", None, _) if self.ready.load(Ordering::Relaxed) => {
                 ("200 OK", "ready\n".to_string())
@@ -153,6 +174,17 @@ impl Status {
         let mut syncs = self.syncs.lock().expect("status lock");
         syncs.count += 1;
         syncs.failed_writes += failed_writes as u64;
+        if failed_writes == 0 {
+            self.short_since_ms.store(APPLIED, Ordering::Relaxed);
+        } else {
+            // The first sync that fell short: later ones keep its time.
+            let _ = self.short_since_ms.compare_exchange(
+                APPLIED,
+                self.now_ms(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
         syncs.seconds_sum += seconds;
         for (bucket, le) in syncs.buckets.iter_mut().zip(SYNC_BUCKETS) {
             if seconds <= le {
@@ -487,8 +519,8 @@ mod tests {
         );
 
         let beat = status.started;
-        // (seconds since the loop last went round, stalled)
-        for (after, stalled) in [
+        // (seconds since the loop last went round, unhealthy)
+        for (after, unhealthy) in [
             (0, false),
             (59, false),
             (60, false),
@@ -496,8 +528,10 @@ mod tests {
             (3600, true),
         ] {
             assert_eq!(
-                status.stalled(beat + Duration::from_secs(after)).is_some(),
-                stalled,
+                status
+                    .unhealthy(beat + Duration::from_secs(after))
+                    .is_some(),
+                unhealthy,
                 "{after} s"
             );
         }
@@ -512,6 +546,23 @@ mod tests {
         }
         stuck.record_loop();
         assert_eq!(stuck.answer("/healthz", None).unwrap().0, "200 OK");
+    }
+
+    #[test]
+    fn health_fails_once_map_writes_have_failed_for_too_long() {
+        let status = Status::new(Duration::from_secs(60));
+        status.record_sync(Duration::ZERO, 3);
+        let failed_at = status.started + Duration::from_millis(status.now_ms());
+        status.record_sync(Duration::ZERO, 2);
+        let at = |s| failed_at + Duration::from_secs(s);
+        // The loop goes round all along: only the writes fall short.
+        status.loop_beat_ms.store(120_000, Ordering::Relaxed);
+        assert_eq!(status.unhealthy(at(30)), None, "short for a while: retried");
+        // Measured from the first sync that fell short.
+        let why = status.unhealthy(at(61)).expect("short for too long");
+        assert!(why.contains("map writes have failed"), "{why}");
+        status.record_sync(Duration::ZERO, 0);
+        assert_eq!(status.unhealthy(at(61)), None, "written at last");
     }
 
     #[test]
