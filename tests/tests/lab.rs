@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeMap,
-    ffi::OsStr,
+    ffi::{OsStr, OsString},
     fs,
     io::Write as _,
     process::{Command, Stdio},
@@ -1024,21 +1024,33 @@ fn a_pinned_map_of_another_layout_starts_empty_and_the_log_says_why() {
     assert_eq!(curl_pods(&lab, HTTP_VIP, 3).len(), 3, "flows tracked anew");
 }
 
-#[test]
-fn from_the_kubernetes_api_the_agent_programs_and_follows_and_outlives_an_outage() {
-    let mut lab = Lab::up("api").expect("lab");
+/// A lab whose agent watches a test API server that serves the lab's manifests; the server,
+/// and the agent's source arguments, to start it again.
+fn lab_on_api(tag: &str) -> (Lab, ApiServer, Vec<OsString>) {
+    let mut lab = Lab::up(tag).expect("lab");
     // In the node's network namespace, where the agent runs.
     let api = ApiServer::start(Some(&lab.node)).expect("a test API server");
     api.apply_manifests(lab.manifests.path()).unwrap();
     let kubeconfig = lab.manifests.path().with_extension("kubeconfig");
     api.write_kubeconfig(&kubeconfig).unwrap();
-    let source = [
-        OsStr::new("--kubernetes"),
-        OsStr::new("--kubeconfig"),
-        kubeconfig.as_os_str(),
+    let source = vec![
+        "--kubernetes".into(),
+        "--kubeconfig".into(),
+        kubeconfig.into_os_string(),
     ];
+    start_on(&mut lab, &source);
+    (lab, api, source)
+}
+
+fn start_on(lab: &mut Lab, source: &[OsString]) {
+    let source: Vec<&OsStr> = source.iter().map(OsString::as_os_str).collect();
     lab.start_agent_on(&source, &[])
         .expect("an agent on the API");
+}
+
+#[test]
+fn from_the_kubernetes_api_the_agent_programs_and_follows_and_outlives_an_outage() {
+    let (lab, api, _) = lab_on_api("api");
     let pods = curl_pods(&lab, HTTP_VIP, 3);
     assert_eq!(counts(&pods).len(), 3, "{pods:?}");
 
@@ -1068,18 +1080,7 @@ fn from_the_kubernetes_api_the_agent_programs_and_follows_and_outlives_an_outage
 
 #[test]
 fn a_newer_service_cannot_take_a_frontend_another_serves() {
-    let mut lab = Lab::up("claims").expect("lab");
-    let api = ApiServer::start(Some(&lab.node)).expect("a test API server");
-    api.apply_manifests(lab.manifests.path()).unwrap();
-    let kubeconfig = lab.manifests.path().with_extension("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    let source = [
-        OsStr::new("--kubernetes"),
-        OsStr::new("--kubeconfig"),
-        kubeconfig.as_os_str(),
-    ];
-    lab.start_agent_on(&source, &[])
-        .expect("an agent on the API");
+    let (mut lab, api, source) = lab_on_api("claims");
     // CVE-2020-8554's shape: a tenant's new Service, named to sort first, claims demo's
     // ClusterIP and port as an external IP, with no endpoints of its own.
     let syncs = lab.syncs();
@@ -1129,7 +1130,7 @@ fn a_newer_service_cannot_take_a_frontend_another_serves() {
         "{metrics}"
     );
     // A restarted agent settles the claims the same way.
-    lab.start_agent_on(&source, &[]).expect("the agent again");
+    start_on(&mut lab, &source);
     assert_eq!(counts(&curl_pods(&lab, HTTP_VIP, 3)).len(), 3);
 }
 
