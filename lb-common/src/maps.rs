@@ -172,8 +172,9 @@ pub struct Flow {
     /// The datapath's time ([`Clock`]) of the last packet, refreshed at most once a second.
     pub last_seen_ns: u64,
     /// A UDP flow whose backend id is no longer in [`BACKENDS`] (its endpoint stopped serving)
-    /// gets a new backend while its frontend exists. A TCP flow stays on the address below
-    /// until it closes or idles out, as kube-proxy's conntrack keeps established connections.
+    /// ends: its next datagram is a new flow's. A TCP flow stays on the address below until it
+    /// closes or idles out, as kube-proxy's conntrack keeps established connections; only a
+    /// SYN on it looks the id up.
     pub backend_id: u32,
     pub backend_addr_be: u32,
     /// The source address and port the flow's packets leave with: the client's own unless
@@ -186,8 +187,8 @@ pub struct Flow {
     pub _pad: [u8; 3],
     /// The frontend the flow came in by, whose counters its packets count in.
     pub service_id: u32,
-    /// UDP: the [`Epoch`] at which the backend was last seen in [`BACKENDS`]: while the epoch
-    /// has not moved, no backend was removed, and the flow's packets need not look.
+    /// The [`Epoch`] at which the backend was last seen in [`BACKENDS`]: while the epoch has
+    /// not moved, no backend was removed, and the flow's packets need not look.
     pub backends_epoch: u32,
     pub _pad_end: u32,
 }
@@ -303,8 +304,9 @@ pub struct Clock {
 }
 
 /// Bumped by the agent after every sync that deleted backends (and once at start, for
-/// deletions an earlier agent may not have announced). It saves each packet of a UDP flow a
-/// lookup of its backend: a flow looks again only when the epoch differs from its own.
+/// deletions an earlier agent may not have announced). It saves each UDP datagram (and TCP
+/// SYN) of a flow a lookup of its backend: a flow looks again only when the epoch differs
+/// from its own.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Epoch {
@@ -332,7 +334,8 @@ pub struct Stats {
     pub replied: u64,
     /// Flows given a backend.
     pub new_flows: u64,
-    /// UDP flows whose backend stopped serving and that were given another.
+    /// Flows whose backend stopped serving and that were given another: UDP flows, and TCP
+    /// SYNs on a tuple still tracked.
     pub reselected: u64,
     /// New flows dropped because their frontend has no backend.
     pub dropped_no_backend: u64,

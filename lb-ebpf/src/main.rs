@@ -132,17 +132,17 @@ fn balance<C: Rewrite>(ctx: &C, packet: &Packet, scope: u8) -> Verdict {
 
 #[inline(always)]
 fn try_balance<C: Rewrite>(ctx: &C, packet: &Packet, scope: u8) -> Result<Verdict, Verdict> {
-    let moves = match tracked_flow(packet, scope)? {
-        Tracked::Stays(flow) => return forward(ctx, packet, flow, false),
-        Tracked::Moves => true,
-        Tracked::Untracked => false,
+    let backend_gone = match flow_lookup(packet)? {
+        Tracked::Live(flow) => return forward(ctx, packet, flow, false),
+        Tracked::BackendGone => true,
+        Tracked::Miss => false,
     };
     // SAFETY: a hash map value stays valid while the program runs (RCU); the agent replaces
     // frontends whole, so the read sees one version.
     let Some(frontend) = (unsafe { FRONTENDS.get(frontend_key(packet, scope)) }) else {
         return to_client(ctx, packet, Hook::Ingress);
     };
-    if moves {
+    if backend_gone {
         count(|s| &mut s.reselected);
     }
     let flow = new_flow(packet, frontend, scope, now_ns())?;
@@ -152,21 +152,26 @@ fn try_balance<C: Rewrite>(ctx: &C, packet: &Packet, scope: u8) -> Result<Verdic
 /// What the flow table says of a packet.
 enum Tracked<'a> {
     /// A live flow, refreshed: the packet goes to its backend.
-    Stays(&'a Flow),
-    /// A live UDP flow whose backend stopped serving its frontend: it gets a new one.
-    Moves,
+    Live(&'a Flow),
+    /// A live flow whose backend stopped serving: the packet is a new flow's.
+    BackendGone,
     /// No live flow.
-    Untracked,
+    Miss,
 }
 
-/// Looks the packet's flow up. A TCP flow stays on its backend until it closes or idles out,
-/// whatever becomes of the backend (kube-proxy's conntrack keeps established connections
-/// through rollouts; moved mid-stream, a connection would meet a reset). A UDP flow stays
-/// while its backend serves, or once its Service is gone (no frontend left).
+/// Looks the packet's flow up. A TCP connection stays on its backend until it closes or
+/// idles out, whatever becomes of the backend or its Service (kube-proxy's conntrack keeps
+/// established connections through rollouts; moved mid-stream, a connection would meet a
+/// reset); only a SYN asks whether the backend is still there, so that a new connection on a
+/// tuple still tracked (a client reusing its port after a close this node did not see) never
+/// meets a gone backend. A UDP flow stays while its backend serves, and its next datagram
+/// after that is a new flow's: a live backend's, or none once its Service is gone (kube-proxy
+/// flushes the UDP conntrack entries of endpoints that stopped serving, and of deleted
+/// Services).
 #[inline(always)]
-fn tracked_flow<'a>(packet: &Packet, scope: u8) -> Result<Tracked<'a>, Verdict> {
+fn flow_lookup<'a>(packet: &Packet) -> Result<Tracked<'a>, Verdict> {
     let Some(flow) = FLOWS.get_ptr_mut(packet.key) else {
-        return Ok(Tracked::Untracked);
+        return Ok(Tracked::Miss);
     };
     // SAFETY: an LRU hash value stays valid while the program runs (RCU); racing writers of
     // the same flow write the same fields with values that are each valid.
@@ -179,34 +184,34 @@ fn tracked_flow<'a>(packet: &Packet, scope: u8) -> Result<Tracked<'a>, Verdict> 
     if !config.is_live(protocol, flow.state, flow.last_seen_ns, now)
         || (flow.state == STATE_CLOSING && packet.opens_connection())
     {
-        return Ok(Tracked::Untracked);
+        return Ok(Tracked::Miss);
     }
-    if protocol != PROTO_TCP && !backend_serves(flow, packet, scope) {
-        return Ok(Tracked::Moves);
+    let asks = protocol != PROTO_TCP || packet.opens_connection();
+    if asks && !backend_there(flow) {
+        return Ok(Tracked::BackendGone);
     }
     if touch(&mut flow.last_seen_ns, &mut flow.state, packet.closing, now) {
         keep_reply_alive(flow, packet, now);
     }
-    Ok(Tracked::Stays(flow))
+    Ok(Tracked::Live(flow))
 }
 
-/// Whether a UDP flow may stay on its backend: the backend is still in [`BACKENDS`] (the agent
-/// keeps every serving endpoint there), or the flow's frontend is gone. Only after the agent
-/// removed backends ([`backends_epoch`]) is the backend looked up.
+/// Whether the flow's backend is still in [`BACKENDS`], where the agent keeps every backend a
+/// slot names and every serving endpoint of a UDP frontend. Only after the agent removed
+/// backends ([`backends_epoch`]) is it looked up.
 #[inline(always)]
-fn backend_serves(flow: &mut Flow, packet: &Packet, scope: u8) -> bool {
+fn backend_there(flow: &mut Flow) -> bool {
     let epoch = backends_epoch();
     if flow.backends_epoch == epoch {
         return true;
     }
     // SAFETY: as for every hash map value, valid while the program runs; only its presence
     // is read.
-    if unsafe { BACKENDS.get(flow.backend_id) }.is_some() {
-        flow.backends_epoch = epoch;
-        return true;
+    if unsafe { BACKENDS.get(flow.backend_id) }.is_none() {
+        return false;
     }
-    // SAFETY: likewise.
-    unsafe { FRONTENDS.get(frontend_key(packet, scope)) }.is_none()
+    flow.backends_epoch = epoch;
+    true
 }
 
 #[inline(always)]

@@ -71,8 +71,8 @@ pub struct Settings {
     pub health_address: SocketAddr,
     /// Where `/metrics` is served (and health too).
     pub metrics_address: SocketAddr,
-    /// Health fails once the sync loop has not gone round, or its writes have kept failing,
-    /// for this long.
+    /// Health fails once the sync loop has not gone round for this long; readiness also once
+    /// its writes have kept failing for as long.
     pub stall_after: Duration,
 }
 
@@ -153,6 +153,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         pipeline: Pipeline::new(&settings.node.name, programmed, highest_flow_backend_id),
         generation: 0,
         failed: false,
+        sockets_due: false,
         status: Arc::clone(&status),
     };
     // The latest objects, kept to retry the writes that failed.
@@ -174,6 +175,7 @@ pub async fn run(settings: Settings) -> Result<()> {
             if changed || syncer.failed {
                 syncer.sync(objects, skipped.clone(), &settings.node);
             }
+            syncer.reset_stale_sockets();
             // After the first sync, so that no packet meets half-written maps.
             match attach(&mut datapath, &settings) {
                 Ok(()) if !ready => {
@@ -321,6 +323,8 @@ struct Syncer {
     generation: u64,
     /// The last sync left the maps short of the plan.
     failed: bool,
+    /// Backends went since the node's connected UDP sockets were last checked.
+    sockets_due: bool,
     status: Arc<Status>,
 }
 
@@ -331,9 +335,7 @@ impl Syncer {
         // The SNAT address first: a new NodePort's first packets need it.
         self.write_config(planned.desired.node_addresses.first().copied());
         let written = self.pipeline.write(&planned, &mut self.maps);
-        if written.backends_gone {
-            self.reset_stale_sockets();
-        }
+        self.sockets_due |= written.backends_gone;
         skipped.extend(planned.skipped().cloned());
         for s in &skipped {
             warn!("skipped {s}");
@@ -357,19 +359,31 @@ impl Syncer {
         );
     }
 
-    /// Resets the node's connected UDP sockets whose backend is gone ([`sockets`]).
-    fn reset_stale_sockets(&self) {
-        match sockets::reset_stale(&self.maps, self.pipeline.programmed()) {
-            Ok(0) => {}
-            Ok(reset) => {
-                self.status.record_sockets_reset(reset);
-                info!(
-                    reset,
-                    "reset the node's connected UDP sockets whose backend is gone"
-                );
-            }
-            Err(e) => warn!("connected UDP sockets keep their gone backends: {e:#}"),
+    /// Resets the node's connected UDP sockets whose backend is gone ([`sockets`]), if a sync
+    /// removed backends since the last pass that went through.
+    fn reset_stale_sockets(&mut self) {
+        if !self.sockets_due {
+            return;
         }
+        let done = match sockets::reset_stale(&self.maps, self.pipeline.programmed()) {
+            Ok(done) => done,
+            Err(e) => {
+                warn!("connected UDP sockets keep their gone backends, retried: {e:#}");
+                return;
+            }
+        };
+        if done.reset > 0 {
+            self.status.record_sockets_reset(done.reset);
+            info!(
+                reset = done.reset,
+                "reset the node's connected UDP sockets whose backend is gone"
+            );
+        }
+        for (socket, e) in &done.failed {
+            warn!(local = %socket.local, peer = %socket.peer, error = %e,
+                "a connected UDP socket keeps its gone backend, retried");
+        }
+        self.sockets_due = !done.failed.is_empty();
     }
 
     /// Writes the datapath's config when it changes: the SNAT address follows the Node's.

@@ -93,8 +93,8 @@ struct RunArgs {
     /// loopback by default, as kube-proxy's.
     #[arg(long, default_value = "127.0.0.1:9403")]
     metrics_address: std::net::SocketAddr,
-    /// /healthz and /readyz fail once the sync loop has not gone round, or its map writes
-    /// have kept failing, for this long, in seconds.
+    /// /healthz and /readyz fail once the sync loop has not gone round for this long, in
+    /// seconds; /readyz also once map writes have kept failing for as long.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     stall_timeout_secs: u64,
     /// Source ports for SNAT to the node's address: outside the node's ephemeral range.

@@ -47,9 +47,19 @@ pub struct ConnectedSocket {
     id: [u8; SOCKID_LEN],
 }
 
+/// What a pass of [`reset_stale`] did.
+#[derive(Debug, Default)]
+pub struct Reset {
+    /// Sockets reset.
+    pub reset: usize,
+    /// Sockets that could not be, and why.
+    pub failed: Vec<(ConnectedSocket, io::Error)>,
+}
+
 /// Resets the node's connected UDP sockets that dialled a frontend and whose backend is no
-/// longer in `programmed` (it stopped serving, or left its Service). Returns how many.
-pub fn reset_stale(maps: &KernelMaps, programmed: &MapEntries) -> Result<usize> {
+/// longer in `programmed` (it stopped serving, or left its Service). A socket that fails is
+/// reported and the others are still reset; an error only when the sockets cannot be listed.
+pub fn reset_stale(maps: &KernelMaps, programmed: &MapEntries) -> Result<Reset> {
     let netlink = Netlink::open().context("opening a sock_diag socket")?;
     let sockets = netlink
         .connected_udp()
@@ -61,19 +71,16 @@ pub fn reset_stale(maps: &KernelMaps, programmed: &MapEntries) -> Result<usize> 
             socket.peer.port().to_be(),
         )
     });
-    for socket in &stale {
+    let mut done = Reset::default();
+    for socket in stale {
         match netlink.destroy(socket) {
-            Ok(()) => {}
+            Ok(()) => done.reset += 1,
             // Closed meanwhile: nothing left to reset.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!("resetting the socket {} -> {}", socket.local, socket.peer)
-                });
-            }
+            Err(e) => done.failed.push((socket.clone(), e)),
         }
     }
-    Ok(stale.len())
+    Ok(done)
 }
 
 /// Of `sockets`, those that `dialled` a frontend and whose peer is no UDP backend `programmed`.

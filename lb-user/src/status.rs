@@ -1,13 +1,14 @@
 //! The agent's HTTP endpoints, as kube-proxy splits them: health (`/healthz`: the sync loop
-//! goes round; `/readyz`: the first sync is programmed, the interfaces attached, and the loop
-//! goes round), for the kubelet and load balancers, on every address by default; and metrics
+//! goes round; `/readyz`: the first sync is programmed, the interfaces attached, the loop goes
+//! round and its writes take), for the kubelet and load balancers, on every address by
+//! default; and metrics
 //! (`/metrics`, Prometheus text: the datapath's counters, per frontend and by result, its
 //! tracked flows, the agent's syncs and API errors), which name every Service, on loopback by
 //! default. Plain HTTP/1.1, one request per connection: probes and scrapers need no more.
 //!
 //! Nothing a client does reaches the agent's sync loop: connections are capped per peer and in
-//! all, each has a deadline for the whole request, and a server that cannot bind or accept
-//! retries on its own.
+//! all (the node's own clients apart), each has a deadline for the whole request, and a
+//! server that cannot bind or accept retries on its own.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -26,7 +27,7 @@ use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{maps::KernelMaps, model::LostClaim};
 
@@ -35,11 +36,13 @@ const SYNC_BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
 const MAX_REQUEST: usize = 8192;
 /// How long a connection may take, from accept to the last byte of the answer.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
-/// Connections served at once, in all and from one peer address: past them a connection is
-/// closed at once, so that no client can hold the agent's file descriptors, and one peer
-/// (a pod) cannot crowd out the kubelet's probes.
-const MAX_CONNECTIONS: usize = 256;
-const MAX_CONNECTIONS_PER_PEER: usize = 8;
+/// Connections served at once from other hosts and pods, in all and from one address: past
+/// them a connection is closed at once, so that no client can hold the agent's file
+/// descriptors. The node's own clients (the kubelet's probes, a scraper on the node) have
+/// their own cap, which no pod can fill.
+const MAX_REMOTE_CONNECTIONS: usize = 256;
+const MAX_CONNECTIONS_PER_REMOTE_PEER: usize = 8;
+const MAX_CONNECTIONS_PER_LOCAL_PEER: usize = 64;
 /// How long a server that cannot bind or accept waits before it tries again.
 const RETRY: Duration = Duration::from_secs(1);
 /// [`Status`]'s `short_since_ms` while the maps hold what the sources say.
@@ -120,37 +123,42 @@ impl Status {
         self.loop_beat_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
-    /// Why the agent is not healthy at `now`, if it is not: a loop that has not gone round for
-    /// longer than `stall_after` (a source that hangs applies nothing), or maps short of the
-    /// sources for as long (writes that keep failing), as kube-proxy's health fails when its
-    /// rules have not been synced in time.
-    fn unhealthy(&self, now: Instant) -> Option<String> {
-        let since =
-            |ms: u64| now.saturating_duration_since(self.started + Duration::from_millis(ms));
-        let stuck = since(self.loop_beat_ms.load(Ordering::Relaxed));
-        if stuck > self.stall_after {
-            return Some(format!(
-                "the sync loop has not gone round for {} s",
-                stuck.as_secs()
-            ));
-        }
+    /// Why the agent is not alive at `now`, if it is not: its loop has not gone round for
+    /// longer than `stall_after` (a source that hangs applies nothing).
+    fn stalled(&self, now: Instant) -> Option<String> {
+        let stuck = self.since(self.loop_beat_ms.load(Ordering::Relaxed), now);
+        (stuck > self.stall_after)
+            .then(|| format!("the sync loop has not gone round for {} s", stuck.as_secs()))
+    }
+
+    /// Why the agent is not ready at `now` though alive, if it is not: its map writes have
+    /// failed for longer than `stall_after`, as kube-proxy's health fails when its rules are
+    /// not synced in time. Readiness only: a restart would not empty a full map.
+    fn short(&self, now: Instant) -> Option<String> {
         let short = self.short_since_ms.load(Ordering::Relaxed);
-        if short != APPLIED && since(short) > self.stall_after {
-            return Some(format!(
+        let failing = self.since(short, now);
+        (short != APPLIED && failing > self.stall_after).then(|| {
+            format!(
                 "map writes have failed for {} s: the datapath is short of the sources",
-                since(short).as_secs()
-            ));
-        }
-        None
+                failing.as_secs()
+            )
+        })
+    }
+
+    fn since(&self, ms: u64, now: Instant) -> Duration {
+        now.saturating_duration_since(self.started + Duration::from_millis(ms))
     }
 
     /// The answer to `path`; `/metrics` only where `maps` are given.
     fn answer(&self, path: &str, maps: Option<&KernelMaps>) -> Result<(&'static str, String)> {
-        let unhealthy = self.unhealthy(Instant::now());
+        let now = Instant::now();
+        let unhealthy = match path {
+            "/healthz" => self.stalled(now),
+            "/readyz" => self.stalled(now).or_else(|| self.short(now)),
+            _ => None,
+        };
         Ok(match (path, unhealthy, maps) {
-            ("/healthz" | "/readyz", Some(why), _) => {
-                ("503 Service Unavailable", format!("{why}\n"))
-            }
+            (_, Some(why), _) => ("503 Service Unavailable", format!("{why}\n")),
             ("/healthz", None, _) => ("200 OK", "ok\n".to_string()),
             ("/readyz", None, _) if self.ready.load(Ordering::Relaxed) => {
                 ("200 OK", "ready\n".to_string())
@@ -283,7 +291,7 @@ impl Status {
             ),
             (
                 "lb_datapath_reselected_total",
-                "UDP flows moved off a backend that stopped serving.",
+                "Flows moved off a backend that stopped serving: UDP flows, TCP SYNs on a tracked tuple.",
                 s.reselected,
             ),
             (
@@ -415,8 +423,11 @@ pub async fn serve(address: SocketAddr, endpoints: Endpoints, status: Arc<Status
                 continue;
             }
         };
+        // From the node itself: loopback, or an address of its own (its local address).
+        let local =
+            peer.ip().is_loopback() || stream.local_addr().is_ok_and(|own| own.ip() == peer.ip());
         // Over the caps, dropped: closed at once.
-        let Some(guard) = Peers::admit(&peers, peer.ip()) else {
+        let Some(guard) = Peers::admit(&peers, peer.ip(), local) else {
             continue;
         };
         let (status, endpoints) = (Arc::clone(&status), endpoints.clone());
@@ -427,37 +438,53 @@ pub async fn serve(address: SocketAddr, endpoints: Endpoints, status: Arc<Status
             };
             match tokio::time::timeout(REQUEST_DEADLINE, answer(stream, &status, maps)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!(%peer, "status request: {e:#}"),
-                Err(_) => warn!(%peer, "status request: over its {REQUEST_DEADLINE:?} deadline"),
+                // Per request, and a client's doing: not worth more than a debug line.
+                Ok(Err(e)) => debug!(%peer, "status request: {e:#}"),
+                Err(_) => debug!(%peer, "status request: over its {REQUEST_DEADLINE:?} deadline"),
             }
             drop(guard);
         });
     }
 }
 
-/// The connections being served, by peer address.
+/// The connections being served.
 #[derive(Default)]
-struct Peers(Mutex<HashMap<IpAddr, usize>>);
+struct Peers(Mutex<PeerCounts>);
+
+#[derive(Default)]
+struct PeerCounts {
+    by_peer: HashMap<IpAddr, usize>,
+    /// Of those, from other hosts and pods.
+    remote: usize,
+}
 
 /// One connection admitted by [`Peers::admit`], until dropped.
 struct Admitted {
     peers: Arc<Peers>,
     peer: IpAddr,
+    local: bool,
 }
 
 impl Peers {
-    /// Admits a connection from `peer`, unless that would pass a cap.
-    fn admit(peers: &Arc<Self>, peer: IpAddr) -> Option<Admitted> {
+    /// Admits a connection from `peer` (`local`: the node itself), unless that would pass a
+    /// cap.
+    fn admit(peers: &Arc<Self>, peer: IpAddr, local: bool) -> Option<Admitted> {
         let mut counts = peers.0.lock().expect("status lock");
-        let total: usize = counts.values().sum();
-        let from_peer = counts.entry(peer).or_default();
-        if total >= MAX_CONNECTIONS || *from_peer >= MAX_CONNECTIONS_PER_PEER {
+        let from_peer = counts.by_peer.get(&peer).copied().unwrap_or(0);
+        let full = if local {
+            from_peer >= MAX_CONNECTIONS_PER_LOCAL_PEER
+        } else {
+            from_peer >= MAX_CONNECTIONS_PER_REMOTE_PEER || counts.remote >= MAX_REMOTE_CONNECTIONS
+        };
+        if full {
             return None;
         }
-        *from_peer += 1;
+        *counts.by_peer.entry(peer).or_default() += 1;
+        counts.remote += usize::from(!local);
         Some(Admitted {
             peers: Arc::clone(peers),
             peer,
+            local,
         })
     }
 }
@@ -465,10 +492,11 @@ impl Peers {
 impl Drop for Admitted {
     fn drop(&mut self) {
         let mut counts = self.peers.0.lock().expect("status lock");
-        if let Some(count) = counts.get_mut(&self.peer) {
+        counts.remote -= usize::from(!self.local);
+        if let Some(count) = counts.by_peer.get_mut(&self.peer) {
             *count -= 1;
             if *count == 0 {
-                counts.remove(&self.peer);
+                counts.by_peer.remove(&self.peer);
             }
         }
     }
@@ -528,9 +556,7 @@ mod tests {
             (3600, true),
         ] {
             assert_eq!(
-                status
-                    .unhealthy(beat + Duration::from_secs(after))
-                    .is_some(),
+                status.stalled(beat + Duration::from_secs(after)).is_some(),
                 unhealthy,
                 "{after} s"
             );
@@ -549,49 +575,67 @@ mod tests {
     }
 
     #[test]
-    fn health_fails_once_map_writes_have_failed_for_too_long() {
+    fn readiness_fails_once_map_writes_have_failed_for_too_long() {
         let status = Status::new(Duration::from_secs(60));
+        status.set_ready();
         status.record_sync(Duration::ZERO, 3);
         let failed_at = status.started + Duration::from_millis(status.now_ms());
         status.record_sync(Duration::ZERO, 2);
         let at = |s| failed_at + Duration::from_secs(s);
-        // The loop goes round all along: only the writes fall short.
-        status.loop_beat_ms.store(120_000, Ordering::Relaxed);
-        assert_eq!(status.unhealthy(at(30)), None, "short for a while: retried");
+        assert_eq!(status.short(at(30)), None, "short for a while: retried");
         // Measured from the first sync that fell short.
-        let why = status.unhealthy(at(61)).expect("short for too long");
+        let why = status.short(at(61)).expect("short for too long");
         assert!(why.contains("map writes have failed"), "{why}");
         status.record_sync(Duration::ZERO, 0);
-        assert_eq!(status.unhealthy(at(61)), None, "written at last");
+        assert_eq!(status.short(at(61)), None, "written at last");
+
+        // Through the probes: not ready, but alive (a restart would not empty a full map).
+        let short = Status::new(Duration::from_millis(50));
+        short.set_ready();
+        short.record_sync(Duration::ZERO, 1);
+        std::thread::sleep(Duration::from_millis(100));
+        short.record_loop();
+        assert_eq!(short.answer("/healthz", None).unwrap().0, "200 OK");
+        let (code, body) = short.answer("/readyz", None).unwrap();
+        assert_eq!(
+            (code, body.contains("map writes")),
+            ("503 Service Unavailable", true)
+        );
     }
 
     #[test]
-    fn connections_are_capped_per_peer_and_in_all() {
+    fn connections_are_capped_per_peer_and_in_all_and_the_node_keeps_its_own() {
         let peers = Arc::new(Peers::default());
-        let pod = IpAddr::from([10, 244, 0, 2]);
-        let held: Vec<Admitted> = (0..MAX_CONNECTIONS_PER_PEER)
-            .map(|_| Peers::admit(&peers, pod).expect("under the cap"))
+        let admit = |last: u32, local| {
+            let peer = IpAddr::from((0x0af4_0000_u32 + last).to_be_bytes());
+            Peers::admit(&peers, peer, local)
+        };
+        let held: Vec<Admitted> = (0..MAX_CONNECTIONS_PER_REMOTE_PEER)
+            .map(|_| admit(2, false).expect("under the cap"))
             .collect();
-        assert!(Peers::admit(&peers, pod).is_none(), "one peer past its cap");
-        let kubelet = Peers::admit(&peers, IpAddr::from([10, 0, 0, 1]));
-        assert!(kubelet.is_some(), "another peer is still served");
+        assert!(admit(2, false).is_none(), "one pod past its cap");
+        assert!(admit(3, false).is_some(), "another pod is still served");
         drop(held);
         assert!(
-            Peers::admit(&peers, pod).is_some(),
+            admit(2, false).is_some(),
             "closed connections free their places"
         );
-
-        // The kubelet's connection and these fill the total.
-        let many: Vec<Admitted> = (0..MAX_CONNECTIONS - 1)
-            .map(|i| {
-                let peer = IpAddr::from((0xac10_0000_u32 + i as u32).to_be_bytes());
-                Peers::admit(&peers, peer).expect("under the total cap")
-            })
-            .collect();
         assert!(
-            Peers::admit(&peers, IpAddr::from([192, 0, 2, 1])).is_none(),
-            "past the total cap"
+            peers.0.lock().unwrap().by_peer.is_empty(),
+            "nothing is left of connections gone, or refused"
         );
-        drop(many);
+
+        // Pods fill the remote total: one refused pod more, and the node is still served.
+        let many: Vec<Admitted> = (0..MAX_REMOTE_CONNECTIONS as u32)
+            .map(|i| admit(100 + i / 8, false).expect("under the total cap"))
+            .collect();
+        assert!(admit(9999, false).is_none(), "past the total cap");
+        let node: Vec<Admitted> = (0..MAX_CONNECTIONS_PER_LOCAL_PEER)
+            .map(|_| admit(1, true).expect("the node's own connections"))
+            .collect();
+        assert!(admit(1, true).is_none(), "the node too has a cap");
+        drop((many, node));
+        let counts = peers.0.lock().unwrap();
+        assert_eq!((counts.by_peer.len(), counts.remote), (0, 0));
     }
 }

@@ -57,10 +57,11 @@ struct State {
     down: bool,
 }
 
-/// `2026-01-01T00:00:00Z` plus `seconds` (under a day), in the API's format.
+/// `2026-01-01T00:00:00Z` plus `seconds` (under 31 days), in the API's format.
 fn creation_timestamp(seconds: u64) -> String {
-    let (hours, minutes, seconds) = (seconds / 3600, seconds / 60 % 60, seconds % 60);
-    format!("2026-01-01T{hours:02}:{minutes:02}:{seconds:02}Z")
+    let (day, hours) = (seconds / 86_400 + 1, seconds / 3600 % 24);
+    let (minutes, seconds) = (seconds / 60 % 60, seconds % 60);
+    format!("2026-01-{day:02}T{hours:02}:{minutes:02}:{seconds:02}Z")
 }
 
 fn key(object: &Value) -> String {

@@ -62,11 +62,13 @@ pub fn frontends(
     (frontends, lost, skipped)
 }
 
-/// The frontends `claims` make: of the claims of one address, port, protocol and scope, the
-/// oldest Service's has it (by creation timestamp, a Service without one after those with
-/// one, then by `namespace/name`), and the others are reported, in `skipped` and as lost
-/// claims. Age, not name: a Service created later can never take a frontend another serves,
-/// on any node or after any restart. Sorted by that key.
+/// The frontends `claims` make: an address, port and protocol belongs to the oldest Service
+/// that claims it, in every scope (by creation timestamp, a Service without one after those
+/// with one, then by `namespace/name`), and the other Services' claims of it are reported, in
+/// `skipped` and as lost claims; a Service's own second claim of one key is reported too. Age,
+/// not name: a Service created later can take no frontend another serves, from inside or
+/// from outside, on any node or after any restart. Sorted by address, port, protocol and
+/// scope.
 pub fn settle<F: Borrow<Frontend>>(
     claims: impl IntoIterator<Item = F>,
     skipped: &mut Vec<Skipped>,
@@ -74,46 +76,71 @@ pub fn settle<F: Borrow<Frontend>>(
     let mut claims: Vec<F> = claims.into_iter().collect();
     // Stable: a Service's own claims keep their order.
     claims.sort_by(|a, b| claim_order(a.borrow()).cmp(&claim_order(b.borrow())));
-    let mut by_key: BTreeMap<(Ipv4Addr, u16, Protocol, Scope), F> = BTreeMap::new();
+    // Indexes into `kept`.
+    let mut holders: BTreeMap<(Ipv4Addr, u16, Protocol), usize> = BTreeMap::new();
+    let mut by_key: BTreeMap<(Ipv4Addr, u16, Protocol, Scope), usize> = BTreeMap::new();
+    let mut kept: Vec<Option<F>> = Vec::new();
     let mut lost = Vec::new();
     for claim in claims {
         let frontend = claim.borrow();
-        match by_key.entry((
-            frontend.address,
-            frontend.port,
-            frontend.protocol,
-            frontend.scope,
-        )) {
-            Entry::Vacant(slot) => {
-                slot.insert(claim);
-            }
-            Entry::Occupied(taken) => {
-                let holder = taken.get().borrow();
-                let address = format!(
-                    "{}:{}/{}",
-                    frontend.address, frontend.port, frontend.protocol
-                );
-                skipped.push(Skipped::new(
-                    format!("Service {}", frontend.service),
-                    port_field(&frontend.port_name, frontend.port, frontend.protocol),
-                    format!(
-                        "{address} is already a frontend of Service {}, {}: the oldest claim \
-                         keeps a frontend",
-                        holder.service,
-                        older(holder.created, frontend.created)
-                    ),
-                ));
-                lost.push(LostClaim {
-                    frontend: address,
-                    service: frontend.service.clone(),
-                    holder: holder.service.clone(),
-                });
-            }
+        let address = (frontend.address, frontend.port, frontend.protocol);
+        let key = (address.0, address.1, address.2, frontend.scope);
+        let holder = holders
+            .get(&address)
+            .filter(|&&i| kept_service(&kept, i) != frontend.service)
+            .or_else(|| by_key.get(&key));
+        if let Some(&i) = holder {
+            let holder = kept[i].as_ref().expect("kept until the end").borrow();
+            let (reason, claim) = lost_claim(frontend, holder);
+            skipped.push(reason);
+            lost.extend(claim);
+            continue;
         }
+        holders.entry(address).or_insert(kept.len());
+        by_key.insert(key, kept.len());
+        kept.push(Some(claim));
     }
     lost.sort();
     lost.dedup();
-    (by_key.into_values().collect(), lost)
+    let frontends = by_key
+        .into_values()
+        .map(|i| kept[i].take().expect("each kept once"))
+        .collect();
+    (frontends, lost)
+}
+
+fn kept_service<F: Borrow<Frontend>>(kept: &[Option<F>], i: usize) -> &str {
+    &kept[i]
+        .as_ref()
+        .expect("kept until the end")
+        .borrow()
+        .service
+}
+
+/// Why `frontend`'s claim lost to `holder`'s, and the lost claim to count, unless the
+/// Service lost to its own claim.
+fn lost_claim(frontend: &Frontend, holder: &Frontend) -> (Skipped, Option<LostClaim>) {
+    let address = format!(
+        "{}:{}/{}",
+        frontend.address, frontend.port, frontend.protocol
+    );
+    let object = format!("Service {}", frontend.service);
+    let field = port_field(&frontend.port_name, frontend.port, frontend.protocol);
+    if holder.service == frontend.service {
+        let reason = format!("{address} is claimed twice by this Service: its first claim has it");
+        return (Skipped::new(object, field, reason), None);
+    }
+    let reason = format!(
+        "{address} is already a frontend of Service {}, {}: the oldest claim keeps a frontend",
+        holder.service,
+        older(holder.created, frontend.created)
+    );
+    let claim = LostClaim {
+        frontend: address,
+        service: frontend.service.clone(),
+        holder: holder.service.clone(),
+    };
+    (Skipped::new(object, field, reason), Some(claim))
 }
 
 /// Claims are settled oldest first.
@@ -979,6 +1006,43 @@ mod tests {
             assert!(skipped[0].reason.contains(reason), "{case}: {}", skipped[0]);
             assert_eq!(skipped[0].object, format!("Service {loser}"), "{case}");
         }
+    }
+
+    #[test]
+    fn a_service_s_cluster_ip_is_its_own_from_outside_too() {
+        let victim = Service {
+            name: "victim".into(),
+            created: Some(100),
+            ..service()
+        };
+        // Younger, it lists the victim's ClusterIP as an external IP: the external scope,
+        // which no ClusterIP claims, would be its alone if claims were settled by scope.
+        let squatter = Service {
+            name: "aaa".into(),
+            created: Some(200),
+            cluster_ips: vec![Ipv4Addr::new(10, 96, 0, 99)],
+            external_ips: vec![VIP],
+            ..service()
+        };
+        let cluster = Cluster {
+            services: vec![victim, squatter],
+            slices: vec![],
+        };
+        let nodes = nodes();
+        let node = NodeConfig::new("n1");
+        let (frontends, lost, skipped) = super::frontends(&cluster, &Here::new(&node, &[], &nodes));
+        let on_vip: Vec<(&str, Scope)> = frontends
+            .iter()
+            .filter(|f| f.address == VIP)
+            .map(|f| (f.service.as_str(), f.scope))
+            .collect();
+        assert_eq!(on_vip, [("ns/victim", Scope::Internal)], "{skipped:?}");
+        assert_eq!(lost.len(), 1, "{lost:?}");
+        assert_eq!(
+            skipped.len(),
+            2,
+            "both scopes of the squatter's claim: {skipped:?}"
+        );
     }
 
     #[test]

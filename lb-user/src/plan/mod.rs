@@ -165,20 +165,14 @@ impl Planner {
             ));
         };
         for (slot, backend) in (1..).zip(&frontend.backends) {
-            let backend = self::backend(backend, frontend.protocol, &self.node);
-            let backend_id = self.ids.name_backend(backend);
-            self.desired.backends.insert(backend_id, backend);
-            touched.backends.insert(backend_id);
+            let backend_id = self.name_backend(backend, frontend.protocol, touched);
             let slot_key = SlotKey { service_id, slot };
             self.desired.slots.insert(slot_key, Slot { backend_id });
             touched.slots.insert(slot_key);
         }
         // In no slot: there for the flows they have, which look them up by id.
         for retained in &frontend.retained {
-            let backend = self::backend(retained, frontend.protocol, &self.node);
-            let backend_id = self.ids.name_backend(backend);
-            self.desired.backends.insert(backend_id, backend);
-            touched.backends.insert(backend_id);
+            self.name_backend(retained, frontend.protocol, touched);
         }
         // Only ClusterIPs: an external or load-balancer IP may be a node's own address, whose
         // other ports (ssh, the kubelet) are no service's to drop.
@@ -203,6 +197,20 @@ impl Planner {
         );
         touched.frontends.insert(key);
         None
+    }
+
+    /// Names `backend` once more, and plans its entry; its id.
+    fn name_backend(
+        &mut self,
+        backend: &model::Backend,
+        protocol: Protocol,
+        touched: &mut Touched,
+    ) -> u32 {
+        let backend = self::backend(backend, protocol, &self.node);
+        let backend_id = self.ids.name_backend(backend);
+        self.desired.backends.insert(backend_id, backend);
+        touched.backends.insert(backend_id);
+        backend_id
     }
 }
 
@@ -481,6 +489,48 @@ mod tests {
             "Prot LocalAddress:Port        Scope    Scheduler    Flags\n  -> RemoteAddress:Port\n\
              TCP  10.96.0.10:80            internal round-robin  reject-when-empty\n  \
              -> 10.244.0.12:8080 local\n  -> 10.244.0.11:8080 local\n"
+        );
+    }
+
+    #[test]
+    fn a_retained_backend_keeps_its_id_into_a_slot_and_goes_when_nothing_names_it() {
+        let (a, b) = (
+            (Ipv4Addr::new(10, 244, 0, 11), 5353),
+            (Ipv4Addr::new(10, 244, 0, 12), 5353),
+        );
+        let udp = |backends: &[(Ipv4Addr, u16)], retained: &[(Ipv4Addr, u16)]| {
+            let mut fe = frontend(Algorithm::RoundRobin, backends);
+            fe.protocol = Protocol::Udp;
+            fe.retained = frontend(Algorithm::RoundRobin, retained).backends;
+            vec![Arc::new(fe)]
+        };
+        let mut planner = Planner::new("node-a", Ids::default());
+        let mut dump = |frontends: &[Arc<model::Frontend>]| {
+            planner.update(frontends);
+            let entries = planner.desired().dump();
+            entries
+                .lines()
+                .filter(|l| !l.starts_with("FE:") && !l.starts_with("VIP:"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        // B terminating but serving: its entry stays for its flows, in no slot.
+        assert_eq!(
+            dump(&udp(&[a], &[b])),
+            "BE: ID=1 ADDR=10.244.0.11:5353/UDP LOCAL\nBE: ID=2 ADDR=10.244.0.12:5353/UDP LOCAL\n\
+             SLOT: ID=1 SLOT=1 BE=1"
+        );
+        // Ready again: the same id, now in a slot.
+        assert_eq!(
+            dump(&udp(&[a, b], &[])),
+            "BE: ID=1 ADDR=10.244.0.11:5353/UDP LOCAL\nBE: ID=2 ADDR=10.244.0.12:5353/UDP LOCAL\n\
+             SLOT: ID=1 SLOT=1 BE=1\nSLOT: ID=1 SLOT=2 BE=2"
+        );
+        // Back to retained, then gone: nothing names it, and its entry goes.
+        dump(&udp(&[a], &[b]));
+        assert_eq!(
+            dump(&udp(&[a], &[])),
+            "BE: ID=1 ADDR=10.244.0.11:5353/UDP LOCAL\nSLOT: ID=1 SLOT=1 BE=1"
         );
     }
 

@@ -177,25 +177,27 @@ struct Walk {
 /// and in its directories, recursively, sorted. Below a path given, a symlink is followed to a
 /// file (a ConfigMap volume's files are symlinks) but never to a directory, and no directory is
 /// entered twice (a bind mount of a parent below it): the walk is bounded by the directories
-/// on disk, whatever links and mounts a manifest directory holds.
+/// on disk, whatever links and mounts a manifest directory holds. A file reached twice (by a
+/// link, or given twice) is read once, by its first path.
 fn walk(paths: &[PathBuf]) -> Walk {
     let mut walk = Walk::default();
-    let mut entered = HashSet::new();
+    let mut seen = HashSet::new();
     for path in paths {
-        visit(path, &mut walk, &mut entered);
+        visit(path, &mut walk, &mut seen);
     }
     walk
 }
 
-fn visit(path: &Path, walk: &mut Walk, entered: &mut HashSet<(u64, u64)>) {
+/// `seen`: the device and inode of every file and directory walked.
+fn visit(path: &Path, walk: &mut Walk, seen: &mut HashSet<(u64, u64)>) {
     let Ok(meta) = fs::metadata(path) else {
         return;
     };
-    if meta.is_file() {
-        walk.files.push(path.to_path_buf());
+    if !(meta.is_file() || meta.is_dir()) || !seen.insert((meta.dev(), meta.ino())) {
         return;
     }
-    if !meta.is_dir() || !entered.insert((meta.dev(), meta.ino())) {
+    if meta.is_file() {
+        walk.files.push(path.to_path_buf());
         return;
     }
     walk.directories.push(path.to_path_buf());
@@ -223,7 +225,7 @@ fn visit(path: &Path, walk: &mut Walk, entered: &mut HashSet<(u64, u64)>) {
             .extension()
             .is_some_and(|e| EXTENSIONS.iter().any(|x| e == *x));
         if link.is_dir() || manifest {
-            visit(&child, walk, entered);
+            visit(&child, walk, seen);
         }
     }
 }
@@ -351,15 +353,16 @@ mod tests {
         std::os::unix::fs::symlink(".", root.join("loop.yaml")).unwrap();
         std::os::unix::fs::symlink("..", root.join("sub/up.json")).unwrap();
         std::os::unix::fs::symlink("sub", root.join("sub-link")).unwrap();
-        // A file link, as a ConfigMap volume has them: followed.
+        // A file link, as a ConfigMap volume has them: followed, and its file read once.
         std::os::unix::fs::symlink("sub/b.yml", root.join("c.yaml")).unwrap();
+        std::os::unix::fs::symlink("notes.txt", root.join("d.yaml")).unwrap();
         let manifests = Manifests::new(vec![root.to_path_buf()]);
         let names: Vec<String> = manifests
             .files()
             .iter()
             .map(|f| f.strip_prefix(root).unwrap().display().to_string())
             .collect();
-        assert_eq!(names, ["a.yaml", "c.yaml", "sub/b.yml"]);
+        assert_eq!(names, ["a.yaml", "c.yaml", "d.yaml"]);
         let directories = manifests.directories();
         assert_eq!(
             directories.len(),
