@@ -21,10 +21,14 @@ pub const REPLIES: &str = "lb_replies_v1";
 /// ClusterIPs: `u32` address -> [`Vip`]. Written by the agent. A packet to one of them on a
 /// port no frontend serves is dropped (kube-proxy's nftables mode rejects it).
 pub const VIPS: &str = "lb_vips_v1";
-/// The frontends the node's own sockets dialled (LRU): [`SocketKey`] -> [`SocketFrontend`].
-/// Written by the datapath at `connect()` and `sendmsg()`; read at `recvmsg()` and
-/// `getpeername()`, and by the agent, which resets a connected UDP socket whose backend is gone.
+/// The frontends the node's own unconnected UDP sockets sent to (LRU): [`SocketKey`] ->
+/// [`SocketFrontend`]. Written by the datapath at `sendmsg()`; read at `recvmsg()`.
 pub const SOCKETS: &str = "lb_sockets_v1";
+/// What each of the node's connected sockets dialled: socket cookie (`u64`) -> [`Connected`].
+/// Written by the datapath at `connect()`, removed when the socket is released, so that no
+/// other socket's churn evicts a long-lived one's; read at `getpeername()` and `recvmsg()`, and
+/// by the agent, which resets a connected UDP socket whose backend is gone.
+pub const CONNECTED: &str = "lb_connected_v1";
 /// Session affinity (LRU): [`AffinityKey`] -> [`Affinity`]. Written by the datapath.
 pub const AFFINITY: &str = "lb_affinity_v1";
 /// Per-CPU round-robin cursor of each service, indexed by service id: `u32`.
@@ -41,7 +45,7 @@ pub const CLOCK: &str = "lb_clock_v1";
 pub const EPOCH: &str = "lb_epoch_v1";
 
 /// Every map, in the order the agent pins them.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 15] = [
     FRONTENDS,
     SLOTS,
     BACKENDS,
@@ -49,6 +53,7 @@ pub const ALL: [&str; 14] = [
     FLOWS,
     REPLIES,
     SOCKETS,
+    CONNECTED,
     AFFINITY,
     CURSORS,
     FRONTEND_STATS,
@@ -70,6 +75,8 @@ pub const MAX_VIPS: u32 = 131_072;
 pub const MAX_FLOWS: u32 = 262_144;
 /// Capacity of [`SOCKETS`].
 pub const MAX_SOCKETS: u32 = 65_536;
+/// Capacity of [`CONNECTED`]: the node's own connections to frontends, open at once.
+pub const MAX_CONNECTED: u32 = 262_144;
 /// Capacity of [`AFFINITY`].
 pub const MAX_AFFINITIES: u32 = 65_536;
 
@@ -236,6 +243,16 @@ pub struct SocketFrontend {
     pub _pad: u16,
 }
 
+/// The frontend a connected socket dialled, and the backend it was given instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Connected {
+    pub frontend_addr_be: u32,
+    pub backend_addr_be: u32,
+    pub frontend_port_be: u16,
+    pub backend_port_be: u16,
+}
+
 /// A client of a service with session affinity.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -374,6 +391,7 @@ const _: () = {
     assert!(size_of::<FrontendStats>() == 24);
     assert!(size_of::<SocketKey>() == 16);
     assert!(size_of::<SocketFrontend>() == 8);
+    assert!(size_of::<Connected>() == 12);
     assert!(size_of::<AffinityKey>() == 8);
     assert!(size_of::<Affinity>() == 16);
 };
@@ -399,6 +417,7 @@ mod pod {
     unsafe impl aya::Pod for FrontendStats {}
     unsafe impl aya::Pod for SocketKey {}
     unsafe impl aya::Pod for SocketFrontend {}
+    unsafe impl aya::Pod for Connected {}
     unsafe impl aya::Pod for Affinity {}
     unsafe impl aya::Pod for Stats {}
 }

@@ -11,9 +11,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::maps::{
-    Affinity, AffinityKey, Backend, Clock, Config, Epoch, Flow, FlowKey, Frontend, FrontendKey,
-    FrontendStats, MAX_AFFINITIES, MAX_BACKENDS, MAX_FLOWS, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS,
-    MAX_VIPS, Reply, Slot, SlotKey, SocketFrontend, SocketKey, Stats, Vip,
+    Affinity, AffinityKey, Backend, Clock, Config, Connected, Epoch, Flow, FlowKey, Frontend,
+    FrontendKey, FrontendStats, MAX_AFFINITIES, MAX_BACKENDS, MAX_CONNECTED, MAX_FLOWS,
+    MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MAX_VIPS, Reply, Slot, SlotKey, SocketFrontend,
+    SocketKey, Stats, Vip,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -40,6 +41,10 @@ pub static REPLIES: LruHashMap<FlowKey, Reply, { MAX_FLOWS as usize }> = LruHash
 #[btf_map(name = "lb_sockets_v1")]
 pub static SOCKETS: LruHashMap<SocketKey, SocketFrontend, { MAX_SOCKETS as usize }> =
     LruHashMap::new();
+
+#[btf_map(name = "lb_connected_v1")]
+pub static CONNECTED: HashMap<u64, Connected, { MAX_CONNECTED as usize }, NO_PREALLOC> =
+    HashMap::new();
 
 #[btf_map(name = "lb_affinity_v1")]
 pub static AFFINITY: LruHashMap<AffinityKey, Affinity, { MAX_AFFINITIES as usize }> =

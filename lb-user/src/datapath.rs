@@ -20,8 +20,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::MapInfo,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        links::FdLink, tc::TcAttachOptions,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
+        Xdp, XdpMode, links::FdLink, tc::TcAttachOptions,
     },
 };
 use lb_common::maps;
@@ -47,6 +47,8 @@ const SOCKET_PROGRAMS: [&str; 4] = [
     "lb_recvmsg4",
     "lb_getpeername4",
 ];
+/// Run when a socket is released: forgets what a connected one dialled.
+const RELEASE_PROGRAM: &str = "lb_sock_release";
 const CGROUP2_MAGIC: i64 = 0x6367_7270;
 /// Where cgroup v2 is mounted: alone, or beside v1 (hybrid).
 const CGROUP2_MOUNTS: [&str; 2] = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"];
@@ -136,7 +138,11 @@ impl Datapath {
             let hook: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
             hook.load().with_context(|| format!("loading {name}"))?;
         }
-        for name in [TC_PROGRAM, TC_EGRESS_PROGRAM, XDP_PROGRAM]
+        let release: &mut CgroupSock = program(&mut ebpf, RELEASE_PROGRAM)?.try_into()?;
+        release
+            .load()
+            .with_context(|| format!("loading {RELEASE_PROGRAM}"))?;
+        for name in [TC_PROGRAM, TC_EGRESS_PROGRAM, XDP_PROGRAM, RELEASE_PROGRAM]
             .into_iter()
             .chain(SOCKET_PROGRAMS)
         {
@@ -298,24 +304,33 @@ impl Datapath {
     }
 
     /// Hooks the sockets of the processes in `cgroup` (those of this network namespace are
-    /// balanced at `connect()`, `sendmsg()`, `recvmsg()` and `getpeername()`).
+    /// balanced at `connect()`, `sendmsg()`, `recvmsg()` and `getpeername()`, and forgotten
+    /// when released).
     pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<()> {
         let cgroup_id = fs::metadata(cgroup)
             .with_context(|| format!("the cgroup {}", cgroup.display()))?
             .ino();
+        let open = || {
+            fs::File::open(cgroup)
+                .with_context(|| format!("opening the cgroup {}", cgroup.display()))
+        };
         for name in SOCKET_PROGRAMS {
-            let pin = format!("cgroup-{name}");
-            self.ensure_link(&pin, name, cgroup_id, false, |ebpf| {
+            self.ensure_link(&format!("cgroup-{name}"), name, cgroup_id, false, |ebpf| {
                 let hook: &mut CgroupSockAddr = program(ebpf, name)?.try_into()?;
-                let cgroup_dir = fs::File::open(cgroup)
-                    .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
                 let id = hook
-                    .attach(cgroup_dir, CgroupAttachMode::default())
+                    .attach(open()?, CgroupAttachMode::default())
                     .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
                 Ok(FdLink::try_from(hook.take_link(id)?)?)
             })?;
         }
-        Ok(())
+        let name = RELEASE_PROGRAM;
+        self.ensure_link(&format!("cgroup-{name}"), name, cgroup_id, false, |ebpf| {
+            let hook: &mut CgroupSock = program(ebpf, name)?.try_into()?;
+            let id = hook
+                .attach(open()?, CgroupAttachMode::default())
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+            Ok(FdLink::try_from(hook.take_link(id)?)?)
+        })
     }
 
     /// Makes sure the link pinned as `pin` runs `program_name` on `target`: kept if this agent

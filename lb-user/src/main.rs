@@ -414,6 +414,9 @@ fn dump(args: &InstanceArgs) -> Result<()> {
     );
     println!("EPOCH: backends_removed={}", maps.epoch()?.backends_removed);
     let (flows, replies) = maps.flow_entries()?;
-    println!("FLOWS: flows={flows} replies={replies}");
+    println!(
+        "FLOWS: flows={flows} replies={replies} connected_sockets={}",
+        maps.connected_sockets()?
+    );
     Ok(())
 }

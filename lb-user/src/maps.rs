@@ -8,10 +8,9 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
 };
 use lb_common::maps::{
-    BACKENDS, Backend, CLOCK, CONFIG, Clock, Config, EPOCH, Epoch, FLOWS, FRONTEND_STATS,
-    FRONTENDS, Flow, FlowKey, Frontend, FrontendKey, FrontendStats, MAX_FLOWS, REPLIES, Reply,
-    SINGLE_ENTRY, SLOTS, SOCKETS, STATS, Slot, SlotKey, SocketFrontend, SocketKey, Stats, VIPS,
-    Vip,
+    BACKENDS, Backend, CLOCK, CONFIG, CONNECTED, Clock, Config, Connected, EPOCH, Epoch, FLOWS,
+    FRONTEND_STATS, FRONTENDS, Flow, FlowKey, Frontend, FrontendKey, FrontendStats, MAX_CONNECTED,
+    MAX_FLOWS, REPLIES, Reply, SINGLE_ENTRY, SLOTS, STATS, Slot, SlotKey, Stats, VIPS, Vip,
 };
 
 use crate::plan::{MapEntries, Op};
@@ -23,7 +22,7 @@ pub struct KernelMaps {
     vips: HashMap<MapData, u32, Vip>,
     flows: HashMap<MapData, FlowKey, Flow>,
     replies: HashMap<MapData, FlowKey, Reply>,
-    sockets: HashMap<MapData, SocketKey, SocketFrontend>,
+    connected: HashMap<MapData, u64, Connected>,
     config: Array<MapData, Config>,
     clock: Array<MapData, Clock>,
     epoch: Array<MapData, Epoch>,
@@ -58,7 +57,7 @@ impl KernelMaps {
             vips: HashMap::try_from(map(VIPS)?).context(VIPS)?,
             flows: HashMap::try_from(map(FLOWS)?).context(FLOWS)?,
             replies: HashMap::try_from(map(REPLIES)?).context(REPLIES)?,
-            sockets: HashMap::try_from(map(SOCKETS)?).context(SOCKETS)?,
+            connected: HashMap::try_from(map(CONNECTED)?).context(CONNECTED)?,
             config: Array::try_from(map(CONFIG)?).context(CONFIG)?,
             clock: Array::try_from(map(CLOCK)?).context(CLOCK)?,
             epoch: Array::try_from(map(EPOCH)?).context(EPOCH)?,
@@ -90,16 +89,18 @@ impl KernelMaps {
         })
     }
 
-    /// Whether the node's socket `cookie` dialled a frontend that the datapath gave the backend
-    /// at `addr_be:port_be`.
-    pub fn socket_dialled_frontend(&self, cookie: u64, addr_be: u32, port_be: u16) -> bool {
-        let key = SocketKey {
-            cookie,
-            backend_addr_be: addr_be,
-            backend_port_be: port_be,
-            _pad: 0,
-        };
-        self.sockets.get(&key, 0).is_ok()
+    /// What the node's connected socket `cookie` dialled, if it dialled a frontend.
+    pub fn connected(&self, cookie: u64) -> Option<Connected> {
+        self.connected.get(&cookie, 0).ok()
+    }
+
+    /// How many of the node's connected sockets that dialled a frontend are open.
+    pub fn connected_sockets(&self) -> Result<usize> {
+        self.connected
+            .keys()
+            .take(MAX_CONNECTED as usize)
+            .try_fold(0, |n, key| key.map(|_| n + 1))
+            .with_context(|| format!("reading {CONNECTED}"))
     }
 
     /// The config the datapath runs with now.

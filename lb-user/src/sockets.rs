@@ -19,7 +19,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use lb_common::maps::PROTO_UDP;
+use lb_common::maps::{Connected, PROTO_UDP};
 
 use crate::{maps::KernelMaps, plan::MapEntries};
 
@@ -64,13 +64,7 @@ pub fn reset_stale(maps: &KernelMaps, programmed: &MapEntries) -> Result<Reset> 
     let sockets = netlink
         .connected_udp()
         .context("listing the node's UDP sockets")?;
-    let stale = stale(&sockets, programmed, |socket| {
-        maps.socket_dialled_frontend(
-            socket.cookie,
-            u32::from(*socket.peer.ip()).to_be(),
-            socket.peer.port().to_be(),
-        )
-    });
+    let stale = stale(&sockets, programmed, |socket| maps.connected(socket.cookie));
     let mut done = Reset::default();
     for socket in stale {
         match netlink.destroy(socket) {
@@ -83,11 +77,12 @@ pub fn reset_stale(maps: &KernelMaps, programmed: &MapEntries) -> Result<Reset> 
     Ok(done)
 }
 
-/// Of `sockets`, those that `dialled` a frontend and whose peer is no UDP backend `programmed`.
+/// Of `sockets`, those that `dialled` a frontend, were given their peer as its backend, and
+/// whose peer is no UDP backend `programmed`.
 fn stale<'a>(
     sockets: &'a [ConnectedSocket],
     programmed: &MapEntries,
-    dialled: impl Fn(&ConnectedSocket) -> bool,
+    dialled: impl Fn(&ConnectedSocket) -> Option<Connected>,
 ) -> Vec<&'a ConnectedSocket> {
     let live: std::collections::HashSet<(u32, u16)> = programmed
         .backends
@@ -98,7 +93,12 @@ fn stale<'a>(
     sockets
         .iter()
         .filter(|s| !live.contains(&(u32::from(*s.peer.ip()).to_be(), s.peer.port().to_be())))
-        .filter(|s| dialled(s))
+        .filter(|s| {
+            dialled(s).is_some_and(|d| {
+                (d.backend_addr_be, d.backend_port_be)
+                    == (u32::from(*s.peer.ip()).to_be(), s.peer.port().to_be())
+            })
+        })
         .collect()
 }
 
@@ -346,8 +346,22 @@ mod tests {
             socket(11, 1), // its backend serves
             socket(12, 2), // gone
             socket(13, 3), // gone, but dialled directly, not through a frontend
+            socket(14, 4), // gone, but connected elsewhere since it dialled
         ];
-        let stale = stale(&sockets, &programmed, |s| s.cookie != 3);
+        // By cookie, the backend each was given when it dialled.
+        let given = |cookie: u64| match cookie {
+            1 => Some(11),
+            2 => Some(12),
+            4 => Some(11),
+            _ => None,
+        };
+        let stale = stale(&sockets, &programmed, |s| {
+            given(s.cookie).map(|last| Connected {
+                backend_addr_be: u32::from(Ipv4Addr::new(10, 244, 0, last)).to_be(),
+                backend_port_be: 5353u16.to_be(),
+                ..Connected::default()
+            })
+        });
         assert_eq!(stale, [&sockets[1]]);
     }
 }

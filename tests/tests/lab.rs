@@ -824,6 +824,12 @@ fn the_node_s_sockets_name_the_vip_and_a_connected_udp_socket_leaves_a_removed_b
         format!("again=pod={pod}"),
         "a new socket reaches a live backend"
     );
+    // Its sockets closed, what they dialled goes with them.
+    assert_eq!(script.line(), "", "the script ended");
+    lab.wait_for_dump("the closed sockets' entries to go", |d| {
+        stat(d, "connected_sockets") == 0
+    })
+    .unwrap();
 }
 
 #[test]
@@ -901,7 +907,7 @@ fn inspect_shows_what_the_kernel_has() {
 }
 
 /// The programs an agent pins, one per hook.
-const PROGRAMS: [&str; 7] = [
+const PROGRAMS: [&str; 8] = [
     "lb_tc",
     "lb_tc_egress",
     "lb_xdp",
@@ -909,6 +915,7 @@ const PROGRAMS: [&str; 7] = [
     "lb_sendmsg4",
     "lb_recvmsg4",
     "lb_getpeername4",
+    "lb_sock_release",
 ];
 
 /// The kernel's id of the program `name` that the lab's agent pinned.
