@@ -34,6 +34,9 @@ use crate::{
     sync::Pipeline,
 };
 
+/// How long after a reset pass that fell short the next one is tried.
+const SOCKETS_RETRY: Duration = Duration::from_secs(30);
+
 /// Where the agent learns Services, EndpointSlices and Nodes.
 pub enum SourceSettings {
     /// Manifest files or directories, polled for changes.
@@ -154,6 +157,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         generation: 0,
         failed: false,
         sockets_due: false,
+        sockets_retry_at: None,
         status: Arc::clone(&status),
     };
     // The latest objects, kept to retry the writes that failed.
@@ -325,6 +329,8 @@ struct Syncer {
     failed: bool,
     /// Backends went since the node's connected UDP sockets were last checked.
     sockets_due: bool,
+    /// After a pass that fell short, when to try again.
+    sockets_retry_at: Option<Instant>,
     status: Arc<Status>,
 }
 
@@ -362,13 +368,16 @@ impl Syncer {
     /// Resets the node's connected UDP sockets whose backend is gone ([`sockets`]), if a sync
     /// removed backends since the last pass that went through.
     fn reset_stale_sockets(&mut self) {
-        if !self.sockets_due {
+        if !self.sockets_due || self.sockets_retry_at.is_some_and(|at| Instant::now() < at) {
             return;
         }
+        // A pass that falls short (a kernel without sock_diag's destroy, say) is tried again
+        // later, not at every poll.
+        self.sockets_retry_at = Some(Instant::now() + SOCKETS_RETRY);
         let done = match sockets::reset_stale(&self.maps, self.pipeline.programmed()) {
             Ok(done) => done,
             Err(e) => {
-                warn!("connected UDP sockets keep their gone backends, retried: {e:#}");
+                warn!("connected UDP sockets keep their gone backends, retried in 30 s: {e:#}");
                 return;
             }
         };
@@ -381,9 +390,12 @@ impl Syncer {
         }
         for (socket, e) in &done.failed {
             warn!(local = %socket.local, peer = %socket.peer, error = %e,
-                "a connected UDP socket keeps its gone backend, retried");
+                "a connected UDP socket keeps its gone backend, retried in 30 s");
         }
         self.sockets_due = !done.failed.is_empty();
+        if !self.sockets_due {
+            self.sockets_retry_at = None;
+        }
     }
 
     /// Writes the datapath's config when it changes: the SNAT address follows the Node's.
