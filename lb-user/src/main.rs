@@ -237,6 +237,7 @@ fn exit_quietly_on_closed_pipe() {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
+    check_capabilities()?;
     raise_file_limit();
     let secs = |s: u64| s.saturating_mul(1_000_000_000);
     agent::run(agent::Settings {
@@ -276,6 +277,48 @@ async fn run(args: RunArgs) -> Result<()> {
         },
     })
     .await
+}
+
+/// The capabilities the agent needs, with what for (`deploy/README.md` says why each).
+const CAPABILITIES: [(u32, &str, &str); 3] = [
+    (
+        39,
+        "CAP_BPF",
+        "creating the maps and loading BTF and the programs",
+    ),
+    (
+        12,
+        "CAP_NET_ADMIN",
+        "loading and attaching the tc, XDP and socket programs, and resetting sockets",
+    ),
+    (
+        38,
+        "CAP_PERFMON",
+        "the verifier's rules for a privileged loader",
+    ),
+];
+
+/// Fails, naming each, when the agent lacks a capability it needs: a container's security
+/// context that drops one would otherwise fail later, as a bare `EPERM` from a syscall.
+fn check_capabilities() -> Result<()> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .context("no CapEff in /proc/self/status")?;
+    let missing: Vec<String> = CAPABILITIES
+        .iter()
+        .filter(|(bit, _, _)| effective & (1 << bit) == 0)
+        .map(|(_, name, why)| format!("{name} ({why})"))
+        .collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "the agent lacks {}: run it as root, or add them to the container's capabilities",
+        missing.join(", ")
+    );
+    Ok(())
 }
 
 /// Raises the soft limit on open files to the hard one: the agent holds a descriptor per map,

@@ -76,6 +76,9 @@ pub struct Lab {
     pub backends: Vec<Pod>,
     /// A copy of `deploy/examples` that the agent watches and tests may edit.
     pub manifests: tempfile::TempDir,
+    /// A command the agent runs under, in the node (`setpriv` with a container's capability
+    /// sets, say); empty: none.
+    pub agent_wrapper: Vec<String>,
     servers: Vec<Child>,
     agent: RefCell<Option<Child>>,
     namespaces: Vec<String>,
@@ -98,6 +101,7 @@ impl Lab {
             backends: BACKENDS.iter().map(|&(name, ip)| pod(name, ip)).collect(),
             prefix: prefix.clone(),
             manifests,
+            agent_wrapper: Vec::new(),
             servers: Vec::new(),
             agent: RefCell::new(None),
             namespaces: Vec::new(),
@@ -212,6 +216,7 @@ impl Lab {
         command
             .arg(format!("--net=/run/netns/{}", self.node))
             .arg("--")
+            .args(&self.agent_wrapper)
             .arg(&self.lb_user)
             .args(["run", "--node", NODE_NAME, "--interfaces", "v-*"])
             .args(["--instance", &self.prefix]);

@@ -3,7 +3,9 @@
 //! it); the objects name each other; the agent gets what it needs from the host and no more; and
 //! every flag the DaemonSet passes exists in the agent's `run --help`.
 
-use std::{collections::BTreeSet, fs, net::SocketAddr, path::PathBuf, process::Command};
+use std::{
+    collections::BTreeSet, ffi::OsStr, fs, net::SocketAddr, path::PathBuf, process::Command,
+};
 
 use k8s_openapi::{
     api::{
@@ -13,7 +15,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use lb_tests::workspace_root;
+use lb_tests::{Lab, pod_of, workspace_root};
 use serde::{Deserialize as _, Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
@@ -397,6 +399,113 @@ fn the_agent_is_not_privileged() {
         .collect();
     // Why each, and why not CAP_SYS_ADMIN: deploy/README.md.
     assert_eq!(added, BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON"]));
+}
+
+/// The capabilities the DaemonSet's agent container adds to none.
+fn container_capabilities() -> Vec<String> {
+    let manifests = Manifests::load();
+    let agent = agent(pod(manifests.daemon_set()));
+    let capabilities = agent
+        .security_context
+        .as_ref()
+        .and_then(|s| s.capabilities.as_ref())
+        .expect("capabilities");
+    assert_eq!(capabilities.drop, Some(vec!["ALL".to_string()]));
+    capabilities.add.clone().unwrap_or_default()
+}
+
+/// `setpriv` giving the agent `capabilities` alone, as a container runtime gives them: the
+/// bounding, inheritable and ambient sets (and so, for root, the permitted and effective).
+fn setpriv(capabilities: &[String]) -> Vec<String> {
+    let set: String = std::iter::once("-all".to_string())
+        .chain(
+            capabilities
+                .iter()
+                .map(|c| format!("+{}", c.to_lowercase())),
+        )
+        .collect::<Vec<_>>()
+        .join(",");
+    [
+        "setpriv",
+        "--bounding-set",
+        &set,
+        "--inh-caps",
+        &set,
+        "--ambient-caps",
+        &set,
+        "--",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// The capability bits of `capabilities` (`NET_ADMIN`, ...), as `/proc/PID/status` shows them.
+fn capability_mask(capabilities: &[String]) -> u64 {
+    capabilities
+        .iter()
+        .map(|c| match c.as_str() {
+            "NET_ADMIN" => 1 << 12,
+            "PERFMON" => 1 << 38,
+            "BPF" => 1 << 39,
+            other => panic!("no bit known for {other}"),
+        })
+        .sum()
+}
+
+#[test]
+fn the_agent_runs_with_the_container_s_capabilities_alone() {
+    let capabilities = container_capabilities();
+    let mut lab = Lab::up("caps").expect("lab");
+    lab.agent_wrapper = setpriv(&capabilities);
+    lab.start_agent(&[])
+        .expect("an agent with the container's capabilities");
+    let pid = lab.agent_pid().expect("the agent runs");
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .expect("CapEff");
+    assert_eq!(
+        effective,
+        capability_mask(&capabilities),
+        "it runs with those alone: {effective:x}"
+    );
+    let answer = lab.curl("http://10.96.0.10/").expect("forwarded");
+    assert!(pod_of(&answer).is_some(), "{answer}");
+    // A restart adopts the pins, with the same capabilities.
+    lab.start_agent(&[]).expect("the agent again");
+    let log = fs::read_to_string(lab.agent_log()).unwrap();
+    assert!(
+        log.contains("adopted the maps pinned before frontends=4"),
+        "{log}"
+    );
+    let answer = lab
+        .curl("http://10.96.0.10/")
+        .expect("forwarded after the restart");
+    assert!(pod_of(&answer).is_some(), "{answer}");
+}
+
+#[test]
+fn an_agent_without_a_capability_it_needs_says_which() {
+    let capabilities = container_capabilities();
+    let mut lab = Lab::up("nocap").expect("lab");
+    for dropped in &capabilities {
+        let kept: Vec<String> = capabilities
+            .iter()
+            .filter(|c| *c != dropped)
+            .cloned()
+            .collect();
+        lab.agent_wrapper = setpriv(&kept);
+        let manifests = lab.manifests.path().as_os_str().to_owned();
+        let mut agent = lab.agent_command(&[OsStr::new("--manifests"), &manifests], &[]);
+        let out = lb_tests::output(&mut agent).expect_err("the agent refuses to start");
+        let said = format!("{out:#}");
+        assert!(
+            said.contains(&format!("the agent lacks CAP_{dropped}")),
+            "without {dropped}: {said}"
+        );
+    }
 }
 
 /// Fails while the agent lacks a flag its DaemonSet passes: the two change together.
