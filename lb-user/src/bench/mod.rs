@@ -2,6 +2,7 @@
 //! synthetic cluster.
 
 pub mod cluster;
+pub mod packet;
 
 use std::fmt;
 

@@ -19,7 +19,10 @@ use aya::{
 use clap::Parser;
 use lb_common::maps::Config;
 use lb_user::{
-    bench::{self, Spread},
+    bench::{
+        self, Spread,
+        packet::{TCP_ACK, TCP_SYN, UDP, addr, checksums_valid, packet, port},
+    },
     datapath::{Datapath, PacketPrograms, XDP_PASS},
     model::{self, Algorithm, FrontendKind, Protocol, Scope, WhenEmpty},
     plan::{self, Ids, MapEntries, Planner},
@@ -430,77 +433,4 @@ fn vip(i: u32) -> Ipv4Addr {
 
 fn backend(service: u32, b: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + service * BACKENDS_PER_SERVICE + b)
-}
-
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
-/// Not a TCP flag: asks [`packet`] for a UDP datagram.
-const UDP: u8 = 0;
-
-/// Ethernet + IPv4 + TCP (20 bytes, `flags`) or UDP (8 bytes and 12 of payload), checksums
-/// filled in.
-fn packet(flags: u8, src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
-    let udp = flags == UDP;
-    let l4_len = 20;
-    let mut p = vec![0u8; 14 + 20 + l4_len];
-    p[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    p[14] = 0x45;
-    p[16..18].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
-    p[22] = 64;
-    p[23] = if udp { 17 } else { 6 };
-    p[26..30].copy_from_slice(&src.octets());
-    p[30..34].copy_from_slice(&dst.octets());
-    let ip_checksum = checksum(&p[14..34], 0);
-    p[24..26].copy_from_slice(&ip_checksum.to_be_bytes());
-    p[34..36].copy_from_slice(&sport.to_be_bytes());
-    p[36..38].copy_from_slice(&dport.to_be_bytes());
-    if udp {
-        p[38..40].copy_from_slice(&(l4_len as u16).to_be_bytes());
-    } else {
-        p[38..42].copy_from_slice(&1u32.to_be_bytes());
-        p[46] = 5 << 4;
-        p[47] = flags;
-        p[48..50].copy_from_slice(&64_240u16.to_be_bytes());
-    }
-    let offset = if udp { 40 } else { 50 };
-    let l4_checksum = match checksum(&p[34..], pseudo_header(&p)) {
-        // UDP's 0 means "no checksum": a sum of 0 is sent as all ones.
-        0 if udp => 0xffff,
-        sum => sum,
-    };
-    p[offset..offset + 2].copy_from_slice(&l4_checksum.to_be_bytes());
-    p
-}
-
-fn pseudo_header(p: &[u8]) -> u32 {
-    let words = |b: &[u8]| -> u32 {
-        b.chunks(2)
-            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-            .sum()
-    };
-    words(&p[26..34]) + u32::from(p[23]) + (p.len() as u32 - 34)
-}
-
-/// The Internet checksum of `bytes` (even length) over `sum`.
-fn checksum(bytes: &[u8], mut sum: u32) -> u16 {
-    for w in bytes.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// Whether the IPv4 and L4 checksums of `p` verify (sum to all ones).
-fn checksums_valid(p: &[u8]) -> bool {
-    p.len() >= 54 && checksum(&p[14..34], 0) == 0 && checksum(&p[34..], pseudo_header(p)) == 0
-}
-
-fn addr(p: &[u8], at: usize) -> Ipv4Addr {
-    Ipv4Addr::new(p[at], p[at + 1], p[at + 2], p[at + 3])
-}
-
-fn port(p: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([p[at], p[at + 1]])
 }
