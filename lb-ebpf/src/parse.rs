@@ -87,7 +87,8 @@ pub fn ptr_at<T>(data: usize, data_end: usize, offset: usize) -> Option<*const T
 }
 
 /// Parses an IPv4 TCP or UDP packet; anything else (and IP fragments, which carry no ports past
-/// the first) is `None` and passes untouched.
+/// the first) is `None` and passes untouched, and so is a malformed one (lengths that do not
+/// fit the frame or each other): it is never rewritten, and the stack drops it.
 #[inline(always)]
 pub fn parse(data: usize, data_end: usize) -> Option<Packet> {
     let ether_type_be: u16 = unsafe { *ptr_at::<u16>(data, data_end, 12)? };
@@ -107,15 +108,32 @@ pub fn parse(data: usize, data_end: usize) -> Option<Packet> {
         return None;
     }
     let l4_offset = ETH_HLEN + ip_len;
+    // The lengths must fit each other. Not the frame: tc sees only an skb's linear part, whose
+    // end is no datagram's (GRO, TSO), and a BIG TCP datagram's total length is 0.
+    let total_len = usize::from(u16::from_be(ip.total_len_be));
+    let l4_len = match total_len {
+        0 => usize::MAX,
+        total if total < ip_len => return None,
+        total => total - ip_len,
+    };
     // Both headers start with the two ports; TCP flags are at byte 13.
     let ports = unsafe { &*ptr_at::<[u16; 2]>(data, data_end, l4_offset)? };
-    let tcp_flags = if protocol == PROTO_TCP {
-        unsafe { *ptr_at::<u8>(data, data_end, l4_offset + 13)? }
+    let (header_len, tcp_flags) = if protocol == PROTO_TCP {
+        let offset_flags = unsafe { *ptr_at::<[u8; 2]>(data, data_end, l4_offset + 12)? };
+        (usize::from(offset_flags[0] >> 4) * 4, offset_flags[1])
     } else {
-        0
+        let udp_len_be = unsafe { *ptr_at::<u16>(data, data_end, l4_offset + 4)? };
+        let udp_len = usize::from(u16::from_be(udp_len_be));
+        if udp_len < 8 || udp_len > l4_len {
+            return None;
+        }
+        (8, 0)
     };
-    let checksum_end = if protocol == PROTO_TCP { 18 } else { 8 };
+    if header_len < if protocol == PROTO_TCP { 20 } else { 8 } || header_len > l4_len {
+        return None;
+    }
     // The checksum is rewritten later: make sure it is in the packet.
+    let checksum_end = if protocol == PROTO_TCP { 18 } else { 8 };
     ptr_at::<u8>(data, data_end, l4_offset + checksum_end - 1)?;
     Some(Packet {
         key: FlowKey {

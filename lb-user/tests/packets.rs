@@ -12,7 +12,7 @@ use lb_common::maps::{Config, Stats};
 use lb_user::{
     bench::{
         self,
-        packet::{TCP_ACK, TCP_SYN, UDP, addr, checksums_valid, packet, port},
+        packet::{TCP_ACK, TCP_SYN, UDP, addr, checksum, checksums_valid, packet, port},
     },
     datapath::{Datapath, XDP_PASS},
     model::{self, Algorithm, FrontendKind, Protocol, Scope, WhenEmpty},
@@ -127,6 +127,7 @@ fn programme() -> Vec<Arc<model::Frontend>> {
             &[(DNS, 5353)],
         ),
         frontend("empty", EMPTY_IP, 80, Protocol::Tcp, Scope::Internal, &[]),
+        frontend("empty", EMPTY_IP, 53, Protocol::Udp, Scope::Internal, &[]),
         frontend(
             "web",
             LOAD_BALANCER_IP,
@@ -152,6 +153,26 @@ fn reset_to_client(p: &[u8]) -> Result<(), String> {
     }
     if !checksums_valid(p) {
         return Err("checksums do not verify".into());
+    }
+    Ok(())
+}
+
+/// An ICMP port unreachable from the empty Service's ClusterIP to the client, quoting the
+/// datagram's IPv4 header and its first 8 bytes, IPv4 checksum valid.
+fn unreachable_to_client(p: &[u8]) -> Result<(), String> {
+    let seen = (p[23], addr(p, 26), addr(p, 30), p[34], p[35]);
+    let wanted = (1, EMPTY_IP, CLIENT, 3, 3);
+    if seen != wanted {
+        return Err(format!(
+            "(protocol, from, to, type, code) {seen:?}, not {wanted:?}"
+        ));
+    }
+    let quoted = &p[42..];
+    if quoted.len() < 28 || addr(quoted, 16) != EMPTY_IP || port(quoted, 22) != 53 {
+        return Err(format!("quotes {quoted:02x?}"));
+    }
+    if checksum(&p[14..34], 0) != 0 {
+        return Err("the IPv4 checksum does not verify".into());
     }
     Ok(())
 }
@@ -270,6 +291,66 @@ fn rows() -> Vec<Row> {
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
             counts: None,
+        },
+        Row {
+            what: "a TCP data offset past the datagram: untouched",
+            hook: Hook::TcIngress,
+            input: with(syn.clone(), |p| p[46] = 0xf0),
+            verdict: TC_ACT_OK,
+            out: Out::Unchanged,
+            counts: None,
+        },
+        Row {
+            what: "a TCP data offset below 5 words: untouched",
+            hook: Hook::TcIngress,
+            input: with(syn.clone(), |p| p[46] = 0x40),
+            verdict: TC_ACT_OK,
+            out: Out::Unchanged,
+            counts: None,
+        },
+        Row {
+            what: "an IPv4 total length shorter than its headers: untouched",
+            hook: Hook::TcIngress,
+            input: with(syn.clone(), |p| {
+                p[16..18].copy_from_slice(&30u16.to_be_bytes())
+            }),
+            verdict: TC_ACT_OK,
+            out: Out::Unchanged,
+            counts: None,
+        },
+        Row {
+            what: "a UDP length past the datagram: untouched",
+            hook: Hook::TcIngress,
+            input: with(packet(UDP, CLIENT, DNS_IP, 40001, 53), |p| {
+                p[38..40].copy_from_slice(&64u16.to_be_bytes());
+            }),
+            verdict: TC_ACT_OK,
+            out: Out::Unchanged,
+            counts: None,
+        },
+        Row {
+            what: "ICMP to a ClusterIP: untouched (no port to balance)",
+            hook: Hook::TcIngress,
+            input: with(packet(UDP, CLIENT, CLUSTER_IP, 0, 0), |p| p[23] = 1),
+            verdict: TC_ACT_OK,
+            out: Out::Unchanged,
+            counts: None,
+        },
+        Row {
+            what: "a backend calling its own Service: DNAT to itself, SNAT to the ClusterIP",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, WEB, CLUSTER_IP, 41000, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet(TCP_SYN, CLUSTER_IP, WEB, 41000, 8080)),
+            counts: Some("new_flows"),
+        },
+        Row {
+            what: "a UDP datagram to a Service without endpoints: ICMP port unreachable, sent back",
+            hook: Hook::TcIngress,
+            input: packet(UDP, CLIENT, EMPTY_IP, 40004, 53),
+            verdict: TC_ACT_REDIRECT,
+            out: Out::Check(unreachable_to_client),
+            counts: Some("rejected_no_backend"),
         },
         Row {
             what: "a VLAN-tagged frame: untouched",
