@@ -88,7 +88,7 @@ pub fn ptr_at<T>(data: usize, data_end: usize, offset: usize) -> Option<*const T
 
 /// Parses an IPv4 TCP or UDP packet; anything else (and IP fragments, which carry no ports past
 /// the first) is `None` and passes untouched, and so is a malformed one (lengths that do not
-/// fit the frame or each other): it is never rewritten, and the stack drops it.
+/// fit each other): it is never rewritten.
 #[inline(always)]
 pub fn parse(data: usize, data_end: usize) -> Option<Packet> {
     let ether_type_be: u16 = unsafe { *ptr_at::<u16>(data, data_end, 12)? };
@@ -112,7 +112,7 @@ pub fn parse(data: usize, data_end: usize) -> Option<Packet> {
     // end is no datagram's (GRO, TSO), and a BIG TCP datagram's total length is 0.
     let total_len = usize::from(u16::from_be(ip.total_len_be));
     let l4_len = match total_len {
-        0 => usize::MAX,
+        0 if protocol == PROTO_TCP => usize::MAX,
         total if total < ip_len => return None,
         total => total - ip_len,
     };

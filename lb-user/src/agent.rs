@@ -341,7 +341,11 @@ impl Syncer {
         // The SNAT address first: a new NodePort's first packets need it.
         self.write_config(planned.desired.node_addresses.first().copied());
         let written = self.pipeline.write(&planned, &mut self.maps);
-        self.sockets_due |= written.backends_gone;
+        if written.backends_gone {
+            // New work: not held back by an earlier pass's wait.
+            self.sockets_due = true;
+            self.sockets_retry_at = None;
+        }
         skipped.extend(planned.skipped().cloned());
         for s in &skipped {
             warn!("skipped {s}");
@@ -377,7 +381,10 @@ impl Syncer {
         let done = match sockets::reset_stale(&self.maps, self.pipeline.programmed()) {
             Ok(done) => done,
             Err(e) => {
-                warn!("connected UDP sockets keep their gone backends, retried in 30 s: {e:#}");
+                warn!(
+                    retry_in_secs = SOCKETS_RETRY.as_secs(),
+                    "connected UDP sockets keep their gone backends: {e:#}"
+                );
                 return;
             }
         };
@@ -390,7 +397,8 @@ impl Syncer {
         }
         for (socket, e) in &done.failed {
             warn!(local = %socket.local, peer = %socket.peer, error = %e,
-                "a connected UDP socket keeps its gone backend, retried in 30 s");
+                retry_in_secs = SOCKETS_RETRY.as_secs(),
+                "a connected UDP socket keeps its gone backend");
         }
         self.sockets_due = !done.failed.is_empty();
         if !self.sockets_due {

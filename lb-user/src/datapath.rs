@@ -38,6 +38,8 @@ const TC_EGRESS_PROGRAM: &str = "lb_tc_egress";
 const XDP_PROGRAM: &str = "lb_xdp";
 /// What an XDP program returns for a packet it lets through.
 pub const XDP_PASS: u32 = 2;
+/// What a tc program returns for a packet it lets through.
+pub const TC_ACT_OK: u32 = 0;
 /// Run once at load, never attached: see [`clock`].
 const CLOCK_PROBE: &str = "lb_clock_probe";
 /// The socket hooks for the node's own processes.

@@ -279,24 +279,29 @@ async fn run(args: RunArgs) -> Result<()> {
     .await
 }
 
-/// The capabilities the agent needs, with what for (`deploy/README.md` says why each).
-const CAPABILITIES: [(u32, &str, &str); 3] = [
+/// The capabilities the agent needs, with what for (`deploy/README.md` says why each), and
+/// whether `CAP_SYS_ADMIN` stands in for it, as the kernel lets it for BPF and PERFMON.
+const CAPABILITIES: [(u32, &str, &str, bool); 3] = [
     (
         39,
         "CAP_BPF",
         "creating the maps and loading BTF and the programs",
+        true,
     ),
     (
         12,
         "CAP_NET_ADMIN",
         "loading and attaching the tc, XDP and socket programs, and resetting sockets",
+        false,
     ),
     (
         38,
         "CAP_PERFMON",
         "the verifier's rules for a privileged loader",
+        true,
     ),
 ];
+const CAP_SYS_ADMIN: u32 = 21;
 
 /// Fails, naming each, when the agent lacks a capability it needs: a container's security
 /// context that drops one would otherwise fail later, as a bare `EPERM` from a syscall.
@@ -308,14 +313,15 @@ fn check_capabilities() -> Result<()> {
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         .context("no CapEff in /proc/self/status")?;
+    let has = |bit: u32| effective & (1 << bit) != 0;
     let missing: Vec<String> = CAPABILITIES
         .iter()
-        .filter(|(bit, _, _)| effective & (1 << bit) == 0)
-        .map(|(_, name, why)| format!("{name} ({why})"))
+        .filter(|&&(bit, _, _, admin_will_do)| !(has(bit) || admin_will_do && has(CAP_SYS_ADMIN)))
+        .map(|(_, name, why, _)| format!("{name} ({why})"))
         .collect();
     anyhow::ensure!(
         missing.is_empty(),
-        "the agent lacks {}: run it as root, or add them to the container's capabilities",
+        "the agent lacks {}: add them to the container's securityContext.capabilities",
         missing.join(", ")
     );
     Ok(())

@@ -12,17 +12,15 @@ use lb_common::maps::{Config, Stats};
 use lb_user::{
     bench::{
         self,
-        packet::{TCP_ACK, TCP_SYN, UDP, addr, checksum, checksums_valid, packet, port},
+        packet::{TCP_ACK, TCP_RST, TCP_SYN, UDP, addr, checksum, checksums_valid, packet, port},
     },
-    datapath::{Datapath, XDP_PASS},
+    datapath::{Datapath, TC_ACT_OK, XDP_PASS},
     model::{self, Algorithm, FrontendKind, Protocol, Scope, WhenEmpty},
     plan::{self, MapEntries},
 };
 
-const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
-const TCP_RST: u8 = 0x04;
 const NODE: &str = "packets-node";
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -56,8 +54,35 @@ enum Out {
     Check(fn(&[u8]) -> Result<(), String>),
 }
 
-/// A counter of [`Stats`], by name.
-type Counter = (&'static str, fn(&Stats) -> u64);
+/// Every counter of [`Stats`], by name: a field added to it must be named here.
+fn counters(stats: &Stats) -> [(&'static str, u64); 11] {
+    let Stats {
+        forwarded,
+        replied,
+        new_flows,
+        reselected,
+        dropped_no_backend,
+        rejected_no_backend,
+        dropped_error,
+        snat_flows,
+        dropped_no_snat,
+        dropped_unknown_port,
+        socket_rewrites,
+    } = *stats;
+    [
+        ("forwarded", forwarded),
+        ("replied", replied),
+        ("new_flows", new_flows),
+        ("reselected", reselected),
+        ("dropped_no_backend", dropped_no_backend),
+        ("rejected_no_backend", rejected_no_backend),
+        ("dropped_error", dropped_error),
+        ("snat_flows", snat_flows),
+        ("dropped_no_snat", dropped_no_snat),
+        ("dropped_unknown_port", dropped_unknown_port),
+        ("socket_rewrites", socket_rewrites),
+    ]
+}
 
 struct Row {
     what: &'static str,
@@ -147,9 +172,12 @@ fn reset_to_client(p: &[u8]) -> Result<(), String> {
     if seen != wanted {
         return Err(format!("{seen:?}, not {wanted:?}"));
     }
+    let seq = u32::from_be_bytes([p[38], p[39], p[40], p[41]]);
     let ack = u32::from_be_bytes([p[42], p[43], p[44], p[45]]);
-    if ack != 2 {
-        return Err(format!("acknowledges {ack}, not the SYN's sequence 1 + 1"));
+    if (seq, ack) != (0, 2) {
+        return Err(format!(
+            "sequence {seq} acknowledging {ack}, not 0 acknowledging the SYN's 1 + 1"
+        ));
     }
     if !checksums_valid(p) {
         return Err("checksums do not verify".into());
@@ -171,10 +199,21 @@ fn unreachable_to_client(p: &[u8]) -> Result<(), String> {
     if quoted.len() < 28 || addr(quoted, 16) != EMPTY_IP || port(quoted, 22) != 53 {
         return Err(format!("quotes {quoted:02x?}"));
     }
-    if checksum(&p[14..34], 0) != 0 {
-        return Err("the IPv4 checksum does not verify".into());
+    if checksum(&p[14..34], 0) != 0 || checksum(&p[34..], 0) != 0 {
+        return Err("the IPv4 or the ICMP checksum does not verify".into());
     }
     Ok(())
+}
+
+/// `p` with an IPv4 total length of 0, as BIG TCP sends a datagram over 64 KiB, and its IPv4
+/// checksum to match.
+fn big_tcp(p: Vec<u8>) -> Vec<u8> {
+    with(p, |p| {
+        p[16..18].fill(0);
+        p[24..26].fill(0);
+        let sum = checksum(&p[14..34], 0);
+        p[24..26].copy_from_slice(&sum.to_be_bytes());
+    })
 }
 
 fn with(p: Vec<u8>, change: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
@@ -353,6 +392,54 @@ fn rows() -> Vec<Row> {
             counts: Some("rejected_no_backend"),
         },
         Row {
+            what: "an IPv4 total length shorter than the IPv4 header: untouched",
+            hook: Hook::TcIngress,
+            input: with(syn.clone(), |p| {
+                p[16..18].copy_from_slice(&16u16.to_be_bytes());
+            }),
+            verdict: TC_ACT_OK,
+            out: Out::Unchanged,
+            counts: None,
+        },
+        Row {
+            what: "a UDP length below its header: untouched",
+            hook: Hook::TcIngress,
+            input: with(packet(UDP, CLIENT, DNS_IP, 40001, 53), |p| {
+                p[38..40].copy_from_slice(&7u16.to_be_bytes());
+            }),
+            verdict: TC_ACT_OK,
+            out: Out::Unchanged,
+            counts: None,
+        },
+        Row {
+            what: "a frame padded past its datagram (Ethernet's 60 bytes): DNAT, padding kept",
+            hook: Hook::TcIngress,
+            input: with(packet(TCP_SYN, CLIENT, CLUSTER_IP, 40005, 80), |p| {
+                p.extend([0; 6]);
+            }),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(with(packet(TCP_SYN, CLIENT, WEB, 40005, 8080), |p| {
+                p.extend([0; 6]);
+            })),
+            counts: Some("new_flows"),
+        },
+        Row {
+            what: "a TCP datagram whose total length is 0 (BIG TCP): DNAT",
+            hook: Hook::TcIngress,
+            input: big_tcp(packet(TCP_SYN, CLIENT, CLUSTER_IP, 40006, 80)),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(big_tcp(packet(TCP_SYN, CLIENT, WEB, 40006, 8080))),
+            counts: Some("new_flows"),
+        },
+        Row {
+            what: "a UDP datagram whose total length is 0: untouched",
+            hook: Hook::TcIngress,
+            input: big_tcp(packet(UDP, CLIENT, DNS_IP, 40007, 53)),
+            verdict: TC_ACT_OK,
+            out: Out::Unchanged,
+            counts: None,
+        },
+        Row {
             what: "a VLAN-tagged frame: untouched",
             hook: Hook::TcIngress,
             input: with(syn, |p| p[12..14].copy_from_slice(&0x8100u16.to_be_bytes())),
@@ -397,14 +484,6 @@ fn each_packet_gets_its_verdict_its_bytes_and_its_counter() {
         maps.apply(&op).unwrap_or_else(|e| panic!("{op:?}: {e}"));
     }
     let programs = datapath.packet_programs().unwrap();
-    let counters: [Counter; 6] = [
-        ("new_flows", |s| s.new_flows),
-        ("forwarded", |s| s.forwarded),
-        ("replied", |s| s.replied),
-        ("dropped_unknown_port", |s| s.dropped_unknown_port),
-        ("rejected_no_backend", |s| s.rejected_no_backend),
-        ("dropped_error", |s| s.dropped_error),
-    ];
     let mut failures = Vec::new();
     for row in rows() {
         let before = maps.stats().unwrap();
@@ -437,14 +516,22 @@ fn each_packet_gets_its_verdict_its_bytes_and_its_counter() {
             Out::Check(check) => wrong.extend(check(&output).err()),
             _ => {}
         }
-        for (name, counter) in counters {
-            let moved = counter(&after) - counter(&before);
-            let wanted = u64::from(row.counts == Some(name));
+        for ((name, then), (_, now)) in counters(&before).into_iter().zip(counters(&after)) {
             // Forwarding counts every packet sent to a backend, a new flow's first too.
-            let also = name == "forwarded" && row.counts == Some("new_flows");
-            if moved != wanted && !(also && moved == 1) {
-                wrong.push(format!("{name} moved by {moved}, not {wanted}"));
+            let wanted = u64::from(
+                row.counts == Some(name)
+                    || (name == "forwarded" && row.counts == Some("new_flows")),
+            );
+            if now - then != wanted {
+                wrong.push(format!("{name} moved by {}, not {wanted}", now - then));
             }
+        }
+        if let Some(name) = row.counts {
+            assert!(
+                counters(&after).iter().any(|(n, _)| *n == name),
+                "{}: no counter {name}",
+                row.what
+            );
         }
         if !wrong.is_empty() {
             failures.push(format!(

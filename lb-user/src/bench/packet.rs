@@ -5,6 +5,7 @@ use std::net::Ipv4Addr;
 
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
+pub const TCP_RST: u8 = 0x04;
 /// Not a TCP flag: asks [`packet`] for a UDP datagram.
 pub const UDP: u8 = 0;
 

@@ -23,7 +23,7 @@ use lb_user::{
         self, Spread,
         packet::{TCP_ACK, TCP_SYN, UDP, addr, checksums_valid, packet, port},
     },
-    datapath::{Datapath, PacketPrograms, XDP_PASS},
+    datapath::{Datapath, PacketPrograms, TC_ACT_OK, XDP_PASS},
     model::{self, Algorithm, FrontendKind, Protocol, Scope, WhenEmpty},
     plan::{self, Ids, MapEntries, Planner},
 };
@@ -31,7 +31,6 @@ use serde::Serialize;
 
 /// The empty programs, built beside the datapath.
 static EMPTY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/empty"));
-const TC_ACT_OK: u32 = 0;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 const NOWHERE: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 /// The first of the clients new flows come from.
