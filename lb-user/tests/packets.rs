@@ -31,6 +31,14 @@ const LOAD_BALANCER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const WEB: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 11);
 const DNS: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 12);
 const NOWHERE: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
+/// A load-balancer IP whose backend runs on another node: flows from outside are SNATed.
+const REMOTE_LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 11);
+const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 244, 5, 11);
+const OUTSIDE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+/// The node's address, that SNATed flows leave with, and its one SNAT port: a range of one
+/// makes the port a row can name.
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const SNAT_PORT: u16 = 61_000;
 
 /// Which program a row's packet goes through.
 #[derive(Clone, Copy, Debug)]
@@ -90,9 +98,9 @@ struct Row {
     input: Vec<u8>,
     verdict: u32,
     out: Out,
-    /// The counter that moves by one (with `forwarded` for a new flow's first packet); `None`:
-    /// none of the counters moves.
-    counts: Option<&'static str>,
+    /// The counters that move by one (and `forwarded` with `new_flows`, for a new flow's first
+    /// packet); none of the others moves.
+    counts: &'static [&'static str],
 }
 
 /// A frontend of `service` at `address:port` over `backends`, as the model makes them.
@@ -133,6 +141,15 @@ fn frontend(
     })
 }
 
+/// `frontend` with its backends on another node.
+fn remote(frontend: Arc<model::Frontend>) -> Arc<model::Frontend> {
+    let mut frontend = Arc::unwrap_or_clone(frontend);
+    for backend in &mut frontend.backends {
+        backend.node = Some("another-node".into());
+    }
+    Arc::new(frontend)
+}
+
 fn programme() -> Vec<Arc<model::Frontend>> {
     vec![
         frontend(
@@ -161,6 +178,14 @@ fn programme() -> Vec<Arc<model::Frontend>> {
             Scope::External,
             &[(WEB, 8080)],
         ),
+        remote(frontend(
+            "far",
+            REMOTE_LB_IP,
+            80,
+            Protocol::Tcp,
+            Scope::External,
+            &[(REMOTE, 8080)],
+        )),
     ]
 }
 
@@ -231,7 +256,7 @@ fn rows() -> Vec<Row> {
             input: syn.clone(),
             verdict: TC_ACT_OK,
             out: Out::Packet(packet(TCP_SYN, CLIENT, WEB, 40000, 8080)),
-            counts: Some("new_flows"),
+            counts: &["new_flows"],
         },
         Row {
             what: "the flow's next packet: the same backend, no new flow",
@@ -239,7 +264,7 @@ fn rows() -> Vec<Row> {
             input: packet(TCP_ACK, CLIENT, CLUSTER_IP, 40000, 80),
             verdict: TC_ACT_OK,
             out: Out::Packet(packet(TCP_ACK, CLIENT, WEB, 40000, 8080)),
-            counts: Some("forwarded"),
+            counts: &["forwarded"],
         },
         Row {
             what: "the backend's answer, leaving: its source back to the ClusterIP",
@@ -247,7 +272,7 @@ fn rows() -> Vec<Row> {
             input: packet(TCP_SYN | TCP_ACK, WEB, CLIENT, 8080, 40000),
             verdict: TC_ACT_OK,
             out: Out::Packet(packet(TCP_SYN | TCP_ACK, CLUSTER_IP, CLIENT, 80, 40000)),
-            counts: Some("replied"),
+            counts: &["replied"],
         },
         Row {
             what: "a UDP datagram to a ClusterIP: DNAT to its backend",
@@ -255,7 +280,7 @@ fn rows() -> Vec<Row> {
             input: packet(UDP, CLIENT, DNS_IP, 40001, 53),
             verdict: TC_ACT_OK,
             out: Out::Packet(packet(UDP, CLIENT, DNS, 40001, 5353)),
-            counts: Some("new_flows"),
+            counts: &["new_flows"],
         },
         Row {
             what: "a TCP SYN to a load-balancer IP, from outside: DNAT to the local backend",
@@ -263,7 +288,23 @@ fn rows() -> Vec<Row> {
             input: packet(TCP_SYN, CLIENT, LOAD_BALANCER_IP, 40002, 80),
             verdict: XDP_PASS,
             out: Out::Packet(packet(TCP_SYN, CLIENT, WEB, 40002, 8080)),
-            counts: Some("new_flows"),
+            counts: &["new_flows"],
+        },
+        Row {
+            what: "from outside to a backend on another node: DNAT, and SNAT to the node",
+            hook: Hook::Xdp,
+            input: packet(TCP_SYN, OUTSIDE, REMOTE_LB_IP, 40010, 80),
+            verdict: XDP_PASS,
+            out: Out::Packet(packet(TCP_SYN, NODE_IP, REMOTE, SNAT_PORT, 8080)),
+            counts: &["new_flows", "snat_flows"],
+        },
+        Row {
+            what: "that backend's answer, arriving: back to the client, from the load-balancer IP",
+            hook: Hook::Xdp,
+            input: packet(TCP_SYN | TCP_ACK, REMOTE, NODE_IP, 8080, SNAT_PORT),
+            verdict: XDP_PASS,
+            out: Out::Packet(packet(TCP_SYN | TCP_ACK, REMOTE_LB_IP, OUTSIDE, 80, 40010)),
+            counts: &["replied"],
         },
         Row {
             what: "to no frontend: untouched",
@@ -271,7 +312,7 @@ fn rows() -> Vec<Row> {
             input: packet(TCP_SYN, CLIENT, NOWHERE, 40000, 80),
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
-            counts: None,
+            counts: &[],
         },
         Row {
             what: "a ClusterIP on a port it does not serve: dropped",
@@ -279,7 +320,7 @@ fn rows() -> Vec<Row> {
             input: packet(TCP_SYN, CLIENT, CLUSTER_IP, 40000, 81),
             verdict: TC_ACT_SHOT,
             out: Out::Unchanged,
-            counts: Some("dropped_unknown_port"),
+            counts: &["dropped_unknown_port"],
         },
         Row {
             what: "a Service without endpoints: a reset, sent back",
@@ -287,7 +328,7 @@ fn rows() -> Vec<Row> {
             input: packet(TCP_SYN, CLIENT, EMPTY_IP, 40003, 80),
             verdict: TC_ACT_REDIRECT,
             out: Out::Check(reset_to_client),
-            counts: Some("rejected_no_backend"),
+            counts: &["rejected_no_backend"],
         },
         // The kernel's test run refuses a tc program an IPv4 frame shorter than its header;
         // XDP sees such frames, through the same parser.
@@ -297,7 +338,7 @@ fn rows() -> Vec<Row> {
             input: syn[..14].to_vec(),
             verdict: XDP_PASS,
             out: Out::Unchanged,
-            counts: None,
+            counts: &[],
         },
         Row {
             what: "an IPv4 header cut short: untouched",
@@ -305,7 +346,7 @@ fn rows() -> Vec<Row> {
             input: syn[..30].to_vec(),
             verdict: XDP_PASS,
             out: Out::Unchanged,
-            counts: None,
+            counts: &[],
         },
         Row {
             what: "a TCP header cut short: untouched",
@@ -313,7 +354,7 @@ fn rows() -> Vec<Row> {
             input: syn[..44].to_vec(),
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
-            counts: None,
+            counts: &[],
         },
         Row {
             what: "an IPv4 header length below 5 words: untouched",
@@ -321,7 +362,7 @@ fn rows() -> Vec<Row> {
             input: with(syn.clone(), |p| p[14] = 0x44),
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
-            counts: None,
+            counts: &[],
         },
         Row {
             what: "a first fragment (more fragments): untouched",
@@ -329,7 +370,7 @@ fn rows() -> Vec<Row> {
             input: with(syn.clone(), |p| p[20] = 0x20),
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
-            counts: None,
+            counts: &[],
         },
         Row {
             what: "a TCP data offset past the datagram: untouched",
@@ -337,7 +378,7 @@ fn rows() -> Vec<Row> {
             input: with(syn.clone(), |p| p[46] = 0xf0),
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
-            counts: None,
+            counts: &[],
         },
         Row {
             what: "a TCP data offset below 5 words: untouched",
@@ -345,7 +386,7 @@ fn rows() -> Vec<Row> {
             input: with(syn.clone(), |p| p[46] = 0x40),
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
-            counts: None,
+            counts: &[],
         },
         Row {
             what: "an IPv4 total length shorter than its headers: untouched",
@@ -355,7 +396,7 @@ fn rows() -> Vec<Row> {
             }),
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
-            counts: None,
+            counts: &[],
         },
         Row {
             what: "a UDP length past the datagram: untouched",
@@ -365,7 +406,7 @@ fn rows() -> Vec<Row> {
             }),
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
-            counts: None,
+            counts: &[],
         },
         Row {
             what: "ICMP to a ClusterIP: untouched (no port to balance)",
@@ -373,7 +414,7 @@ fn rows() -> Vec<Row> {
             input: with(packet(UDP, CLIENT, CLUSTER_IP, 0, 0), |p| p[23] = 1),
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
-            counts: None,
+            counts: &[],
         },
         Row {
             what: "a backend calling its own Service: DNAT to itself, SNAT to the ClusterIP",
@@ -381,7 +422,7 @@ fn rows() -> Vec<Row> {
             input: packet(TCP_SYN, WEB, CLUSTER_IP, 41000, 80),
             verdict: TC_ACT_OK,
             out: Out::Packet(packet(TCP_SYN, CLUSTER_IP, WEB, 41000, 8080)),
-            counts: Some("new_flows"),
+            counts: &["new_flows"],
         },
         Row {
             what: "a UDP datagram to a Service without endpoints: ICMP port unreachable, sent back",
@@ -389,7 +430,7 @@ fn rows() -> Vec<Row> {
             input: packet(UDP, CLIENT, EMPTY_IP, 40004, 53),
             verdict: TC_ACT_REDIRECT,
             out: Out::Check(unreachable_to_client),
-            counts: Some("rejected_no_backend"),
+            counts: &["rejected_no_backend"],
         },
         Row {
             what: "an IPv4 total length shorter than the IPv4 header: untouched",
@@ -399,7 +440,7 @@ fn rows() -> Vec<Row> {
             }),
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
-            counts: None,
+            counts: &[],
         },
         Row {
             what: "a UDP length below its header: untouched",
@@ -409,7 +450,7 @@ fn rows() -> Vec<Row> {
             }),
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
-            counts: None,
+            counts: &[],
         },
         Row {
             what: "a frame padded past its datagram (Ethernet's 60 bytes): DNAT, padding kept",
@@ -421,7 +462,7 @@ fn rows() -> Vec<Row> {
             out: Out::Packet(with(packet(TCP_SYN, CLIENT, WEB, 40005, 8080), |p| {
                 p.extend([0; 6]);
             })),
-            counts: Some("new_flows"),
+            counts: &["new_flows"],
         },
         Row {
             what: "a TCP datagram whose total length is 0 (BIG TCP): DNAT",
@@ -429,7 +470,7 @@ fn rows() -> Vec<Row> {
             input: big_tcp(packet(TCP_SYN, CLIENT, CLUSTER_IP, 40006, 80)),
             verdict: TC_ACT_OK,
             out: Out::Packet(big_tcp(packet(TCP_SYN, CLIENT, WEB, 40006, 8080))),
-            counts: Some("new_flows"),
+            counts: &["new_flows"],
         },
         Row {
             what: "a UDP datagram whose total length is 0: untouched",
@@ -437,7 +478,7 @@ fn rows() -> Vec<Row> {
             input: big_tcp(packet(UDP, CLIENT, DNS_IP, 40007, 53)),
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
-            counts: None,
+            counts: &[],
         },
         Row {
             what: "a VLAN-tagged frame: untouched",
@@ -445,7 +486,7 @@ fn rows() -> Vec<Row> {
             input: with(syn, |p| p[12..14].copy_from_slice(&0x8100u16.to_be_bytes())),
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
-            counts: None,
+            counts: &[],
         },
     ]
 }
@@ -472,9 +513,9 @@ fn each_packet_gets_its_verdict_its_bytes_and_its_counter() {
         tcp_open_timeout_ns: 3_600_000_000_000,
         tcp_closing_timeout_ns: 10_000_000_000,
         udp_timeout_ns: 60_000_000_000,
-        snat_addr_be: 0,
-        snat_port_min: 61_000,
-        snat_port_max: 65_535,
+        snat_addr_be: u32::from(NODE_IP).to_be(),
+        snat_port_min: SNAT_PORT,
+        snat_port_max: SNAT_PORT,
         netns_cookie: 0,
     })
     .unwrap();
@@ -519,16 +560,16 @@ fn each_packet_gets_its_verdict_its_bytes_and_its_counter() {
         for ((name, then), (_, now)) in counters(&before).into_iter().zip(counters(&after)) {
             // Forwarding counts every packet sent to a backend, a new flow's first too.
             let wanted = u64::from(
-                row.counts == Some(name)
-                    || (name == "forwarded" && row.counts == Some("new_flows")),
+                row.counts.contains(&name)
+                    || (name == "forwarded" && row.counts.contains(&"new_flows")),
             );
             if now - then != wanted {
                 wrong.push(format!("{name} moved by {}, not {wanted}", now - then));
             }
         }
-        if let Some(name) = row.counts {
+        for name in row.counts {
             assert!(
-                counters(&after).iter().any(|(n, _)| *n == name),
+                counters(&after).iter().any(|(n, _)| n == name),
                 "{}: no counter {name}",
                 row.what
             );
