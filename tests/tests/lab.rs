@@ -484,22 +484,29 @@ fn a_udp_flow_stays_while_its_endpoint_serves_and_moves_when_it_stops() {
         assert_ne!(udp_pod(&lab, port), first, "a new flow from port {port}");
     }
 
-    // No longer serving: the flow moves at its next datagram. The backend's entry goes last
-    // in a sync, and then the epoch that tells flows to look: wait for both.
+    // No longer serving: the flow moves at its next datagram.
     lab.edit_manifest("demo-dns.yaml", |t| {
         set_conditions(&t, &ip, "ready: false, serving: false, terminating: true")
     })
     .unwrap();
+    udp_flow_moves(&lab, &ip, epoch, &first);
+}
+
+/// Waits until demo-dns has lost its backend at `ip` and the datapath was told (the epoch past
+/// `epoch`: the backend's entry goes last in a sync, and then the epoch that tells flows to
+/// look); then the flow from port 40001, on `first` until now, moves at its next datagram,
+/// and is counted as reselected.
+fn udp_flow_moves(lab: &Lab, ip: &str, epoch: u64, first: &str) {
+    let gone = format!("ADDR={ip}:5353/UDP");
     let before = lab
         .wait_for_dump("demo-dns to lose the backend", |d| {
-            !d.contains(&kept) && stat(d, "backends_removed") > epoch
+            backend_count(d, "10.96.0.53:53/UDP") == Some(2)
+                && !d.contains(&gone)
+                && stat(d, "backends_removed") > epoch
         })
         .unwrap();
-    let next = udp_pod(&lab, 40_001);
-    assert_ne!(
-        next, first,
-        "the flow left the endpoint that stopped serving"
-    );
+    let next = udp_pod(lab, 40_001);
+    assert_ne!(next, first, "the flow left the backend at {ip}");
     let after = lab.dump().unwrap();
     assert_eq!(
         stat(&after, "reselected"),
@@ -512,26 +519,11 @@ fn a_udp_flow_stays_while_its_endpoint_serves_and_moves_when_it_stops() {
 fn a_udp_flow_whose_endpoint_is_removed_moves_to_a_live_one() {
     let lab = lab("resel");
     let first = udp_pod(&lab, 40_001);
-    let ip = ip_of(&first);
+    let ip = ip_of(&first).to_string();
     let epoch = stat(&lab.dump().unwrap(), "backends_removed");
-    lab.edit_manifest("demo-dns.yaml", |t| remove_endpoint(&t, &ip.to_string()))
+    lab.edit_manifest("demo-dns.yaml", |t| remove_endpoint(&t, &ip))
         .unwrap();
-    let removed = format!("ADDR={ip}:5353/UDP");
-    let before = lab
-        .wait_for_dump("demo-dns to lose the backend", |d| {
-            backend_count(d, "10.96.0.53:53/UDP") == Some(2)
-                && !d.contains(&removed)
-                && stat(d, "backends_removed") > epoch
-        })
-        .unwrap();
-    let next = udp_pod(&lab, 40_001);
-    assert_ne!(next, first, "the flow left its removed backend");
-    let after = lab.dump().unwrap();
-    assert_eq!(
-        stat(&after, "reselected"),
-        stat(&before, "reselected") + 1,
-        "{after}"
-    );
+    udp_flow_moves(&lab, &ip, epoch, &first);
 
     // The Service deleted, its UDP flows end with it, as kube-proxy flushes their conntrack
     // entries: the datagram meets no frontend.
