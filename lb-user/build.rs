@@ -1,9 +1,13 @@
 use anyhow::{Context as _, anyhow};
 use aya_build::Toolchain;
 
-/// Builds the eBPF object into `OUT_DIR`, as the aya template does. `AYA_BUILD_SKIP=1` skips
-/// it (for `cargo check` and clippy without bpf-linker).
+/// Builds the eBPF objects into `OUT_DIR`, as the aya template does, and names that directory to
+/// the crates that depend on this one (`DEP_LB_EBPF_OBJECTS`: the benchmarks take the empty
+/// programs from there). `AYA_BUILD_SKIP=1` skips the build (for `cargo check` and clippy
+/// without bpf-linker).
 fn main() -> anyhow::Result<()> {
+    let out_dir = std::env::var("OUT_DIR").context("OUT_DIR")?;
+    println!("cargo::metadata=OBJECTS={out_dir}");
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()

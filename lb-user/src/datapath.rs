@@ -68,6 +68,20 @@ pub struct PacketPrograms<'a> {
     pub xdp: &'a Xdp,
 }
 
+/// The built-in datapath, loaded under a pin directory of this process's (`scratch-<tag>-<pid>`
+/// in `/sys/fs/bpf`), attached nowhere: for the benchmarks and packet tests, which run its
+/// programs with `BPF_PROG_TEST_RUN`. [`Datapath::remove`] takes it away; a load that fails
+/// takes its pins.
+pub fn scratch(tag: &str) -> Result<(Datapath, KernelMaps)> {
+    let bpffs = Path::new("/sys/fs/bpf");
+    let pin_dir = pin_dir(bpffs, &format!("scratch-{tag}-{}", std::process::id()));
+    Datapath::load(OBJECT, bpffs, &pin_dir, "/proc/sys".as_ref()).inspect_err(|_| {
+        if let Err(e) = remove_pins(&pin_dir) {
+            eprintln!("{e:#}");
+        }
+    })
+}
+
 /// Where an instance pins its maps, programs and links: one directory per agent instance.
 pub fn pin_dir(bpffs: &Path, instance: &str) -> PathBuf {
     bpffs.join("lb").join(instance)

@@ -3,7 +3,6 @@
 //! middle three, keeping the model and the plan between syncs.
 
 pub mod agent;
-pub mod bench;
 pub mod clock;
 pub mod datapath;
 pub mod flow_gc;

@@ -9,12 +9,11 @@ use std::{net::Ipv4Addr, sync::Arc};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::maps::{Config, Stats};
+use lb_tests::packet::{
+    TCP_ACK, TCP_RST, TCP_SYN, UDP, addr, checksum, checksums_valid, packet, port,
+};
 use lb_user::{
-    bench::{
-        self,
-        packet::{TCP_ACK, TCP_RST, TCP_SYN, UDP, addr, checksum, checksums_valid, packet, port},
-    },
-    datapath::{Datapath, TC_ACT_OK, XDP_PASS},
+    datapath::{self, Datapath, TC_ACT_OK, XDP_PASS},
     model::{self, Algorithm, FrontendKind, Protocol, Scope, WhenEmpty},
     plan::{self, MapEntries},
 };
@@ -506,7 +505,7 @@ impl Drop for Loaded {
 
 #[test]
 fn each_packet_gets_its_verdict_its_bytes_and_its_counter() {
-    let (datapath, mut maps) = bench::datapath("packets").expect("the datapath, loaded (root)");
+    let (datapath, mut maps) = datapath::scratch("packets").expect("the datapath, loaded (root)");
     let loaded = Loaded(Some(datapath));
     let datapath = loaded.0.as_ref().expect("loaded");
     maps.write_config(&Config {

@@ -24,6 +24,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 
 pub mod apiserver;
 pub mod cluster;
+pub mod packet;
 
 /// The node name in `deploy/examples`.
 pub const NODE_NAME: &str = "lab-node";

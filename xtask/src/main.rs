@@ -120,7 +120,7 @@ fn build(profile: Profile) -> Result<Binaries> {
     setup::all()?;
     let mut cargo = cargo();
     cargo.args(["build", "--package", "lb-user", "--package", "lb-tests"]);
-    cargo.args(["--features", "lb-tests/bench", "--bins"]);
+    cargo.args(["--package", "lb-bench", "--bins"]);
     if profile == Profile::Release {
         cargo.arg("--release");
     }
@@ -261,7 +261,7 @@ fn lint() -> Result<()> {
         (
             "clippy",
             cargo()
-                .args(["clippy", "--all-targets", "--features", "lb-tests/bench"])
+                .args(["clippy", "--all-targets"])
                 .args(["--", "-D", "warnings"])
                 .status()?,
         ),

@@ -17,20 +17,19 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions, TestRunResult, Xdp},
 };
 use clap::Parser;
+use lb_bench::Spread;
 use lb_common::maps::Config;
+use lb_tests::packet::{TCP_ACK, TCP_SYN, UDP, addr, checksums_valid, packet, port};
 use lb_user::{
-    bench::{
-        self, Spread,
-        packet::{TCP_ACK, TCP_SYN, UDP, addr, checksums_valid, packet, port},
-    },
-    datapath::{Datapath, PacketPrograms, TC_ACT_OK, XDP_PASS},
+    datapath::{self, Datapath, PacketPrograms, TC_ACT_OK, XDP_PASS},
     model::{self, Algorithm, FrontendKind, Protocol, Scope, WhenEmpty},
     plan::{self, Ids, MapEntries, Planner},
 };
 use serde::Serialize;
 
 /// The empty programs, built beside the datapath.
-static EMPTY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/empty"));
+static EMPTY_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("LB_EBPF_OBJECTS"), "/empty"));
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 const NOWHERE: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 /// The first of the clients new flows come from.
@@ -227,7 +226,7 @@ fn main() -> Result<()> {
             .try_into()?,
     };
 
-    let (datapath, mut maps) = bench::datapath("datapath")?;
+    let (datapath, mut maps) = datapath::scratch("datapath")?;
     let figures = measure(&args, &datapath, &mut maps, &floors);
     datapath.remove()?;
     let figures = figures?;

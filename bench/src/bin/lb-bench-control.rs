@@ -7,15 +7,12 @@ use std::{fs, path::PathBuf, process::Command, time::Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use clap::Parser;
+use lb_bench::{
+    Spread,
+    cluster::{self, ENDPOINTS, Iptables, Nftables, Ruleset, Service},
+};
 use lb_user::{
-    bench::{
-        self, Spread,
-        cluster::{self, ENDPOINTS, Iptables, Nftables, Ruleset, Service},
-    },
-    maps::KernelMaps,
-    model::NodeConfig,
-    plan::MapEntries,
-    sources::manifests::Manifests,
+    datapath, maps::KernelMaps, model::NodeConfig, plan::MapEntries, sources::manifests::Manifests,
     sync::Pipeline,
 };
 use serde::Serialize;
@@ -70,7 +67,7 @@ fn main() -> Result<()> {
     let services: Vec<Service> = (0..args.services).map(cluster::synthetic).collect();
     let mut runs = Vec::new();
     for run in 0..args.runs {
-        let (datapath, mut maps) = bench::datapath(&format!("cp-{run}"))?;
+        let (datapath, mut maps) = datapath::scratch(&format!("cp-{run}"))?;
         // Every run starts from the manifests as written.
         let dir =
             std::env::temp_dir().join(format!("lb-bench-control-{}-{run}", std::process::id()));

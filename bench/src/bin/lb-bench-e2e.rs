@@ -31,11 +31,11 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use clap::Parser;
-use lb_tests::{BACKENDS, Lab, pod_of};
-use lb_user::bench::{
+use lb_bench::{
     Spread,
     cluster::{self, Iptables, Nftables, Ruleset, SERVICE_PORT, Service, TARGET_PORT},
 };
+use lb_tests::{BACKENDS, Lab, pod_of};
 use serde::Serialize;
 
 /// The path straight to the pods.
