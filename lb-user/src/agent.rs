@@ -1,9 +1,8 @@
 //! The agent's loop: when the sources change, recompute and write the difference to the maps.
 
 use std::{
-    collections::BTreeMap,
     fs,
-    net::{Ipv4Addr, SocketAddr},
+    net::SocketAddr,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -23,15 +22,14 @@ use crate::{
     flow_gc,
     maps::KernelMaps,
     model::{self, Objects, Skipped},
-    plan::{self, MapEntries},
     sockets,
     sources::{
         inotify::Notifier,
         kubernetes,
         manifests::{Fingerprint, Manifests},
     },
-    status::{self, Endpoints, FrontendLabels, Status},
-    sync::Pipeline,
+    status::{self, Endpoints, Status},
+    sync::{Adopted, Pipeline},
 };
 
 /// How long after a reset pass that fell short the next one is tried.
@@ -94,12 +92,15 @@ pub async fn run(settings: Settings) -> Result<()> {
     )?;
     // What an earlier agent programmed is where this one starts from: an unchanged programme
     // is not rewritten.
-    let programmed = maps.read()?;
     let (flows, highest_flow_backend_id) = maps.flows()?;
-    let config = maps.config()?;
+    let adopted = Adopted {
+        entries: maps.read()?,
+        highest_flow_backend_id,
+        config: Some(maps.config()?),
+    };
     info!(
-        frontends = programmed.frontends.len(),
-        backends = programmed.backends.len(),
+        frontends = adopted.entries.frontends.len(),
+        backends = adopted.entries.backends.len(),
         flows,
         "adopted the maps pinned before"
     );
@@ -150,10 +151,8 @@ pub async fn run(settings: Settings) -> Result<()> {
         }
     };
     let mut syncer = Syncer {
+        pipeline: Pipeline::new(&settings.node.name, adopted, settings.config),
         maps,
-        config: Some(config),
-        base_config: settings.config,
-        pipeline: Pipeline::new(&settings.node.name, programmed, highest_flow_backend_id),
         generation: 0,
         failed: false,
         sockets_due: false,
@@ -293,36 +292,9 @@ impl Source {
     }
 }
 
-/// The `/metrics` labels of each programmed frontend, by service id.
-fn labels(
-    frontends: &[Arc<model::Frontend>],
-    programmed: &MapEntries,
-) -> BTreeMap<u32, FrontendLabels> {
-    frontends
-        .iter()
-        .filter_map(|f| {
-            let key = plan::frontend_key(f.address, f.port, f.protocol, f.scope);
-            let id = programmed.frontends.get(&key)?.service_id;
-            let scope = match f.scope {
-                model::Scope::External => "external",
-                model::Scope::Internal => "internal",
-            };
-            let labels = FrontendLabels {
-                frontend: format!("{}:{}/{}", f.address, f.port, f.protocol),
-                scope,
-                service: f.service.clone(),
-            };
-            Some((id, labels))
-        })
-        .collect()
-}
-
-/// The agent's side of the syncs: the config, the status, the log.
+/// The agent's side of the syncs: the status, the log, the node's sockets.
 struct Syncer {
     maps: KernelMaps,
-    /// The config last written.
-    config: Option<Config>,
-    base_config: Config,
     pipeline: Pipeline,
     generation: u64,
     /// The last sync left the maps short of the plan.
@@ -337,33 +309,31 @@ struct Syncer {
 impl Syncer {
     fn sync(&mut self, objects: &Objects, mut skipped: Vec<Skipped>, node: &model::NodeConfig) {
         let started = Instant::now();
-        let planned = self.pipeline.plan(objects, node);
-        // The SNAT address first: a new NodePort's first packets need it.
-        self.write_config(planned.desired.node_addresses.first().copied());
-        let written = self.pipeline.write(&planned, &mut self.maps);
-        if written.backends_gone {
+        let synced = self.pipeline.sync(objects, node, &mut self.maps);
+        if let Some(snat_address) = synced.config_written {
+            info!(snat_address = ?snat_address, "datapath config written");
+        }
+        if synced.backends_gone {
             // New work: not held back by an earlier pass's wait.
             self.sockets_due = true;
             self.sockets_retry_at = None;
         }
-        skipped.extend(planned.skipped().cloned());
+        skipped.extend(synced.skipped);
         for s in &skipped {
             warn!("skipped {s}");
         }
-        self.failed = written.failed > 0;
-        self.status.record_sync(started.elapsed(), written.failed);
-        let programmed = self.pipeline.programmed();
-        self.status
-            .set_frontends(labels(&planned.desired.frontends, programmed));
-        self.status
-            .set_lost_claims(planned.desired.lost_claims.clone());
+        self.failed = synced.failed > 0;
+        self.status.record_sync(started.elapsed(), synced.failed);
+        self.status.set_frontends(synced.labels);
+        self.status.set_lost_claims(synced.lost_claims);
         self.generation += 1;
+        let programmed = self.pipeline.programmed();
         info!(
             generation = self.generation,
             frontends = programmed.frontends.len(),
             backends = programmed.backends.len(),
-            writes = written.writes,
-            failed = written.failed,
+            writes = synced.writes,
+            failed = synced.failed,
             skipped = skipped.len(),
             "synced"
         );
@@ -403,24 +373,6 @@ impl Syncer {
         self.sockets_due = !done.failed.is_empty();
         if !self.sockets_due {
             self.sockets_retry_at = None;
-        }
-    }
-
-    /// Writes the datapath's config when it changes: the SNAT address follows the Node's.
-    fn write_config(&mut self, snat_address: Option<Ipv4Addr>) {
-        let config = Config {
-            snat_addr_be: snat_address.map_or(0, |a| u32::from(a).to_be()),
-            ..self.base_config
-        };
-        if self.config == Some(config) {
-            return;
-        }
-        match self.maps.write_config(&config) {
-            Ok(()) => {
-                info!(snat_address = ?snat_address, "datapath config written");
-                self.config = Some(config);
-            }
-            Err(e) => error!("{e:#}"),
         }
     }
 }

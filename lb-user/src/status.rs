@@ -29,7 +29,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{maps::KernelMaps, model::LostClaim};
+use crate::{maps::KernelMaps, model::LostClaim, sync::FrontendLabels};
 
 /// Upper bounds of the sync duration histogram, in seconds.
 const SYNC_BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
@@ -50,16 +50,6 @@ const APPLIED: u64 = u64::MAX;
 
 /// A per-frontend metric: its name, its help, and the counter it shows.
 type Counter = (&'static str, &'static str, fn(&FrontendStats) -> u64);
-
-/// What a frontend's counters are labelled with.
-#[derive(Clone, Debug)]
-pub struct FrontendLabels {
-    /// `address:port/PROTOCOL`.
-    pub frontend: String,
-    pub scope: &'static str,
-    /// `namespace/name`.
-    pub service: String,
-}
 
 /// The agent's side of the metrics, written by the sync loop.
 pub struct Status {

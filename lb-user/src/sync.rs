@@ -1,15 +1,28 @@
-//! One sync, from the sources' objects to the maps. The model and the plan are kept between
-//! syncs, so that an edit to one Service computes, plans and compares that Service's entries
-//! only: at 10,000 Services, the work of one. The agent runs it; the control-plane benchmark
-//! times it.
+//! One sync, from the sources' objects to the maps: model, plan, and every write (the config,
+//! the plan's operations, the epoch). The model and the plan are kept between syncs, so that an
+//! edit to one Service computes, plans and compares that Service's entries only: at 10,000
+//! Services, the work of one. The agent runs it; the control-plane benchmark times it; the
+//! pipeline tests run it over maps in memory.
 
+use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
+
+use lb_common::maps::Config;
 use tracing::error;
 
 use crate::{
-    maps::KernelMaps,
-    model::{Desired, Memo, NodeConfig, Objects, Skipped},
+    maps::MapWrites,
+    model::{self, LostClaim, Memo, NodeConfig, Objects, Skipped},
     plan::{self, Ids, MapEntries, Op, Planner},
 };
+
+/// What an earlier agent left in the maps: where the pipeline starts from.
+#[derive(Clone, Debug, Default)]
+pub struct Adopted {
+    pub entries: MapEntries,
+    /// The highest backend id a tracked flow names, which a new backend must not take.
+    pub highest_flow_backend_id: u32,
+    pub config: Option<Config>,
+}
 
 pub struct Pipeline {
     memo: Memo,
@@ -19,46 +32,60 @@ pub struct Pipeline {
     /// The maps may differ from the plan beyond the keys the next update touches: at start,
     /// over an earlier agent's entries, and after a write failed.
     compare_all: bool,
-    /// Backends were deleted and the datapath not yet told ([`KernelMaps::bump_epoch`]); at
+    /// Backends were deleted and the datapath not yet told ([`MapWrites::bump_epoch`]); at
     /// start, an earlier agent may have deleted some without telling.
     epoch_due: bool,
+    /// Timeouts and the SNAT port range; each sync fills in the SNAT address.
+    base_config: Config,
+    /// The config the datapath runs with, as last written or adopted.
+    config: Option<Config>,
 }
 
-/// A sync's plan, before its writes.
-pub struct Planned {
-    pub desired: Desired,
-    /// The frontends the plan left out (the model's are in `desired`).
-    unplanned: Vec<Skipped>,
-    ops: Vec<Op>,
-}
-
-impl Planned {
-    /// Everything left out, the model's and the plan's.
-    pub fn skipped(&self) -> impl Iterator<Item = &Skipped> {
-        self.desired.skipped.iter().chain(&self.unplanned)
-    }
-}
-
-/// What a sync's writes did.
-pub struct Written {
+/// What a sync did.
+#[derive(Debug)]
+pub struct Synced {
+    /// The plan's operations.
     pub writes: usize,
-    /// Writes put off by a failed one, to be retried at the next sync.
+    /// Writes that did not take (plan operations put off by a failed one, a config or epoch
+    /// write), to be retried at the next sync.
     pub failed: usize,
     /// Backends may have gone, in this sync or, at start, while no agent ran: what still
     /// names one (a flow, a connected socket) must look again.
     pub backends_gone: bool,
+    /// What the model and the plan left out, and why.
+    pub skipped: Vec<Skipped>,
+    /// Frontends claimed by a Service that an older one holds.
+    pub lost_claims: Vec<LostClaim>,
+    /// The `/metrics` labels of each programmed frontend, by service id.
+    pub labels: BTreeMap<u32, FrontendLabels>,
+    /// The SNAT address, when this sync wrote a new config.
+    pub config_written: Option<Option<Ipv4Addr>>,
+}
+
+/// What a frontend's counters are labelled with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendLabels {
+    /// `address:port/PROTOCOL`.
+    pub frontend: String,
+    pub scope: &'static str,
+    /// `namespace/name`.
+    pub service: String,
 }
 
 impl Pipeline {
-    /// Starts from what the maps hold, keeping its ids. `highest_flow_backend_id`: the highest
-    /// backend id a tracked flow names, which a new backend must not take.
-    pub fn new(node: &str, programmed: MapEntries, highest_flow_backend_id: u32) -> Self {
+    /// Starts from what the maps hold, keeping its ids.
+    pub fn new(node: &str, adopted: Adopted, base_config: Config) -> Self {
         Self {
             memo: Memo::default(),
-            planner: Planner::new(node, Ids::adopt(&programmed, highest_flow_backend_id)),
-            programmed,
+            planner: Planner::new(
+                node,
+                Ids::adopt(&adopted.entries, adopted.highest_flow_backend_id),
+            ),
+            programmed: adopted.entries,
             compare_all: true,
             epoch_due: true,
+            base_config,
+            config: adopted.config,
         }
     }
 
@@ -66,8 +93,18 @@ impl Pipeline {
         &self.programmed
     }
 
-    /// What `objects` define for `node`, and the writes that take the maps there.
-    pub fn plan(&mut self, objects: &Objects, node: &NodeConfig) -> Planned {
+    /// Brings the maps to what `objects` define for `node`. The SNAT address first (a new
+    /// NodePort's first packets need it), then the plan's operations, then the epoch: after
+    /// the deletions, a flow that looks again must find its backend gone. A failed operation
+    /// stops the sync: the operations after it depend on it (a slot on its backend, a count on
+    /// its slots), and what is programmed stays consistent; the next sync compares everything
+    /// and writes the rest.
+    pub fn sync(
+        &mut self,
+        objects: &Objects,
+        node: &NodeConfig,
+        maps: &mut impl MapWrites,
+    ) -> Synced {
         let desired = self.memo.update(objects, node);
         let (touched, unplanned) = self.planner.update(&desired.frontends);
         let ops = if self.compare_all {
@@ -75,46 +112,99 @@ impl Pipeline {
         } else {
             plan::diff_touched(&self.programmed, self.planner.desired(), &touched)
         };
-        Planned {
-            desired,
-            unplanned,
-            ops,
+        let snat_address = desired.node_addresses.first().copied();
+        let (config_written, config_failed) = self.write_config(snat_address, maps);
+        let put_off = self.apply(&ops, maps);
+        self.compare_all = put_off > 0;
+        let backends_gone = self.epoch_due;
+        let mut epoch_failed = false;
+        if self.epoch_due {
+            match maps.bump_epoch() {
+                Ok(()) => self.epoch_due = false,
+                Err(e) => {
+                    epoch_failed = true;
+                    error!(error = %e, "flows keep removed backends until the next sync");
+                }
+            }
+        }
+        Synced {
+            writes: ops.len(),
+            failed: put_off + usize::from(config_failed) + usize::from(epoch_failed),
+            backends_gone,
+            skipped: desired.skipped.iter().cloned().chain(unplanned).collect(),
+            labels: labels(&desired.frontends, &self.programmed),
+            lost_claims: desired.lost_claims.clone(),
+            config_written: config_written.then_some(snat_address),
         }
     }
 
-    /// Writes `planned` to the maps. A failed write stops the sync: the writes after it depend
-    /// on it (a slot on its backend, a count on its slots), and what is programmed stays
-    /// consistent; the next sync compares everything and writes the rest.
-    pub fn write(&mut self, planned: &Planned, maps: &mut KernelMaps) -> Written {
-        let ops = &planned.ops;
-        let mut failed = 0;
+    /// Applies `ops` up to the first that fails; how many were put off.
+    fn apply(&mut self, ops: &[Op], maps: &mut impl MapWrites) -> usize {
         for (done, op) in ops.iter().enumerate() {
             match maps.apply(op) {
-                // Track what the kernel really holds: the next sync starts from there.
+                // Track what the maps really hold: the next sync starts from there.
                 Ok(()) => {
                     self.programmed.apply(op);
                     self.epoch_due |= matches!(op, Op::DeleteBackend(_));
                 }
                 Err(e) => {
-                    failed = ops.len() - done;
-                    error!(?op, "map update failed, {failed} writes put off: {e}");
-                    break;
+                    let put_off = ops.len() - done;
+                    error!(?op, put_off, error = %e, "a map write failed; the next sync writes the rest");
+                    return put_off;
                 }
             }
         }
-        self.compare_all = failed > 0;
-        // After the deletions: a flow that looks again must find its backend gone.
-        let backends_gone = self.epoch_due;
-        if self.epoch_due {
-            match maps.bump_epoch() {
-                Ok(()) => self.epoch_due = false,
-                Err(e) => error!("flows keep removed backends until the next sync: {e:#}"),
+        0
+    }
+
+    /// Writes the config when it changes: the SNAT address follows the Node's. Whether it was
+    /// written, and whether a write failed.
+    fn write_config(
+        &mut self,
+        snat_address: Option<Ipv4Addr>,
+        maps: &mut impl MapWrites,
+    ) -> (bool, bool) {
+        let config = Config {
+            snat_addr_be: snat_address.map_or(0, |a| u32::from(a).to_be()),
+            ..self.base_config
+        };
+        if self.config == Some(config) {
+            return (false, false);
+        }
+        match maps.write_config(&config) {
+            Ok(()) => {
+                self.config = Some(config);
+                (true, false)
+            }
+            Err(e) => {
+                error!(snat_address = ?snat_address, error = %e,
+                    "the datapath's config keeps its old values until the next sync");
+                (false, true)
             }
         }
-        Written {
-            writes: ops.len(),
-            failed,
-            backends_gone,
-        }
     }
+}
+
+/// The `/metrics` labels of each programmed frontend, by service id.
+fn labels(
+    frontends: &[Arc<model::Frontend>],
+    programmed: &MapEntries,
+) -> BTreeMap<u32, FrontendLabels> {
+    frontends
+        .iter()
+        .filter_map(|f| {
+            let key = plan::frontend_key(f.address, f.port, f.protocol, f.scope);
+            let id = programmed.frontends.get(&key)?.service_id;
+            let scope = match f.scope {
+                model::Scope::External => "external",
+                model::Scope::Internal => "internal",
+            };
+            let labels = FrontendLabels {
+                frontend: format!("{}:{}/{}", f.address, f.port, f.protocol),
+                scope,
+                service: f.service.clone(),
+            };
+            Some((id, labels))
+        })
+        .collect()
 }

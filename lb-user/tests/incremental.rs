@@ -1,16 +1,20 @@
-//! The model and the plan kept between syncs must program what a fresh computation would,
-//! whatever the edits, and touch only what an edit changed. Each golden case's files are
-//! added one at a time, edited and removed again; after every step the entries written
-//! through the touched keys alone are compared with those computed from nothing.
+//! The pipeline the agent runs ([`Pipeline`]: the model and the plan kept between syncs, the
+//! writes), over maps in memory: it must program what a fresh computation would, whatever the
+//! edits, touch only what an edit changed, and recover from any write that fails. Each golden
+//! case's files are added one at a time, edited and removed again; after every step the maps
+//! are compared with the entries computed from nothing.
 
 mod txtar;
 
 use std::sync::Arc;
 
+use lb_common::maps::Config;
 use lb_user::{
+    maps::memory::{FailingMaps, MemoryMaps},
     model::{self, Memo, NodeConfig, Objects, Skipped},
-    plan::{self, Ids, MapEntries, Planner},
+    plan::{self, MapEntries},
     sources::manifests,
+    sync::{Adopted, Pipeline},
 };
 
 /// A source that keeps each file's objects while the file is unchanged, as the manifest
@@ -40,48 +44,42 @@ impl Files {
     }
 }
 
-/// The agent's state between syncs, and what it wrote.
+/// The agent's pipeline, and the maps it writes.
 struct Agent {
     node: NodeConfig,
-    memo: Memo,
-    planner: Planner,
-    programmed: MapEntries,
+    pipeline: Pipeline,
+    maps: MemoryMaps,
 }
 
 impl Agent {
     fn new(node: &str) -> Self {
         Self {
             node: NodeConfig::new(node),
-            memo: Memo::default(),
-            planner: Planner::new(node, Ids::default()),
-            programmed: MapEntries::default(),
+            pipeline: Pipeline::new(node, Adopted::default(), Config::default()),
+            maps: MemoryMaps::default(),
         }
     }
 
-    /// Syncs, writing the touched keys only; the writes.
-    fn sync(&mut self, objects: &Objects, step: &str) -> Vec<plan::Op> {
-        let desired = self.memo.update(objects, &self.node);
-        let (touched, unplanned) = self.planner.update(&desired.frontends);
-        let ops = plan::diff_touched(&self.programmed, self.planner.desired(), &touched);
-        for op in &ops {
-            self.programmed.apply(op);
-        }
+    /// Syncs; how many plan operations it wrote.
+    fn sync(&mut self, objects: &Objects, step: &str) -> usize {
+        let synced = self.pipeline.sync(objects, &self.node, &mut self.maps);
+        assert_eq!(synced.failed, 0, "{step}: failed writes");
         assert_eq!(
-            &self.programmed,
-            self.planner.desired(),
-            "{step}: an entry that changed was not touched"
+            &self.maps.entries,
+            self.pipeline.programmed(),
+            "{step}: the pipeline's record of the maps"
         );
         let (entries, skipped) = fresh(objects, &self.node);
         assert_eq!(
-            self.programmed.table(),
+            self.maps.entries.table(),
             entries.table(),
             "{step}: the frontends and their backends differ from a fresh computation"
         );
-        assert_eq!(self.programmed.vips, entries.vips, "{step}: vips");
-        let mut incremental: Vec<Skipped> = desired.skipped.into_iter().chain(unplanned).collect();
+        assert_eq!(self.maps.entries.vips, entries.vips, "{step}: vips");
+        let mut incremental = synced.skipped;
         incremental.sort();
         assert_eq!(incremental, skipped, "{step}: skipped");
-        ops
+        synced.writes
     }
 }
 
@@ -107,8 +105,8 @@ fn every_step_of_every_golden_case_programs_what_a_fresh_computation_would() {
         // The same text read again: new objects, the same entries, nothing written.
         for (name, text) in sections.iter().copied() {
             files.put(name, text);
-            let ops = agent.sync(&files.objects(), &format!("{case}: {name} read again"));
-            assert!(ops.is_empty(), "{case}: {name} read again wrote {ops:?}");
+            let writes = agent.sync(&files.objects(), &format!("{case}: {name} read again"));
+            assert_eq!(writes, 0, "{case}: {name} read again wrote");
         }
         // Every file without its last endpoint address, then back.
         for (name, text) in sections.iter().copied() {
@@ -128,7 +126,7 @@ fn every_step_of_every_golden_case_programs_what_a_fresh_computation_would() {
             agent.sync(&files.objects(), &format!("{case}: {name} removed"));
         }
         assert_eq!(
-            agent.programmed,
+            agent.maps.entries,
             MapEntries::default(),
             "{case}: all removed"
         );
@@ -157,28 +155,28 @@ fn an_edit_to_one_service_touches_its_entries_only() {
     for i in 0..100 {
         files.put(&format!("s{i}.yaml"), &service(i, 10));
     }
-    let ops = agent.sync(&files.objects(), "all written");
+    let writes = agent.sync(&files.objects(), "all written");
     assert_eq!(
-        ops.len(),
+        writes,
         100 * (1 + 10 + 10) + 100,
         "frontends, slots, backends, vips"
     );
-    let ids_before = agent.programmed.clone();
+    let ids_before = agent.maps.entries.clone();
 
     files.put("s42.yaml", &service(42, 9));
-    let ops = agent.sync(&files.objects(), "one endpoint fewer");
+    let writes = agent.sync(&files.objects(), "one endpoint fewer");
     // The frontend's count, and its tenth slot and backend gone: slots keep their order.
-    assert_eq!(ops.len(), 3, "{ops:?}");
+    assert_eq!(writes, 3);
     for (key, frontend) in &ids_before.frontends {
         assert_eq!(
-            agent.programmed.frontends[key].service_id, frontend.service_id,
+            agent.maps.entries.frontends[key].service_id, frontend.service_id,
             "service ids are stable"
         );
     }
     let kept = ids_before
         .backends
         .iter()
-        .filter(|(id, backend)| agent.programmed.backends.get(id) == Some(backend))
+        .filter(|(id, backend)| agent.maps.entries.backends.get(id) == Some(backend))
         .count();
     assert_eq!(kept, 999, "every other backend keeps its id");
 
@@ -199,7 +197,7 @@ fn a_frontend_claimed_twice_goes_to_the_second_when_the_first_goes() {
     files.put("a.yaml", &service(1, 2));
     files.put("b.yaml", &service(2, 3).replace("10.96.1.2", "10.96.1.1"));
     agent.sync(&files.objects(), "both claim 10.96.1.1:80");
-    let frontend = |agent: &Agent| agent.programmed.frontends.values().next().copied();
+    let frontend = |agent: &Agent| agent.maps.entries.frontends.values().next().copied();
     assert_eq!(frontend(&agent).map(|f| f.backend_count), Some(2));
     files.remove("a.yaml");
     agent.sync(&files.objects(), "the first claim gone");
@@ -221,4 +219,97 @@ fn unchanged_objects_are_not_computed_again() {
     // Another node config: everything again.
     let third = memo.update(&files.objects(), &NodeConfig::new("other"));
     assert!(!Arc::ptr_eq(&second.frontends[0], &third.frontends[0]));
+}
+
+/// The datapath's reading of the maps: every slot a frontend counts is there, and names a
+/// backend that is there.
+fn consistent(entries: &MapEntries) -> Result<(), String> {
+    for (key, frontend) in &entries.frontends {
+        for slot in 1..=u32::from(frontend.backend_count) {
+            let slot_key = lb_common::maps::SlotKey {
+                service_id: frontend.service_id,
+                slot,
+            };
+            let Some(found) = entries.slots.get(&slot_key) else {
+                return Err(format!("{key:?}: slot {slot} missing"));
+            };
+            if !entries.backends.contains_key(&found.backend_id) {
+                return Err(format!("{key:?}: slot {slot} names a missing backend"));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_write_that_fails_leaves_consistent_maps_and_the_next_sync_writes_the_rest() {
+    for case in txtar::cases() {
+        let sections: Vec<&(String, String)> = case.manifests().collect();
+        let node = NodeConfig::new(case.node());
+        let case = case.path.display();
+        // From every file to every file with one address fewer and the first one gone: adds,
+        // updates and deletions in one sync.
+        let mut before = Files(Vec::new());
+        let mut after = Files(Vec::new());
+        for (i, (name, text)) in sections.iter().copied().enumerate() {
+            before.put(name, text);
+            let cut = text.rfind("- addresses:").map_or(text.to_string(), |cut| {
+                let end = text[cut..].find('\n').map_or(text.len(), |n| cut + n + 1);
+                format!("{}{}", &text[..cut], &text[end..])
+            });
+            if i > 0 {
+                after.put(name, &cut);
+            }
+        }
+        let (before, after) = (before.objects(), after.objects());
+        let (wanted, _) = fresh(&after, &node);
+        let attempts = |fail: Option<usize>| {
+            let mut pipeline = Pipeline::new(&node.name, Adopted::default(), Config::default());
+            let mut maps = FailingMaps::default();
+            assert_eq!(pipeline.sync(&before, &node, &mut maps).failed, 0);
+            let start = maps.attempts();
+            let (epoch, backends) = (maps.maps.epoch, maps.maps.entries.backends.clone());
+            if let Some(k) = fail {
+                maps.fail_in(k);
+                let synced = pipeline.sync(&after, &node, &mut maps);
+                assert!(
+                    synced.failed > 0,
+                    "{case}: attempt {k} failed, none reported"
+                );
+                assert_eq!(
+                    &maps.maps.entries,
+                    pipeline.programmed(),
+                    "{case}: attempt {k}"
+                );
+                if let Err(e) = consistent(&maps.maps.entries) {
+                    panic!("{case}: attempt {k} failed and left {e}");
+                }
+            }
+            let synced = pipeline.sync(&after, &node, &mut maps);
+            assert_eq!(synced.failed, 0, "{case}: {fail:?}, the retry");
+            assert_eq!(
+                maps.maps.entries.table(),
+                wanted.table(),
+                "{case}: {fail:?}, the retry"
+            );
+            assert_eq!(
+                maps.maps.entries.vips, wanted.vips,
+                "{case}: {fail:?}, vips"
+            );
+            // Backends deleted: the datapath is told, after the deletions.
+            let removed = backends
+                .keys()
+                .any(|id| !maps.maps.entries.backends.contains_key(id));
+            assert_eq!(
+                maps.maps.epoch > epoch,
+                removed,
+                "{case}: {fail:?}, the epoch"
+            );
+            maps.attempts() - start
+        };
+        let clean = attempts(None);
+        for k in 0..clean {
+            attempts(Some(k));
+        }
+    }
 }

@@ -14,6 +14,7 @@ use lb_tests::packet::{
 };
 use lb_user::{
     datapath::{self, Datapath, TC_ACT_OK, XDP_PASS},
+    maps::MapWrites as _,
     model::{self, Algorithm, FrontendKind, Protocol, Scope, WhenEmpty},
     plan::{self, MapEntries},
 };

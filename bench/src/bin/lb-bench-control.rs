@@ -11,9 +11,13 @@ use lb_bench::{
     Spread,
     cluster::{self, ENDPOINTS, Iptables, Nftables, Ruleset, Service},
 };
+use lb_common::maps::Config;
 use lb_user::{
-    datapath, maps::KernelMaps, model::NodeConfig, plan::MapEntries, sources::manifests::Manifests,
-    sync::Pipeline,
+    datapath,
+    maps::KernelMaps,
+    model::NodeConfig,
+    sources::manifests::Manifests,
+    sync::{Adopted, Pipeline},
 };
 use serde::Serialize;
 
@@ -144,7 +148,7 @@ struct Run {
 
 fn measure(args: &Args, first: &Service, dir: PathBuf, maps: &mut KernelMaps) -> Result<Run> {
     let mut source = Manifests::new(vec![dir.clone()]);
-    let mut pipeline = Pipeline::new(NODE, MapEntries::default(), 0);
+    let mut pipeline = Pipeline::new(NODE, Adopted::default(), Config::default());
     let node = NodeConfig::new(NODE);
 
     let started = Instant::now();
@@ -217,13 +221,12 @@ fn sync(
 ) -> Result<usize> {
     let (objects, skipped) = source.load();
     ensure!(skipped.is_empty(), "manifests: {:?}", skipped.first());
-    let planned = pipeline.plan(&objects, node);
-    if let Some(skipped) = planned.skipped().next() {
+    let synced = pipeline.sync(&objects, node, maps);
+    if let Some(skipped) = synced.skipped.first() {
         bail!("{skipped}");
     }
-    let written = pipeline.write(&planned, maps);
-    ensure!(written.failed == 0, "{} map writes failed", written.failed);
-    Ok(written.writes)
+    ensure!(synced.failed == 0, "{} map writes failed", synced.failed);
+    Ok(synced.writes)
 }
 
 /// This process's peak resident set, in KiB.

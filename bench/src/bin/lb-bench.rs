@@ -22,6 +22,7 @@ use lb_common::maps::Config;
 use lb_tests::packet::{TCP_ACK, TCP_SYN, UDP, addr, checksums_valid, packet, port};
 use lb_user::{
     datapath::{self, Datapath, PacketPrograms, TC_ACT_OK, XDP_PASS},
+    maps::MapWrites as _,
     model::{self, Algorithm, FrontendKind, Protocol, Scope, WhenEmpty},
     plan::{self, Ids, MapEntries, Planner},
 };

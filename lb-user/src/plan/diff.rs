@@ -5,7 +5,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::maps::{Backend, Frontend, FrontendKey, Slot, SlotKey, Vip};
+use lb_common::maps::{
+    BACKENDS, Backend, FRONTENDS, Frontend, FrontendKey, SLOTS, Slot, SlotKey, VIPS, Vip,
+};
 
 use super::MapEntries;
 
@@ -19,6 +21,18 @@ pub enum Op {
     DeleteFrontend(FrontendKey),
     DeleteSlot(SlotKey),
     DeleteBackend(u32),
+}
+
+impl Op {
+    /// The name of the map it writes.
+    pub fn map(&self) -> &'static str {
+        match self {
+            Self::PutBackend(..) | Self::DeleteBackend(_) => BACKENDS,
+            Self::PutSlot(..) | Self::DeleteSlot(_) => SLOTS,
+            Self::PutFrontend(..) | Self::DeleteFrontend(_) => FRONTENDS,
+            Self::PutVip(..) | Self::DeleteVip(_) => VIPS,
+        }
+    }
 }
 
 /// The keys a [`super::Planner`] update may have changed, of each map.

@@ -1,4 +1,8 @@
-//! The kernel side of the agent-written maps: apply plan operations, read entries back.
+//! The agent-written maps: where a sync's writes go ([`MapWrites`]), the kernel's maps
+//! ([`KernelMaps`]: plan operations applied, entries read back, flows expired) and, for tests,
+//! maps in memory ([`memory`]).
+
+pub mod memory;
 
 use std::path::Path;
 
@@ -14,6 +18,33 @@ use lb_common::maps::{
 };
 
 use crate::plan::{MapEntries, Op};
+
+/// A map write that did not take.
+#[derive(Debug, thiserror::Error)]
+#[error("writing {map}: {cause}")]
+pub struct WriteError {
+    /// The map's name, as pinned.
+    pub map: &'static str,
+    pub cause: Box<dyn std::error::Error + Send + Sync>,
+}
+
+/// Where a sync's writes go: the kernel's maps, or memory ([`memory::MemoryMaps`], and
+/// [`memory::FailingMaps`] which fails the writes it is told to).
+pub trait MapWrites {
+    /// Applies one operation of a plan.
+    fn apply(&mut self, op: &Op) -> Result<(), WriteError>;
+    /// Writes the datapath's config.
+    fn write_config(&mut self, config: &Config) -> Result<(), WriteError>;
+    /// Tells the datapath that backends were removed: its flows look theirs up again.
+    fn bump_epoch(&mut self) -> Result<(), WriteError>;
+}
+
+fn kernel_error(map: &'static str) -> impl FnOnce(MapError) -> WriteError {
+    move |e| WriteError {
+        map,
+        cause: Box::new(e),
+    }
+}
 
 pub struct KernelMaps {
     frontends: HashMap<MapData, FrontendKey, Frontend>,
@@ -64,19 +95,6 @@ impl KernelMaps {
             stats: PerCpuArray::try_from(map(STATS)?).context(STATS)?,
             frontend_stats: PerCpuArray::try_from(map(FRONTEND_STATS)?).context(FRONTEND_STATS)?,
         })
-    }
-
-    pub fn apply(&mut self, op: &Op) -> Result<(), MapError> {
-        match op {
-            Op::PutBackend(id, backend) => self.backends.insert(id, backend, 0),
-            Op::PutSlot(key, slot) => self.slots.insert(key, slot, 0),
-            Op::PutFrontend(key, frontend) => self.frontends.insert(key, frontend, 0),
-            Op::PutVip(addr, vip) => self.vips.insert(addr, vip, 0),
-            Op::DeleteVip(addr) => self.vips.remove(addr),
-            Op::DeleteFrontend(key) => self.frontends.remove(key),
-            Op::DeleteSlot(key) => self.slots.remove(key),
-            Op::DeleteBackend(id) => self.backends.remove(id),
-        }
     }
 
     /// What the kernel holds now.
@@ -147,12 +165,6 @@ impl KernelMaps {
         Ok((flows?, replies?))
     }
 
-    pub fn write_config(&mut self, config: &Config) -> Result<()> {
-        self.config
-            .set(SINGLE_ENTRY, config, 0)
-            .with_context(|| format!("writing {CONFIG}"))
-    }
-
     pub fn write_clock(&mut self, clock: &Clock) -> Result<()> {
         self.clock
             .set(SINGLE_ENTRY, clock, 0)
@@ -164,16 +176,6 @@ impl KernelMaps {
         self.epoch
             .get(&SINGLE_ENTRY, 0)
             .with_context(|| format!("reading {EPOCH}"))
-    }
-
-    /// Tells the datapath that backends were removed: its flows look theirs up again.
-    pub fn bump_epoch(&mut self) -> Result<()> {
-        let bumped = Epoch {
-            backends_removed: self.epoch()?.backends_removed.wrapping_add(1),
-        };
-        self.epoch
-            .set(SINGLE_ENTRY, bumped, 0)
-            .with_context(|| format!("writing {EPOCH}"))
     }
 
     /// The counters of the frontend `service_id`, summed over CPUs.
@@ -204,6 +206,41 @@ impl KernelMaps {
             socket_rewrites: sum.socket_rewrites + s.socket_rewrites,
             dropped_error: sum.dropped_error + s.dropped_error,
         }))
+    }
+}
+
+impl MapWrites for KernelMaps {
+    fn apply(&mut self, op: &Op) -> Result<(), WriteError> {
+        match op {
+            Op::PutBackend(id, backend) => self.backends.insert(id, backend, 0),
+            Op::PutSlot(key, slot) => self.slots.insert(key, slot, 0),
+            Op::PutFrontend(key, frontend) => self.frontends.insert(key, frontend, 0),
+            Op::PutVip(addr, vip) => self.vips.insert(addr, vip, 0),
+            Op::DeleteVip(addr) => self.vips.remove(addr),
+            Op::DeleteFrontend(key) => self.frontends.remove(key),
+            Op::DeleteSlot(key) => self.slots.remove(key),
+            Op::DeleteBackend(id) => self.backends.remove(id),
+        }
+        .map_err(kernel_error(op.map()))
+    }
+
+    fn write_config(&mut self, config: &Config) -> Result<(), WriteError> {
+        self.config
+            .set(SINGLE_ENTRY, config, 0)
+            .map_err(kernel_error(CONFIG))
+    }
+
+    fn bump_epoch(&mut self) -> Result<(), WriteError> {
+        let epoch = self
+            .epoch
+            .get(&SINGLE_ENTRY, 0)
+            .map_err(kernel_error(EPOCH))?;
+        let bumped = Epoch {
+            backends_removed: epoch.backends_removed.wrapping_add(1),
+        };
+        self.epoch
+            .set(SINGLE_ENTRY, bumped, 0)
+            .map_err(kernel_error(EPOCH))
     }
 }
 
