@@ -1,9 +1,16 @@
-//! The map definitions; names, keys and values come from `lb_common::maps`, whose constants the
-//! names here must equal (the agent checks every one at load).
+//! The map definitions and their accessors. Names, keys and values come from
+//! `lb_common::maps`: each name is written once here, in the attribute the loader reads, and
+//! checked against lb-common's at compile time (the agent checks them again at load).
 //!
 //! The maps the agent writes allocate entries as they are written: sized for the largest
 //! cluster, they would otherwise hold over 100 MiB of kernel memory on every node. The LRU maps
 //! are always preallocated.
+//!
+//! Reads go through the accessors below, the only `unsafe` map access. What makes them sound
+//! is the same for all: the kernel keeps a map value it hands out alive until the program
+//! returns (RCU), whatever another CPU or the agent does meanwhile, and nothing keeps one
+//! across runs, so `'static` here means "until the program returns". The agent writes values
+//! whole, so a read sees one version; a program holds at most one reference to an entry.
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -11,60 +18,172 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::maps::{
-    Affinity, AffinityKey, Backend, Clock, Config, Connected, Epoch, Flow, FlowKey, Frontend,
-    FrontendKey, FrontendStats, MAX_AFFINITIES, MAX_BACKENDS, MAX_CONNECTED, MAX_FLOWS,
-    MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MAX_VIPS, Reply, Slot, SlotKey, SocketFrontend,
-    SocketKey, Stats, Vip,
+    self as common, Affinity, AffinityKey, Backend, Clock, Config, Connected, Epoch, Flow, FlowKey,
+    Frontend, FrontendKey, FrontendStats, MAX_AFFINITIES, MAX_BACKENDS, MAX_CONNECTED, MAX_FLOWS,
+    MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MAX_VIPS, Reply, SINGLE_ENTRY, Slot, SlotKey,
+    SocketFrontend, SocketKey, Stats, Vip,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 
-#[btf_map(name = "lb_frontends_v1")]
-pub static FRONTENDS: HashMap<FrontendKey, Frontend, { MAX_SERVICES as usize }, NO_PREALLOC> =
-    HashMap::new();
+/// Whether two names are the same, at compile time.
+const fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
 
-#[btf_map(name = "lb_slots_v1")]
-pub static SLOTS: HashMap<SlotKey, Slot, { MAX_SLOTS as usize }, NO_PREALLOC> = HashMap::new();
+/// A map named `$name` (a literal, as the attribute needs), which must be lb-common's
+/// `$common`: the build fails otherwise.
+macro_rules! map {
+    ($name:tt = $common:ident, $static:ident: $type:ty) => {
+        const _: () = assert!(
+            same($name, common::$common),
+            concat!($name, " is not lb_common::maps::", stringify!($common))
+        );
+        #[btf_map(name = $name)]
+        pub static $static: $type = <$type>::new();
+    };
+}
 
-#[btf_map(name = "lb_backends_v1")]
-pub static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }, NO_PREALLOC> = HashMap::new();
+map!("lb_frontends_v1" = FRONTENDS, FRONTENDS: HashMap<FrontendKey, Frontend, { MAX_SERVICES as usize }, NO_PREALLOC>);
+map!("lb_slots_v1" = SLOTS, SLOTS: HashMap<SlotKey, Slot, { MAX_SLOTS as usize }, NO_PREALLOC>);
+map!("lb_backends_v1" = BACKENDS, BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }, NO_PREALLOC>);
+map!("lb_vips_v1" = VIPS, VIPS: HashMap<u32, Vip, { MAX_VIPS as usize }, NO_PREALLOC>);
+map!("lb_flows_v2" = FLOWS, FLOWS: LruHashMap<FlowKey, Flow, { MAX_FLOWS as usize }>);
+map!("lb_replies_v1" = REPLIES, REPLIES: LruHashMap<FlowKey, Reply, { MAX_FLOWS as usize }>);
+map!("lb_sockets_v1" = SOCKETS, SOCKETS: LruHashMap<SocketKey, SocketFrontend, { MAX_SOCKETS as usize }>);
+map!("lb_connected_v1" = CONNECTED, CONNECTED: HashMap<u64, Connected, { MAX_CONNECTED as usize }, NO_PREALLOC>);
+map!("lb_affinity_v1" = AFFINITY, AFFINITY: LruHashMap<AffinityKey, Affinity, { MAX_AFFINITIES as usize }>);
+map!("lb_cursors_v1" = CURSORS, CURSORS: PerCpuArray<u32, { MAX_SERVICES as usize }>);
+map!("lb_fe_stats_v1" = FRONTEND_STATS, FRONTEND_STATS: PerCpuArray<FrontendStats, { MAX_SERVICES as usize }>);
+map!("lb_stats_v1" = STATS, STATS: PerCpuArray<Stats, 1>);
+map!("lb_config_v1" = CONFIG, CONFIG: Array<Config, 1>);
+map!("lb_clock_v1" = CLOCK, CLOCK: Array<Clock, 1>);
+map!("lb_epoch_v1" = EPOCH, EPOCH: Array<Epoch, 1>);
 
-#[btf_map(name = "lb_vips_v1")]
-pub static VIPS: HashMap<u32, Vip, { MAX_VIPS as usize }, NO_PREALLOC> = HashMap::new();
+/// The frontend of a service address, port, protocol and scope.
+#[inline(always)]
+pub fn frontend(key: FrontendKey) -> Option<&'static Frontend> {
+    // SAFETY: a map value, alive until the program returns (module doc).
+    unsafe { FRONTENDS.get(key) }
+}
 
-#[btf_map(name = "lb_flows_v2")]
-pub static FLOWS: LruHashMap<FlowKey, Flow, { MAX_FLOWS as usize }> = LruHashMap::new();
+/// The backend id in a frontend's slot.
+#[inline(always)]
+pub fn slot(service_id: u32, slot: u32) -> Option<u32> {
+    // SAFETY: as above; copied out.
+    unsafe { SLOTS.get(SlotKey { service_id, slot }) }.map(|s| s.backend_id)
+}
 
-#[btf_map(name = "lb_replies_v1")]
-pub static REPLIES: LruHashMap<FlowKey, Reply, { MAX_FLOWS as usize }> = LruHashMap::new();
+#[inline(always)]
+pub fn backend(id: u32) -> Option<&'static Backend> {
+    // SAFETY: as above.
+    unsafe { BACKENDS.get(id) }
+}
 
-#[btf_map(name = "lb_sockets_v1")]
-pub static SOCKETS: LruHashMap<SocketKey, SocketFrontend, { MAX_SOCKETS as usize }> =
-    LruHashMap::new();
+/// Whether a ClusterIP (network order) has frontends.
+#[inline(always)]
+pub fn is_vip(addr_be: u32) -> bool {
+    // SAFETY: as above; only its presence is read.
+    unsafe { VIPS.get(addr_be) }.is_some()
+}
 
-#[btf_map(name = "lb_connected_v1")]
-pub static CONNECTED: HashMap<u64, Connected, { MAX_CONNECTED as usize }, NO_PREALLOC> =
-    HashMap::new();
+/// A flow, to refresh in place: racing writers of one flow (two CPUs) write the same fields
+/// with values that are each valid.
+#[inline(always)]
+pub fn flow_mut(key: FlowKey) -> Option<&'static mut Flow> {
+    // SAFETY: as above; a non-null pointer to a value of the map's type.
+    FLOWS.get_ptr_mut(key).map(|flow| unsafe { &mut *flow })
+}
 
-#[btf_map(name = "lb_affinity_v1")]
-pub static AFFINITY: LruHashMap<AffinityKey, Affinity, { MAX_AFFINITIES as usize }> =
-    LruHashMap::new();
+/// A reply entry, to refresh in place, as [`flow_mut`].
+#[inline(always)]
+pub fn reply_mut(key: FlowKey) -> Option<&'static mut Reply> {
+    // SAFETY: as for `flow_mut`.
+    REPLIES.get_ptr_mut(key).map(|reply| unsafe { &mut *reply })
+}
 
-#[btf_map(name = "lb_cursors_v1")]
-pub static CURSORS: PerCpuArray<u32, { MAX_SERVICES as usize }> = PerCpuArray::new();
+#[inline(always)]
+pub fn reply(key: FlowKey) -> Option<&'static Reply> {
+    // SAFETY: as above.
+    unsafe { REPLIES.get(key) }
+}
 
-#[btf_map(name = "lb_fe_stats_v1")]
-pub static FRONTEND_STATS: PerCpuArray<FrontendStats, { MAX_SERVICES as usize }> =
-    PerCpuArray::new();
+#[inline(always)]
+pub fn affinity(key: AffinityKey) -> Option<&'static Affinity> {
+    // SAFETY: as above.
+    unsafe { AFFINITY.get(key) }
+}
 
-#[btf_map(name = "lb_stats_v1")]
-pub static STATS: PerCpuArray<Stats, 1> = PerCpuArray::new();
+/// What the node's connected socket `cookie` dialled.
+#[inline(always)]
+pub fn connected(cookie: u64) -> Option<&'static Connected> {
+    // SAFETY: as above.
+    unsafe { CONNECTED.get(cookie) }
+}
 
-#[btf_map(name = "lb_config_v1")]
-pub static CONFIG: Array<Config, 1> = Array::new();
+/// The frontend an unconnected socket sent to, by the backend it went to.
+#[inline(always)]
+pub fn socket_frontend(key: SocketKey) -> Option<&'static SocketFrontend> {
+    // SAFETY: as above.
+    unsafe { SOCKETS.get(key) }
+}
 
-#[btf_map(name = "lb_clock_v1")]
-pub static CLOCK: Array<Clock, 1> = Array::new();
+/// Turns this CPU's round-robin cursor of `service_id`; where it stood.
+#[inline(always)]
+pub fn next_cursor(service_id: u32) -> Option<u32> {
+    let cursor = CURSORS.get_ptr_mut(service_id)?;
+    // SAFETY: this CPU's own slot of a per-CPU array, which lives as long as the map; a
+    // program that interrupts this one on the same CPU at worst repeats a turn.
+    unsafe {
+        let current = *cursor;
+        *cursor = current.wrapping_add(1);
+        Some(current)
+    }
+}
 
-#[btf_map(name = "lb_epoch_v1")]
-pub static EPOCH: Array<Epoch, 1> = Array::new();
+/// This CPU's counters.
+#[inline(always)]
+pub fn stats() -> Option<&'static mut Stats> {
+    // SAFETY: as for `next_cursor`: a counter at worst misses an increment.
+    STATS
+        .get_ptr_mut(SINGLE_ENTRY)
+        .map(|stats| unsafe { &mut *stats })
+}
+
+/// This CPU's counters of the frontend `service_id`.
+#[inline(always)]
+pub fn frontend_stats(service_id: u32) -> Option<&'static mut FrontendStats> {
+    // SAFETY: as for `stats`.
+    FRONTEND_STATS
+        .get_ptr_mut(service_id)
+        .map(|stats| unsafe { &mut *stats })
+}
+
+#[inline(always)]
+pub fn config() -> Option<&'static Config> {
+    CONFIG.get(SINGLE_ENTRY)
+}
+
+#[inline(always)]
+pub fn clock() -> Option<&'static Clock> {
+    CLOCK.get(SINGLE_ENTRY)
+}
+
+/// The agent's count of backend removals ([`Epoch`]).
+#[inline(always)]
+pub fn backends_epoch() -> u32 {
+    EPOCH
+        .get(SINGLE_ENTRY)
+        .map_or(0, |epoch| epoch.backends_removed)
+}

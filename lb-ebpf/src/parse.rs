@@ -4,30 +4,18 @@ use core::mem::size_of;
 
 use lb_common::maps::{FlowKey, PROTO_TCP, PROTO_UDP};
 
-pub const ETH_HLEN: usize = 14;
+use crate::headers::{
+    ETH_HLEN, ETH_TYPE, IP_CHECKSUM, IP_DST, IP_SRC, IPV4_MIN_HLEN, Ipv4Header, L4_DST_PORT,
+    L4_SRC_PORT, TCP_CHECKSUM, TCP_DATA_OFFSET, TCP_MIN_HLEN, UDP_CHECKSUM, UDP_HLEN, UDP_LEN,
+};
+
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
-/// An IPv4 header without options.
-pub const IPV4_MIN_HLEN: usize = 20;
 /// Fragment offset and "more fragments": set on every fragment of a split datagram.
 const IPV4_FRAGMENT_MASK_BE: u16 = 0x3fffu16.to_be();
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
-
-#[repr(C)]
-struct Ipv4Header {
-    version_ihl: u8,
-    tos: u8,
-    total_len_be: u16,
-    id_be: u16,
-    fragment_be: u16,
-    ttl: u8,
-    protocol: u8,
-    checksum_be: u16,
-    src_addr_be: u32,
-    dst_addr_be: u32,
-}
 
 /// Where a packet's fields are, and their values.
 pub struct Packet {
@@ -42,24 +30,25 @@ pub struct Packet {
 }
 
 impl Packet {
-    pub const DST_ADDR_OFFSET: usize = ETH_HLEN + 16;
-    pub const SRC_ADDR_OFFSET: usize = ETH_HLEN + 12;
-    pub const IP_CHECKSUM_OFFSET: usize = ETH_HLEN + 10;
+    pub const DST_ADDR_OFFSET: usize = ETH_HLEN + IP_DST;
+    pub const SRC_ADDR_OFFSET: usize = ETH_HLEN + IP_SRC;
+    pub const IP_CHECKSUM_OFFSET: usize = ETH_HLEN + IP_CHECKSUM;
 
     pub fn src_port_offset(&self) -> usize {
-        self.l4_offset
+        self.l4_offset + L4_SRC_PORT
     }
 
     pub fn dst_port_offset(&self) -> usize {
-        self.l4_offset + 2
+        self.l4_offset + L4_DST_PORT
     }
 
     pub fn l4_checksum_offset(&self) -> usize {
-        if self.key.protocol == PROTO_TCP {
-            self.l4_offset + 16
-        } else {
-            self.l4_offset + 6
-        }
+        self.l4_offset
+            + if self.key.protocol == PROTO_TCP {
+                TCP_CHECKSUM
+            } else {
+                UDP_CHECKSUM
+            }
     }
 
     pub fn is_udp(&self) -> bool {
@@ -91,7 +80,8 @@ pub fn ptr_at<T>(data: usize, data_end: usize, offset: usize) -> Option<*const T
 /// fit each other): it is never rewritten.
 #[inline(always)]
 pub fn parse(data: usize, data_end: usize) -> Option<Packet> {
-    let ether_type_be: u16 = unsafe { *ptr_at::<u16>(data, data_end, 12)? };
+    // SAFETY (each read below): `ptr_at` checked that the bytes are in the packet.
+    let ether_type_be: u16 = unsafe { *ptr_at::<u16>(data, data_end, ETH_TYPE)? };
     if ether_type_be != ETH_P_IP_BE {
         return None;
     }
@@ -116,25 +106,26 @@ pub fn parse(data: usize, data_end: usize) -> Option<Packet> {
         total if total < ip_len => return None,
         total => total - ip_len,
     };
-    // Both headers start with the two ports; TCP flags are at byte 13.
-    let ports = unsafe { &*ptr_at::<[u16; 2]>(data, data_end, l4_offset)? };
-    let (header_len, tcp_flags) = if protocol == PROTO_TCP {
-        let offset_flags = unsafe { *ptr_at::<[u8; 2]>(data, data_end, l4_offset + 12)? };
-        (usize::from(offset_flags[0] >> 4) * 4, offset_flags[1])
+    // Both headers start with the two ports; the TCP data offset is followed by the flags.
+    let ports = unsafe { &*ptr_at::<[u16; 2]>(data, data_end, l4_offset + L4_SRC_PORT)? };
+    let (header_len, min_header_len, tcp_flags, checksum) = if protocol == PROTO_TCP {
+        let offset_flags =
+            unsafe { *ptr_at::<[u8; 2]>(data, data_end, l4_offset + TCP_DATA_OFFSET)? };
+        let header_len = usize::from(offset_flags[0] >> 4) * 4;
+        (header_len, TCP_MIN_HLEN, offset_flags[1], TCP_CHECKSUM)
     } else {
-        let udp_len_be = unsafe { *ptr_at::<u16>(data, data_end, l4_offset + 4)? };
+        let udp_len_be = unsafe { *ptr_at::<u16>(data, data_end, l4_offset + UDP_LEN)? };
         let udp_len = usize::from(u16::from_be(udp_len_be));
-        if udp_len < 8 || udp_len > l4_len {
+        if udp_len < UDP_HLEN || udp_len > l4_len {
             return None;
         }
-        (8, 0)
+        (UDP_HLEN, UDP_HLEN, 0, UDP_CHECKSUM)
     };
-    if header_len < if protocol == PROTO_TCP { 20 } else { 8 } || header_len > l4_len {
+    if header_len < min_header_len || header_len > l4_len {
         return None;
     }
     // The checksum is rewritten later: make sure it is in the packet.
-    let checksum_end = if protocol == PROTO_TCP { 18 } else { 8 };
-    ptr_at::<u8>(data, data_end, l4_offset + checksum_end - 1)?;
+    ptr_at::<u16>(data, data_end, l4_offset + checksum)?;
     Some(Packet {
         key: FlowKey {
             src_addr_be: ip.src_addr_be,

@@ -13,13 +13,21 @@ use aya_ebpf::{
 };
 use lb_common::maps::PROTO_TCP;
 
-use crate::parse::{
-    ETH_HLEN, IPV4_MIN_HLEN as IP_HLEN, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at,
+use crate::{
+    headers::{
+        ETH_DST, ETH_HLEN, ETH_SRC, ETH_TYPE, ICMP_CHECKSUM, ICMP_CODE, ICMP_HLEN, ICMP_TYPE,
+        IP_CHECKSUM, IP_DST, IP_FRAGMENT, IP_PROTOCOL, IP_SRC, IP_TOTAL_LEN, IP_TTL,
+        IPV4_MIN_HLEN as IP_HLEN, L4_DST_PORT, L4_SRC_PORT, TCP_ACK_SEQ, TCP_CHECKSUM,
+        TCP_DATA_OFFSET, TCP_FLAGS, TCP_MIN_HLEN as TCP_HLEN, TCP_SEQ, UDP_HLEN,
+    },
+    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
 };
 
-const TCP_HLEN: usize = 20;
-const UDP_HLEN: usize = 8;
-const ICMP_HLEN: usize = 8;
+/// Version 4, a header of 5 words.
+const IPV4_VERSION_IHL: u8 = 0x45;
+/// "Don't fragment", in the high byte of the flags and fragment offset.
+const IPV4_DONT_FRAGMENT: u8 = 0x40;
+const TTL: u8 = 64;
 const PROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACHABLE: u8 = 3;
 const ICMP_PORT_UNREACHABLE: u8 = 3;
@@ -65,11 +73,15 @@ impl Answer for TcContext {
     #[inline(always)]
     fn send_back<const N: usize>(&self, answer: &[u8; N]) -> Option<i32> {
         let skb = self.skb.skb;
+        // SAFETY: `skb` is the context the kernel gave this program, valid while it runs; the
+        // helpers check their arguments.
         if unsafe { bpf_skb_change_tail(skb, N as u32, 0) } != 0 {
             return None;
         }
         self.store(0, answer, 0).ok()?;
+        // SAFETY: likewise; `ifindex` is a plain field of the skb.
         let ifindex = unsafe { (*skb).ifindex };
+        // SAFETY: a helper call on plain integers.
         Some(unsafe { bpf_redirect(ifindex, 0) } as i32)
     }
 }
@@ -89,6 +101,8 @@ impl Answer for XdpContext {
         let grow = N as i32 - (self.data_end() - self.data()) as i32;
         // XDP guarantees headroom, not tailroom: grow at the head (the packet's head is
         // already copied out), shrink at the tail.
+        // SAFETY: `self.ctx` is the context the kernel gave this program; the helpers check
+        // the sizes and leave `data`/`data_end` to be read again.
         let resized = if grow > 0 {
             unsafe { bpf_xdp_adjust_head(self.ctx, -grow) }
         } else {
@@ -113,31 +127,38 @@ fn reset(original: &[u8; RESET_LEN]) -> [u8; RESET_LEN] {
     ip_back(original, &mut out, PROTO_TCP, total);
     let tcp = ETH_HLEN + IP_HLEN;
     // Ports swapped.
-    out[tcp] = original[tcp + 2];
-    out[tcp + 1] = original[tcp + 3];
-    out[tcp + 2] = original[tcp];
-    out[tcp + 3] = original[tcp + 1];
-    let seq = be32(original, tcp + 4);
-    let ack = be32(original, tcp + 8);
-    let flags = original[tcp + 13];
+    put16(
+        &mut out,
+        tcp + L4_SRC_PORT,
+        be16(original, tcp + L4_DST_PORT),
+    );
+    put16(
+        &mut out,
+        tcp + L4_DST_PORT,
+        be16(original, tcp + L4_SRC_PORT),
+    );
+    let seq = be32(original, tcp + TCP_SEQ);
+    let ack = be32(original, tcp + TCP_ACK_SEQ);
+    let flags = original[tcp + TCP_FLAGS];
     let (reset_seq, reset_ack, reset_flags) = if flags & TCP_ACK != 0 {
         (ack, 0, TCP_RST)
     } else {
-        let ip_total = u32::from(be16(original, ETH_HLEN + 2));
-        let header = u32::from(original[tcp + 12] >> 4) * 4;
+        let ip_total = u32::from(be16(original, ETH_HLEN + IP_TOTAL_LEN));
+        let header = u32::from(original[tcp + TCP_DATA_OFFSET] >> 4) * 4;
         let payload = ip_total.saturating_sub(IP_HLEN as u32 + header);
         let control = u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
         (0, seq.wrapping_add(payload + control), TCP_RST | TCP_ACK)
     };
-    put32(&mut out, tcp + 4, reset_seq);
-    put32(&mut out, tcp + 8, reset_ack);
-    out[tcp + 12] = ((TCP_HLEN / 4) as u8) << 4;
-    out[tcp + 13] = reset_flags;
-    // Pseudo-header: addresses, protocol, TCP length; then the header, checksum zero.
-    let mut sum = sum16::<8>(&out, ETH_HLEN + 12, 0);
+    put32(&mut out, tcp + TCP_SEQ, reset_seq);
+    put32(&mut out, tcp + TCP_ACK_SEQ, reset_ack);
+    out[tcp + TCP_DATA_OFFSET] = ((TCP_HLEN / 4) as u8) << 4;
+    out[tcp + TCP_FLAGS] = reset_flags;
+    // Pseudo-header: addresses (source and destination, adjacent), protocol, TCP length; then
+    // the header, checksum zero.
+    let mut sum = sum16::<8>(&out, ETH_HLEN + IP_SRC, 0);
     sum += u32::from(PROTO_TCP) + TCP_HLEN as u32;
     sum = sum16::<TCP_HLEN>(&out, tcp, sum);
-    put16(&mut out, tcp + 16, fold(sum));
+    put16(&mut out, tcp + TCP_CHECKSUM, fold(sum));
     out
 }
 
@@ -149,15 +170,15 @@ fn port_unreachable(original: &[u8; ETH_HLEN + QUOTE_LEN]) -> [u8; UNREACHABLE_L
     let total = (IP_HLEN + ICMP_HLEN + QUOTE_LEN) as u16;
     ip_back(original, &mut out, PROTO_ICMP, total);
     let icmp = ETH_HLEN + IP_HLEN;
-    out[icmp] = ICMP_DEST_UNREACHABLE;
-    out[icmp + 1] = ICMP_PORT_UNREACHABLE;
+    out[icmp + ICMP_TYPE] = ICMP_DEST_UNREACHABLE;
+    out[icmp + ICMP_CODE] = ICMP_PORT_UNREACHABLE;
     let mut i = 0;
     while i < QUOTE_LEN {
         out[icmp + ICMP_HLEN + i] = original[ETH_HLEN + i];
         i += 1;
     }
     let sum = sum16::<{ ICMP_HLEN + QUOTE_LEN }>(&out, icmp, 0);
-    put16(&mut out, icmp + 2, fold(sum));
+    put16(&mut out, icmp + ICMP_CHECKSUM, fold(sum));
     out
 }
 
@@ -166,12 +187,12 @@ fn port_unreachable(original: &[u8; ETH_HLEN + QUOTE_LEN]) -> [u8; UNREACHABLE_L
 fn ethernet_back<const A: usize, const B: usize>(original: &[u8; A], out: &mut [u8; B]) {
     let mut i = 0;
     while i < 6 {
-        out[i] = original[6 + i];
-        out[6 + i] = original[i];
+        out[ETH_DST + i] = original[ETH_SRC + i];
+        out[ETH_SRC + i] = original[ETH_DST + i];
         i += 1;
     }
-    out[12] = original[12];
-    out[13] = original[13];
+    out[ETH_TYPE] = original[ETH_TYPE];
+    out[ETH_TYPE + 1] = original[ETH_TYPE + 1];
 }
 
 /// An IPv4 header back to the sender, from the address it wrote to.
@@ -183,19 +204,19 @@ fn ip_back<const A: usize, const B: usize>(
     total_len: u16,
 ) {
     let ip = ETH_HLEN;
-    out[ip] = 0x45;
-    put16(out, ip + 2, total_len);
-    out[ip + 6] = 0x40; // don't fragment
-    out[ip + 8] = 64;
-    out[ip + 9] = protocol;
+    out[ip] = IPV4_VERSION_IHL;
+    put16(out, ip + IP_TOTAL_LEN, total_len);
+    out[ip + IP_FRAGMENT] = IPV4_DONT_FRAGMENT;
+    out[ip + IP_TTL] = TTL;
+    out[ip + IP_PROTOCOL] = protocol;
     let mut i = 0;
     while i < 4 {
-        out[ip + 12 + i] = original[ip + 16 + i];
-        out[ip + 16 + i] = original[ip + 12 + i];
+        out[ip + IP_SRC + i] = original[ip + IP_DST + i];
+        out[ip + IP_DST + i] = original[ip + IP_SRC + i];
         i += 1;
     }
     let sum = sum16::<IP_HLEN>(out, ip, 0);
-    put16(out, ip + 10, fold(sum));
+    put16(out, ip + IP_CHECKSUM, fold(sum));
 }
 
 /// Adds `LEN` bytes from `at`, as big-endian 16-bit words, to `sum`.

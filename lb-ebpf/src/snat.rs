@@ -5,7 +5,10 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::maps::{Backend, Config, FlowKey, Reply};
 
-use crate::{maps::REPLIES, select::mix32};
+use crate::{
+    hash::mix32,
+    maps::{self, REPLIES},
+};
 
 /// Ports tried before the flow is dropped.
 const TRIES: u32 = 8;
@@ -41,7 +44,7 @@ pub fn allocate(
         }
         // Taken; an entry that idled out is removed, and the port claimed like a free one, so
         // that two CPUs reclaiming it at once cannot both win.
-        let stale = unsafe { REPLIES.get(key) }
+        let stale = maps::reply(key)
             .is_some_and(|r| !config.is_live(key.protocol, r.state, r.last_seen_ns, now));
         if stale
             && REPLIES.remove(key).is_ok()

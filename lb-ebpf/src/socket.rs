@@ -14,8 +14,8 @@ use aya_ebpf::{
 use lb_common::maps::{Connected, FlowKey, FrontendKey, SCOPE_INTERNAL, SocketFrontend, SocketKey};
 
 use crate::{
-    conntrack::{config, now_ns},
-    maps::{CONNECTED, FRONTENDS, SOCKETS},
+    clock::now_ns,
+    maps::{self, CONNECTED, SOCKETS},
     select::select_backend,
     stats::count,
 };
@@ -47,10 +47,11 @@ pub fn to_frontend(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the kernel hands a valid bpf_sock_addr for the program's lifetime.
     let addr = unsafe { &mut *ctx.sock_addr };
     let (backend_addr_be, backend_port_be) = (addr.user_ip4, addr.user_port as u16);
+    // SAFETY: a helper call on the context the kernel gave.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    // SAFETY: a hash map value stays valid while the program runs (RCU). A connected socket
-    // may have been connected elsewhere since: only its backend reads as the frontend.
-    if let Some(connected) = unsafe { CONNECTED.get(cookie) }
+    // A connected socket may have been connected elsewhere since: only its backend reads as
+    // the frontend.
+    if let Some(connected) = maps::connected(cookie)
         && (connected.backend_addr_be, connected.backend_port_be)
             == (backend_addr_be, backend_port_be)
     {
@@ -64,8 +65,7 @@ pub fn to_frontend(ctx: &SockAddrContext) -> i32 {
         backend_port_be,
         _pad: 0,
     };
-    // SAFETY: likewise.
-    if let Some(frontend) = unsafe { SOCKETS.get(key) } {
+    if let Some(frontend) = maps::socket_frontend(key) {
         addr.user_ip4 = frontend.addr_be;
         addr.user_port = u32::from(frontend.port_be);
     }
@@ -77,6 +77,7 @@ pub fn to_frontend(ctx: &SockAddrContext) -> i32 {
 pub fn released(ctx: &SockContext) -> i32 {
     // Only the node's connected sockets have an entry; for the others (the pods' too), a
     // missing key costs one lookup.
+    // SAFETY: a helper call on the context the kernel gave.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
     let _ = CONNECTED.remove(cookie);
     ALLOW
@@ -94,8 +95,9 @@ enum Remember {
 
 #[inline(always)]
 fn of_this_node(ctx: &SockAddrContext) -> bool {
+    // SAFETY: a helper call on the context the kernel gave.
     let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
-    config().is_some_and(|config| cookie == config.netns_cookie)
+    maps::config().is_some_and(|config| cookie == config.netns_cookie)
 }
 
 #[inline(always)]
@@ -113,8 +115,7 @@ fn to_backend(ctx: &SockAddrContext, remember: Remember) -> i32 {
         protocol: addr.protocol as u8,
         scope: SCOPE_INTERNAL,
     };
-    // SAFETY: a hash map value stays valid while the program runs (RCU).
-    let Some(frontend) = (unsafe { FRONTENDS.get(frontend_key) }) else {
+    let Some(frontend) = maps::frontend(frontend_key) else {
         return ALLOW;
     };
     if frontend.backend_count == 0 {
@@ -132,6 +133,7 @@ fn to_backend(ctx: &SockAddrContext, remember: Remember) -> i32 {
     let Some((_, backend)) = select_backend(frontend, &key, now_ns()) else {
         return REFUSE;
     };
+    // SAFETY: a helper call on the context the kernel gave.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     // Without the entry the answer reads as from the backend, which a resolver discards, and
     // getpeername() names the backend: the call still goes on, as a full map is the only way

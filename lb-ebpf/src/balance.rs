@@ -1,0 +1,89 @@
+//! The packet core, shared by tc and XDP: a packet of a live flow goes to the flow's backend; a
+//! packet to a frontend of the program's scope starts a flow; a backend's reply goes back to
+//! its client ([`reply`](crate::reply)); anything else passes.
+
+use lb_common::maps::{Flow, FrontendKey};
+
+use crate::{
+    clock::now_ns,
+    flow::{Tracked, flow_lookup, new_flow},
+    maps,
+    nat::{End, Rewrite},
+    parse::Packet,
+    reply::{Hook, to_client},
+    stats::{count, count_frontend},
+};
+
+/// What becomes of a packet.
+pub enum Verdict {
+    Pass,
+    Drop,
+    /// Answer with a TCP reset or an ICMP port unreachable.
+    Reject,
+}
+
+/// Balances a packet that `scope`'s program sees before routing.
+#[inline(always)]
+pub fn balance<C: Rewrite>(ctx: &C, packet: &Packet, scope: u8) -> Verdict {
+    match try_balance(ctx, packet, scope) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
+}
+
+#[inline(always)]
+fn try_balance<C: Rewrite>(ctx: &C, packet: &Packet, scope: u8) -> Result<Verdict, Verdict> {
+    let backend_gone = match flow_lookup(packet)? {
+        Tracked::Live(flow) => return forward(ctx, packet, flow, false),
+        Tracked::BackendGone => true,
+        Tracked::Miss => false,
+    };
+    let Some(frontend) = maps::frontend(frontend_key(packet, scope)) else {
+        return to_client(ctx, packet, Hook::Ingress);
+    };
+    if backend_gone {
+        count(|s| &mut s.reselected);
+    }
+    let flow = new_flow(packet, frontend, scope, now_ns())?;
+    forward(ctx, packet, &flow, true)
+}
+
+#[inline(always)]
+fn frontend_key(packet: &Packet, scope: u8) -> FrontendKey {
+    FrontendKey {
+        addr_be: packet.key.dst_addr_be,
+        port_be: packet.key.dst_port_be,
+        protocol: packet.key.protocol,
+        scope,
+    }
+}
+
+/// DNATs a packet of `flow` to its backend, and SNATs it if the flow is.
+#[inline(always)]
+fn forward<C: Rewrite>(
+    ctx: &C,
+    packet: &Packet,
+    flow: &Flow,
+    new_flow: bool,
+) -> Result<Verdict, Verdict> {
+    ctx.rewrite(
+        packet,
+        End::Destination,
+        flow.backend_addr_be,
+        flow.backend_port_be,
+    )
+    .map_err(|()| error())?;
+    if (flow.src_addr_be, flow.src_port_be) != (packet.key.src_addr_be, packet.key.src_port_be) {
+        ctx.rewrite(packet, End::Source, flow.src_addr_be, flow.src_port_be)
+            .map_err(|()| error())?;
+    }
+    count(|s| &mut s.forwarded);
+    count_frontend(flow.service_id, packet.ip_len, new_flow);
+    Ok(Verdict::Pass)
+}
+
+/// Counts a failed map access or rewrite; the packet is dropped.
+#[inline(always)]
+pub fn error() -> Verdict {
+    count(|s| &mut s.dropped_error);
+    Verdict::Drop
+}

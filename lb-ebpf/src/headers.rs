@@ -1,0 +1,92 @@
+//! The headers the datapath reads and writes, and their fields' offsets, taken from the
+//! structs (as Cilium's `offsetof(struct iphdr, daddr)`), never written as numbers.
+
+use core::mem::{offset_of, size_of};
+
+#[repr(C)]
+pub struct EthHeader {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub ether_type_be: u16,
+}
+
+#[repr(C)]
+pub struct Ipv4Header {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub total_len_be: u16,
+    pub id_be: u16,
+    pub fragment_be: u16,
+    pub ttl: u8,
+    pub protocol: u8,
+    pub checksum_be: u16,
+    pub src_addr_be: u32,
+    pub dst_addr_be: u32,
+}
+
+#[repr(C)]
+pub struct TcpHeader {
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+    pub seq_be: u32,
+    pub ack_seq_be: u32,
+    /// The data offset, in 32-bit words, in the high nibble.
+    pub data_offset: u8,
+    pub flags: u8,
+    pub window_be: u16,
+    pub checksum_be: u16,
+    pub urgent_be: u16,
+}
+
+#[repr(C)]
+pub struct UdpHeader {
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+    pub len_be: u16,
+    pub checksum_be: u16,
+}
+
+#[repr(C)]
+pub struct IcmpHeader {
+    pub kind: u8,
+    pub code: u8,
+    pub checksum_be: u16,
+    pub rest_be: u32,
+}
+
+pub const ETH_HLEN: usize = size_of::<EthHeader>();
+/// An IPv4 header without options.
+pub const IPV4_MIN_HLEN: usize = size_of::<Ipv4Header>();
+/// A TCP header without options.
+pub const TCP_MIN_HLEN: usize = size_of::<TcpHeader>();
+pub const UDP_HLEN: usize = size_of::<UdpHeader>();
+pub const ICMP_HLEN: usize = size_of::<IcmpHeader>();
+
+pub const ETH_DST: usize = offset_of!(EthHeader, dst);
+pub const ETH_SRC: usize = offset_of!(EthHeader, src);
+pub const ETH_TYPE: usize = offset_of!(EthHeader, ether_type_be);
+
+/// From the start of the IPv4 header.
+pub const IP_TOTAL_LEN: usize = offset_of!(Ipv4Header, total_len_be);
+pub const IP_FRAGMENT: usize = offset_of!(Ipv4Header, fragment_be);
+pub const IP_TTL: usize = offset_of!(Ipv4Header, ttl);
+pub const IP_PROTOCOL: usize = offset_of!(Ipv4Header, protocol);
+pub const IP_CHECKSUM: usize = offset_of!(Ipv4Header, checksum_be);
+pub const IP_SRC: usize = offset_of!(Ipv4Header, src_addr_be);
+pub const IP_DST: usize = offset_of!(Ipv4Header, dst_addr_be);
+
+/// From the start of the TCP or UDP header: both start with the two ports.
+pub const L4_SRC_PORT: usize = offset_of!(UdpHeader, src_port_be);
+pub const L4_DST_PORT: usize = offset_of!(UdpHeader, dst_port_be);
+const _: () = assert!(offset_of!(TcpHeader, dst_port_be) == L4_DST_PORT);
+pub const TCP_SEQ: usize = offset_of!(TcpHeader, seq_be);
+pub const TCP_ACK_SEQ: usize = offset_of!(TcpHeader, ack_seq_be);
+pub const TCP_DATA_OFFSET: usize = offset_of!(TcpHeader, data_offset);
+pub const TCP_FLAGS: usize = offset_of!(TcpHeader, flags);
+pub const TCP_CHECKSUM: usize = offset_of!(TcpHeader, checksum_be);
+pub const UDP_LEN: usize = offset_of!(UdpHeader, len_be);
+pub const UDP_CHECKSUM: usize = offset_of!(UdpHeader, checksum_be);
+
+pub const ICMP_TYPE: usize = offset_of!(IcmpHeader, kind);
+pub const ICMP_CODE: usize = offset_of!(IcmpHeader, code);
+pub const ICMP_CHECKSUM: usize = offset_of!(IcmpHeader, checksum_be);
