@@ -415,6 +415,11 @@ impl Datapath {
         Ok(())
     }
 
+    /// Where its maps, programs and links are pinned.
+    pub fn pins(&self) -> &Path {
+        &self.pin_dir
+    }
+
     /// The packet programs, loaded and not attached: for `BPF_PROG_TEST_RUN`.
     pub fn packet_programs(&self) -> Result<PacketPrograms<'_>> {
         let program = |name| {

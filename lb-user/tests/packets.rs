@@ -7,8 +7,11 @@
 
 use std::{net::Ipv4Addr, sync::Arc};
 
-use aya::programs::{TestRun as _, TestRunOptions};
-use lb_common::maps::{Config, Stats};
+use aya::{
+    maps::{HashMap, Map, MapData},
+    programs::{TestRun as _, TestRunOptions},
+};
+use lb_common::maps::{Config, FLOWS, Flow, FlowKey, PROTO_TCP, REPLIES, Reply, Stats};
 use lb_tests::packet::{
     TCP_ACK, TCP_RST, TCP_SYN, UDP, addr, checksum, checksums_valid, packet, port,
 };
@@ -20,6 +23,7 @@ use lb_user::{
 };
 
 const TC_ACT_SHOT: u32 = 2;
+const XDP_DROP: u32 = 1;
 const TC_ACT_REDIRECT: u32 = 7;
 const NODE: &str = "packets-node";
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
@@ -38,6 +42,20 @@ const OUTSIDE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 /// The node's address, that SNATed flows leave with, and its one SNAT port: a range of one
 /// makes the port a row can name.
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+/// Three Services over the same two backends: round robin, round robin with ClientIP
+/// affinity, source hash.
+const PAIR_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+const STICKY_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 31);
+const HASHED_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 32);
+const PAIR: [(Ipv4Addr, u16); 2] = [
+    (Ipv4Addr::new(10, 244, 0, 21), 8080),
+    (Ipv4Addr::new(10, 244, 0, 22), 8080),
+];
+/// A ClusterIP whose Service drops when it has no endpoint (internalTrafficPolicy Local,
+/// none on this node).
+const LOCAL_ONLY_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
+/// Source hash gives it the other backend of [`PAIR`] than [`CLIENT`]'s.
+const ANOTHER_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 7);
 const SNAT_PORT: u16 = 61_000;
 
 /// Which program a row's packet goes through.
@@ -101,6 +119,54 @@ struct Row {
     /// The counters that move by one (and `forwarded` with `new_flows`, for a new flow's first
     /// packet); none of the others moves.
     counts: &'static [&'static str],
+    /// What is done to the datapath's tables before the packet: what the GC or the LRU would.
+    before: Option<fn(&mut Tables)>,
+}
+
+/// The flow tables, opened from their pins: the rows' `before` changes them as time would.
+struct Tables {
+    flows: HashMap<MapData, FlowKey, Flow>,
+    replies: HashMap<MapData, FlowKey, Reply>,
+}
+
+impl Tables {
+    fn open(pins: &std::path::Path) -> Self {
+        let open = |name: &str| {
+            let data = MapData::from_pin(pins.join(name)).expect("a pinned map");
+            Map::from_map_data(data).expect("a map")
+        };
+        Self {
+            flows: open(FLOWS).try_into().expect("the flow table"),
+            replies: open(REPLIES).try_into().expect("the reply table"),
+        }
+    }
+}
+
+fn tcp_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> FlowKey {
+    FlowKey {
+        src_addr_be: u32::from(src.0).to_be(),
+        dst_addr_be: u32::from(dst.0).to_be(),
+        src_port_be: src.1.to_be(),
+        dst_port_be: dst.1.to_be(),
+        protocol: PROTO_TCP,
+        _pad: [0; 3],
+    }
+}
+
+/// As the LRU table evicts a reply entry while its flow lives on, and the flow was last seen
+/// two seconds ago: its next packet refreshes it, and must make the reply entry again.
+fn reply_evicted(tables: &mut Tables) {
+    tables
+        .replies
+        .remove(&tcp_key((WEB, 8080), (CLIENT, 40000)))
+        .expect("the reply entry of the first flow");
+    let key = tcp_key((CLIENT, 40000), (CLUSTER_IP, 80));
+    let mut flow = tables.flows.get(&key, 0).expect("the first flow");
+    flow.last_seen_ns -= 2_000_000_000;
+    tables
+        .flows
+        .insert(key, flow, 0)
+        .expect("the first flow, aged");
 }
 
 /// A frontend of `service` at `address:port` over `backends`, as the model makes them.
@@ -150,6 +216,55 @@ fn remote(frontend: Arc<model::Frontend>) -> Arc<model::Frontend> {
     Arc::new(frontend)
 }
 
+/// `frontend` with `sessionAffinity: ClientIP`.
+fn sticky(frontend: Arc<model::Frontend>) -> Arc<model::Frontend> {
+    let mut frontend = Arc::unwrap_or_clone(frontend);
+    frontend.affinity_timeout = Some(10_800);
+    Arc::new(frontend)
+}
+
+/// `frontend` balanced by source hash.
+fn hashed(frontend: Arc<model::Frontend>) -> Arc<model::Frontend> {
+    let mut frontend = Arc::unwrap_or_clone(frontend);
+    frontend.algorithm = Algorithm::SourceHash;
+    Arc::new(frontend)
+}
+
+/// `frontend` dropping, not rejecting, when it has no endpoint.
+fn dropping(frontend: Arc<model::Frontend>) -> Arc<model::Frontend> {
+    let mut frontend = Arc::unwrap_or_clone(frontend);
+    frontend.when_empty = WhenEmpty::Drop;
+    Arc::new(frontend)
+}
+
+/// The backend of [`PAIR`] that source hash gives `client`: murmur3's 32-bit finaliser
+/// (fmix32) of the address as it lies in the packet, modulo the backends, the hash
+/// `lb-ebpf/src/hash.rs` names; written here from murmur3's definition, so that a change to the
+/// datapath's hash shows.
+fn hashed_backend(client: Ipv4Addr) -> Ipv4Addr {
+    let mut h = u32::from_ne_bytes(client.octets());
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    PAIR[(h % 2) as usize].0
+}
+
+/// `p` with 4 bytes of IPv4 options (no-operations), its lengths and IPv4 checksum to match;
+/// the TCP or UDP checksum covers no IPv4 option.
+fn ip_options(p: Vec<u8>) -> Vec<u8> {
+    with(p, |p| {
+        p.splice(34..34, [1u8; 4]);
+        p[14] = 0x46;
+        let total = u16::from_be_bytes([p[16], p[17]]) + 4;
+        p[16..18].copy_from_slice(&total.to_be_bytes());
+        p[24..26].fill(0);
+        let sum = checksum(&p[14..38], 0);
+        p[24..26].copy_from_slice(&sum.to_be_bytes());
+    })
+}
+
 fn programme() -> Vec<Arc<model::Frontend>> {
     vec![
         frontend(
@@ -178,6 +293,31 @@ fn programme() -> Vec<Arc<model::Frontend>> {
             Scope::External,
             &[(WEB, 8080)],
         ),
+        frontend("pair", PAIR_IP, 80, Protocol::Tcp, Scope::Internal, &PAIR),
+        sticky(frontend(
+            "sticky",
+            STICKY_IP,
+            80,
+            Protocol::Tcp,
+            Scope::Internal,
+            &PAIR,
+        )),
+        hashed(frontend(
+            "hashed",
+            HASHED_IP,
+            80,
+            Protocol::Tcp,
+            Scope::Internal,
+            &PAIR,
+        )),
+        dropping(frontend(
+            "local-only",
+            LOCAL_ONLY_IP,
+            80,
+            Protocol::Tcp,
+            Scope::Internal,
+            &[],
+        )),
         remote(frontend(
             "far",
             REMOTE_LB_IP,
@@ -257,6 +397,7 @@ fn rows() -> Vec<Row> {
             verdict: TC_ACT_OK,
             out: Out::Packet(packet(TCP_SYN, CLIENT, WEB, 40000, 8080)),
             counts: &["new_flows"],
+            before: None,
         },
         Row {
             what: "the flow's next packet: the same backend, no new flow",
@@ -265,6 +406,7 @@ fn rows() -> Vec<Row> {
             verdict: TC_ACT_OK,
             out: Out::Packet(packet(TCP_ACK, CLIENT, WEB, 40000, 8080)),
             counts: &["forwarded"],
+            before: None,
         },
         Row {
             what: "the backend's answer, leaving: its source back to the ClusterIP",
@@ -273,6 +415,7 @@ fn rows() -> Vec<Row> {
             verdict: TC_ACT_OK,
             out: Out::Packet(packet(TCP_SYN | TCP_ACK, CLUSTER_IP, CLIENT, 80, 40000)),
             counts: &["replied"],
+            before: None,
         },
         Row {
             what: "a UDP datagram to a ClusterIP: DNAT to its backend",
@@ -281,6 +424,7 @@ fn rows() -> Vec<Row> {
             verdict: TC_ACT_OK,
             out: Out::Packet(packet(UDP, CLIENT, DNS, 40001, 5353)),
             counts: &["new_flows"],
+            before: None,
         },
         Row {
             what: "a TCP SYN to a load-balancer IP, from outside: DNAT to the local backend",
@@ -289,6 +433,7 @@ fn rows() -> Vec<Row> {
             verdict: XDP_PASS,
             out: Out::Packet(packet(TCP_SYN, CLIENT, WEB, 40002, 8080)),
             counts: &["new_flows"],
+            before: None,
         },
         Row {
             what: "from outside to a backend on another node: DNAT, and SNAT to the node",
@@ -297,6 +442,7 @@ fn rows() -> Vec<Row> {
             verdict: XDP_PASS,
             out: Out::Packet(packet(TCP_SYN, NODE_IP, REMOTE, SNAT_PORT, 8080)),
             counts: &["new_flows", "snat_flows"],
+            before: None,
         },
         Row {
             what: "that backend's answer, arriving: back to the client, from the load-balancer IP",
@@ -305,6 +451,7 @@ fn rows() -> Vec<Row> {
             verdict: XDP_PASS,
             out: Out::Packet(packet(TCP_SYN | TCP_ACK, REMOTE_LB_IP, OUTSIDE, 80, 40010)),
             counts: &["replied"],
+            before: None,
         },
         Row {
             what: "to no frontend: untouched",
@@ -313,6 +460,7 @@ fn rows() -> Vec<Row> {
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
             counts: &[],
+            before: None,
         },
         Row {
             what: "a ClusterIP on a port it does not serve: dropped",
@@ -321,6 +469,7 @@ fn rows() -> Vec<Row> {
             verdict: TC_ACT_SHOT,
             out: Out::Unchanged,
             counts: &["dropped_unknown_port"],
+            before: None,
         },
         Row {
             what: "a Service without endpoints: a reset, sent back",
@@ -329,6 +478,7 @@ fn rows() -> Vec<Row> {
             verdict: TC_ACT_REDIRECT,
             out: Out::Check(reset_to_client),
             counts: &["rejected_no_backend"],
+            before: None,
         },
         // The kernel's test run refuses a tc program an IPv4 frame shorter than its header;
         // XDP sees such frames, through the same parser.
@@ -339,6 +489,7 @@ fn rows() -> Vec<Row> {
             verdict: XDP_PASS,
             out: Out::Unchanged,
             counts: &[],
+            before: None,
         },
         Row {
             what: "an IPv4 header cut short: untouched",
@@ -347,6 +498,7 @@ fn rows() -> Vec<Row> {
             verdict: XDP_PASS,
             out: Out::Unchanged,
             counts: &[],
+            before: None,
         },
         Row {
             what: "a TCP header cut short: untouched",
@@ -355,6 +507,7 @@ fn rows() -> Vec<Row> {
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
             counts: &[],
+            before: None,
         },
         Row {
             what: "an IPv4 header length below 5 words: untouched",
@@ -363,6 +516,7 @@ fn rows() -> Vec<Row> {
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
             counts: &[],
+            before: None,
         },
         Row {
             what: "a first fragment (more fragments): untouched",
@@ -371,6 +525,7 @@ fn rows() -> Vec<Row> {
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
             counts: &[],
+            before: None,
         },
         Row {
             what: "a TCP data offset past the datagram: untouched",
@@ -379,6 +534,7 @@ fn rows() -> Vec<Row> {
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
             counts: &[],
+            before: None,
         },
         Row {
             what: "a TCP data offset below 5 words: untouched",
@@ -387,6 +543,7 @@ fn rows() -> Vec<Row> {
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
             counts: &[],
+            before: None,
         },
         Row {
             what: "an IPv4 total length shorter than its headers: untouched",
@@ -397,6 +554,7 @@ fn rows() -> Vec<Row> {
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
             counts: &[],
+            before: None,
         },
         Row {
             what: "a UDP length past the datagram: untouched",
@@ -407,6 +565,7 @@ fn rows() -> Vec<Row> {
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
             counts: &[],
+            before: None,
         },
         Row {
             what: "ICMP to a ClusterIP: untouched (no port to balance)",
@@ -415,6 +574,7 @@ fn rows() -> Vec<Row> {
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
             counts: &[],
+            before: None,
         },
         Row {
             what: "a backend calling its own Service: DNAT to itself, SNAT to the ClusterIP",
@@ -423,6 +583,7 @@ fn rows() -> Vec<Row> {
             verdict: TC_ACT_OK,
             out: Out::Packet(packet(TCP_SYN, CLUSTER_IP, WEB, 41000, 8080)),
             counts: &["new_flows"],
+            before: None,
         },
         Row {
             what: "a UDP datagram to a Service without endpoints: ICMP port unreachable, sent back",
@@ -431,6 +592,7 @@ fn rows() -> Vec<Row> {
             verdict: TC_ACT_REDIRECT,
             out: Out::Check(unreachable_to_client),
             counts: &["rejected_no_backend"],
+            before: None,
         },
         Row {
             what: "an IPv4 total length shorter than the IPv4 header: untouched",
@@ -441,6 +603,7 @@ fn rows() -> Vec<Row> {
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
             counts: &[],
+            before: None,
         },
         Row {
             what: "a UDP length below its header: untouched",
@@ -451,6 +614,7 @@ fn rows() -> Vec<Row> {
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
             counts: &[],
+            before: None,
         },
         Row {
             what: "a frame padded past its datagram (Ethernet's 60 bytes): DNAT, padding kept",
@@ -463,6 +627,7 @@ fn rows() -> Vec<Row> {
                 p.extend([0; 6]);
             })),
             counts: &["new_flows"],
+            before: None,
         },
         Row {
             what: "a TCP datagram whose total length is 0 (BIG TCP): DNAT",
@@ -471,6 +636,7 @@ fn rows() -> Vec<Row> {
             verdict: TC_ACT_OK,
             out: Out::Packet(big_tcp(packet(TCP_SYN, CLIENT, WEB, 40006, 8080))),
             counts: &["new_flows"],
+            before: None,
         },
         Row {
             what: "a UDP datagram whose total length is 0: untouched",
@@ -479,6 +645,7 @@ fn rows() -> Vec<Row> {
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
             counts: &[],
+            before: None,
         },
         Row {
             what: "a VLAN-tagged frame: untouched",
@@ -487,8 +654,185 @@ fn rows() -> Vec<Row> {
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
             counts: &[],
+            before: None,
+        },
+        Row {
+            what: "round robin, a first connection: the first backend",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, CLIENT, PAIR_IP, 41000, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet(TCP_SYN, CLIENT, PAIR[0].0, 41000, 8080)),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "round robin, a second connection: the second backend",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, CLIENT, PAIR_IP, 41001, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet(TCP_SYN, CLIENT, PAIR[1].0, 41001, 8080)),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "round robin, a third connection: the first backend again",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, CLIENT, PAIR_IP, 41002, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet(TCP_SYN, CLIENT, PAIR[0].0, 41002, 8080)),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "ClientIP affinity, a first connection: round robin's first backend",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, CLIENT, STICKY_IP, 42000, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet(TCP_SYN, CLIENT, PAIR[0].0, 42000, 8080)),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "ClientIP affinity, the client's second connection: the same backend",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, CLIENT, STICKY_IP, 42001, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet(TCP_SYN, CLIENT, PAIR[0].0, 42001, 8080)),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "ClientIP affinity, another client: round robin's next backend",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, ANOTHER_CLIENT, STICKY_IP, 42002, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet(TCP_SYN, ANOTHER_CLIENT, PAIR[1].0, 42002, 8080)),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "source hash: the client's backend",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, CLIENT, HASHED_IP, 43000, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet(TCP_SYN, CLIENT, hashed_backend(CLIENT), 43000, 8080)),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "source hash, the client's second connection: the same backend",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, CLIENT, HASHED_IP, 43001, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet(TCP_SYN, CLIENT, hashed_backend(CLIENT), 43001, 8080)),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "source hash, another client: its own backend",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, ANOTHER_CLIENT, HASHED_IP, 43002, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet(
+                TCP_SYN,
+                ANOTHER_CLIENT,
+                hashed_backend(ANOTHER_CLIENT),
+                43002,
+                8080,
+            )),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "a flow whose reply entry was evicted: DNAT, and the reply entry made again",
+            hook: Hook::TcIngress,
+            input: packet(TCP_ACK, CLIENT, CLUSTER_IP, 40000, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet(TCP_ACK, CLIENT, WEB, 40000, 8080)),
+            counts: &["forwarded"],
+            before: Some(reply_evicted),
+        },
+        Row {
+            what: "its backend's answer, leaving: reverse NAT from the entry made again",
+            hook: Hook::TcEgress,
+            input: packet(TCP_ACK, WEB, CLIENT, 8080, 40000),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet(TCP_ACK, CLUSTER_IP, CLIENT, 80, 40000)),
+            counts: &["replied"],
+            before: None,
+        },
+        Row {
+            what: "a TCP SYN with IPv4 options to a ClusterIP: DNAT, options kept",
+            hook: Hook::TcIngress,
+            input: ip_options(packet(TCP_SYN, CLIENT, CLUSTER_IP, 40020, 80)),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(ip_options(packet(TCP_SYN, CLIENT, WEB, 40020, 8080))),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "a UDP datagram with IPv4 options, from outside: untouched (no UDP frontend there)",
+            hook: Hook::Xdp,
+            input: ip_options(packet(UDP, OUTSIDE, NOWHERE, 40021, 53)),
+            verdict: XDP_PASS,
+            out: Out::Unchanged,
+            counts: &[],
+            before: None,
+        },
+        Row {
+            what: "a TCP SYN with IPv4 options to a Service without endpoints: dropped, as a reset \
+                   would have to quote the options",
+            hook: Hook::TcIngress,
+            input: ip_options(packet(TCP_SYN, CLIENT, EMPTY_IP, 40022, 80)),
+            verdict: TC_ACT_SHOT,
+            out: Out::Unchanged,
+            counts: &["rejected_no_backend"],
+            before: None,
+        },
+        Row {
+            what: "a reset to a Service without endpoints: dropped, never answered",
+            hook: Hook::TcIngress,
+            input: packet(TCP_RST, CLIENT, EMPTY_IP, 40023, 80),
+            verdict: TC_ACT_SHOT,
+            out: Out::Unchanged,
+            counts: &["rejected_no_backend"],
+            before: None,
+        },
+        Row {
+            what: "a Service that drops without endpoints (internalTrafficPolicy Local): dropped",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, CLIENT, LOCAL_ONLY_IP, 40024, 80),
+            verdict: TC_ACT_SHOT,
+            out: Out::Unchanged,
+            counts: &["dropped_no_backend"],
+            before: None,
+        },
+        Row {
+            what: "another client from outside to the remote backend, the one SNAT port taken: dropped",
+            hook: Hook::Xdp,
+            input: packet(TCP_SYN, ANOTHER_CLIENT, REMOTE_LB_IP, 40025, 80),
+            verdict: XDP_DROP,
+            out: Out::Unchanged,
+            counts: &["dropped_no_snat"],
+            before: None,
         },
     ]
+}
+
+/// Pins this thread to the CPU it runs on.
+fn pin_to_one_cpu() {
+    // SAFETY: a zeroed cpu_set_t is empty; the calls read and write only it.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        assert!(cpu >= 0, "sched_getcpu");
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity"
+        );
+    }
 }
 
 /// The datapath of this test, removed when it ends, passed or not.
@@ -525,8 +869,15 @@ fn each_packet_gets_its_verdict_its_bytes_and_its_counter() {
         maps.apply(&op).unwrap_or_else(|e| panic!("{op:?}: {e}"));
     }
     let programs = datapath.packet_programs().unwrap();
+    let mut tables = Tables::open(datapath.pins());
+    // Round robin turns a cursor per CPU: every run on one CPU.
+    pin_to_one_cpu();
+    assert_ne!(hashed_backend(CLIENT), hashed_backend(ANOTHER_CLIENT));
     let mut failures = Vec::new();
     for row in rows() {
+        if let Some(before) = row.before {
+            before(&mut tables);
+        }
         let before = maps.stats().unwrap();
         let mut output = vec![0u8; row.input.len() + 128];
         let mut opts = TestRunOptions::new();
