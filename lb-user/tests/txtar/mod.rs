@@ -1,5 +1,5 @@
-//! The golden cases, `tests/golden/*.txtar`: a header, then sections (`-- name --`) of
-//! Kubernetes objects (`*.yaml`, `*.json`) and of expectations.
+//! The golden cases, `tests/golden/*.txtar`: a header (the script), then sections
+//! (`-- name --`) of Kubernetes objects (`*.yaml`, `*.json`) and of expectations.
 
 use std::{
     fs,
@@ -12,6 +12,11 @@ pub struct Case {
     pub sections: Vec<(String, String)>,
 }
 
+// Each test crate that includes this module uses part of it.
+#[allow(
+    dead_code,
+    reason = "the golden and the incremental tests use different parts"
+)]
 impl Case {
     pub fn read(path: &Path) -> Self {
         let text = fs::read_to_string(path).unwrap();
@@ -37,14 +42,28 @@ impl Case {
         }
     }
 
-    /// The node the case is computed for, named in the header as `# node: NAME`; by default
-    /// the lab's.
+    /// The node the case is computed for, named in the script as `node NAME`; by default the
+    /// lab's.
     pub fn node(&self) -> &str {
         self.header
             .lines()
-            .find_map(|l| l.strip_prefix("# node: "))
+            .find_map(|l| l.strip_prefix("node "))
             .unwrap_or("lab-node")
             .trim()
+    }
+
+    pub fn section(&self, name: &str) -> Option<&str> {
+        self.sections
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, body)| body.as_str())
+    }
+
+    pub fn section_mut(&mut self, name: &str) -> Option<&mut String> {
+        self.sections
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .map(|(_, body)| body)
     }
 
     /// The sections that hold objects.
