@@ -9,7 +9,7 @@ use std::{path::Path, sync::Arc, thread, time::Duration};
 use anyhow::{Context as _, Result};
 use tracing::{debug, error};
 
-use crate::{clock::monotonic_ns, maps::KernelMaps, status::Status};
+use crate::{datapath::clock::monotonic_ns, maps::KernelMaps, status::Status};
 
 /// The datapath's clock is CLOCK_MONOTONIC to within a tick: an entry goes only once it is
 /// idle by this much more than its timeout, so that the datapath agrees it is gone.

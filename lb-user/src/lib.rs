@@ -3,10 +3,8 @@
 //! middle three, keeping the model and the plan between syncs.
 
 pub mod agent;
-pub mod clock;
 pub mod datapath;
 pub mod flow_gc;
-pub mod links;
 pub mod maps;
 pub mod model;
 pub mod plan;

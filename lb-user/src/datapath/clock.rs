@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result, bail};
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use lb_common::maps::Clock;
 
-use crate::datapath::XDP_PASS;
+use super::XDP_PASS;
 
 /// The tick lengths of the kernel's `CONFIG_HZ` choices: 1000, 300, 250 and 100.
 const TICKS_NS: [u64; 4] = [1_000_000, 3_333_333, 4_000_000, 10_000_000];

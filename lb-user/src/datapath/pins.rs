@@ -1,0 +1,112 @@
+//! The instance's pins: which of an earlier agent's maps and links can be adopted, and their
+//! removal.
+
+use std::{
+    fs, io,
+    os::fd::{AsFd as _, OwnedFd},
+    path::Path,
+};
+
+use anyhow::{Context as _, Result};
+use aya::maps::MapInfo;
+use lb_common::maps;
+use tracing::{info, warn};
+
+use super::links;
+
+/// The link pinned at `path`, if it is still attached to `target` (a link whose interface was
+/// deleted is attached to nothing).
+pub(super) fn adoptable(path: &Path, target: u64) -> Result<Option<OwnedFd>> {
+    let link = match links::open_pinned(path) {
+        Ok(link) => link,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+    };
+    let info = links::info(link.as_fd()).with_context(|| format!("reading {}", path.display()))?;
+    Ok((info.target == target).then_some(link))
+}
+
+/// Removes the pinned maps whose type, key, value, capacity or flags differ from `object`'s,
+/// and those `object` no longer has (a layout bumped to a new `_vN` name), saying why: the
+/// loader would otherwise reuse a map the new programs misread.
+pub(super) fn drop_incompatible_maps(object: &[u8], pin_dir: &Path) -> Result<()> {
+    let parsed = aya_obj::Object::parse(object).context("parsing the eBPF object")?;
+    for entry in fs::read_dir(pin_dir).with_context(|| format!("reading {}", pin_dir.display()))? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        let Some(wanted) = parsed
+            .maps
+            .get(&name)
+            .filter(|_| maps::ALL.contains(&name.as_str()))
+        else {
+            warn!(
+                map = name,
+                "removing a pinned map this build does not have: its state is not carried over"
+            );
+            remove_if_present(&path)?;
+            continue;
+        };
+        let pinned =
+            MapInfo::from_pin(&path).with_context(|| format!("reading {}", path.display()))?;
+        let layout = |map_type, key, value, entries, flags| {
+            format!(
+                "type {map_type}, key {key} B, value {value} B, {entries} entries, flags {flags:#x}"
+            )
+        };
+        let old = layout(
+            pinned.map_type().map_or(u32::MAX, |t| t as u32),
+            pinned.key_size(),
+            pinned.value_size(),
+            pinned.max_entries(),
+            pinned.map_flags(),
+        );
+        let new = layout(
+            wanted.map_type(),
+            wanted.key_size(),
+            wanted.value_size(),
+            wanted.max_entries(),
+            wanted.map_flags(),
+        );
+        if old != new {
+            warn!(
+                map = name,
+                pinned = old,
+                this_build = new,
+                "the pinned map's layout differs from this build's: starting it empty, its state is lost"
+            );
+            remove_if_present(&path)?;
+        } else {
+            info!(map = name, "adopting the pinned map");
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn remove_if_present(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Removes everything an instance pinned: its links (which detaches its programs), programs
+/// and maps.
+pub fn remove_pins(pin_dir: &Path) -> Result<()> {
+    match fs::remove_dir_all(pin_dir) {
+        Ok(()) => {
+            // The last instance out leaves no empty <bpffs>/lb behind; with others, this fails.
+            if let Some(parent) = pin_dir.parent() {
+                let _ = fs::remove_dir(parent);
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", pin_dir.display())),
+    }
+}

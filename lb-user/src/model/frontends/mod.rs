@@ -1,0 +1,370 @@
+//! The frontends of this node and what each balances over: ClusterIPs for traffic from inside,
+//! NodePorts, external IPs and load-balancer IPs for traffic from outside and inside.
+
+use std::{
+    borrow::Borrow,
+    collections::{BTreeMap, btree_map::Entry},
+    net::Ipv4Addr,
+};
+
+use super::{
+    Backend, Cluster, Endpoint, EndpointSlice, Frontend, FrontendKind, LostClaim, Node, NodeConfig,
+    Protocol, Scope, Service, ServiceKind, ServicePort, Skipped, TargetPort, TrafficPolicy,
+    WhenEmpty, ZONE_LABEL, port_field,
+    topology::{self, Candidate, Selection, Topology},
+};
+
+/// The node the frontends are for: its config, the addresses its NodePorts listen on, and the
+/// topology of the cluster around it.
+pub struct Here<'a> {
+    pub node: &'a NodeConfig,
+    pub node_ips: &'a [Ipv4Addr],
+    pub topology: Topology<'a>,
+}
+
+impl<'a> Here<'a> {
+    pub fn new(node: &'a NodeConfig, node_ips: &'a [Ipv4Addr], nodes: &'a [Node]) -> Self {
+        Self {
+            node,
+            node_ips,
+            topology: Topology::new(&node.name, nodes),
+        }
+    }
+}
+
+/// The frontends of `cluster`'s Services here, sorted by address, port, protocol and scope,
+/// with the claims that lost ([`settle`]).
+pub fn frontends(
+    cluster: &Cluster,
+    here: &Here<'_>,
+) -> (Vec<Frontend>, Vec<LostClaim>, Vec<Skipped>) {
+    let mut services: Vec<&Service> = cluster.services.iter().collect();
+    services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+
+    // Indexed once: a scan of every slice for every Service is quadratic in the cluster.
+    let mut slices_of: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in &cluster.slices {
+        slices_of
+            .entry((&slice.namespace, &slice.service))
+            .or_default()
+            .push(slice);
+    }
+
+    let mut skipped = Vec::new();
+    let mut claims = Vec::new();
+    for service in services {
+        let slices = slices_of
+            .get(&(service.namespace.as_str(), service.name.as_str()))
+            .map_or(&[][..], Vec::as_slice);
+        claims.extend(service_frontends(service, slices, here, &mut skipped));
+    }
+    let (frontends, lost) = settle(claims, &mut skipped);
+    (frontends, lost, skipped)
+}
+
+/// The frontends `claims` make: an address, port and protocol belongs to the oldest Service
+/// that claims it, in every scope (by creation timestamp, a Service without one after those
+/// with one, then by `namespace/name`), and the other Services' claims of it are reported, in
+/// `skipped` and as lost claims; a Service's own second claim of one key is reported too. Age,
+/// not name: a Service created later can take no frontend another serves, from inside or
+/// from outside, on any node or after any restart. Sorted by address, port, protocol and
+/// scope.
+pub fn settle<F: Borrow<Frontend>>(
+    claims: impl IntoIterator<Item = F>,
+    skipped: &mut Vec<Skipped>,
+) -> (Vec<F>, Vec<LostClaim>) {
+    let mut claims: Vec<F> = claims.into_iter().collect();
+    // Stable: a Service's own claims keep their order.
+    claims.sort_by(|a, b| claim_order(a.borrow()).cmp(&claim_order(b.borrow())));
+    // Indexes into `kept`.
+    let mut holders: BTreeMap<(Ipv4Addr, u16, Protocol), usize> = BTreeMap::new();
+    let mut by_key: BTreeMap<(Ipv4Addr, u16, Protocol, Scope), usize> = BTreeMap::new();
+    let mut kept: Vec<Option<F>> = Vec::new();
+    let mut lost = Vec::new();
+    for claim in claims {
+        let frontend = claim.borrow();
+        let address = (frontend.address, frontend.port, frontend.protocol);
+        let key = (address.0, address.1, address.2, frontend.scope);
+        let holder = holders
+            .get(&address)
+            .filter(|&&i| kept_service(&kept, i) != frontend.service)
+            .or_else(|| by_key.get(&key));
+        if let Some(&i) = holder {
+            let holder = kept[i].as_ref().expect("kept until the end").borrow();
+            let (reason, claim) = lost_claim(frontend, holder);
+            skipped.push(reason);
+            lost.extend(claim);
+            continue;
+        }
+        holders.entry(address).or_insert(kept.len());
+        by_key.insert(key, kept.len());
+        kept.push(Some(claim));
+    }
+    lost.sort();
+    lost.dedup();
+    let frontends = by_key
+        .into_values()
+        .map(|i| kept[i].take().expect("each kept once"))
+        .collect();
+    (frontends, lost)
+}
+
+fn kept_service<F: Borrow<Frontend>>(kept: &[Option<F>], i: usize) -> &str {
+    &kept[i]
+        .as_ref()
+        .expect("kept until the end")
+        .borrow()
+        .service
+}
+
+/// Why `frontend`'s claim lost to `holder`'s, and the lost claim to count, unless the
+/// Service lost to its own claim.
+fn lost_claim(frontend: &Frontend, holder: &Frontend) -> (Skipped, Option<LostClaim>) {
+    let address = format!(
+        "{}:{}/{}",
+        frontend.address, frontend.port, frontend.protocol
+    );
+    let object = format!("Service {}", frontend.service);
+    let field = port_field(&frontend.port_name, frontend.port, frontend.protocol);
+    if holder.service == frontend.service {
+        let reason = format!("{address} is claimed twice by this Service: its first claim has it");
+        return (Skipped::new(object, field, reason), None);
+    }
+    let reason = format!(
+        "{address} is already a frontend of Service {}, {}: the oldest claim keeps a frontend",
+        holder.service,
+        older(holder.created, frontend.created)
+    );
+    let claim = LostClaim {
+        frontend: address,
+        service: frontend.service.clone(),
+        holder: holder.service.clone(),
+    };
+    (Skipped::new(object, field, reason), Some(claim))
+}
+
+/// Claims are settled oldest first.
+fn claim_order(frontend: &Frontend) -> (bool, Option<i64>, &str) {
+    (
+        frontend.created.is_none(),
+        frontend.created,
+        &frontend.service,
+    )
+}
+
+/// Why the holder's claim is older than the newcomer's.
+fn older(holder: Option<i64>, newcomer: Option<i64>) -> &'static str {
+    match (holder, newcomer) {
+        (Some(h), Some(n)) if h < n => "created earlier",
+        (Some(_), None) => "which has a creation timestamp where this one has none",
+        (None, None) => "first by namespace/name, neither having a creation timestamp",
+        _ => "created in the same second and first by namespace/name",
+    }
+}
+
+/// The frontends one Service claims, in the order they are claimed.
+fn service_frontends(
+    service: &Service,
+    slices: &[&EndpointSlice],
+    here: &Here<'_>,
+    skipped: &mut Vec<Skipped>,
+) -> Vec<Frontend> {
+    let topology = &here.topology;
+    let mut claims = Vec::new();
+    for port in &service.ports {
+        let candidates = candidates(service, port, slices, skipped);
+        let cluster_wide = topology::cluster_wide(&candidates, &service.topology_keys, topology);
+        let local = topology::node_local(&candidates, topology);
+        let local_when_empty = if topology::any_usable(&candidates) {
+            WhenEmpty::Drop
+        } else {
+            WhenEmpty::Reject
+        };
+        let policy = |policy: TrafficPolicy, name: &str| match policy {
+            TrafficPolicy::Cluster => (&cluster_wide, WhenEmpty::Reject, String::new()),
+            TrafficPolicy::Local => (&local, local_when_empty, format!("{name} Local: ")),
+        };
+        let internal = policy(service.internal_policy, "internalTrafficPolicy");
+        let external = policy(service.external_policy, "externalTrafficPolicy");
+        // Traffic from inside the cluster to an external frontend may use every endpoint,
+        // whatever the external policy ("short-circuit", as kube-proxy does).
+        let short_circuit = (&cluster_wide, WhenEmpty::Reject, String::new());
+        let serving = match port.protocol {
+            Protocol::Udp => backends(&candidates, |e| e.serving, topology),
+            Protocol::Tcp => Vec::new(),
+        };
+
+        let mut externals = Vec::new();
+        if let Some(node_port) = node_port(service, port, here.node, skipped) {
+            externals.extend(
+                here.node_ips
+                    .iter()
+                    .map(|&ip| (FrontendKind::NodePort, ip, node_port)),
+            );
+        }
+        externals.extend(
+            service
+                .external_ips
+                .iter()
+                .map(|&ip| (FrontendKind::ExternalIP, ip, port.port)),
+        );
+        externals.extend(
+            service
+                .load_balancer_ips
+                .iter()
+                .map(|&ip| (FrontendKind::LoadBalancer, ip, port.port)),
+        );
+        let mut claim = |kind, scope, address, number, choice: &(&Selection, WhenEmpty, String)| {
+            let (selection, when_empty, prefix) = choice;
+            let backends = backends(&selection.candidates, |_| true, topology);
+            let retained = serving
+                .iter()
+                .filter(|b| backends.binary_search(b).is_err())
+                .cloned()
+                .collect();
+            claims.push(Frontend {
+                service: format!("{}/{}", service.namespace, service.name),
+                created: service.created,
+                port_name: port.name.clone(),
+                kind,
+                scope,
+                address,
+                port: number,
+                protocol: port.protocol,
+                algorithm: service.algorithm,
+                affinity_timeout: service.affinity_timeout,
+                when_empty: *when_empty,
+                rule: format!("{prefix}{}", selection.rule),
+                backends,
+                retained,
+            });
+        };
+        for &address in &service.cluster_ips {
+            claim(
+                FrontendKind::ClusterIP,
+                Scope::Internal,
+                address,
+                port.port,
+                &internal,
+            );
+        }
+        for (kind, address, number) in externals {
+            claim(kind, Scope::External, address, number, &external);
+            claim(kind, Scope::Internal, address, number, &short_circuit);
+        }
+    }
+    claims
+}
+
+/// The port's NodePort, if it has one this node can serve.
+fn node_port(
+    service: &Service,
+    port: &ServicePort,
+    node: &NodeConfig,
+    skipped: &mut Vec<Skipped>,
+) -> Option<u16> {
+    if service.kind == ServiceKind::ClusterIP {
+        return None;
+    }
+    let object = format!("Service {}/{}", service.namespace, service.name);
+    let field = format!("{}.nodePort", port.field());
+    match port.node_port {
+        // A LoadBalancer may do without (allocateLoadBalancerNodePorts: false).
+        None if service.kind == ServiceKind::LoadBalancer => None,
+        None => {
+            skipped.push(Skipped::new(object, field, "no nodePort allocated"));
+            None
+        }
+        Some(n) if !node.node_port_range.contains(&n) => {
+            skipped.push(Skipped::new(
+                object,
+                field,
+                format!(
+                    "{n} is outside the node port range {}-{}",
+                    node.node_port_range.start(),
+                    node.node_port_range.end()
+                ),
+            ));
+            None
+        }
+        Some(n) => Some(n),
+    }
+}
+
+/// The endpoints of `port` across the Service's slices, each once (a terminating duplicate
+/// gives way, as in kube-proxy).
+fn candidates<'a>(
+    service: &Service,
+    port: &ServicePort,
+    slices: &[&'a EndpointSlice],
+    skipped: &mut Vec<Skipped>,
+) -> Vec<Candidate<'a>> {
+    let mut by_address: BTreeMap<(Ipv4Addr, u16), Candidate<'a>> = BTreeMap::new();
+    for slice in slices {
+        // The EndpointSlice controller names each slice port after its Service port and has
+        // already resolved a named targetPort to each pod's number.
+        let Some(slice_port) = slice
+            .ports
+            .iter()
+            .find(|p| p.name == port.name && p.protocol == port.protocol)
+        else {
+            continue;
+        };
+        let number = match (slice_port.port, &port.target_port) {
+            (Some(number), _) => number,
+            (None, TargetPort::Number(number)) => *number,
+            (None, TargetPort::Name(name)) => {
+                skipped.push(Skipped::new(
+                    format!("EndpointSlice {}/{}", slice.namespace, slice.name),
+                    format!("ports[{}].port", slice_port.name),
+                    format!(
+                        "no port number, and Service {}/{} names its targetPort {name:?}",
+                        service.namespace, service.name
+                    ),
+                ));
+                continue;
+            }
+        };
+        for endpoint in &slice.endpoints {
+            let candidate = Candidate {
+                endpoint,
+                port: number,
+            };
+            match by_address.entry((endpoint.address, number)) {
+                Entry::Vacant(slot) => {
+                    slot.insert(candidate);
+                }
+                Entry::Occupied(mut taken) if taken.get().endpoint.terminating => {
+                    taken.insert(candidate);
+                }
+                Entry::Occupied(_) => {}
+            }
+        }
+    }
+    by_address.into_values().collect()
+}
+
+/// The `candidates` whose endpoint is `wanted`, as backends, sorted.
+fn backends(
+    candidates: &[Candidate<'_>],
+    wanted: impl Fn(&Endpoint) -> bool,
+    topology: &Topology<'_>,
+) -> Vec<Backend> {
+    let mut backends: Vec<Backend> = candidates
+        .iter()
+        .filter(|c| wanted(c.endpoint))
+        .map(|c| Backend {
+            address: c.endpoint.address,
+            port: c.port,
+            node: c.endpoint.node.clone(),
+            zone: topology
+                .endpoint_value(c.endpoint, ZONE_LABEL)
+                .map(str::to_string),
+        })
+        .collect();
+    backends.sort();
+    backends
+}
+
+#[cfg(test)]
+mod tests;

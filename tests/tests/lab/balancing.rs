@@ -1,0 +1,285 @@
+//! Balancing: each algorithm, each kind of Service and policy, rejects and drops, the traffic left alone.
+
+use super::*;
+
+#[test]
+fn round_robin_spreads_new_connections_over_the_backends_in_turn() {
+    let lab = lab("rr");
+    let pods = curl_pods(&lab, HTTP_VIP, 6);
+    // One client CPU, one cursor: strictly in turn, each backend twice.
+    assert_eq!(pods[..3], pods[3..], "in turn: {pods:?}");
+    assert_eq!(counts(&pods).len(), 3, "all three backends: {pods:?}");
+}
+
+#[test]
+fn udp_through_the_vip() {
+    let lab = lab("udp");
+    let mut pods = Vec::new();
+    for _ in 0..6 {
+        let answer = lab
+            .udp(DNS_VIP, None)
+            .expect("a UDP answer through the VIP");
+        assert!(answer.contains(&format!("client={CLIENT_IP}:")), "{answer}");
+        pods.push(pod_of(&answer).expect("pod").to_string());
+    }
+    assert_eq!(counts(&pods).len(), 3, "every backend answers: {pods:?}");
+}
+
+#[test]
+fn source_hash_keeps_one_client_on_one_backend() {
+    let lab = lab("sh");
+    let pods = curl_pods(&lab, STICKY_VIP, 20);
+    assert_eq!(
+        counts(&pods).len(),
+        1,
+        "one backend for one client: {pods:?}"
+    );
+}
+
+#[test]
+fn a_service_without_endpoints_rejects_and_counts() {
+    let lab = lab("reject");
+    let unready = |t: String| {
+        BACKENDS
+            .iter()
+            .fold(t, |t, (_, ip)| set_not_ready(&t, &ip.to_string()))
+    };
+    lab.edit_manifest("demo.yaml", unready).unwrap();
+    lab.edit_manifest("demo-dns.yaml", unready).unwrap();
+    let before = lab
+        .wait_for_dump("the frontends to have no backend", |d| {
+            backend_count(d, "10.96.0.10:80/TCP") == Some(0)
+                && backend_count(d, "10.96.0.53:53/UDP") == Some(0)
+        })
+        .unwrap();
+    let err = lab
+        .curl(HTTP_VIP)
+        .expect_err("nothing answers a frontend without backends");
+    // curl's exit status 7: the connection was refused at once (a timeout is 28).
+    assert!(
+        format!("{err:#}").contains("exit status: 7"),
+        "a TCP reset, not a timeout: {err:#}"
+    );
+    let err = lab.udp(DNS_VIP, None).expect_err("no UDP answer");
+    assert!(
+        format!("{err:#}").contains("Connection refused"),
+        "an ICMP port unreachable: {err:#}"
+    );
+    let after = lab.dump().unwrap();
+    assert_eq!(
+        stat(&after, "rejected_no_backend"),
+        stat(&before, "rejected_no_backend") + 2,
+        "{after}"
+    );
+}
+
+#[test]
+fn internal_traffic_policy_local_without_local_endpoints_drops() {
+    let lab = lab("itp");
+    lab.edit_manifest("demo.yaml", |t| {
+        t.replace("nodeName: lab-node", "nodeName: another-node")
+            .replace(
+                "  type: ClusterIP\n",
+                "  type: ClusterIP\n  internalTrafficPolicy: Local\n",
+            )
+    })
+    .unwrap();
+    let before = lab
+        .wait_for_dump("the local-only frontend to be empty", |d| {
+            frontend_line(d, "10.96.0.10:80/TCP")
+                .is_some_and(|l| l.contains("COUNT=0") && l.contains("EMPTY=drop"))
+        })
+        .unwrap();
+    let err = lab
+        .curl(HTTP_VIP)
+        .expect_err("no endpoint on this node: dropped");
+    assert!(
+        format!("{err:#}").contains("timed out"),
+        "a drop, not a reject: {err:#}"
+    );
+    let after = lab.dump().unwrap();
+    assert!(
+        stat(&after, "dropped_no_backend") > stat(&before, "dropped_no_backend"),
+        "{after}"
+    );
+}
+
+#[test]
+fn traffic_to_no_frontend_passes_untouched() {
+    let lab = lab("pass");
+    let before = lab.dump().unwrap();
+    let (pod, ip) = BACKENDS[2];
+    for _ in 0..3 {
+        let answer = lab
+            .curl(&format!("http://{ip}:8080/"))
+            .expect("direct curl");
+        assert_eq!(pod_of(&answer), Some(pod), "{answer}");
+        assert!(answer.contains(&format!("client={CLIENT_IP}:")), "{answer}");
+    }
+    let after = lab.dump().unwrap();
+    for counter in ["forwarded", "replied", "new_flows"] {
+        assert_eq!(
+            stat(&before, counter),
+            stat(&after, counter),
+            "{counter} moved for traffic to no frontend"
+        );
+    }
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_its_backend_until_the_timeout() {
+    let lab = lab("affinity");
+    let sticky = std::fs::read_to_string(lb_tests::workspace_root().join("deploy/examples/demo.yaml"))
+        .unwrap()
+        .replace("name: demo\n", "name: demo-affinity\n")
+        .replace("kubernetes.io/service-name: demo\n", "kubernetes.io/service-name: demo-affinity\n")
+        .replace("name: demo-abc12", "name: demo-affinity-q8t2x")
+        .replace("10.96.0.10", "10.96.0.12")
+        .replace(
+            "  type: ClusterIP\n",
+            "  type: ClusterIP\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}\n",
+        );
+    lab.add_manifest("demo-affinity.yaml", &sticky).unwrap();
+    lab.wait_for_dump("the affinity frontend", |d| {
+        d.contains("FE: ADDR=10.96.0.12:80/TCP") && d.contains("AFFINITY=2s")
+    })
+    .unwrap();
+    let pods = curl_pods(&lab, "http://10.96.0.12/", 8);
+    assert_eq!(
+        counts(&pods).len(),
+        1,
+        "one backend while the affinity lives: {pods:?}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(3000));
+    let after = curl_pods(&lab, "http://10.96.0.12/", 1);
+    assert_ne!(after[0], pods[0], "after the timeout, round robin moves on");
+
+    // Removed from this service, the backend still serves demo: the client moves anyway.
+    let stuck = after[0].clone();
+    let ip = ip_of(&stuck);
+    lab.edit_manifest("demo-affinity.yaml", |t| {
+        remove_endpoint(&t, &ip.to_string())
+    })
+    .unwrap();
+    wait_for_backends(&lab, "10.96.0.12:80/TCP", 2);
+    let moved = curl_pods(&lab, "http://10.96.0.12/", 3);
+    assert!(
+        !moved.contains(&stuck),
+        "{stuck} left the service: {moved:?}"
+    );
+    assert_eq!(
+        counts(&moved).len(),
+        1,
+        "and the client sticks to its new one: {moved:?}"
+    );
+}
+
+#[test]
+fn a_backend_calling_its_own_service_reaches_every_backend_itself_included() {
+    let lab = lab("hairpin");
+    let (pod, ip) = BACKENDS[0];
+    let answers: Vec<String> = (0..6)
+        .map(|_| lab.curl_from(pod, HTTP_VIP).expect("hairpin curl"))
+        .collect();
+    let pods: Vec<String> = answers
+        .iter()
+        .map(|a| pod_of(a).unwrap().to_string())
+        .collect();
+    assert_eq!(counts(&pods).len(), 3, "{pods:?}");
+    for answer in &answers {
+        let client = client_of(answer).unwrap();
+        if pod_of(answer) == Some(pod) {
+            // Answering itself, the pod saw the call come from the VIP, so the answer went
+            // back through the node and was rewritten to the VIP for curl.
+            assert!(client.starts_with("10.96.0.10:"), "{answer}");
+        } else {
+            assert!(client.starts_with(&format!("{ip}:")), "{answer}");
+        }
+    }
+}
+
+#[test]
+fn with_no_ready_endpoint_the_serving_terminating_one_serves() {
+    let lab = lab("term");
+    let (survivor, survivor_ip) = BACKENDS[1];
+    lab.edit_manifest("demo.yaml", |t| {
+        let t = BACKENDS
+            .iter()
+            .fold(t, |t, (_, ip)| set_not_ready(&t, &ip.to_string()));
+        set_conditions(
+            &t,
+            &survivor_ip.to_string(),
+            "ready: false, serving: true, terminating: true",
+        )
+    })
+    .unwrap();
+    wait_for_backends(&lab, "10.96.0.10:80/TCP", 1);
+    let pods = curl_pods(&lab, HTTP_VIP, 4);
+    assert!(pods.iter().all(|p| p == survivor), "{pods:?}");
+}
+
+#[test]
+fn a_service_without_a_selector_uses_hand_made_endpoints() {
+    let lab = lab("manual");
+    let (pod, ip) = BACKENDS[2];
+    lab.add_manifest(
+        "external-db.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: external-db}}\nspec:\n  \
+             clusterIP: 10.96.0.33\n  ports: [{{name: sql, port: 3306, targetPort: 9000}}]\n---\n\
+             apiVersion: v1\nkind: Endpoints\nmetadata: {{name: external-db}}\nsubsets:\n\
+             - addresses: [{{ip: {ip}}}]\n  ports: [{{name: sql, port: 9000}}]\n"
+        ),
+    )
+    .unwrap();
+    wait_for_backends(&lab, "10.96.0.33:3306/TCP", 1);
+    let mut held = lab.connect("10.96.0.33:3306").expect("connect");
+    let answer = held.ask("select 1").expect("answer through the VIP");
+    assert_eq!(pod_of(&answer), Some(pod), "{answer}");
+}
+
+#[test]
+fn a_service_address_on_a_port_it_does_not_serve_drops() {
+    let lab = lab("port");
+    let before = lab.dump().unwrap();
+    let err = lb_tests::output(&mut lab.in_client(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "2",
+        "http://10.96.0.10:8080/",
+    ]))
+    .expect_err("10.96.0.10 serves 80 and 9000, not 8080");
+    assert!(
+        format!("{err:#}").contains("exit status: 28"),
+        "a drop: {err:#}"
+    );
+    let after = lab.dump().unwrap();
+    assert!(
+        stat(&after, "dropped_unknown_port") > stat(&before, "dropped_unknown_port"),
+        "{after}"
+    );
+}
+
+#[test]
+fn a_backend_on_the_node_itself_answers_through_the_vip() {
+    // Like default/kubernetes: the API server listens on the node's own address.
+    let mut lab = lab("hostnet");
+    lab.serve_on_node("node").unwrap();
+    lab.add_manifest(
+        "host-backed.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: host-backed}}\nspec:\n  \
+             clusterIP: 10.96.0.44\n  ports: [{{name: https, port: 443, targetPort: 8080}}]\n\
+             ---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: host-backed}}\n\
+             subsets:\n- addresses: [{{ip: {NODE_IP}}}]\n  ports: [{{name: https, port: 8080}}]\n"
+        ),
+    )
+    .unwrap();
+    wait_for_backends(&lab, "10.96.0.44:443/TCP", 1);
+    let answer = lab
+        .curl("http://10.96.0.44:443/")
+        .expect("an answer from the node");
+    assert_eq!(pod_of(&answer), Some("node"), "{answer}");
+    assert!(answer.contains(&format!("client={CLIENT_IP}:")), "{answer}");
+}

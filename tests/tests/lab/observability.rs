@@ -1,0 +1,152 @@
+//! What users read: `inspect`, `/metrics`, the status endpoints under load.
+
+use super::*;
+
+#[test]
+fn inspect_shows_what_the_kernel_has() {
+    let lab = lab("inspect");
+    let table = lab.lb_user("inspect").unwrap();
+    let demo: Vec<&str> = table
+        .lines()
+        .skip_while(|l| !l.starts_with("TCP  10.96.0.10:80 "))
+        .skip(1)
+        .take_while(|l| l.starts_with("  -> "))
+        .collect();
+    assert_eq!(demo.len(), 3, "demo's three backends:\n{table}");
+    assert!(demo.iter().all(|l| l.ends_with(":8080 local")), "{table}");
+}
+
+#[test]
+fn metrics_count_the_packets_a_test_sent() {
+    let lab = lab("metrics");
+    let get = |path: &str| {
+        let url = format!(
+            "http://127.0.0.1:{}{path}",
+            if path == "/metrics" { 9403 } else { 9402 }
+        );
+        lb_tests::output(&mut lab.in_node(&["curl", "-sS", "--max-time", "5", &url]))
+            .unwrap_or_else(|e| panic!("GET {path}: {e:#}"))
+    };
+    let demo = |metrics: &str, name: &str| -> u64 {
+        let series = format!(
+            "{name}{{frontend=\"10.96.0.10:80/TCP\",scope=\"internal\",service=\"default/demo\"}} "
+        );
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
+    };
+    assert_eq!(get("/readyz"), "ready\n");
+    let before = get("/metrics");
+    curl_pods(&lab, HTTP_VIP, 3);
+    let after = get("/metrics");
+    assert_eq!(
+        demo(&after, "lb_frontend_new_flows_total") - demo(&before, "lb_frontend_new_flows_total"),
+        3,
+        "three connections, three flows"
+    );
+    // Each connection: SYN, its ACK, the request, ACKs and the close, at least five packets.
+    let packets =
+        demo(&after, "lb_frontend_packets_total") - demo(&before, "lb_frontend_packets_total");
+    assert!(packets >= 15, "{packets} packets for three HTTP exchanges");
+    let bytes = demo(&after, "lb_frontend_bytes_total") - demo(&before, "lb_frontend_bytes_total");
+    assert!(bytes >= packets * 40, "{bytes} bytes for {packets} packets");
+    assert!(after.contains("lb_syncs_total 1\n"), "{after}");
+    let flows = after
+        .lines()
+        .find_map(|l| l.strip_prefix("lb_conntrack_entries "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no lb_conntrack_entries in:\n{after}"));
+    // A closed connection's flow stays in the table until it idles out.
+    assert_eq!(flows, 3, "flows tracked after three connections");
+}
+
+/// Opens `argv[3]` connections to `argv[1]:argv[2]` and prints how many connected; then sends
+/// a byte on each every half second, as a slow client under any read timeout would, and
+/// prints how many the server left open 8 s after they connected.
+const SLOW_CLIENTS: &str = r#"
+import socket, sys, time
+address = (sys.argv[1], int(sys.argv[2]))
+held = [socket.create_connection(address, timeout=2) for _ in range(int(sys.argv[3]))]
+start = time.monotonic()
+for s in held:
+    s.setblocking(False)
+print(f"connected={len(held)}", flush=True)
+def is_open(s):
+    try:
+        s.send(b"G")
+        return s.recv(1) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+while held and time.monotonic() - start < 8:
+    held = [s for s in held if is_open(s)]
+    time.sleep(0.5)
+print(f"open={len(held)}", flush=True)
+"#;
+
+#[test]
+fn the_status_endpoints_keep_metrics_from_pods_and_outlast_a_flood_of_slow_clients() {
+    let lab = lab("status");
+    let from_pod =
+        |url: &str| lb_tests::output(&mut lab.in_client(&["curl", "-sS", "--max-time", "2", url]));
+    let node = format!("http://{NODE_IP}");
+    assert_eq!(from_pod(&format!("{node}:9402/healthz")).unwrap(), "ok\n");
+    let err = from_pod(&format!("{node}:9403/metrics")).expect_err("metrics are the node's");
+    assert!(
+        format!("{err:#}").contains("exit status: 7"),
+        "refused: {err:#}"
+    );
+    assert_eq!(
+        from_pod(&format!("{node}:9402/metrics")).unwrap(),
+        "not found\n",
+        "metrics are not on the health address"
+    );
+
+    let pid = lab.agent_pid().expect("the agent runs");
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect();
+    // The lab starts it with a soft limit of SOFT_FILE_LIMIT, under a higher hard one.
+    assert_eq!(
+        files[0], files[1],
+        "the soft limit raised to the hard one: {limits}"
+    );
+
+    let descriptors = || fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let before = descriptors();
+    let mut flood = Script::start(lab.in_client(&[
+        "python3",
+        "-c",
+        SLOW_CLIENTS,
+        &NODE_IP.to_string(),
+        "9402",
+        "300",
+    ]));
+    assert_eq!(flood.line(), "connected=300");
+    let held = descriptors();
+    assert!(
+        held < before + 20,
+        "{held} descriptors with 300 connections held, {before} before"
+    );
+    // Meanwhile the node's probes are answered and the loop syncs.
+    for _ in 0..3 {
+        let ok = lb_tests::output(&mut lab.in_node(&["curl", "-sS", "--max-time", "2", READYZ]));
+        assert_eq!(ok.unwrap(), "ready\n");
+    }
+    let (_, ip) = BACKENDS[2];
+    lab.edit_manifest("demo.yaml", |t| remove_endpoint(&t, &ip.to_string()))
+        .unwrap();
+    wait_for_backends(&lab, "10.96.0.10:80/TCP", 2);
+
+    // Slow clients are cut at the request deadline, however often they send.
+    assert_eq!(flood.line(), "open=0", "every slow client was cut");
+}
