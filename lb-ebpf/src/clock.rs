@@ -1,4 +1,4 @@
-//! The datapath's clock: CLOCK_MONOTONIC to within a tick, from jiffies once the agent has
+//! The datapath's clock: `CLOCK_MONOTONIC` to within a tick, from jiffies once the agent has
 //! measured the tick ([`lb_common::maps::Clock`]), which costs less than a clock read.
 
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
@@ -12,11 +12,12 @@ pub fn now_ns() -> u64 {
         Some(clock) if clock.ns_per_jiffy != 0 => unsafe { bpf_jiffies64() }
             .wrapping_mul(clock.ns_per_jiffy)
             .wrapping_sub(clock.offset_ns),
+        // SAFETY: likewise.
         _ => unsafe { bpf_ktime_get_coarse_ns() },
     }
 }
 
-/// The clock's two sources at one instant, jiffies and CLOCK_MONOTONIC in ns, written over the
+/// The clock's two sources at one instant, jiffies and `CLOCK_MONOTONIC` in ns, written over the
 /// start of the packet: what the agent measures the tick with, under `BPF_PROG_TEST_RUN`.
 #[inline(always)]
 pub fn sample(data: usize, data_end: usize) -> bool {

@@ -11,6 +11,7 @@ pub struct EthHeader {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct Ipv4Header {
     pub version_ihl: u8,
     pub tos: u8,
@@ -39,6 +40,10 @@ pub struct TcpHeader {
 }
 
 #[repr(C)]
+#[expect(
+    clippy::struct_field_names,
+    reason = "each field is in network order, as named"
+)]
 pub struct UdpHeader {
     pub src_port_be: u16,
     pub dst_port_be: u16,

@@ -75,17 +75,25 @@ pub fn ptr_at<T>(data: usize, data_end: usize, offset: usize) -> Option<*const T
     Some(start as *const T)
 }
 
+/// The `T` at `offset` in the frame, if it fits.
+#[inline(always)]
+fn read<T: Copy>(data: usize, data_end: usize, offset: usize) -> Option<T> {
+    let field = ptr_at::<T>(data, data_end, offset)?;
+    // SAFETY: `ptr_at` checked that the `T` lies within the packet, and the verifier allows
+    // packet reads at any alignment on the hosts we run on (as every field read here is).
+    Some(unsafe { *field })
+}
+
 /// Parses an IPv4 TCP or UDP packet; anything else (and IP fragments, which carry no ports past
 /// the first) is `None` and passes untouched, and so is a malformed one (lengths that do not
 /// fit each other): it is never rewritten.
 #[inline(always)]
 pub fn parse(data: usize, data_end: usize) -> Option<Packet> {
-    // SAFETY (each read below): `ptr_at` checked that the bytes are in the packet.
-    let ether_type_be: u16 = unsafe { *ptr_at::<u16>(data, data_end, ETH_TYPE)? };
+    let ether_type_be: u16 = read(data, data_end, ETH_TYPE)?;
     if ether_type_be != ETH_P_IP_BE {
         return None;
     }
-    let ip = unsafe { &*ptr_at::<Ipv4Header>(data, data_end, ETH_HLEN)? };
+    let ip: Ipv4Header = read(data, data_end, ETH_HLEN)?;
     if ip.version_ihl >> 4 != 4 || ip.fragment_be & IPV4_FRAGMENT_MASK_BE != 0 {
         return None;
     }
@@ -107,14 +115,13 @@ pub fn parse(data: usize, data_end: usize) -> Option<Packet> {
         total => total - ip_len,
     };
     // Both headers start with the two ports; the TCP data offset is followed by the flags.
-    let ports = unsafe { &*ptr_at::<[u16; 2]>(data, data_end, l4_offset + L4_SRC_PORT)? };
+    let ports: [u16; 2] = read(data, data_end, l4_offset + L4_SRC_PORT)?;
     let (header_len, min_header_len, tcp_flags, checksum) = if protocol == PROTO_TCP {
-        let offset_flags =
-            unsafe { *ptr_at::<[u8; 2]>(data, data_end, l4_offset + TCP_DATA_OFFSET)? };
+        let offset_flags: [u8; 2] = read(data, data_end, l4_offset + TCP_DATA_OFFSET)?;
         let header_len = usize::from(offset_flags[0] >> 4) * 4;
         (header_len, TCP_MIN_HLEN, offset_flags[1], TCP_CHECKSUM)
     } else {
-        let udp_len_be = unsafe { *ptr_at::<u16>(data, data_end, l4_offset + UDP_LEN)? };
+        let udp_len_be: u16 = read(data, data_end, l4_offset + UDP_LEN)?;
         let udp_len = usize::from(u16::from_be(udp_len_be));
         if udp_len < UDP_HLEN || udp_len > l4_len {
             return None;

@@ -101,11 +101,13 @@ impl Answer for XdpContext {
         let grow = N as i32 - (self.data_end() - self.data()) as i32;
         // XDP guarantees headroom, not tailroom: grow at the head (the packet's head is
         // already copied out), shrink at the tail.
-        // SAFETY: `self.ctx` is the context the kernel gave this program; the helpers check
-        // the sizes and leave `data`/`data_end` to be read again.
+        // `self.ctx` is the context the kernel gave this program; the helpers check the sizes,
+        // and `data`/`data_end` are read again after.
         let resized = if grow > 0 {
+            // SAFETY: as said above.
             unsafe { bpf_xdp_adjust_head(self.ctx, -grow) }
         } else {
+            // SAFETY: as said above.
             unsafe { bpf_xdp_adjust_tail(self.ctx, grow) }
         };
         if resized != 0 {

@@ -37,7 +37,7 @@ pub fn allocate(
         _pad: [0; 3],
     };
     for i in 0..TRIES {
-        let port = config.snat_port_min as u32 + (start.wrapping_add(i) % range);
+        let port = u32::from(config.snat_port_min) + (start.wrapping_add(i) % range);
         key.dst_port_be = (port as u16).to_be();
         if REPLIES.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok() {
             return Some(key.dst_port_be);

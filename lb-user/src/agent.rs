@@ -35,7 +35,7 @@ use crate::{
 /// How long after a reset pass that fell short the next one is tried.
 const SOCKETS_RETRY: Duration = Duration::from_secs(30);
 
-/// Where the agent learns Services, EndpointSlices and Nodes.
+/// Where the agent learns Services, `EndpointSlices` and Nodes.
 pub enum SourceSettings {
     /// Manifest files or directories, polled for changes.
     Manifests(Vec<PathBuf>),
@@ -288,7 +288,7 @@ impl Source {
             },
             Self::Manifests { notifier: None, .. } => {}
         }
-        std::future::pending().await
+        std::future::pending::<()>().await;
     }
 }
 

@@ -11,7 +11,7 @@ use tracing::{debug, error};
 
 use crate::{datapath::clock::monotonic_ns, maps::KernelMaps, status::Status};
 
-/// The datapath's clock is CLOCK_MONOTONIC to within a tick: an entry goes only once it is
+/// The datapath's clock is `CLOCK_MONOTONIC` to within a tick: an entry goes only once it is
 /// idle by this much more than its timeout, so that the datapath agrees it is gone.
 const CLOCK_SLACK_NS: u64 = 1_000_000_000;
 

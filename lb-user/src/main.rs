@@ -106,7 +106,7 @@ struct RunArgs {
     /// wakes the agent at once when a manifest changes.
     #[arg(long, default_value_t = 200)]
     poll_interval_ms: u64,
-    /// Where sysctls are written (accept_local on uplinks): the host's /proc/sys when the agent
+    /// Where sysctls are written (`accept_local` on uplinks): the host's /proc/sys when the agent
     /// runs in a container.
     #[arg(long, default_value = "/proc/sys")]
     sysctl_dir: PathBuf,
@@ -133,7 +133,7 @@ struct NodeArgs {
     /// This node's name, as in its Node object.
     #[arg(long = "node-name", visible_alias = "node", env = "NODE_NAME")]
     name: String,
-    /// Addresses NodePorts listen on; by default the Node's InternalIP and ExternalIP.
+    /// Addresses `NodePorts` listen on; by default the Node's `InternalIP` and `ExternalIP`.
     #[arg(long = "node-ip", value_delimiter = ',')]
     addresses: Vec<Ipv4Addr>,
     /// The cluster's --service-node-port-range.
@@ -336,7 +336,7 @@ fn raise_file_limit() {
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes only the struct it is given.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) } != 0 {
         warn!(error = %std::io::Error::last_os_error(), "reading the open files limit");
         return;
     }
@@ -348,7 +348,7 @@ fn raise_file_limit() {
         ..limit
     };
     // SAFETY: setrlimit only reads the struct it is given.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) } == 0 {
         info!(
             from = limit.rlim_cur,
             to = raised.rlim_cur,

@@ -8,7 +8,7 @@
 //! reaches a live backend. TCP sockets are left alone: their connections stay on their
 //! backend, as the datapath's flows do.
 //!
-//! Sockets are found and reset with sock_diag, as `ss -K` does (`NETLINK_SOCK_DIAG`:
+//! Sockets are found and reset with `sock_diag`, as `ss -K` does (`NETLINK_SOCK_DIAG`:
 //! `SOCK_DIAG_BY_FAMILY`, then `SOCK_DESTROY`; the kernel's `CONFIG_INET_DIAG_DESTROY`, and
 //! `CAP_NET_ADMIN`).
 
@@ -26,7 +26,7 @@ use crate::{maps::KernelMaps, plan::MapEntries};
 /// `linux/sock_diag.h`.
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
-/// A connected UDP socket's state, as sock_diag reports it.
+/// A connected UDP socket's state, as `sock_diag` reports it.
 const TCP_ESTABLISHED: u8 = 1;
 const NLMSG_HEADER: usize = 16;
 /// `struct inet_diag_sockid`: ports, addresses, interface, cookie.
@@ -36,7 +36,7 @@ const REQUEST_LEN: usize = 8 + SOCKID_LEN;
 /// `struct inet_diag_msg` up to the socket id's end: what is read of each.
 const MESSAGE_LEN: usize = 4 + SOCKID_LEN;
 
-/// A connected UDP socket of the node, as sock_diag reports it.
+/// A connected UDP socket of the node, as `sock_diag` reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnectedSocket {
     pub local: SocketAddrV4,
@@ -205,7 +205,7 @@ fn request(states: u32, id: &[u8; SOCKID_LEN]) -> Vec<u8> {
     request
 }
 
-/// A netlink message sock_diag answers with.
+/// A netlink message `sock_diag` answers with.
 #[derive(Debug, PartialEq, Eq)]
 enum Message<'a> {
     /// An `inet_diag_msg`.
@@ -350,9 +350,8 @@ mod tests {
         ];
         // By cookie, the backend each was given when it dialled.
         let given = |cookie: u64| match cookie {
-            1 => Some(11),
+            1 | 4 => Some(11),
             2 => Some(12),
-            4 => Some(11),
             _ => None,
         };
         let stale = stale(&sockets, &programmed, |s| {

@@ -520,7 +520,7 @@ mod tests {
 
     #[test]
     fn health_fails_once_the_sync_loop_stops_going_round() {
-        let status = Status::new(Duration::from_secs(60));
+        let status = Status::new(Duration::from_mins(1));
         let answer = |path| status.answer(path, None).unwrap();
         assert_eq!(answer("/healthz").0, "200 OK");
         assert_eq!(
@@ -566,7 +566,7 @@ mod tests {
 
     #[test]
     fn readiness_fails_once_map_writes_have_failed_for_too_long() {
-        let status = Status::new(Duration::from_secs(60));
+        let status = Status::new(Duration::from_mins(1));
         status.set_ready();
         status.record_sync(Duration::ZERO, 3);
         let failed_at = status.started + Duration::from_millis(status.now_ms());

@@ -25,6 +25,7 @@ use lb_common::maps::Config;
 use lb_user::{
     maps::memory::MemoryMaps,
     model::{NodeConfig, Objects, Skipped},
+    plan::MapEntries,
     sources::manifests,
     sync::{Adopted, Pipeline},
 };
@@ -155,7 +156,7 @@ fn run_script(case: &mut Case) -> Vec<String> {
             }
             "maps-empty" => {
                 sync(&store, &mut parsed_skipped);
-                if maps.entries != Default::default() {
+                if maps.entries != MapEntries::default() {
                     failures.push(format!("{step}: left\n{}", maps.entries.dump()));
                 }
             }

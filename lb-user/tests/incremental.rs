@@ -253,7 +253,7 @@ fn a_write_that_fails_leaves_consistent_maps_and_the_next_sync_writes_the_rest()
         let mut after = Files(Vec::new());
         for (i, (name, text)) in sections.iter().copied().enumerate() {
             before.put(name, text);
-            let cut = text.rfind("- addresses:").map_or(text.to_string(), |cut| {
+            let cut = text.rfind("- addresses:").map_or(text.clone(), |cut| {
                 let end = text[cut..].find('\n').map_or(text.len(), |n| cut + n + 1);
                 format!("{}{}", &text[..cut], &text[end..])
             });

@@ -165,9 +165,9 @@ impl Lab {
                     rlim_cur: 0,
                     rlim_max: 0,
                 };
-                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) == 0 {
                     limit.rlim_cur = limit.rlim_cur.min(SOFT_FILE_LIMIT);
-                    libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit);
                 }
                 Ok(())
             });

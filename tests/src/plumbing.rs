@@ -36,6 +36,7 @@ pub(crate) fn copy_manifests(dir: &str) -> Result<tempfile::TempDir> {
 /// SIGTERM lets an agent stop cleanly (its datapath stays pinned); SIGKILL if it does not within
 /// 5 s.
 pub(crate) fn stop_agent(mut agent: Child) {
+    // SAFETY: a signal to a child this function owns (not reaped yet, so its pid is its own).
     unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
     if wait_within(&mut agent, Duration::from_secs(5)).is_none() {
         let _ = agent.kill();

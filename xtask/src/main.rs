@@ -29,7 +29,7 @@ enum Task {
     Setup,
     /// Build the agent with its eBPF object, and the lab's server.
     Build,
-    /// Run the lab on deploy/examples and show the client reaching a ClusterIP; with agent
+    /// Run the lab on deploy/examples and show the client reaching a `ClusterIP`; with agent
     /// arguments after `--`, run the agent on this node instead.
     Run {
         /// Exit after the demonstration instead of keeping the lab up until Ctrl-C.
@@ -235,7 +235,7 @@ fn bench(bench_args: &[String]) -> Result<ExitCode> {
             .arg(bench.join("end-to-end.json"))
             .status()?,
     );
-    Ok(if runs.iter().all(|s| s.success()) {
+    Ok(if runs.iter().all(std::process::ExitStatus::success) {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -345,14 +345,14 @@ fn sweep_dead_labs() -> Result<()> {
             let _ = Command::new("ip").args(["netns", "del", name]).status();
         }
     }
-    if let Ok(pins) = std::fs::read_dir("/sys/fs/bpf/lb") {
+    if let Ok(pins) = fs::read_dir("/sys/fs/bpf/lb") {
         for pin in pins.flatten() {
             if dead(&pin.file_name().to_string_lossy()) {
                 eprintln!(
                     "removing the pins {} of a test run that is gone",
                     pin.path().display()
                 );
-                let _ = std::fs::remove_dir_all(pin.path());
+                let _ = fs::remove_dir_all(pin.path());
             }
         }
     }

@@ -3,7 +3,12 @@
 //! endpoint removed, as a sync after an edit does it. Run once per N, in its own process, so
 //! that the peak RSS is this run's.
 
-use std::{fs, path::PathBuf, process::Command, time::Instant};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use clap::Parser;
@@ -80,7 +85,7 @@ fn main() -> Result<()> {
             dir.join("node.yaml"),
             format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\n"),
         )?;
-        let measured = measure(&args, &services[0], dir.clone(), &mut maps);
+        let measured = measure(&args, &services[0], &dir, &mut maps);
         datapath.remove()?;
         fs::remove_dir_all(&dir)?;
         runs.push(measured?);
@@ -146,8 +151,8 @@ struct Run {
     one_endpoint_writes: usize,
 }
 
-fn measure(args: &Args, first: &Service, dir: PathBuf, maps: &mut KernelMaps) -> Result<Run> {
-    let mut source = Manifests::new(vec![dir.clone()]);
+fn measure(args: &Args, first: &Service, dir: &Path, maps: &mut KernelMaps) -> Result<Run> {
+    let mut source = Manifests::new(vec![dir.to_path_buf()]);
     let mut pipeline = Pipeline::new(NODE, Adopted::default(), Config::default());
     let node = NodeConfig::new(NODE);
 

@@ -1,5 +1,5 @@
 //! End to end on the lab: new connections per second and connect-plus-request latency from the
-//! client pod to the demo Service (a ClusterIP over three HTTP pods), with N Services
+//! client pod to the demo Service (a `ClusterIP` over three HTTP pods), with N Services
 //! programmed, on four paths measured in the same run, each in a lab of its own:
 //!
 //! - `no NAT`: the client connects straight to the pods, in turn: the ceiling;
@@ -283,7 +283,7 @@ fn measure(lab: &Lab, targets: &[SocketAddr], connections: u32) -> Result<Run> {
                     );
                     let mut cpus: libc::cpu_set_t = std::mem::zeroed();
                     libc::CPU_SET(0, &mut cpus);
-                    libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &cpus);
+                    libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const cpus);
                 }
                 run(targets, connections)
             })

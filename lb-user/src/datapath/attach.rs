@@ -245,7 +245,7 @@ impl Datapath {
         Ok(())
     }
 
-    /// A SNATed reply is rewritten on the uplink before routing, to a NodePort: one of the
+    /// A `SNATed` reply is rewritten on the uplink before routing, to a `NodePort`: one of the
     /// node's own addresses as its source, which the kernel drops as a martian unless the
     /// interface accepts it.
     fn accept_local(&self, interface: &str) -> Result<()> {

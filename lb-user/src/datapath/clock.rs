@@ -1,5 +1,5 @@
 //! The datapath's clock ([`Clock`]): the kernel's tick measured at start, by running a probe
-//! program that reads jiffies and CLOCK_MONOTONIC at one instant, twice, at least
+//! program that reads jiffies and `CLOCK_MONOTONIC` at one instant, twice, at least
 //! [`MIN_TICKS`] apart.
 
 use std::time::{Duration, Instant};
@@ -18,11 +18,11 @@ const MIN_TICKS: u64 = 20;
 /// 20 ticks of the slowest kernel (HZ=100) take 200 ms.
 const MAX_WAIT: Duration = Duration::from_secs(2);
 
-/// One reading: jiffies, and CLOCK_MONOTONIC in ns.
+/// One reading: jiffies, and `CLOCK_MONOTONIC` in ns.
 pub type Sample = (u64, u64);
 
 /// The clock two readings give: the tick length closest to the one measured, and the offset
-/// that makes the clock CLOCK_MONOTONIC at the second reading. None when no tick length is
+/// that makes the clock `CLOCK_MONOTONIC` at the second reading. None when no tick length is
 /// within 10% of the one measured, or the readings are too close.
 pub fn from_samples(first: Sample, last: Sample) -> Option<Clock> {
     let ticks = last.0.checked_sub(first.0).filter(|&t| t >= MIN_TICKS)?;
@@ -56,14 +56,14 @@ pub fn measure(probe: &Xdp) -> Result<Clock> {
     }
 }
 
-/// CLOCK_MONOTONIC in ns: what the datapath's clock follows.
+/// `CLOCK_MONOTONIC` in ns: what the datapath's clock follows.
 pub fn monotonic_ns() -> u64 {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // Cannot fail: the clock exists and the pointer is valid.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    // SAFETY: `now` is a valid, writable timespec; cannot fail, the clock exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 

@@ -39,7 +39,7 @@ pub(super) fn lock_instance(pin_dir: &Path) -> Result<fs::File> {
     Ok(dir)
 }
 
-/// The datapath parses Ethernet frames: an L3 device (a tunnel, WireGuard) would be misread.
+/// The datapath parses Ethernet frames: an L3 device (a tunnel, `WireGuard`) would be misread.
 pub(super) fn ensure_ethernet(interface: &str) -> Result<()> {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("a socket for SIOCGIFHWADDR")?;
     // SAFETY: ifreq is plain data; the name fits (IFNAMSIZ) and is NUL-terminated by zeroing.
@@ -52,9 +52,11 @@ pub(super) fn ensure_ethernet(interface: &str) -> Result<()> {
         *dst = *src as libc::c_char;
     }
     let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
+    // SAFETY: a socket this function owns, and an ifreq SIOCGIFHWADDR fills in.
     if unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut request) } != 0 {
         return Err(io::Error::last_os_error()).context(format!("{interface}: SIOCGIFHWADDR"));
     }
+    // SAFETY: SIOCGIFHWADDR filled in the hardware address member of the union.
     let family = unsafe { request.ifr_ifru.ifru_hwaddr.sa_family };
     if family != libc::ARPHRD_ETHER {
         bail!(
@@ -67,6 +69,7 @@ pub(super) fn ensure_ethernet(interface: &str) -> Result<()> {
 /// The interfaces of this network namespace, `(index, name)`. Asked of the kernel, not read
 /// from /sys/class/net, which shows the namespace sysfs was mounted in.
 pub(super) fn interfaces() -> Result<Vec<(u32, String)>> {
+    // SAFETY: no argument; the list is freed below.
     let list = unsafe { libc::if_nameindex() };
     if list.is_null() {
         return Err(io::Error::last_os_error()).context("listing interfaces");
@@ -101,7 +104,7 @@ pub fn netns_cookie() -> Result<u64> {
             libc::SOL_SOCKET,
             libc::SO_NETNS_COOKIE,
             (&raw mut cookie).cast(),
-            &mut len,
+            &raw mut len,
         )
     };
     if ret != 0 {
@@ -126,8 +129,11 @@ pub fn cgroup2_root() -> Result<PathBuf> {
 
 fn fs_type(path: &Path) -> Result<i64> {
     let c_path = CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: statfs is plain data, valid zeroed; the path is NUL-terminated (CString) and
+    // `stat` writable.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
+    // SAFETY: as above.
+    if unsafe { libc::statfs(c_path.as_ptr(), &raw mut stat) } != 0 {
         return Err(io::Error::last_os_error()).context(format!("statfs {}", path.display()));
     }
     Ok(stat.f_type)
@@ -141,6 +147,7 @@ pub(super) fn mount_bpffs(bpffs: &Path) -> Result<()> {
     }
     let path = CString::new(bpffs.as_os_str().as_encoded_bytes())?;
     let fstype = c"bpf";
+    // SAFETY: NUL-terminated strings that outlive the call, no data.
     if unsafe {
         libc::mount(
             fstype.as_ptr(),

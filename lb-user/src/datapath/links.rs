@@ -76,7 +76,7 @@ pub fn update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
-/// `union bpf_attr` for BPF_OBJ_GET.
+/// `union bpf_attr` for `BPF_OBJ_GET`.
 #[repr(C)]
 struct ObjGetAttr {
     pathname: u64,
@@ -86,7 +86,7 @@ struct ObjGetAttr {
     _pad: u32,
 }
 
-/// `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD.
+/// `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
 #[repr(C)]
 struct InfoAttr {
     bpf_fd: u32,
@@ -94,7 +94,7 @@ struct InfoAttr {
     info: u64,
 }
 
-/// `union bpf_attr` for BPF_LINK_UPDATE.
+/// `union bpf_attr` for `BPF_LINK_UPDATE`.
 #[repr(C)]
 struct LinkUpdateAttr {
     link_fd: u32,

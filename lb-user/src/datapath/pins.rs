@@ -71,7 +71,9 @@ pub(super) fn drop_incompatible_maps(object: &[u8], pin_dir: &Path) -> Result<()
             wanted.max_entries(),
             wanted.map_flags(),
         );
-        if old != new {
+        if old == new {
+            info!(map = name, "adopting the pinned map");
+        } else {
             warn!(
                 map = name,
                 pinned = old,
@@ -79,8 +81,6 @@ pub(super) fn drop_incompatible_maps(object: &[u8], pin_dir: &Path) -> Result<()
                 "the pinned map's layout differs from this build's: starting it empty, its state is lost"
             );
             remove_if_present(&path)?;
-        } else {
-            info!(map = name, "adopting the pinned map");
         }
     }
     Ok(())

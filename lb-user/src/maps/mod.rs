@@ -148,7 +148,7 @@ impl KernelMaps {
         ))
     }
 
-    /// Removes the flow and reply entries idle at `now_ns` (the datapath's clock, CLOCK_MONOTONIC):
+    /// Removes the flow and reply entries idle at `now_ns` (the datapath's clock, `CLOCK_MONOTONIC)`:
     /// the LRU tables would keep them until full, and an insert that must evict costs more than
     /// one that finds room. How many of each went; a failure on one table still lets the other
     /// be done.

@@ -23,7 +23,7 @@ pub struct MapEntries {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
     pub slots: BTreeMap<SlotKey, Slot>,
     pub backends: BTreeMap<u32, Backend>,
-    /// ClusterIPs (network order).
+    /// `ClusterIPs` (network order).
     pub vips: BTreeMap<u32, Vip>,
 }
 
@@ -124,7 +124,7 @@ impl Planner {
         }
         for retained in &before.retained {
             self.ids
-                .unname_backend(self::backend(retained, before.protocol, &self.node));
+                .unname_backend(backend(retained, before.protocol, &self.node));
         }
         if before.kind == FrontendKind::ClusterIP
             && let Some(vip) = self.desired.vips.get_mut(&key.addr_be)
@@ -405,7 +405,7 @@ mod tests {
 
     fn bytes<T>(value: &T) -> &[u8] {
         // SAFETY: the map types are repr(C) integers with explicit padding.
-        unsafe { std::slice::from_raw_parts((value as *const T).cast(), size_of::<T>()) }
+        unsafe { std::slice::from_raw_parts(std::ptr::from_ref::<T>(value).cast(), size_of::<T>()) }
     }
 
     fn frontend(algorithm: Algorithm, backends: &[(Ipv4Addr, u16)]) -> model::Frontend {

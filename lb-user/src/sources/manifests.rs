@@ -11,7 +11,7 @@ use std::{
 };
 
 use serde::Deserialize as _;
-use serde_yaml::Value;
+use serde_yaml::{Mapping, Value};
 
 use crate::model::{Objects, Skipped, TOPOLOGY_KEYS_ANNOTATION};
 
@@ -29,7 +29,7 @@ pub struct Manifests {
 }
 
 /// What identifies a version of a file. The inode too: a file replaced by rename (kubectl,
-/// editors, ConfigMap volumes) may keep its size and modification time.
+/// editors, `ConfigMap` volumes) may keep its size and modification time.
 type Stamp = (Option<SystemTime>, u64, u64);
 
 #[derive(Clone, Debug)]
@@ -59,7 +59,7 @@ impl FileState {
 fn stamp(file: &Path) -> Stamp {
     let meta = fs::metadata(file).ok();
     let modified = meta.as_ref().and_then(|m| m.modified().ok());
-    let len = meta.as_ref().map_or(0, |m| m.len());
+    let len = meta.as_ref().map_or(0, fs::Metadata::len);
     let inode = meta.map_or(0, |m| m.ino());
     (modified, len, inode)
 }
@@ -175,7 +175,7 @@ struct Walk {
 
 /// Walks `paths`: a file given is a manifest, a directory given holds them, in its own files
 /// and in its directories, recursively, sorted. Below a path given, a symlink is followed to a
-/// file (a ConfigMap volume's files are symlinks) but never to a directory, and no directory is
+/// file (a `ConfigMap` volume's files are symlinks) but never to a directory, and no directory is
 /// entered twice (a bind mount of a parent below it): the walk is bounded by the directories
 /// on disk, whatever links and mounts a manifest directory holds. A file reached twice (by a
 /// link, or given twice) is read once, by its first path.
@@ -236,7 +236,7 @@ pub fn parse(origin: &str, text: &str, objects: &mut Objects, skipped: &mut Vec<
         let place = format!("{origin} (document {})", index + 1);
         match Value::deserialize(document) {
             Ok(Value::Null) => {}
-            Ok(value) => add(&place, value, objects, skipped),
+            Ok(value) => add(&place, &value, objects, skipped),
             Err(e) => {
                 skipped.push(Skipped::new(place, "", e.to_string()));
                 // The rest of the stream cannot be read past a syntax error.
@@ -246,7 +246,7 @@ pub fn parse(origin: &str, text: &str, objects: &mut Objects, skipped: &mut Vec<
     }
 }
 
-fn add(place: &str, value: Value, objects: &mut Objects, skipped: &mut Vec<Skipped>) {
+fn add(place: &str, value: &Value, objects: &mut Objects, skipped: &mut Vec<Skipped>) {
     let text = |key: &str| value.get(key).and_then(Value::as_str).unwrap_or_default();
     let kind = text("kind").to_string();
     let api_version = text("apiVersion").to_string();
@@ -269,7 +269,7 @@ fn add(place: &str, value: Value, objects: &mut Objects, skipped: &mut Vec<Skipp
                     .services
                     .push(Arc::new(serde_yaml::from_value(with_topology_keys(
                         value.clone(),
-                    ))?))
+                    ))?));
             }
             ("v1", "Endpoints") => objects
                 .endpoints
@@ -287,7 +287,7 @@ fn add(place: &str, value: Value, objects: &mut Objects, skipped: &mut Vec<Skipp
                     .into_iter()
                     .flatten()
                 {
-                    add(place, item.clone(), objects, skipped);
+                    add(place, item, objects, skipped);
                 }
             }
             // Deployments, ConfigMaps and the like share manifest directories: not ours.
@@ -320,7 +320,7 @@ fn with_topology_keys(mut service: Value) -> Value {
     };
     let annotations = metadata
         .entry("annotations".into())
-        .or_insert_with(|| Value::Mapping(Default::default()));
+        .or_insert_with(|| Value::Mapping(Mapping::default()));
     if let Some(annotations) = annotations.as_mapping_mut() {
         annotations
             .entry(TOPOLOGY_KEYS_ANNOTATION.into())

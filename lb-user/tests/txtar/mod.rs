@@ -67,6 +67,10 @@ impl Case {
     }
 
     /// The sections that hold objects.
+    #[expect(
+        clippy::case_sensitive_file_extension_comparisons,
+        reason = "section names are the cases' own, in lower case"
+    )]
     pub fn manifests(&self) -> impl Iterator<Item = &(String, String)> {
         self.sections
             .iter()

@@ -27,7 +27,7 @@ fn a_manifest_broken_by_an_edit_loses_nothing_programmed() {
     lab.edit_manifest("demo.yaml", |t| format!("{t}---\nkind: [unclosed\n"))
         .unwrap();
     lab.wait_for("the agent to read the broken file", || {
-        let log = std::fs::read_to_string(lab.agent_log()).unwrap_or_default();
+        let log = fs::read_to_string(lab.agent_log()).unwrap_or_default();
         Ok(log.contains("its last version without errors stays programmed"))
     })
     .unwrap();
@@ -108,7 +108,7 @@ fn a_connection_survives_kill_restart_and_upgrade_and_cleanup_removes_everything
     lab.start_agent(&[]).expect("a restarted agent");
     same_backend("after a restart");
     assert_eq!(programme(&lab), programmed, "the restart changed the maps");
-    let log = std::fs::read_to_string(lab.agent_log()).unwrap();
+    let log = fs::read_to_string(lab.agent_log()).unwrap();
     assert!(
         log.contains("writes=0"),
         "the restarted agent's first sync writes nothing:\n{log}"
@@ -168,7 +168,7 @@ fn a_pinned_map_of_another_layout_starts_empty_and_the_log_says_why() {
     lab.kill_agent();
     // As a build whose flow table had another layout would have left it, and an old version's.
     let flows = lab.pin_dir().join("lb_flows_v2");
-    std::fs::remove_file(&flows).unwrap();
+    fs::remove_file(&flows).unwrap();
     for (path, name) in [
         (flows.clone(), "lb_flows_v2"),
         (lab.pin_dir().join("lb_flows_v1"), "lb_flows_v1"),
@@ -184,7 +184,7 @@ fn a_pinned_map_of_another_layout_starts_empty_and_the_log_says_why() {
     }
     lab.start_agent(&[])
         .expect("an agent over a changed layout");
-    let log = std::fs::read_to_string(lab.agent_log()).unwrap();
+    let log = fs::read_to_string(lab.agent_log()).unwrap();
     assert!(
         log.lines().any(|l| l.contains("lb_flows_v2")
             && l.contains("layout differs")
@@ -232,8 +232,8 @@ fn from_the_kubernetes_api_the_agent_programs_and_follows_and_outlives_an_outage
 
     // An endpoint leaves demo's slice, as a controller would write it.
     let demo = lab.manifests.path().join("demo.yaml");
-    let text = std::fs::read_to_string(&demo).unwrap();
-    std::fs::write(&demo, remove_endpoint(&text, &BACKENDS[0].1.to_string())).unwrap();
+    let text = fs::read_to_string(&demo).unwrap();
+    fs::write(&demo, remove_endpoint(&text, &BACKENDS[0].1.to_string())).unwrap();
     api.apply_manifests(lab.manifests.path()).unwrap();
     lab.wait_for_dump("demo down to two backends", |dump| {
         backend_count(dump, "10.96.0.10:80/TCP") == Some(2)
@@ -246,7 +246,7 @@ fn from_the_kubernetes_api_the_agent_programs_and_follows_and_outlives_an_outage
     let before = programme(&lab);
     api.go_down();
     lab.wait_for("the agent to see the API gone", || {
-        let log = std::fs::read_to_string(lab.agent_log())?;
+        let log = fs::read_to_string(lab.agent_log())?;
         Ok(log.contains("retrying with backoff"))
     })
     .unwrap();

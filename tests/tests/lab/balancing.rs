@@ -129,7 +129,7 @@ fn traffic_to_no_frontend_passes_untouched() {
 #[test]
 fn session_affinity_keeps_a_client_on_its_backend_until_the_timeout() {
     let lab = lab("affinity");
-    let sticky = std::fs::read_to_string(lb_tests::workspace_root().join("deploy/examples/demo.yaml"))
+    let sticky = fs::read_to_string(lb_tests::workspace_root().join("deploy/examples/demo.yaml"))
         .unwrap()
         .replace("name: demo\n", "name: demo-affinity\n")
         .replace("kubernetes.io/service-name: demo\n", "kubernetes.io/service-name: demo-affinity\n")
@@ -150,7 +150,7 @@ fn session_affinity_keeps_a_client_on_its_backend_until_the_timeout() {
         1,
         "one backend while the affinity lives: {pods:?}"
     );
-    std::thread::sleep(std::time::Duration::from_millis(3000));
+    std::thread::sleep(std::time::Duration::from_secs(3));
     let after = curl_pods(&lab, "http://10.96.0.12/", 1);
     assert_ne!(after[0], pods[0], "after the timeout, round robin moves on");
 

@@ -308,7 +308,7 @@ fn deleting_a_service_spares_its_established_connections() {
     let lab = lab("delete");
     let mut held = lab.connect(ECHO_VIP).expect("connect to the echo VIP");
     let first = held.ask("before").expect("echo through the VIP");
-    std::fs::remove_file(lab.manifests.path().join("demo.yaml")).unwrap();
+    fs::remove_file(lab.manifests.path().join("demo.yaml")).unwrap();
     lab.wait_for_dump("demo's frontends to go", |d| {
         backend_count(d, "10.96.0.10:9000/TCP").is_none()
             && backend_count(d, "10.96.0.10:80/TCP").is_none()

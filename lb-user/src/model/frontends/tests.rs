@@ -120,7 +120,7 @@ fn run(cluster: &Cluster, node: &NodeConfig) -> (Vec<Frontend>, Vec<Skipped>) {
     } else {
         node.addresses.clone()
     };
-    let (frontends, _, skipped) = super::frontends(cluster, &Here::new(node, &node_ips, &nodes));
+    let (frontends, _, skipped) = frontends(cluster, &Here::new(node, &node_ips, &nodes));
     (frontends, skipped)
 }
 
@@ -146,7 +146,7 @@ fn frontend_of(
 fn cluster_wide_selection() {
     use WhenEmpty::Reject;
     let keys = |keys: &[&str]| Service {
-        topology_keys: keys.iter().map(|k| k.to_string()).collect(),
+        topology_keys: keys.iter().map(ToString::to_string).collect(),
         ..service()
     };
     // (what, service, endpoints, node, backends, rule, when empty)
@@ -609,7 +609,7 @@ fn of_two_services_claiming_a_frontend_the_older_keeps_it() {
         };
         let nodes = nodes();
         let node = NodeConfig::new("n1");
-        let (frontends, lost, skipped) = super::frontends(&cluster, &Here::new(&node, &[], &nodes));
+        let (frontends, lost, skipped) = frontends(&cluster, &Here::new(&node, &[], &nodes));
         let external = frontends
             .iter()
             .find(|f| f.kind == FrontendKind::ExternalIP && f.scope == Scope::External)
@@ -659,7 +659,7 @@ fn a_service_s_cluster_ip_is_its_own_from_outside_too() {
     };
     let nodes = nodes();
     let node = NodeConfig::new("n1");
-    let (frontends, lost, skipped) = super::frontends(&cluster, &Here::new(&node, &[], &nodes));
+    let (frontends, lost, skipped) = frontends(&cluster, &Here::new(&node, &[], &nodes));
     let on_vip: Vec<(&str, Scope)> = frontends
         .iter()
         .filter(|f| f.address == VIP)
