@@ -1,4 +1,4 @@
-//! A synthetic cluster for the benchmarks: `ClusterIP` Services on port 80 whose endpoints serve
+//! A synthetic cluster for the benchmarks: ClusterIP Services on port 80 whose endpoints serve
 //! on 8080, written as the manifests the agent reads and as the rulesets kube-proxy's iptables
 //! and nftables modes load for the same Services.
 
@@ -29,7 +29,7 @@ pub struct Service {
     pub endpoints: Vec<Ipv4Addr>,
 }
 
-/// Synthetic Service `i`, `bench/svc-<i>`: `ClusterIP` 10.97.0.0 + i (clear of the examples'
+/// Synthetic Service `i`, `bench/svc-<i>`: ClusterIP 10.97.0.0 + i (clear of the examples'
 /// 10.96.0.0/16), and [`ENDPOINTS`] endpoints of its own from 10.128.0.0 on.
 pub fn synthetic(i: u32) -> Service {
     let offset = |base: Ipv4Addr, n: u32| Ipv4Addr::from(u32::from(base) + n);
@@ -44,7 +44,7 @@ pub fn synthetic(i: u32) -> Service {
 }
 
 impl Service {
-    /// The Service and its `EndpointSlice`, as YAML documents.
+    /// The Service and its EndpointSlice, as YAML documents.
     pub fn manifest(&self) -> String {
         let Self {
             namespace, name, ..

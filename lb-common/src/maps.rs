@@ -18,7 +18,7 @@ pub const BACKENDS: &str = "lb_backends_v1";
 pub const FLOWS: &str = "lb_flows_v2";
 /// Reply flows (LRU): [`FlowKey`] of the backend's reply -> [`Reply`]. Written by the datapath.
 pub const REPLIES: &str = "lb_replies_v1";
-/// `ClusterIPs`: `u32` address -> [`Vip`]. Written by the agent. A packet to one of them on a
+/// ClusterIPs: `u32` address -> [`Vip`]. Written by the agent. A packet to one of them on a
 /// port no frontend serves is dropped (kube-proxy's nftables mode rejects it).
 pub const VIPS: &str = "lb_vips_v1";
 /// The frontends the node's own unconnected UDP sockets sent to (LRU): [`SocketKey`] ->
@@ -99,7 +99,7 @@ pub const SCOPE_INTERNAL: u8 = 1;
 pub const FRONTEND_REJECT_WHEN_EMPTY: u8 = 1;
 
 /// [`Backend::flags`]: the backend runs on this node. A flow from outside the node to a backend
-/// elsewhere is `SNATed` to the node's address, so that its replies come back through it.
+/// elsewhere is SNATed to the node's address, so that its replies come back through it.
 pub const BACKEND_LOCAL: u8 = 1;
 
 /// [`Flow::state`] and [`Reply::state`]: how long an idle entry lives ([`Config`]).
@@ -172,7 +172,7 @@ pub struct FlowKey {
 }
 
 /// A client's flow to a frontend: the backend it was given, and the source it is rewritten to
-/// when it is `SNATed` (a remote backend from outside the node, or a backend calling itself).
+/// when it is SNATed (a remote backend from outside the node, or a backend calling itself).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
@@ -185,7 +185,7 @@ pub struct Flow {
     pub backend_id: u32,
     pub backend_addr_be: u32,
     /// The source address and port the flow's packets leave with: the client's own unless
-    /// `SNATed`.
+    /// SNATed.
     pub src_addr_be: u32,
     pub backend_port_be: u16,
     pub src_port_be: u16,
@@ -201,7 +201,7 @@ pub struct Flow {
 }
 
 /// A backend's reply flow: its source is rewritten back to the frontend and its destination
-/// to the client (a change only for `SNATed` flows).
+/// to the client (a change only for SNATed flows).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Reply {
@@ -215,7 +215,7 @@ pub struct Reply {
     pub _pad: [u8; 3],
 }
 
-/// A `ClusterIP`. The datapath only asks whether the address is one.
+/// A ClusterIP. The datapath only asks whether the address is one.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Vip {
@@ -278,7 +278,7 @@ pub struct Config {
     pub tcp_open_timeout_ns: u64,
     pub tcp_closing_timeout_ns: u64,
     pub udp_timeout_ns: u64,
-    /// The node's address that `SNATed` flows leave with; 0: no SNAT, such flows are dropped.
+    /// The node's address that SNATed flows leave with; 0: no SNAT, such flows are dropped.
     pub snat_addr_be: u32,
     /// SNAT source ports, host order, outside the node's ephemeral range.
     pub snat_port_min: u16,
@@ -368,7 +368,7 @@ pub struct Stats {
     pub rejected_no_backend: u64,
     /// Packets dropped because a map or a rewrite failed.
     pub dropped_error: u64,
-    /// New flows `SNATed` to the node's address.
+    /// New flows SNATed to the node's address.
     pub snat_flows: u64,
     /// New flows dropped for want of a free SNAT port or a SNAT address.
     pub dropped_no_snat: u64,

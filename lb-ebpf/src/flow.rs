@@ -1,4 +1,4 @@
-//! The flow table, the datapath's own conntrack: a flow's lookup (Live, `BackendGone` or Miss)
+//! The flow table, the datapath's own conntrack: a flow's lookup (Live, BackendGone or Miss)
 //! and its creation, with the reply entry that maps its backend's answers back. A flow lives
 //! while it sees packets within its idle timeout ([`Config::is_live`]); FIN or RST moves it to
 //! the shorter closing timeout. The agent removes idle entries; the LRU maps evict the oldest

@@ -3,11 +3,11 @@
 //! one packet core ([`balance`]); and socket hooks for the node's own processes ([`socket`]).
 //! This file holds the entry points only.
 //!
-//! A packet to a frontend is `DNATed` to its flow's backend, picking one for a new flow. A reply
+//! A packet to a frontend is DNATed to its flow's backend, picking one for a new flow. A reply
 //! from a backend is rewritten back to the frontend it answers for after routing, by the tc
 //! egress program on the interface it leaves by, as kube-proxy's conntrack does; only replies
-//! whose destination must change first (`SNATed` and hairpinned flows) are rewritten on ingress.
-//! Anything else passes untouched, but for ports a `ClusterIP` does not serve, which drop.
+//! whose destination must change first (SNATed and hairpinned flows) are rewritten on ingress.
+//! Anything else passes untouched, but for ports a ClusterIP does not serve, which drop.
 //!
 //! | module | job |
 //! |---|---|

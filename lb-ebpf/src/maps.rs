@@ -91,7 +91,7 @@ pub fn backend(id: u32) -> Option<&'static Backend> {
     unsafe { BACKENDS.get(id) }
 }
 
-/// Whether a `ClusterIP` (network order) has frontends.
+/// Whether a ClusterIP (network order) has frontends.
 #[inline(always)]
 pub fn is_vip(addr_be: u32) -> bool {
     // SAFETY: as above; only its presence is read.

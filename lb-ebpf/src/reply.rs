@@ -18,9 +18,9 @@ pub enum Hook {
 }
 
 /// A packet that may be a backend's reply: rewrite it back to the frontend and the client. On
-/// ingress, only a reply whose destination changes (`SNATed`, hairpinned) is rewritten, before
+/// ingress, only a reply whose destination changes (SNATed, hairpinned) is rewritten, before
 /// routing needs it; the others are left to the egress program, after routing. On ingress, a
-/// packet that is no reply, to a `ClusterIP` on a port it does not serve, is dropped.
+/// packet that is no reply, to a ClusterIP on a port it does not serve, is dropped.
 #[inline(always)]
 pub fn to_client<C: Rewrite>(ctx: &C, packet: &Packet, hook: Hook) -> Result<Verdict, Verdict> {
     let Some(reply) = maps::reply_mut(packet.key) else {

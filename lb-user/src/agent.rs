@@ -1,4 +1,5 @@
-//! The agent's loop: when the sources change, recompute and write the difference to the maps.
+//! The agent's loop, at the binary's edge: when the sources change, recompute and write the
+//! difference to the maps; log and report what fails, and go on.
 
 use std::{
     fs,
@@ -11,15 +12,9 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::programs::XdpMode;
 use lb_common::maps::Config;
-use tokio::{
-    signal::unix::{SignalKind, signal},
-    sync::watch,
-};
-use tracing::{error, info, warn};
-
-use crate::{
+use lb_user::{
     datapath::{self, Datapath},
-    flow_gc,
+    error_chain, flow_gc,
     maps::KernelMaps,
     model::{self, Objects, Skipped},
     sockets,
@@ -31,11 +26,16 @@ use crate::{
     status::{self, Endpoints, Status},
     sync::{Adopted, Pipeline},
 };
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+use tracing::{error, info, warn};
 
 /// How long after a reset pass that fell short the next one is tried.
 const SOCKETS_RETRY: Duration = Duration::from_secs(30);
 
-/// Where the agent learns Services, `EndpointSlices` and Nodes.
+/// Where the agent learns Services, EndpointSlices and Nodes.
 pub enum SourceSettings {
     /// Manifest files or directories, polled for changes.
     Manifests(Vec<PathBuf>),
@@ -111,7 +111,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         settings.flow_gc_interval,
         Arc::clone(&status),
     ) {
-        error!("no flow GC: {e:#}");
+        error!(error = %error_chain(&e), "no flow GC: the LRU tables evict idle entries only when full");
     }
     // The servers live on their own: no client of theirs, and no failure of theirs, reaches
     // this loop.
@@ -130,7 +130,7 @@ pub async fn run(settings: Settings) -> Result<()> {
             manifests: Manifests::new(paths.clone()),
             fingerprint: None,
             notifier: Notifier::new()
-                .inspect_err(|e| warn!("no inotify, manifests are polled only: {e}"))
+                .inspect_err(|e| warn!(error = %e, "no inotify, manifests are polled only"))
                 .ok(),
         },
         SourceSettings::Kubernetes {
@@ -186,14 +186,14 @@ pub async fn run(settings: Settings) -> Result<()> {
                     // interfaces no longer wanted. Not before: a link whose adoption failed
                     // still forwards.
                     if let Err(e) = datapath.release_unclaimed() {
-                        error!("{e:#}");
+                        error!(error = %error_chain(&e), "links pinned before and no longer wanted stay attached");
                     }
                     ready = true;
                     status.set_ready();
                     info!("ready: maps programmed and interfaces attached");
                 }
                 Ok(()) => {}
-                Err(e) => error!("{e:#}"),
+                Err(e) => error!(error = %error_chain(&e), "attaching: retried at the next poll"),
             }
         }
         status.record_loop();
@@ -212,7 +212,7 @@ pub async fn run(settings: Settings) -> Result<()> {
 }
 
 /// Attaches the socket hooks and the programs on every wanted interface not attached yet.
-fn attach(datapath: &mut Datapath, settings: &Settings) -> Result<()> {
+fn attach(datapath: &mut Datapath, settings: &Settings) -> Result<(), datapath::Error> {
     let sockets = datapath.attach_sockets(&settings.cgroup);
     let pods = datapath.attach_interfaces(&settings.interfaces);
     let uplinks = datapath.attach_uplinks(&settings.uplinks, settings.xdp_mode);
@@ -253,7 +253,7 @@ impl Source {
                 if let Some(watching) = notifier
                     && let Err(e) = watching.watch(&manifests.directories())
                 {
-                    warn!("inotify stopped, manifests are polled only: {e}");
+                    warn!(error = %e, "inotify stopped, manifests are polled only");
                     *notifier = None;
                 }
                 Some(manifests.load())
@@ -284,7 +284,7 @@ impl Source {
                 ..
             } => match watching.changed().await {
                 Ok(()) => return,
-                Err(e) => warn!("inotify failed, manifests are polled only: {e}"),
+                Err(e) => warn!(error = %e, "inotify failed, manifests are polled only"),
             },
             Self::Manifests { notifier: None, .. } => {}
         }
@@ -320,7 +320,7 @@ impl Syncer {
         }
         skipped.extend(synced.skipped);
         for s in &skipped {
-            warn!("skipped {s}");
+            warn!(object = %s.object, field = %s.field, reason = %s.reason, "skipped");
         }
         self.failed = synced.failed > 0;
         self.status.record_sync(started.elapsed(), synced.failed);
@@ -353,7 +353,8 @@ impl Syncer {
             Err(e) => {
                 warn!(
                     retry_in_secs = SOCKETS_RETRY.as_secs(),
-                    "connected UDP sockets keep their gone backends: {e:#}"
+                    error = %error_chain(&e),
+                    "connected UDP sockets keep their gone backends"
                 );
                 return;
             }

@@ -4,20 +4,33 @@
 //! README's benchmarks). Runs on a thread of its own: a pass over full tables takes a while,
 //! and must not hold up a sync.
 
-use std::{path::Path, sync::Arc, thread, time::Duration};
+use std::{io, path::Path, sync::Arc, thread, time::Duration};
 
-use anyhow::{Context as _, Result};
 use tracing::{debug, error};
 
-use crate::{datapath::clock::monotonic_ns, maps::KernelMaps, status::Status};
+use crate::{
+    datapath::clock::monotonic_ns,
+    error_chain,
+    maps::{self, KernelMaps},
+    status::Status,
+};
 
 /// The datapath's clock is `CLOCK_MONOTONIC` to within a tick: an entry goes only once it is
 /// idle by this much more than its timeout, so that the datapath agrees it is gone.
 const CLOCK_SLACK_NS: u64 = 1_000_000_000;
 
+/// Why the GC could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("opening the flow tables")]
+    Open(#[from] maps::Error),
+    #[error("starting the flow GC thread")]
+    Thread(#[source] io::Error),
+}
+
 /// Starts removing idle entries from the tables pinned under `pin_dir` every `interval`,
 /// counting them and the passes that failed in `status`.
-pub fn spawn(pin_dir: &Path, interval: Duration, status: Arc<Status>) -> Result<()> {
+pub fn spawn(pin_dir: &Path, interval: Duration, status: Arc<Status>) -> Result<(), Error> {
     let mut maps = KernelMaps::open_pinned(pin_dir)?;
     thread::Builder::new()
         .name("flow-gc".into())
@@ -34,11 +47,11 @@ pub fn spawn(pin_dir: &Path, interval: Duration, status: Arc<Status>) -> Result<
                     }
                     Err(e) => {
                         status.record_flow_gc(0, true);
-                        error!("{e:#}");
+                        error!(error = %error_chain(&e), "a flow GC pass failed; the next one tries again");
                     }
                 }
             }
         })
-        .context("starting the flow GC thread")?;
+        .map_err(Error::Thread)?;
     Ok(())
 }

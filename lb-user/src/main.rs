@@ -1,3 +1,5 @@
+mod agent;
+
 use std::{
     io::IsTerminal as _, net::Ipv4Addr, ops::RangeInclusive, path::PathBuf, sync::Arc,
     time::Duration,
@@ -7,7 +9,7 @@ use anyhow::{Context as _, Result};
 use aya::programs::XdpMode;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::maps::Config;
-use lb_user::{agent, datapath, maps::KernelMaps, model, sources::manifests::Manifests};
+use lb_user::{datapath, maps::KernelMaps, model, sources::manifests::Manifests};
 use serde::Serialize;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
@@ -133,7 +135,7 @@ struct NodeArgs {
     /// This node's name, as in its Node object.
     #[arg(long = "node-name", visible_alias = "node", env = "NODE_NAME")]
     name: String,
-    /// Addresses `NodePorts` listen on; by default the Node's `InternalIP` and `ExternalIP`.
+    /// Addresses NodePorts listen on; by default the Node's InternalIP and ExternalIP.
     #[arg(long = "node-ip", value_delimiter = ',')]
     addresses: Vec<Ipv4Addr>,
     /// The cluster's --service-node-port-range.

@@ -18,7 +18,6 @@ use std::{
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
-use anyhow::{Context as _, Result};
 use lb_common::maps::{Connected, PROTO_UDP};
 
 use crate::{maps::KernelMaps, plan::MapEntries};
@@ -47,6 +46,15 @@ pub struct ConnectedSocket {
     id: [u8; SOCKID_LEN],
 }
 
+/// Why the node's sockets could not be listed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("opening a sock_diag socket")]
+    Open(#[source] io::Error),
+    #[error("listing the node's UDP sockets")]
+    List(#[source] io::Error),
+}
+
 /// What a pass of [`reset_stale`] did.
 #[derive(Debug, Default)]
 pub struct Reset {
@@ -59,11 +67,9 @@ pub struct Reset {
 /// Resets the node's connected UDP sockets that dialled a frontend and whose backend is no
 /// longer in `programmed` (it stopped serving, or left its Service). A socket that fails is
 /// reported and the others are still reset; an error only when the sockets cannot be listed.
-pub fn reset_stale(maps: &KernelMaps, programmed: &MapEntries) -> Result<Reset> {
-    let netlink = Netlink::open().context("opening a sock_diag socket")?;
-    let sockets = netlink
-        .connected_udp()
-        .context("listing the node's UDP sockets")?;
+pub fn reset_stale(maps: &KernelMaps, programmed: &MapEntries) -> Result<Reset, Error> {
+    let netlink = Netlink::open().map_err(Error::Open)?;
+    let sockets = netlink.connected_udp().map_err(Error::List)?;
     let stale = stale(&sockets, programmed, |socket| maps.connected(socket.cookie));
     let mut done = Reset::default();
     for socket in stale {

@@ -21,7 +21,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
 use lb_common::maps::FrontendStats;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -29,7 +28,12 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{maps::KernelMaps, model::LostClaim, sync::FrontendLabels};
+use crate::{
+    error_chain,
+    maps::{self, KernelMaps},
+    model::LostClaim,
+    sync::FrontendLabels,
+};
 
 /// Upper bounds of the sync duration histogram, in seconds.
 const SYNC_BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
@@ -47,6 +51,15 @@ const MAX_CONNECTIONS_PER_LOCAL_PEER: usize = 64;
 const RETRY: Duration = Duration::from_secs(1);
 /// [`Status`]'s `short_since_ms` while the maps hold what the sources say.
 const APPLIED: u64 = u64::MAX;
+
+/// Why a status request got no answer.
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    #[error("the connection")]
+    Io(#[from] std::io::Error),
+    #[error("reading the counters")]
+    Maps(#[from] maps::Error),
+}
 
 /// A per-frontend metric: its name, its help, and the counter it shows.
 type Counter = (&'static str, &'static str, fn(&FrontendStats) -> u64);
@@ -140,7 +153,11 @@ impl Status {
     }
 
     /// The answer to `path`; `/metrics` only where `maps` are given.
-    fn answer(&self, path: &str, maps: Option<&KernelMaps>) -> Result<(&'static str, String)> {
+    fn answer(
+        &self,
+        path: &str,
+        maps: Option<&KernelMaps>,
+    ) -> Result<(&'static str, String), maps::Error> {
         let now = Instant::now();
         let unhealthy = match path {
             "/healthz" => self.stalled(now),
@@ -216,7 +233,7 @@ impl Status {
     }
 
     /// The Prometheus text of the agent's and the datapath's counters.
-    fn metrics(&self, maps: &KernelMaps) -> Result<String> {
+    fn metrics(&self, maps: &KernelMaps) -> Result<String, maps::Error> {
         let mut out = String::new();
         let frontends = self.frontends.lock().expect("status lock").clone();
         let counters: [Counter; 3] = [
@@ -239,7 +256,7 @@ impl Status {
         let stats: Vec<(&FrontendLabels, FrontendStats)> = frontends
             .iter()
             .map(|(id, labels)| Ok((labels, maps.frontend_stats(*id)?)))
-            .collect::<Result<_>>()?;
+            .collect::<Result<_, maps::Error>>()?;
         for (name, help, field) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             for (labels, s) in &stats {
@@ -309,7 +326,9 @@ impl Status {
                 );
             }
             // The other metrics are still worth a scrape.
-            Err(e) => warn!("counting flows: {e:#}"),
+            Err(e) => {
+                warn!(error = %error_chain(&e), "the flows could not be counted for /metrics");
+            }
         }
         let _ = writeln!(
             out,
@@ -429,7 +448,7 @@ pub async fn serve(address: SocketAddr, endpoints: Endpoints, status: Arc<Status
             match tokio::time::timeout(REQUEST_DEADLINE, answer(stream, &status, maps)).await {
                 Ok(Ok(())) => {}
                 // Per request, and a client's doing: not worth more than a debug line.
-                Ok(Err(e)) => debug!(%peer, "status request: {e:#}"),
+                Ok(Err(e)) => debug!(%peer, error = %error_chain(&e), "a status request failed"),
                 Err(_) => debug!(%peer, "status request: over its {REQUEST_DEADLINE:?} deadline"),
             }
             drop(guard);
@@ -492,7 +511,11 @@ impl Drop for Admitted {
     }
 }
 
-async fn answer(mut stream: TcpStream, status: &Status, maps: Option<&KernelMaps>) -> Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    status: &Status,
+    maps: Option<&KernelMaps>,
+) -> Result<(), RequestError> {
     let mut request = Vec::new();
     let mut buf = [0u8; 1024];
     while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < MAX_REQUEST {

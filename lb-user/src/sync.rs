@@ -94,7 +94,7 @@ impl Pipeline {
     }
 
     /// Brings the maps to what `objects` define for `node`. The SNAT address first (a new
-    /// `NodePort`'s first packets need it), then the plan's operations, then the epoch: after
+    /// NodePort's first packets need it), then the plan's operations, then the epoch: after
     /// the deletions, a flow that looks again must find its backend gone. A failed operation
     /// stops the sync: the operations after it depend on it (a slot on its backend, a count on
     /// its slots), and what is programmed stays consistent; the next sync compares everything

@@ -29,20 +29,20 @@ const NODE: &str = "packets-node";
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const DNS_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
-/// A `ClusterIP` whose Service has no endpoint: new flows are rejected.
+/// A ClusterIP whose Service has no endpoint: new flows are rejected.
 const EMPTY_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const LOAD_BALANCER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const WEB: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 11);
 const DNS: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 12);
 const NOWHERE: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
-/// A load-balancer IP whose backend runs on another node: flows from outside are `SNATed`.
+/// A load-balancer IP whose backend runs on another node: flows from outside are SNATed.
 const REMOTE_LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 11);
 const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 244, 5, 11);
 const OUTSIDE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
-/// The node's address, that `SNATed` flows leave with, and its one SNAT port: a range of one
+/// The node's address, that SNATed flows leave with, and its one SNAT port: a range of one
 /// makes the port a row can name.
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
-/// Three Services over the same two backends: round robin, round robin with `ClientIP`
+/// Three Services over the same two backends: round robin, round robin with ClientIP
 /// affinity, source hash.
 const PAIR_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 const STICKY_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 31);
@@ -51,7 +51,7 @@ const PAIR: [(Ipv4Addr, u16); 2] = [
     (Ipv4Addr::new(10, 244, 0, 21), 8080),
     (Ipv4Addr::new(10, 244, 0, 22), 8080),
 ];
-/// A `ClusterIP` whose Service drops when it has no endpoint (internalTrafficPolicy Local,
+/// A ClusterIP whose Service drops when it has no endpoint (internalTrafficPolicy Local,
 /// none on this node).
 const LOCAL_ONLY_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
 /// Source hash gives it the other backend of [`PAIR`] than [`CLIENT`]'s.
@@ -329,7 +329,7 @@ fn programme() -> Vec<Arc<model::Frontend>> {
     ]
 }
 
-/// A reset from the `ClusterIP` of the empty Service to the client's port 40003, as the
+/// A reset from the ClusterIP of the empty Service to the client's port 40003, as the
 /// kernel's own (RST with ACK, acknowledging the SYN), checksums valid.
 fn reset_to_client(p: &[u8]) -> Result<(), String> {
     let seen = (addr(p, 26), port(p, 34), addr(p, 30), port(p, 36), p[47]);
@@ -350,7 +350,7 @@ fn reset_to_client(p: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// An ICMP port unreachable from the empty Service's `ClusterIP` to the client, quoting the
+/// An ICMP port unreachable from the empty Service's ClusterIP to the client, quoting the
 /// datagram's IPv4 header and its first 8 bytes, IPv4 checksum valid.
 fn unreachable_to_client(p: &[u8]) -> Result<(), String> {
     let seen = (p[23], addr(p, 26), addr(p, 30), p[34], p[35]);

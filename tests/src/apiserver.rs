@@ -1,4 +1,4 @@
-//! A test Kubernetes API server: it serves real Kubernetes JSON for Services, `EndpointSlices`
+//! A test Kubernetes API server: it serves real Kubernetes JSON for Services, EndpointSlices
 //! and Nodes (lists, and watches with bookmarks) and can drop its watches, answer 410 Gone as
 //! after an etcd compaction, or go away. For the Kubernetes source's tests and the lab's.
 
@@ -365,7 +365,7 @@ impl ApiServer {
         }
     }
 
-    /// Serves the Services, `EndpointSlices` and Nodes of the manifests in `dir`.
+    /// Serves the Services, EndpointSlices and Nodes of the manifests in `dir`.
     pub fn apply_manifests(&self, dir: &Path) -> Result<()> {
         let mut files: Vec<_> = std::fs::read_dir(dir)?
             .map(|e| e.map(|e| e.path()))

@@ -1,7 +1,7 @@
 //! The manifests of deploy/kubernetes/, checked without a cluster: every document is an object
 //! of a kind we ship, with no field its API type lacks (kubectl's strict validation would refuse
 //! it); the objects name each other; the agent gets what it needs from the host and no more; and
-//! every flag the `DaemonSet` passes exists in the agent's `run --help`.
+//! every flag the DaemonSet passes exists in the agent's `run --help`.
 
 use std::{
     collections::BTreeSet, ffi::OsStr, fs, net::SocketAddr, path::PathBuf, process::Command,
@@ -401,7 +401,7 @@ fn the_agent_is_not_privileged() {
     assert_eq!(added, BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON"]));
 }
 
-/// The capabilities the `DaemonSet`'s agent container adds to none.
+/// The capabilities the DaemonSet's agent container adds to none.
 fn container_capabilities() -> Vec<String> {
     let manifests = Manifests::load();
     let agent = agent(pod(manifests.daemon_set()));
@@ -508,7 +508,7 @@ fn an_agent_without_a_capability_it_needs_says_which() {
     }
 }
 
-/// Fails while the agent lacks a flag its `DaemonSet` passes: the two change together.
+/// Fails while the agent lacks a flag its DaemonSet passes: the two change together.
 #[test]
 fn every_flag_the_daemon_set_passes_exists() {
     let manifests = Manifests::load();

@@ -29,7 +29,7 @@ enum Task {
     Setup,
     /// Build the agent with its eBPF object, and the lab's server.
     Build,
-    /// Run the lab on deploy/examples and show the client reaching a `ClusterIP`; with agent
+    /// Run the lab on deploy/examples and show the client reaching a ClusterIP; with agent
     /// arguments after `--`, run the agent on this node instead.
     Run {
         /// Exit after the demonstration instead of keeping the lab up until Ctrl-C.

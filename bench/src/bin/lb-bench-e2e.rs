@@ -1,5 +1,5 @@
 //! End to end on the lab: new connections per second and connect-plus-request latency from the
-//! client pod to the demo Service (a `ClusterIP` over three HTTP pods), with N Services
+//! client pod to the demo Service (a ClusterIP over three HTTP pods), with N Services
 //! programmed, on four paths measured in the same run, each in a lab of its own:
 //!
 //! - `no NAT`: the client connects straight to the pods, in turn: the ceiling;

@@ -1,7 +1,7 @@
 //! Per-packet cost of the datapath under `BPF_PROG_TEST_RUN`, beside an empty program's.
 //!
-//! N `ClusterIP` services of 10 backends each are programmed through the agent's own plan and
-//! maps, and the one in the middle is also a `LoadBalancer` IP with node-local backends (the XDP
+//! N ClusterIP services of 10 backends each are programmed through the agent's own plan and
+//! maps, and the one in the middle is also a LoadBalancer IP with node-local backends (the XDP
 //! program balances external frontends only). Each case then runs the tc or XDP program on
 //! crafted packets, one packet per call (`repeat` would re-run the program on the packet it
 //! already rewrote), and the same loop runs an empty program of the same type: a figure is the
@@ -399,7 +399,7 @@ fn run(program: Program, input: &[u8]) -> Result<(u128, Vec<u8>)> {
     Ok((result.duration.as_nanos(), output))
 }
 
-/// Service `i`: `ClusterIP` 10.96.0.0/15 + i, port 80, 10 backends of its own on 8080.
+/// Service `i`: ClusterIP 10.96.0.0/15 + i, port 80, 10 backends of its own on 8080.
 fn service(i: u32) -> model::Frontend {
     model::Frontend {
         service: format!("bench/svc-{i}"),

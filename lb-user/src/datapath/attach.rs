@@ -7,7 +7,6 @@ use std::{
     path::Path,
 };
 
-use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf,
     programs::{
@@ -20,10 +19,11 @@ use tracing::info;
 use super::{
     Datapath, LINKS_DIR, Link, RELEASE_PROGRAM, Role, SOCKET_PROGRAMS, TC_EGRESS_PROGRAM,
     TC_PROGRAM, XDP_PROGRAM,
+    error::{self, Error, Result, at, link, os, program as attaching},
     host::{ensure_ethernet, interfaces},
     links,
     pins::{adoptable, remove_if_present},
-    program,
+    program, typed,
 };
 
 impl Datapath {
@@ -70,13 +70,13 @@ impl Datapath {
                 Ok(()) => {
                     self.attached.insert(interface);
                 }
-                Err(e) => failures.push(format!("{e:#}")),
+                Err(e) => failures.push(crate::error_chain(&e)),
             }
         }
         if failures.is_empty() {
             Ok(())
         } else {
-            bail!("{}", failures.join("; "))
+            Err(Error::Interfaces(failures))
         }
     }
 
@@ -113,7 +113,8 @@ impl Datapath {
         };
         let pin = format!("tcx-{direction_name}-{interface}");
         self.ensure_link(&pin, program_name, u64::from(index), true, |ebpf| {
-            let program: &mut SchedClassifier = program(ebpf, program_name)?.try_into()?;
+            let program: &mut SchedClassifier = typed(program(ebpf, program_name)?, program_name)?;
+            let attach = format!("attaching {program_name} to {interface} (tcx {direction_name})");
             // First in the tcx chain: services are translated before a CNI program routes.
             let id = program
                 .attach_with_options(
@@ -121,10 +122,9 @@ impl Datapath {
                     direction,
                     TcAttachOptions::TcxOrder(LinkOrder::first()),
                 )
-                .with_context(|| {
-                    format!("attaching {program_name} to {interface} (tcx {direction_name})")
-                })?;
-            Ok(FdLink::try_from(program.take_link(id)?)?)
+                .map_err(attaching(attach.clone()))?;
+            let taken = program.take_link(id).map_err(attaching(attach.clone()))?;
+            FdLink::try_from(taken).map_err(link(attach))
         })
     }
 
@@ -141,11 +141,13 @@ impl Datapath {
         }
         let pin = format!("xdp-{mode_name}-{interface}");
         self.ensure_link(&pin, XDP_PROGRAM, u64::from(index), true, |ebpf| {
-            let xdp: &mut Xdp = program(ebpf, XDP_PROGRAM)?.try_into()?;
+            let xdp: &mut Xdp = typed(program(ebpf, XDP_PROGRAM)?, XDP_PROGRAM)?;
+            let attach = format!("attaching to {interface} (XDP, {mode_name})");
             let id = xdp
                 .attach(interface, mode)
-                .with_context(|| format!("attaching to {interface} (XDP, {mode_name})"))?;
-            Ok(FdLink::try_from(xdp.take_link(id)?)?)
+                .map_err(attaching(attach.clone()))?;
+            let taken = xdp.take_link(id).map_err(attaching(attach.clone()))?;
+            FdLink::try_from(taken).map_err(link(attach))
         })
     }
 
@@ -154,28 +156,28 @@ impl Datapath {
     /// when released).
     pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<()> {
         let cgroup_id = fs::metadata(cgroup)
-            .with_context(|| format!("the cgroup {}", cgroup.display()))?
+            .map_err(at("reading the cgroup", cgroup))?
             .ino();
-        let open = || {
-            fs::File::open(cgroup)
-                .with_context(|| format!("opening the cgroup {}", cgroup.display()))
-        };
+        let open = || fs::File::open(cgroup).map_err(at("opening the cgroup", cgroup));
+        let attach = |name: &str| format!("attaching {name} to {}", cgroup.display());
         for name in SOCKET_PROGRAMS {
             self.ensure_link(&format!("cgroup-{name}"), name, cgroup_id, false, |ebpf| {
-                let hook: &mut CgroupSockAddr = program(ebpf, name)?.try_into()?;
+                let hook: &mut CgroupSockAddr = typed(program(ebpf, name)?, name)?;
                 let id = hook
                     .attach(open()?, CgroupAttachMode::default())
-                    .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
-                Ok(FdLink::try_from(hook.take_link(id)?)?)
+                    .map_err(attaching(attach(name)))?;
+                let taken = hook.take_link(id).map_err(attaching(attach(name)))?;
+                FdLink::try_from(taken).map_err(link(attach(name)))
             })?;
         }
         let name = RELEASE_PROGRAM;
         self.ensure_link(&format!("cgroup-{name}"), name, cgroup_id, false, |ebpf| {
-            let hook: &mut CgroupSock = program(ebpf, name)?.try_into()?;
+            let hook: &mut CgroupSock = typed(program(ebpf, name)?, name)?;
             let id = hook
                 .attach(open()?, CgroupAttachMode::default())
-                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
-            Ok(FdLink::try_from(hook.take_link(id)?)?)
+                .map_err(attaching(attach(name)))?;
+            let taken = hook.take_link(id).map_err(attaching(attach(name)))?;
+            FdLink::try_from(taken).map_err(link(attach(name)))
         })
     }
 
@@ -200,9 +202,11 @@ impl Datapath {
         let path = self.pin_dir.join(LINKS_DIR).join(pin);
         match adoptable(&path, target)? {
             Some(link) => {
-                let program = program(&mut self.ebpf, program_name)?.fd()?;
+                let program = program(&mut self.ebpf, program_name)?
+                    .fd()
+                    .map_err(attaching(format!("the descriptor of {program_name}")))?;
                 links::update(link.as_fd(), program.as_fd())
-                    .with_context(|| format!("updating the program of {}", path.display()))?;
+                    .map_err(os(format!("updating the program of {}", path.display())))?;
                 info!(
                     link = pin,
                     "adopted the link pinned before, with the new program"
@@ -212,7 +216,7 @@ impl Datapath {
                 remove_if_present(&path)?;
                 attach(&mut self.ebpf)?
                     .pin(&path)
-                    .with_context(|| format!("pinning {}", path.display()))?;
+                    .map_err(error::pin(&path))?;
                 info!(link = pin, "attached");
             }
         }
@@ -231,8 +235,8 @@ impl Datapath {
     /// has had its chance.
     pub fn release_unclaimed(&self) -> Result<()> {
         let dir = self.pin_dir.join(LINKS_DIR);
-        for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
-            let entry = entry?;
+        for entry in fs::read_dir(&dir).map_err(at("reading", &dir))? {
+            let entry = entry.map_err(at("reading", &dir))?;
             let pin = entry.file_name().to_string_lossy().into_owned();
             if !self.links.contains_key(&pin) {
                 info!(
@@ -245,7 +249,7 @@ impl Datapath {
         Ok(())
     }
 
-    /// A `SNATed` reply is rewritten on the uplink before routing, to a `NodePort`: one of the
+    /// A SNATed reply is rewritten on the uplink before routing, to a NodePort: one of the
     /// node's own addresses as its source, which the kernel drops as a martian unless the
     /// interface accepts it.
     fn accept_local(&self, interface: &str) -> Result<()> {
@@ -254,7 +258,7 @@ impl Datapath {
             .join("net/ipv4/conf")
             .join(interface)
             .join("accept_local");
-        fs::write(&path, "1").with_context(|| format!("writing {}", path.display()))
+        fs::write(&path, "1").map_err(at("writing", path))
     }
 }
 

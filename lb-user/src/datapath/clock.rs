@@ -4,11 +4,23 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, bail};
-use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use aya::programs::{ProgramError, TestRun as _, TestRunOptions, Xdp};
 use lb_common::maps::Clock;
 
 use super::XDP_PASS;
+
+/// Why the tick could not be measured.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("running the clock probe")]
+    Probe(#[source] ProgramError),
+    #[error("the clock probe returned {0}")]
+    Returned(u32),
+    #[error("the tick measured from {first:?} to {last:?} is no kernel's")]
+    NoKernelTick { first: Sample, last: Sample },
+    #[error("jiffies went from {first} to {last} in {MAX_WAIT:?}")]
+    TooFewTicks { first: u64, last: u64 },
+}
 
 /// The tick lengths of the kernel's `CONFIG_HZ` choices: 1000, 300, 250 and 100.
 const TICKS_NS: [u64; 4] = [1_000_000, 3_333_333, 4_000_000, 10_000_000];
@@ -35,23 +47,20 @@ pub fn from_samples(first: Sample, last: Sample) -> Option<Clock> {
 }
 
 /// Measures the clock with `probe`, the datapath's `lb_clock_probe`.
-pub fn measure(probe: &Xdp) -> Result<Clock> {
+pub fn measure(probe: &Xdp) -> Result<Clock, Error> {
     let started = Instant::now();
     let first = sample(probe)?;
     loop {
         std::thread::sleep(Duration::from_millis(10));
         let last = sample(probe)?;
         if last.0.saturating_sub(first.0) >= MIN_TICKS {
-            return from_samples(first, last).with_context(|| {
-                format!("the tick measured from {first:?} to {last:?} is no kernel's")
-            });
+            return from_samples(first, last).ok_or(Error::NoKernelTick { first, last });
         }
         if started.elapsed() > MAX_WAIT {
-            bail!(
-                "jiffies went from {} to {} in {MAX_WAIT:?}",
-                first.0,
-                last.0
-            );
+            return Err(Error::TooFewTicks {
+                first: first.0,
+                last: last.0,
+            });
         }
     }
 }
@@ -67,15 +76,15 @@ pub fn monotonic_ns() -> u64 {
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
-fn sample(probe: &Xdp) -> Result<Sample> {
+fn sample(probe: &Xdp) -> Result<Sample, Error> {
     let packet = [0u8; 64];
     let mut out = [0u8; 64];
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(&packet);
     opts.data_out = Some(&mut out);
-    let result = probe.test_run(opts).context("running the clock probe")?;
+    let result = probe.test_run(opts).map_err(Error::Probe)?;
     if result.return_value != XDP_PASS {
-        bail!("the clock probe returned {}", result.return_value);
+        return Err(Error::Returned(result.return_value));
     }
     let word = |at: usize| u64::from_ne_bytes(out[at..at + 8].try_into().expect("8 bytes"));
     Ok((word(0), word(8)))

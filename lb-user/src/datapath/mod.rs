@@ -6,6 +6,7 @@
 
 mod attach;
 pub mod clock;
+mod error;
 mod host;
 mod links;
 mod pins;
@@ -16,7 +17,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{CgroupSock, CgroupSockAddr, SchedClassifier, Xdp},
@@ -25,6 +25,7 @@ use lb_common::maps;
 use tracing::{info, warn};
 
 pub use self::{
+    error::{Error, Result, at, pin, program as loading},
     host::{cgroup2_root, netns_cookie},
     pins::remove_pins,
 };
@@ -78,7 +79,7 @@ pub fn scratch(tag: &str) -> Result<(Datapath, KernelMaps)> {
     let pin_dir = pin_dir(bpffs, &format!("scratch-{tag}-{}", std::process::id()));
     Datapath::load(OBJECT, bpffs, &pin_dir, "/proc/sys".as_ref()).inspect_err(|_| {
         if let Err(e) = remove_pins(&pin_dir) {
-            eprintln!("{e:#}");
+            eprintln!("{}", crate::error_chain(&e));
         }
     })
 }
@@ -130,7 +131,7 @@ impl Datapath {
             pin_dir.join(PROGRAMS_DIR),
             pin_dir.join(LINKS_DIR),
         ] {
-            fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            fs::create_dir_all(&dir).map_err(at("creating", &dir))?;
         }
         let lock = lock_instance(pin_dir)?;
         drop_incompatible_maps(object, pin_dir)?;
@@ -138,27 +139,31 @@ impl Datapath {
         for name in maps::ALL {
             loader.map_pin_path(name, pin_dir.join(name));
         }
-        let mut ebpf = loader.load(object).context("loading the eBPF object")?;
+        let mut ebpf = loader.load(object).map_err(Error::Load)?;
         for name in maps::ALL {
             if ebpf.map(name).is_none() {
-                bail!("the eBPF object has no map {name}: lb-common and lb-ebpf disagree");
+                return Err(Error::Missing {
+                    kind: "map",
+                    name: name.to_string(),
+                });
             }
         }
         for name in [TC_PROGRAM, TC_EGRESS_PROGRAM] {
-            let program: &mut SchedClassifier = program(&mut ebpf, name)?.try_into()?;
-            program.load().with_context(|| format!("loading {name}"))?;
+            let program: &mut SchedClassifier = typed(program(&mut ebpf, name)?, name)?;
+            program.load().map_err(loading(format!("loading {name}")))?;
         }
-        let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?.try_into()?;
+        let xdp: &mut Xdp = typed(program(&mut ebpf, XDP_PROGRAM)?, XDP_PROGRAM)?;
         xdp.load()
-            .with_context(|| format!("loading {XDP_PROGRAM}"))?;
+            .map_err(loading(format!("loading {XDP_PROGRAM}")))?;
         for name in SOCKET_PROGRAMS {
-            let hook: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
-            hook.load().with_context(|| format!("loading {name}"))?;
+            let hook: &mut CgroupSockAddr = typed(program(&mut ebpf, name)?, name)?;
+            hook.load().map_err(loading(format!("loading {name}")))?;
         }
-        let release: &mut CgroupSock = program(&mut ebpf, RELEASE_PROGRAM)?.try_into()?;
+        let release: &mut CgroupSock =
+            typed(program(&mut ebpf, RELEASE_PROGRAM)?, RELEASE_PROGRAM)?;
         release
             .load()
-            .with_context(|| format!("loading {RELEASE_PROGRAM}"))?;
+            .map_err(loading(format!("loading {RELEASE_PROGRAM}")))?;
         for name in [TC_PROGRAM, TC_EGRESS_PROGRAM, XDP_PROGRAM, RELEASE_PROGRAM]
             .into_iter()
             .chain(SOCKET_PROGRAMS)
@@ -167,15 +172,13 @@ impl Datapath {
             // updated; their pins name what is loaded now.
             let path = pin_dir.join(PROGRAMS_DIR).join(name);
             remove_if_present(&path)?;
-            program(&mut ebpf, name)?
-                .pin(&path)
-                .with_context(|| format!("pinning {name} at {}", path.display()))?;
+            program(&mut ebpf, name)?.pin(&path).map_err(pin(&path))?;
         }
         let mut maps = KernelMaps::take(&mut ebpf)?;
-        let probe: &mut Xdp = program(&mut ebpf, CLOCK_PROBE)?.try_into()?;
+        let probe: &mut Xdp = typed(program(&mut ebpf, CLOCK_PROBE)?, CLOCK_PROBE)?;
         probe
             .load()
-            .with_context(|| format!("loading {CLOCK_PROBE}"))?;
+            .map_err(loading(format!("loading {CLOCK_PROBE}")))?;
         // Before any program is attached: until it is written, they call a helper instead.
         match clock::measure(probe) {
             Ok(measured) => {
@@ -185,7 +188,10 @@ impl Datapath {
                     "datapath clock measured"
                 );
             }
-            Err(e) => warn!("the datapath reads the time with a helper call: {e:#}"),
+            Err(e) => warn!(
+                error = %crate::error_chain(&e),
+                "the tick could not be measured: the datapath reads the time with a helper call"
+            ),
         }
         let datapath = Self {
             ebpf,
@@ -205,15 +211,21 @@ impl Datapath {
 
     /// The packet programs, loaded and not attached: for `BPF_PROG_TEST_RUN`.
     pub fn packet_programs(&self) -> Result<PacketPrograms<'_>> {
-        let program = |name| {
-            self.ebpf
-                .program(name)
-                .with_context(|| format!("no program {name}"))
+        let program = |name: &'static str| {
+            self.ebpf.program(name).ok_or_else(|| Error::Missing {
+                kind: "program",
+                name: name.to_string(),
+            })
         };
+        let kind = |name: &'static str| loading(format!("{name} is not of the type it should be"));
         Ok(PacketPrograms {
-            tc_ingress: program(TC_PROGRAM)?.try_into()?,
-            tc_egress: program(TC_EGRESS_PROGRAM)?.try_into()?,
-            xdp: program(XDP_PROGRAM)?.try_into()?,
+            tc_ingress: program(TC_PROGRAM)?.try_into().map_err(kind(TC_PROGRAM))?,
+            tc_egress: program(TC_EGRESS_PROGRAM)?
+                .try_into()
+                .map_err(kind(TC_EGRESS_PROGRAM))?,
+            xdp: program(XDP_PROGRAM)?
+                .try_into()
+                .map_err(kind(XDP_PROGRAM))?,
         })
     }
 
@@ -226,6 +238,18 @@ impl Datapath {
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
-    ebpf.program_mut(name)
-        .with_context(|| format!("the eBPF object has no program {name}"))
+    ebpf.program_mut(name).ok_or_else(|| Error::Missing {
+        kind: "program",
+        name: name.to_string(),
+    })
+}
+
+/// `program` as the type `T` it must be.
+fn typed<'a, T>(program: &'a mut aya::programs::Program, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    program
+        .try_into()
+        .map_err(loading(format!("{name} is not of the type it should be")))
 }

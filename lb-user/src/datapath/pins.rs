@@ -7,12 +7,14 @@ use std::{
     path::Path,
 };
 
-use anyhow::{Context as _, Result};
 use aya::maps::MapInfo;
 use lb_common::maps;
 use tracing::{info, warn};
 
-use super::links;
+use super::{
+    error::{Error, Result, at},
+    links,
+};
 
 /// The link pinned at `path`, if it is still attached to `target` (a link whose interface was
 /// deleted is attached to nothing).
@@ -20,9 +22,9 @@ pub(super) fn adoptable(path: &Path, target: u64) -> Result<Option<OwnedFd>> {
     let link = match links::open_pinned(path) {
         Ok(link) => link,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+        Err(e) => return Err(at("opening", path)(e)),
     };
-    let info = links::info(link.as_fd()).with_context(|| format!("reading {}", path.display()))?;
+    let info = links::info(link.as_fd()).map_err(at("reading", path))?;
     Ok((info.target == target).then_some(link))
 }
 
@@ -30,10 +32,14 @@ pub(super) fn adoptable(path: &Path, target: u64) -> Result<Option<OwnedFd>> {
 /// and those `object` no longer has (a layout bumped to a new `_vN` name), saying why: the
 /// loader would otherwise reuse a map the new programs misread.
 pub(super) fn drop_incompatible_maps(object: &[u8], pin_dir: &Path) -> Result<()> {
-    let parsed = aya_obj::Object::parse(object).context("parsing the eBPF object")?;
-    for entry in fs::read_dir(pin_dir).with_context(|| format!("reading {}", pin_dir.display()))? {
-        let entry = entry?;
-        if entry.file_type()?.is_dir() {
+    let parsed = aya_obj::Object::parse(object).map_err(Error::Parse)?;
+    for entry in fs::read_dir(pin_dir).map_err(at("reading", pin_dir))? {
+        let entry = entry.map_err(at("reading", pin_dir))?;
+        if entry
+            .file_type()
+            .map_err(at("reading", entry.path()))?
+            .is_dir()
+        {
             continue;
         }
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -50,8 +56,10 @@ pub(super) fn drop_incompatible_maps(object: &[u8], pin_dir: &Path) -> Result<()
             remove_if_present(&path)?;
             continue;
         };
-        let pinned =
-            MapInfo::from_pin(&path).with_context(|| format!("reading {}", path.display()))?;
+        let pinned = MapInfo::from_pin(&path).map_err(|source| Error::PinnedMap {
+            path: path.clone(),
+            source,
+        })?;
         let layout = |map_type, key, value, entries, flags| {
             format!(
                 "type {map_type}, key {key} B, value {value} B, {entries} entries, flags {flags:#x}"
@@ -88,9 +96,7 @@ pub(super) fn drop_incompatible_maps(object: &[u8], pin_dir: &Path) -> Result<()
 
 pub(super) fn remove_if_present(path: &Path) -> Result<()> {
     match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("removing {}", path.display()))
-        }
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(at("removing", path)(e)),
         _ => Ok(()),
     }
 }
@@ -107,6 +113,6 @@ pub fn remove_pins(pin_dir: &Path) -> Result<()> {
             Ok(())
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("removing {}", pin_dir.display())),
+        Err(e) => Err(at("removing", pin_dir)(e)),
     }
 }

@@ -4,9 +4,8 @@
 
 pub mod memory;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, Result};
 use aya::{
     Ebpf,
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
@@ -18,6 +17,44 @@ use lb_common::maps::{
 };
 
 use crate::plan::{MapEntries, Op};
+
+/// A kernel map that could not be found, opened or read; named by its pin name.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the eBPF object has no map {0}")]
+    Missing(&'static str),
+    #[error("opening {}", .path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error("{map} is not of the type this build expects")]
+    Type {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("reading {map}")]
+    Read {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("writing {map}")]
+    Write {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What names `map` in a failed read.
+fn reading(map: &'static str) -> impl FnOnce(MapError) -> Error {
+    move |source| Error::Read { map, source }
+}
 
 /// A map write that did not take.
 #[derive(Debug, thiserror::Error)]
@@ -64,46 +101,64 @@ pub struct KernelMaps {
 impl KernelMaps {
     /// Takes the maps out of a loaded object.
     pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
-        Self::from_maps(|name| {
-            ebpf.take_map(name)
-                .with_context(|| format!("the eBPF object has no map {name}"))
-        })
+        Self::from_maps(|name| ebpf.take_map(name).ok_or(Error::Missing(name)))
     }
 
     /// Opens the maps an agent pinned under `pin_dir`.
     pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
         Self::from_maps(|name| {
             let path = pin_dir.join(name);
-            let data =
-                MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-            Map::from_map_data(data).with_context(|| format!("reading {}", path.display()))
+            let open = |source| Error::Open {
+                path: path.clone(),
+                source,
+            };
+            Map::from_map_data(MapData::from_pin(&path).map_err(open)?).map_err(open)
         })
     }
 
-    fn from_maps(mut map: impl FnMut(&str) -> Result<Map>) -> Result<Self> {
+    fn from_maps(mut map: impl FnMut(&'static str) -> Result<Map>) -> Result<Self> {
+        fn typed<T: TryFrom<Map, Error = MapError>>(map: &'static str, found: Map) -> Result<T> {
+            T::try_from(found).map_err(|source| Error::Type { map, source })
+        }
         Ok(Self {
-            frontends: HashMap::try_from(map(FRONTENDS)?).context(FRONTENDS)?,
-            slots: HashMap::try_from(map(SLOTS)?).context(SLOTS)?,
-            backends: HashMap::try_from(map(BACKENDS)?).context(BACKENDS)?,
-            vips: HashMap::try_from(map(VIPS)?).context(VIPS)?,
-            flows: HashMap::try_from(map(FLOWS)?).context(FLOWS)?,
-            replies: HashMap::try_from(map(REPLIES)?).context(REPLIES)?,
-            connected: HashMap::try_from(map(CONNECTED)?).context(CONNECTED)?,
-            config: Array::try_from(map(CONFIG)?).context(CONFIG)?,
-            clock: Array::try_from(map(CLOCK)?).context(CLOCK)?,
-            epoch: Array::try_from(map(EPOCH)?).context(EPOCH)?,
-            stats: PerCpuArray::try_from(map(STATS)?).context(STATS)?,
-            frontend_stats: PerCpuArray::try_from(map(FRONTEND_STATS)?).context(FRONTEND_STATS)?,
+            frontends: typed(FRONTENDS, map(FRONTENDS)?)?,
+            slots: typed(SLOTS, map(SLOTS)?)?,
+            backends: typed(BACKENDS, map(BACKENDS)?)?,
+            vips: typed(VIPS, map(VIPS)?)?,
+            flows: typed(FLOWS, map(FLOWS)?)?,
+            replies: typed(REPLIES, map(REPLIES)?)?,
+            connected: typed(CONNECTED, map(CONNECTED)?)?,
+            config: typed(CONFIG, map(CONFIG)?)?,
+            clock: typed(CLOCK, map(CLOCK)?)?,
+            epoch: typed(EPOCH, map(EPOCH)?)?,
+            stats: typed(STATS, map(STATS)?)?,
+            frontend_stats: typed(FRONTEND_STATS, map(FRONTEND_STATS)?)?,
         })
     }
 
     /// What the kernel holds now.
     pub fn read(&self) -> Result<MapEntries> {
         Ok(MapEntries {
-            frontends: self.frontends.iter().collect::<Result<_, _>>()?,
-            slots: self.slots.iter().collect::<Result<_, _>>()?,
-            backends: self.backends.iter().collect::<Result<_, _>>()?,
-            vips: self.vips.iter().collect::<Result<_, _>>()?,
+            frontends: self
+                .frontends
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(reading(FRONTENDS))?,
+            slots: self
+                .slots
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(reading(SLOTS))?,
+            backends: self
+                .backends
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(reading(BACKENDS))?,
+            vips: self
+                .vips
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(reading(VIPS))?,
         })
     }
 
@@ -118,14 +173,12 @@ impl KernelMaps {
             .keys()
             .take(MAX_CONNECTED as usize)
             .try_fold(0, |n, key| key.map(|_| n + 1))
-            .with_context(|| format!("reading {CONNECTED}"))
+            .map_err(reading(CONNECTED))
     }
 
     /// The config the datapath runs with now.
     pub fn config(&self) -> Result<Config> {
-        self.config
-            .get(&SINGLE_ENTRY, 0)
-            .with_context(|| format!("reading {CONFIG}"))
+        self.config.get(&SINGLE_ENTRY, 0).map_err(reading(CONFIG))
     }
 
     /// How many flows the datapath tracks, and the highest backend id they name: one walk, for
@@ -135,7 +188,7 @@ impl KernelMaps {
             .try_fold((0, 0), |(count, highest), entry| {
                 entry.map(|(_, flow)| (count + 1, highest.max(flow.backend_id)))
             })
-            .with_context(|| format!("reading {FLOWS}"))
+            .map_err(reading(FLOWS))
     }
 
     /// How many flow and reply entries the datapath holds, idle ones included.
@@ -143,12 +196,12 @@ impl KernelMaps {
         let flows = walk(&self.flows).try_fold(0, |n, entry| entry.map(|_| n + 1));
         let replies = walk(&self.replies).try_fold(0, |n, entry| entry.map(|_| n + 1));
         Ok((
-            flows.with_context(|| format!("reading {FLOWS}"))?,
-            replies.with_context(|| format!("reading {REPLIES}"))?,
+            flows.map_err(reading(FLOWS))?,
+            replies.map_err(reading(REPLIES))?,
         ))
     }
 
-    /// Removes the flow and reply entries idle at `now_ns` (the datapath's clock, `CLOCK_MONOTONIC)`:
+    /// Removes the flow and reply entries idle at `now_ns` (the datapath's clock, `CLOCK_MONOTONIC`):
     /// the LRU tables would keep them until full, and an insert that must evict costs more than
     /// one that finds room. How many of each went; a failure on one table still lets the other
     /// be done.
@@ -157,30 +210,31 @@ impl KernelMaps {
         let flows = expire(&mut self.flows, |key, flow| {
             config.is_live(key.protocol, flow.state, flow.last_seen_ns, now_ns)
         })
-        .with_context(|| format!("expiring {FLOWS}"));
+        .map_err(reading(FLOWS));
         let replies = expire(&mut self.replies, |key, reply| {
             config.is_live(key.protocol, reply.state, reply.last_seen_ns, now_ns)
         })
-        .with_context(|| format!("expiring {REPLIES}"));
+        .map_err(reading(REPLIES));
         Ok((flows?, replies?))
     }
 
     pub fn write_clock(&mut self, clock: &Clock) -> Result<()> {
         self.clock
             .set(SINGLE_ENTRY, clock, 0)
-            .with_context(|| format!("writing {CLOCK}"))
+            .map_err(|source| Error::Write { map: CLOCK, source })
     }
 
     /// The datapath's epoch now: how many times backends were removed.
     pub fn epoch(&self) -> Result<Epoch> {
-        self.epoch
-            .get(&SINGLE_ENTRY, 0)
-            .with_context(|| format!("reading {EPOCH}"))
+        self.epoch.get(&SINGLE_ENTRY, 0).map_err(reading(EPOCH))
     }
 
     /// The counters of the frontend `service_id`, summed over CPUs.
     pub fn frontend_stats(&self, service_id: u32) -> Result<FrontendStats> {
-        let per_cpu = self.frontend_stats.get(&service_id, 0)?;
+        let per_cpu = self
+            .frontend_stats
+            .get(&service_id, 0)
+            .map_err(reading(FRONTEND_STATS))?;
         Ok(per_cpu
             .iter()
             .fold(FrontendStats::default(), |sum, s| FrontendStats {
@@ -192,7 +246,7 @@ impl KernelMaps {
 
     /// The datapath's counters, summed over CPUs.
     pub fn stats(&self) -> Result<Stats> {
-        let per_cpu = self.stats.get(&SINGLE_ENTRY, 0)?;
+        let per_cpu = self.stats.get(&SINGLE_ENTRY, 0).map_err(reading(STATS))?;
         Ok(per_cpu.iter().fold(Stats::default(), |sum, s| Stats {
             forwarded: sum.forwarded + s.forwarded,
             replied: sum.replied + s.replied,

@@ -47,7 +47,7 @@ impl Objects {
 }
 
 /// The objects that make one Service's frontends, in the order listed: the Service (twice if
-/// it is listed twice), its `EndpointSlices`, its Endpoints.
+/// it is listed twice), its EndpointSlices, its Endpoints.
 #[derive(Clone, Debug, Default)]
 pub struct Group {
     pub services: Vec<Arc<core::Service>>,
@@ -539,7 +539,7 @@ fn endpoint_slice(
     })
 }
 
-/// The slices the `EndpointSlice` mirroring controller makes of a selectorless Service's
+/// The slices the EndpointSlice mirroring controller makes of a selectorless Service's
 /// `Endpoints`: one per subset (its addresses times its ports), not-ready addresses kept as not
 /// ready.
 fn mirrored_slices(endpoints: &core::Endpoints, skipped: &mut Vec<Skipped>) -> Vec<EndpointSlice> {

@@ -1,5 +1,5 @@
 //! The model kept between syncs. A Service's frontends are computed again only when one of its
-//! objects changed (the Service, its `EndpointSlices`, its Endpoints), or when the Nodes or the
+//! objects changed (the Service, its EndpointSlices, its Endpoints), or when the Nodes or the
 //! node's config did: with 10,000 Services, an edit to one costs the work of one. Sources hand
 //! out the same allocation for an object that did not change, so a change is found by address,
 //! without comparing contents.
@@ -27,7 +27,7 @@ struct Context {
     /// The Node objects the rest was computed from.
     objects: Vec<Arc<core::Node>>,
     nodes: Vec<Node>,
-    /// Where `NodePorts` listen; the first is the SNAT address.
+    /// Where NodePorts listen; the first is the SNAT address.
     node_addresses: Vec<Ipv4Addr>,
     skipped: Vec<Skipped>,
 }

@@ -26,7 +26,7 @@ pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
 /// Kubernetes' default `--service-node-port-range`.
 pub const DEFAULT_NODE_PORT_RANGE: RangeInclusive<u16> = 30000..=32767;
 
-/// Services and their `EndpointSlices`, validated.
+/// Services and their EndpointSlices, validated.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Cluster {
     pub services: Vec<Service>,
@@ -100,7 +100,7 @@ pub enum Algorithm {
     SourceHash,
 }
 
-/// One `EndpointSlice`, or the slice the mirroring controller would make of an `Endpoints`.
+/// One EndpointSlice, or the slice the mirroring controller would make of an Endpoints.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EndpointSlice {
     pub namespace: String,
@@ -137,7 +137,7 @@ pub struct Endpoint {
 pub struct Node {
     pub name: String,
     pub labels: BTreeMap<String, String>,
-    /// `InternalIP` and `ExternalIP` addresses.
+    /// InternalIP and ExternalIP addresses.
     pub addresses: Vec<Ipv4Addr>,
 }
 
@@ -145,7 +145,7 @@ pub struct Node {
 #[derive(Clone, Debug, PartialEq)]
 pub struct NodeConfig {
     pub name: String,
-    /// Where `NodePorts` listen (`--node-ip`); empty: the Node's `InternalIP` and `ExternalIP`.
+    /// Where NodePorts listen (`--node-ip`); empty: the Node's InternalIP and ExternalIP.
     pub addresses: Vec<Ipv4Addr>,
     pub node_port_range: RangeInclusive<u16>,
 }
@@ -317,7 +317,7 @@ pub struct Desired {
     pub skipped: Vec<Skipped>,
     /// The claims that lost to an older Service's (also in `skipped`), sorted.
     pub lost_claims: Vec<LostClaim>,
-    /// The node's addresses: where `NodePorts` listen, the first is the SNAT address.
+    /// The node's addresses: where NodePorts listen, the first is the SNAT address.
     pub node_addresses: Vec<Ipv4Addr>,
 }
 

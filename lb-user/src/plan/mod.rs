@@ -23,7 +23,7 @@ pub struct MapEntries {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
     pub slots: BTreeMap<SlotKey, Slot>,
     pub backends: BTreeMap<u32, Backend>,
-    /// `ClusterIPs` (network order).
+    /// ClusterIPs (network order).
     pub vips: BTreeMap<u32, Vip>,
 }
 

@@ -1,4 +1,4 @@
-//! Services, `EndpointSlices` and this node's Node from the Kubernetes API: kube-rs reflectors
+//! Services, EndpointSlices and this node's Node from the Kubernetes API: kube-rs reflectors
 //! keep a copy of each, and every burst of changes becomes one snapshot of the same objects the
 //! manifest source reads.
 //!
@@ -83,7 +83,7 @@ impl Progress {
     }
 }
 
-/// Watches the cluster's Services and `EndpointSlices` (every slice, whoever manages it) and the
+/// Watches the cluster's Services and EndpointSlices (every slice, whoever manages it) and the
 /// Node `node_name`. Each burst of changes is published as one snapshot, at most `batch_delay`
 /// after its first event; `on_error` is called for every failed list or watch. The receiver
 /// holds `None` until every kind has been listed once.

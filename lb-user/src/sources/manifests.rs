@@ -29,7 +29,7 @@ pub struct Manifests {
 }
 
 /// What identifies a version of a file. The inode too: a file replaced by rename (kubectl,
-/// editors, `ConfigMap` volumes) may keep its size and modification time.
+/// editors, ConfigMap volumes) may keep its size and modification time.
 type Stamp = (Option<SystemTime>, u64, u64);
 
 #[derive(Clone, Debug)]
@@ -175,7 +175,7 @@ struct Walk {
 
 /// Walks `paths`: a file given is a manifest, a directory given holds them, in its own files
 /// and in its directories, recursively, sorted. Below a path given, a symlink is followed to a
-/// file (a `ConfigMap` volume's files are symlinks) but never to a directory, and no directory is
+/// file (a ConfigMap volume's files are symlinks) but never to a directory, and no directory is
 /// entered twice (a bind mount of a parent below it): the walk is bounded by the directories
 /// on disk, whatever links and mounts a manifest directory holds. A file reached twice (by a
 /// link, or given twice) is read once, by its first path.

@@ -273,8 +273,8 @@ fn a_newer_service_cannot_take_a_frontend_another_serves() {
             },
         }),
     );
-    let lost = "Service default/aaa-squatter spec.ports[http]: 10.96.0.10:80/TCP is already a \
-                frontend of Service default/demo, created earlier";
+    let lost = "object=Service default/aaa-squatter field=spec.ports[http] reason=10.96.0.10:80/TCP \
+                is already a frontend of Service default/demo, created earlier";
     lab.wait_for("the agent to leave the newcomer's claim out", || {
         Ok(fs::read_to_string(lab.agent_log())?.contains(lost))
     })

@@ -105,7 +105,7 @@ fn backend_count(dump: &str, frontend: &str) -> Option<u16> {
         .ok()
 }
 
-/// Makes the endpoint at `ip` not ready, as the `EndpointSlice` controller writes it: not
+/// Makes the endpoint at `ip` not ready, as the EndpointSlice controller writes it: not
 /// serving either while it is not terminating.
 fn set_not_ready(text: &str, ip: &str) -> String {
     set_conditions(text, ip, "ready: false, serving: false, terminating: false")

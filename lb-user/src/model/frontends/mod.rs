@@ -1,5 +1,5 @@
-//! The frontends of this node and what each balances over: `ClusterIPs` for traffic from inside,
-//! `NodePorts`, external IPs and load-balancer IPs for traffic from outside and inside.
+//! The frontends of this node and what each balances over: ClusterIPs for traffic from inside,
+//! NodePorts, external IPs and load-balancer IPs for traffic from outside and inside.
 
 use std::{
     borrow::Borrow,
@@ -14,7 +14,7 @@ use super::{
     topology::{self, Candidate, Selection, Topology},
 };
 
-/// The node the frontends are for: its config, the addresses its `NodePorts` listen on, and the
+/// The node the frontends are for: its config, the addresses its NodePorts listen on, and the
 /// topology of the cluster around it.
 pub struct Here<'a> {
     pub node: &'a NodeConfig,
@@ -256,7 +256,7 @@ fn service_frontends(
     claims
 }
 
-/// The port's `NodePort`, if it has one this node can serve.
+/// The port's NodePort, if it has one this node can serve.
 fn node_port(
     service: &Service,
     port: &ServicePort,
