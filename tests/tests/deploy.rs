@@ -452,14 +452,87 @@ fn capability_mask(capabilities: &[String]) -> u64 {
         .sum()
 }
 
+/// Runs what follows in a mount namespace of its own whose every mount is read-only but the
+/// container's writable volumes: bpffs (the pins) and the host's `/proc/sys/net`, bound at
+/// `sysctl_dir/net` as the DaemonSet mounts it at `/host/proc/sys/net`. As a container with
+/// `readOnlyRootFilesystem` sees the node: nothing else can be written.
+fn read_only_but_the_volumes(sysctl_dir: &std::path::Path) -> Vec<String> {
+    const SCRIPT: &str = r#"set -e
+writable="$1/net"; shift
+mount --bind /proc/sys/net "$writable"
+findmnt -rn -o TARGET | while read -r mount; do
+  case "$mount" in /sys/fs/bpf|/sys/fs/bpf/*|"$writable") continue ;; esac
+  mount -o remount,bind,ro "$mount" 2>/dev/null || true
+done
+exec "$@""#;
+    [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "bash",
+        "-c",
+        SCRIPT,
+        "read-only-but-the-volumes",
+        &sysctl_dir.display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// The mount flags of `/` as process `pid` sees it (`rw` or `ro`).
+fn root_mount_flags(pid: u32) -> String {
+    let mountinfo = fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    mountinfo
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|fields| fields.get(4) == Some(&"/"))
+        .and_then(|fields| {
+            fields
+                .get(5)
+                .map(|f| f.split(',').next().unwrap_or("").to_string())
+        })
+        .expect("a root mount")
+}
+
 #[test]
 fn the_agent_runs_with_the_container_s_capabilities_alone() {
     let capabilities = container_capabilities();
+    let manifests = Manifests::load();
+    let container = agent(pod(manifests.daemon_set()));
+    let read_only_root = container
+        .security_context
+        .as_ref()
+        .and_then(|s| s.read_only_root_filesystem)
+        .unwrap_or(false);
+    assert!(
+        read_only_root,
+        "the DaemonSet's container has a read-only root"
+    );
+    let sysctl_dir = tempfile::tempdir().unwrap();
+    fs::create_dir(sysctl_dir.path().join("net")).unwrap();
     let mut lab = Lab::up("caps").expect("lab");
-    lab.agent_wrapper = setpriv(&capabilities);
-    lab.start_agent(&[])
-        .expect("an agent with the container's capabilities");
+    lab.agent_wrapper = read_only_but_the_volumes(sysctl_dir.path());
+    lab.agent_wrapper.extend(setpriv(&capabilities));
+    let sysctl = sysctl_dir.path().display().to_string();
+    let agent_args = ["--sysctl-dir", sysctl.as_str()];
+    lab.start_agent(&agent_args)
+        .expect("an agent with the container's capabilities and read-only mounts");
     let pid = lab.agent_pid().expect("the agent runs");
+    assert_eq!(
+        root_mount_flags(pid),
+        "ro",
+        "the agent sees a read-only root"
+    );
+    for probe in ["healthz", "readyz"] {
+        let url = format!("http://127.0.0.1:9402/{probe}");
+        let answer = lab
+            .in_node(&["curl", "-sf", "--max-time", "2", &url])
+            .output()
+            .unwrap();
+        assert!(answer.status.success(), "/{probe}: {answer:?}");
+    }
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let effective = status
         .lines()
@@ -473,8 +546,8 @@ fn the_agent_runs_with_the_container_s_capabilities_alone() {
     );
     let answer = lab.curl("http://10.96.0.10/").expect("forwarded");
     assert!(pod_of(&answer).is_some(), "{answer}");
-    // A restart adopts the pins, with the same capabilities.
-    lab.start_agent(&[]).expect("the agent again");
+    // A restart adopts the pins, with the same capabilities and mounts.
+    lab.start_agent(&agent_args).expect("the agent again");
     let log = fs::read_to_string(lab.agent_log()).unwrap();
     assert!(
         log.contains("adopted the maps pinned before frontends=4"),
