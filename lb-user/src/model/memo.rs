@@ -11,18 +11,18 @@ use k8s_openapi::api::core::v1 as core;
 use super::{
     Desired, Frontend, Node, NodeConfig, Objects, Skipped,
     convert::{self, Group, same},
-    frontends::{Here, frontends, settle},
+    frontends::{NodeView, frontends, settle},
 };
 
 #[derive(Default)]
 pub struct Memo {
     /// What every Service below was computed for.
-    context: Option<Context>,
+    node_state: Option<NodeState>,
     /// By namespace and name.
-    services: BTreeMap<(String, String), Computed>,
+    services: BTreeMap<(String, String), ServicePart>,
 }
 
-struct Context {
+struct NodeState {
     node: NodeConfig,
     /// The Node objects the rest was computed from.
     objects: Vec<Arc<core::Node>>,
@@ -33,7 +33,7 @@ struct Context {
 }
 
 /// One Service's part of the model.
-struct Computed {
+struct ServicePart {
     group: Group,
     /// Every frontend it claims, before other Services' claims are settled.
     frontends: Vec<Arc<Frontend>>,
@@ -44,33 +44,37 @@ impl Memo {
     /// What `objects` define for `node`: [`super::compute`], from what the last update left.
     /// A frontend that did not change is the same allocation as in the last update.
     pub fn update(&mut self, objects: &Objects, node: &NodeConfig) -> Desired {
-        let context = match self.context.take() {
+        let node_state = match self.node_state.take() {
             Some(c) if c.node == *node && same(&c.objects, &objects.nodes) => c,
             _ => {
                 self.services.clear();
-                Context::new(objects, node)
+                NodeState::new(objects, node)
             }
         };
-        let here = Here::new(&context.node, &context.node_addresses, &context.nodes);
+        let view = NodeView::new(
+            &node_state.node,
+            &node_state.node_addresses,
+            &node_state.nodes,
+        );
         let mut before = std::mem::take(&mut self.services).into_iter().peekable();
         self.services = convert::groups(objects)
             .into_iter()
             .map(|(key, group)| {
                 let is_before =
-                    |(k, _): &((String, String), Computed)| (k.0.as_str(), k.1.as_str()) < key;
+                    |(k, _): &((String, String), ServicePart)| (k.0.as_str(), k.1.as_str()) < key;
                 while before.next_if(is_before).is_some() {}
                 let kept = before.next_if(|(k, computed)| {
                     (k.0.as_str(), k.1.as_str()) == key && computed.group.is_same(&group)
                 });
                 kept.unwrap_or_else(|| {
-                    let computed = Computed::new(group, &here);
+                    let computed = ServicePart::new(group, &view);
                     ((key.0.to_string(), key.1.to_string()), computed)
                 })
             })
             .collect();
         drop(before);
 
-        let mut skipped = context.skipped.clone();
+        let mut skipped = node_state.skipped.clone();
         for computed in self.services.values() {
             skipped.extend_from_slice(&computed.skipped);
         }
@@ -80,8 +84,8 @@ impl Memo {
             .flat_map(|c| c.frontends.iter().cloned());
         let (frontends, lost_claims) = settle(claims, &mut skipped);
         skipped.sort();
-        let node_addresses = context.node_addresses.clone();
-        self.context = Some(context);
+        let node_addresses = node_state.node_addresses.clone();
+        self.node_state = Some(node_state);
         Desired {
             frontends,
             skipped,
@@ -91,7 +95,7 @@ impl Memo {
     }
 }
 
-impl Context {
+impl NodeState {
     fn new(objects: &Objects, node: &NodeConfig) -> Self {
         let mut skipped = Vec::new();
         let nodes = convert::nodes(&objects.nodes, &mut skipped);
@@ -120,12 +124,12 @@ impl Context {
     }
 }
 
-impl Computed {
-    fn new(group: Group, here: &Here<'_>) -> Self {
+impl ServicePart {
+    fn new(group: Group, view: &NodeView<'_>) -> Self {
         let mut skipped = Vec::new();
         let cluster = convert::cluster(&group, &mut skipped);
-        // Claims within one Service are settled here, between Services in `update`.
-        let (frontends, _, more) = frontends(&cluster, here);
+        // Claims within one Service are settled view, between Services in `update`.
+        let (frontends, _, more) = frontends(&cluster, view);
         skipped.extend(more);
         Self {
             group,

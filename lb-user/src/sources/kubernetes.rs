@@ -72,14 +72,29 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, Error> {
 /// What the watchers share: whether each kind has been listed, and whether anything changed
 /// since the last snapshot.
 struct Progress {
-    listed: [AtomicBool; 3],
+    listed: Listed,
     dirty: AtomicBool,
     changed: Notify,
 }
 
+/// Whether each kind has been listed once.
+#[derive(Default)]
+struct Listed {
+    services: AtomicBool,
+    slices: AtomicBool,
+    nodes: AtomicBool,
+}
+
 impl Progress {
     fn all_listed(&self) -> bool {
-        self.listed.iter().all(|l| l.load(Ordering::Acquire))
+        let Listed {
+            services,
+            slices,
+            nodes,
+        } = &self.listed;
+        [services, slices, nodes]
+            .iter()
+            .all(|l| l.load(Ordering::Acquire))
     }
 }
 
@@ -94,7 +109,7 @@ pub fn watch(
     on_error: impl Fn() + Send + Sync + 'static,
 ) -> watch::Receiver<Option<Objects>> {
     let progress = Arc::new(Progress {
-        listed: Default::default(),
+        listed: Listed::default(),
         dirty: AtomicBool::new(false),
         changed: Notify::new(),
     });
@@ -103,21 +118,21 @@ pub fn watch(
     let services = reflect::<core::Service>(
         Api::all(client.clone()),
         watcher::Config::default(),
-        0,
+        |l| &l.services,
         &progress,
         &on_error,
     );
     let slices = reflect::<discovery::EndpointSlice>(
         Api::all(client.clone()),
         watcher::Config::default(),
-        1,
+        |l| &l.slices,
         &progress,
         &on_error,
     );
     let nodes = reflect::<core::Node>(
         Api::all(client.clone()),
         node_config,
-        2,
+        |l| &l.nodes,
         &progress,
         &on_error,
     );
@@ -158,11 +173,11 @@ pub fn watch(
     snapshots
 }
 
-/// Starts a reflector of `api`, the `index`th kind of `progress`; its store.
+/// Starts a reflector of `api`, whose kind's flag in `progress` is `listed`; its store.
 fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,
-    index: usize,
+    listed: fn(&Listed) -> &AtomicBool,
     progress: &Arc<Progress>,
     on_error: &Arc<dyn Fn() + Send + Sync>,
 ) -> Store<K>
@@ -179,7 +194,7 @@ where
         while let Some(event) = events.next().await {
             let changed = match event {
                 Ok(Event::InitDone) => {
-                    if !progress.listed[index].swap(true, Ordering::AcqRel) {
+                    if !listed(&progress.listed).swap(true, Ordering::AcqRel) {
                         info!(kind = %K::kind(&()), "listed");
                     }
                     true
@@ -188,7 +203,7 @@ where
                 // A relist in progress: the store keeps the last complete list until it ends.
                 Ok(Event::Init | Event::InitApply(_)) => false,
                 Err(e) => {
-                    warn!(kind = %K::kind(&()), "watch: {e}; retrying with backoff");
+                    warn!(kind = %K::kind(&()), error = %e, "a list or watch failed; retrying with backoff");
                     on_error();
                     false
                 }

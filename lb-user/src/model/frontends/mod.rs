@@ -16,13 +16,13 @@ use super::{
 
 /// The node the frontends are for: its config, the addresses its NodePorts listen on, and the
 /// topology of the cluster around it.
-pub struct Here<'a> {
+pub struct NodeView<'a> {
     pub node: &'a NodeConfig,
     pub node_ips: &'a [Ipv4Addr],
     pub topology: Topology<'a>,
 }
 
-impl<'a> Here<'a> {
+impl<'a> NodeView<'a> {
     pub fn new(node: &'a NodeConfig, node_ips: &'a [Ipv4Addr], nodes: &'a [Node]) -> Self {
         Self {
             node,
@@ -32,11 +32,11 @@ impl<'a> Here<'a> {
     }
 }
 
-/// The frontends of `cluster`'s Services here, sorted by address, port, protocol and scope,
+/// The frontends of `cluster`'s Services view, sorted by address, port, protocol and scope,
 /// with the claims that lost ([`settle`]).
 pub fn frontends(
     cluster: &Cluster,
-    here: &Here<'_>,
+    view: &NodeView<'_>,
 ) -> (Vec<Frontend>, Vec<LostClaim>, Vec<Skipped>) {
     let mut services: Vec<&Service> = cluster.services.iter().collect();
     services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -56,7 +56,7 @@ pub fn frontends(
         let slices = slices_of
             .get(&(service.namespace.as_str(), service.name.as_str()))
             .map_or(&[][..], Vec::as_slice);
-        claims.extend(service_frontends(service, slices, here, &mut skipped));
+        claims.extend(service_frontends(service, slices, view, &mut skipped));
     }
     let (frontends, lost) = settle(claims, &mut skipped);
     (frontends, lost, skipped)
@@ -166,10 +166,10 @@ fn older(holder: Option<i64>, newcomer: Option<i64>) -> &'static str {
 fn service_frontends(
     service: &Service,
     slices: &[&EndpointSlice],
-    here: &Here<'_>,
+    view: &NodeView<'_>,
     skipped: &mut Vec<Skipped>,
 ) -> Vec<Frontend> {
-    let topology = &here.topology;
+    let topology = &view.topology;
     let mut claims = Vec::new();
     for port in &service.ports {
         let candidates = candidates(service, port, slices, skipped);
@@ -195,9 +195,9 @@ fn service_frontends(
         };
 
         let mut externals = Vec::new();
-        if let Some(node_port) = node_port(service, port, here.node, skipped) {
+        if let Some(node_port) = node_port(service, port, view.node, skipped) {
             externals.extend(
-                here.node_ips
+                view.node_ips
                     .iter()
                     .map(|&ip| (FrontendKind::NodePort, ip, node_port)),
             );

@@ -120,7 +120,7 @@ fn run(cluster: &Cluster, node: &NodeConfig) -> (Vec<Frontend>, Vec<Skipped>) {
     } else {
         node.addresses.clone()
     };
-    let (frontends, _, skipped) = frontends(cluster, &Here::new(node, &node_ips, &nodes));
+    let (frontends, _, skipped) = frontends(cluster, &NodeView::new(node, &node_ips, &nodes));
     (frontends, skipped)
 }
 
@@ -384,7 +384,7 @@ fn traffic_policies() {
             Drop,
         ),
         (
-            "internalTrafficPolicy Local, none here: drop",
+            "internalTrafficPolicy Local, none view: drop",
             node_port(local, cluster_policy),
             vec![ep(2, "n2")],
             "n1",
@@ -440,7 +440,7 @@ fn traffic_policies() {
             Reject,
         ),
         (
-            "externalTrafficPolicy Local, none here: drop outside clients",
+            "externalTrafficPolicy Local, none view: drop outside clients",
             node_port(cluster_policy, local),
             vec![ep(1, "n1")],
             "n3",
@@ -609,7 +609,7 @@ fn of_two_services_claiming_a_frontend_the_older_keeps_it() {
         };
         let nodes = nodes();
         let node = NodeConfig::new("n1");
-        let (frontends, lost, skipped) = frontends(&cluster, &Here::new(&node, &[], &nodes));
+        let (frontends, lost, skipped) = frontends(&cluster, &NodeView::new(&node, &[], &nodes));
         let external = frontends
             .iter()
             .find(|f| f.kind == FrontendKind::ExternalIP && f.scope == Scope::External)
@@ -659,7 +659,7 @@ fn a_service_s_cluster_ip_is_its_own_from_outside_too() {
     };
     let nodes = nodes();
     let node = NodeConfig::new("n1");
-    let (frontends, lost, skipped) = frontends(&cluster, &Here::new(&node, &[], &nodes));
+    let (frontends, lost, skipped) = frontends(&cluster, &NodeView::new(&node, &[], &nodes));
     let on_vip: Vec<(&str, Scope)> = frontends
         .iter()
         .filter(|f| f.address == VIP)
