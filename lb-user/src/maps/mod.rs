@@ -139,26 +139,10 @@ impl KernelMaps {
     /// What the kernel holds now.
     pub fn read(&self) -> Result<MapEntries> {
         Ok(MapEntries {
-            frontends: self
-                .frontends
-                .iter()
-                .collect::<Result<_, _>>()
-                .map_err(reading(FRONTENDS))?,
-            slots: self
-                .slots
-                .iter()
-                .collect::<Result<_, _>>()
-                .map_err(reading(SLOTS))?,
-            backends: self
-                .backends
-                .iter()
-                .collect::<Result<_, _>>()
-                .map_err(reading(BACKENDS))?,
-            vips: self
-                .vips
-                .iter()
-                .collect::<Result<_, _>>()
-                .map_err(reading(VIPS))?,
+            frontends: entries(&self.frontends, FRONTENDS)?,
+            slots: entries(&self.slots, SLOTS)?,
+            backends: entries(&self.backends, BACKENDS)?,
+            vips: entries(&self.vips, VIPS)?,
         })
     }
 
@@ -296,6 +280,14 @@ impl MapWrites for KernelMaps {
             .set(SINGLE_ENTRY, bumped, 0)
             .map_err(kernel_error(EPOCH))
     }
+}
+
+/// Every entry of one of the agent-written maps.
+fn entries<K: aya::Pod + Ord, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<std::collections::BTreeMap<K, V>> {
+    map.iter().collect::<Result<_, _>>().map_err(reading(name))
 }
 
 /// The entries of a flow table, at most its capacity: entries come and go while it is walked,
