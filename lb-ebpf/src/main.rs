@@ -56,14 +56,14 @@ use lb_common::maps::{SCOPE_EXTERNAL, SCOPE_INTERNAL};
 
 use crate::{
     balance::{Verdict, balance},
-    parse::parse,
+    parse::{Frame, parse},
     reject::reject,
     reply::{Hook, to_client},
 };
 
 #[classifier]
 pub fn lb_tc(ctx: TcContext) -> i32 {
-    let Some(packet) = parse(ctx.data(), ctx.data_end()) else {
+    let Some(packet) = parse(ctx.data(), ctx.data_end(), Frame::Linear) else {
         return TC_ACT_OK;
     };
     match balance(&ctx, &packet, SCOPE_INTERNAL) {
@@ -76,7 +76,7 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
 /// Replies leaving the node's interfaces (to a pod, or out of an uplink), routed already.
 #[classifier]
 pub fn lb_tc_egress(ctx: TcContext) -> i32 {
-    let Some(packet) = parse(ctx.data(), ctx.data_end()) else {
+    let Some(packet) = parse(ctx.data(), ctx.data_end(), Frame::Linear) else {
         return TC_ACT_OK;
     };
     match to_client(&ctx, &packet, Hook::Egress) {
@@ -87,7 +87,7 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let Some(packet) = parse(ctx.data(), ctx.data_end()) else {
+    let Some(packet) = parse(ctx.data(), ctx.data_end(), Frame::Whole) else {
         return xdp_action::XDP_PASS;
     };
     match balance(&ctx, &packet, SCOPE_EXTERNAL) {

@@ -84,11 +84,23 @@ fn read<T: Copy>(data: usize, data_end: usize, offset: usize) -> Option<T> {
     Some(unsafe { *field })
 }
 
+/// What a program sees of a packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Frame {
+    /// The whole of it (XDP, whose programs here take no multi-buffer frames): the datagram
+    /// must fit in it. A BIG TCP datagram (total length 0) is still taken: generic XDP runs
+    /// after GRO.
+    Whole,
+    /// An skb's linear part (tc), whose end is no datagram's (GRO, TSO), and a BIG TCP
+    /// datagram's total length is 0.
+    Linear,
+}
+
 /// Parses an IPv4 TCP or UDP packet; anything else (and IP fragments, which carry no ports past
 /// the first) is `None` and passes untouched, and so is a malformed one (lengths that do not
-/// fit each other): it is never rewritten.
+/// fit each other, or the frame when it is `Whole`): it is never rewritten.
 #[inline(always)]
-pub fn parse(data: usize, data_end: usize) -> Option<Packet> {
+pub fn parse(data: usize, data_end: usize, frame: Frame) -> Option<Packet> {
     let ether_type_be: u16 = read(data, data_end, ETH_TYPE)?;
     if ether_type_be != ETH_P_IP_BE {
         return None;
@@ -106,9 +118,11 @@ pub fn parse(data: usize, data_end: usize) -> Option<Packet> {
         return None;
     }
     let l4_offset = ETH_HLEN + ip_len;
-    // The lengths must fit each other. Not the frame: tc sees only an skb's linear part, whose
-    // end is no datagram's (GRO, TSO), and a BIG TCP datagram's total length is 0.
+    // The lengths must fit each other, and the frame when it is the whole packet.
     let total_len = usize::from(u16::from_be(ip.total_len_be));
+    if frame == Frame::Whole && data + ETH_HLEN + total_len > data_end {
+        return None;
+    }
     let l4_len = match total_len {
         0 if protocol == PROTO_TCP => usize::MAX,
         total if total < ip_len => return None,

@@ -381,6 +381,18 @@ fn big_tcp(p: Vec<u8>) -> Vec<u8> {
     })
 }
 
+/// `p` with an IPv4 total length 100 bytes past its frame, and its IPv4 checksum to match: as
+/// tc sees a GSO skb's linear part, or a truncated frame.
+fn past_the_frame(p: Vec<u8>) -> Vec<u8> {
+    with(p, |p| {
+        let total = u16::from_be_bytes([p[16], p[17]]) + 100;
+        p[16..18].copy_from_slice(&total.to_be_bytes());
+        p[24..26].fill(0);
+        let sum = checksum(&p[14..34], 0);
+        p[24..26].copy_from_slice(&sum.to_be_bytes());
+    })
+}
+
 fn with(p: Vec<u8>, change: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     let mut p = p;
     change(&mut p);
@@ -814,6 +826,33 @@ fn rows() -> Vec<Row> {
             verdict: XDP_DROP,
             out: Out::Unchanged,
             counts: &["dropped_no_snat"],
+            before: None,
+        },
+        Row {
+            what: "from outside, an IPv4 total length past the frame: untouched",
+            hook: Hook::Xdp,
+            input: past_the_frame(packet(TCP_SYN, CLIENT, LOAD_BALANCER_IP, 40030, 80)),
+            verdict: XDP_PASS,
+            out: Out::Unchanged,
+            counts: &[],
+            before: None,
+        },
+        Row {
+            what: "from outside, a TCP total length of 0 (BIG TCP after GRO, generic XDP): DNAT",
+            hook: Hook::Xdp,
+            input: big_tcp(packet(TCP_SYN, CLIENT, LOAD_BALANCER_IP, 40031, 80)),
+            verdict: XDP_PASS,
+            out: Out::Packet(big_tcp(packet(TCP_SYN, CLIENT, WEB, 40031, 8080))),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "a total length past what tc sees (a GSO skb's linear part): DNAT",
+            hook: Hook::TcIngress,
+            input: past_the_frame(packet(TCP_ACK, CLIENT, CLUSTER_IP, 40032, 80)),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(past_the_frame(packet(TCP_ACK, CLIENT, WEB, 40032, 8080))),
+            counts: &["new_flows"],
             before: None,
         },
     ]
