@@ -135,6 +135,22 @@ async fn the_kubernetes_source_builds_the_model_the_manifests_do() {
     server.delete(SERVICES, &gone_key);
     converges(&mut snapshots, &expected, "watch events").await;
 
+    // A headless Service's slice: not listed at all, as kube-proxy's informers leave it out.
+    let mut headless = serde_json::to_value(&*expected.endpoint_slices[0]).unwrap();
+    headless["metadata"]["name"] = json!("demo-headless");
+    headless["metadata"]["labels"]["service.kubernetes.io/headless"] = json!("");
+    server.apply(SLICES, headless);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let listed = snapshots.borrow_and_update().clone().unwrap();
+    assert!(
+        listed
+            .endpoint_slices
+            .iter()
+            .all(|s| s.metadata.name.as_deref() != Some("demo-headless")),
+        "a headless Service's slice reached the agent"
+    );
+    converges(&mut snapshots, &expected, "a headless slice added").await;
+
     // The Node deleted, as while it registers again: its last version stays in force.
     snapshots.borrow_and_update();
     server.delete(NODES, &format!("/{NODE}"));

@@ -189,7 +189,13 @@ impl Server {
         let params: BTreeMap<&str, String> = query
             .split('&')
             .filter_map(|p| p.split_once('='))
-            .map(|(k, v)| (k, v.replace("%3D", "=")))
+            .map(|(k, v)| {
+                let v = v
+                    .replace("%3D", "=")
+                    .replace("%21", "!")
+                    .replace("%2F", "/");
+                (k, v)
+            })
             .collect();
         let Some(&(path, kind, api_version)) = RESOURCES.iter().find(|(p, ..)| *p == path) else {
             let _ = stream
@@ -202,9 +208,20 @@ impl Server {
             .get("fieldSelector")
             .and_then(|s| s.strip_prefix("metadata.name="))
             .map(str::to_string);
+        // Label selectors of the `!key` form only: the agent's one (no headless slices).
+        let without: Vec<String> = params
+            .get("labelSelector")
+            .into_iter()
+            .flat_map(|s| s.split(','))
+            .filter_map(|term| term.strip_prefix('!'))
+            .map(str::to_string)
+            .collect();
         let wanted = |object: &Value| {
             name.as_deref()
                 .is_none_or(|n| object["metadata"]["name"] == json!(n))
+                && without
+                    .iter()
+                    .all(|key| object["metadata"]["labels"].get(key).is_none())
         };
         if params.get("watch").map(String::as_str) != Some("true") {
             let body = self.list(path, kind, api_version, &wanted);

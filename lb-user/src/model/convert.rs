@@ -21,6 +21,8 @@ use super::{
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
 const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// On the slices of headless Services, which kube-proxy's informers leave out.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// Kubernetes' default and maximum `sessionAffinityConfig.clientIP.timeoutSeconds`.
 const DEFAULT_AFFINITY_TIMEOUT: i32 = 10_800;
 const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
@@ -459,6 +461,9 @@ fn endpoint_slice(
         // IPv6 and FQDN slices exist beside the IPv4 one of every dual-stack Service.
         return None;
     }
+    if label(&slice.metadata, HEADLESS_LABEL).is_some() {
+        return None;
+    }
     let Some(service) = label(&slice.metadata, SERVICE_NAME_LABEL) else {
         skipped.push(Skipped::new(
             object,
@@ -470,19 +475,15 @@ fn endpoint_slice(
     let mut ports = Vec::new();
     for (i, port) in slice.ports.iter().flatten().enumerate() {
         let field = format!("ports[{i}]");
-        let number = match port.port {
-            None => None,
-            Some(n) => match port_number(n) {
-                Some(n) => Some(n),
-                None => {
-                    skipped.push(Skipped::new(
-                        &object,
-                        format!("{field}.port"),
-                        format!("{n} is not a port (1-65535)"),
-                    ));
-                    continue;
-                }
-            },
+        // As kube-proxy's endpointslicecache ("ignoring invalid endpoint port"): a port
+        // without a number gives its Service port no endpoints from this slice.
+        let Some(number) = port.port.and_then(port_number) else {
+            let reason = match port.port {
+                None => "no port number: this slice gives the port no endpoints".to_string(),
+                Some(n) => format!("{n} is not a port (1-65535)"),
+            };
+            skipped.push(Skipped::new(&object, format!("{field}.port"), reason));
+            continue;
         };
         match protocol(port.protocol.as_deref()) {
             Ok(protocol) => ports.push(EndpointPort {
@@ -560,7 +561,7 @@ fn mirrored_slices(endpoints: &core::Endpoints, skipped: &mut Vec<Skipped>) -> V
             match protocol(port.protocol.as_deref()) {
                 Ok(protocol) => ports.push(EndpointPort {
                     name: port.name.clone().unwrap_or_default(),
-                    port: Some(number),
+                    port: number,
                     protocol,
                 }),
                 Err(reason) => {

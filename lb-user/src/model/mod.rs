@@ -11,7 +11,7 @@ mod topology;
 
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr, ops::RangeInclusive, sync::Arc};
 
-pub use convert::Objects;
+pub use convert::{HEADLESS_LABEL, Objects};
 pub use memo::Memo;
 use serde::Serialize;
 
@@ -114,8 +114,7 @@ pub struct EndpointSlice {
 #[derive(Clone, Debug, PartialEq)]
 pub struct EndpointPort {
     pub name: String,
-    /// `None` means "the Service port's numeric targetPort".
-    pub port: Option<u16>,
+    pub port: u16,
     pub protocol: Protocol,
 }
 

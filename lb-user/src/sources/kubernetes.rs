@@ -35,7 +35,7 @@ use thiserror::Error;
 use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
-use crate::model::Objects;
+use crate::model::{HEADLESS_LABEL, Objects};
 
 #[derive(Debug, Error)]
 pub enum Error {
@@ -122,9 +122,10 @@ pub fn watch(
         &progress,
         &on_error,
     );
+    // As kube-proxy's informer: the slices of headless Services are not ours to list.
     let slices = reflect::<discovery::EndpointSlice>(
         Api::all(client.clone()),
-        watcher::Config::default(),
+        watcher::Config::default().labels(&format!("!{HEADLESS_LABEL}")),
         |l| &l.slices,
         &progress,
         &on_error,

@@ -283,3 +283,61 @@ fn a_backend_on_the_node_itself_answers_through_the_vip() {
     assert_eq!(pod_of(&answer), Some("node"), "{answer}");
     assert!(answer.contains(&format!("client={CLIENT_IP}:")), "{answer}");
 }
+
+#[test]
+fn slices_are_read_as_kube_proxy_reads_them() {
+    let lab = lab("slices");
+    let syncs = lab.syncs();
+    // A headless Service's slice naming demo, with a pod that does not exist: left out.
+    lab.add_manifest(
+        "headless.yaml",
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: demo-headless\n  \
+         labels: {kubernetes.io/service-name: demo, service.kubernetes.io/headless: \"\"}\n\
+         addressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\n\
+         endpoints:\n- addresses: [10.244.0.99]\n",
+    )
+    .unwrap();
+    lab.wait_for(
+        "a sync after the headless slice",
+        || Ok(lab.syncs() > syncs),
+    )
+    .unwrap();
+    assert_eq!(
+        backend_count(&lab.dump().unwrap(), "10.96.0.10:80/TCP"),
+        Some(3)
+    );
+    let pods = curl_pods(&lab, HTTP_VIP, 6);
+    assert_eq!(counts(&pods).len(), 3, "the three pods only: {pods:?}");
+    assert!(
+        !lab.dump().unwrap().contains("10.244.0.99"),
+        "the headless slice is out"
+    );
+
+    // The http port without a number in the slice: no endpoints for it, as in kube-proxy (not
+    // the Service's targetPort); the echo port keeps its own.
+    let original = fs::read_to_string(lab.manifests.path().join("demo.yaml")).unwrap();
+    lab.edit_manifest("demo.yaml", |t| {
+        t.replacen("\n- name: http\n  port: 8080\n", "\n- name: http\n", 1)
+    })
+    .unwrap();
+    wait_for_backends(&lab, "10.96.0.10:80/TCP", 0);
+    let err = lab
+        .curl(HTTP_VIP)
+        .expect_err("no endpoints for the http port");
+    assert!(
+        format!("{err:#}").contains("exit status: 7"),
+        "rejected: {err:#}"
+    );
+    assert_eq!(
+        backend_count(&lab.dump().unwrap(), "10.96.0.10:9000/TCP"),
+        Some(3)
+    );
+    let log = fs::read_to_string(lab.agent_log()).unwrap();
+    assert!(
+        log.contains("field=ports[0].port reason=no port number"),
+        "the log names the slice port: {log}"
+    );
+    lab.edit_manifest("demo.yaml", |_| original).unwrap();
+    wait_for_backends(&lab, "10.96.0.10:80/TCP", 3);
+    assert_eq!(counts(&curl_pods(&lab, HTTP_VIP, 3)).len(), 3);
+}

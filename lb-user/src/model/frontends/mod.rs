@@ -9,8 +9,8 @@ use std::{
 
 use super::{
     Backend, Cluster, Endpoint, EndpointSlice, Frontend, FrontendKind, LostClaim, Node, NodeConfig,
-    Protocol, Scope, Service, ServiceKind, ServicePort, Skipped, TargetPort, TrafficPolicy,
-    WhenEmpty, ZONE_LABEL, port_field,
+    Protocol, Scope, Service, ServiceKind, ServicePort, Skipped, TrafficPolicy, WhenEmpty,
+    ZONE_LABEL, port_field,
     topology::{self, Candidate, Selection, Topology},
 };
 
@@ -172,7 +172,7 @@ fn service_frontends(
     let topology = &view.topology;
     let mut claims = Vec::new();
     for port in &service.ports {
-        let candidates = candidates(service, port, slices, skipped);
+        let candidates = candidates(port, slices);
         let cluster_wide = topology::cluster_wide(&candidates, &service.topology_keys, topology);
         let local = topology::node_local(&candidates, topology);
         let local_when_empty = if topology::any_usable(&candidates) {
@@ -293,12 +293,7 @@ fn node_port(
 
 /// The endpoints of `port` across the Service's slices, each once (a terminating duplicate
 /// gives way, as in kube-proxy).
-fn candidates<'a>(
-    service: &Service,
-    port: &ServicePort,
-    slices: &[&'a EndpointSlice],
-    skipped: &mut Vec<Skipped>,
-) -> Vec<Candidate<'a>> {
+fn candidates<'a>(port: &ServicePort, slices: &[&'a EndpointSlice]) -> Vec<Candidate<'a>> {
     let mut by_address: BTreeMap<(Ipv4Addr, u16), Candidate<'a>> = BTreeMap::new();
     for slice in slices {
         // The EndpointSlice controller names each slice port after its Service port and has
@@ -310,21 +305,7 @@ fn candidates<'a>(
         else {
             continue;
         };
-        let number = match (slice_port.port, &port.target_port) {
-            (Some(number), _) => number,
-            (None, TargetPort::Number(number)) => *number,
-            (None, TargetPort::Name(name)) => {
-                skipped.push(Skipped::new(
-                    format!("EndpointSlice {}/{}", slice.namespace, slice.name),
-                    format!("ports[{}].port", slice_port.name),
-                    format!(
-                        "no port number, and Service {}/{} names its targetPort {name:?}",
-                        service.namespace, service.name
-                    ),
-                ));
-                continue;
-            }
-        };
+        let number = slice_port.port;
         for endpoint in &slice.endpoints {
             let candidate = Candidate {
                 endpoint,

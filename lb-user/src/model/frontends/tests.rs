@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use crate::model::{Algorithm, Endpoint, EndpointPort, HOSTNAME_LABEL, Node, REGION_LABEL};
+use crate::model::{
+    Algorithm, Endpoint, EndpointPort, HOSTNAME_LABEL, Node, REGION_LABEL, TargetPort,
+};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
 
@@ -93,7 +95,7 @@ fn cluster(service: Service, endpoints: Vec<Endpoint>) -> Cluster {
             service: "svc".into(),
             ports: vec![EndpointPort {
                 name: "http".into(),
-                port: Some(8080),
+                port: 8080,
                 protocol: Protocol::Tcp,
             }],
             endpoints,
@@ -701,19 +703,4 @@ fn a_udp_frontend_retains_its_serving_endpoints_outside_the_selection() {
     assert_eq!(retained(Protocol::Udp), (vec![1], vec![2]));
     // TCP flows stay on their backend whatever it becomes: nothing to retain.
     assert_eq!(retained(Protocol::Tcp), (vec![1], Vec::<u8>::new()));
-}
-
-#[test]
-fn a_slice_port_without_a_number_takes_a_numeric_target_port() {
-    let mut svc = service();
-    svc.ports[0].target_port = TargetPort::Number(8443);
-    let mut cluster = cluster(svc, vec![ep(1, "n1")]);
-    cluster.slices[0].ports[0].port = None;
-    let (frontends, _) = run(&cluster, &NodeConfig::new("n1"));
-    assert_eq!(frontends[0].backends[0].port, 8443);
-
-    cluster.services[0].ports[0].target_port = TargetPort::Name("web".into());
-    let (frontends, skipped) = run(&cluster, &NodeConfig::new("n1"));
-    assert!(frontends[0].backends.is_empty());
-    assert_eq!(skipped[0].field, "ports[http].port");
 }
