@@ -10,6 +10,7 @@ use lb_common::maps::Config;
 use tracing::error;
 
 use crate::{
+    error_chain,
     maps::MapWrites,
     model::{self, LostClaim, Memo, NodeConfig, Objects, Skipped},
     plan::{self, Ids, MapEntries, Op, Planner},
@@ -123,7 +124,7 @@ impl Pipeline {
                 Ok(()) => self.epoch_due = false,
                 Err(e) => {
                     epoch_failed = true;
-                    error!(error = %e, "flows keep removed backends until the next sync");
+                    error!(error = %error_chain(&e), "flows keep removed backends until the next sync");
                 }
             }
         }
@@ -149,7 +150,7 @@ impl Pipeline {
                 }
                 Err(e) => {
                     let put_off = ops.len() - done;
-                    error!(?op, put_off, error = %e, "a map write failed; the next sync writes the rest");
+                    error!(?op, put_off, error = %error_chain(&e), "a map write failed; the next sync writes the rest");
                     return put_off;
                 }
             }
@@ -177,7 +178,7 @@ impl Pipeline {
                 (true, false)
             }
             Err(e) => {
-                error!(snat_address = ?snat_address, error = %e,
+                error!(snat_address = ?snat_address, error = %error_chain(&e),
                     "the datapath's config keeps its old values until the next sync");
                 (false, true)
             }

@@ -88,9 +88,18 @@ fn render(case: &Case) -> String {
     out
 }
 
-/// Runs the script of `case`; its failed expectations, each set right in `case` for
-/// `UPDATE_GOLDEN`.
-fn run_script(case: &mut Case) -> Vec<String> {
+/// What a script's run found wrong.
+#[derive(Default)]
+struct Failures {
+    /// Expectations that differ, each set right in the case for `UPDATE_GOLDEN`.
+    expected: Vec<String>,
+    /// What no rewrite sets right: maps left where none should be, a section no step names, a
+    /// script that checks nothing.
+    script: Vec<String>,
+}
+
+/// Runs the script of `case`.
+fn run_script(case: &mut Case) -> Failures {
     let where_ = case.path.display().to_string();
     let node = NodeConfig::new(case.node());
     let mut pipeline = Pipeline::new(&node.name, Adopted::default(), Config::default());
@@ -98,7 +107,9 @@ fn run_script(case: &mut Case) -> Vec<String> {
     let mut store = Store::default();
     let mut parsed_skipped: Vec<Skipped> = Vec::new();
     let mut last_skipped = String::new();
-    let mut failures = Vec::new();
+    let mut failures = Failures::default();
+    let mut named: Vec<String> = Vec::new();
+    let mut checks = 0;
     let script: Vec<String> = case.header.lines().map(str::to_string).collect();
     for (number, line) in script.iter().enumerate() {
         let step = format!("{where_}:{}: {line}", number + 1);
@@ -107,6 +118,7 @@ fn run_script(case: &mut Case) -> Vec<String> {
             continue;
         };
         let args: Vec<&str> = words.collect();
+        named.extend(args.iter().map(ToString::to_string));
         let objects = |skipped: &mut Vec<Skipped>| {
             let mut objects = Objects::default();
             for name in &args {
@@ -131,6 +143,7 @@ fn run_script(case: &mut Case) -> Vec<String> {
             "add" => store.add(objects(&mut parsed_skipped)),
             "delete" => store.delete(&objects(&mut Vec::new())),
             "maps" | "skipped" => {
+                checks += 1;
                 let [section] = args[..] else {
                     panic!("{step}: one section expected");
                 };
@@ -143,24 +156,41 @@ fn run_script(case: &mut Case) -> Vec<String> {
                 match case.section_mut(section) {
                     Some(body) if *body == actual => {}
                     Some(body) => {
-                        failures.push(format!(
+                        failures.expected.push(format!(
                             "{step}: differs\n--- expected\n{body}--- actual\n{actual}"
                         ));
                         body.clone_from(&actual);
                     }
                     None => {
-                        failures.push(format!("{step}: no section {section}"));
+                        failures
+                            .expected
+                            .push(format!("{step}: no section {section}"));
                         case.sections.push((section.to_string(), actual));
                     }
                 }
             }
             "maps-empty" => {
+                checks += 1;
                 sync(&store, &mut parsed_skipped);
                 if maps.entries != MapEntries::default() {
-                    failures.push(format!("{step}: left\n{}", maps.entries.dump()));
+                    failures
+                        .script
+                        .push(format!("{step}: left\n{}", maps.entries.dump()));
                 }
             }
             other => panic!("{step}: no command {other}"),
+        }
+    }
+    if checks == 0 {
+        failures
+            .script
+            .push(format!("{where_}: the script checks nothing"));
+    }
+    for (name, _) in &case.sections {
+        if !named.contains(name) {
+            failures
+                .script
+                .push(format!("{where_}: no step names the section {name}"));
         }
     }
     failures
@@ -171,13 +201,14 @@ fn golden() {
     let mut failures = Vec::new();
     for mut case in txtar::cases() {
         let failed = run_script(&mut case);
-        if failed.is_empty() {
+        failures.extend(failed.script);
+        if failed.expected.is_empty() {
             continue;
         }
         if std::env::var_os("UPDATE_GOLDEN").is_some() {
             fs::write(&case.path, render(&case)).unwrap();
         } else {
-            failures.extend(failed);
+            failures.extend(failed.expected);
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));

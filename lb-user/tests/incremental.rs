@@ -6,13 +6,13 @@
 
 mod txtar;
 
-use std::sync::Arc;
+use std::{net::Ipv4Addr, sync::Arc};
 
 use lb_common::maps::Config;
 use lb_user::{
-    maps::memory::{FailingMaps, MemoryMaps},
+    maps::memory::{FailingMaps, MemoryMaps, Written},
     model::{self, Memo, NodeConfig, Objects, Skipped},
-    plan::{self, MapEntries},
+    plan::{self, MapEntries, Op},
     sources::manifests,
     sync::{Adopted, Pipeline},
 };
@@ -246,6 +246,11 @@ fn a_write_that_fails_leaves_consistent_maps_and_the_next_sync_writes_the_rest()
     for case in txtar::cases() {
         let sections: Vec<&(String, String)> = case.manifests().collect();
         let node = NodeConfig::new(case.node());
+        // The node's address changes too: the config is written in the same sync.
+        let moved = NodeConfig {
+            addresses: vec![Ipv4Addr::new(192, 0, 2, 77)],
+            ..node.clone()
+        };
         let case = case.path.display();
         // From every file to every file with one address fewer and the first one gone: adds,
         // updates and deletions in one sync.
@@ -262,16 +267,17 @@ fn a_write_that_fails_leaves_consistent_maps_and_the_next_sync_writes_the_rest()
             }
         }
         let (before, after) = (before.objects(), after.objects());
-        let (wanted, _) = fresh(&after, &node);
+        let (wanted, _) = fresh(&after, &moved);
         let attempts = |fail: Option<usize>| {
             let mut pipeline = Pipeline::new(&node.name, Adopted::default(), Config::default());
             let mut maps = FailingMaps::default();
             assert_eq!(pipeline.sync(&before, &node, &mut maps).failed, 0);
             let start = maps.attempts();
+            let logged = maps.maps.log.len();
             let (epoch, backends) = (maps.maps.epoch, maps.maps.entries.backends.clone());
             if let Some(k) = fail {
                 maps.fail_in(k);
-                let synced = pipeline.sync(&after, &node, &mut maps);
+                let synced = pipeline.sync(&after, &moved, &mut maps);
                 assert!(
                     synced.failed > 0,
                     "{case}: attempt {k} failed, none reported"
@@ -285,8 +291,24 @@ fn a_write_that_fails_leaves_consistent_maps_and_the_next_sync_writes_the_rest()
                     panic!("{case}: attempt {k} failed and left {e}");
                 }
             }
-            let synced = pipeline.sync(&after, &node, &mut maps);
+            let synced = pipeline.sync(&after, &moved, &mut maps);
             assert_eq!(synced.failed, 0, "{case}: {fail:?}, the retry");
+            assert_eq!(
+                maps.maps.config.map(|c| c.snat_addr_be),
+                Some(u32::from(moved.addresses[0]).to_be()),
+                "{case}: {fail:?}, the config"
+            );
+            // The datapath is told of deletions after them: an epoch after the last one.
+            let since = &maps.maps.log[logged..];
+            if let Some(last_delete) = since
+                .iter()
+                .rposition(|w| matches!(w, Written::Op(Op::DeleteBackend(_))))
+            {
+                assert!(
+                    since[last_delete..].contains(&Written::Epoch),
+                    "{case}: {fail:?}, no epoch after the last deletion"
+                );
+            }
             assert_eq!(
                 maps.maps.entries.table(),
                 wanted.table(),

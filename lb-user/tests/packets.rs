@@ -783,12 +783,21 @@ fn rows() -> Vec<Row> {
             before: None,
         },
         Row {
-            what: "a UDP datagram with IPv4 options, from outside: untouched (no UDP frontend there)",
+            what: "a UDP datagram with IPv4 options to a ClusterIP: DNAT, options kept",
+            hook: Hook::TcIngress,
+            input: ip_options(packet(UDP, CLIENT, DNS_IP, 40021, 53)),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(ip_options(packet(UDP, CLIENT, DNS, 40021, 5353))),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "a TCP SYN with IPv4 options from outside: DNAT, options kept",
             hook: Hook::Xdp,
-            input: ip_options(packet(UDP, OUTSIDE, NOWHERE, 40021, 53)),
+            input: ip_options(packet(TCP_SYN, CLIENT, LOAD_BALANCER_IP, 40033, 80)),
             verdict: XDP_PASS,
-            out: Out::Unchanged,
-            counts: &[],
+            out: Out::Packet(ip_options(packet(TCP_SYN, CLIENT, WEB, 40033, 8080))),
+            counts: &["new_flows"],
             before: None,
         },
         Row {
@@ -882,7 +891,7 @@ impl Drop for Loaded {
         if let Some(datapath) = self.0.take()
             && let Err(e) = datapath.remove()
         {
-            eprintln!("removing the test's datapath: {e:#}");
+            eprintln!("removing the test's datapath: {}", lb_user::error_chain(&e));
         }
     }
 }

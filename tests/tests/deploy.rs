@@ -481,19 +481,17 @@ exec "$@""#;
     .to_vec()
 }
 
-/// The mount flags of `/` as process `pid` sees it (`rw` or `ro`).
-fn root_mount_flags(pid: u32) -> String {
+/// The mounts process `pid` sees, each with whether it is writable.
+fn mounts(pid: u32) -> Vec<(String, bool)> {
     let mountinfo = fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
     mountinfo
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|fields| fields.get(4) == Some(&"/"))
-        .and_then(|fields| {
-            fields
-                .get(5)
-                .map(|f| f.split(',').next().unwrap_or("").to_string())
+        .filter_map(|fields| {
+            let writable = fields.get(5)?.split(',').any(|f| f == "rw");
+            Some(((*fields.get(4)?).to_string(), writable))
         })
-        .expect("a root mount")
+        .collect()
 }
 
 #[test]
@@ -513,17 +511,69 @@ fn the_agent_runs_with_the_container_s_capabilities_alone() {
     let sysctl_dir = tempfile::tempdir().unwrap();
     fs::create_dir(sysctl_dir.path().join("net")).unwrap();
     let mut lab = Lab::up("caps").expect("lab");
+    // An uplink, so that the agent writes accept_local through the writable sysctl volume.
+    let uplink = format!("u{}", std::process::id());
+    let peer = format!("w{}", std::process::id());
+    for args in [
+        vec![
+            "link", "add", &uplink, "type", "veth", "peer", "name", &peer,
+        ],
+        vec!["link", "set", &uplink, "up"],
+        vec!["link", "set", &peer, "up"],
+    ] {
+        let status = Command::new("ip")
+            .args(["-n", &lab.node])
+            .args(&args)
+            .status()
+            .unwrap();
+        assert!(status.success(), "ip {args:?}");
+    }
     lab.agent_wrapper = read_only_but_the_volumes(sysctl_dir.path());
     lab.agent_wrapper.extend(setpriv(&capabilities));
     let sysctl = sysctl_dir.path().display().to_string();
-    let agent_args = ["--sysctl-dir", sysctl.as_str()];
+    let agent_args = [
+        "--sysctl-dir",
+        sysctl.as_str(),
+        "--uplinks",
+        uplink.as_str(),
+        "--xdp-mode",
+        "generic",
+    ];
     lab.start_agent(&agent_args)
         .expect("an agent with the container's capabilities and read-only mounts");
     let pid = lab.agent_pid().expect("the agent runs");
-    assert_eq!(
-        root_mount_flags(pid),
-        "ro",
+    // Only the container's writable volumes, and /dev's own mounts as a runtime gives them.
+    let writable: Vec<String> = mounts(pid)
+        .into_iter()
+        .filter(|(_, writable)| *writable)
+        .map(|(path, _)| path)
+        .filter(|path| {
+            !(path.starts_with("/sys/fs/bpf")
+                || path.starts_with("/dev/")
+                || *path == format!("{sysctl}/net"))
+        })
+        .collect();
+    assert!(
+        writable.is_empty(),
+        "writable beyond the volumes: {writable:?}"
+    );
+    assert!(
+        mounts(pid)
+            .iter()
+            .any(|(path, writable)| path == "/" && !writable),
         "the agent sees a read-only root"
+    );
+    let accept_local = lab
+        .in_node(&[
+            "cat",
+            &format!("/proc/sys/net/ipv4/conf/{uplink}/accept_local"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&accept_local.stdout).trim(),
+        "1",
+        "accept_local written through the sysctl volume"
     );
     for probe in ["healthz", "readyz"] {
         let url = format!("http://127.0.0.1:9402/{probe}");

@@ -9,28 +9,40 @@ use lb_common::maps::Config;
 use super::{MapWrites, WriteError};
 use crate::plan::{MapEntries, Op};
 
-/// What the writes left, as the kernel's maps would hold it.
+/// What the writes left, as the kernel's maps would hold it, and the writes in their order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MemoryMaps {
     pub entries: MapEntries,
     pub config: Option<Config>,
     /// How many times backends were removed ([`MapWrites::bump_epoch`]).
     pub epoch: u32,
+    pub log: Vec<Written>,
+}
+
+/// One write that took, as [`MemoryMaps::log`] records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Written {
+    Op(Op),
+    Config(Config),
+    Epoch,
 }
 
 impl MapWrites for MemoryMaps {
     fn apply(&mut self, op: &Op) -> Result<(), WriteError> {
         self.entries.apply(op);
+        self.log.push(Written::Op(op.clone()));
         Ok(())
     }
 
     fn write_config(&mut self, config: &Config) -> Result<(), WriteError> {
         self.config = Some(*config);
+        self.log.push(Written::Config(*config));
         Ok(())
     }
 
     fn bump_epoch(&mut self) -> Result<(), WriteError> {
         self.epoch = self.epoch.wrapping_add(1);
+        self.log.push(Written::Epoch);
         Ok(())
     }
 }

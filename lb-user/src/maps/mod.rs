@@ -35,6 +35,12 @@ pub enum Error {
         #[source]
         source: MapError,
     },
+    #[error("expiring the idle entries of {map}")]
+    Expire {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
     #[error("reading {map}")]
     Read {
         map: &'static str,
@@ -58,10 +64,11 @@ fn reading(map: &'static str) -> impl FnOnce(MapError) -> Error {
 
 /// A map write that did not take.
 #[derive(Debug, thiserror::Error)]
-#[error("writing {map}: {cause}")]
+#[error("writing {map}")]
 pub struct WriteError {
     /// The map's name, as pinned.
     pub map: &'static str,
+    #[source]
     pub cause: Box<dyn std::error::Error + Send + Sync>,
 }
 
@@ -194,11 +201,14 @@ impl KernelMaps {
         let flows = expire(&mut self.flows, |key, flow| {
             config.is_live(key.protocol, flow.state, flow.last_seen_ns, now_ns)
         })
-        .map_err(reading(FLOWS));
+        .map_err(|source| Error::Expire { map: FLOWS, source });
         let replies = expire(&mut self.replies, |key, reply| {
             config.is_live(key.protocol, reply.state, reply.last_seen_ns, now_ns)
         })
-        .map_err(reading(REPLIES));
+        .map_err(|source| Error::Expire {
+            map: REPLIES,
+            source,
+        });
         Ok((flows?, replies?))
     }
 

@@ -128,7 +128,7 @@ impl ServicePart {
     fn new(group: Group, view: &NodeView<'_>) -> Self {
         let mut skipped = Vec::new();
         let cluster = convert::cluster(&group, &mut skipped);
-        // Claims within one Service are settled view, between Services in `update`.
+        // Claims within one Service are settled here, between Services in `update`.
         let (frontends, _, more) = frontends(&cluster, view);
         skipped.extend(more);
         Self {

@@ -39,14 +39,14 @@ use crate::model::{HEADLESS_LABEL, Objects};
 
 #[derive(Debug, Error)]
 pub enum Error {
-    #[error("reading the kubeconfig {path}: {source}")]
+    #[error("reading the kubeconfig {path}")]
     Kubeconfig {
         path: String,
         source: kube::config::KubeconfigError,
     },
-    #[error("no Kubernetes credentials (in-cluster or kubeconfig): {0}")]
+    #[error("no Kubernetes credentials (in-cluster or kubeconfig)")]
     Infer(#[from] kube::config::InferConfigError),
-    #[error("a client for the Kubernetes API: {0}")]
+    #[error("a client for the Kubernetes API")]
     Client(#[from] kube::Error),
 }
 

@@ -32,7 +32,7 @@ impl<'a> NodeView<'a> {
     }
 }
 
-/// The frontends of `cluster`'s Services view, sorted by address, port, protocol and scope,
+/// The frontends of `cluster`'s Services on this node, sorted by address, port, protocol and scope,
 /// with the claims that lost ([`settle`]).
 pub fn frontends(
     cluster: &Cluster,

@@ -386,7 +386,7 @@ fn traffic_policies() {
             Drop,
         ),
         (
-            "internalTrafficPolicy Local, none view: drop",
+            "internalTrafficPolicy Local, none here: drop",
             node_port(local, cluster_policy),
             vec![ep(2, "n2")],
             "n1",
@@ -442,7 +442,7 @@ fn traffic_policies() {
             Reject,
         ),
         (
-            "externalTrafficPolicy Local, none view: drop outside clients",
+            "externalTrafficPolicy Local, none here: drop outside clients",
             node_port(cluster_policy, local),
             vec![ep(1, "n1")],
             "n3",
