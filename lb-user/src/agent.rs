@@ -310,6 +310,8 @@ impl Syncer {
     fn sync(&mut self, objects: &Objects, mut skipped: Vec<Skipped>, node: &model::NodeConfig) {
         let started = Instant::now();
         let synced = self.pipeline.sync(objects, node, &mut self.maps);
+        self.status
+            .set_node_eligible(model::node_eligible(&objects.nodes, &node.name));
         if let Some(snat_address) = synced.config_written {
             info!(snat_address = ?snat_address, "datapath config written");
         }

@@ -87,9 +87,14 @@ struct RunArgs {
     /// frontends through socket hooks; by default the cgroup v2 root.
     #[arg(long)]
     cgroup: Option<PathBuf>,
-    /// Where /healthz and /readyz are served: for the kubelet's probes and load balancers'
-    /// health checks.
-    #[arg(long, default_value = "0.0.0.0:9402")]
+    /// Where the node's health is served, as kube-proxy's: /healthz and /livez (its JSON; for
+    /// cloud load balancers and cluster tooling, and the kubelet's liveness probe), and
+    /// /readyz (the first sync programmed and the interfaces attached).
+    #[arg(
+        long = "healthz-bind-address",
+        alias = "health-address",
+        default_value = "0.0.0.0:10256"
+    )]
     health_address: std::net::SocketAddr,
     /// Where /metrics is served (health too). It names every Service and counts its traffic:
     /// loopback by default, as kube-proxy's.

@@ -49,7 +49,7 @@ pub(crate) const BPFFS: &str = "/sys/fs/bpf";
 pub(crate) const WAIT: Duration = Duration::from_secs(20);
 pub(crate) const POLL: Duration = Duration::from_millis(50);
 /// The agent's readiness, as seen from its node.
-pub const READYZ: &str = "http://127.0.0.1:9402/readyz";
+pub const READYZ: &str = "http://127.0.0.1:10256/readyz";
 /// The soft limit on open files the lab starts its agents with.
 pub const SOFT_FILE_LIMIT: u64 = 1024;
 

@@ -329,7 +329,9 @@ fn the_agent_pod_is_wired_to_the_host() {
         "NODE_NAME is the pod's node"
     );
 
-    let health: SocketAddr = flag(flags, "health-address").parse().expect("an address");
+    let health: SocketAddr = flag(flags, "healthz-bind-address")
+        .parse()
+        .expect("an address");
     let status_port = i32::from(health.port());
     let metrics: SocketAddr = flag(flags, "metrics-address").parse().expect("an address");
     assert!(
@@ -351,7 +353,7 @@ fn the_agent_pod_is_wired_to_the_host() {
         );
     }
     assert_eq!(
-        port_number(agent, &IntOrString::String("health".into())),
+        port_number(agent, &IntOrString::String("healthz".into())),
         status_port,
         "the health port"
     );
@@ -576,7 +578,7 @@ fn the_agent_runs_with_the_container_s_capabilities_alone() {
         "accept_local written through the sysctl volume"
     );
     for probe in ["healthz", "readyz"] {
-        let url = format!("http://127.0.0.1:9402/{probe}");
+        let url = format!("http://127.0.0.1:10256/{probe}");
         let answer = lab
             .in_node(&["curl", "-sf", "--max-time", "2", &url])
             .output()

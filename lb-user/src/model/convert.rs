@@ -128,6 +128,26 @@ pub fn cluster(group: &Group, skipped: &mut Vec<Skipped>) -> Cluster {
     Cluster { services, slices }
 }
 
+/// The taint the cluster autoscaler puts on a Node it is about to delete.
+const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// Whether the cluster may send the Node `name` traffic, as kube-proxy's `/healthz` judges
+/// (`nodeEligible`): not while it is being deleted or the cluster autoscaler has marked it for
+/// deletion. A Node not seen yet is eligible, as in kube-proxy until its first Node event.
+pub fn node_eligible(nodes: &[Arc<core::Node>], name: &str) -> bool {
+    nodes
+        .iter()
+        .filter(|n| n.metadata.name.as_deref() == Some(name))
+        .all(|n| {
+            let marked = n
+                .spec
+                .iter()
+                .flat_map(|spec| spec.taints.iter().flatten())
+                .any(|t| t.key == TO_BE_DELETED_TAINT);
+            n.metadata.deletion_timestamp.is_none() && !marked
+        })
+}
+
 /// Validates the Nodes; what is wrong is listed.
 pub fn nodes(nodes: &[Arc<core::Node>], skipped: &mut Vec<Skipped>) -> Vec<Node> {
     nodes.iter().map(|n| node(n, skipped)).collect()
@@ -631,5 +651,52 @@ fn node(node: &core::Node, skipped: &mut Vec<Skipped>) -> Node {
         name: name(&node.metadata),
         labels: node.metadata.labels.clone().unwrap_or_default(),
         addresses,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(json: serde_json::Value) -> Arc<core::Node> {
+        Arc::new(serde_json::from_value(json).expect("a Node"))
+    }
+
+    #[test]
+    fn a_node_being_deleted_or_marked_by_the_autoscaler_is_not_eligible() {
+        let taint = |key: &str| {
+            serde_json::json!({"metadata": {"name": "n1"},
+                "spec": {"taints": [{"key": key, "effect": "NoSchedule"}]}})
+        };
+        // (what, the Nodes, eligible)
+        let cases = [
+            ("not seen yet", vec![], true),
+            (
+                "plain",
+                vec![node(serde_json::json!({"metadata": {"name": "n1"}}))],
+                true,
+            ),
+            (
+                "being deleted",
+                vec![node(serde_json::json!({"metadata": {"name": "n1",
+                    "deletionTimestamp": "2026-12-01T00:00:00Z"}}))],
+                false,
+            ),
+            (
+                "marked by the autoscaler",
+                vec![node(taint(TO_BE_DELETED_TAINT))],
+                false,
+            ),
+            ("another taint", vec![node(taint("dedicated"))], true),
+            (
+                "another Node marked",
+                vec![node(serde_json::json!({"metadata": {"name": "n2",
+                    "deletionTimestamp": "2026-12-01T00:00:00Z"}}))],
+                true,
+            ),
+        ];
+        for (what, nodes, eligible) in cases {
+            assert_eq!(node_eligible(&nodes, "n1"), eligible, "{what}");
+        }
     }
 }

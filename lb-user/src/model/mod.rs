@@ -11,7 +11,7 @@ mod topology;
 
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr, ops::RangeInclusive, sync::Arc};
 
-pub use convert::{HEADLESS_LABEL, Objects};
+pub use convert::{HEADLESS_LABEL, Objects, node_eligible};
 pub use memo::Memo;
 use serde::Serialize;
 

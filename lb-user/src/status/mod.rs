@@ -19,7 +19,7 @@ use std::{
         Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use lb_common::maps::FrontendStats;
@@ -65,7 +65,20 @@ pub struct Status {
     flow_gc_failures: AtomicU64,
     /// The node's connected UDP sockets reset because their backend was gone.
     sockets_reset: AtomicU64,
+    /// When a sync last wrote everything, in ms since the Unix epoch; 0 before the first.
+    applied_unix_ms: AtomicU64,
+    /// Whether the cluster may send the node traffic: not while its Node is being deleted or
+    /// marked for deletion by the cluster autoscaler (kube-proxy's `nodeEligible`).
+    node_eligible: AtomicBool,
 }
+
+/// An answer: its status line, content type and body.
+pub(crate) type Answer = (&'static str, &'static str, String);
+
+const TEXT: &str = "text/plain; version=0.0.4";
+const JSON: &str = "application/json";
+const OK: &str = "200 OK";
+const UNAVAILABLE: &str = "503 Service Unavailable";
 
 #[derive(Default)]
 struct Syncs {
@@ -91,6 +104,8 @@ impl Status {
             flow_gc_removed: AtomicU64::new(0),
             flow_gc_failures: AtomicU64::new(0),
             sockets_reset: AtomicU64::new(0),
+            applied_unix_ms: AtomicU64::new(0),
+            node_eligible: AtomicBool::new(true),
         }
     }
 
@@ -129,32 +144,55 @@ impl Status {
         now.saturating_duration_since(self.started + Duration::from_millis(ms))
     }
 
-    /// The answer to `path`; `/metrics` only where `maps` are given.
-    fn answer(
-        &self,
-        path: &str,
-        maps: Option<&KernelMaps>,
-    ) -> Result<(&'static str, String), maps::Error> {
+    /// The answer to `path`; `/metrics` only where `maps` are given. `/healthz` and `/livez`
+    /// answer as kube-proxy's health server does (JSON, `lastUpdated` and `currentTime`;
+    /// `nodeEligible` on `/healthz`), for cloud load balancers and cluster tooling: `/livez`
+    /// fails once the sync loop stalls; `/healthz` also once map writes have kept failing, and
+    /// while the node is not eligible. `/readyz` is the agent's own: the first sync programmed
+    /// and the interfaces attached, and the loop healthy.
+    fn answer(&self, path: &str, maps: Option<&KernelMaps>) -> Result<Answer, maps::Error> {
         let now = Instant::now();
-        let unhealthy = match path {
-            "/healthz" => self.stalled(now),
-            "/readyz" => self.stalled(now).or_else(|| self.short(now)),
-            _ => None,
-        };
-        Ok(match (path, unhealthy, maps) {
-            (_, Some(why), _) => ("503 Service Unavailable", format!("{why}\n")),
-            ("/healthz", None, _) => ("200 OK", "ok\n".to_string()),
-            ("/readyz", None, _) if self.ready.load(Ordering::Relaxed) => {
-                ("200 OK", "ready\n".to_string())
+        Ok(match (path, maps) {
+            ("/healthz", _) => {
+                let eligible = self.node_eligible.load(Ordering::Relaxed);
+                let healthy = self.stalled(now).is_none() && self.short(now).is_none() && eligible;
+                self.health_json(healthy, Some(eligible))
             }
-            ("/readyz", None, _) => ("503 Service Unavailable", "not synced yet\n".to_string()),
+            ("/livez", _) => self.health_json(self.stalled(now).is_none(), None),
+            ("/readyz", _) => match self.stalled(now).or_else(|| self.short(now)) {
+                Some(why) => (UNAVAILABLE, TEXT, format!("{why}\n")),
+                None if self.ready.load(Ordering::Relaxed) => (OK, TEXT, "ready\n".to_string()),
+                None => (UNAVAILABLE, TEXT, "not synced yet\n".to_string()),
+            },
             // Walking the flow table takes a while: not on a thread other tasks wait for.
-            ("/metrics", _, Some(maps)) => (
-                "200 OK",
-                tokio::task::block_in_place(|| self.metrics(maps))?,
-            ),
-            _ => ("404 Not Found", "not found\n".to_string()),
+            ("/metrics", Some(maps)) => {
+                let text = tokio::task::block_in_place(|| self.metrics(maps))?;
+                (OK, TEXT, text)
+            }
+            _ => ("404 Not Found", TEXT, "not found\n".to_string()),
         })
+    }
+
+    /// kube-proxy's health body: `lastUpdated` is now while healthy (its compatibility rule),
+    /// else when a sync last wrote everything.
+    fn health_json(&self, healthy: bool, node_eligible: Option<bool>) -> Answer {
+        let now = unix_ms();
+        let last_updated = if healthy {
+            now
+        } else {
+            self.applied_unix_ms.load(Ordering::Relaxed)
+        };
+        let eligible = node_eligible.map_or(String::new(), |e| format!(",\"nodeEligible\":{e}"));
+        let body = format!(
+            "{{\"lastUpdated\":\"{}\",\"currentTime\":\"{}\"{eligible}}}",
+            rfc3339(last_updated),
+            rfc3339(now)
+        );
+        (if healthy { OK } else { UNAVAILABLE }, JSON, body)
+    }
+
+    pub fn set_node_eligible(&self, eligible: bool) {
+        self.node_eligible.store(eligible, Ordering::Relaxed);
     }
 
     pub fn set_ready(&self) {
@@ -168,6 +206,7 @@ impl Status {
         syncs.failed_writes += failed_writes as u64;
         if failed_writes == 0 {
             self.short_since_ms.store(APPLIED, Ordering::Relaxed);
+            self.applied_unix_ms.store(unix_ms(), Ordering::Relaxed);
         } else {
             // The first sync that fell short: later ones keep its time.
             let _ = self.short_since_ms.compare_exchange(
@@ -372,6 +411,37 @@ impl Status {
     }
 }
 
+/// The wall clock, in ms since the Unix epoch.
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// `unix_ms` as RFC 3339 UTC, to the millisecond; `0001-01-01T00:00:00Z` for 0 (never), as
+/// Go prints its zero time.
+fn rfc3339(unix_ms: u64) -> String {
+    if unix_ms == 0 {
+        return "0001-01-01T00:00:00Z".to_string();
+    }
+    let (days, ms) = (unix_ms / 86_400_000, unix_ms % 86_400_000);
+    // Howard Hinnant's civil_from_days, over days since 1970-01-01.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    let (hours, minutes, seconds) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{hours:02}:{minutes:02}:{seconds:02}.{:03}Z",
+        ms % 1000
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,14 +450,11 @@ mod tests {
     fn health_fails_once_the_sync_loop_stops_going_round() {
         let status = Status::new(Duration::from_mins(1));
         let answer = |path| status.answer(path, None).unwrap();
-        assert_eq!(answer("/healthz").0, "200 OK");
-        assert_eq!(
-            answer("/readyz").0,
-            "503 Service Unavailable",
-            "not synced yet"
-        );
+        assert_eq!(answer("/healthz").0, OK);
+        assert_eq!(answer("/livez").0, OK);
+        assert_eq!(answer("/readyz").0, UNAVAILABLE, "not synced yet");
         status.set_ready();
-        assert_eq!(answer("/readyz").0, "200 OK");
+        assert_eq!(answer("/readyz").0, OK);
         assert_eq!(
             answer("/metrics").0,
             "404 Not Found",
@@ -409,21 +476,27 @@ mod tests {
                 "{after} s"
             );
         }
-        // A stall shows in both probes; the loop going round again heals them.
+        // A stall shows in every probe; the loop going round again heals them.
         let stuck = Status::new(Duration::from_millis(50));
         stuck.set_ready();
         std::thread::sleep(Duration::from_millis(100));
-        for path in ["/healthz", "/readyz"] {
-            let (code, body) = stuck.answer(path, None).unwrap();
-            assert_eq!(code, "503 Service Unavailable", "{path}: {body}");
-            assert!(body.contains("sync loop"), "{body}");
+        for path in ["/healthz", "/livez", "/readyz"] {
+            let (code, _, body) = stuck.answer(path, None).unwrap();
+            assert_eq!(code, UNAVAILABLE, "{path}: {body}");
         }
+        assert!(
+            stuck
+                .answer("/readyz", None)
+                .unwrap()
+                .2
+                .contains("sync loop")
+        );
         stuck.record_loop();
-        assert_eq!(stuck.answer("/healthz", None).unwrap().0, "200 OK");
+        assert_eq!(stuck.answer("/healthz", None).unwrap().0, OK);
     }
 
     #[test]
-    fn readiness_fails_once_map_writes_have_failed_for_too_long() {
+    fn readiness_and_healthz_fail_once_map_writes_have_failed_for_too_long() {
         let status = Status::new(Duration::from_mins(1));
         status.set_ready();
         status.record_sync(Duration::ZERO, 3);
@@ -437,17 +510,55 @@ mod tests {
         status.record_sync(Duration::ZERO, 0);
         assert_eq!(status.short(at(61)), None, "written at last");
 
-        // Through the probes: not ready, but alive (a restart would not empty a full map).
+        // Through the probes: not ready and, as kube-proxy's, not healthy for load balancers,
+        // but alive (a restart would not empty a full map).
         let short = Status::new(Duration::from_millis(50));
         short.set_ready();
         short.record_sync(Duration::ZERO, 1);
         std::thread::sleep(Duration::from_millis(100));
         short.record_loop();
-        assert_eq!(short.answer("/healthz", None).unwrap().0, "200 OK");
-        let (code, body) = short.answer("/readyz", None).unwrap();
+        assert_eq!(short.answer("/livez", None).unwrap().0, OK);
+        assert_eq!(short.answer("/healthz", None).unwrap().0, UNAVAILABLE);
+        let (code, _, body) = short.answer("/readyz", None).unwrap();
+        assert_eq!((code, body.contains("map writes")), (UNAVAILABLE, true));
+    }
+
+    #[test]
+    fn healthz_answers_kube_proxy_s_json_and_fails_for_a_node_not_eligible() {
+        let status = Status::new(Duration::from_mins(1));
+        let (code, content_type, body) = status.answer("/healthz", None).unwrap();
+        assert_eq!((code, content_type), (OK, JSON));
+        let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(json["nodeEligible"], true);
         assert_eq!(
-            (code, body.contains("map writes")),
-            ("503 Service Unavailable", true)
+            json["lastUpdated"], json["currentTime"],
+            "now, while healthy"
         );
+        let (_, _, livez) = status.answer("/livez", None).unwrap();
+        let livez: serde_json::Value = serde_json::from_str(&livez).expect("JSON");
+        assert!(livez.get("nodeEligible").is_none(), "{livez}");
+        assert!(livez.get("currentTime").is_some(), "{livez}");
+
+        // Marked for deletion: load balancers drain the node; the agent is still alive.
+        status.set_node_eligible(false);
+        let (code, _, body) = status.answer("/healthz", None).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(
+            (code, json["nodeEligible"].clone()),
+            (UNAVAILABLE, false.into())
+        );
+        assert_eq!(
+            json["lastUpdated"], "0001-01-01T00:00:00Z",
+            "never synced: Go's zero time"
+        );
+        assert_eq!(status.answer("/livez", None).unwrap().0, OK);
+    }
+
+    #[test]
+    fn times_are_rfc_3339() {
+        assert_eq!(rfc3339(0), "0001-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1), "1970-01-01T00:00:00.001Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(rfc3339(1_796_169_599_999), "2026-12-01T23:59:59.999Z");
     }
 }

@@ -22,7 +22,7 @@ fn metrics_count_the_packets_a_test_sent() {
     let get = |path: &str| {
         let url = format!(
             "http://127.0.0.1:{}{path}",
-            if path == "/metrics" { 9403 } else { 9402 }
+            if path == "/metrics" { 9403 } else { 10256 }
         );
         lb_tests::output(&mut lab.in_node(&["curl", "-sS", "--max-time", "5", &url]))
             .unwrap_or_else(|e| panic!("GET {path}: {e:#}"))
@@ -93,14 +93,25 @@ fn the_status_endpoints_keep_metrics_from_pods_and_outlast_a_flood_of_slow_clien
     let from_pod =
         |url: &str| lb_tests::output(&mut lab.in_client(&["curl", "-sS", "--max-time", "2", url]));
     let node = format!("http://{NODE_IP}");
-    assert_eq!(from_pod(&format!("{node}:9402/healthz")).unwrap(), "ok\n");
+    // kube-proxy's health server, as cloud load balancers and cluster tooling probe it.
+    for path in ["healthz", "livez"] {
+        let body = from_pod(&format!("{node}:10256/{path}")).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert!(json["lastUpdated"].is_string(), "/{path}: {body}");
+        assert!(json["currentTime"].is_string(), "/{path}: {body}");
+        assert_eq!(
+            json.get("nodeEligible").is_some(),
+            path == "healthz",
+            "/{path}: {body}"
+        );
+    }
     let err = from_pod(&format!("{node}:9403/metrics")).expect_err("metrics are the node's");
     assert!(
         format!("{err:#}").contains("exit status: 7"),
         "refused: {err:#}"
     );
     assert_eq!(
-        from_pod(&format!("{node}:9402/metrics")).unwrap(),
+        from_pod(&format!("{node}:10256/metrics")).unwrap(),
         "not found\n",
         "metrics are not on the health address"
     );
@@ -128,7 +139,7 @@ fn the_status_endpoints_keep_metrics_from_pods_and_outlast_a_flood_of_slow_clien
         "-c",
         SLOW_CLIENTS,
         &NODE_IP.to_string(),
-        "9402",
+        "10256",
         "300",
     ]));
     assert_eq!(flood.line(), "connected=300");
@@ -149,4 +160,48 @@ fn the_status_endpoints_keep_metrics_from_pods_and_outlast_a_flood_of_slow_clien
 
     // Slow clients are cut at the request deadline, however often they send.
     assert_eq!(flood.line(), "open=0", "every slow client was cut");
+}
+
+#[test]
+fn the_node_s_health_drains_it_while_the_autoscaler_deletes_it() {
+    let lab = lab("eligible");
+    let get = |path: &str| {
+        let url = format!("http://{NODE_IP}:10256{path}");
+        let out = lab
+            .in_client(&[
+                "curl",
+                "-s",
+                "-w",
+                "\\n%{http_code}",
+                "--max-time",
+                "2",
+                &url,
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').expect("a status code");
+        (code.to_string(), body.to_string())
+    };
+    let (code, body) = get("/healthz");
+    assert_eq!(code, "200", "{body}");
+    assert!(body.contains("\"nodeEligible\":true"), "{body}");
+    // The cluster autoscaler marks the node for deletion: a cloud load balancer must drain it,
+    // while the kubelet keeps the agent (liveness) and its readiness.
+    lab.edit_manifest("node.yaml", |t| {
+        format!("{t}spec:\n  taints:\n  - {{key: ToBeDeletedByClusterAutoscaler, value: \"1764633600\", effect: NoSchedule}}\n")
+    })
+    .unwrap();
+    lab.wait_for("/healthz to fail for a node being deleted", || {
+        Ok(get("/healthz").0 == "503")
+    })
+    .unwrap();
+    let (_, body) = get("/healthz");
+    assert!(body.contains("\"nodeEligible\":false"), "{body}");
+    assert_eq!(get("/livez").0, "200", "alive all the same");
+    assert_eq!(get("/readyz").0, "200", "and ready");
+    lab.edit_manifest("node.yaml", |t| t[..t.find("spec:").unwrap()].to_string())
+        .unwrap();
+    lab.wait_for("/healthz to pass again", || Ok(get("/healthz").0 == "200"))
+        .unwrap();
 }
