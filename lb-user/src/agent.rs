@@ -23,7 +23,7 @@ use lb_user::{
         kubernetes,
         manifests::{Fingerprint, Manifests},
     },
-    status::{self, Endpoints, Status},
+    status::{self, Endpoints, ServiceChecks, Status},
     sync::{Adopted, Pipeline},
 };
 use tokio::{
@@ -157,6 +157,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         failed: false,
         sockets_due: false,
         sockets_retry_at: None,
+        service_checks: ServiceChecks::new(Arc::clone(&status)),
         status: Arc::clone(&status),
     };
     // The latest objects, kept to retry the writes that failed.
@@ -179,6 +180,8 @@ pub async fn run(settings: Settings) -> Result<()> {
                 syncer.sync(objects, skipped.clone(), &settings.node);
             }
             syncer.reset_stale_sockets();
+            // Listeners that could not open are tried again.
+            syncer.service_checks.reconcile();
             // After the first sync, so that no packet meets half-written maps.
             match attach(&mut datapath, &settings) {
                 Ok(()) if !ready => {
@@ -304,6 +307,8 @@ struct Syncer {
     /// After a pass that fell short, when to try again.
     sockets_retry_at: Option<Instant>,
     status: Arc<Status>,
+    /// The Services' health checks for cloud load balancers.
+    service_checks: ServiceChecks,
 }
 
 impl Syncer {
@@ -312,6 +317,8 @@ impl Syncer {
         let synced = self.pipeline.sync(objects, node, &mut self.maps);
         self.status
             .set_node_eligible(model::node_eligible(&objects.nodes, &node.name));
+        self.service_checks
+            .set(synced.health_checks.clone(), &synced.node_addresses);
         if let Some(snat_address) = synced.config_written {
             info!(snat_address = ?snat_address, "datapath config written");
         }

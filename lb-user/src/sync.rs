@@ -12,7 +12,7 @@ use tracing::error;
 use crate::{
     error_chain,
     maps::MapWrites,
-    model::{self, LostClaim, Memo, NodeConfig, Objects, Skipped},
+    model::{self, HealthCheck, LostClaim, Memo, NodeConfig, Objects, Skipped},
     plan::{self, Ids, MapEntries, Op, Planner},
 };
 
@@ -61,6 +61,10 @@ pub struct Synced {
     pub labels: BTreeMap<u32, FrontendLabels>,
     /// The SNAT address, when this sync wrote a new config.
     pub config_written: Option<Option<Ipv4Addr>>,
+    /// The health checks the node serves for cloud load balancers.
+    pub health_checks: Vec<HealthCheck>,
+    /// Where NodePorts, and so the health checks, listen.
+    pub node_addresses: Vec<Ipv4Addr>,
 }
 
 /// What a frontend's counters are labelled with.
@@ -136,6 +140,8 @@ impl Pipeline {
             labels: labels(&desired.frontends, &self.programmed),
             lost_claims: desired.lost_claims.clone(),
             config_written: config_written.then_some(snat_address),
+            health_checks: desired.health_checks.clone(),
+            node_addresses: desired.node_addresses.clone(),
         }
     }
 

@@ -257,6 +257,22 @@ fn service(svc: &core::Service, skipped: &mut Vec<Skipped>) -> Option<Service> {
         return fail("spec.topologyKeys", reason);
     }
 
+    let health_check_node_port = match spec.health_check_node_port {
+        Some(port)
+            if kind == ServiceKind::LoadBalancer && external_policy == TrafficPolicy::Local =>
+        {
+            match port_number(port) {
+                Some(port) => Some(port),
+                None => {
+                    return fail(
+                        "spec.healthCheckNodePort",
+                        format!("{port} is not a port (1-65535)"),
+                    );
+                }
+            }
+        }
+        _ => None,
+    };
     let cluster_ips = match &spec.cluster_ips {
         Some(ips) => addresses(ips, "spec.clusterIPs", &object, skipped),
         None => spec
@@ -325,6 +341,7 @@ fn service(svc: &core::Service, skipped: &mut Vec<Skipped>) -> Option<Service> {
         external_policy,
         affinity_timeout,
         topology_keys,
+        health_check_node_port,
     })
 }
 

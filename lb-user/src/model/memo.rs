@@ -9,9 +9,10 @@ use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 use k8s_openapi::api::core::v1 as core;
 
 use super::{
-    Desired, Frontend, Node, NodeConfig, Objects, Skipped,
+    Desired, Frontend, HealthCheck, Node, NodeConfig, Objects, Skipped,
     convert::{self, Group, same},
     frontends::{NodeView, frontends, settle},
+    health,
 };
 
 #[derive(Default)]
@@ -38,6 +39,7 @@ struct ServicePart {
     /// Every frontend it claims, before other Services' claims are settled.
     frontends: Vec<Arc<Frontend>>,
     skipped: Vec<Skipped>,
+    health_checks: Vec<HealthCheck>,
 }
 
 impl Memo {
@@ -86,11 +88,18 @@ impl Memo {
         skipped.sort();
         let node_addresses = node_state.node_addresses.clone();
         self.node_state = Some(node_state);
+        let mut health_checks: Vec<HealthCheck> = self
+            .services
+            .values()
+            .flat_map(|c| c.health_checks.iter().cloned())
+            .collect();
+        health_checks.sort();
         Desired {
             frontends,
             skipped,
             lost_claims,
             node_addresses,
+            health_checks,
         }
     }
 }
@@ -131,10 +140,16 @@ impl ServicePart {
         // Claims within one Service are settled here, between Services in `update`.
         let (frontends, _, more) = frontends(&cluster, view);
         skipped.extend(more);
+        let health_checks = cluster
+            .services
+            .iter()
+            .filter_map(|service| health::health_check(service, &cluster, &view.node.name))
+            .collect();
         Self {
             group,
             frontends: frontends.into_iter().map(Arc::new).collect(),
             skipped,
+            health_checks,
         }
     }
 }

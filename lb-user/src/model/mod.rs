@@ -6,6 +6,7 @@
 
 mod convert;
 mod frontends;
+mod health;
 mod memo;
 mod topology;
 
@@ -53,6 +54,9 @@ pub struct Service {
     pub affinity_timeout: Option<u32>,
     /// The ordered `topologyKeys`; `*` may only be last.
     pub topology_keys: Vec<String>,
+    /// `spec.healthCheckNodePort`, of a LoadBalancer Service with `externalTrafficPolicy:
+    /// Local` only: where this node tells cloud load balancers whether it has endpoints.
+    pub health_check_node_port: Option<u16>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -318,6 +322,20 @@ pub struct Desired {
     pub lost_claims: Vec<LostClaim>,
     /// The node's addresses: where NodePorts listen, the first is the SNAT address.
     pub node_addresses: Vec<Ipv4Addr>,
+    /// The health checks this node serves for cloud load balancers, sorted by Service.
+    pub health_checks: Vec<HealthCheck>,
+}
+
+/// A Service's `healthCheckNodePort` on this node, as kube-proxy's `pkg/proxy/healthcheck`
+/// serves it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    pub port: u16,
+    /// This node's ready endpoints, summed over the Service's ports, as kube-proxy counts
+    /// them: terminating ones are not ready, so that the cloud drains the node.
+    pub local_endpoints: u32,
 }
 
 /// What `objects` define for `node`.

@@ -11,6 +11,7 @@
 //! server that cannot bind or accept retries on its own.
 
 mod server;
+mod service_checks;
 
 use std::{
     collections::BTreeMap,
@@ -25,7 +26,10 @@ use std::{
 use lb_common::maps::FrontendStats;
 use tracing::warn;
 
-pub use self::server::{Endpoints, serve};
+pub use self::{
+    server::{Endpoints, ServiceCheck, serve, serve_on},
+    service_checks::ServiceChecks,
+};
 use crate::{
     error_chain,
     maps::{self, KernelMaps},
@@ -150,8 +154,13 @@ impl Status {
     /// fails once the sync loop stalls; `/healthz` also once map writes have kept failing, and
     /// while the node is not eligible. `/readyz` is the agent's own: the first sync programmed
     /// and the interfaces attached, and the loop healthy.
-    fn answer(&self, path: &str, maps: Option<&KernelMaps>) -> Result<Answer, maps::Error> {
+    fn answer(&self, path: &str, endpoints: &Endpoints) -> Result<Answer, maps::Error> {
         let now = Instant::now();
+        let maps = match endpoints {
+            Endpoints::ServiceCheck(check) => return Ok(self.service_check(check, now)),
+            Endpoints::Health => None,
+            Endpoints::Metrics(maps) => Some(maps.as_ref()),
+        };
         Ok(match (path, maps) {
             ("/healthz", _) => {
                 let eligible = self.node_eligible.load(Ordering::Relaxed);
@@ -189,6 +198,26 @@ impl Status {
             rfc3339(now)
         );
         (if healthy { OK } else { UNAVAILABLE }, JSON, body)
+    }
+
+    /// A Service's health check, on any path, as kube-proxy answers it: 200 while this node
+    /// has a ready endpoint of it and the agent is healthy (`serviceProxyHealthy`: the loop
+    /// goes round and its writes take), 503 otherwise.
+    fn service_check(&self, check: &ServiceCheck, now: Instant) -> Answer {
+        let count = check.local_endpoints.load(Ordering::Relaxed);
+        let healthy = self.stalled(now).is_none() && self.short(now).is_none();
+        let body = format!(
+            "{{\n\t\"service\": {{\n\t\t\"namespace\": {},\n\t\t\"name\": {}\n\t}},\n\t\
+             \"localEndpoints\": {count},\n\t\"serviceProxyHealthy\": {healthy}\n}}",
+            json_string(&check.namespace),
+            json_string(&check.name)
+        );
+        let code = if count != 0 && healthy {
+            OK
+        } else {
+            UNAVAILABLE
+        };
+        (code, JSON, body)
     }
 
     pub fn set_node_eligible(&self, eligible: bool) {
@@ -411,6 +440,11 @@ impl Status {
     }
 }
 
+/// `text` as a JSON string.
+fn json_string(text: &str) -> String {
+    serde_json::Value::from(text).to_string()
+}
+
 /// The wall clock, in ms since the Unix epoch.
 fn unix_ms() -> u64 {
     SystemTime::now()
@@ -449,7 +483,7 @@ mod tests {
     #[test]
     fn health_fails_once_the_sync_loop_stops_going_round() {
         let status = Status::new(Duration::from_mins(1));
-        let answer = |path| status.answer(path, None).unwrap();
+        let answer = |path| status.answer(path, &Endpoints::Health).unwrap();
         assert_eq!(answer("/healthz").0, OK);
         assert_eq!(answer("/livez").0, OK);
         assert_eq!(answer("/readyz").0, UNAVAILABLE, "not synced yet");
@@ -481,18 +515,18 @@ mod tests {
         stuck.set_ready();
         std::thread::sleep(Duration::from_millis(100));
         for path in ["/healthz", "/livez", "/readyz"] {
-            let (code, _, body) = stuck.answer(path, None).unwrap();
+            let (code, _, body) = stuck.answer(path, &Endpoints::Health).unwrap();
             assert_eq!(code, UNAVAILABLE, "{path}: {body}");
         }
         assert!(
             stuck
-                .answer("/readyz", None)
+                .answer("/readyz", &Endpoints::Health)
                 .unwrap()
                 .2
                 .contains("sync loop")
         );
         stuck.record_loop();
-        assert_eq!(stuck.answer("/healthz", None).unwrap().0, OK);
+        assert_eq!(stuck.answer("/healthz", &Endpoints::Health).unwrap().0, OK);
     }
 
     #[test]
@@ -517,16 +551,19 @@ mod tests {
         short.record_sync(Duration::ZERO, 1);
         std::thread::sleep(Duration::from_millis(100));
         short.record_loop();
-        assert_eq!(short.answer("/livez", None).unwrap().0, OK);
-        assert_eq!(short.answer("/healthz", None).unwrap().0, UNAVAILABLE);
-        let (code, _, body) = short.answer("/readyz", None).unwrap();
+        assert_eq!(short.answer("/livez", &Endpoints::Health).unwrap().0, OK);
+        assert_eq!(
+            short.answer("/healthz", &Endpoints::Health).unwrap().0,
+            UNAVAILABLE
+        );
+        let (code, _, body) = short.answer("/readyz", &Endpoints::Health).unwrap();
         assert_eq!((code, body.contains("map writes")), (UNAVAILABLE, true));
     }
 
     #[test]
     fn healthz_answers_kube_proxy_s_json_and_fails_for_a_node_not_eligible() {
         let status = Status::new(Duration::from_mins(1));
-        let (code, content_type, body) = status.answer("/healthz", None).unwrap();
+        let (code, content_type, body) = status.answer("/healthz", &Endpoints::Health).unwrap();
         assert_eq!((code, content_type), (OK, JSON));
         let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
         assert_eq!(json["nodeEligible"], true);
@@ -534,14 +571,14 @@ mod tests {
             json["lastUpdated"], json["currentTime"],
             "now, while healthy"
         );
-        let (_, _, livez) = status.answer("/livez", None).unwrap();
+        let (_, _, livez) = status.answer("/livez", &Endpoints::Health).unwrap();
         let livez: serde_json::Value = serde_json::from_str(&livez).expect("JSON");
         assert!(livez.get("nodeEligible").is_none(), "{livez}");
         assert!(livez.get("currentTime").is_some(), "{livez}");
 
         // Marked for deletion: load balancers drain the node; the agent is still alive.
         status.set_node_eligible(false);
-        let (code, _, body) = status.answer("/healthz", None).unwrap();
+        let (code, _, body) = status.answer("/healthz", &Endpoints::Health).unwrap();
         let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
         assert_eq!(
             (code, json["nodeEligible"].clone()),
@@ -551,7 +588,7 @@ mod tests {
             json["lastUpdated"], "0001-01-01T00:00:00Z",
             "never synced: Go's zero time"
         );
-        assert_eq!(status.answer("/livez", None).unwrap().0, OK);
+        assert_eq!(status.answer("/livez", &Endpoints::Health).unwrap().0, OK);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::AtomicU32},
     time::Duration,
 };
 
@@ -46,10 +46,21 @@ enum RequestError {
 /// What an address serves.
 #[derive(Clone)]
 pub enum Endpoints {
-    /// `/healthz` and `/readyz`.
+    /// `/healthz`, `/livez` and `/readyz`.
     Health,
     /// `/metrics`, from these maps, and health too.
     Metrics(Arc<KernelMaps>),
+    /// A Service's `healthCheckNodePort`: any path.
+    ServiceCheck(Arc<ServiceCheck>),
+}
+
+/// A Service's health check, as its listeners answer it.
+#[derive(Debug)]
+pub struct ServiceCheck {
+    pub namespace: String,
+    pub name: String,
+    /// This node's ready endpoints, updated at every sync.
+    pub local_endpoints: AtomicU32,
 }
 
 /// Serves `endpoints` at `address` for as long as the agent runs. Never returns: an address
@@ -57,8 +68,9 @@ pub enum Endpoints {
 /// tried again.
 pub async fn serve(address: SocketAddr, endpoints: Endpoints, status: Arc<Status>) {
     let what = match endpoints {
-        Endpoints::Health => "/healthz and /readyz",
-        Endpoints::Metrics(_) => "/metrics, /healthz and /readyz",
+        Endpoints::Health => "/healthz, /livez and /readyz",
+        Endpoints::Metrics(_) => "/metrics, /healthz, /livez and /readyz",
+        Endpoints::ServiceCheck(_) => "a health check",
     };
     let listener = loop {
         match TcpListener::bind(address).await {
@@ -70,6 +82,15 @@ pub async fn serve(address: SocketAddr, endpoints: Endpoints, status: Arc<Status
         }
     };
     info!(%address, "serving {what}");
+    serve_on(listener, endpoints, status).await;
+}
+
+/// Serves `endpoints` on `listener`, each connection capped and bounded in time, until the
+/// task is aborted.
+pub async fn serve_on(listener: TcpListener, endpoints: Endpoints, status: Arc<Status>) {
+    let address = listener
+        .local_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string());
     let peers = Arc::new(Peers::default());
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -89,11 +110,8 @@ pub async fn serve(address: SocketAddr, endpoints: Endpoints, status: Arc<Status
         };
         let (status, endpoints) = (Arc::clone(&status), endpoints.clone());
         tokio::spawn(async move {
-            let maps = match &endpoints {
-                Endpoints::Health => None,
-                Endpoints::Metrics(maps) => Some(maps.as_ref()),
-            };
-            match tokio::time::timeout(REQUEST_DEADLINE, answer(stream, &status, maps)).await {
+            match tokio::time::timeout(REQUEST_DEADLINE, answer(stream, &status, &endpoints)).await
+            {
                 Ok(Ok(())) => {}
                 // Per request, and a client's doing: not worth more than a debug line.
                 Ok(Err(e)) => debug!(%peer, error = %error_chain(&e), "a status request failed"),
@@ -162,7 +180,7 @@ impl Drop for Admitted {
 async fn answer(
     mut stream: TcpStream,
     status: &Status,
-    maps: Option<&KernelMaps>,
+    endpoints: &Endpoints,
 ) -> Result<(), RequestError> {
     let mut request = Vec::new();
     let mut buf = [0u8; 1024];
@@ -176,7 +194,7 @@ async fn answer(
     let line = String::from_utf8_lossy(&request);
     let target = line.split_whitespace().nth(1).unwrap_or("/");
     let path = target.split('?').next().unwrap_or(target);
-    let (code, content_type, body) = status.answer(path, maps)?;
+    let (code, content_type, body) = status.answer(path, endpoints)?;
     let response = format!(
         "HTTP/1.1 {code}\r\nContent-Type: {content_type}\r\nX-Content-Type-Options: nosniff\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",

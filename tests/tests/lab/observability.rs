@@ -205,3 +205,96 @@ fn the_node_s_health_drains_it_while_the_autoscaler_deletes_it() {
     lab.wait_for("/healthz to pass again", || Ok(get("/healthz").0 == "200"))
         .unwrap();
 }
+
+/// A LoadBalancer Service with `externalTrafficPolicy: Local`, its health check on
+/// `health_port`, two ready endpoints on the lab's node (the third `third`), one elsewhere.
+fn local_load_balancer(health_port: u16, third: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web-lb}}\nspec:\n  type: LoadBalancer\n  \
+         clusterIP: 10.96.0.70\n  externalTrafficPolicy: Local\n  healthCheckNodePort: \
+         {health_port}\n  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30080}}]\n\
+         status: {{loadBalancer: {{ingress: [{{ip: 192.0.2.70}}]}}}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-lb-1\n  \
+         labels: {{kubernetes.io/service-name: web-lb}}\naddressType: IPv4\n\
+         ports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n\
+         - addresses: [10.244.0.11]\n  conditions: {{ready: true}}\n  nodeName: lab-node\n\
+         - addresses: [10.244.0.12]\n  conditions: {{ready: true}}\n  nodeName: lab-node\n\
+         - addresses: [10.244.0.13]\n  conditions: {third}\n  nodeName: lab-node\n\
+         - addresses: [10.244.9.9]\n  conditions: {{ready: true}}\n  nodeName: another-node\n"
+    )
+}
+
+#[test]
+fn a_cloud_load_balancer_s_health_check_follows_the_node_s_local_endpoints() {
+    let lab = lab("hcnp");
+    // What a cloud load balancer's prober does: GET any path, read the status and the JSON.
+    let probe = |port: u16| -> Option<(String, serde_json::Value)> {
+        let url = format!("http://{NODE_IP}:{port}/any/path");
+        let out = lab
+            .in_client(&[
+                "curl",
+                "-s",
+                "-w",
+                "\\n%{http_code}",
+                "--max-time",
+                "2",
+                &url,
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n')?;
+        let json = serde_json::from_str(body).ok()?;
+        Some((code.to_string(), json))
+    };
+    let endpoints = |port| probe(port).map(|(code, json)| (code, json["localEndpoints"].clone()));
+    lab.add_manifest("web-lb.yaml", &local_load_balancer(32100, "{ready: true}"))
+        .unwrap();
+    lab.wait_for("the health check to answer", || Ok(probe(32100).is_some()))
+        .unwrap();
+    let (code, json) = probe(32100).unwrap();
+    assert_eq!(code, "200", "{json}");
+    assert_eq!(json["service"]["namespace"], "default");
+    assert_eq!(json["service"]["name"], "web-lb");
+    assert_eq!(
+        json["localEndpoints"], 3,
+        "the node's ready endpoints: {json}"
+    );
+    assert_eq!(json["serviceProxyHealthy"], true);
+
+    // One terminating: not counted, so that the cloud drains it.
+    lab.add_manifest(
+        "web-lb.yaml",
+        &local_load_balancer(32100, "{ready: false, serving: true, terminating: true}"),
+    )
+    .unwrap();
+    lab.wait_for("the terminating endpoint to leave the count", || {
+        Ok(endpoints(32100) == Some(("200".into(), 2.into())))
+    })
+    .unwrap();
+
+    // No local endpoint: 503, the cloud sends this node nothing.
+    let none = local_load_balancer(32100, "{ready: false, serving: true, terminating: true}")
+        .replace(
+            "ready: true}\n  nodeName: lab-node",
+            "ready: false}\n  nodeName: lab-node",
+        );
+    lab.add_manifest("web-lb.yaml", &none).unwrap();
+    lab.wait_for("503 without local endpoints", || {
+        Ok(endpoints(32100) == Some(("503".into(), 0.into())))
+    })
+    .unwrap();
+
+    // The port moves: the old one closes, the new one answers; the Service goes: closed.
+    lab.add_manifest("web-lb.yaml", &local_load_balancer(32101, "{ready: true}"))
+        .unwrap();
+    lab.wait_for("the health check on its new port", || {
+        Ok(endpoints(32101) == Some(("200".into(), 3.into())) && probe(32100).is_none())
+    })
+    .unwrap();
+    fs::remove_file(lab.manifests.path().join("web-lb.yaml")).unwrap();
+    lab.wait_for("the health check to close with its Service", || {
+        Ok(probe(32101).is_none())
+    })
+    .unwrap();
+}

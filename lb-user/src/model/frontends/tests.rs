@@ -30,6 +30,7 @@ fn service() -> Service {
         external_policy: TrafficPolicy::Cluster,
         affinity_timeout: None,
         topology_keys: vec![],
+        health_check_node_port: None,
     }
 }
 

@@ -1,0 +1,125 @@
+//! The Services' health checks for cloud load balancers (`healthCheckNodePort`), as
+//! kube-proxy's `pkg/proxy/healthcheck` serves them: a listener per Service on each of the
+//! node's addresses (all of them while the node has none of its own), opened and closed as
+//! Services come, change and go. An address that cannot be listened on is tried again at the
+//! next reconcile; the others serve meanwhile.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::{Arc, atomic::Ordering},
+};
+
+use tokio::{net::TcpListener, task::JoinHandle};
+use tracing::{info, warn};
+
+use super::{Endpoints, ServiceCheck, Status, serve_on};
+use crate::model::HealthCheck;
+
+pub struct ServiceChecks {
+    status: Arc<Status>,
+    wanted: Vec<HealthCheck>,
+    addresses: Vec<Ipv4Addr>,
+    /// By namespace and name.
+    running: BTreeMap<(String, String), Running>,
+}
+
+struct Running {
+    port: u16,
+    check: Arc<ServiceCheck>,
+    /// The listeners, by address.
+    listening: BTreeMap<Ipv4Addr, JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for task in self.listening.values() {
+            task.abort();
+        }
+    }
+}
+
+impl ServiceChecks {
+    pub fn new(status: Arc<Status>) -> Self {
+        Self {
+            status,
+            wanted: Vec::new(),
+            addresses: Vec::new(),
+            running: BTreeMap::new(),
+        }
+    }
+
+    /// Serves `wanted` on `addresses` from now on.
+    pub fn set(&mut self, wanted: Vec<HealthCheck>, addresses: &[Ipv4Addr]) {
+        self.wanted = wanted;
+        self.addresses = if addresses.is_empty() {
+            vec![Ipv4Addr::UNSPECIFIED]
+        } else {
+            addresses.to_vec()
+        };
+        self.reconcile();
+    }
+
+    /// Opens what is wanted and not listening (a Service new, moved to another port, or an
+    /// address that failed before) and closes what is no longer wanted. Must run within the
+    /// agent's runtime: listeners are its tasks.
+    pub fn reconcile(&mut self) {
+        let wanted = &self.wanted;
+        self.running.retain(|(namespace, name), running| {
+            let keep = wanted
+                .iter()
+                .any(|w| (&w.namespace, &w.name, w.port) == (namespace, name, running.port));
+            if !keep {
+                info!(service = %format!("{namespace}/{name}"), port = running.port,
+                    "closing a health check");
+            }
+            keep
+        });
+        for check in &self.wanted {
+            let key = (check.namespace.clone(), check.name.clone());
+            let running = self.running.entry(key).or_insert_with(|| Running {
+                port: check.port,
+                check: Arc::new(ServiceCheck {
+                    namespace: check.namespace.clone(),
+                    name: check.name.clone(),
+                    local_endpoints: 0.into(),
+                }),
+                listening: BTreeMap::new(),
+            });
+            running
+                .check
+                .local_endpoints
+                .store(check.local_endpoints, Ordering::Relaxed);
+            running.listening.retain(|address, task| {
+                let keep = self.addresses.contains(address);
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
+            for &address in &self.addresses {
+                if running.listening.contains_key(&address) {
+                    continue;
+                }
+                let service = format!("{}/{}", check.namespace, check.name);
+                match listen(address, check.port) {
+                    Ok(listener) => {
+                        info!(service, %address, port = check.port, "serving a health check");
+                        let endpoints = Endpoints::ServiceCheck(Arc::clone(&running.check));
+                        let task =
+                            tokio::spawn(serve_on(listener, endpoints, Arc::clone(&self.status)));
+                        running.listening.insert(address, task);
+                    }
+                    Err(e) => warn!(service, %address, port = check.port, error = %e,
+                        "cannot listen for a health check: tried again at the next poll"),
+                }
+            }
+        }
+    }
+}
+
+fn listen(address: Ipv4Addr, port: u16) -> std::io::Result<TcpListener> {
+    let listener = std::net::TcpListener::bind(SocketAddrV4::new(address, port))?;
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
+}
