@@ -36,16 +36,19 @@ pub const CURSORS: &str = "lb_cursors_v1";
 /// Per-CPU counters of each frontend, indexed by its service id: [`FrontendStats`].
 pub const FRONTEND_STATS: &str = "lb_fe_stats_v1";
 /// Per-CPU counters, one entry: [`Stats`].
-pub const STATS: &str = "lb_stats_v1";
+pub const STATS: &str = "lb_stats_v2";
 /// Datapath settings, one entry: [`Config`]. Written by the agent.
-pub const CONFIG: &str = "lb_config_v1";
+pub const CONFIG: &str = "lb_config_v2";
+/// Per-CPU token buckets of the rejects (TCP resets, ICMP port unreachables), one entry:
+/// [`RejectTokens`]. Written by the datapath.
+pub const REJECT_TOKENS: &str = "lb_reject_tokens_v1";
 /// The datapath's clock, one entry: [`Clock`]. Written by the agent, at start.
 pub const CLOCK: &str = "lb_clock_v1";
 /// When backends were last removed, one entry: [`Epoch`]. Written by the agent.
 pub const EPOCH: &str = "lb_epoch_v1";
 
 /// Every map, in the order the agent pins them.
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 16] = [
     FRONTENDS,
     SLOTS,
     BACKENDS,
@@ -61,6 +64,7 @@ pub const ALL: [&str; 15] = [
     CONFIG,
     CLOCK,
     EPOCH,
+    REJECT_TOKENS,
 ];
 
 /// Capacity of [`FRONTENDS`]; service ids are below it, as they index [`CURSORS`].
@@ -286,6 +290,20 @@ pub struct Config {
     /// The node's network namespace: the socket-level program balances only sockets of the
     /// node itself (pods are balanced by tc).
     pub netns_cookie: u64,
+    /// Rejects each CPU may send per second, so that a frontend without endpoints amplifies
+    /// nothing (the node's rate, shared out over its CPUs); 0: none at all.
+    pub rejects_per_sec_per_cpu: u32,
+    /// How many each CPU may send at once, after a quiet while.
+    pub reject_burst_per_cpu: u32,
+}
+
+/// One CPU's rejects left to send, refilled at [`Config::rejects_per_sec_per_cpu`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RejectTokens {
+    /// In thousandths of a reject: refills of less than one are kept.
+    pub milli_tokens: u64,
+    pub refilled_ns: u64,
 }
 
 impl Config {
@@ -377,6 +395,8 @@ pub struct Stats {
     /// Destinations of the node's own sockets rewritten to a backend (`connect()`,
     /// `sendmsg()`).
     pub socket_rewrites: u64,
+    /// Rejects not sent, over the rate limit: the new flow is dropped instead.
+    pub rejects_limited: u64,
 }
 
 /// Index of the only entry of [`CONFIG`], [`CLOCK`], [`EPOCH`] and [`STATS`].
@@ -391,10 +411,11 @@ const _: () = {
     assert!(size_of::<FlowKey>() == 16);
     assert!(size_of::<Flow>() == 40);
     assert!(size_of::<Reply>() == 24);
-    assert!(size_of::<Config>() == 40);
+    assert!(size_of::<Config>() == 48);
+    assert!(size_of::<RejectTokens>() == 16);
     assert!(size_of::<Clock>() == 16);
     assert!(size_of::<Epoch>() == 4);
-    assert!(size_of::<Stats>() == 88);
+    assert!(size_of::<Stats>() == 96);
     assert!(size_of::<Vip>() == 4);
     assert!(size_of::<FrontendStats>() == 24);
     assert!(size_of::<SocketKey>() == 16);
@@ -408,7 +429,8 @@ const _: () = {
 mod pod {
     use super::{
         Affinity, AffinityKey, Backend, Clock, Config, Connected, Epoch, Flow, FlowKey, Frontend,
-        FrontendKey, FrontendStats, Reply, Slot, SlotKey, SocketFrontend, SocketKey, Stats, Vip,
+        FrontendKey, FrontendStats, RejectTokens, Reply, Slot, SlotKey, SocketFrontend, SocketKey,
+        Stats, Vip,
     };
 
     macro_rules! pod {
@@ -438,7 +460,8 @@ mod pod {
         SocketFrontend,
         Connected,
         Affinity,
-        Stats
+        Stats,
+        RejectTokens
     );
 }
 

@@ -20,8 +20,8 @@ use aya_ebpf::{
 use lb_common::maps::{
     self as common, Affinity, AffinityKey, Backend, Clock, Config, Connected, Epoch, Flow, FlowKey,
     Frontend, FrontendKey, FrontendStats, MAX_AFFINITIES, MAX_BACKENDS, MAX_CONNECTED, MAX_FLOWS,
-    MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MAX_VIPS, Reply, SINGLE_ENTRY, Slot, SlotKey,
-    SocketFrontend, SocketKey, Stats, Vip,
+    MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MAX_VIPS, RejectTokens, Reply, SINGLE_ENTRY, Slot,
+    SlotKey, SocketFrontend, SocketKey, Stats, Vip,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -66,8 +66,9 @@ map!("lb_connected_v1" = CONNECTED, CONNECTED: HashMap<u64, Connected, { MAX_CON
 map!("lb_affinity_v1" = AFFINITY, AFFINITY: LruHashMap<AffinityKey, Affinity, { MAX_AFFINITIES as usize }>);
 map!("lb_cursors_v1" = CURSORS, CURSORS: PerCpuArray<u32, { MAX_SERVICES as usize }>);
 map!("lb_fe_stats_v1" = FRONTEND_STATS, FRONTEND_STATS: PerCpuArray<FrontendStats, { MAX_SERVICES as usize }>);
-map!("lb_stats_v1" = STATS, STATS: PerCpuArray<Stats, 1>);
-map!("lb_config_v1" = CONFIG, CONFIG: Array<Config, 1>);
+map!("lb_stats_v2" = STATS, STATS: PerCpuArray<Stats, 1>);
+map!("lb_config_v2" = CONFIG, CONFIG: Array<Config, 1>);
+map!("lb_reject_tokens_v1" = REJECT_TOKENS, REJECT_TOKENS: PerCpuArray<RejectTokens, 1>);
 map!("lb_clock_v1" = CLOCK, CLOCK: Array<Clock, 1>);
 map!("lb_epoch_v1" = EPOCH, EPOCH: Array<Epoch, 1>);
 
@@ -150,6 +151,15 @@ pub fn next_cursor(service_id: u32) -> Option<u32> {
         *cursor = current.wrapping_add(1);
         Some(current)
     }
+}
+
+/// This CPU's reject bucket.
+#[inline(always)]
+pub fn reject_tokens() -> Option<&'static mut RejectTokens> {
+    // SAFETY: as for `next_cursor`: at worst a reject more or less.
+    REJECT_TOKENS
+        .get_ptr_mut(SINGLE_ENTRY)
+        .map(|tokens| unsafe { &mut *tokens })
 }
 
 /// This CPU's counters.

@@ -14,15 +14,20 @@ use aya_ebpf::{
 use lb_common::maps::PROTO_TCP;
 
 use crate::{
+    clock::now_ns,
     headers::{
         ETH_DST, ETH_HLEN, ETH_SRC, ETH_TYPE, ICMP_CHECKSUM, ICMP_CODE, ICMP_HLEN, ICMP_TYPE,
         IP_CHECKSUM, IP_DST, IP_FRAGMENT, IP_PROTOCOL, IP_SRC, IP_TOTAL_LEN, IP_TTL,
         IPV4_MIN_HLEN as IP_HLEN, L4_DST_PORT, L4_SRC_PORT, TCP_ACK_SEQ, TCP_CHECKSUM,
         TCP_DATA_OFFSET, TCP_FLAGS, TCP_MIN_HLEN as TCP_HLEN, TCP_SEQ, UDP_HLEN,
     },
+    maps,
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
+    stats::count,
 };
 
+/// The longest quiet while a reject bucket refills for, in µs.
+const MAX_QUIET_US: u64 = 4_000_000_000;
 /// Version 4, a header of 5 words.
 const IPV4_VERSION_IHL: u8 = 0x45;
 /// "Don't fragment", in the high byte of the flags and fragment offset.
@@ -47,10 +52,15 @@ pub trait Answer {
 }
 
 /// Rewrites `packet` into its rejection and sends it back; `None` when it cannot (IP options,
-/// a short packet) or must not (a reset is never answered), and the caller drops.
+/// a short packet), must not (a reset is never answered) or may not (over the rate limit,
+/// counted), and the caller drops.
 #[inline(always)]
 pub fn reject<C: Answer>(ctx: &C, packet: &Packet) -> Option<C::Action> {
     if packet.l4_offset != ETH_HLEN + IP_HLEN || packet.is_reset() {
+        return None;
+    }
+    if !within_rate(now_ns()) {
+        count(|s| &mut s.rejects_limited);
         return None;
     }
     if packet.key.protocol == PROTO_TCP {
@@ -118,6 +128,28 @@ impl Answer for XdpContext {
         unsafe { *frame.cast_mut() = *answer };
         Some(xdp_action::XDP_TX)
     }
+}
+
+/// Takes one of this CPU's reject tokens, refilled for the time since the last reject, if one
+/// is left: a frontend without endpoints is no amplifier, as the kernel limits its own ICMP.
+#[inline(always)]
+fn within_rate(now: u64) -> bool {
+    let (Some(config), Some(bucket)) = (maps::config(), maps::reject_tokens()) else {
+        return false;
+    };
+    // Thousandths of a reject: `rate` per second is `rate` per 1,000 µs of them. A quiet
+    // while is counted to 4,000 s at most, so that the product fits in 64 bits (eBPF has no
+    // 128-bit multiply) whatever the rate; any bucket is full by then.
+    let micros = (now.saturating_sub(bucket.refilled_ns) / 1000).min(MAX_QUIET_US);
+    let refill = micros * u64::from(config.rejects_per_sec_per_cpu) / 1000;
+    let burst = u64::from(config.reject_burst_per_cpu) * 1000;
+    bucket.milli_tokens = bucket.milli_tokens.saturating_add(refill).min(burst);
+    bucket.refilled_ns = now;
+    if bucket.milli_tokens < 1000 {
+        return false;
+    }
+    bucket.milli_tokens -= 1000;
+    true
 }
 
 /// The reset RFC 9293 answers a segment for no connection with.

@@ -107,6 +107,14 @@ struct RunArgs {
     /// Source ports for SNAT to the node's address: outside the node's ephemeral range.
     #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
     snat_ports: RangeInclusive<u16>,
+    /// Rejects (TCP resets, ICMP port unreachables to frontends without endpoints) the node
+    /// may send per second, past which a new flow is dropped instead and counted; as the
+    /// kernel's `icmp_msgs_per_sec`. 0: none.
+    #[arg(long, default_value_t = 1000)]
+    reject_rate: u32,
+    /// Rejects the node may send at once after a quiet while, as `icmp_msgs_burst`.
+    #[arg(long, default_value_t = 50)]
+    reject_burst: u32,
     #[command(flatten)]
     instance: InstanceArgs,
     /// How often to look for changed manifests and new interfaces, in milliseconds; inotify
@@ -156,6 +164,16 @@ impl NodeArgs {
             node_port_range: self.node_port_range.clone(),
         }
     }
+}
+
+/// The node's `rate` shared out over its CPUs, each of which keeps its own bucket; at least 1
+/// each, unless `rate` is 0.
+fn per_cpu(rate: u32) -> Result<u32> {
+    let cpus = aya::util::nr_cpus()
+        .map_err(|(_, e)| e)
+        .context("counting the CPUs")?;
+    let cpus = u32::try_from(cpus).unwrap_or(u32::MAX).max(1);
+    Ok(if rate == 0 { 0 } else { (rate / cpus).max(1) })
 }
 
 fn parse_port_range(text: &str) -> Result<RangeInclusive<u16>, String> {
@@ -281,6 +299,8 @@ async fn run(args: RunArgs) -> Result<()> {
             snat_port_min: *args.snat_ports.start(),
             snat_port_max: *args.snat_ports.end(),
             netns_cookie: datapath::netns_cookie()?,
+            rejects_per_sec_per_cpu: per_cpu(args.reject_rate)?,
+            reject_burst_per_cpu: per_cpu(args.reject_burst)?,
         },
     })
     .await
@@ -455,7 +475,7 @@ fn dump(args: &InstanceArgs) -> Result<()> {
     println!(
         "STATS: forwarded={} replied={} new_flows={} reselected={} dropped_no_backend={} \
          rejected_no_backend={} dropped_error={} snat_flows={} dropped_no_snat={} \
-         dropped_unknown_port={} socket_rewrites={}",
+         dropped_unknown_port={} socket_rewrites={} rejects_limited={}",
         s.forwarded,
         s.replied,
         s.new_flows,
@@ -466,7 +486,8 @@ fn dump(args: &InstanceArgs) -> Result<()> {
         s.snat_flows,
         s.dropped_no_snat,
         s.dropped_unknown_port,
-        s.socket_rewrites
+        s.socket_rewrites,
+        s.rejects_limited
     );
     println!("EPOCH: backends_removed={}", maps.epoch()?.backends_removed);
     let (flows, replies) = maps.flow_entries()?;

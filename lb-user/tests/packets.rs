@@ -8,10 +8,12 @@
 use std::{net::Ipv4Addr, sync::Arc};
 
 use aya::{
-    maps::{HashMap, Map, MapData},
+    maps::{HashMap, Map, MapData, PerCpuArray, PerCpuValues},
     programs::{TestRun as _, TestRunOptions},
 };
-use lb_common::maps::{Config, FLOWS, Flow, FlowKey, PROTO_TCP, REPLIES, Reply, Stats};
+use lb_common::maps::{
+    Config, FLOWS, Flow, FlowKey, PROTO_TCP, REJECT_TOKENS, REPLIES, RejectTokens, Reply, Stats,
+};
 use lb_tests::packet::{
     TCP_ACK, TCP_RST, TCP_SYN, UDP, addr, checksum, checksums_valid, packet, port,
 };
@@ -81,7 +83,7 @@ enum Out {
 }
 
 /// Every counter of [`Stats`], by name: a field added to it must be named here.
-fn counters(stats: &Stats) -> [(&'static str, u64); 11] {
+fn counters(stats: &Stats) -> [(&'static str, u64); 12] {
     let Stats {
         forwarded,
         replied,
@@ -94,6 +96,7 @@ fn counters(stats: &Stats) -> [(&'static str, u64); 11] {
         dropped_no_snat,
         dropped_unknown_port,
         socket_rewrites,
+        rejects_limited,
     } = *stats;
     [
         ("forwarded", forwarded),
@@ -107,6 +110,7 @@ fn counters(stats: &Stats) -> [(&'static str, u64); 11] {
         ("dropped_no_snat", dropped_no_snat),
         ("dropped_unknown_port", dropped_unknown_port),
         ("socket_rewrites", socket_rewrites),
+        ("rejects_limited", rejects_limited),
     ]
 }
 
@@ -127,6 +131,7 @@ struct Row {
 struct Tables {
     flows: HashMap<MapData, FlowKey, Flow>,
     replies: HashMap<MapData, FlowKey, Reply>,
+    reject_tokens: PerCpuArray<MapData, RejectTokens>,
 }
 
 impl Tables {
@@ -138,7 +143,17 @@ impl Tables {
         Self {
             flows: open(FLOWS).try_into().expect("the flow table"),
             replies: open(REPLIES).try_into().expect("the reply table"),
+            reject_tokens: open(REJECT_TOKENS).try_into().expect("the reject buckets"),
         }
+    }
+
+    /// Every CPU's reject bucket, as `tokens` and the time it was last refilled.
+    fn set_reject_tokens(&mut self, tokens: RejectTokens) {
+        let cpus = aya::util::nr_cpus().expect("the CPUs");
+        let values = PerCpuValues::try_from(vec![tokens; cpus]).expect("per-CPU values");
+        self.reject_tokens
+            .set(0, values, 0)
+            .expect("the reject buckets, written");
     }
 }
 
@@ -151,6 +166,22 @@ fn tcp_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> FlowKey {
         protocol: PROTO_TCP,
         _pad: [0; 3],
     }
+}
+
+/// Every bucket empty, refilled in the future: no reject until the clock passes it.
+fn rejects_spent(tables: &mut Tables) {
+    tables.set_reject_tokens(RejectTokens {
+        milli_tokens: 0,
+        refilled_ns: u64::MAX,
+    });
+}
+
+/// Every bucket empty, last refilled at boot: a long quiet while refills it to its burst.
+fn rejects_rested(tables: &mut Tables) {
+    tables.set_reject_tokens(RejectTokens {
+        milli_tokens: 0,
+        refilled_ns: 0,
+    });
 }
 
 /// As the LRU table evicts a reply entry while its flow lives on, and the flow was last seen
@@ -864,6 +895,24 @@ fn rows() -> Vec<Row> {
             counts: &["new_flows"],
             before: None,
         },
+        Row {
+            what: "a reject over the rate limit: dropped, counted, no answer",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, CLIENT, EMPTY_IP, 40040, 80),
+            verdict: TC_ACT_SHOT,
+            out: Out::Unchanged,
+            counts: &["rejected_no_backend", "rejects_limited"],
+            before: Some(rejects_spent),
+        },
+        Row {
+            what: "after a quiet while, rejects are answered again",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, CLIENT, EMPTY_IP, 40003, 80),
+            verdict: TC_ACT_REDIRECT,
+            out: Out::Check(reset_to_client),
+            counts: &["rejected_no_backend"],
+            before: Some(rejects_rested),
+        },
     ]
 }
 
@@ -909,6 +958,8 @@ fn each_packet_gets_its_verdict_its_bytes_and_its_counter() {
         snat_port_min: SNAT_PORT,
         snat_port_max: SNAT_PORT,
         netns_cookie: 0,
+        rejects_per_sec_per_cpu: 1,
+        reject_burst_per_cpu: 2,
     })
     .unwrap();
     let (entries, skipped) = plan::entries(&programme(), NODE);

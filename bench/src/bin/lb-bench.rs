@@ -265,6 +265,8 @@ fn measure(
         snat_port_min: 61_000,
         snat_port_max: 65_535,
         netns_cookie: 0,
+        rejects_per_sec_per_cpu: 0,
+        reject_burst_per_cpu: 0,
     })?;
     let programs = datapath.packet_programs()?;
     let mut planner = Planner::new("bench-node", Ids::default());

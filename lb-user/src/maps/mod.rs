@@ -253,6 +253,7 @@ impl KernelMaps {
             dropped_unknown_port: sum.dropped_unknown_port + s.dropped_unknown_port,
             socket_rewrites: sum.socket_rewrites + s.socket_rewrites,
             dropped_error: sum.dropped_error + s.dropped_error,
+            rejects_limited: sum.rejects_limited + s.rejects_limited,
         }))
     }
 }

@@ -356,6 +356,11 @@ impl Status {
                 "Node sockets sent to a backend.",
                 s.socket_rewrites,
             ),
+            (
+                "lb_datapath_rejects_limited_total",
+                "Rejects not sent, over --reject-rate: the new flows dropped instead.",
+                s.rejects_limited,
+            ),
         ] {
             let _ = writeln!(
                 out,

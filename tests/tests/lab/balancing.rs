@@ -341,3 +341,41 @@ fn slices_are_read_as_kube_proxy_reads_them() {
     wait_for_backends(&lab, "10.96.0.10:80/TCP", 3);
     assert_eq!(counts(&curl_pods(&lab, HTTP_VIP, 3)).len(), 3);
 }
+
+#[test]
+fn rejects_are_rate_limited_per_node_and_counted() {
+    // Two rejects a second for the node: one per CPU of the lab's machine.
+    let lab = lab_with("ratelimit", &["--reject-rate", "2", "--reject-burst", "2"]);
+    let unready = |t: String| {
+        BACKENDS
+            .iter()
+            .fold(t, |t, (_, ip)| set_not_ready(&t, &ip.to_string()))
+    };
+    lab.edit_manifest("demo.yaml", unready).unwrap();
+    wait_for_backends(&lab, "10.96.0.10:80/TCP", 0);
+    let before = lab.dump().unwrap();
+    // Six connections at once: past the burst, the SYN is dropped and the client times out
+    // (curl's 28) instead of being refused (7).
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            lab.in_client(&["curl", "-s", "--max-time", "1", HTTP_VIP])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let codes: Vec<i32> = clients
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap().status.code().unwrap_or(-1))
+        .collect();
+    let refused = codes.iter().filter(|&&c| c == 7).count();
+    let timed_out = codes.iter().filter(|&&c| c == 28).count();
+    assert!(
+        refused >= 1 && timed_out >= 1,
+        "refused and timed out: {codes:?}"
+    );
+    let after = lab.dump().unwrap();
+    assert!(
+        stat(&after, "rejects_limited") > stat(&before, "rejects_limited"),
+        "{after}"
+    );
+}
