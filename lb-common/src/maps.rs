@@ -135,7 +135,10 @@ pub struct Frontend {
     pub flags: u8,
     /// `sessionAffinity: ClientIP` timeout in seconds; 0 without affinity.
     pub affinity_timeout_s: u32,
-    pub _pad: u32,
+    /// The key of the affinity its Service port's frontends share (ClusterIP, NodePorts,
+    /// external and load-balancer IPs), as kube-proxy keys affinity per Service port: the
+    /// lowest `service_id` among them. 0: this frontend's own `service_id`.
+    pub affinity_id: u32,
 }
 
 #[repr(C)]

@@ -21,18 +21,22 @@ pub fn select_backend(
     if frontend.affinity_timeout_s == 0 {
         return pick(frontend, key).map(|(_, id, backend)| (id, backend));
     }
+    // Per Service port, across its frontends, as kube-proxy keys affinity.
     let affinity_key = AffinityKey {
         client_addr_be: key.src_addr_be,
-        service_id: frontend.service_id,
+        service_id: if frontend.affinity_id == 0 {
+            frontend.service_id
+        } else {
+            frontend.affinity_id
+        },
     };
     let timeout = u64::from(frontend.affinity_timeout_s) * NS_PER_SECOND;
     // Sticky while alive and while the service still has that backend in that slot: a backend
     // removed from this service may live on in another.
     let sticky = maps::affinity(affinity_key)
         .filter(|a| now.saturating_sub(a.last_seen_ns) <= timeout)
-        .filter(|a| a.slot <= u32::from(frontend.backend_count))
-        .filter(|a| maps::slot(frontend.service_id, a.slot) == Some(a.backend_id))
-        .and_then(|a| Some((a.slot, a.backend_id, maps::backend(a.backend_id)?)));
+        .and_then(|a| Some((slot_of(frontend, a.backend_id, a.slot)?, a.backend_id)))
+        .and_then(|(slot, id)| Some((slot, id, maps::backend(id)?)));
     let (slot, backend_id, backend) = match sticky {
         Some(chosen) => chosen,
         None => pick(frontend, key)?,
@@ -45,6 +49,24 @@ pub fn select_backend(
     // Losing an affinity entry costs stickiness, not the flow.
     let _ = AFFINITY.insert(affinity_key, affinity, 0);
     Some((backend_id, backend))
+}
+
+/// How many of a frontend's slots are looked through for a client's affinity backend when the
+/// slot it was given in (by another frontend of its Service port) holds another: a frontend's
+/// slots follow its own backends (an `externalTrafficPolicy: Local` one has only the node's).
+const AFFINITY_SCAN: u32 = 32;
+
+/// The slot of `frontend` that holds `backend_id`: `hint` if it does, else the first of the
+/// first [`AFFINITY_SCAN`] that does. A backend removed from the Service is in none.
+#[inline(always)]
+fn slot_of(frontend: &Frontend, backend_id: u32, hint: u32) -> Option<u32> {
+    let count = u32::from(frontend.backend_count);
+    if hint <= count && maps::slot(frontend.service_id, hint) == Some(backend_id) {
+        return Some(hint);
+    }
+    (1..=AFFINITY_SCAN)
+        .take_while(|&slot| slot <= count)
+        .find(|&slot| maps::slot(frontend.service_id, slot) == Some(backend_id))
 }
 
 /// The backend the frontend's algorithm picks: `(slot, backend id, backend)`.

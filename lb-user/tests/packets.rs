@@ -49,6 +49,8 @@ const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const PAIR_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 const STICKY_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 31);
 const HASHED_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 32);
+/// The sticky Service's load-balancer IP, whose slots list [`PAIR`] the other way round.
+const STICKY_LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 31);
 const PAIR: [(Ipv4Addr, u16); 2] = [
     (Ipv4Addr::new(10, 244, 0, 21), 8080),
     (Ipv4Addr::new(10, 244, 0, 22), 8080),
@@ -332,6 +334,14 @@ fn programme() -> Vec<Arc<model::Frontend>> {
             Protocol::Tcp,
             Scope::Internal,
             &PAIR,
+        )),
+        sticky(frontend(
+            "sticky",
+            STICKY_LB_IP,
+            80,
+            Protocol::Tcp,
+            Scope::External,
+            &[PAIR[1], PAIR[0]],
         )),
         hashed(frontend(
             "hashed",
@@ -912,6 +922,16 @@ fn rows() -> Vec<Row> {
             out: Out::Check(reset_to_client),
             counts: &["rejected_no_backend"],
             before: Some(rejects_rested),
+        },
+        Row {
+            what: "ClientIP affinity across a Service port's frontends: from outside, the backend \
+                   the client has through the ClusterIP, in whichever slot it is here",
+            hook: Hook::Xdp,
+            input: packet(TCP_SYN, CLIENT, STICKY_LB_IP, 42010, 80),
+            verdict: XDP_PASS,
+            out: Out::Packet(packet(TCP_SYN, CLIENT, PAIR[0].0, 42010, 8080)),
+            counts: &["new_flows"],
+            before: None,
         },
     ]
 }

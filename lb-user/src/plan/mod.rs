@@ -4,7 +4,12 @@
 mod diff;
 mod ids;
 
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    net::Ipv4Addr,
+    sync::Arc,
+};
 
 pub use diff::{Op, Touched, diff, diff_touched};
 pub use ids::Ids;
@@ -44,6 +49,20 @@ pub struct Planner {
     planned: BTreeMap<FrontendKey, (Arc<model::Frontend>, Option<Skipped>)>,
     /// The entries of every planned frontend: what the maps should hold.
     desired: MapEntries,
+    /// The frontends of each Service port with ClientIP affinity, which share it.
+    affinity_groups: BTreeMap<AffinityGroup, BTreeSet<FrontendKey>>,
+}
+
+/// A Service port: `namespace/name`, port name, protocol.
+type AffinityGroup = (String, String, Protocol);
+
+fn affinity_group(frontend: &model::Frontend) -> Option<AffinityGroup> {
+    frontend.affinity_timeout?;
+    Some((
+        frontend.service.clone(),
+        frontend.port_name.clone(),
+        frontend.protocol,
+    ))
 }
 
 impl Planner {
@@ -53,6 +72,7 @@ impl Planner {
             ids,
             planned: BTreeMap::new(),
             desired: MapEntries::default(),
+            affinity_groups: BTreeMap::new(),
         }
     }
 
@@ -80,14 +100,33 @@ impl Planner {
             })
             .map(|(key, _)| *key)
             .collect();
+        let mut regroup = BTreeSet::new();
         for key in stale {
+            if let Some(group) = self.planned.get(&key).and_then(|(f, _)| affinity_group(f)) {
+                if let Some(keys) = self.affinity_groups.get_mut(&group) {
+                    keys.remove(&key);
+                }
+                regroup.insert(group);
+            }
             self.withdraw(key, &mut touched);
         }
         for (key, frontend) in wanted {
             if !self.planned.contains_key(&key) {
                 let unplanned = self.place(key, frontend, &mut touched);
+                if unplanned.is_none()
+                    && let Some(group) = affinity_group(frontend)
+                {
+                    self.affinity_groups
+                        .entry(group.clone())
+                        .or_default()
+                        .insert(key);
+                    regroup.insert(group);
+                }
                 self.planned.insert(key, (Arc::clone(frontend), unplanned));
             }
+        }
+        for group in regroup {
+            self.share_affinity(&group, &mut touched);
         }
         for id in self.ids.end_sync(|key| self.planned.contains_key(key)) {
             self.desired.backends.remove(&id);
@@ -99,6 +138,32 @@ impl Planner {
             .filter_map(|(_, unplanned)| unplanned.clone())
             .collect();
         (touched, skipped)
+    }
+
+    /// Gives the frontends of `group` one affinity key: the lowest of their service ids, which
+    /// stay as long as the frontends do (across agent restarts too).
+    fn share_affinity(&mut self, group: &AffinityGroup, touched: &mut Touched) {
+        let Some(keys) = self.affinity_groups.get(group) else {
+            return;
+        };
+        if keys.is_empty() {
+            self.affinity_groups.remove(group);
+            return;
+        }
+        let shared = keys
+            .iter()
+            .filter_map(|key| self.desired.frontends.get(key))
+            .map(|f| f.service_id)
+            .min()
+            .unwrap_or(0);
+        for key in keys {
+            if let Some(frontend) = self.desired.frontends.get_mut(key)
+                && frontend.affinity_id != shared
+            {
+                frontend.affinity_id = shared;
+                touched.frontends.insert(*key);
+            }
+        }
     }
 
     /// Takes frontend `key`'s entries out of the plan.
@@ -192,7 +257,7 @@ impl Planner {
                 algorithm: algorithm(frontend.algorithm),
                 flags,
                 affinity_timeout_s: frontend.affinity_timeout.unwrap_or(0),
-                _pad: 0,
+                affinity_id: 0,
             },
         );
         touched.frontends.insert(key);
@@ -270,7 +335,7 @@ impl MapEntries {
             };
             let affinity = match fe.affinity_timeout_s {
                 0 => String::new(),
-                seconds => format!(" AFFINITY={seconds}s"),
+                seconds => format!(" AFFINITY={seconds}s KEY={}", fe.affinity_id),
             };
             lines.push(format!(
                 "FE: ADDR={} SCOPE={scope} ID={} COUNT={} ALG={} EMPTY={when_empty}{affinity}",
@@ -459,7 +524,7 @@ mod tests {
                 algorithm: ALGORITHM_SOURCE_HASH,
                 flags: FRONTEND_REJECT_WHEN_EMPTY,
                 affinity_timeout_s: 0,
-                _pad: 0
+                affinity_id: 0
             }
         );
         assert_eq!(
