@@ -379,3 +379,34 @@ fn rejects_are_rate_limited_per_node_and_counted() {
         "{after}"
     );
 }
+
+#[test]
+fn session_affinity_holds_across_a_service_port_s_frontends() {
+    let lab = lab("affinity-port");
+    let sticky = fs::read_to_string(lb_tests::workspace_root().join("deploy/examples/demo.yaml"))
+        .unwrap()
+        .replace("name: demo\n", "name: demo-port\n")
+        .replace(
+            "kubernetes.io/service-name: demo\n",
+            "kubernetes.io/service-name: demo-port\n",
+        )
+        .replace("name: demo-abc12", "name: demo-port-x7k2p")
+        .replace("10.96.0.10", "10.96.0.14")
+        .replace(
+            "  type: ClusterIP\n",
+            "  type: ClusterIP\n  externalIPs: [10.96.0.15]\n  sessionAffinity: ClientIP\n  \
+             sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n",
+        );
+    lab.add_manifest("demo-port.yaml", &sticky).unwrap();
+    wait_for_backends(&lab, "10.96.0.15:80/TCP", 3);
+    // Another client turns the external IP's round robin first (the lab's clients run on one
+    // CPU, whose cursor that is): without one affinity per Service port, the client would get
+    // the next pod there, not its own.
+    lab.curl_from("demo-3", "http://10.96.0.15/").unwrap();
+    let own = curl_pods(&lab, "http://10.96.0.14/", 1).remove(0);
+    let through_external = curl_pods(&lab, "http://10.96.0.15/", 3);
+    assert!(
+        through_external.iter().all(|pod| *pod == own),
+        "the ClusterIP gave {own}, the external IP {through_external:?}"
+    );
+}
