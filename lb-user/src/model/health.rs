@@ -15,11 +15,7 @@ pub fn health_check(service: &Service, cluster: &Cluster, node: &str) -> Option<
     for service_port in &service.ports {
         let mut counted: BTreeSet<(Ipv4Addr, u16)> = BTreeSet::new();
         for slice in cluster.slices.iter().filter(|s| s.service == service.name) {
-            let Some(slice_port) = slice
-                .ports
-                .iter()
-                .find(|p| p.name == service_port.name && p.protocol == service_port.protocol)
-            else {
+            let Some(slice_port) = slice.port_for(service_port) else {
                 continue;
             };
             for endpoint in &slice.endpoints {

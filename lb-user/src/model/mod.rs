@@ -115,6 +115,16 @@ pub struct EndpointSlice {
     pub endpoints: Vec<Endpoint>,
 }
 
+impl EndpointSlice {
+    /// The slice's port for `port`: the EndpointSlice controller names each after its Service
+    /// port (and has already resolved a named targetPort to the pods' number).
+    pub fn port_for(&self, port: &ServicePort) -> Option<&EndpointPort> {
+        self.ports
+            .iter()
+            .find(|p| p.name == port.name && p.protocol == port.protocol)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct EndpointPort {
     pub name: String,

@@ -39,13 +39,8 @@ fn source_hash_keeps_one_client_on_one_backend() {
 #[test]
 fn a_service_without_endpoints_rejects_and_counts() {
     let lab = lab("reject");
-    let unready = |t: String| {
-        BACKENDS
-            .iter()
-            .fold(t, |t, (_, ip)| set_not_ready(&t, &ip.to_string()))
-    };
-    lab.edit_manifest("demo.yaml", unready).unwrap();
-    lab.edit_manifest("demo-dns.yaml", unready).unwrap();
+    lab.edit_manifest("demo.yaml", all_not_ready).unwrap();
+    lab.edit_manifest("demo-dns.yaml", all_not_ready).unwrap();
     let before = lab
         .wait_for_dump("the frontends to have no backend", |d| {
             backend_count(d, "10.96.0.10:80/TCP") == Some(0)
@@ -346,12 +341,7 @@ fn slices_are_read_as_kube_proxy_reads_them() {
 fn rejects_are_rate_limited_per_node_and_counted() {
     // Two rejects a second for the node: one per CPU of the lab's machine.
     let lab = lab_with("ratelimit", &["--reject-rate", "2", "--reject-burst", "2"]);
-    let unready = |t: String| {
-        BACKENDS
-            .iter()
-            .fold(t, |t, (_, ip)| set_not_ready(&t, &ip.to_string()))
-    };
-    lab.edit_manifest("demo.yaml", unready).unwrap();
+    lab.edit_manifest("demo.yaml", all_not_ready).unwrap();
     wait_for_backends(&lab, "10.96.0.10:80/TCP", 0);
     let before = lab.dump().unwrap();
     // Six connections at once: past the burst, the SYN is dropped and the client times out

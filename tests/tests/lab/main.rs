@@ -105,6 +105,13 @@ fn backend_count(dump: &str, frontend: &str) -> Option<u16> {
         .ok()
 }
 
+/// Makes every one of the lab's backends not ready in a manifest's text.
+fn all_not_ready(text: String) -> String {
+    BACKENDS
+        .iter()
+        .fold(text, |t, (_, ip)| set_not_ready(&t, &ip.to_string()))
+}
+
 /// Makes the endpoint at `ip` not ready, as the EndpointSlice controller writes it: not
 /// serving either while it is not terminating.
 fn set_not_ready(text: &str, ip: &str) -> String {

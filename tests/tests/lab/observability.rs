@@ -166,22 +166,7 @@ fn the_status_endpoints_keep_metrics_from_pods_and_outlast_a_flood_of_slow_clien
 fn the_node_s_health_drains_it_while_the_autoscaler_deletes_it() {
     let lab = lab("eligible");
     let get = |path: &str| {
-        let url = format!("http://{NODE_IP}:10256{path}");
-        let out = lab
-            .in_client(&[
-                "curl",
-                "-s",
-                "-w",
-                "\\n%{http_code}",
-                "--max-time",
-                "2",
-                &url,
-            ])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').expect("a status code");
-        (code.to_string(), body.to_string())
+        http_from_client(&lab, &format!("http://{NODE_IP}:10256{path}")).expect("an answer")
     };
     let (code, body) = get("/healthz");
     assert_eq!(code, "200", "{body}");
@@ -229,23 +214,8 @@ fn a_cloud_load_balancer_s_health_check_follows_the_node_s_local_endpoints() {
     let lab = lab("hcnp");
     // What a cloud load balancer's prober does: GET any path, read the status and the JSON.
     let probe = |port: u16| -> Option<(String, serde_json::Value)> {
-        let url = format!("http://{NODE_IP}:{port}/any/path");
-        let out = lab
-            .in_client(&[
-                "curl",
-                "-s",
-                "-w",
-                "\\n%{http_code}",
-                "--max-time",
-                "2",
-                &url,
-            ])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n')?;
-        let json = serde_json::from_str(body).ok()?;
-        Some((code.to_string(), json))
+        let (code, body) = http_from_client(&lab, &format!("http://{NODE_IP}:{port}/any/path"))?;
+        Some((code, serde_json::from_str(&body).ok()?))
     };
     let endpoints = |port| probe(port).map(|(code, json)| (code, json["localEndpoints"].clone()));
     lab.add_manifest("web-lb.yaml", &local_load_balancer(32100, "{ready: true}"))
@@ -297,4 +267,23 @@ fn a_cloud_load_balancer_s_health_check_follows_the_node_s_local_endpoints() {
         Ok(probe(32101).is_none())
     })
     .unwrap();
+}
+
+/// A GET of `url` from the client pod: the status code and the body, if anything answered.
+fn http_from_client(lab: &Lab, url: &str) -> Option<(String, String)> {
+    let out = lab
+        .in_client(&[
+            "curl",
+            "-s",
+            "-w",
+            "\\n%{http_code}",
+            "--max-time",
+            "2",
+            url,
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n')?;
+    (code != "000").then(|| (code.to_string(), body.to_string()))
 }

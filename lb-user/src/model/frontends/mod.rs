@@ -296,13 +296,7 @@ fn node_port(
 fn candidates<'a>(port: &ServicePort, slices: &[&'a EndpointSlice]) -> Vec<Candidate<'a>> {
     let mut by_address: BTreeMap<(Ipv4Addr, u16), Candidate<'a>> = BTreeMap::new();
     for slice in slices {
-        // The EndpointSlice controller names each slice port after its Service port and has
-        // already resolved a named targetPort to each pod's number.
-        let Some(slice_port) = slice
-            .ports
-            .iter()
-            .find(|p| p.name == port.name && p.protocol == port.protocol)
-        else {
+        let Some(slice_port) = slice.port_for(port) else {
             continue;
         };
         let number = slice_port.port;
