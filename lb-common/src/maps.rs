@@ -265,7 +265,9 @@ pub struct Connected {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AffinityKey {
     pub client_addr_be: u32,
-    pub service_id: u32,
+    /// The frontend's [`Frontend::affinity_id`] (its `service_id` when that is 0): one key per
+    /// Service port, shared by all its frontends.
+    pub affinity_id: u32,
 }
 
 /// The backend a client sticks to, until `affinity_timeout_s` after its last new flow, and

@@ -24,7 +24,7 @@ pub fn select_backend(
     // Per Service port, across its frontends, as kube-proxy keys affinity.
     let affinity_key = AffinityKey {
         client_addr_be: key.src_addr_be,
-        service_id: if frontend.affinity_id == 0 {
+        affinity_id: if frontend.affinity_id == 0 {
             frontend.service_id
         } else {
             frontend.affinity_id

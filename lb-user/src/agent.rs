@@ -318,7 +318,7 @@ impl Syncer {
         self.status
             .set_node_eligible(model::node_eligible(&objects.nodes, &node.name));
         self.service_checks
-            .set(synced.health_checks.clone(), &synced.node_addresses);
+            .set(synced.health_checks, &synced.node_addresses);
         if let Some(snat_address) = synced.config_written {
             info!(snat_address = ?snat_address, "datapath config written");
         }

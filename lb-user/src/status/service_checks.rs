@@ -22,6 +22,9 @@ pub struct ServiceChecks {
     addresses: Vec<Ipv4Addr>,
     /// By namespace and name.
     running: BTreeMap<(String, String), Running>,
+    /// What is wanted differs from what listens: new wants, or a listener that could not
+    /// open. Otherwise a poll's reconcile does nothing.
+    due: bool,
 }
 
 struct Running {
@@ -46,6 +49,7 @@ impl ServiceChecks {
             wanted: Vec::new(),
             addresses: Vec::new(),
             running: BTreeMap::new(),
+            due: false,
         }
     }
 
@@ -57,6 +61,7 @@ impl ServiceChecks {
         } else {
             addresses.to_vec()
         };
+        self.due = true;
         self.reconcile();
     }
 
@@ -64,6 +69,10 @@ impl ServiceChecks {
     /// address that failed before) and closes what is no longer wanted. Must run within the
     /// agent's runtime: listeners are its tasks.
     pub fn reconcile(&mut self) {
+        if !self.due {
+            return;
+        }
+        self.due = false;
         let wanted = &self.wanted;
         self.running.retain(|(namespace, name), running| {
             let keep = wanted
@@ -110,8 +119,11 @@ impl ServiceChecks {
                             tokio::spawn(serve_on(listener, endpoints, Arc::clone(&self.status)));
                         running.listening.insert(address, task);
                     }
-                    Err(e) => warn!(service, %address, port = check.port, error = %e,
-                        "cannot listen for a health check: tried again at the next poll"),
+                    Err(e) => {
+                        self.due = true;
+                        warn!(service, %address, port = check.port, error = %e,
+                            "cannot listen for a health check: tried again at the next poll");
+                    }
                 }
             }
         }
