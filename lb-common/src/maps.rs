@@ -31,12 +31,16 @@ pub const SOCKETS: &str = "lb_sockets_v1";
 pub const CONNECTED: &str = "lb_connected_v1";
 /// Session affinity (LRU): [`AffinityKey`] -> [`Affinity`]. Written by the datapath.
 pub const AFFINITY: &str = "lb_affinity_v1";
+/// Load-balancer source ranges (LPM trie): [`SourceRangeKey`] under a prefix length ->
+/// [`SourceRange`]. Written by the agent, for the frontends with
+/// [`FRONTEND_SOURCE_RANGES`] whose Service has `loadBalancerSourceRanges`.
+pub const SOURCE_RANGES: &str = "lb_source_ranges_v1";
 /// Per-CPU round-robin cursor of each service, indexed by service id: `u32`.
 pub const CURSORS: &str = "lb_cursors_v1";
 /// Per-CPU counters of each frontend, indexed by its service id: [`FrontendStats`].
 pub const FRONTEND_STATS: &str = "lb_fe_stats_v1";
 /// Per-CPU counters, one entry: [`Stats`].
-pub const STATS: &str = "lb_stats_v2";
+pub const STATS: &str = "lb_stats_v3";
 /// Datapath settings, one entry: [`Config`]. Written by the agent.
 pub const CONFIG: &str = "lb_config_v2";
 /// Per-CPU token buckets of the rejects (TCP resets, ICMP port unreachables), one entry:
@@ -48,7 +52,7 @@ pub const CLOCK: &str = "lb_clock_v1";
 pub const EPOCH: &str = "lb_epoch_v1";
 
 /// Every map, in the order the agent pins them.
-pub const ALL: [&str; 16] = [
+pub const ALL: [&str; 17] = [
     FRONTENDS,
     SLOTS,
     BACKENDS,
@@ -65,6 +69,7 @@ pub const ALL: [&str; 16] = [
     CLOCK,
     EPOCH,
     REJECT_TOKENS,
+    SOURCE_RANGES,
 ];
 
 /// Capacity of [`FRONTENDS`]; service ids are below it, as they index [`CURSORS`].
@@ -83,6 +88,11 @@ pub const MAX_SOCKETS: u32 = 65_536;
 pub const MAX_CONNECTED: u32 = 262_144;
 /// Capacity of [`AFFINITY`].
 pub const MAX_AFFINITIES: u32 = 65_536;
+/// Capacity of [`SOURCE_RANGES`].
+pub const MAX_SOURCE_RANGES: u32 = 65_536;
+/// The bits of a [`SOURCE_RANGES`] entry's prefix that match its [`SourceRangeKey::service_id`]
+/// (all of them); the range's own bits follow.
+pub const SOURCE_RANGE_ID_BITS: u32 = 32;
 
 /// IANA protocol numbers, as in the IPv4 header.
 pub const PROTO_TCP: u8 = 6;
@@ -101,6 +111,16 @@ pub const SCOPE_INTERNAL: u8 = 1;
 /// [`Frontend::flags`]: with no backend, answer new flows with a TCP reset or an ICMP port
 /// unreachable (kube-proxy's REJECT) instead of dropping them.
 pub const FRONTEND_REJECT_WHEN_EMPTY: u8 = 1;
+/// [`Frontend::flags`]: a load-balancer IP, whose packets' sources are looked up in
+/// [`SOURCE_RANGES`] under its `service_id`, every packet, as kube-proxy's firewall filters
+/// them: a source its Service's `loadBalancerSourceRanges` leave out is dropped, on a new flow
+/// or an established one. A frontend whose Service has no ranges has no entry there, and every
+/// source passes.
+pub const FRONTEND_SOURCE_RANGES: u8 = 2;
+
+/// [`Flow::flags`]: the flow came in by a frontend with [`FRONTEND_SOURCE_RANGES`], whose
+/// ranges each of its packets is checked against.
+pub const FLOW_SOURCE_RANGES: u8 = 1;
 
 /// [`Backend::flags`]: the backend runs on this node. A flow from outside the node to a backend
 /// elsewhere is SNATed to the node's address, so that its replies come back through it.
@@ -198,7 +218,9 @@ pub struct Flow {
     pub src_port_be: u16,
     /// `STATE_*`.
     pub state: u8,
-    pub _pad: [u8; 3],
+    /// `FLOW_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 2],
     /// The frontend the flow came in by, whose counters its packets count in.
     pub service_id: u32,
     /// The [`Epoch`] at which the backend was last seen in [`BACKENDS`]: while the epoch has
@@ -220,6 +242,25 @@ pub struct Reply {
     /// `STATE_*`.
     pub state: u8,
     pub _pad: [u8; 3],
+}
+
+/// What a [`SOURCE_RANGES`] entry matches: a frontend's service id (all
+/// [`SOURCE_RANGE_ID_BITS`] of it, so its byte order does not matter), then the leading bits of a
+/// source address. Each frontend with ranges has one entry per range, and a catch-all (the id
+/// alone) that refuses what no range allows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRangeKey {
+    pub service_id: u32,
+    pub addr_be: u32,
+}
+
+/// Whether the sources a [`SOURCE_RANGES`] entry matches may reach the frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceRange {
+    /// 1: one of the frontend's ranges; 0: its catch-all.
+    pub allowed: u32,
 }
 
 /// A ClusterIP. The datapath only asks whether the address is one.
@@ -288,6 +329,8 @@ pub struct Config {
     pub tcp_closing_timeout_ns: u64,
     pub udp_timeout_ns: u64,
     /// The node's address that SNATed flows leave with; 0: no SNAT, such flows are dropped.
+    /// Also the source the node's own sockets stand for before a load-balancer IP's source
+    /// ranges, their source not being chosen at `connect()`.
     pub snat_addr_be: u32,
     /// SNAT source ports, host order, outside the node's ephemeral range.
     pub snat_port_min: u16,
@@ -402,6 +445,9 @@ pub struct Stats {
     pub socket_rewrites: u64,
     /// Rejects not sent, over the rate limit: the new flow is dropped instead.
     pub rejects_limited: u64,
+    /// Packets to a load-balancer IP from a source its Service's `loadBalancerSourceRanges`
+    /// leave out.
+    pub dropped_source_range: u64,
 }
 
 /// Index of the only entry of [`CONFIG`], [`CLOCK`], [`EPOCH`] and [`STATS`].
@@ -420,7 +466,9 @@ const _: () = {
     assert!(size_of::<RejectTokens>() == 16);
     assert!(size_of::<Clock>() == 16);
     assert!(size_of::<Epoch>() == 4);
-    assert!(size_of::<Stats>() == 96);
+    assert!(size_of::<Stats>() == 104);
+    assert!(size_of::<SourceRangeKey>() == 8);
+    assert!(size_of::<SourceRange>() == 4);
     assert!(size_of::<Vip>() == 4);
     assert!(size_of::<FrontendStats>() == 24);
     assert!(size_of::<SocketKey>() == 16);
@@ -435,7 +483,7 @@ mod pod {
     use super::{
         Affinity, AffinityKey, Backend, Clock, Config, Connected, Epoch, Flow, FlowKey, Frontend,
         FrontendKey, FrontendStats, RejectTokens, Reply, Slot, SlotKey, SocketFrontend, SocketKey,
-        Stats, Vip,
+        SourceRange, SourceRangeKey, Stats, Vip,
     };
 
     macro_rules! pod {
@@ -466,7 +514,9 @@ mod pod {
         Connected,
         Affinity,
         Stats,
-        RejectTokens
+        RejectTokens,
+        SourceRangeKey,
+        SourceRange
     );
 }
 

@@ -2,7 +2,7 @@
 //! packet to a frontend of the program's scope starts a flow; a backend's reply goes back to
 //! its client ([`reply`](crate::reply)); anything else passes.
 
-use lb_common::maps::{Flow, FrontendKey};
+use lb_common::maps::{FLOW_SOURCE_RANGES, FRONTEND_SOURCE_RANGES, Flow, FrontendKey};
 
 use crate::{
     clock::now_ns,
@@ -33,18 +33,38 @@ pub fn balance<C: Rewrite>(ctx: &C, packet: &Packet, scope: u8) -> Verdict {
 #[inline(always)]
 fn try_balance<C: Rewrite>(ctx: &C, packet: &Packet, scope: u8) -> Result<Verdict, Verdict> {
     let backend_gone = match flow_lookup(packet)? {
-        Tracked::Live(flow) => return forward(ctx, packet, flow, false),
+        Tracked::Live(flow) => {
+            if flow.flags & FLOW_SOURCE_RANGES != 0 {
+                check_source(flow.service_id, packet)?;
+            }
+            return forward(ctx, packet, flow, false);
+        }
         Tracked::BackendGone => true,
         Tracked::Miss => false,
     };
     let Some(frontend) = maps::frontend(frontend_key(packet, scope)) else {
         return to_client(ctx, packet, Hook::Ingress);
     };
+    if frontend.flags & FRONTEND_SOURCE_RANGES != 0 {
+        check_source(frontend.service_id, packet)?;
+    }
     if backend_gone {
         count(|s| &mut s.reselected);
     }
     let flow = new_flow(packet, frontend, scope, now_ns())?;
     forward(ctx, packet, &flow, true)
+}
+
+/// Drops a packet whose source the load-balancer source ranges of frontend `service_id` leave
+/// out: before a flow is made or a reject sent, and on every packet of a flow, so that a range
+/// narrowed cuts what it no longer allows, as kube-proxy's firewall does.
+#[inline(always)]
+fn check_source(service_id: u32, packet: &Packet) -> Result<(), Verdict> {
+    if maps::source_allowed(service_id, packet.key.src_addr_be) {
+        return Ok(());
+    }
+    count(|s| &mut s.dropped_source_range);
+    Err(Verdict::Drop)
 }
 
 #[inline(always)]

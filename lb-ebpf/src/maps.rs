@@ -14,14 +14,15 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     macros::btf_map,
 };
 use lb_common::maps::{
     self as common, Affinity, AffinityKey, Backend, Clock, Config, Connected, Epoch, Flow, FlowKey,
     Frontend, FrontendKey, FrontendStats, MAX_AFFINITIES, MAX_BACKENDS, MAX_CONNECTED, MAX_FLOWS,
-    MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MAX_VIPS, RejectTokens, Reply, SINGLE_ENTRY, Slot,
-    SlotKey, SocketFrontend, SocketKey, Stats, Vip,
+    MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MAX_SOURCE_RANGES, MAX_VIPS, RejectTokens, Reply,
+    SINGLE_ENTRY, SOURCE_RANGE_ID_BITS, Slot, SlotKey, SocketFrontend, SocketKey, SourceRange,
+    SourceRangeKey, Stats, Vip,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -66,7 +67,8 @@ map!("lb_connected_v1" = CONNECTED, CONNECTED: HashMap<u64, Connected, { MAX_CON
 map!("lb_affinity_v1" = AFFINITY, AFFINITY: LruHashMap<AffinityKey, Affinity, { MAX_AFFINITIES as usize }>);
 map!("lb_cursors_v1" = CURSORS, CURSORS: PerCpuArray<u32, { MAX_SERVICES as usize }>);
 map!("lb_fe_stats_v1" = FRONTEND_STATS, FRONTEND_STATS: PerCpuArray<FrontendStats, { MAX_SERVICES as usize }>);
-map!("lb_stats_v2" = STATS, STATS: PerCpuArray<Stats, 1>);
+map!("lb_source_ranges_v1" = SOURCE_RANGES, SOURCE_RANGES: LpmTrie<SourceRangeKey, SourceRange, { MAX_SOURCE_RANGES as usize }>);
+map!("lb_stats_v3" = STATS, STATS: PerCpuArray<Stats, 1>);
 map!("lb_config_v2" = CONFIG, CONFIG: Array<Config, 1>);
 map!("lb_reject_tokens_v1" = REJECT_TOKENS, REJECT_TOKENS: PerCpuArray<RejectTokens, 1>);
 map!("lb_clock_v1" = CLOCK, CLOCK: Array<Clock, 1>);
@@ -97,6 +99,22 @@ pub fn backend(id: u32) -> Option<&'static Backend> {
 pub fn is_vip(addr_be: u32) -> bool {
     // SAFETY: as above; only its presence is read.
     unsafe { VIPS.get(addr_be) }.is_some()
+}
+
+/// Whether a source may reach the frontend `service_id` (a load-balancer IP): its Service has
+/// no ranges (no entry), or one of them holds the source (the catch-all refuses the others).
+#[inline(always)]
+pub fn source_allowed(service_id: u32, src_addr_be: u32) -> bool {
+    let key = Key::new(
+        SOURCE_RANGE_ID_BITS + u32::BITS,
+        SourceRangeKey {
+            service_id,
+            addr_be: src_addr_be,
+        },
+    );
+    SOURCE_RANGES
+        .get(&key)
+        .is_none_or(|range| range.allowed != 0)
 }
 
 /// A flow, to refresh in place: racing writers of one flow (two CPUs) write the same fields

@@ -11,7 +11,10 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::{SockAddrContext, SockContext},
 };
-use lb_common::maps::{Connected, FlowKey, FrontendKey, SCOPE_INTERNAL, SocketFrontend, SocketKey};
+use lb_common::maps::{
+    Connected, FRONTEND_SOURCE_RANGES, FlowKey, FrontendKey, SCOPE_INTERNAL, SocketFrontend,
+    SocketKey,
+};
 
 use crate::{
     clock::now_ns,
@@ -119,6 +122,15 @@ fn to_backend(ctx: &SockAddrContext, remember: Remember) -> i32 {
         return ALLOW;
     };
     if frontend.backend_count == 0 {
+        return REFUSE;
+    }
+    // The source is not chosen yet: the node's own address (kube-proxy's node IP) stands for
+    // it before a load-balancer IP's source ranges.
+    if frontend.flags & FRONTEND_SOURCE_RANGES != 0
+        && !maps::config()
+            .is_some_and(|c| maps::source_allowed(frontend.service_id, c.snat_addr_be))
+    {
+        count(|s| &mut s.dropped_source_range);
         return REFUSE;
     }
     // The source is not chosen yet: affinity and source hash see the node as one client.

@@ -475,7 +475,7 @@ fn dump(args: &InstanceArgs) -> Result<()> {
     println!(
         "STATS: forwarded={} replied={} new_flows={} reselected={} dropped_no_backend={} \
          rejected_no_backend={} dropped_error={} snat_flows={} dropped_no_snat={} \
-         dropped_unknown_port={} socket_rewrites={} rejects_limited={}",
+         dropped_unknown_port={} socket_rewrites={} rejects_limited={} dropped_source_range={}",
         s.forwarded,
         s.replied,
         s.new_flows,
@@ -487,7 +487,8 @@ fn dump(args: &InstanceArgs) -> Result<()> {
         s.dropped_no_snat,
         s.dropped_unknown_port,
         s.socket_rewrites,
-        s.rejects_limited
+        s.rejects_limited,
+        s.dropped_source_range
     );
     println!("EPOCH: backends_removed={}", maps.epoch()?.backends_removed);
     let (flows, replies) = maps.flow_entries()?;

@@ -8,11 +8,12 @@
 use std::{net::Ipv4Addr, sync::Arc};
 
 use aya::{
-    maps::{HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues},
     programs::{TestRun as _, TestRunOptions},
 };
 use lb_common::maps::{
-    Config, FLOWS, Flow, FlowKey, PROTO_TCP, REJECT_TOKENS, REPLIES, RejectTokens, Reply, Stats,
+    Config, FLOWS, Flow, FlowKey, PROTO_TCP, REJECT_TOKENS, REPLIES, RejectTokens, Reply,
+    SOURCE_RANGES, SourceRange, SourceRangeKey, Stats,
 };
 use lb_tests::packet::{
     TCP_ACK, TCP_RST, TCP_SYN, UDP, addr, checksum, checksums_valid, packet, port,
@@ -61,6 +62,8 @@ const LOCAL_ONLY_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
 /// Source hash gives it the other backend of [`PAIR`] than [`CLIENT`]'s.
 const ANOTHER_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 7);
 const SNAT_PORT: u16 = 61_000;
+/// A load-balancer IP whose Service takes only [`OUTSIDE`]'s range.
+const RANGED_LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 40);
 
 /// Which program a row's packet goes through.
 #[derive(Clone, Copy, Debug)]
@@ -85,7 +88,7 @@ enum Out {
 }
 
 /// Every counter of [`Stats`], by name: a field added to it must be named here.
-fn counters(stats: &Stats) -> [(&'static str, u64); 12] {
+fn counters(stats: &Stats) -> [(&'static str, u64); 13] {
     let Stats {
         forwarded,
         replied,
@@ -99,6 +102,7 @@ fn counters(stats: &Stats) -> [(&'static str, u64); 12] {
         dropped_unknown_port,
         socket_rewrites,
         rejects_limited,
+        dropped_source_range,
     } = *stats;
     [
         ("forwarded", forwarded),
@@ -113,6 +117,7 @@ fn counters(stats: &Stats) -> [(&'static str, u64); 12] {
         ("dropped_unknown_port", dropped_unknown_port),
         ("socket_rewrites", socket_rewrites),
         ("rejects_limited", rejects_limited),
+        ("dropped_source_range", dropped_source_range),
     ]
 }
 
@@ -134,6 +139,7 @@ struct Tables {
     flows: HashMap<MapData, FlowKey, Flow>,
     replies: HashMap<MapData, FlowKey, Reply>,
     reject_tokens: PerCpuArray<MapData, RejectTokens>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, SourceRange>,
 }
 
 impl Tables {
@@ -146,6 +152,7 @@ impl Tables {
             flows: open(FLOWS).try_into().expect("the flow table"),
             replies: open(REPLIES).try_into().expect("the reply table"),
             reject_tokens: open(REJECT_TOKENS).try_into().expect("the reject buckets"),
+            source_ranges: open(SOURCE_RANGES).try_into().expect("the source ranges"),
         }
     }
 
@@ -167,6 +174,22 @@ fn tcp_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> FlowKey {
         dst_port_be: dst.1.to_be(),
         protocol: PROTO_TCP,
         _pad: [0; 3],
+    }
+}
+
+/// As the agent narrows a Service's source ranges: every range that allows is removed, the
+/// catch-alls stay.
+fn ranges_narrowed(tables: &mut Tables) {
+    let allowing: Vec<_> = tables
+        .source_ranges
+        .iter()
+        .map(|entry| entry.expect("a source range"))
+        .filter(|(_, range)| range.allowed != 0)
+        .map(|(key, _)| key)
+        .collect();
+    assert!(!allowing.is_empty(), "no range to narrow");
+    for key in allowing {
+        tables.source_ranges.remove(&key).expect("a range, removed");
     }
 }
 
@@ -237,7 +260,21 @@ fn frontend(
             })
             .collect(),
         retained: Vec::new(),
+        source_ranges: None,
     })
+}
+
+/// `frontend` as a load-balancer IP (in its scope) whose Service takes only `ranges`.
+fn ranged(frontend: Arc<model::Frontend>, ranges: &[(Ipv4Addr, u8)]) -> Arc<model::Frontend> {
+    let mut frontend = Arc::unwrap_or_clone(frontend);
+    frontend.kind = FrontendKind::LoadBalancer;
+    frontend.source_ranges = Some(
+        ranges
+            .iter()
+            .map(|&(address, len)| model::SourceRange::new(address, len))
+            .collect(),
+    );
+    Arc::new(frontend)
 }
 
 /// `frontend` with its backends on another node.
@@ -367,6 +404,39 @@ fn programme() -> Vec<Arc<model::Frontend>> {
             Scope::External,
             &[(REMOTE, 8080)],
         )),
+        ranged(
+            frontend(
+                "ranged",
+                RANGED_LB_IP,
+                80,
+                Protocol::Tcp,
+                Scope::External,
+                &[(WEB, 8080)],
+            ),
+            &[(Ipv4Addr::new(198, 51, 100, 0), 24)],
+        ),
+        ranged(
+            frontend(
+                "ranged",
+                RANGED_LB_IP,
+                80,
+                Protocol::Tcp,
+                Scope::Internal,
+                &[(WEB, 8080)],
+            ),
+            &[(Ipv4Addr::new(198, 51, 100, 0), 24)],
+        ),
+        ranged(
+            frontend(
+                "ranged-empty",
+                RANGED_LB_IP,
+                81,
+                Protocol::Tcp,
+                Scope::External,
+                &[],
+            ),
+            &[(Ipv4Addr::new(198, 51, 100, 0), 24)],
+        ),
     ]
 }
 
@@ -932,6 +1002,51 @@ fn rows() -> Vec<Row> {
             out: Out::Packet(packet(TCP_SYN, CLIENT, PAIR[0].0, 42010, 8080)),
             counts: &["new_flows"],
             before: None,
+        },
+        Row {
+            what: "to a load-balancer IP with source ranges, from inside them: DNAT",
+            hook: Hook::Xdp,
+            input: packet(TCP_SYN, OUTSIDE, RANGED_LB_IP, 43000, 80),
+            verdict: XDP_PASS,
+            out: Out::Packet(packet(TCP_SYN, OUTSIDE, WEB, 43000, 8080)),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "from outside the ranges: dropped",
+            hook: Hook::Xdp,
+            input: packet(TCP_SYN, CLIENT, RANGED_LB_IP, 43001, 80),
+            verdict: XDP_DROP,
+            out: Out::Unchanged,
+            counts: &["dropped_source_range"],
+            before: None,
+        },
+        Row {
+            what: "from a pod outside the ranges (the hairpin path): dropped",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, CLIENT, RANGED_LB_IP, 43002, 80),
+            verdict: TC_ACT_SHOT,
+            out: Out::Unchanged,
+            counts: &["dropped_source_range"],
+            before: None,
+        },
+        Row {
+            what: "from outside the ranges to a port without endpoints: dropped, no reject",
+            hook: Hook::Xdp,
+            input: packet(TCP_SYN, CLIENT, RANGED_LB_IP, 43003, 81),
+            verdict: XDP_DROP,
+            out: Out::Unchanged,
+            counts: &["dropped_source_range"],
+            before: None,
+        },
+        Row {
+            what: "the ranges narrowed: the established flow's next packet is dropped",
+            hook: Hook::Xdp,
+            input: packet(TCP_ACK, OUTSIDE, RANGED_LB_IP, 43000, 80),
+            verdict: XDP_DROP,
+            out: Out::Unchanged,
+            counts: &["dropped_source_range"],
+            before: Some(ranges_narrowed),
         },
     ]
 }

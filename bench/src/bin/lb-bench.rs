@@ -425,6 +425,7 @@ fn service(i: u32) -> model::Frontend {
             })
             .collect(),
         retained: Vec::new(),
+        source_ranges: None,
     }
 }
 

@@ -8,15 +8,19 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{
+        Array, HashMap, Map, MapData, MapError, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
 };
 use lb_common::maps::{
     BACKENDS, Backend, CLOCK, CONFIG, CONNECTED, Clock, Config, Connected, EPOCH, Epoch, FLOWS,
     FRONTEND_STATS, FRONTENDS, Flow, FlowKey, Frontend, FrontendKey, FrontendStats, MAX_CONNECTED,
-    MAX_FLOWS, REPLIES, Reply, SINGLE_ENTRY, SLOTS, STATS, Slot, SlotKey, Stats, VIPS, Vip,
+    MAX_FLOWS, REPLIES, Reply, SINGLE_ENTRY, SLOTS, SOURCE_RANGE_ID_BITS, SOURCE_RANGES, STATS,
+    Slot, SlotKey, SourceRange, SourceRangeKey, Stats, VIPS, Vip,
 };
 
-use crate::plan::{MapEntries, Op};
+use crate::plan::{MapEntries, Op, RangeKey};
 
 /// A kernel map that could not be found, opened or read; named by its pin name.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +99,7 @@ pub struct KernelMaps {
     slots: HashMap<MapData, SlotKey, Slot>,
     backends: HashMap<MapData, u32, Backend>,
     vips: HashMap<MapData, u32, Vip>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, SourceRange>,
     flows: HashMap<MapData, FlowKey, Flow>,
     replies: HashMap<MapData, FlowKey, Reply>,
     connected: HashMap<MapData, u64, Connected>,
@@ -132,6 +137,7 @@ impl KernelMaps {
             slots: typed(SLOTS, map(SLOTS)?)?,
             backends: typed(BACKENDS, map(BACKENDS)?)?,
             vips: typed(VIPS, map(VIPS)?)?,
+            source_ranges: typed(SOURCE_RANGES, map(SOURCE_RANGES)?)?,
             flows: typed(FLOWS, map(FLOWS)?)?,
             replies: typed(REPLIES, map(REPLIES)?)?,
             connected: typed(CONNECTED, map(CONNECTED)?)?,
@@ -150,6 +156,12 @@ impl KernelMaps {
             slots: entries(&self.slots, SLOTS)?,
             backends: entries(&self.backends, BACKENDS)?,
             vips: entries(&self.vips, VIPS)?,
+            source_ranges: self
+                .source_ranges
+                .iter()
+                .map(|entry| entry.map(|(key, range)| (range_key(&key), range)))
+                .collect::<Result<_, _>>()
+                .map_err(reading(SOURCE_RANGES))?,
         })
     }
 
@@ -254,6 +266,7 @@ impl KernelMaps {
             socket_rewrites: sum.socket_rewrites + s.socket_rewrites,
             dropped_error: sum.dropped_error + s.dropped_error,
             rejects_limited: sum.rejects_limited + s.rejects_limited,
+            dropped_source_range: sum.dropped_source_range + s.dropped_source_range,
         }))
     }
 }
@@ -265,6 +278,8 @@ impl MapWrites for KernelMaps {
             Op::PutSlot(key, slot) => self.slots.insert(key, slot, 0),
             Op::PutFrontend(key, frontend) => self.frontends.insert(key, frontend, 0),
             Op::PutVip(addr, vip) => self.vips.insert(addr, vip, 0),
+            Op::PutSourceRange(key, range) => self.source_ranges.insert(&trie_key(key), range, 0),
+            Op::DeleteSourceRange(key) => self.source_ranges.remove(&trie_key(key)),
             Op::DeleteVip(addr) => self.vips.remove(addr),
             Op::DeleteFrontend(key) => self.frontends.remove(key),
             Op::DeleteSlot(key) => self.slots.remove(key),
@@ -290,6 +305,25 @@ impl MapWrites for KernelMaps {
         self.epoch
             .set(SINGLE_ENTRY, bumped, 0)
             .map_err(kernel_error(EPOCH))
+    }
+}
+
+/// The kernel's key of a source range: the service id's bits, then the range's.
+fn trie_key(key: &RangeKey) -> Key<SourceRangeKey> {
+    let data = SourceRangeKey {
+        service_id: key.service_id,
+        addr_be: key.addr_be,
+    };
+    Key::new(SOURCE_RANGE_ID_BITS + u32::from(key.prefix_len), data)
+}
+
+fn range_key(key: &Key<SourceRangeKey>) -> RangeKey {
+    let data = key.data();
+    RangeKey {
+        service_id: data.service_id,
+        prefix_len: u8::try_from(key.prefix_len().saturating_sub(SOURCE_RANGE_ID_BITS))
+            .unwrap_or(u8::MAX),
+        addr_be: data.addr_be,
     }
 }
 

@@ -2,7 +2,11 @@
 //! skips the smallest thing it spoils (a port, an endpoint, or the object) with a [`Skipped`]
 //! that names the object and the field.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    sync::Arc,
+};
 
 use k8s_openapi::{
     api::{
@@ -14,8 +18,8 @@ use k8s_openapi::{
 
 use super::{
     ALGORITHM_ANNOTATION, Algorithm, Cluster, Endpoint, EndpointPort, EndpointSlice, Node,
-    Protocol, Service, ServiceKind, ServicePort, Skipped, TOPOLOGY_KEYS_ANNOTATION, TargetPort,
-    TrafficPolicy,
+    Protocol, Service, ServiceKind, ServicePort, Skipped, SourceRange, TOPOLOGY_KEYS_ANNOTATION,
+    TargetPort, TrafficPolicy,
 };
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -301,21 +305,12 @@ fn service(svc: &core::Service, skipped: &mut Vec<Skipped>) -> Option<Service> {
         .filter(|i| i.ip_mode.as_deref().is_none_or(|m| m == "VIP"))
         .filter_map(|i| i.ip.as_ref())
         .collect();
-    let mut load_balancer_ips = addresses(vip_ips, "status.loadBalancer.ingress", &object, skipped);
-    // Not enforced yet: closed rather than open to every source.
-    if spec
-        .load_balancer_source_ranges
-        .as_ref()
-        .is_some_and(|r| !r.is_empty())
-        && !load_balancer_ips.is_empty()
-    {
-        load_balancer_ips.clear();
-        skipped.push(Skipped::new(
-            &object,
-            "spec.loadBalancerSourceRanges",
-            "not enforced yet: its load-balancer IPs are not programmed",
-        ));
-    }
+    let load_balancer_ips = addresses(vip_ips, "status.loadBalancer.ingress", &object, skipped);
+    let source_ranges = source_ranges(
+        spec.load_balancer_source_ranges.iter().flatten(),
+        &object,
+        skipped,
+    );
     let ports = spec
         .ports
         .iter()
@@ -342,7 +337,43 @@ fn service(svc: &core::Service, skipped: &mut Vec<Skipped>) -> Option<Service> {
         affinity_timeout,
         topology_keys,
         health_check_node_port,
+        source_ranges,
     })
+}
+
+/// `spec.loadBalancerSourceRanges`, its IPv4 ranges. An entry that is no CIDR is reported and
+/// allows nothing: a typo closes, never opens, so a list of only such entries allows no
+/// source at all. IPv6 ranges are the other family's.
+fn source_ranges<'a>(
+    list: impl IntoIterator<Item = &'a String>,
+    object: &str,
+    skipped: &mut Vec<Skipped>,
+) -> Option<Vec<SourceRange>> {
+    let mut ranges = Vec::new();
+    let mut restricted = false;
+    for (i, entry) in list.into_iter().enumerate() {
+        let parsed = entry.trim().split_once('/').and_then(|(address, len)| {
+            Some((address.parse::<IpAddr>().ok()?, len.parse::<u8>().ok()?))
+        });
+        match parsed {
+            Some((IpAddr::V4(address), len)) if len <= 32 => {
+                ranges.push(SourceRange::new(address, len));
+                restricted = true;
+            }
+            Some((IpAddr::V6(_), len)) if len <= 128 => {}
+            _ => {
+                skipped.push(Skipped::new(
+                    object,
+                    format!("spec.loadBalancerSourceRanges[{i}]"),
+                    format!("{entry:?} is not a CIDR: it allows no source"),
+                ));
+                restricted = true;
+            }
+        }
+    }
+    ranges.sort();
+    ranges.dedup();
+    restricted.then_some(ranges)
 }
 
 /// The IPv4 addresses of a list field; the others are reported and left out.
@@ -360,9 +391,9 @@ fn addresses<'a>(
 
 /// An IPv4 address field; anything else is reported.
 fn address(ip: &str, field: &str, object: &str, skipped: &mut Vec<Skipped>) -> Option<Ipv4Addr> {
-    let reason = match ip.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(v4)) => return Some(v4),
-        Ok(std::net::IpAddr::V6(_)) => {
+    let reason = match ip.parse::<IpAddr>() {
+        Ok(IpAddr::V4(v4)) => return Some(v4),
+        Ok(IpAddr::V6(_)) => {
             format!("{ip} is IPv6, which the datapath does not handle yet")
         }
         Err(_) => format!("{ip:?} is not an IP address"),
@@ -654,9 +685,9 @@ fn node(node: &core::Node, skipped: &mut Vec<Skipped>) -> Node {
         if address.type_ != "InternalIP" && address.type_ != "ExternalIP" {
             continue;
         }
-        match address.address.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(v4)) => addresses.push(v4),
-            Ok(std::net::IpAddr::V6(_)) => {}
+        match address.address.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) => addresses.push(v4),
+            Ok(IpAddr::V6(_)) => {}
             Err(_) => skipped.push(Skipped::new(
                 &object,
                 format!("status.addresses[{i}].address"),
@@ -677,6 +708,43 @@ mod tests {
 
     fn node(json: serde_json::Value) -> Arc<core::Node> {
         Arc::new(serde_json::from_value(json).expect("a Node"))
+    }
+
+    #[test]
+    fn source_ranges_keep_ipv4_cidrs_and_close_on_invalid_ones() {
+        let range = |a, b, c, d, len| SourceRange::new(Ipv4Addr::new(a, b, c, d), len);
+        // (the field, the ranges, how many entries are reported)
+        type Case = (&'static [&'static str], Option<Vec<SourceRange>>, usize);
+        let cases: [Case; 7] = [
+            (&[], None, 0),
+            (&["2001:db8::/32"], None, 0),
+            (&["10.1.2.3/8"], Some(vec![range(10, 0, 0, 0, 8)]), 0),
+            (
+                &[" 10.0.0.0/8 ", "10.0.0.0/8", "192.0.2.7/32"],
+                Some(vec![range(10, 0, 0, 0, 8), range(192, 0, 2, 7, 32)]),
+                0,
+            ),
+            (&["0.0.0.0/0"], Some(vec![range(0, 0, 0, 0, 0)]), 0),
+            (&["10.0.0.0/33", "10.0.0.1", "web"], Some(vec![]), 3),
+            (
+                &["2001:db8::/32", "bad/8", "10.0.0.0/8"],
+                Some(vec![range(10, 0, 0, 0, 8)]),
+                1,
+            ),
+        ];
+        for (field, wanted, reported) in cases {
+            let list: Vec<String> = field.iter().map(ToString::to_string).collect();
+            let mut skipped = Vec::new();
+            let ranges = source_ranges(&list, "Service ns/lb", &mut skipped);
+            assert_eq!(ranges, wanted, "{field:?}");
+            assert_eq!(skipped.len(), reported, "{field:?}: {skipped:?}");
+            assert!(
+                skipped
+                    .iter()
+                    .all(|s| s.field.starts_with("spec.loadBalancerSourceRanges[")),
+                "{skipped:?}"
+            );
+        }
     }
 
     #[test]

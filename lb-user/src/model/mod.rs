@@ -57,6 +57,47 @@ pub struct Service {
     /// `spec.healthCheckNodePort`, of a LoadBalancer Service with `externalTrafficPolicy:
     /// Local` only: where this node tells cloud load balancers whether it has endpoints.
     pub health_check_node_port: Option<u16>,
+    /// `spec.loadBalancerSourceRanges` of IPv4: the only sources its load-balancer IPs take.
+    /// `None`: every source (no ranges, or IPv6 ones only, as kube-proxy's IPv4 proxier sees
+    /// them); an empty list: none at all (every range was invalid: closed, not open).
+    pub source_ranges: Option<Vec<SourceRange>>,
+}
+
+/// An IPv4 range of addresses, its host bits cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SourceRange {
+    pub address: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl SourceRange {
+    /// The range of the first `prefix_len` bits of `address` (at most 32).
+    pub fn new(address: Ipv4Addr, prefix_len: u8) -> Self {
+        let prefix_len = prefix_len.min(32);
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(prefix_len))
+            .unwrap_or(0);
+        Self {
+            address: Ipv4Addr::from(u32::from(address) & mask),
+            prefix_len,
+        }
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        Self::new(ip, self.prefix_len) == *self
+    }
+}
+
+impl fmt::Display for SourceRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.address, self.prefix_len)
+    }
+}
+
+impl Serialize for SourceRange {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -202,6 +243,11 @@ pub struct Frontend {
     /// whatever becomes of it, so a TCP frontend needs none.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub retained: Vec<Backend>,
+    /// A load-balancer IP's `loadBalancerSourceRanges`, with its Service's load-balancer IPs
+    /// when a range holds the node (kube-proxy's "allow from node"): the only sources it
+    /// takes. `None`: every source.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_ranges: Option<Vec<SourceRange>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

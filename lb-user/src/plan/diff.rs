@@ -1,24 +1,28 @@
 //! The operations that turn one [`MapEntries`] into another, ordered so that the datapath never
 //! reads a slot past a frontend's count or a backend id that is not written yet: backends, then
-//! slots, then frontends, then service addresses (which drop ports without a frontend);
-//! removals the other way round.
+//! slots, then source ranges, then frontends, then service addresses (which drop ports without
+//! a frontend); removals the other way round. A frontend's source ranges go in before its
+//! catch-all and out after it, so that no source is refused that either state allows.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::maps::{
-    BACKENDS, Backend, FRONTENDS, Frontend, FrontendKey, SLOTS, Slot, SlotKey, VIPS, Vip,
+    BACKENDS, Backend, FRONTENDS, Frontend, FrontendKey, SLOTS, SOURCE_RANGES, Slot, SlotKey,
+    SourceRange, VIPS, Vip,
 };
 
-use super::MapEntries;
+use super::{MapEntries, RangeKey};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     PutBackend(u32, Backend),
     PutSlot(SlotKey, Slot),
+    PutSourceRange(RangeKey, SourceRange),
     PutFrontend(FrontendKey, Frontend),
     PutVip(u32, Vip),
     DeleteVip(u32),
     DeleteFrontend(FrontendKey),
+    DeleteSourceRange(RangeKey),
     DeleteSlot(SlotKey),
     DeleteBackend(u32),
 }
@@ -31,6 +35,7 @@ impl Op {
             Self::PutSlot(..) | Self::DeleteSlot(_) => SLOTS,
             Self::PutFrontend(..) | Self::DeleteFrontend(_) => FRONTENDS,
             Self::PutVip(..) | Self::DeleteVip(_) => VIPS,
+            Self::PutSourceRange(..) | Self::DeleteSourceRange(_) => SOURCE_RANGES,
         }
     }
 }
@@ -42,6 +47,7 @@ pub struct Touched {
     pub slots: BTreeSet<SlotKey>,
     pub backends: BTreeSet<u32>,
     pub vips: BTreeSet<u32>,
+    pub source_ranges: BTreeSet<RangeKey>,
 }
 
 impl Touched {
@@ -55,6 +61,7 @@ impl Touched {
             slots: keys(&current.slots, &desired.slots),
             backends: keys(&current.backends, &desired.backends),
             vips: keys(&current.vips, &desired.vips),
+            source_ranges: keys(&current.source_ranges, &desired.source_ranges),
         }
     }
 }
@@ -79,6 +86,14 @@ pub fn diff_touched(current: &MapEntries, desired: &MapEntries, touched: &Touche
         &desired.slots,
         &touched.slots,
         Op::PutSlot,
+        &mut ops,
+    );
+    // A frontend's catch-all sorts first: in last.
+    puts(
+        &current.source_ranges,
+        &desired.source_ranges,
+        touched.source_ranges.iter().rev(),
+        Op::PutSourceRange,
         &mut ops,
     );
     puts(
@@ -110,6 +125,13 @@ pub fn diff_touched(current: &MapEntries, desired: &MapEntries, touched: &Touche
         &mut ops,
     );
     deletes(
+        &current.source_ranges,
+        &desired.source_ranges,
+        &touched.source_ranges,
+        Op::DeleteSourceRange,
+        &mut ops,
+    );
+    deletes(
         &current.slots,
         &desired.slots,
         &touched.slots,
@@ -126,10 +148,10 @@ pub fn diff_touched(current: &MapEntries, desired: &MapEntries, touched: &Touche
     ops
 }
 
-fn puts<K: Ord + Copy, V: PartialEq + Copy>(
+fn puts<'k, K: Ord + Copy + 'k, V: PartialEq + Copy>(
     current: &BTreeMap<K, V>,
     desired: &BTreeMap<K, V>,
-    keys: &BTreeSet<K>,
+    keys: impl IntoIterator<Item = &'k K>,
     op: fn(K, V) -> Op,
     ops: &mut Vec<Op>,
 ) {
@@ -171,6 +193,12 @@ impl MapEntries {
             }
             Op::PutVip(addr, vip) => {
                 self.vips.insert(addr, vip);
+            }
+            Op::PutSourceRange(key, range) => {
+                self.source_ranges.insert(key, range);
+            }
+            Op::DeleteSourceRange(key) => {
+                self.source_ranges.remove(&key);
             }
             Op::DeleteVip(addr) => {
                 self.vips.remove(&addr);
@@ -214,6 +242,43 @@ mod tests {
             e.backends.insert(backend_id, Backend::default());
         }
         e
+    }
+
+    #[test]
+    fn source_ranges_go_in_before_their_catch_all_and_out_after_it() {
+        let key = |prefix_len, addr_be| RangeKey {
+            service_id: 1,
+            prefix_len,
+            addr_be,
+        };
+        let (catch_all, range) = (key(0, 0), key(8, 10));
+        let mut ranged = entries(1, &[1]);
+        ranged
+            .source_ranges
+            .insert(catch_all, SourceRange { allowed: 0 });
+        ranged
+            .source_ranges
+            .insert(range, SourceRange { allowed: 1 });
+        let open = entries(1, &[1]);
+        let ranges_of = |ops: Vec<Op>| -> Vec<Op> {
+            ops.into_iter()
+                .filter(|op| op.map() == SOURCE_RANGES)
+                .collect()
+        };
+        assert_eq!(
+            ranges_of(diff(&open, &ranged)),
+            [
+                Op::PutSourceRange(range, SourceRange { allowed: 1 }),
+                Op::PutSourceRange(catch_all, SourceRange { allowed: 0 }),
+            ]
+        );
+        assert_eq!(
+            ranges_of(diff(&ranged, &open)),
+            [
+                Op::DeleteSourceRange(catch_all),
+                Op::DeleteSourceRange(range)
+            ]
+        );
     }
 
     #[test]

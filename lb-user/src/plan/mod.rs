@@ -15,8 +15,8 @@ pub use diff::{Op, Touched, diff, diff_touched};
 pub use ids::Ids;
 use lb_common::maps::{
     ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_HASH, BACKEND_LOCAL, Backend,
-    FRONTEND_REJECT_WHEN_EMPTY, Frontend, FrontendKey, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, Slot, SlotKey, Vip,
+    FRONTEND_REJECT_WHEN_EMPTY, FRONTEND_SOURCE_RANGES, Frontend, FrontendKey, PROTO_TCP,
+    PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, Slot, SlotKey, SourceRange, Vip,
 };
 
 use crate::model::{self, Algorithm, FrontendKind, Protocol, Scope, Skipped, WhenEmpty};
@@ -30,6 +30,39 @@ pub struct MapEntries {
     pub backends: BTreeMap<u32, Backend>,
     /// ClusterIPs (network order).
     pub vips: BTreeMap<u32, Vip>,
+    pub source_ranges: BTreeMap<RangeKey, SourceRange>,
+}
+
+/// An entry of `lb_source_ranges`: one range of a frontend's (the first `prefix_len` bits of
+/// `addr_be`), or with no bits its catch-all. In the kernel's key the service id's bits come
+/// first. Ordered so that a frontend's catch-all comes before its ranges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RangeKey {
+    pub service_id: u32,
+    pub prefix_len: u8,
+    pub addr_be: u32,
+}
+
+/// The `lb_source_ranges` entries of frontend `service_id` with `ranges`.
+fn range_entries(
+    service_id: u32,
+    ranges: &[model::SourceRange],
+) -> impl Iterator<Item = (RangeKey, SourceRange)> + '_ {
+    let catch_all = RangeKey {
+        service_id,
+        prefix_len: 0,
+        addr_be: 0,
+    };
+    std::iter::once((catch_all, SourceRange { allowed: 0 })).chain(ranges.iter().map(
+        move |range| {
+            let key = RangeKey {
+                service_id,
+                prefix_len: range.prefix_len,
+                addr_be: u32::from(range.address).to_be(),
+            };
+            (key, SourceRange { allowed: 1 })
+        },
+    ))
 }
 
 /// The map entries for `frontends` on node `node`, with fresh ids.
@@ -191,6 +224,11 @@ impl Planner {
             self.ids
                 .unname_backend(backend(retained, before.protocol, &self.node));
         }
+        let ranges = before.source_ranges.as_deref().unwrap_or_default();
+        for (range, _) in range_entries(frontend.service_id, ranges) {
+            self.desired.source_ranges.remove(&range);
+            touched.source_ranges.insert(range);
+        }
         if before.kind == FrontendKind::ClusterIP
             && let Some(vip) = self.desired.vips.get_mut(&key.addr_be)
         {
@@ -245,10 +283,21 @@ impl Planner {
             self.desired.vips.entry(key.addr_be).or_default().frontends += 1;
             touched.vips.insert(key.addr_be);
         }
-        let flags = match frontend.when_empty {
+        let mut flags = match frontend.when_empty {
             WhenEmpty::Reject => FRONTEND_REJECT_WHEN_EMPTY,
             WhenEmpty::Drop => 0,
         };
+        // Every load-balancer IP looks its sources up, so that ranges its Service gains later
+        // cut the flows it has.
+        if frontend.kind == FrontendKind::LoadBalancer {
+            flags |= FRONTEND_SOURCE_RANGES;
+        }
+        if let Some(ranges) = &frontend.source_ranges {
+            for (range, value) in range_entries(service_id, ranges) {
+                self.desired.source_ranges.insert(range, value);
+                touched.source_ranges.insert(range);
+            }
+        }
         self.desired.frontends.insert(
             key,
             Frontend {
@@ -337,8 +386,13 @@ impl MapEntries {
                 0 => String::new(),
                 seconds => format!(" AFFINITY={seconds}s KEY={}", fe.affinity_id),
             };
+            let sources = if fe.flags & FRONTEND_SOURCE_RANGES != 0 {
+                " SOURCES=checked"
+            } else {
+                ""
+            };
             lines.push(format!(
-                "FE: ADDR={} SCOPE={scope} ID={} COUNT={} ALG={} EMPTY={when_empty}{affinity}",
+                "FE: ADDR={} SCOPE={scope} ID={} COUNT={} ALG={} EMPTY={when_empty}{affinity}{sources}",
                 endpoint(key.addr_be, key.port_be, key.protocol),
                 fe.service_id,
                 fe.backend_count,
@@ -356,6 +410,19 @@ impl MapEntries {
                 "VIP: ADDR={} FRONTENDS={}",
                 Ipv4Addr::from(u32::from_be(*addr_be)),
                 vip.frontends
+            ));
+        }
+        for (key, range) in &self.source_ranges {
+            lines.push(format!(
+                "RANGE: ID={} SRC={}/{} {}",
+                key.service_id,
+                Ipv4Addr::from(u32::from_be(key.addr_be)),
+                key.prefix_len,
+                if range.allowed != 0 {
+                    "ALLOW"
+                } else {
+                    "REFUSE"
+                }
             ));
         }
         for (id, be) in &self.backends {
@@ -497,6 +564,7 @@ mod tests {
                 })
                 .collect(),
             retained: Vec::new(),
+            source_ranges: None,
         }
     }
 

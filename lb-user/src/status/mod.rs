@@ -328,6 +328,7 @@ impl Status {
             ("rejected_no_backend", s.rejected_no_backend),
             ("dropped_unknown_port", s.dropped_unknown_port),
             ("dropped_no_snat", s.dropped_no_snat),
+            ("dropped_source_range", s.dropped_source_range),
             ("dropped_error", s.dropped_error),
         ] {
             let _ = writeln!(

@@ -4,6 +4,7 @@
 
 mod agent;
 mod balancing;
+mod load_balancers;
 mod node_sockets;
 mod observability;
 mod rollouts;

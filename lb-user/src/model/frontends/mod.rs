@@ -9,8 +9,8 @@ use std::{
 
 use super::{
     Backend, Cluster, Endpoint, EndpointSlice, Frontend, FrontendKind, LostClaim, Node, NodeConfig,
-    Protocol, Scope, Service, ServiceKind, ServicePort, Skipped, TrafficPolicy, WhenEmpty,
-    ZONE_LABEL, port_field,
+    Protocol, Scope, Service, ServiceKind, ServicePort, Skipped, SourceRange, TrafficPolicy,
+    WhenEmpty, ZONE_LABEL, port_field,
     topology::{self, Candidate, Selection, Topology},
 };
 
@@ -170,6 +170,7 @@ fn service_frontends(
     skipped: &mut Vec<Skipped>,
 ) -> Vec<Frontend> {
     let topology = &view.topology;
+    let source_ranges = source_ranges(service, view.node_ips);
     let mut claims = Vec::new();
     for port in &service.ports {
         let candidates = candidates(port, slices);
@@ -237,6 +238,11 @@ fn service_frontends(
                 rule: format!("{prefix}{}", selection.rule),
                 backends,
                 retained,
+                source_ranges: if kind == FrontendKind::LoadBalancer {
+                    source_ranges.clone()
+                } else {
+                    None
+                },
             });
         };
         for &address in &service.cluster_ips {
@@ -254,6 +260,28 @@ fn service_frontends(
         }
     }
     claims
+}
+
+/// The sources a Service's load-balancer IPs take, as kube-proxy's firewall allows them: its
+/// ranges, and when one holds the node, its load-balancer IPs too (a node that routes such an
+/// IP to itself sends from it).
+fn source_ranges(service: &Service, node_ips: &[Ipv4Addr]) -> Option<Vec<SourceRange>> {
+    let ranges = service.source_ranges.as_ref()?;
+    let mut allowed = ranges.clone();
+    if ranges
+        .iter()
+        .any(|range| node_ips.iter().any(|&ip| range.contains(ip)))
+    {
+        allowed.extend(
+            service
+                .load_balancer_ips
+                .iter()
+                .map(|&ip| SourceRange::new(ip, 32)),
+        );
+    }
+    allowed.sort();
+    allowed.dedup();
+    Some(allowed)
 }
 
 /// The port's NodePort, if it has one this node can serve.

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use super::*;
 use crate::model::{
-    Algorithm, Endpoint, EndpointPort, HOSTNAME_LABEL, Node, REGION_LABEL, TargetPort,
+    Algorithm, Endpoint, EndpointPort, HOSTNAME_LABEL, Node, REGION_LABEL, SourceRange, TargetPort,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
@@ -31,6 +31,7 @@ fn service() -> Service {
         affinity_timeout: None,
         topology_keys: vec![],
         health_check_node_port: None,
+        source_ranges: None,
     }
 }
 
@@ -531,6 +532,47 @@ fn every_frontend_kind_and_address() {
         .map(|f| f.address)
         .collect();
     assert_eq!(node_ports, config.addresses);
+}
+
+#[test]
+fn source_ranges_are_the_load_balancer_ip_s_with_its_own_ips_when_a_range_holds_the_node() {
+    let range = |a, b, c, d, len| SourceRange::new(Ipv4Addr::new(a, b, c, d), len);
+    let lb_ip = range(203, 0, 113, 9, 32);
+    // (what, the Service's ranges, what its load-balancer IP takes); n1 is 192.0.2.1.
+    let cases = [
+        ("no ranges: every source", None, None),
+        (
+            "a range without the node",
+            Some(vec![range(198, 51, 100, 0, 24)]),
+            Some(vec![range(198, 51, 100, 0, 24)]),
+        ),
+        (
+            "a range with the node: the load-balancer IP too",
+            Some(vec![range(192, 0, 2, 0, 24)]),
+            Some(vec![range(192, 0, 2, 0, 24), lb_ip]),
+        ),
+        ("only invalid ranges: no source", Some(vec![]), Some(vec![])),
+    ];
+    for (what, ranges, wanted) in cases {
+        let mut svc = service();
+        svc.kind = ServiceKind::LoadBalancer;
+        svc.ports[0].node_port = Some(30080);
+        svc.external_ips = vec![Ipv4Addr::new(198, 51, 100, 7)];
+        svc.load_balancer_ips = vec![lb_ip.address];
+        svc.source_ranges = ranges;
+        let (frontends, _) = run(&cluster(svc, vec![ep(1, "n1")]), &NodeConfig::new("n1"));
+        for frontend in &frontends {
+            let expected = match frontend.kind {
+                FrontendKind::LoadBalancer => wanted.clone(),
+                _ => None,
+            };
+            assert_eq!(
+                frontend.source_ranges, expected,
+                "{what}: {:?} {:?}",
+                frontend.kind, frontend.scope
+            );
+        }
+    }
 }
 
 #[test]
