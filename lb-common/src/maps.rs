@@ -40,7 +40,7 @@ pub const CURSORS: &str = "lb_cursors_v1";
 /// Per-CPU counters of each frontend, indexed by its service id: [`FrontendStats`].
 pub const FRONTEND_STATS: &str = "lb_fe_stats_v1";
 /// Per-CPU counters, one entry: [`Stats`].
-pub const STATS: &str = "lb_stats_v3";
+pub const STATS: &str = "lb_stats_v4";
 /// Datapath settings, one entry: [`Config`]. Written by the agent.
 pub const CONFIG: &str = "lb_config_v2";
 /// Per-CPU token buckets of the rejects (TCP resets, ICMP port unreachables), one entry:
@@ -448,6 +448,8 @@ pub struct Stats {
     /// Packets to a load-balancer IP from a source its Service's `loadBalancerSourceRanges`
     /// leave out.
     pub dropped_source_range: u64,
+    /// ICMP errors about a tracked flow, their quote and addresses rewritten as its packets.
+    pub icmp_translated: u64,
 }
 
 /// Index of the only entry of [`CONFIG`], [`CLOCK`], [`EPOCH`] and [`STATS`].
@@ -466,7 +468,7 @@ const _: () = {
     assert!(size_of::<RejectTokens>() == 16);
     assert!(size_of::<Clock>() == 16);
     assert!(size_of::<Epoch>() == 4);
-    assert!(size_of::<Stats>() == 104);
+    assert!(size_of::<Stats>() == 112);
     assert!(size_of::<SourceRangeKey>() == 8);
     assert!(size_of::<SourceRange>() == 4);
     assert!(size_of::<Vip>() == 4);

@@ -59,6 +59,12 @@ pub struct IcmpHeader {
     pub rest_be: u32,
 }
 
+/// IANA's number for ICMP, as in the IPv4 header.
+pub const PROTO_ICMP: u8 = 1;
+/// The ICMP type of "destination unreachable" errors ("port unreachable", "fragmentation
+/// needed" among them).
+pub const ICMP_DEST_UNREACHABLE: u8 = 3;
+
 pub const ETH_HLEN: usize = size_of::<EthHeader>();
 /// An IPv4 header without options.
 pub const IPV4_MIN_HLEN: usize = size_of::<Ipv4Header>();

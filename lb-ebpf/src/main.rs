@@ -19,6 +19,7 @@
 //! | `snat` | a node port for a flow to a backend elsewhere |
 //! | `nat` | address and port rewrites, checksums |
 //! | `reject` | the TCP reset or ICMP port unreachable of a frontend without backends |
+//! | `icmp` | ICMP errors about tracked flows, translated as their packets |
 //! | `socket` | the node's own sockets, balanced at connect and sendmsg |
 //! | `maps`, `stats`, `clock` | map definitions and accessors, counters, the time |
 #![no_std]
@@ -37,6 +38,7 @@ mod clock;
 mod flow;
 mod hash;
 mod headers;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
@@ -64,6 +66,7 @@ use crate::{
 #[classifier]
 pub fn lb_tc(ctx: TcContext) -> i32 {
     let Some(packet) = parse(ctx.data(), ctx.data_end(), Frame::Linear) else {
+        icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Ingress);
         return TC_ACT_OK;
     };
     match balance(&ctx, &packet, SCOPE_INTERNAL) {
@@ -77,6 +80,7 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn lb_tc_egress(ctx: TcContext) -> i32 {
     let Some(packet) = parse(ctx.data(), ctx.data_end(), Frame::Linear) else {
+        icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Egress);
         return TC_ACT_OK;
     };
     match to_client(&ctx, &packet, Hook::Egress) {
@@ -88,6 +92,7 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let Some(packet) = parse(ctx.data(), ctx.data_end(), Frame::Whole) else {
+        icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Ingress);
         return xdp_action::XDP_PASS;
     };
     match balance(&ctx, &packet, SCOPE_EXTERNAL) {

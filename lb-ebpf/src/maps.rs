@@ -68,7 +68,7 @@ map!("lb_affinity_v1" = AFFINITY, AFFINITY: LruHashMap<AffinityKey, Affinity, { 
 map!("lb_cursors_v1" = CURSORS, CURSORS: PerCpuArray<u32, { MAX_SERVICES as usize }>);
 map!("lb_fe_stats_v1" = FRONTEND_STATS, FRONTEND_STATS: PerCpuArray<FrontendStats, { MAX_SERVICES as usize }>);
 map!("lb_source_ranges_v1" = SOURCE_RANGES, SOURCE_RANGES: LpmTrie<SourceRangeKey, SourceRange, { MAX_SOURCE_RANGES as usize }>);
-map!("lb_stats_v3" = STATS, STATS: PerCpuArray<Stats, 1>);
+map!("lb_stats_v4" = STATS, STATS: PerCpuArray<Stats, 1>);
 map!("lb_config_v2" = CONFIG, CONFIG: Array<Config, 1>);
 map!("lb_reject_tokens_v1" = REJECT_TOKENS, REJECT_TOKENS: PerCpuArray<RejectTokens, 1>);
 map!("lb_clock_v1" = CLOCK, CLOCK: Array<Clock, 1>);
@@ -115,6 +115,12 @@ pub fn source_allowed(service_id: u32, src_addr_be: u32) -> bool {
     SOURCE_RANGES
         .get(&key)
         .is_none_or(|range| range.allowed != 0)
+}
+
+#[inline(always)]
+pub fn flow(key: FlowKey) -> Option<&'static Flow> {
+    // SAFETY: as above.
+    unsafe { FLOWS.get(key) }
 }
 
 /// A flow, to refresh in place: racing writers of one flow (two CPUs) write the same fields

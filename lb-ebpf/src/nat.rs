@@ -157,7 +157,7 @@ impl Rewrite for XdpContext {
 /// RFC 1624: `HC' = ~(~HC + ~m + m')`, over the 16-bit words of `old` and `new` as they lie in
 /// the packet (the sum does not depend on byte order).
 #[inline(always)]
-fn checksum_update(checksum: u16, old: u32, new: u32) -> u16 {
+pub fn checksum_update(checksum: u16, old: u32, new: u32) -> u16 {
     let mut sum = u32::from(!checksum);
     sum += u32::from(!(old as u16)) + u32::from(!((old >> 16) as u16));
     sum += (new & 0xffff) + (new >> 16);

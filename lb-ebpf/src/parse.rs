@@ -9,9 +9,9 @@ use crate::headers::{
     L4_SRC_PORT, TCP_CHECKSUM, TCP_DATA_OFFSET, TCP_MIN_HLEN, UDP_CHECKSUM, UDP_HLEN, UDP_LEN,
 };
 
-const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 /// Fragment offset and "more fragments": set on every fragment of a split datagram.
-const IPV4_FRAGMENT_MASK_BE: u16 = 0x3fffu16.to_be();
+pub const IPV4_FRAGMENT_MASK_BE: u16 = 0x3fffu16.to_be();
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
@@ -77,7 +77,7 @@ pub fn ptr_at<T>(data: usize, data_end: usize, offset: usize) -> Option<*const T
 
 /// The `T` at `offset` in the frame, if it fits.
 #[inline(always)]
-fn read<T: Copy>(data: usize, data_end: usize, offset: usize) -> Option<T> {
+pub fn read<T: Copy>(data: usize, data_end: usize, offset: usize) -> Option<T> {
     let field = ptr_at::<T>(data, data_end, offset)?;
     // SAFETY: `ptr_at` checked that the `T` lies within the packet. Its alignment is the
     // packet's (an IPv4 header follows 14 bytes of Ethernet): the verifier and the JIT allow

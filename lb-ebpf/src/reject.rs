@@ -16,10 +16,10 @@ use lb_common::maps::PROTO_TCP;
 use crate::{
     clock::now_ns,
     headers::{
-        ETH_DST, ETH_HLEN, ETH_SRC, ETH_TYPE, ICMP_CHECKSUM, ICMP_CODE, ICMP_HLEN, ICMP_TYPE,
-        IP_CHECKSUM, IP_DST, IP_FRAGMENT, IP_PROTOCOL, IP_SRC, IP_TOTAL_LEN, IP_TTL,
-        IPV4_MIN_HLEN as IP_HLEN, L4_DST_PORT, L4_SRC_PORT, TCP_ACK_SEQ, TCP_CHECKSUM,
-        TCP_DATA_OFFSET, TCP_FLAGS, TCP_MIN_HLEN as TCP_HLEN, TCP_SEQ, UDP_HLEN,
+        ETH_DST, ETH_HLEN, ETH_SRC, ETH_TYPE, ICMP_CHECKSUM, ICMP_CODE, ICMP_DEST_UNREACHABLE,
+        ICMP_HLEN, ICMP_TYPE, IP_CHECKSUM, IP_DST, IP_FRAGMENT, IP_PROTOCOL, IP_SRC, IP_TOTAL_LEN,
+        IP_TTL, IPV4_MIN_HLEN as IP_HLEN, L4_DST_PORT, L4_SRC_PORT, PROTO_ICMP, TCP_ACK_SEQ,
+        TCP_CHECKSUM, TCP_DATA_OFFSET, TCP_FLAGS, TCP_MIN_HLEN as TCP_HLEN, TCP_SEQ, UDP_HLEN,
     },
     maps,
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
@@ -33,8 +33,6 @@ const IPV4_VERSION_IHL: u8 = 0x45;
 /// "Don't fragment", in the high byte of the flags and fragment offset.
 const IPV4_DONT_FRAGMENT: u8 = 0x40;
 const TTL: u8 = 64;
-const PROTO_ICMP: u8 = 1;
-const ICMP_DEST_UNREACHABLE: u8 = 3;
 const ICMP_PORT_UNREACHABLE: u8 = 3;
 /// What an ICMP error quotes of the offending datagram: its IP header and 8 bytes.
 const QUOTE_LEN: usize = IP_HLEN + UDP_HLEN;

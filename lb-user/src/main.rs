@@ -475,7 +475,8 @@ fn dump(args: &InstanceArgs) -> Result<()> {
     println!(
         "STATS: forwarded={} replied={} new_flows={} reselected={} dropped_no_backend={} \
          rejected_no_backend={} dropped_error={} snat_flows={} dropped_no_snat={} \
-         dropped_unknown_port={} socket_rewrites={} rejects_limited={} dropped_source_range={}",
+         dropped_unknown_port={} socket_rewrites={} rejects_limited={} dropped_source_range={} \
+         icmp_translated={}",
         s.forwarded,
         s.replied,
         s.new_flows,
@@ -488,7 +489,8 @@ fn dump(args: &InstanceArgs) -> Result<()> {
         s.dropped_unknown_port,
         s.socket_rewrites,
         s.rejects_limited,
-        s.dropped_source_range
+        s.dropped_source_range,
+        s.icmp_translated
     );
     println!("EPOCH: backends_removed={}", maps.epoch()?.backends_removed);
     let (flows, replies) = maps.flow_entries()?;

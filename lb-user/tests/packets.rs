@@ -16,7 +16,8 @@ use lb_common::maps::{
     SOURCE_RANGES, SourceRange, SourceRangeKey, Stats,
 };
 use lb_tests::packet::{
-    TCP_ACK, TCP_RST, TCP_SYN, UDP, addr, checksum, checksums_valid, packet, port,
+    ICMP_FRAGMENTATION_NEEDED, ICMP_PORT_UNREACHABLE, ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE,
+    TCP_ACK, TCP_RST, TCP_SYN, UDP, addr, checksum, checksums_valid, icmp_error, packet, port,
 };
 use lb_user::{
     datapath::{self, Datapath, TC_ACT_OK, XDP_PASS},
@@ -62,6 +63,9 @@ const LOCAL_ONLY_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
 /// Source hash gives it the other backend of [`PAIR`] than [`CLIENT`]'s.
 const ANOTHER_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 7);
 const SNAT_PORT: u16 = 61_000;
+/// Routers on the way, which send ICMP errors: toward the pods, and outside the node.
+const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 254);
 /// A load-balancer IP whose Service takes only [`OUTSIDE`]'s range.
 const RANGED_LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 40);
 
@@ -88,7 +92,7 @@ enum Out {
 }
 
 /// Every counter of [`Stats`], by name: a field added to it must be named here.
-fn counters(stats: &Stats) -> [(&'static str, u64); 13] {
+fn counters(stats: &Stats) -> [(&'static str, u64); 14] {
     let Stats {
         forwarded,
         replied,
@@ -103,6 +107,7 @@ fn counters(stats: &Stats) -> [(&'static str, u64); 13] {
         socket_rewrites,
         rejects_limited,
         dropped_source_range,
+        icmp_translated,
     } = *stats;
     [
         ("forwarded", forwarded),
@@ -118,6 +123,7 @@ fn counters(stats: &Stats) -> [(&'static str, u64); 13] {
         ("socket_rewrites", socket_rewrites),
         ("rejects_limited", rejects_limited),
         ("dropped_source_range", dropped_source_range),
+        ("icmp_translated", icmp_translated),
     ]
 }
 
@@ -1048,7 +1054,130 @@ fn rows() -> Vec<Row> {
             counts: &["dropped_source_range"],
             before: Some(ranges_narrowed),
         },
+        Row {
+            what: "a flow the ICMP errors below are about",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, CLIENT, CLUSTER_IP, 44000, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet(TCP_SYN, CLIENT, WEB, 44000, 8080)),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "the node's \"fragmentation needed\" about it, leaving for the client: the quote \
+                   is what the client sent, to the ClusterIP",
+            hook: Hook::TcEgress,
+            input: fragmentation_needed(POD_GATEWAY, CLIENT, (CLIENT, 44000), (WEB, 8080)),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(fragmentation_needed(
+                POD_GATEWAY,
+                CLIENT,
+                (CLIENT, 44000),
+                (CLUSTER_IP, 80),
+            )),
+            counts: &["icmp_translated"],
+            before: None,
+        },
+        Row {
+            what: "that error before routing, its destination unchanged: left to egress",
+            hook: Hook::TcIngress,
+            input: fragmentation_needed(POD_GATEWAY, CLIENT, (CLIENT, 44000), (WEB, 8080)),
+            verdict: TC_ACT_OK,
+            out: Out::Unchanged,
+            counts: &[],
+            before: None,
+        },
+        Row {
+            what: "a UDP backend's own port unreachable: from the ClusterIP, quoting it",
+            hook: Hook::TcEgress,
+            input: icmp_error(
+                ICMP_UNREACHABLE,
+                ICMP_PORT_UNREACHABLE,
+                DNS,
+                CLIENT,
+                0,
+                &packet(UDP, CLIENT, DNS, 40001, 5353),
+            ),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(icmp_error(
+                ICMP_UNREACHABLE,
+                ICMP_PORT_UNREACHABLE,
+                DNS_IP,
+                CLIENT,
+                0,
+                &packet(UDP, CLIENT, DNS_IP, 40001, 53),
+            )),
+            counts: &["icmp_translated"],
+            before: None,
+        },
+        Row {
+            what: "\"fragmentation needed\" about a SNATed flow, to the node: to the client, \
+                   quoting its own packet",
+            hook: Hook::Xdp,
+            input: fragmentation_needed(ROUTER, NODE_IP, (NODE_IP, SNAT_PORT), (REMOTE, 8080)),
+            verdict: XDP_PASS,
+            out: Out::Packet(fragmentation_needed(
+                ROUTER,
+                OUTSIDE,
+                (OUTSIDE, 40010),
+                (REMOTE_LB_IP, 80),
+            )),
+            counts: &["icmp_translated"],
+            before: None,
+        },
+        Row {
+            what: "time exceeded about a reply, to the ClusterIP: to the backend, quoting what \
+                   it sent",
+            hook: Hook::TcIngress,
+            input: icmp_error(
+                ICMP_TIME_EXCEEDED,
+                0,
+                POD_GATEWAY,
+                CLUSTER_IP,
+                0,
+                &packet(TCP_ACK, CLUSTER_IP, CLIENT, 80, 44000),
+            ),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(icmp_error(
+                ICMP_TIME_EXCEEDED,
+                0,
+                POD_GATEWAY,
+                WEB,
+                0,
+                &packet(TCP_ACK, WEB, CLIENT, 8080, 44000),
+            )),
+            counts: &["icmp_translated"],
+            before: None,
+        },
+        Row {
+            what: "an ICMP error about no tracked flow: untouched",
+            hook: Hook::TcEgress,
+            input: fragmentation_needed(POD_GATEWAY, CLIENT, (CLIENT, 44001), (NOWHERE, 80)),
+            verdict: TC_ACT_OK,
+            out: Out::Unchanged,
+            counts: &[],
+            before: None,
+        },
     ]
+}
+
+/// "Fragmentation needed" (next hop MTU 1280) from `router` to `to`, quoting a TCP segment
+/// from `src` to `dst`.
+fn fragmentation_needed(
+    router: Ipv4Addr,
+    to: Ipv4Addr,
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+) -> Vec<u8> {
+    let quoted = packet(TCP_ACK, src.0, dst.0, src.1, dst.1);
+    icmp_error(
+        ICMP_UNREACHABLE,
+        ICMP_FRAGMENTATION_NEEDED,
+        router,
+        to,
+        1280,
+        &quoted,
+    )
 }
 
 /// Pins this thread to the CPU it runs on.

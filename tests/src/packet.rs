@@ -78,3 +78,41 @@ pub fn addr(p: &[u8], at: usize) -> Ipv4Addr {
 pub fn port(p: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([p[at], p[at + 1]])
 }
+
+/// ICMP's type of "destination unreachable", and its code for "fragmentation needed".
+pub const ICMP_UNREACHABLE: u8 = 3;
+pub const ICMP_FRAGMENTATION_NEEDED: u8 = 4;
+pub const ICMP_PORT_UNREACHABLE: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+
+/// Ethernet + IPv4 + an ICMP error of `kind` and `code` from `src` to `dst`, quoting
+/// `quoted` (a [`packet`], whose IPv4 datagram it quotes whole, as Linux quotes up to 576
+/// bytes), with `mtu` as the next hop's (for "fragmentation needed"); checksums filled in.
+pub fn icmp_error(
+    kind: u8,
+    code: u8,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    mtu: u16,
+    quoted: &[u8],
+) -> Vec<u8> {
+    let quote = &quoted[14..];
+    let total = 20 + 8 + quote.len();
+    let mut p = vec![0u8; 14 + total];
+    p[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    p[14] = 0x45;
+    p[16..18].copy_from_slice(&(total as u16).to_be_bytes());
+    p[22] = 64;
+    p[23] = 1;
+    p[26..30].copy_from_slice(&src.octets());
+    p[30..34].copy_from_slice(&dst.octets());
+    let ip_checksum = checksum(&p[14..34], 0);
+    p[24..26].copy_from_slice(&ip_checksum.to_be_bytes());
+    p[34] = kind;
+    p[35] = code;
+    p[40..42].copy_from_slice(&mtu.to_be_bytes());
+    p[42..].copy_from_slice(quote);
+    let icmp_checksum = checksum(&p[34..], 0);
+    p[36..38].copy_from_slice(&icmp_checksum.to_be_bytes());
+    p
+}

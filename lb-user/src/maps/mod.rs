@@ -267,6 +267,7 @@ impl KernelMaps {
             dropped_error: sum.dropped_error + s.dropped_error,
             rejects_limited: sum.rejects_limited + s.rejects_limited,
             dropped_source_range: sum.dropped_source_range + s.dropped_source_range,
+            icmp_translated: sum.icmp_translated + s.icmp_translated,
         }))
     }
 }

@@ -358,6 +358,11 @@ impl Status {
                 s.socket_rewrites,
             ),
             (
+                "lb_datapath_icmp_translated_total",
+                "ICMP errors about tracked flows, translated as their packets (path-MTU discovery).",
+                s.icmp_translated,
+            ),
+            (
                 "lb_datapath_rejects_limited_total",
                 "Rejects not sent, over --reject-rate: the new flows dropped instead.",
                 s.rejects_limited,

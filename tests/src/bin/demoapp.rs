@@ -1,7 +1,8 @@
 //! A pod's server for the lab, like the `demoapp` of Kubernetes training material: every answer
 //! names the pod, its address and the client's address as the pod saw it.
 //!
-//! - HTTP on 8080: one answer per request, then the connection closes.
+//! - HTTP on 8080: one answer per request, then the connection closes; a request's body is
+//!   read whole first, and its length answered (`received=N`), for uploads.
 //! - TCP on 9000: answers each line, for long-lived connections; after answering `close`, closes
 //!   the connection (a server ending its connections as it terminates).
 //! - UDP on 5353: answers each datagram.
@@ -65,12 +66,39 @@ fn answer_http(mut stream: TcpStream, pod: &str) -> std::io::Result<()> {
         }
         request.extend_from_slice(&buf[..n]);
     }
-    let body = identity(pod, stream.local_addr()?, stream.peer_addr()?);
+    let mut body = identity(pod, stream.local_addr()?, stream.peer_addr()?);
+    let head_len = request
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(request.len(), |at| at + 4);
+    if let Some(length) = content_length(&request[..head_len]) {
+        let mut received = request.len() - head_len;
+        while received < length {
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            received += n;
+        }
+        body = format!("{} received={received}\n", body.trim_end());
+    }
     write!(
         stream,
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
+}
+
+/// A request head's `Content-Length`, if it has one.
+fn content_length(head: &[u8]) -> Option<usize> {
+    String::from_utf8_lossy(head).lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        if name.eq_ignore_ascii_case("content-length") {
+            value.trim().parse().ok()
+        } else {
+            None
+        }
+    })
 }
 
 fn answer_lines(stream: TcpStream, pod: &str) -> std::io::Result<()> {

@@ -5,6 +5,7 @@
 mod agent;
 mod balancing;
 mod load_balancers;
+mod network;
 mod node_sockets;
 mod observability;
 mod rollouts;
