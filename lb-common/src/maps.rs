@@ -35,12 +35,15 @@ pub const AFFINITY: &str = "lb_affinity_v1";
 /// [`SourceRange`]. Written by the agent, for the frontends with
 /// [`FRONTEND_SOURCE_RANGES`] whose Service has `loadBalancerSourceRanges`.
 pub const SOURCE_RANGES: &str = "lb_source_ranges_v1";
+/// The ports of fragmented datagrams (LRU): [`FragmentKey`] -> [`FragmentPorts`]. Written by
+/// the datapath from a datagram's first fragment, read for its later ones, which carry none.
+pub const FRAGMENTS: &str = "lb_fragments_v1";
 /// Per-CPU round-robin cursor of each service, indexed by service id: `u32`.
 pub const CURSORS: &str = "lb_cursors_v1";
 /// Per-CPU counters of each frontend, indexed by its service id: [`FrontendStats`].
 pub const FRONTEND_STATS: &str = "lb_fe_stats_v1";
 /// Per-CPU counters, one entry: [`Stats`].
-pub const STATS: &str = "lb_stats_v4";
+pub const STATS: &str = "lb_stats_v5";
 /// Datapath settings, one entry: [`Config`]. Written by the agent.
 pub const CONFIG: &str = "lb_config_v2";
 /// Per-CPU token buckets of the rejects (TCP resets, ICMP port unreachables), one entry:
@@ -52,7 +55,7 @@ pub const CLOCK: &str = "lb_clock_v1";
 pub const EPOCH: &str = "lb_epoch_v1";
 
 /// Every map, in the order the agent pins them.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 18] = [
     FRONTENDS,
     SLOTS,
     BACKENDS,
@@ -70,6 +73,7 @@ pub const ALL: [&str; 17] = [
     EPOCH,
     REJECT_TOKENS,
     SOURCE_RANGES,
+    FRAGMENTS,
 ];
 
 /// Capacity of [`FRONTENDS`]; service ids are below it, as they index [`CURSORS`].
@@ -88,6 +92,8 @@ pub const MAX_SOCKETS: u32 = 65_536;
 pub const MAX_CONNECTED: u32 = 262_144;
 /// Capacity of [`AFFINITY`].
 pub const MAX_AFFINITIES: u32 = 65_536;
+/// Capacity of [`FRAGMENTS`]: datagrams in fragments at once.
+pub const MAX_FRAGMENTS: u32 = 16_384;
 /// Capacity of [`SOURCE_RANGES`].
 pub const MAX_SOURCE_RANGES: u32 = 65_536;
 /// The bits of a [`SOURCE_RANGES`] entry's prefix that match its [`SourceRangeKey::service_id`]
@@ -242,6 +248,26 @@ pub struct Reply {
     /// `STATE_*`.
     pub state: u8,
     pub _pad: [u8; 3],
+}
+
+/// What every fragment of one datagram shares.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub src_addr_be: u32,
+    pub dst_addr_be: u32,
+    /// The IPv4 identification.
+    pub id_be: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// The ports a datagram's first fragment carries, for its later ones.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentPorts {
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
 }
 
 /// What a [`SOURCE_RANGES`] entry matches: a frontend's service id (all
@@ -450,6 +476,9 @@ pub struct Stats {
     pub dropped_source_range: u64,
     /// ICMP errors about a tracked flow, their quote and addresses rewritten as its packets.
     pub icmp_translated: u64,
+    /// Later fragments dropped because their datagram's first was not seen (or its flow is
+    /// gone): for a ClusterIP, or a flow whose backend stopped serving.
+    pub fragments_unmatched: u64,
 }
 
 /// Index of the only entry of [`CONFIG`], [`CLOCK`], [`EPOCH`] and [`STATS`].
@@ -468,7 +497,9 @@ const _: () = {
     assert!(size_of::<RejectTokens>() == 16);
     assert!(size_of::<Clock>() == 16);
     assert!(size_of::<Epoch>() == 4);
-    assert!(size_of::<Stats>() == 112);
+    assert!(size_of::<Stats>() == 120);
+    assert!(size_of::<FragmentKey>() == 12);
+    assert!(size_of::<FragmentPorts>() == 4);
     assert!(size_of::<SourceRangeKey>() == 8);
     assert!(size_of::<SourceRange>() == 4);
     assert!(size_of::<Vip>() == 4);
@@ -483,9 +514,9 @@ const _: () = {
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        Affinity, AffinityKey, Backend, Clock, Config, Connected, Epoch, Flow, FlowKey, Frontend,
-        FrontendKey, FrontendStats, RejectTokens, Reply, Slot, SlotKey, SocketFrontend, SocketKey,
-        SourceRange, SourceRangeKey, Stats, Vip,
+        Affinity, AffinityKey, Backend, Clock, Config, Connected, Epoch, Flow, FlowKey,
+        FragmentKey, FragmentPorts, Frontend, FrontendKey, FrontendStats, RejectTokens, Reply,
+        Slot, SlotKey, SocketFrontend, SocketKey, SourceRange, SourceRangeKey, Stats, Vip,
     };
 
     macro_rules! pod {
@@ -518,7 +549,9 @@ mod pod {
         Stats,
         RejectTokens,
         SourceRangeKey,
-        SourceRange
+        SourceRange,
+        FragmentKey,
+        FragmentPorts
     );
 }
 

@@ -7,9 +7,9 @@ use lb_common::maps::{FLOW_SOURCE_RANGES, FRONTEND_SOURCE_RANGES, Flow, Frontend
 use crate::{
     clock::now_ns,
     flow::{Tracked, flow_lookup, new_flow},
-    maps,
+    fragments, maps,
     nat::{End, Rewrite},
-    parse::Packet,
+    parse::{Packet, Piece},
     reply::{Hook, to_client},
     stats::{count, count_frontend},
 };
@@ -42,6 +42,14 @@ fn try_balance<C: Rewrite>(ctx: &C, packet: &Packet, scope: u8) -> Result<Verdic
         Tracked::BackendGone => true,
         Tracked::Miss => false,
     };
+    // A later fragment follows its datagram's flow, or is a reply's: it starts no flow.
+    if packet.piece == Piece::Later {
+        if backend_gone {
+            count(|s| &mut s.fragments_unmatched);
+            return Ok(Verdict::Drop);
+        }
+        return to_client(ctx, packet, Hook::Ingress);
+    }
     let Some(frontend) = maps::frontend(frontend_key(packet, scope)) else {
         return to_client(ctx, packet, Hook::Ingress);
     };
@@ -96,6 +104,7 @@ fn forward<C: Rewrite>(
         ctx.rewrite(packet, End::Source, flow.src_addr_be, flow.src_port_be)
             .map_err(|()| error())?;
     }
+    fragments::remember(packet);
     count(|s| &mut s.forwarded);
     count_frontend(flow.service_id, packet.ip_len, new_flow);
     Ok(Verdict::Pass)

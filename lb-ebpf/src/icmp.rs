@@ -30,15 +30,13 @@ use crate::{
     },
     maps,
     nat::checksum_update,
-    parse::{ETH_P_IP_BE, IPV4_FRAGMENT_MASK_BE, ptr_at, read},
+    parse::{ETH_P_IP_BE, IPV4_FRAGMENT_MASK_BE, IPV4_OFFSET_MASK_BE, ptr_at, read},
     reply::Hook,
     stats::count,
 };
 
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
-/// The fragment offset alone: a quoted first fragment still carries its ports.
-const IPV4_OFFSET_MASK_BE: u16 = 0x1fffu16.to_be();
 
 /// An ICMP error's fields, as pointers bounds-checked once: the verifier keeps a checked
 /// pointer's range, where offsets recomputed later would lose it.
@@ -205,6 +203,7 @@ fn parse(data: usize, data_end: usize) -> Option<IcmpError> {
     if quoted.version_ihl >> 4 != 4
         || quoted_len < IPV4_MIN_HLEN
         || (quoted.protocol != PROTO_TCP && quoted.protocol != PROTO_UDP)
+        // A quoted first fragment still carries its ports.
         || quoted.fragment_be & IPV4_OFFSET_MASK_BE != 0
     {
         return None;

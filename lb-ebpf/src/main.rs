@@ -12,6 +12,7 @@
 //! | module | job |
 //! |---|---|
 //! | `parse`, `headers` | the packet's fields, bounds-checked, offsets from the header structs |
+//! | `fragments` | a datagram's later fragments, given its first's ports |
 //! | `balance` | the packet core: flow or frontend, then forward |
 //! | `flow` | flow lookup (Live / BackendGone / Miss) and creation, with its reply entry |
 //! | `reply` | a backend's answer back to the frontend and the client |
@@ -36,6 +37,7 @@
 mod balance;
 mod clock;
 mod flow;
+mod fragments;
 mod hash;
 mod headers;
 mod icmp;
@@ -58,16 +60,21 @@ use lb_common::maps::{SCOPE_EXTERNAL, SCOPE_INTERNAL};
 
 use crate::{
     balance::{Verdict, balance},
-    parse::{Frame, parse},
+    fragments::{Input, input},
+    parse::Frame,
     reject::reject,
     reply::{Hook, to_client},
 };
 
 #[classifier]
 pub fn lb_tc(ctx: TcContext) -> i32 {
-    let Some(packet) = parse(ctx.data(), ctx.data_end(), Frame::Linear) else {
-        icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Ingress);
-        return TC_ACT_OK;
+    let packet = match input(ctx.data(), ctx.data_end(), Frame::Linear) {
+        Input::Packet(packet) => packet,
+        Input::Unplaced => return TC_ACT_SHOT,
+        Input::Other => {
+            icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Ingress);
+            return TC_ACT_OK;
+        }
     };
     match balance(&ctx, &packet, SCOPE_INTERNAL) {
         Verdict::Pass => TC_ACT_OK,
@@ -79,9 +86,13 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
 /// Replies leaving the node's interfaces (to a pod, or out of an uplink), routed already.
 #[classifier]
 pub fn lb_tc_egress(ctx: TcContext) -> i32 {
-    let Some(packet) = parse(ctx.data(), ctx.data_end(), Frame::Linear) else {
-        icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Egress);
-        return TC_ACT_OK;
+    let packet = match input(ctx.data(), ctx.data_end(), Frame::Linear) {
+        Input::Packet(packet) => packet,
+        Input::Unplaced => return TC_ACT_SHOT,
+        Input::Other => {
+            icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Egress);
+            return TC_ACT_OK;
+        }
     };
     match to_client(&ctx, &packet, Hook::Egress) {
         Ok(Verdict::Pass) | Err(Verdict::Pass) => TC_ACT_OK,
@@ -91,9 +102,13 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let Some(packet) = parse(ctx.data(), ctx.data_end(), Frame::Whole) else {
-        icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Ingress);
-        return xdp_action::XDP_PASS;
+    let packet = match input(ctx.data(), ctx.data_end(), Frame::Whole) {
+        Input::Packet(packet) => packet,
+        Input::Unplaced => return xdp_action::XDP_DROP,
+        Input::Other => {
+            icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Ingress);
+            return xdp_action::XDP_PASS;
+        }
     };
     match balance(&ctx, &packet, SCOPE_EXTERNAL) {
         Verdict::Pass => xdp_action::XDP_PASS,

@@ -19,10 +19,10 @@ use aya_ebpf::{
 };
 use lb_common::maps::{
     self as common, Affinity, AffinityKey, Backend, Clock, Config, Connected, Epoch, Flow, FlowKey,
-    Frontend, FrontendKey, FrontendStats, MAX_AFFINITIES, MAX_BACKENDS, MAX_CONNECTED, MAX_FLOWS,
-    MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MAX_SOURCE_RANGES, MAX_VIPS, RejectTokens, Reply,
-    SINGLE_ENTRY, SOURCE_RANGE_ID_BITS, Slot, SlotKey, SocketFrontend, SocketKey, SourceRange,
-    SourceRangeKey, Stats, Vip,
+    FragmentKey, FragmentPorts, Frontend, FrontendKey, FrontendStats, MAX_AFFINITIES, MAX_BACKENDS,
+    MAX_CONNECTED, MAX_FLOWS, MAX_FRAGMENTS, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS,
+    MAX_SOURCE_RANGES, MAX_VIPS, RejectTokens, Reply, SINGLE_ENTRY, SOURCE_RANGE_ID_BITS, Slot,
+    SlotKey, SocketFrontend, SocketKey, SourceRange, SourceRangeKey, Stats, Vip,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -68,7 +68,8 @@ map!("lb_affinity_v1" = AFFINITY, AFFINITY: LruHashMap<AffinityKey, Affinity, { 
 map!("lb_cursors_v1" = CURSORS, CURSORS: PerCpuArray<u32, { MAX_SERVICES as usize }>);
 map!("lb_fe_stats_v1" = FRONTEND_STATS, FRONTEND_STATS: PerCpuArray<FrontendStats, { MAX_SERVICES as usize }>);
 map!("lb_source_ranges_v1" = SOURCE_RANGES, SOURCE_RANGES: LpmTrie<SourceRangeKey, SourceRange, { MAX_SOURCE_RANGES as usize }>);
-map!("lb_stats_v4" = STATS, STATS: PerCpuArray<Stats, 1>);
+map!("lb_fragments_v1" = FRAGMENTS, FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts, { MAX_FRAGMENTS as usize }>);
+map!("lb_stats_v5" = STATS, STATS: PerCpuArray<Stats, 1>);
 map!("lb_config_v2" = CONFIG, CONFIG: Array<Config, 1>);
 map!("lb_reject_tokens_v1" = REJECT_TOKENS, REJECT_TOKENS: PerCpuArray<RejectTokens, 1>);
 map!("lb_clock_v1" = CLOCK, CLOCK: Array<Clock, 1>);
@@ -121,6 +122,13 @@ pub fn source_allowed(service_id: u32, src_addr_be: u32) -> bool {
 pub fn flow(key: FlowKey) -> Option<&'static Flow> {
     // SAFETY: as above.
     unsafe { FLOWS.get(key) }
+}
+
+/// The ports of a fragmented datagram, from its first fragment.
+#[inline(always)]
+pub fn fragment_ports(key: FragmentKey) -> Option<FragmentPorts> {
+    // SAFETY: as above; copied out.
+    unsafe { FRAGMENTS.get(key) }.copied()
 }
 
 /// A flow, to refresh in place: racing writers of one flow (two CPUs) write the same fields

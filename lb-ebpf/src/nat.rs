@@ -9,7 +9,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 
-use crate::parse::{Packet, ptr_at};
+use crate::parse::{Packet, Piece, ptr_at};
 
 /// Which end of the packet to rewrite.
 #[derive(Clone, Copy)]
@@ -48,6 +48,15 @@ impl Rewrite for TcContext {
     #[inline(always)]
     fn rewrite(&self, packet: &Packet, end: End, addr_be: u32, port_be: u16) -> Result<(), ()> {
         let (addr_offset, old_addr_be, port_offset, old_port_be) = end.fields(packet);
+        if packet.piece == Piece::Later {
+            return write_addr(
+                self.data(),
+                self.data_end(),
+                addr_offset,
+                old_addr_be,
+                addr_be,
+            );
+        }
         // The IPv4 header checksum is always complete, and the addresses and ports are plain
         // bytes: direct writes. Only the L4 checksum goes through the helpers, which know
         // whether the skb holds a complete sum or a CHECKSUM_PARTIAL pseudo-header seed.
@@ -99,19 +108,36 @@ fn write_ends(
     old_port_be: u16,
     port_be: u16,
 ) -> Result<(), ()> {
+    write_addr(data, data_end, addr_offset, old_addr_be, addr_be)?;
+    if old_port_be != port_be {
+        let port = ptr_at::<u16>(data, data_end, port_offset).ok_or(())?;
+        // SAFETY: bounds-checked against the packet just above.
+        unsafe { *port.cast_mut() = port_be };
+    }
+    Ok(())
+}
+
+/// Writes one end's address, and updates the IPv4 header checksum for it: all that changes
+/// in a later fragment, which has no TCP or UDP header (the first fragment's checksum covers
+/// the whole datagram, its addresses included).
+#[inline(always)]
+fn write_addr(
+    data: usize,
+    data_end: usize,
+    addr_offset: usize,
+    old_addr_be: u32,
+    addr_be: u32,
+) -> Result<(), ()> {
+    if old_addr_be == addr_be {
+        return Ok(());
+    }
     let ip_checksum = ptr_at::<u16>(data, data_end, Packet::IP_CHECKSUM_OFFSET).ok_or(())?;
     let addr = ptr_at::<u32>(data, data_end, addr_offset).ok_or(())?;
-    let port = ptr_at::<u16>(data, data_end, port_offset).ok_or(())?;
     // SAFETY: each pointer was bounds-checked against the packet above.
     unsafe {
-        if old_addr_be != addr_be {
-            let ip_checksum = ip_checksum.cast_mut();
-            *ip_checksum = checksum_update(*ip_checksum, old_addr_be, addr_be);
-            *addr.cast_mut() = addr_be;
-        }
-        if old_port_be != port_be {
-            *port.cast_mut() = port_be;
-        }
+        let ip_checksum = ip_checksum.cast_mut();
+        *ip_checksum = checksum_update(*ip_checksum, old_addr_be, addr_be);
+        *addr.cast_mut() = addr_be;
     }
     Ok(())
 }
@@ -121,6 +147,9 @@ impl Rewrite for XdpContext {
     fn rewrite(&self, packet: &Packet, end: End, addr_be: u32, port_be: u16) -> Result<(), ()> {
         let (addr_offset, old_addr_be, port_offset, old_port_be) = end.fields(packet);
         let (data, data_end) = (self.data(), self.data_end());
+        if packet.piece == Piece::Later {
+            return write_addr(data, data_end, addr_offset, old_addr_be, addr_be);
+        }
         let ip_checksum = ptr_at::<u16>(data, data_end, Packet::IP_CHECKSUM_OFFSET).ok_or(())?;
         let l4_checksum = ptr_at::<u16>(data, data_end, packet.l4_checksum_offset()).ok_or(())?;
         let addr = ptr_at::<u32>(data, data_end, addr_offset).ok_or(())?;

@@ -12,10 +12,24 @@ use crate::headers::{
 pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 /// Fragment offset and "more fragments": set on every fragment of a split datagram.
 pub const IPV4_FRAGMENT_MASK_BE: u16 = 0x3fffu16.to_be();
+/// The fragment offset alone: set on every fragment but the first.
+pub const IPV4_OFFSET_MASK_BE: u16 = 0x1fffu16.to_be();
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
+
+/// Whether a packet is a whole datagram or a fragment of one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Piece {
+    Whole,
+    /// Offset 0, more to come: it carries the ports, and its TCP or UDP checksum covers the
+    /// whole datagram.
+    First,
+    /// Past the first: no TCP or UDP header; its ports are the first's
+    /// ([`fragments`](crate::fragments)).
+    Later,
+}
 
 /// Where a packet's fields are, and their values.
 pub struct Packet {
@@ -27,6 +41,9 @@ pub struct Packet {
     pub ip_len: u16,
     /// A TCP FIN or RST: the flow is closing.
     pub closing: bool,
+    /// The IPv4 identification, which a datagram's fragments share.
+    pub ip_id_be: u16,
+    pub piece: Piece,
 }
 
 impl Packet {
@@ -99,9 +116,10 @@ pub enum Frame {
     Linear,
 }
 
-/// Parses an IPv4 TCP or UDP packet; anything else (and IP fragments, which carry no ports past
-/// the first) is `None` and passes untouched, and so is a malformed one (lengths that do not
-/// fit each other, or the frame when it is `Whole`): it is never rewritten.
+/// Parses an IPv4 TCP or UDP packet, or the first fragment of one; anything else (and later
+/// fragments, which carry no ports: [`fragments`](crate::fragments)) is `None` and passes
+/// untouched, and so is a malformed one (lengths that do not fit each other, or the frame when
+/// it is `Whole`): it is never rewritten.
 #[inline(always)]
 pub fn parse(data: usize, data_end: usize, frame: Frame) -> Option<Packet> {
     let ether_type_be: u16 = read(data, data_end, ETH_TYPE)?;
@@ -109,9 +127,14 @@ pub fn parse(data: usize, data_end: usize, frame: Frame) -> Option<Packet> {
         return None;
     }
     let ip: Ipv4Header = read(data, data_end, ETH_HLEN)?;
-    if ip.version_ihl >> 4 != 4 || ip.fragment_be & IPV4_FRAGMENT_MASK_BE != 0 {
+    if ip.version_ihl >> 4 != 4 || ip.fragment_be & IPV4_OFFSET_MASK_BE != 0 {
         return None;
     }
+    let piece = if ip.fragment_be & IPV4_FRAGMENT_MASK_BE == 0 {
+        Piece::Whole
+    } else {
+        Piece::First
+    };
     let ip_len = usize::from(ip.version_ihl & 0x0f) * 4;
     if ip_len < IPV4_MIN_HLEN {
         return None;
@@ -140,7 +163,8 @@ pub fn parse(data: usize, data_end: usize, frame: Frame) -> Option<Packet> {
     } else {
         let udp_len_be: u16 = read(data, data_end, l4_offset + UDP_LEN)?;
         let udp_len = usize::from(u16::from_be(udp_len_be));
-        if udp_len < UDP_HLEN || udp_len > l4_len {
+        // A first fragment's UDP length is the whole datagram's.
+        if udp_len < UDP_HLEN || (udp_len > l4_len && piece == Piece::Whole) {
             return None;
         }
         (UDP_HLEN, UDP_HLEN, 0, UDP_CHECKSUM)
@@ -163,5 +187,7 @@ pub fn parse(data: usize, data_end: usize, frame: Frame) -> Option<Packet> {
         tcp_flags,
         ip_len: u16::from_be(ip.total_len_be),
         closing: tcp_flags & (TCP_FIN | TCP_RST) != 0,
+        ip_id_be: ip.id_be,
+        piece,
     })
 }

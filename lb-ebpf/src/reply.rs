@@ -4,7 +4,7 @@ use crate::{
     balance::{Verdict, error},
     clock::now_ns,
     flow::touch,
-    maps,
+    fragments, maps,
     nat::{End, Rewrite},
     parse::Packet,
     stats::count,
@@ -62,6 +62,7 @@ pub fn to_client<C: Rewrite>(ctx: &C, packet: &Packet, hook: Hook) -> Result<Ver
         )
         .map_err(|()| error())?;
     }
+    fragments::remember(packet);
     count(|s| &mut s.replied);
     Ok(Verdict::Pass)
 }

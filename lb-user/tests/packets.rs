@@ -17,7 +17,8 @@ use lb_common::maps::{
 };
 use lb_tests::packet::{
     ICMP_FRAGMENTATION_NEEDED, ICMP_PORT_UNREACHABLE, ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE,
-    TCP_ACK, TCP_RST, TCP_SYN, UDP, addr, checksum, checksums_valid, icmp_error, packet, port,
+    TCP_ACK, TCP_RST, TCP_SYN, UDP, addr, checksum, checksums_valid, fragments, icmp_error, packet,
+    port, udp_datagram,
 };
 use lb_user::{
     datapath::{self, Datapath, TC_ACT_OK, XDP_PASS},
@@ -92,7 +93,7 @@ enum Out {
 }
 
 /// Every counter of [`Stats`], by name: a field added to it must be named here.
-fn counters(stats: &Stats) -> [(&'static str, u64); 14] {
+fn counters(stats: &Stats) -> [(&'static str, u64); 15] {
     let Stats {
         forwarded,
         replied,
@@ -108,6 +109,7 @@ fn counters(stats: &Stats) -> [(&'static str, u64); 14] {
         rejects_limited,
         dropped_source_range,
         icmp_translated,
+        fragments_unmatched,
     } = *stats;
     [
         ("forwarded", forwarded),
@@ -124,6 +126,7 @@ fn counters(stats: &Stats) -> [(&'static str, u64); 14] {
         ("rejects_limited", rejects_limited),
         ("dropped_source_range", dropped_source_range),
         ("icmp_translated", icmp_translated),
+        ("fragments_unmatched", fragments_unmatched),
     ]
 }
 
@@ -648,9 +651,18 @@ fn rows() -> Vec<Row> {
             before: None,
         },
         Row {
-            what: "a first fragment (more fragments): untouched",
+            what: "a later fragment of a datagram never seen, to a ClusterIP: dropped, counted",
             hook: Hook::TcIngress,
-            input: with(syn.clone(), |p| p[20] = 0x20),
+            input: with(syn.clone(), |p| p[21] = 0x10),
+            verdict: TC_ACT_SHOT,
+            out: Out::Unchanged,
+            counts: &["fragments_unmatched"],
+            before: None,
+        },
+        Row {
+            what: "a later fragment of a datagram never seen, to another address: untouched",
+            hook: Hook::TcIngress,
+            input: with(packet(UDP, CLIENT, NOWHERE, 40000, 53), |p| p[21] = 0x10),
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
             counts: &[],
@@ -1150,6 +1162,51 @@ fn rows() -> Vec<Row> {
             before: None,
         },
         Row {
+            what: "a fragmented datagram's first fragment, to a ClusterIP: DNAT",
+            hook: Hook::TcIngress,
+            input: big_query(CLUSTER_FRAGMENTS, 0),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(big_query(BACKEND_FRAGMENTS, 0)),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "its later fragments follow it, addresses rewritten",
+            hook: Hook::TcIngress,
+            input: big_query(CLUSTER_FRAGMENTS, 1),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(big_query(BACKEND_FRAGMENTS, 1)),
+            counts: &["forwarded"],
+            before: None,
+        },
+        Row {
+            what: "the last one too",
+            hook: Hook::TcIngress,
+            input: big_query(CLUSTER_FRAGMENTS, 2),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(big_query(BACKEND_FRAGMENTS, 2)),
+            counts: &["forwarded"],
+            before: None,
+        },
+        Row {
+            what: "the backend's fragmented answer, leaving: its first fragment from the ClusterIP",
+            hook: Hook::TcEgress,
+            input: big_answer(DNS, 5353, 0),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(big_answer(DNS_IP, 53, 0)),
+            counts: &["replied"],
+            before: None,
+        },
+        Row {
+            what: "and its later fragments",
+            hook: Hook::TcEgress,
+            input: big_answer(DNS, 5353, 1),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(big_answer(DNS_IP, 53, 1)),
+            counts: &["replied"],
+            before: None,
+        },
+        Row {
             what: "an ICMP error about no tracked flow: untouched",
             hook: Hook::TcEgress,
             input: fragmentation_needed(POD_GATEWAY, CLIENT, (CLIENT, 44001), (NOWHERE, 80)),
@@ -1159,6 +1216,23 @@ fn rows() -> Vec<Row> {
             before: None,
         },
     ]
+}
+
+/// Where [`big_query`] goes: the ClusterIP, and the backend its flow gets.
+const CLUSTER_FRAGMENTS: (Ipv4Addr, u16) = (DNS_IP, 53);
+const BACKEND_FRAGMENTS: (Ipv4Addr, u16) = (DNS, 5353);
+
+/// Fragment `n` of a 3,000-byte UDP query from the client's port 45000 to `to`, in fragments
+/// of 1,480 bytes, as a 1,500-byte link splits it.
+fn big_query(to: (Ipv4Addr, u16), n: usize) -> Vec<u8> {
+    let whole = udp_datagram(CLIENT, to.0, 45000, to.1, 3000);
+    fragments(&whole, 0x4242, 1480).swap_remove(n)
+}
+
+/// Fragment `n` of a 2,000-byte UDP answer to [`big_query`], from `from`.
+fn big_answer(from: Ipv4Addr, port: u16, n: usize) -> Vec<u8> {
+    let whole = udp_datagram(from, CLIENT, port, 45000, 2000);
+    fragments(&whole, 0x5151, 1480).swap_remove(n)
 }
 
 /// "Fragmentation needed" (next hop MTU 1280) from `router` to `to`, quoting a TCP segment

@@ -116,3 +116,64 @@ pub fn icmp_error(
     p[36..38].copy_from_slice(&icmp_checksum.to_be_bytes());
     p
 }
+
+/// Ethernet + IPv4 + a UDP datagram of `payload` bytes (a pattern), checksums filled in.
+pub fn udp_datagram(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    payload: usize,
+) -> Vec<u8> {
+    let mut p = packet(UDP, src, dst, sport, dport);
+    p.truncate(42);
+    p.extend((0..payload).map(|i| (i % 251) as u8));
+    let total = (p.len() - 14) as u16;
+    p[16..18].copy_from_slice(&total.to_be_bytes());
+    p[24..26].fill(0);
+    let ip_checksum = checksum(&p[14..34], 0);
+    p[24..26].copy_from_slice(&ip_checksum.to_be_bytes());
+    p[38..40].copy_from_slice(&(total - 20).to_be_bytes());
+    p[40..42].fill(0);
+    let padded = if p.len() % 2 == 1 {
+        [&p[34..], &[0][..]].concat()
+    } else {
+        p[34..].to_vec()
+    };
+    let sum = match checksum(&padded, pseudo_header(&p)) {
+        0 => 0xffff,
+        sum => sum,
+    };
+    p[40..42].copy_from_slice(&sum.to_be_bytes());
+    p
+}
+
+/// `whole` (Ethernet + IPv4 without options) split into IPv4 fragments sharing IP id `id`,
+/// each carrying at most `size` bytes of the datagram's payload (a multiple of 8), IPv4
+/// checksums filled in.
+pub fn fragments(whole: &[u8], id: u16, size: usize) -> Vec<Vec<u8>> {
+    assert!(
+        size.is_multiple_of(8),
+        "fragment payloads are multiples of 8 bytes"
+    );
+    let payload = &whole[34..];
+    let chunks: Vec<&[u8]> = payload.chunks(size).collect();
+    let last = chunks.len() - 1;
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            let mut p = whole[..34].to_vec();
+            p.extend_from_slice(chunk);
+            p[16..18].copy_from_slice(&((20 + chunk.len()) as u16).to_be_bytes());
+            p[18..20].copy_from_slice(&id.to_be_bytes());
+            let more = if i < last { 0x2000 } else { 0 };
+            let offset = (i * size / 8) as u16;
+            p[20..22].copy_from_slice(&(more | offset).to_be_bytes());
+            p[24..26].fill(0);
+            let ip_checksum = checksum(&p[14..34], 0);
+            p[24..26].copy_from_slice(&ip_checksum.to_be_bytes());
+            p
+        })
+        .collect()
+}

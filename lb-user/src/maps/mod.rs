@@ -268,6 +268,7 @@ impl KernelMaps {
             rejects_limited: sum.rejects_limited + s.rejects_limited,
             dropped_source_range: sum.dropped_source_range + s.dropped_source_range,
             icmp_translated: sum.icmp_translated + s.icmp_translated,
+            fragments_unmatched: sum.fragments_unmatched + s.fragments_unmatched,
         }))
     }
 }

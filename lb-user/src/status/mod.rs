@@ -329,6 +329,7 @@ impl Status {
             ("dropped_unknown_port", s.dropped_unknown_port),
             ("dropped_no_snat", s.dropped_no_snat),
             ("dropped_source_range", s.dropped_source_range),
+            ("dropped_fragment_unmatched", s.fragments_unmatched),
             ("dropped_error", s.dropped_error),
         ] {
             let _ = writeln!(

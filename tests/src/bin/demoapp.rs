@@ -5,7 +5,8 @@
 //!   read whole first, and its length answered (`received=N`), for uploads.
 //! - TCP on 9000: answers each line, for long-lived connections; after answering `close`, closes
 //!   the connection (a server ending its connections as it terminates).
-//! - UDP on 5353: answers each datagram.
+//! - UDP on 5353: answers each datagram; one that reads `size=N` gets an answer of N bytes
+//!   (padded with dots), as a resolver's large answer.
 //!
 //! Prints `ready` once all three listen.
 
@@ -21,6 +22,8 @@ const HTTP_PORT: u16 = 8080;
 const ECHO_PORT: u16 = 9000;
 const UDP_PORT: u16 = 5353;
 const MAX_REQUEST: usize = 8192;
+/// The largest UDP answer: what fits one IPv4 datagram.
+const MAX_ANSWER: usize = 65_507;
 
 fn main() -> std::io::Result<()> {
     let name = env::args().nth(1).expect("usage: demoapp POD-NAME");
@@ -33,14 +36,22 @@ fn main() -> std::io::Result<()> {
     let pod = name.clone();
     thread::spawn(move || serve(&echo, &pod, answer_lines));
     println!("ready");
-    let mut buf = [0u8; 1500];
+    let mut buf = vec![0u8; 65_536];
     loop {
         // A datagram that cannot be answered is the client's loss, not the server's end.
-        let Ok((_, peer)) = udp.recv_from(&mut buf) else {
+        let Ok((len, peer)) = udp.recv_from(&mut buf) else {
             continue;
         };
+        let mut answer = format!("pod={name} client={peer} received={len}\n").into_bytes();
+        if let Some(size) = std::str::from_utf8(&buf[..len])
+            .ok()
+            .and_then(|query| query.trim().strip_prefix("size="))
+            .and_then(|size| size.parse::<usize>().ok())
+        {
+            answer.resize(size.clamp(answer.len(), MAX_ANSWER), b'.');
+        }
         // An unconnected socket does not know which of its addresses the datagram reached.
-        let _ = udp.send_to(format!("pod={name} client={peer}\n").as_bytes(), peer);
+        let _ = udp.send_to(&answer, peer);
     }
 }
 

@@ -1,4 +1,5 @@
-//! What the network sends: ICMP errors about flows through a VIP (path-MTU discovery).
+//! What the network sends: ICMP errors about flows through a VIP (path-MTU discovery), and
+//! datagrams in fragments.
 
 use lb_tests::{BACKENDS, Lab, output};
 
@@ -80,4 +81,48 @@ fn path_mtu_discovery_works_through_a_vip_as_straight_to_the_backend() {
     }
     let dump = lab.dump().unwrap();
     assert!(super::stat(&dump, "icmp_translated") >= 2, "{dump}");
+}
+
+/// One datagram of `size` bytes (`query`, padded) from a connected UDP socket in the client to
+/// `address`, which takes answers from that address only, as a resolver: the answer's length
+/// and its first word (the pod), if one came.
+fn udp_exchange(lab: &Lab, address: &str, query: &str, size: usize) -> Option<(usize, String)> {
+    let (host, port) = address.split_once(':').unwrap();
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.settimeout(2)\n\
+         s.connect(({host:?}, {port}))\n\
+         s.send({query:?}.encode().ljust({size}, b' '))\n\
+         answer = s.recv(65535)\n\
+         print(len(answer), answer.split()[0].decode())\n"
+    );
+    let out = output(&mut lab.in_client(&["python3", "-c", &script])).ok()?;
+    let (len, pod) = out.trim().split_once(' ')?;
+    Some((len.parse().ok()?, pod.to_string()))
+}
+
+#[test]
+fn fragmented_datagrams_reach_a_udp_vip_and_fragmented_answers_come_back_from_it() {
+    let lab = lab("fragments");
+    // (path, a 4,000-byte query's answer, a 20-byte query's 4,000-byte answer), the backend
+    // straight as control; a 1,500-byte link splits each 4,000-byte datagram in three.
+    let backend = format!("{}:5353", BACKENDS[0].1);
+    for (path, address) in [("direct", backend.as_str()), ("through the VIP", DNS_VIP)] {
+        let big_query = udp_exchange(&lab, address, "hello", 4000);
+        let big_answer = udp_exchange(&lab, address, "size=4000", 20);
+        assert!(
+            big_query
+                .as_ref()
+                .is_some_and(|(_, pod)| pod.starts_with("pod=")),
+            "{path}: the 4,000-byte query got {big_query:?}"
+        );
+        assert_eq!(
+            big_answer.as_ref().map(|(len, _)| *len),
+            Some(4000),
+            "{path}: the 4,000-byte answer"
+        );
+    }
+    let dump = lab.dump().unwrap();
+    assert_eq!(super::stat(&dump, "fragments_unmatched"), 0, "{dump}");
 }
