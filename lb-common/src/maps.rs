@@ -38,12 +38,17 @@ pub const SOURCE_RANGES: &str = "lb_source_ranges_v1";
 /// The ports of fragmented datagrams (LRU): [`FragmentKey`] -> [`FragmentPorts`]. Written by
 /// the datapath from a datagram's first fragment, read for its later ones, which carry none.
 pub const FRAGMENTS: &str = "lb_fragments_v1";
+/// Later fragments that came before their first (LRU): [`HeldKey`] -> [`HeldFragment`].
+/// Written by the tc ingress program, which sends them on once the first fragment comes.
+pub const HELD_FRAGMENTS: &str = "lb_held_fragments_v1";
+/// Each CPU's room for one fragment's bytes, one entry: [`HeldFragment`]. The datapath's own.
+pub const FRAGMENT_SCRATCH: &str = "lb_fragment_scratch_v1";
 /// Per-CPU round-robin cursor of each service, indexed by service id: `u32`.
 pub const CURSORS: &str = "lb_cursors_v1";
 /// Per-CPU counters of each frontend, indexed by its service id: [`FrontendStats`].
 pub const FRONTEND_STATS: &str = "lb_fe_stats_v1";
 /// Per-CPU counters, one entry: [`Stats`].
-pub const STATS: &str = "lb_stats_v5";
+pub const STATS: &str = "lb_stats_v6";
 /// Datapath settings, one entry: [`Config`]. Written by the agent.
 pub const CONFIG: &str = "lb_config_v2";
 /// Per-CPU token buckets of the rejects (TCP resets, ICMP port unreachables), one entry:
@@ -55,7 +60,7 @@ pub const CLOCK: &str = "lb_clock_v1";
 pub const EPOCH: &str = "lb_epoch_v1";
 
 /// Every map, in the order the agent pins them.
-pub const ALL: [&str; 18] = [
+pub const ALL: [&str; 20] = [
     FRONTENDS,
     SLOTS,
     BACKENDS,
@@ -74,6 +79,8 @@ pub const ALL: [&str; 18] = [
     REJECT_TOKENS,
     SOURCE_RANGES,
     FRAGMENTS,
+    HELD_FRAGMENTS,
+    FRAGMENT_SCRATCH,
 ];
 
 /// Capacity of [`FRONTENDS`]; service ids are below it, as they index [`CURSORS`].
@@ -94,6 +101,12 @@ pub const MAX_CONNECTED: u32 = 262_144;
 pub const MAX_AFFINITIES: u32 = 65_536;
 /// Capacity of [`FRAGMENTS`]: datagrams in fragments at once.
 pub const MAX_FRAGMENTS: u32 = 16_384;
+/// Capacity of [`HELD_FRAGMENTS`].
+pub const MAX_HELD_FRAGMENTS: u32 = 1024;
+/// How many later fragments of one datagram may wait for its first.
+pub const HELD_PER_DATAGRAM: u8 = 8;
+/// The largest fragment held, from its IPv4 header on: a 1,500-byte link's.
+pub const HELD_FRAGMENT_BYTES: usize = 1500;
 /// Capacity of [`SOURCE_RANGES`].
 pub const MAX_SOURCE_RANGES: u32 = 65_536;
 /// The bits of a [`SOURCE_RANGES`] entry's prefix that match its [`SourceRangeKey::service_id`]
@@ -268,6 +281,26 @@ pub struct FragmentKey {
 pub struct FragmentPorts {
     pub src_port_be: u16,
     pub dst_port_be: u16,
+}
+
+/// A later fragment waiting for its datagram's first: the datagram, and which of its waiting
+/// fragments (from 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HeldKey {
+    pub src_addr_be: u32,
+    pub dst_addr_be: u32,
+    pub id_be: u16,
+    pub protocol: u8,
+    pub slot: u8,
+}
+
+/// A fragment's bytes, from its IPv4 header on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldFragment {
+    pub len: u32,
+    pub bytes: [u8; HELD_FRAGMENT_BYTES],
 }
 
 /// What a [`SOURCE_RANGES`] entry matches: a frontend's service id (all
@@ -479,6 +512,8 @@ pub struct Stats {
     /// Later fragments dropped because their datagram's first was not seen (or its flow is
     /// gone): for a ClusterIP, or a flow whose backend stopped serving.
     pub fragments_unmatched: u64,
+    /// Later fragments held until their datagram's first came ([`HELD_FRAGMENTS`]).
+    pub fragments_held: u64,
 }
 
 /// Index of the only entry of [`CONFIG`], [`CLOCK`], [`EPOCH`] and [`STATS`].
@@ -497,7 +532,9 @@ const _: () = {
     assert!(size_of::<RejectTokens>() == 16);
     assert!(size_of::<Clock>() == 16);
     assert!(size_of::<Epoch>() == 4);
-    assert!(size_of::<Stats>() == 120);
+    assert!(size_of::<Stats>() == 128);
+    assert!(size_of::<HeldKey>() == 12);
+    assert!(size_of::<HeldFragment>() == 4 + HELD_FRAGMENT_BYTES);
     assert!(size_of::<FragmentKey>() == 12);
     assert!(size_of::<FragmentPorts>() == 4);
     assert!(size_of::<SourceRangeKey>() == 8);
@@ -515,8 +552,9 @@ const _: () = {
 mod pod {
     use super::{
         Affinity, AffinityKey, Backend, Clock, Config, Connected, Epoch, Flow, FlowKey,
-        FragmentKey, FragmentPorts, Frontend, FrontendKey, FrontendStats, RejectTokens, Reply,
-        Slot, SlotKey, SocketFrontend, SocketKey, SourceRange, SourceRangeKey, Stats, Vip,
+        FragmentKey, FragmentPorts, Frontend, FrontendKey, FrontendStats, HeldFragment, HeldKey,
+        RejectTokens, Reply, Slot, SlotKey, SocketFrontend, SocketKey, SourceRange, SourceRangeKey,
+        Stats, Vip,
     };
 
     macro_rules! pod {
@@ -551,7 +589,9 @@ mod pod {
         SourceRangeKey,
         SourceRange,
         FragmentKey,
-        FragmentPorts
+        FragmentPorts,
+        HeldKey,
+        HeldFragment
     );
 }
 

@@ -6,15 +6,28 @@
 //! UDP checksum, which covers the whole datagram. The kernel is not asked to reassemble: tc
 //! and XDP run before it could, and a node forwarding a datagram never does.
 //!
-//! A later fragment whose first was not seen cannot be placed: for a ClusterIP it is dropped
-//! and counted (nothing else could take it); to any other address it passes untouched, as most
-//! fragments a node forwards are no frontend's.
+//! A later fragment whose first was not seen yet cannot be placed. For a ClusterIP, the tc
+//! ingress program holds it: its bytes wait in `lb_held_fragments` (a few per datagram, for
+//! a short while: an LRU table) and the skb is dropped; when the first fragment has been
+//! rewritten, each held fragment is written over that skb in turn and cloned into the
+//! interface's ingress, where this program meets it again and places it, and the first
+//! fragment's own bytes are written back. XDP cannot clone a frame: there, and past the room
+//! held fragments have, an unplaceable fragment is dropped and counted. To any other address a
+//! later fragment passes untouched, as most fragments a node forwards are no frontend's.
 
-use lb_common::maps::{FragmentKey, FragmentPorts, PROTO_TCP, PROTO_UDP};
+use aya_ebpf::{
+    bindings::{BPF_F_INGRESS, BPF_F_RECOMPUTE_CSUM, BPF_NOEXIST},
+    helpers::{bpf_clone_redirect, bpf_skb_change_tail, bpf_skb_store_bytes},
+    programs::TcContext,
+};
+use lb_common::maps::{
+    FragmentKey, FragmentPorts, HELD_FRAGMENT_BYTES, HELD_PER_DATAGRAM, HeldFragment, HeldKey,
+    PROTO_TCP, PROTO_UDP,
+};
 
 use crate::{
     headers::{ETH_HLEN, ETH_TYPE, IPV4_MIN_HLEN, Ipv4Header},
-    maps::{self, FRAGMENTS},
+    maps::{self, FRAGMENTS, HELD_FRAGMENTS},
     parse::{ETH_P_IP_BE, Frame, IPV4_OFFSET_MASK_BE, Packet, Piece, parse, read},
     stats::count,
 };
@@ -23,8 +36,9 @@ use crate::{
 pub enum Input {
     /// Balance it.
     Packet(Packet),
-    /// A later fragment of a datagram to a ClusterIP that cannot be placed: drop it.
-    Unplaced,
+    /// A later fragment of a datagram to a ClusterIP whose first has not come: hold it
+    /// ([`hold`]) or drop it ([`unplaced`]).
+    Unplaced(Packet),
     /// Anything else: pass it (an ICMP error among them, to translate).
     Other,
 }
@@ -102,12 +116,132 @@ fn later(data: usize, data_end: usize, frame: Frame) -> Input {
     };
     let Some(ports) = maps::fragment_ports(fragment_key(&packet)) else {
         if maps::is_vip(ip.dst_addr_be) {
-            count(|s| &mut s.fragments_unmatched);
-            return Input::Unplaced;
+            return Input::Unplaced(packet);
         }
         return Input::Other;
     };
     packet.key.src_port_be = ports.src_port_be;
     packet.key.dst_port_be = ports.dst_port_be;
     Input::Packet(packet)
+}
+
+/// Counts a later fragment that cannot be placed, to drop.
+#[inline(always)]
+pub fn unplaced() {
+    count(|s| &mut s.fragments_unmatched);
+}
+
+#[inline(always)]
+fn held_key(packet: &Packet, slot: u8) -> HeldKey {
+    HeldKey {
+        src_addr_be: packet.key.src_addr_be,
+        dst_addr_be: packet.key.dst_addr_be,
+        id_be: packet.ip_id_be,
+        protocol: packet.key.protocol,
+        slot,
+    }
+}
+
+/// Holds a later fragment (`packet`, not placed) until its datagram's first comes: its bytes
+/// are kept, and the skb is to be dropped either way. Counted as held, or as unplaced when it
+/// cannot be kept (too long, or its datagram's room is full).
+#[inline(always)]
+pub fn hold(ctx: &TcContext, packet: &Packet) {
+    // Borrowed, never copied: a fragment is three times the stack a program has.
+    let held = copy_in(ctx).map(|f| &*f).is_some_and(|fragment| {
+        (0..HELD_PER_DATAGRAM).any(|slot| {
+            let key = held_key(packet, slot);
+            maps::held_fragment(key).is_none()
+                && HELD_FRAGMENTS
+                    .insert(key, fragment, u64::from(BPF_NOEXIST))
+                    .is_ok()
+        })
+    });
+    if held {
+        count(|s| &mut s.fragments_held);
+    } else {
+        unplaced();
+    }
+}
+
+/// The skb's bytes past its Ethernet header, in this CPU's scratch room, if they fit.
+#[inline(always)]
+fn copy_in(ctx: &TcContext) -> Option<&'static mut HeldFragment> {
+    let scratch = maps::fragment_scratch()?;
+    let len = (ctx.len() as usize).checked_sub(ETH_HLEN)?;
+    if len == 0 || len > HELD_FRAGMENT_BYTES {
+        return None;
+    }
+    let room = scratch.bytes.get_mut(..len)?;
+    if ctx.load_bytes(ETH_HLEN, room).ok()? != len {
+        return None;
+    }
+    scratch.len = len as u32;
+    Some(scratch)
+}
+
+/// Makes the skb `fragment`: its Ethernet header kept, the rest `fragment`'s bytes.
+#[inline(always)]
+fn write_over(ctx: &TcContext, fragment: &HeldFragment) -> Option<()> {
+    let len = fragment.len as usize;
+    if len == 0 || len > HELD_FRAGMENT_BYTES {
+        return None;
+    }
+    // SAFETY: helper calls on the skb the kernel gave; `fragment` is a map value of
+    // `HELD_FRAGMENT_BYTES` bytes, of which `len` are read.
+    unsafe {
+        if bpf_skb_change_tail(ctx.skb.skb.cast(), (ETH_HLEN + len) as u32, 0) != 0 {
+            return None;
+        }
+        let flags = u64::from(BPF_F_RECOMPUTE_CSUM);
+        let bytes = fragment.bytes.as_ptr().cast();
+        if bpf_skb_store_bytes(
+            ctx.skb.skb.cast(),
+            ETH_HLEN as u32,
+            bytes,
+            len as u32,
+            flags,
+        ) != 0
+        {
+            return None;
+        }
+    }
+    Some(())
+}
+
+/// Sends on the later fragments held for `first`'s datagram, now that its first fragment was
+/// rewritten and left its ports: each is written over the skb and cloned into this
+/// interface's ingress (queued behind the first, which goes on when the program returns), and
+/// the first fragment's bytes are written back. Whether the skb is the first fragment still
+/// (if a write failed, it must be dropped).
+#[inline(always)]
+pub fn replay(ctx: &TcContext, first: &Packet) -> bool {
+    if first.piece != Piece::First {
+        return true;
+    }
+    let waiting =
+        (0..HELD_PER_DATAGRAM).any(|slot| maps::held_fragment(held_key(first, slot)).is_some());
+    if !waiting {
+        return true;
+    }
+    let Some(saved) = copy_in(ctx) else {
+        // Too long to keep aside: the held ones wait on, until the table forgets them.
+        return true;
+    };
+    // SAFETY: reads a field of the skb the kernel gave.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    for slot in 0..HELD_PER_DATAGRAM {
+        let key = held_key(first, slot);
+        let Some(fragment) = maps::held_fragment(key) else {
+            continue;
+        };
+        if write_over(ctx, fragment).is_none() {
+            break;
+        }
+        // SAFETY: a helper call on the skb the kernel gave.
+        let _ =
+            unsafe { bpf_clone_redirect(ctx.skb.skb.cast(), ifindex, u64::from(BPF_F_INGRESS)) };
+        let _ = HELD_FRAGMENTS.remove(key);
+    }
+    write_over(ctx, saved).is_some()
 }

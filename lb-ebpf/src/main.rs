@@ -70,15 +70,19 @@ use crate::{
 pub fn lb_tc(ctx: TcContext) -> i32 {
     let packet = match input(ctx.data(), ctx.data_end(), Frame::Linear) {
         Input::Packet(packet) => packet,
-        Input::Unplaced => return TC_ACT_SHOT,
+        Input::Unplaced(packet) => {
+            fragments::hold(&ctx, &packet);
+            return TC_ACT_SHOT;
+        }
         Input::Other => {
             icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Ingress);
             return TC_ACT_OK;
         }
     };
     match balance(&ctx, &packet, SCOPE_INTERNAL) {
-        Verdict::Pass => TC_ACT_OK,
-        Verdict::Drop => TC_ACT_SHOT,
+        Verdict::Pass if fragments::replay(&ctx, &packet) => TC_ACT_OK,
+        // A first fragment whose bytes could not be written back after its held ones.
+        Verdict::Pass | Verdict::Drop => TC_ACT_SHOT,
         Verdict::Reject => reject(&ctx, &packet).unwrap_or(TC_ACT_SHOT),
     }
 }
@@ -88,7 +92,10 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
 pub fn lb_tc_egress(ctx: TcContext) -> i32 {
     let packet = match input(ctx.data(), ctx.data_end(), Frame::Linear) {
         Input::Packet(packet) => packet,
-        Input::Unplaced => return TC_ACT_SHOT,
+        Input::Unplaced(_) => {
+            fragments::unplaced();
+            return TC_ACT_SHOT;
+        }
         Input::Other => {
             icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Egress);
             return TC_ACT_OK;
@@ -104,7 +111,10 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let packet = match input(ctx.data(), ctx.data_end(), Frame::Whole) {
         Input::Packet(packet) => packet,
-        Input::Unplaced => return xdp_action::XDP_DROP,
+        Input::Unplaced(_) => {
+            fragments::unplaced();
+            return xdp_action::XDP_DROP;
+        }
         Input::Other => {
             icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Ingress);
             return xdp_action::XDP_PASS;

@@ -19,10 +19,11 @@ use aya_ebpf::{
 };
 use lb_common::maps::{
     self as common, Affinity, AffinityKey, Backend, Clock, Config, Connected, Epoch, Flow, FlowKey,
-    FragmentKey, FragmentPorts, Frontend, FrontendKey, FrontendStats, MAX_AFFINITIES, MAX_BACKENDS,
-    MAX_CONNECTED, MAX_FLOWS, MAX_FRAGMENTS, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS,
-    MAX_SOURCE_RANGES, MAX_VIPS, RejectTokens, Reply, SINGLE_ENTRY, SOURCE_RANGE_ID_BITS, Slot,
-    SlotKey, SocketFrontend, SocketKey, SourceRange, SourceRangeKey, Stats, Vip,
+    FragmentKey, FragmentPorts, Frontend, FrontendKey, FrontendStats, HeldFragment, HeldKey,
+    MAX_AFFINITIES, MAX_BACKENDS, MAX_CONNECTED, MAX_FLOWS, MAX_FRAGMENTS, MAX_HELD_FRAGMENTS,
+    MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MAX_SOURCE_RANGES, MAX_VIPS, RejectTokens, Reply,
+    SINGLE_ENTRY, SOURCE_RANGE_ID_BITS, Slot, SlotKey, SocketFrontend, SocketKey, SourceRange,
+    SourceRangeKey, Stats, Vip,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -69,7 +70,9 @@ map!("lb_cursors_v1" = CURSORS, CURSORS: PerCpuArray<u32, { MAX_SERVICES as usiz
 map!("lb_fe_stats_v1" = FRONTEND_STATS, FRONTEND_STATS: PerCpuArray<FrontendStats, { MAX_SERVICES as usize }>);
 map!("lb_source_ranges_v1" = SOURCE_RANGES, SOURCE_RANGES: LpmTrie<SourceRangeKey, SourceRange, { MAX_SOURCE_RANGES as usize }>);
 map!("lb_fragments_v1" = FRAGMENTS, FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts, { MAX_FRAGMENTS as usize }>);
-map!("lb_stats_v5" = STATS, STATS: PerCpuArray<Stats, 1>);
+map!("lb_held_fragments_v1" = HELD_FRAGMENTS, HELD_FRAGMENTS: LruHashMap<HeldKey, HeldFragment, { MAX_HELD_FRAGMENTS as usize }>);
+map!("lb_fragment_scratch_v1" = FRAGMENT_SCRATCH, FRAGMENT_SCRATCH: PerCpuArray<HeldFragment, 1>);
+map!("lb_stats_v6" = STATS, STATS: PerCpuArray<Stats, 1>);
 map!("lb_config_v2" = CONFIG, CONFIG: Array<Config, 1>);
 map!("lb_reject_tokens_v1" = REJECT_TOKENS, REJECT_TOKENS: PerCpuArray<RejectTokens, 1>);
 map!("lb_clock_v1" = CLOCK, CLOCK: Array<Clock, 1>);
@@ -129,6 +132,23 @@ pub fn flow(key: FlowKey) -> Option<&'static Flow> {
 pub fn fragment_ports(key: FragmentKey) -> Option<FragmentPorts> {
     // SAFETY: as above; copied out.
     unsafe { FRAGMENTS.get(key) }.copied()
+}
+
+/// A later fragment held for its datagram's first.
+#[inline(always)]
+pub fn held_fragment(key: HeldKey) -> Option<&'static HeldFragment> {
+    // SAFETY: as above.
+    unsafe { HELD_FRAGMENTS.get(key) }
+}
+
+/// This CPU's room for one fragment's bytes.
+#[inline(always)]
+pub fn fragment_scratch() -> Option<&'static mut HeldFragment> {
+    // SAFETY: this CPU's own entry of a per-CPU array, used from start to end of one step of
+    // one program ([`crate::fragments`]); tc programs do not nest on a CPU.
+    FRAGMENT_SCRATCH
+        .get_ptr_mut(SINGLE_ENTRY)
+        .map(|scratch| unsafe { &mut *scratch })
 }
 
 /// A flow, to refresh in place: racing writers of one flow (two CPUs) write the same fields

@@ -476,7 +476,7 @@ fn dump(args: &InstanceArgs) -> Result<()> {
         "STATS: forwarded={} replied={} new_flows={} reselected={} dropped_no_backend={} \
          rejected_no_backend={} dropped_error={} snat_flows={} dropped_no_snat={} \
          dropped_unknown_port={} socket_rewrites={} rejects_limited={} dropped_source_range={} \
-         icmp_translated={} fragments_unmatched={}",
+         icmp_translated={} fragments_unmatched={} fragments_held={}",
         s.forwarded,
         s.replied,
         s.new_flows,
@@ -491,7 +491,8 @@ fn dump(args: &InstanceArgs) -> Result<()> {
         s.rejects_limited,
         s.dropped_source_range,
         s.icmp_translated,
-        s.fragments_unmatched
+        s.fragments_unmatched,
+        s.fragments_held
     );
     println!("EPOCH: backends_removed={}", maps.epoch()?.backends_removed);
     let (flows, replies) = maps.flow_entries()?;

@@ -93,7 +93,7 @@ enum Out {
 }
 
 /// Every counter of [`Stats`], by name: a field added to it must be named here.
-fn counters(stats: &Stats) -> [(&'static str, u64); 15] {
+fn counters(stats: &Stats) -> [(&'static str, u64); 16] {
     let Stats {
         forwarded,
         replied,
@@ -110,6 +110,7 @@ fn counters(stats: &Stats) -> [(&'static str, u64); 15] {
         dropped_source_range,
         icmp_translated,
         fragments_unmatched,
+        fragments_held,
     } = *stats;
     [
         ("forwarded", forwarded),
@@ -127,6 +128,7 @@ fn counters(stats: &Stats) -> [(&'static str, u64); 15] {
         ("dropped_source_range", dropped_source_range),
         ("icmp_translated", icmp_translated),
         ("fragments_unmatched", fragments_unmatched),
+        ("fragments_held", fragments_held),
     ]
 }
 
@@ -651,10 +653,19 @@ fn rows() -> Vec<Row> {
             before: None,
         },
         Row {
-            what: "a later fragment of a datagram never seen, to a ClusterIP: dropped, counted",
+            what: "a later fragment before its first, to a ClusterIP: held for it",
             hook: Hook::TcIngress,
             input: with(syn.clone(), |p| p[21] = 0x10),
             verdict: TC_ACT_SHOT,
+            out: Out::Unchanged,
+            counts: &["fragments_held"],
+            before: None,
+        },
+        Row {
+            what: "the same from outside (XDP cannot hold it): dropped, counted",
+            hook: Hook::Xdp,
+            input: with(syn.clone(), |p| p[21] = 0x10),
+            verdict: XDP_DROP,
             out: Out::Unchanged,
             counts: &["fragments_unmatched"],
             before: None,

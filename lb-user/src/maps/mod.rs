@@ -269,6 +269,7 @@ impl KernelMaps {
             dropped_source_range: sum.dropped_source_range + s.dropped_source_range,
             icmp_translated: sum.icmp_translated + s.icmp_translated,
             fragments_unmatched: sum.fragments_unmatched + s.fragments_unmatched,
+            fragments_held: sum.fragments_held + s.fragments_held,
         }))
     }
 }

@@ -364,6 +364,11 @@ impl Status {
                 s.icmp_translated,
             ),
             (
+                "lb_datapath_fragments_held_total",
+                "Later fragments held until their datagram's first came, then sent on.",
+                s.fragments_held,
+            ),
+            (
                 "lb_datapath_rejects_limited_total",
                 "Rejects not sent, over --reject-rate: the new flows dropped instead.",
                 s.rejects_limited,

@@ -126,3 +126,53 @@ fn fragmented_datagrams_reach_a_udp_vip_and_fragmented_answers_come_back_from_it
     let dump = lab.dump().unwrap();
     assert_eq!(super::stat(&dump, "fragments_unmatched"), 0, "{dump}");
 }
+
+/// A 3,000-byte UDP datagram from the client's port 46000 to `address`, sent as three
+/// fragments last first (a raw socket), and the answer's source and pod, if one came.
+fn reversed_fragments(lab: &Lab, address: &str) -> Option<String> {
+    let (host, port) = address.split_once(':').unwrap();
+    let script = format!(
+        "import socket, struct\n\
+         src, dst, sport, dport = {client:?}, {host:?}, 46000, {port}\n\
+         def csum(b):\n    b += b'\\0' * (len(b) % 2)\n    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))\n    \
+         while s >> 16:\n        s = (s & 0xffff) + (s >> 16)\n    return ~s & 0xffff\n\
+         payload = b'hello'.ljust(3000, b' ')\n\
+         length = 8 + len(payload)\n\
+         pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack('!BBH', 0, 17, length)\n\
+         check = csum(pseudo + struct.pack('!HHHH', sport, dport, length, 0) + payload) or 0xffff\n\
+         datagram = struct.pack('!HHHH', sport, dport, length, check) + payload\n\
+         rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         rx.bind(('0.0.0.0', sport))\n\
+         rx.settimeout(2)\n\
+         raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)\n\
+         pieces = [datagram[i:i + 1480] for i in range(0, len(datagram), 1480)]\n\
+         frags = [struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(p), 0x7777, \
+         (0x2000 if i < len(pieces) - 1 else 0) | i * 1480 // 8, 64, 17, 0, \
+         socket.inet_aton(src), socket.inet_aton(dst)) + p for i, p in enumerate(pieces)]\n\
+         for f in reversed(frags):\n    raw.sendto(f, (dst, 0))\n\
+         data, peer = rx.recvfrom(65535)\n\
+         print('%s:%d' % peer, data.split()[0].decode())\n",
+        client = lb_tests::CLIENT_IP.to_string(),
+    );
+    output(&mut lab.in_client(&["python3", "-c", &script]))
+        .ok()
+        .map(|answer| answer.trim().to_string())
+}
+
+#[test]
+fn fragments_that_come_before_their_first_wait_for_it() {
+    let lab = lab("reorder");
+    let backend = format!("{}:5353", BACKENDS[0].1);
+    // (path, where the answer must come from), the backend straight as control.
+    for (path, address) in [("direct", backend.as_str()), ("through the VIP", DNS_VIP)] {
+        let answer = reversed_fragments(&lab, address);
+        assert!(
+            answer
+                .as_deref()
+                .is_some_and(|a| a.starts_with(&format!("{address} pod="))),
+            "{path}: {answer:?}"
+        );
+    }
+    let dump = lab.dump().unwrap();
+    assert_eq!(super::stat(&dump, "fragments_held"), 2, "{dump}");
+}
