@@ -279,9 +279,16 @@ pub struct FragmentKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FragmentPorts {
+    /// The datapath's time ([`Clock`]) of the first fragment: past [`FRAGMENT_TIMEOUT_NS`]
+    /// the entry is another datagram's, the IP id having come round.
+    pub seen_ns: u64,
     pub src_port_be: u16,
     pub dst_port_be: u16,
+    pub _pad: u32,
 }
+
+/// How long a datagram's fragments belong together: the kernel's `net.ipv4.ipfrag_time`.
+pub const FRAGMENT_TIMEOUT_NS: u64 = 30_000_000_000;
 
 /// A later fragment waiting for its datagram's first: the datagram, and which of its waiting
 /// fragments (from 0).
@@ -299,6 +306,8 @@ pub struct HeldKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeldFragment {
+    /// When it came; past [`FRAGMENT_TIMEOUT_NS`] it is forgotten, not sent on.
+    pub held_ns: u64,
     pub len: u32,
     pub bytes: [u8; HELD_FRAGMENT_BYTES],
 }
@@ -534,9 +543,9 @@ const _: () = {
     assert!(size_of::<Epoch>() == 4);
     assert!(size_of::<Stats>() == 128);
     assert!(size_of::<HeldKey>() == 12);
-    assert!(size_of::<HeldFragment>() == 4 + HELD_FRAGMENT_BYTES);
+    assert!(size_of::<HeldFragment>() == 12 + HELD_FRAGMENT_BYTES);
     assert!(size_of::<FragmentKey>() == 12);
-    assert!(size_of::<FragmentPorts>() == 4);
+    assert!(size_of::<FragmentPorts>() == 16);
     assert!(size_of::<SourceRangeKey>() == 8);
     assert!(size_of::<SourceRange>() == 4);
     assert!(size_of::<Vip>() == 4);

@@ -21,11 +21,12 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::maps::{
-    FragmentKey, FragmentPorts, HELD_FRAGMENT_BYTES, HELD_PER_DATAGRAM, HeldFragment, HeldKey,
-    PROTO_TCP, PROTO_UDP,
+    FRAGMENT_TIMEOUT_NS, FragmentKey, FragmentPorts, HELD_FRAGMENT_BYTES, HELD_PER_DATAGRAM,
+    HeldFragment, HeldKey, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
+    clock::now_ns,
     headers::{ETH_HLEN, ETH_TYPE, IPV4_MIN_HLEN, Ipv4Header},
     maps::{self, FRAGMENTS, HELD_FRAGMENTS},
     parse::{ETH_P_IP_BE, Frame, IPV4_OFFSET_MASK_BE, Packet, Piece, parse, read},
@@ -59,8 +60,10 @@ pub fn remember(packet: &Packet) {
         return;
     }
     let ports = FragmentPorts {
+        seen_ns: now_ns(),
         src_port_be: packet.key.src_port_be,
         dst_port_be: packet.key.dst_port_be,
+        _pad: 0,
     };
     // A full table evicts the oldest datagram: its later fragments go unplaced.
     let _ = FRAGMENTS.insert(fragment_key(packet), ports, 0);
@@ -114,7 +117,9 @@ fn later(data: usize, data_end: usize, frame: Frame) -> Input {
         ip_id_be: ip.id_be,
         piece: Piece::Later,
     };
-    let Some(ports) = maps::fragment_ports(fragment_key(&packet)) else {
+    let ports = maps::fragment_ports(fragment_key(&packet))
+        .filter(|ports| now_ns().saturating_sub(ports.seen_ns) <= FRAGMENT_TIMEOUT_NS);
+    let Some(ports) = ports else {
         if maps::is_vip(ip.dst_addr_be) {
             return Input::Unplaced(packet);
         }
@@ -177,6 +182,7 @@ fn copy_in(ctx: &TcContext) -> Option<&'static mut HeldFragment> {
         return None;
     }
     scratch.len = len as u32;
+    scratch.held_ns = now_ns();
     Some(scratch)
 }
 
@@ -235,6 +241,11 @@ pub fn replay(ctx: &TcContext, first: &Packet) -> bool {
         let Some(fragment) = maps::held_fragment(key) else {
             continue;
         };
+        if now_ns().saturating_sub(fragment.held_ns) > FRAGMENT_TIMEOUT_NS {
+            // Another datagram's, under an IP id come round.
+            let _ = HELD_FRAGMENTS.remove(key);
+            continue;
+        }
         if write_over(ctx, fragment).is_none() {
             break;
         }

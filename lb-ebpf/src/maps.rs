@@ -129,9 +129,9 @@ pub fn flow(key: FlowKey) -> Option<&'static Flow> {
 
 /// The ports of a fragmented datagram, from its first fragment.
 #[inline(always)]
-pub fn fragment_ports(key: FragmentKey) -> Option<FragmentPorts> {
-    // SAFETY: as above; copied out.
-    unsafe { FRAGMENTS.get(key) }.copied()
+pub fn fragment_ports(key: FragmentKey) -> Option<&'static FragmentPorts> {
+    // SAFETY: as above.
+    unsafe { FRAGMENTS.get(key) }
 }
 
 /// A later fragment held for its datagram's first.

@@ -12,8 +12,8 @@ use aya::{
     programs::{TestRun as _, TestRunOptions},
 };
 use lb_common::maps::{
-    Config, FLOWS, Flow, FlowKey, PROTO_TCP, REJECT_TOKENS, REPLIES, RejectTokens, Reply,
-    SOURCE_RANGES, SourceRange, SourceRangeKey, Stats,
+    Config, FLOWS, FRAGMENTS, Flow, FlowKey, FragmentKey, FragmentPorts, PROTO_TCP, PROTO_UDP,
+    REJECT_TOKENS, REPLIES, RejectTokens, Reply, SOURCE_RANGES, SourceRange, SourceRangeKey, Stats,
 };
 use lb_tests::packet::{
     ICMP_FRAGMENTATION_NEEDED, ICMP_PORT_UNREACHABLE, ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE,
@@ -151,6 +151,7 @@ struct Tables {
     replies: HashMap<MapData, FlowKey, Reply>,
     reject_tokens: PerCpuArray<MapData, RejectTokens>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, SourceRange>,
+    fragments: HashMap<MapData, FragmentKey, FragmentPorts>,
 }
 
 impl Tables {
@@ -164,6 +165,7 @@ impl Tables {
             replies: open(REPLIES).try_into().expect("the reply table"),
             reject_tokens: open(REJECT_TOKENS).try_into().expect("the reject buckets"),
             source_ranges: open(SOURCE_RANGES).try_into().expect("the source ranges"),
+            fragments: open(FRAGMENTS).try_into().expect("the fragments"),
         }
     }
 
@@ -202,6 +204,26 @@ fn ranges_narrowed(tables: &mut Tables) {
     for key in allowing {
         tables.source_ranges.remove(&key).expect("a range, removed");
     }
+}
+
+/// As if [`big_query`]'s first fragment came at boot, long before its IP id came round.
+fn first_fragment_long_ago(tables: &mut Tables) {
+    let key = FragmentKey {
+        src_addr_be: u32::from(CLIENT).to_be(),
+        dst_addr_be: u32::from(CLUSTER_FRAGMENTS.0).to_be(),
+        id_be: BIG_QUERY_ID.to_be(),
+        protocol: PROTO_UDP,
+        _pad: 0,
+    };
+    let mut ports = tables
+        .fragments
+        .get(&key, 0)
+        .expect("the big query's ports");
+    ports.seen_ns = 0;
+    tables
+        .fragments
+        .insert(key, ports, 0)
+        .expect("the ports, aged");
 }
 
 /// Every bucket empty, refilled in the future: no reject until the clock passes it.
@@ -1200,6 +1222,16 @@ fn rows() -> Vec<Row> {
             before: None,
         },
         Row {
+            what: "a later fragment under that IP id 30 s on: another datagram's, held for its \
+                   own first",
+            hook: Hook::TcIngress,
+            input: big_query(CLUSTER_FRAGMENTS, 1),
+            verdict: TC_ACT_SHOT,
+            out: Out::Unchanged,
+            counts: &["fragments_held"],
+            before: Some(first_fragment_long_ago),
+        },
+        Row {
             what: "the backend's fragmented answer, leaving: its first fragment from the ClusterIP",
             hook: Hook::TcEgress,
             input: big_answer(DNS, 5353, 0),
@@ -1237,8 +1269,10 @@ const BACKEND_FRAGMENTS: (Ipv4Addr, u16) = (DNS, 5353);
 /// of 1,480 bytes, as a 1,500-byte link splits it.
 fn big_query(to: (Ipv4Addr, u16), n: usize) -> Vec<u8> {
     let whole = udp_datagram(CLIENT, to.0, 45000, to.1, 3000);
-    fragments(&whole, 0x4242, 1480).swap_remove(n)
+    fragments(&whole, BIG_QUERY_ID, 1480).swap_remove(n)
 }
+
+const BIG_QUERY_ID: u16 = 0x4242;
 
 /// Fragment `n` of a 2,000-byte UDP answer to [`big_query`], from `from`.
 fn big_answer(from: Ipv4Addr, port: u16, n: usize) -> Vec<u8> {
