@@ -130,16 +130,11 @@ pub const SCOPE_INTERNAL: u8 = 1;
 /// [`Frontend::flags`]: with no backend, answer new flows with a TCP reset or an ICMP port
 /// unreachable (kube-proxy's REJECT) instead of dropping them.
 pub const FRONTEND_REJECT_WHEN_EMPTY: u8 = 1;
-/// [`Frontend::flags`]: a load-balancer IP, whose packets' sources are looked up in
-/// [`SOURCE_RANGES`] under its `service_id`, every packet, as kube-proxy's firewall filters
-/// them: a source its Service's `loadBalancerSourceRanges` leave out is dropped, on a new flow
-/// or an established one. A frontend whose Service has no ranges has no entry there, and every
-/// source passes.
+/// [`Frontend::flags`]: a load-balancer IP whose Service has `loadBalancerSourceRanges`: the
+/// source of a new flow is looked up in [`SOURCE_RANGES`] under its `service_id`, and one the
+/// ranges leave out is dropped. As kube-proxy's firewall (`ct state new` only), a flow that
+/// began before the ranges narrowed goes on.
 pub const FRONTEND_SOURCE_RANGES: u8 = 2;
-
-/// [`Flow::flags`]: the flow came in by a frontend with [`FRONTEND_SOURCE_RANGES`], whose
-/// ranges each of its packets is checked against.
-pub const FLOW_SOURCE_RANGES: u8 = 1;
 
 /// [`Backend::flags`]: the backend runs on this node. A flow from outside the node to a backend
 /// elsewhere is SNATed to the node's address, so that its replies come back through it.
@@ -237,9 +232,7 @@ pub struct Flow {
     pub src_port_be: u16,
     /// `STATE_*`.
     pub state: u8,
-    /// `FLOW_*` bits.
-    pub flags: u8,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 3],
     /// The frontend the flow came in by, whose counters its packets count in.
     pub service_id: u32,
     /// The [`Epoch`] at which the backend was last seen in [`BACKENDS`]: while the epoch has

@@ -2,7 +2,7 @@
 //! packet to a frontend of the program's scope starts a flow; a backend's reply goes back to
 //! its client ([`reply`](crate::reply)); anything else passes.
 
-use lb_common::maps::{FLOW_SOURCE_RANGES, FRONTEND_SOURCE_RANGES, Flow, FrontendKey};
+use lb_common::maps::{FRONTEND_SOURCE_RANGES, Flow, FrontendKey};
 
 use crate::{
     clock::now_ns,
@@ -33,19 +33,14 @@ pub fn balance<C: Rewrite>(ctx: &C, packet: &Packet, scope: u8) -> Verdict {
 #[inline(always)]
 fn try_balance<C: Rewrite>(ctx: &C, packet: &Packet, scope: u8) -> Result<Verdict, Verdict> {
     let backend_gone = match flow_lookup(packet)? {
-        Tracked::Live(flow) => {
-            if flow.flags & FLOW_SOURCE_RANGES != 0 {
-                check_source(flow.service_id, packet)?;
-            }
-            return forward(ctx, packet, flow, false);
-        }
+        Tracked::Live(flow) => return forward(ctx, packet, flow, false),
         Tracked::BackendGone => true,
         Tracked::Miss => false,
     };
     // A later fragment follows its datagram's flow, or is a reply's: it starts no flow.
     if packet.piece == Piece::Later {
         if backend_gone {
-            count(|s| &mut s.fragments_unmatched);
+            fragments::unplaced();
             return Ok(Verdict::Drop);
         }
         return to_client(ctx, packet, Hook::Ingress);
@@ -63,9 +58,8 @@ fn try_balance<C: Rewrite>(ctx: &C, packet: &Packet, scope: u8) -> Result<Verdic
     forward(ctx, packet, &flow, true)
 }
 
-/// Drops a packet whose source the load-balancer source ranges of frontend `service_id` leave
-/// out: before a flow is made or a reject sent, and on every packet of a flow, so that a range
-/// narrowed cuts what it no longer allows, as kube-proxy's firewall does.
+/// Drops a new flow's packet whose source the load-balancer source ranges of frontend
+/// `service_id` leave out, before a flow is made or a reject sent.
 #[inline(always)]
 fn check_source(service_id: u32, packet: &Packet) -> Result<(), Verdict> {
     if maps::source_allowed(service_id, packet.key.src_addr_be) {

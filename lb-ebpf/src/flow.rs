@@ -6,8 +6,8 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::maps::{
-    BACKEND_LOCAL, Config, FLOW_SOURCE_RANGES, FRONTEND_REJECT_WHEN_EMPTY, FRONTEND_SOURCE_RANGES,
-    Flow, FlowKey, Frontend, PROTO_TCP, Reply, SCOPE_EXTERNAL, STATE_CLOSING, STATE_OPEN,
+    BACKEND_LOCAL, Config, FRONTEND_REJECT_WHEN_EMPTY, Flow, FlowKey, Frontend, PROTO_TCP, Reply,
+    SCOPE_EXTERNAL, STATE_CLOSING, STATE_OPEN,
 };
 
 use crate::{
@@ -197,12 +197,7 @@ pub fn new_flow(
         backend_port_be: backend.port_be,
         src_port_be: reply_key.dst_port_be,
         state,
-        flags: if frontend.flags & FRONTEND_SOURCE_RANGES != 0 {
-            FLOW_SOURCE_RANGES
-        } else {
-            0
-        },
-        _pad: [0; 2],
+        _pad: [0; 3],
         service_id: frontend.service_id,
         backends_epoch,
         _pad_end: 0,

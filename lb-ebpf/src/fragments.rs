@@ -16,7 +16,7 @@
 //! later fragment passes untouched, as most fragments a node forwards are no frontend's.
 
 use aya_ebpf::{
-    bindings::{BPF_F_INGRESS, BPF_F_RECOMPUTE_CSUM, BPF_NOEXIST},
+    bindings::{BPF_EXIST, BPF_F_INGRESS, BPF_F_RECOMPUTE_CSUM, BPF_NOEXIST},
     helpers::{bpf_clone_redirect, bpf_skb_change_tail, bpf_skb_store_bytes},
     programs::TcContext,
 };
@@ -27,9 +27,9 @@ use lb_common::maps::{
 
 use crate::{
     clock::now_ns,
-    headers::{ETH_HLEN, ETH_TYPE, IPV4_MIN_HLEN, Ipv4Header},
+    headers::ETH_HLEN,
     maps::{self, FRAGMENTS, HELD_FRAGMENTS},
-    parse::{ETH_P_IP_BE, Frame, IPV4_OFFSET_MASK_BE, Packet, Piece, parse, read},
+    parse::{Frame, IPV4_OFFSET_MASK_BE, Packet, Piece, ipv4, parse},
     stats::count,
 };
 
@@ -83,19 +83,12 @@ fn fragment_key(packet: &Packet) -> FragmentKey {
 /// A later fragment of a TCP or UDP datagram, given the ports its first fragment left.
 #[inline(always)]
 fn later(data: usize, data_end: usize, frame: Frame) -> Input {
-    let Some(ether_type_be) = read::<u16>(data, data_end, ETH_TYPE) else {
+    let Some((ip, header_len)) = ipv4(data, data_end) else {
         return Input::Other;
     };
-    let Some(ip) = read::<Ipv4Header>(data, data_end, ETH_HLEN) else {
-        return Input::Other;
-    };
-    let header_len = usize::from(ip.version_ihl & 0x0f) * 4;
     let total_len = usize::from(u16::from_be(ip.total_len_be));
-    if ether_type_be != ETH_P_IP_BE
-        || ip.version_ihl >> 4 != 4
-        || ip.fragment_be & IPV4_OFFSET_MASK_BE == 0
+    if ip.fragment_be & IPV4_OFFSET_MASK_BE == 0
         || (ip.protocol != PROTO_TCP && ip.protocol != PROTO_UDP)
-        || header_len < IPV4_MIN_HLEN
         || total_len < header_len
         || (frame == Frame::Whole && data + ETH_HLEN + total_len > data_end)
     {
@@ -117,9 +110,7 @@ fn later(data: usize, data_end: usize, frame: Frame) -> Input {
         ip_id_be: ip.id_be,
         piece: Piece::Later,
     };
-    let ports = maps::fragment_ports(fragment_key(&packet))
-        .filter(|ports| now_ns().saturating_sub(ports.seen_ns) <= FRAGMENT_TIMEOUT_NS);
-    let Some(ports) = ports else {
+    let Some(ports) = placed_ports(&packet) else {
         if maps::is_vip(ip.dst_addr_be) {
             return Input::Unplaced(packet);
         }
@@ -148,25 +139,48 @@ fn held_key(packet: &Packet, slot: u8) -> HeldKey {
 }
 
 /// Holds a later fragment (`packet`, not placed) until its datagram's first comes: its bytes
-/// are kept, and the skb is to be dropped either way. Counted as held, or as unplaced when it
-/// cannot be kept (too long, or its datagram's room is full).
+/// are kept and the skb is to be dropped (`None`), counted as held, or as unplaced when it
+/// cannot be kept (too long, or its datagram's room full of fresher ones). If the first came
+/// meanwhile, on another CPU whose replay may have passed this slot already, the fragment is
+/// taken back and returned placed, to balance now.
 #[inline(always)]
-pub fn hold(ctx: &TcContext, packet: &Packet) {
+pub fn hold(ctx: &TcContext, mut packet: Packet) -> Option<Packet> {
+    let now = now_ns();
     // Borrowed, never copied: a fragment is three times the stack a program has.
-    let held = copy_in(ctx).map(|f| &*f).is_some_and(|fragment| {
-        (0..HELD_PER_DATAGRAM).any(|slot| {
-            let key = held_key(packet, slot);
-            maps::held_fragment(key).is_none()
-                && HELD_FRAGMENTS
-                    .insert(key, fragment, u64::from(BPF_NOEXIST))
-                    .is_ok()
+    let slot = copy_in(ctx).map(|f| &*f).and_then(|fragment| {
+        (0..HELD_PER_DATAGRAM).find(|&slot| {
+            let key = held_key(&packet, slot);
+            let flags = match maps::held_fragment(key) {
+                None => BPF_NOEXIST,
+                // Another datagram's, under an IP id come round: its room is free.
+                Some(old) if now.saturating_sub(old.held_ns) > FRAGMENT_TIMEOUT_NS => BPF_EXIST,
+                Some(_) => return false,
+            };
+            HELD_FRAGMENTS
+                .insert(key, fragment, u64::from(flags))
+                .is_ok()
         })
     });
-    if held {
-        count(|s| &mut s.fragments_held);
-    } else {
+    let Some(slot) = slot else {
         unplaced();
+        return None;
+    };
+    if let Some(ports) = placed_ports(&packet)
+        && HELD_FRAGMENTS.remove(held_key(&packet, slot)).is_ok()
+    {
+        packet.key.src_port_be = ports.src_port_be;
+        packet.key.dst_port_be = ports.dst_port_be;
+        return Some(packet);
     }
+    count(|s| &mut s.fragments_held);
+    None
+}
+
+/// The ports `packet`'s datagram's first fragment left, if it came within the timeout.
+#[inline(always)]
+fn placed_ports(packet: &Packet) -> Option<&'static FragmentPorts> {
+    maps::fragment_ports(fragment_key(packet))
+        .filter(|ports| now_ns().saturating_sub(ports.seen_ns) <= FRAGMENT_TIMEOUT_NS)
 }
 
 /// The skb's bytes past its Ethernet header, in this CPU's scratch room, if they fit.
@@ -222,7 +236,8 @@ fn write_over(ctx: &TcContext, fragment: &HeldFragment) -> Option<()> {
 /// (if a write failed, it must be dropped).
 #[inline(always)]
 pub fn replay(ctx: &TcContext, first: &Packet) -> bool {
-    if first.piece != Piece::First {
+    // Only fragments for a ClusterIP are ever held.
+    if first.piece != Piece::First || !maps::is_vip(first.key.dst_addr_be) {
         return true;
     }
     let waiting =

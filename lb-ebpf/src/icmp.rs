@@ -25,12 +25,12 @@ use lb_common::maps::{FlowKey, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     headers::{
-        ETH_HLEN, ETH_TYPE, ICMP_DEST_UNREACHABLE, IPV4_MIN_HLEN, IcmpHeader, Ipv4Header,
-        L4_SRC_PORT, PROTO_ICMP, TCP_CHECKSUM, UDP_CHECKSUM,
+        ETH_HLEN, ICMP_DEST_UNREACHABLE, IPV4_MIN_HLEN, IcmpHeader, Ipv4Header, L4_SRC_PORT,
+        PROTO_ICMP, TCP_CHECKSUM, UDP_CHECKSUM,
     },
     maps,
     nat::checksum_update,
-    parse::{ETH_P_IP_BE, IPV4_FRAGMENT_MASK_BE, IPV4_OFFSET_MASK_BE, ptr_at, read},
+    parse::{IPV4_FRAGMENT_MASK_BE, IPV4_OFFSET_MASK_BE, ipv4, ptr_at},
     reply::Hook,
     stats::count,
 };
@@ -172,28 +172,15 @@ impl Rewrite {
 /// Parses an IPv4 ICMP error quoting a TCP or UDP packet's ports; anything else is `None`.
 #[inline(always)]
 fn parse(data: usize, data_end: usize) -> Option<IcmpError> {
-    let ether_type_be: u16 = read(data, data_end, ETH_TYPE)?;
-    if ether_type_be != ETH_P_IP_BE {
+    let (outer, outer_len) = ipv4(data, data_end)?;
+    if outer.protocol != PROTO_ICMP || outer.fragment_be & IPV4_FRAGMENT_MASK_BE != 0 {
         return None;
     }
     let outer_ptr = ptr_at::<Ipv4Header>(data, data_end, ETH_HLEN)?;
-    // SAFETY: `ptr_at` checked the header lies within the packet (alignment as in
-    // `parse::read`).
-    let outer = unsafe { *outer_ptr };
-    if outer.version_ihl >> 4 != 4
-        || outer.protocol != PROTO_ICMP
-        || outer.fragment_be & IPV4_FRAGMENT_MASK_BE != 0
-    {
-        return None;
-    }
-    let outer_len = usize::from(outer.version_ihl & 0x0f) * 4;
-    if outer_len < IPV4_MIN_HLEN {
-        return None;
-    }
     // The ICMP header and the quoted IPv4 header, checked at once: fields at fixed offsets
     // from one checked pointer keep its range in the verifier's eyes.
     let head = ptr_at::<Head>(data, data_end, ETH_HLEN + outer_len)?.cast_mut();
-    // SAFETY: as for `outer`.
+    // SAFETY: `ptr_at` checked it lies within the packet (alignment as in `parse::read`).
     let (kind, quoted) = unsafe { ((*head).icmp.kind, (*head).quoted) };
     if kind != ICMP_DEST_UNREACHABLE && kind != ICMP_TIME_EXCEEDED && kind != ICMP_PARAMETER_PROBLEM
     {
@@ -209,8 +196,14 @@ fn parse(data: usize, data_end: usize) -> Option<IcmpError> {
         return None;
     }
     let inner_l4 = ETH_HLEN + outer_len + size_of::<IcmpHeader>() + quoted_len;
+    // What the error quotes ends with its datagram, not the frame (which may be padded).
+    let message_end = ETH_HLEN + usize::from(u16::from_be(outer.total_len_be));
+    let within = |offset: usize, len: usize| offset + len <= message_end;
+    if !within(inner_l4 + L4_SRC_PORT, size_of::<[u16; 2]>()) {
+        return None;
+    }
     let ports_ptr = ptr_at::<[u16; 2]>(data, data_end, inner_l4 + L4_SRC_PORT)?;
-    // SAFETY: as for `outer`.
+    // SAFETY: `ptr_at` checked it lies within the packet (alignment as in `parse::read`).
     let ports = unsafe { *ports_ptr };
     let l4_checksum = inner_l4
         + if quoted.protocol == PROTO_TCP {
@@ -225,7 +218,9 @@ fn parse(data: usize, data_end: usize) -> Option<IcmpError> {
         // SAFETY: as above.
         quoted: unsafe { &raw mut (*head).quoted },
         ports: ports_ptr.cast_mut(),
-        l4_checksum: ptr_at::<u16>(data, data_end, l4_checksum).map(<*const u16>::cast_mut),
+        l4_checksum: ptr_at::<u16>(data, data_end, l4_checksum)
+            .filter(|_| within(l4_checksum, size_of::<u16>()))
+            .map(<*const u16>::cast_mut),
         outer_src_be: outer.src_addr_be,
         outer_dst_be: outer.dst_addr_be,
         inner: FlowKey {

@@ -70,10 +70,10 @@ use crate::{
 pub fn lb_tc(ctx: TcContext) -> i32 {
     let packet = match input(ctx.data(), ctx.data_end(), Frame::Linear) {
         Input::Packet(packet) => packet,
-        Input::Unplaced(packet) => {
-            fragments::hold(&ctx, &packet);
-            return TC_ACT_SHOT;
-        }
+        Input::Unplaced(packet) => match fragments::hold(&ctx, packet) {
+            Some(placed) => placed,
+            None => return TC_ACT_SHOT,
+        },
         Input::Other => {
             icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Ingress);
             return TC_ACT_OK;

@@ -105,8 +105,9 @@ pub fn is_vip(addr_be: u32) -> bool {
     unsafe { VIPS.get(addr_be) }.is_some()
 }
 
-/// Whether a source may reach the frontend `service_id` (a load-balancer IP): its Service has
-/// no ranges (no entry), or one of them holds the source (the catch-all refuses the others).
+/// Whether a source may reach the frontend `service_id`, a load-balancer IP with source ranges:
+/// one of them holds it. The frontend's catch-all refuses the others, and no entry at all
+/// (none written yet) refuses too.
 #[inline(always)]
 pub fn source_allowed(service_id: u32, src_addr_be: u32) -> bool {
     let key = Key::new(
@@ -118,7 +119,7 @@ pub fn source_allowed(service_id: u32, src_addr_be: u32) -> bool {
     );
     SOURCE_RANGES
         .get(&key)
-        .is_none_or(|range| range.allowed != 0)
+        .is_some_and(|range| range.allowed != 0)
 }
 
 #[inline(always)]

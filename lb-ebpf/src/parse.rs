@@ -9,7 +9,7 @@ use crate::headers::{
     L4_SRC_PORT, TCP_CHECKSUM, TCP_DATA_OFFSET, TCP_MIN_HLEN, UDP_CHECKSUM, UDP_HLEN, UDP_LEN,
 };
 
-pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 /// Fragment offset and "more fragments": set on every fragment of a split datagram.
 pub const IPV4_FRAGMENT_MASK_BE: u16 = 0x3fffu16.to_be();
 /// The fragment offset alone: set on every fragment but the first.
@@ -116,18 +116,30 @@ pub enum Frame {
     Linear,
 }
 
+/// The frame's IPv4 header and its length, if it is IPv4 (version 4, a header of at least five
+/// words): what every parser of this datapath starts from.
+#[inline(always)]
+pub fn ipv4(data: usize, data_end: usize) -> Option<(Ipv4Header, usize)> {
+    let ether_type_be: u16 = read(data, data_end, ETH_TYPE)?;
+    if ether_type_be != ETH_P_IP_BE {
+        return None;
+    }
+    let ip: Ipv4Header = read(data, data_end, ETH_HLEN)?;
+    let header_len = usize::from(ip.version_ihl & 0x0f) * 4;
+    if ip.version_ihl >> 4 != 4 || header_len < IPV4_MIN_HLEN {
+        return None;
+    }
+    Some((ip, header_len))
+}
+
 /// Parses an IPv4 TCP or UDP packet, or the first fragment of one; anything else (and later
 /// fragments, which carry no ports: [`fragments`](crate::fragments)) is `None` and passes
 /// untouched, and so is a malformed one (lengths that do not fit each other, or the frame when
 /// it is `Whole`): it is never rewritten.
 #[inline(always)]
 pub fn parse(data: usize, data_end: usize, frame: Frame) -> Option<Packet> {
-    let ether_type_be: u16 = read(data, data_end, ETH_TYPE)?;
-    if ether_type_be != ETH_P_IP_BE {
-        return None;
-    }
-    let ip: Ipv4Header = read(data, data_end, ETH_HLEN)?;
-    if ip.version_ihl >> 4 != 4 || ip.fragment_be & IPV4_OFFSET_MASK_BE != 0 {
+    let (ip, ip_len) = ipv4(data, data_end)?;
+    if ip.fragment_be & IPV4_OFFSET_MASK_BE != 0 {
         return None;
     }
     let piece = if ip.fragment_be & IPV4_FRAGMENT_MASK_BE == 0 {
@@ -135,10 +147,6 @@ pub fn parse(data: usize, data_end: usize, frame: Frame) -> Option<Packet> {
     } else {
         Piece::First
     };
-    let ip_len = usize::from(ip.version_ihl & 0x0f) * 4;
-    if ip_len < IPV4_MIN_HLEN {
-        return None;
-    }
     let protocol = ip.protocol;
     if protocol != PROTO_TCP && protocol != PROTO_UDP {
         return None;

@@ -121,9 +121,6 @@ fn to_backend(ctx: &SockAddrContext, remember: Remember) -> i32 {
     let Some(frontend) = maps::frontend(frontend_key) else {
         return ALLOW;
     };
-    if frontend.backend_count == 0 {
-        return REFUSE;
-    }
     // The source is not chosen yet: the node's own address (kube-proxy's node IP) stands for
     // it before a load-balancer IP's source ranges.
     if frontend.flags & FRONTEND_SOURCE_RANGES != 0
@@ -131,6 +128,9 @@ fn to_backend(ctx: &SockAddrContext, remember: Remember) -> i32 {
             .is_some_and(|c| maps::source_allowed(frontend.service_id, c.snat_addr_be))
     {
         count(|s| &mut s.dropped_source_range);
+        return REFUSE;
+    }
+    if frontend.backend_count == 0 {
         return REFUSE;
     }
     // The source is not chosen yet: affinity and source hash see the node as one client.

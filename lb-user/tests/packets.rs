@@ -12,8 +12,9 @@ use aya::{
     programs::{TestRun as _, TestRunOptions},
 };
 use lb_common::maps::{
-    Config, FLOWS, FRAGMENTS, Flow, FlowKey, FragmentKey, FragmentPorts, PROTO_TCP, PROTO_UDP,
-    REJECT_TOKENS, REPLIES, RejectTokens, Reply, SOURCE_RANGES, SourceRange, SourceRangeKey, Stats,
+    Config, FLOWS, FRAGMENTS, Flow, FlowKey, FragmentKey, FragmentPorts, HELD_FRAGMENT_BYTES,
+    HELD_FRAGMENTS, HELD_PER_DATAGRAM, HeldFragment, HeldKey, PROTO_TCP, PROTO_UDP, REJECT_TOKENS,
+    REPLIES, RejectTokens, Reply, SOURCE_RANGES, SourceRange, SourceRangeKey, Stats,
 };
 use lb_tests::packet::{
     ICMP_FRAGMENTATION_NEEDED, ICMP_PORT_UNREACHABLE, ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE,
@@ -152,6 +153,7 @@ struct Tables {
     reject_tokens: PerCpuArray<MapData, RejectTokens>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, SourceRange>,
     fragments: HashMap<MapData, FragmentKey, FragmentPorts>,
+    held: HashMap<MapData, HeldKey, HeldFragment>,
 }
 
 impl Tables {
@@ -166,6 +168,7 @@ impl Tables {
             reject_tokens: open(REJECT_TOKENS).try_into().expect("the reject buckets"),
             source_ranges: open(SOURCE_RANGES).try_into().expect("the source ranges"),
             fragments: open(FRAGMENTS).try_into().expect("the fragments"),
+            held: open(HELD_FRAGMENTS).try_into().expect("the held fragments"),
         }
     }
 
@@ -224,6 +227,28 @@ fn first_fragment_long_ago(tables: &mut Tables) {
         .fragments
         .insert(key, ports, 0)
         .expect("the ports, aged");
+}
+
+/// Every room of [`STALE_ID`]'s datagram taken by fragments held at boot, another datagram's.
+fn held_long_ago(tables: &mut Tables) {
+    for slot in 0..HELD_PER_DATAGRAM {
+        let key = HeldKey {
+            src_addr_be: u32::from(CLIENT).to_be(),
+            dst_addr_be: u32::from(CLUSTER_FRAGMENTS.0).to_be(),
+            id_be: STALE_ID.to_be(),
+            protocol: PROTO_UDP,
+            slot,
+        };
+        let fragment = HeldFragment {
+            held_ns: 0,
+            len: 20,
+            bytes: [0; HELD_FRAGMENT_BYTES],
+        };
+        tables
+            .held
+            .insert(key, fragment, 0)
+            .expect("a stale fragment");
+    }
 }
 
 /// Every bucket empty, refilled in the future: no reject until the clock passes it.
@@ -1073,9 +1098,18 @@ fn rows() -> Vec<Row> {
             before: None,
         },
         Row {
-            what: "from a pod outside the ranges (the hairpin path): dropped",
+            what: "from a pod outside the ranges: dropped",
             hook: Hook::TcIngress,
             input: packet(TCP_SYN, CLIENT, RANGED_LB_IP, 43002, 80),
+            verdict: TC_ACT_SHOT,
+            out: Out::Unchanged,
+            counts: &["dropped_source_range"],
+            before: None,
+        },
+        Row {
+            what: "from its own backend (the hairpin path), outside the ranges: dropped",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, WEB, RANGED_LB_IP, 43005, 80),
             verdict: TC_ACT_SHOT,
             out: Out::Unchanged,
             counts: &["dropped_source_range"],
@@ -1091,13 +1125,23 @@ fn rows() -> Vec<Row> {
             before: None,
         },
         Row {
-            what: "the ranges narrowed: the established flow's next packet is dropped",
+            what: "the ranges narrowed: the established flow goes on, as kube-proxy checks new \
+                   flows only",
             hook: Hook::Xdp,
             input: packet(TCP_ACK, OUTSIDE, RANGED_LB_IP, 43000, 80),
+            verdict: XDP_PASS,
+            out: Out::Packet(packet(TCP_ACK, OUTSIDE, WEB, 43000, 8080)),
+            counts: &["forwarded"],
+            before: Some(ranges_narrowed),
+        },
+        Row {
+            what: "but a new flow from that source is dropped",
+            hook: Hook::Xdp,
+            input: packet(TCP_SYN, OUTSIDE, RANGED_LB_IP, 43004, 80),
             verdict: XDP_DROP,
             out: Out::Unchanged,
             counts: &["dropped_source_range"],
-            before: Some(ranges_narrowed),
+            before: None,
         },
         Row {
             what: "a flow the ICMP errors below are about",
@@ -1232,6 +1276,16 @@ fn rows() -> Vec<Row> {
             before: Some(first_fragment_long_ago),
         },
         Row {
+            what: "a later fragment whose datagram's room holds fragments over 30 s old: held in \
+                   their place",
+            hook: Hook::TcIngress,
+            input: query_fragment(CLUSTER_FRAGMENTS, STALE_ID, 1),
+            verdict: TC_ACT_SHOT,
+            out: Out::Unchanged,
+            counts: &["fragments_held"],
+            before: Some(held_long_ago),
+        },
+        Row {
             what: "the backend's fragmented answer, leaving: its first fragment from the ClusterIP",
             hook: Hook::TcEgress,
             input: big_answer(DNS, 5353, 0),
@@ -1247,6 +1301,26 @@ fn rows() -> Vec<Row> {
             verdict: TC_ACT_OK,
             out: Out::Packet(big_answer(DNS_IP, 53, 1)),
             counts: &["replied"],
+            before: None,
+        },
+        Row {
+            what: "an error quoting 8 bytes only, in a frame padded past it: the quote's ports \
+                   translated, the padding (where a TCP checksum would be) untouched",
+            hook: Hook::TcEgress,
+            input: padded(short_quote(
+                POD_GATEWAY,
+                CLIENT,
+                (CLIENT, 44000),
+                (WEB, 8080),
+            )),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(padded(short_quote(
+                POD_GATEWAY,
+                CLIENT,
+                (CLIENT, 44000),
+                (CLUSTER_IP, 80),
+            ))),
+            counts: &["icmp_translated"],
             before: None,
         },
         Row {
@@ -1268,11 +1342,18 @@ const BACKEND_FRAGMENTS: (Ipv4Addr, u16) = (DNS, 5353);
 /// Fragment `n` of a 3,000-byte UDP query from the client's port 45000 to `to`, in fragments
 /// of 1,480 bytes, as a 1,500-byte link splits it.
 fn big_query(to: (Ipv4Addr, u16), n: usize) -> Vec<u8> {
+    query_fragment(to, BIG_QUERY_ID, n)
+}
+
+/// Fragment `n` of [`big_query`]'s datagram to `to`, under IP id `id`.
+fn query_fragment(to: (Ipv4Addr, u16), id: u16, n: usize) -> Vec<u8> {
     let whole = udp_datagram(CLIENT, to.0, 45000, to.1, 3000);
-    fragments(&whole, BIG_QUERY_ID, 1480).swap_remove(n)
+    fragments(&whole, id, 1480).swap_remove(n)
 }
 
 const BIG_QUERY_ID: u16 = 0x4242;
+/// The IP id of a datagram whose room [`held_long_ago`] fills.
+const STALE_ID: u16 = 0x6001;
 
 /// Fragment `n` of a 2,000-byte UDP answer to [`big_query`], from `from`.
 fn big_answer(from: Ipv4Addr, port: u16, n: usize) -> Vec<u8> {
@@ -1297,6 +1378,31 @@ fn fragmentation_needed(
         1280,
         &quoted,
     )
+}
+
+/// [`fragmentation_needed`] quoting the IPv4 header and 8 bytes only, as RFC 792 asks.
+fn short_quote(
+    router: Ipv4Addr,
+    to: Ipv4Addr,
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+) -> Vec<u8> {
+    let mut quoted = packet(TCP_ACK, src.0, dst.0, src.1, dst.1);
+    quoted.truncate(14 + 20 + 8);
+    icmp_error(
+        ICMP_UNREACHABLE,
+        ICMP_FRAGMENTATION_NEEDED,
+        router,
+        to,
+        1280,
+        &quoted,
+    )
+}
+
+/// `p` with 16 bytes after its datagram, as a short frame padded by a link.
+fn padded(mut p: Vec<u8>) -> Vec<u8> {
+    p.extend([0xee; 16]);
+    p
 }
 
 /// Pins this thread to the CPU it runs on.

@@ -352,16 +352,13 @@ fn source_ranges<'a>(
     let mut ranges = Vec::new();
     let mut restricted = false;
     for (i, entry) in list.into_iter().enumerate() {
-        let parsed = entry.trim().split_once('/').and_then(|(address, len)| {
-            Some((address.parse::<IpAddr>().ok()?, len.parse::<u8>().ok()?))
-        });
-        match parsed {
-            Some((IpAddr::V4(address), len)) if len <= 32 => {
-                ranges.push(SourceRange::new(address, len));
+        match cidr(entry) {
+            Some(Cidr::V4(range)) => {
+                ranges.push(range);
                 restricted = true;
             }
-            Some((IpAddr::V6(_), len)) if len <= 128 => {}
-            _ => {
+            Some(Cidr::V6) => {}
+            None => {
                 skipped.push(Skipped::new(
                     object,
                     format!("spec.loadBalancerSourceRanges[{i}]"),
@@ -374,6 +371,38 @@ fn source_ranges<'a>(
     ranges.sort();
     ranges.dedup();
     restricted.then_some(ranges)
+}
+
+enum Cidr {
+    V4(SourceRange),
+    /// The other family's.
+    V6,
+}
+
+/// A CIDR as kube-proxy reads one (`netutils.ParseCIDRSloppy`): an IPv4 octet may carry
+/// leading zeros, read as decimal (`010.0.0.0/8` is 10.0.0.0/8).
+fn cidr(entry: &str) -> Option<Cidr> {
+    let (address, len) = entry.trim().split_once('/')?;
+    let len: u8 = len.parse().ok()?;
+    if address.contains(':') {
+        address.parse::<std::net::Ipv6Addr>().ok()?;
+        return (len <= 128).then_some(Cidr::V6);
+    }
+    let octets: Vec<u8> = address
+        .split('.')
+        .map(|octet| {
+            let digits = !octet.is_empty() && octet.len() <= 3;
+            digits
+                .then(|| octet.bytes().all(|b| b.is_ascii_digit()))
+                .filter(|&all| all)
+                .and_then(|_| octet.parse::<u16>().ok())
+                .and_then(|value| u8::try_from(value).ok())
+        })
+        .collect::<Option<_>>()?;
+    let [a, b, c, d] = octets[..] else {
+        return None;
+    };
+    (len <= 32).then(|| Cidr::V4(SourceRange::new(Ipv4Addr::new(a, b, c, d), len)))
 }
 
 /// The IPv4 addresses of a list field; the others are reported and left out.
@@ -715,7 +744,7 @@ mod tests {
         let range = |a, b, c, d, len| SourceRange::new(Ipv4Addr::new(a, b, c, d), len);
         // (the field, the ranges, how many entries are reported)
         type Case = (&'static [&'static str], Option<Vec<SourceRange>>, usize);
-        let cases: [Case; 7] = [
+        let cases: [Case; 9] = [
             (&[], None, 0),
             (&["2001:db8::/32"], None, 0),
             (&["10.1.2.3/8"], Some(vec![range(10, 0, 0, 0, 8)]), 0),
@@ -725,6 +754,13 @@ mod tests {
                 0,
             ),
             (&["0.0.0.0/0"], Some(vec![range(0, 0, 0, 0, 0)]), 0),
+            // Leading zeros, as Go's sloppy parser reads them.
+            (&["010.001.0.0/16"], Some(vec![range(10, 1, 0, 0, 16)]), 0),
+            (
+                &["10.0.0.256/32", "10.0.0/8", "1.2.3.4/-1"],
+                Some(vec![]),
+                3,
+            ),
             (&["10.0.0.0/33", "10.0.0.1", "web"], Some(vec![]), 3),
             (
                 &["2001:db8::/32", "bad/8", "10.0.0.0/8"],

@@ -15,8 +15,8 @@ pub use diff::{Op, Touched, diff, diff_touched};
 pub use ids::Ids;
 use lb_common::maps::{
     ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_HASH, BACKEND_LOCAL, Backend,
-    FRONTEND_REJECT_WHEN_EMPTY, FRONTEND_SOURCE_RANGES, Frontend, FrontendKey, PROTO_TCP,
-    PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, Slot, SlotKey, SourceRange, Vip,
+    FRONTEND_REJECT_WHEN_EMPTY, FRONTEND_SOURCE_RANGES, Frontend, FrontendKey, MAX_SOURCE_RANGES,
+    PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, Slot, SlotKey, SourceRange, Vip,
 };
 
 use crate::model::{self, Algorithm, FrontendKind, Protocol, Scope, Skipped, WhenEmpty};
@@ -261,6 +261,19 @@ impl Planner {
                 u16::MAX
             ));
         };
+        // Closed rather than open, and the other frontends' writes go on.
+        if let Some(ranges) = &frontend.source_ranges
+            && self.desired.source_ranges.len() + ranges.len() + 1 > MAX_SOURCE_RANGES as usize
+        {
+            return skip(format!(
+                "{}:{}/{}: its {} source ranges do not fit the source range map \
+                 ({MAX_SOURCE_RANGES} entries): not programmed",
+                frontend.address,
+                frontend.port,
+                frontend.protocol,
+                ranges.len()
+            ));
+        }
         let Some(service_id) = self.ids.service(key) else {
             return skip(format!(
                 "{}:{}/{}: the frontend map is full",
@@ -287,12 +300,8 @@ impl Planner {
             WhenEmpty::Reject => FRONTEND_REJECT_WHEN_EMPTY,
             WhenEmpty::Drop => 0,
         };
-        // Every load-balancer IP looks its sources up, so that ranges its Service gains later
-        // cut the flows it has.
-        if frontend.kind == FrontendKind::LoadBalancer {
-            flags |= FRONTEND_SOURCE_RANGES;
-        }
         if let Some(ranges) = &frontend.source_ranges {
+            flags |= FRONTEND_SOURCE_RANGES;
             for (range, value) in range_entries(service_id, ranges) {
                 self.desired.source_ranges.insert(range, value);
                 touched.source_ranges.insert(range);
@@ -566,6 +575,66 @@ mod tests {
             retained: Vec::new(),
             source_ranges: None,
         }
+    }
+
+    /// A load-balancer IP at `address` taking `ranges`.
+    fn ranged(address: Ipv4Addr, ranges: Vec<model::SourceRange>) -> Arc<model::Frontend> {
+        Arc::new(model::Frontend {
+            kind: FrontendKind::LoadBalancer,
+            address,
+            source_ranges: Some(ranges),
+            ..frontend(
+                Algorithm::RoundRobin,
+                &[(Ipv4Addr::new(10, 244, 0, 11), 8080)],
+            )
+        })
+    }
+
+    #[test]
+    fn source_ranges_are_a_catch_all_and_a_range_each_and_the_whole_space_allows() {
+        let (catch_all, whole) = (model::SourceRange::new(Ipv4Addr::UNSPECIFIED, 0), 0);
+        // (ranges, the entries: prefix length, allowed)
+        let cases = [
+            (vec![], vec![(0, 0)]),
+            (
+                vec![model::SourceRange::new(Ipv4Addr::new(10, 0, 0, 0), 8)],
+                vec![(0, 0), (8, 1)],
+            ),
+            // 0.0.0.0/0 is the catch-all's own key: it allows.
+            (vec![catch_all], vec![(whole, 1)]),
+        ];
+        for (ranges, wanted) in cases {
+            let (entries, skipped) = entries(
+                &[ranged(Ipv4Addr::new(192, 0, 2, 1), ranges.clone())],
+                "node-a",
+            );
+            assert!(skipped.is_empty(), "{skipped:?}");
+            let seen: Vec<(u8, u32)> = entries
+                .source_ranges
+                .iter()
+                .map(|(key, range)| (key.prefix_len, range.allowed))
+                .collect();
+            assert_eq!(seen, wanted, "{ranges:?}");
+            let flags = entries.frontends.values().next().map(|f| f.flags);
+            assert_eq!(
+                flags.map(|f| f & FRONTEND_SOURCE_RANGES),
+                Some(FRONTEND_SOURCE_RANGES)
+            );
+        }
+    }
+
+    #[test]
+    fn source_ranges_past_the_map_s_room_leave_their_frontend_out_closed() {
+        let many: Vec<model::SourceRange> = (0..MAX_SOURCE_RANGES)
+            .map(|i| model::SourceRange::new(Ipv4Addr::from(i << 8), 24))
+            .collect();
+        let fits = ranged(Ipv4Addr::new(192, 0, 2, 1), many[..10].to_vec());
+        let too_many = ranged(Ipv4Addr::new(192, 0, 2, 2), many);
+        let (entries, skipped) = entries(&[fits, too_many], "node-a");
+        assert_eq!(entries.frontends.len(), 1, "only the one that fits");
+        assert_eq!(entries.source_ranges.len(), 11);
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert!(skipped[0].reason.contains("do not fit"), "{skipped:?}");
     }
 
     #[test]

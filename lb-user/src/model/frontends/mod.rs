@@ -263,14 +263,14 @@ fn service_frontends(
 }
 
 /// The sources a Service's load-balancer IPs take, as kube-proxy's firewall allows them: its
-/// ranges, and when one holds the node, its load-balancer IPs too (a node that routes such an
+/// ranges, and when one holds the node's address (its first, kube-proxy's node IP, which the
+/// node's own sockets are checked as), its load-balancer IPs too (a node that routes such an
 /// IP to itself sends from it).
 fn source_ranges(service: &Service, node_ips: &[Ipv4Addr]) -> Option<Vec<SourceRange>> {
     let ranges = service.source_ranges.as_ref()?;
     let mut allowed = ranges.clone();
-    if ranges
-        .iter()
-        .any(|range| node_ips.iter().any(|&ip| range.contains(ip)))
+    if let Some(&node_ip) = node_ips.first()
+        && ranges.iter().any(|range| range.contains(node_ip))
     {
         allowed.extend(
             service
