@@ -18,8 +18,8 @@ use lb_common::maps::{
 };
 use lb_tests::packet::{
     ICMP_FRAGMENTATION_NEEDED, ICMP_PORT_UNREACHABLE, ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE,
-    TCP_ACK, TCP_RST, TCP_SYN, UDP, addr, checksum, checksums_valid, fragments, icmp_error, packet,
-    port, udp_datagram,
+    TCP_ACK, TCP_RST, TCP_SYN, UDP, addr, checksum, checksums_valid, datagram, fragments,
+    icmp_error, packet, port,
 };
 use lb_user::{
     datapath::{self, Datapath, TC_ACT_OK, XDP_PASS},
@@ -1324,6 +1324,44 @@ fn rows() -> Vec<Row> {
             before: None,
         },
         Row {
+            what: "a fragmented segment from outside the ranges: its first fragment dropped",
+            hook: Hook::Xdp,
+            input: segment_fragment(CLIENT, 43010, (RANGED_LB_IP, 80), 0),
+            verdict: XDP_DROP,
+            out: Out::Unchanged,
+            counts: &["dropped_source_range"],
+            before: None,
+        },
+        Row {
+            what: "and its later one, placed nowhere, passes untouched: no backend behind the \
+                   ranges sees it",
+            hook: Hook::Xdp,
+            input: segment_fragment(CLIENT, 43010, (RANGED_LB_IP, 80), 1),
+            verdict: XDP_PASS,
+            out: Out::Unchanged,
+            counts: &[],
+            before: None,
+        },
+        Row {
+            what: "a fragmented segment of a SNATed flow from outside: its first fragment DNATed \
+                   and SNATed",
+            hook: Hook::Xdp,
+            input: segment_fragment(OUTSIDE, 40010, (REMOTE_LB_IP, 80), 0),
+            verdict: XDP_PASS,
+            out: Out::Packet(segment_fragment(NODE_IP, SNAT_PORT, (REMOTE, 8080), 0)),
+            counts: &["forwarded"],
+            before: None,
+        },
+        Row {
+            what: "its later fragment: both addresses rewritten",
+            hook: Hook::Xdp,
+            input: segment_fragment(OUTSIDE, 40010, (REMOTE_LB_IP, 80), 1),
+            verdict: XDP_PASS,
+            out: Out::Packet(segment_fragment(NODE_IP, SNAT_PORT, (REMOTE, 8080), 1)),
+            counts: &["forwarded"],
+            before: None,
+        },
+        Row {
             what: "an ICMP error about no tracked flow: untouched",
             hook: Hook::TcEgress,
             input: fragmentation_needed(POD_GATEWAY, CLIENT, (CLIENT, 44001), (NOWHERE, 80)),
@@ -1347,7 +1385,7 @@ fn big_query(to: (Ipv4Addr, u16), n: usize) -> Vec<u8> {
 
 /// Fragment `n` of [`big_query`]'s datagram to `to`, under IP id `id`.
 fn query_fragment(to: (Ipv4Addr, u16), id: u16, n: usize) -> Vec<u8> {
-    let whole = udp_datagram(CLIENT, to.0, 45000, to.1, 3000);
+    let whole = datagram(UDP, CLIENT, to.0, 45000, to.1, 3000);
     fragments(&whole, id, 1480).swap_remove(n)
 }
 
@@ -1355,9 +1393,16 @@ const BIG_QUERY_ID: u16 = 0x4242;
 /// The IP id of a datagram whose room [`held_long_ago`] fills.
 const STALE_ID: u16 = 0x6001;
 
+/// Fragment `n` of a TCP segment of 2,000 bytes from `client:port` to `to`, in fragments of
+/// 1,480 bytes.
+fn segment_fragment(client: Ipv4Addr, port: u16, to: (Ipv4Addr, u16), n: usize) -> Vec<u8> {
+    let whole = datagram(TCP_ACK, client, to.0, port, to.1, 2000);
+    fragments(&whole, 0x7001, 1480).swap_remove(n)
+}
+
 /// Fragment `n` of a 2,000-byte UDP answer to [`big_query`], from `from`.
 fn big_answer(from: Ipv4Addr, port: u16, n: usize) -> Vec<u8> {
-    let whole = udp_datagram(from, CLIENT, port, 45000, 2000);
+    let whole = datagram(UDP, from, CLIENT, port, 45000, 2000);
     fragments(&whole, 0x5151, 1480).swap_remove(n)
 }
 

@@ -117,34 +117,40 @@ pub fn icmp_error(
     p
 }
 
-/// Ethernet + IPv4 + a UDP datagram of `payload` bytes (a pattern), checksums filled in.
-pub fn udp_datagram(
+/// A [`packet`] (TCP with `flags`, or [`UDP`]) carrying `payload` bytes (a pattern) after its
+/// header, checksums filled in: a datagram to split into [`fragments`].
+pub fn datagram(
+    flags: u8,
     src: Ipv4Addr,
     dst: Ipv4Addr,
     sport: u16,
     dport: u16,
     payload: usize,
 ) -> Vec<u8> {
-    let mut p = packet(UDP, src, dst, sport, dport);
-    p.truncate(42);
+    let udp = flags == UDP;
+    let (header_end, checksum_at) = if udp { (42, 40) } else { (54, 50) };
+    let mut p = packet(flags, src, dst, sport, dport);
+    p.truncate(header_end);
     p.extend((0..payload).map(|i| (i % 251) as u8));
     let total = (p.len() - 14) as u16;
     p[16..18].copy_from_slice(&total.to_be_bytes());
     p[24..26].fill(0);
     let ip_checksum = checksum(&p[14..34], 0);
     p[24..26].copy_from_slice(&ip_checksum.to_be_bytes());
-    p[38..40].copy_from_slice(&(total - 20).to_be_bytes());
-    p[40..42].fill(0);
+    if udp {
+        p[38..40].copy_from_slice(&(total - 20).to_be_bytes());
+    }
+    p[checksum_at..checksum_at + 2].fill(0);
     let padded = if p.len() % 2 == 1 {
         [&p[34..], &[0][..]].concat()
     } else {
         p[34..].to_vec()
     };
     let sum = match checksum(&padded, pseudo_header(&p)) {
-        0 => 0xffff,
+        0 if udp => 0xffff,
         sum => sum,
     };
-    p[40..42].copy_from_slice(&sum.to_be_bytes());
+    p[checksum_at..checksum_at + 2].copy_from_slice(&sum.to_be_bytes());
     p
 }
 
