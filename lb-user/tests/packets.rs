@@ -70,6 +70,7 @@ const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 254);
 /// A load-balancer IP whose Service takes only [`OUTSIDE`]'s range.
 const RANGED_LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 40);
+const OUTSIDE_RANGE: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 51, 100, 0), 24);
 
 /// Which program a row's packet goes through.
 #[derive(Clone, Copy, Debug)]
@@ -462,28 +463,8 @@ fn programme() -> Vec<Arc<model::Frontend>> {
             Scope::External,
             &[(REMOTE, 8080)],
         )),
-        ranged(
-            frontend(
-                "ranged",
-                RANGED_LB_IP,
-                80,
-                Protocol::Tcp,
-                Scope::External,
-                &[(WEB, 8080)],
-            ),
-            &[(Ipv4Addr::new(198, 51, 100, 0), 24)],
-        ),
-        ranged(
-            frontend(
-                "ranged",
-                RANGED_LB_IP,
-                80,
-                Protocol::Tcp,
-                Scope::Internal,
-                &[(WEB, 8080)],
-            ),
-            &[(Ipv4Addr::new(198, 51, 100, 0), 24)],
-        ),
+        ranged_web(Scope::External),
+        ranged_web(Scope::Internal),
         ranged(
             frontend(
                 "ranged-empty",
@@ -493,9 +474,22 @@ fn programme() -> Vec<Arc<model::Frontend>> {
                 Scope::External,
                 &[],
             ),
-            &[(Ipv4Addr::new(198, 51, 100, 0), 24)],
+            &[OUTSIDE_RANGE],
         ),
     ]
+}
+
+/// [`RANGED_LB_IP`]'s port 80 in `scope`, over [`WEB`].
+fn ranged_web(scope: Scope) -> Arc<model::Frontend> {
+    let web = frontend(
+        "ranged",
+        RANGED_LB_IP,
+        80,
+        Protocol::Tcp,
+        scope,
+        &[(WEB, 8080)],
+    );
+    ranged(web, &[OUTSIDE_RANGE])
 }
 
 /// A reset from the ClusterIP of the empty Service to the client's port 40003, as the
@@ -1179,21 +1173,11 @@ fn rows() -> Vec<Row> {
         Row {
             what: "a UDP backend's own port unreachable: from the ClusterIP, quoting it",
             hook: Hook::TcEgress,
-            input: icmp_error(
-                ICMP_UNREACHABLE,
-                ICMP_PORT_UNREACHABLE,
-                DNS,
-                CLIENT,
-                0,
-                &packet(UDP, CLIENT, DNS, 40001, 5353),
-            ),
+            input: port_unreachable(DNS, CLIENT, &packet(UDP, CLIENT, DNS, 40001, 5353)),
             verdict: TC_ACT_OK,
-            out: Out::Packet(icmp_error(
-                ICMP_UNREACHABLE,
-                ICMP_PORT_UNREACHABLE,
+            out: Out::Packet(port_unreachable(
                 DNS_IP,
                 CLIENT,
-                0,
                 &packet(UDP, CLIENT, DNS_IP, 40001, 53),
             )),
             counts: &["icmp_translated"],
@@ -1218,21 +1202,15 @@ fn rows() -> Vec<Row> {
             what: "time exceeded about a reply, to the ClusterIP: to the backend, quoting what \
                    it sent",
             hook: Hook::TcIngress,
-            input: icmp_error(
-                ICMP_TIME_EXCEEDED,
-                0,
+            input: time_exceeded(
                 POD_GATEWAY,
                 CLUSTER_IP,
-                0,
                 &packet(TCP_ACK, CLUSTER_IP, CLIENT, 80, 44000),
             ),
             verdict: TC_ACT_OK,
-            out: Out::Packet(icmp_error(
-                ICMP_TIME_EXCEEDED,
-                0,
+            out: Out::Packet(time_exceeded(
                 POD_GATEWAY,
                 WEB,
-                0,
                 &packet(TCP_ACK, WEB, CLIENT, 8080, 44000),
             )),
             counts: &["icmp_translated"],
@@ -1423,6 +1401,16 @@ fn fragmentation_needed(
         1280,
         &quoted,
     )
+}
+
+/// A port unreachable from `from` to `to`, quoting `quoted`.
+fn port_unreachable(from: Ipv4Addr, to: Ipv4Addr, quoted: &[u8]) -> Vec<u8> {
+    icmp_error(ICMP_UNREACHABLE, ICMP_PORT_UNREACHABLE, from, to, 0, quoted)
+}
+
+/// A time exceeded (in transit) from `from` to `to`, quoting `quoted`.
+fn time_exceeded(from: Ipv4Addr, to: Ipv4Addr, quoted: &[u8]) -> Vec<u8> {
+    icmp_error(ICMP_TIME_EXCEEDED, 0, from, to, 0, quoted)
 }
 
 /// [`fragmentation_needed`] quoting the IPv4 header and 8 bytes only, as RFC 792 asks.
