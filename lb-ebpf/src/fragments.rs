@@ -21,13 +21,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::maps::{
-    FRAGMENT_TIMEOUT_NS, FragmentKey, FragmentPorts, HELD_FRAGMENT_BYTES, HELD_PER_DATAGRAM,
-    HeldFragment, HeldKey, PROTO_TCP, PROTO_UDP,
+    FRAGMENT_TIMEOUT_NS, FlowKey, FragmentKey, FragmentPorts, HELD_FRAGMENT_BYTES,
+    HELD_PER_DATAGRAM, HeldFragment, HeldKey, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
     clock::now_ns,
-    headers::ETH_HLEN,
+    headers::{ETH_HLEN, Ipv4Header},
     maps::{self, FRAGMENTS, HELD_FRAGMENTS},
     parse::{Frame, IPV4_OFFSET_MASK_BE, Packet, Piece, ipv4, parse},
     stats::count,
@@ -44,13 +44,17 @@ pub enum Input {
     Other,
 }
 
-/// The frame as a packet to balance: parsed, or a later fragment with its first's ports.
+/// The frame as a packet to balance: parsed, or a later fragment with its first's ports. Its
+/// IPv4 header is read once, for both.
 #[inline(always)]
 pub fn input(data: usize, data_end: usize, frame: Frame) -> Input {
-    if let Some(packet) = parse(data, data_end, frame) {
-        return Input::Packet(packet);
+    let Some((ip, header_len)) = ipv4(data, data_end) else {
+        return Input::Other;
+    };
+    if ip.fragment_be & IPV4_OFFSET_MASK_BE == 0 {
+        return parse(data, data_end, frame, &ip, header_len).map_or(Input::Other, Input::Packet);
     }
-    later(data, data_end, frame)
+    later(data, data_end, frame, &ip, header_len)
 }
 
 /// Records the ports of a datagram's first fragment, once it was rewritten.
@@ -80,22 +84,19 @@ fn fragment_key(packet: &Packet) -> FragmentKey {
     }
 }
 
-/// A later fragment of a TCP or UDP datagram, given the ports its first fragment left.
+/// A later fragment (`ip`, a header of `header_len` bytes) of a TCP or UDP datagram, given the
+/// ports its first fragment left.
 #[inline(always)]
-fn later(data: usize, data_end: usize, frame: Frame) -> Input {
-    let Some((ip, header_len)) = ipv4(data, data_end) else {
-        return Input::Other;
-    };
+fn later(data: usize, data_end: usize, frame: Frame, ip: &Ipv4Header, header_len: usize) -> Input {
     let total_len = usize::from(u16::from_be(ip.total_len_be));
-    if ip.fragment_be & IPV4_OFFSET_MASK_BE == 0
-        || (ip.protocol != PROTO_TCP && ip.protocol != PROTO_UDP)
+    if (ip.protocol != PROTO_TCP && ip.protocol != PROTO_UDP)
         || total_len < header_len
         || (frame == Frame::Whole && data + ETH_HLEN + total_len > data_end)
     {
         return Input::Other;
     }
     let mut packet = Packet {
-        key: lb_common::maps::FlowKey {
+        key: FlowKey {
             src_addr_be: ip.src_addr_be,
             dst_addr_be: ip.dst_addr_be,
             src_port_be: 0,

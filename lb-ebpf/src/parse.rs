@@ -94,7 +94,7 @@ pub fn ptr_at<T>(data: usize, data_end: usize, offset: usize) -> Option<*const T
 
 /// The `T` at `offset` in the frame, if it fits.
 #[inline(always)]
-pub fn read<T: Copy>(data: usize, data_end: usize, offset: usize) -> Option<T> {
+fn read<T: Copy>(data: usize, data_end: usize, offset: usize) -> Option<T> {
     let field = ptr_at::<T>(data, data_end, offset)?;
     // SAFETY: `ptr_at` checked that the `T` lies within the packet. Its alignment is the
     // packet's (an IPv4 header follows 14 bytes of Ethernet): the verifier and the JIT allow
@@ -132,13 +132,19 @@ pub fn ipv4(data: usize, data_end: usize) -> Option<(Ipv4Header, usize)> {
     Some((ip, header_len))
 }
 
-/// Parses an IPv4 TCP or UDP packet, or the first fragment of one; anything else (and later
-/// fragments, which carry no ports: [`fragments`](crate::fragments)) is `None` and passes
-/// untouched, and so is a malformed one (lengths that do not fit each other, or the frame when
-/// it is `Whole`): it is never rewritten.
+/// Parses an IPv4 TCP or UDP packet, or the first fragment of one, past its IPv4 header `ip`
+/// of `ip_len` bytes ([`ipv4`]); anything else (and later fragments, which carry no ports:
+/// [`fragments`](crate::fragments)) is `None` and passes untouched, and so is a malformed one
+/// (lengths that do not fit each other, or the frame when it is `Whole`): it is never
+/// rewritten.
 #[inline(always)]
-pub fn parse(data: usize, data_end: usize, frame: Frame) -> Option<Packet> {
-    let (ip, ip_len) = ipv4(data, data_end)?;
+pub fn parse(
+    data: usize,
+    data_end: usize,
+    frame: Frame,
+    ip: &Ipv4Header,
+    ip_len: usize,
+) -> Option<Packet> {
     if ip.fragment_be & IPV4_OFFSET_MASK_BE != 0 {
         return None;
     }

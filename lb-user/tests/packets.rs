@@ -18,8 +18,8 @@ use lb_common::maps::{
 };
 use lb_tests::packet::{
     ICMP_FRAGMENTATION_NEEDED, ICMP_PORT_UNREACHABLE, ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE,
-    TCP_ACK, TCP_RST, TCP_SYN, UDP, addr, checksum, checksums_valid, datagram, fragments,
-    icmp_error, packet, port,
+    TCP_ACK, TCP_RST, TCP_SYN, UDP, addr, checksum, checksums_valid, datagram, fill_ip_checksum,
+    fragments, icmp_error, packet, port,
 };
 use lb_user::{
     datapath::{self, Datapath, TC_ACT_OK, XDP_PASS},
@@ -538,9 +538,7 @@ fn unreachable_to_client(p: &[u8]) -> Result<(), String> {
 fn big_tcp(p: Vec<u8>) -> Vec<u8> {
     with(p, |p| {
         p[16..18].fill(0);
-        p[24..26].fill(0);
-        let sum = checksum(&p[14..34], 0);
-        p[24..26].copy_from_slice(&sum.to_be_bytes());
+        fill_ip_checksum(p);
     })
 }
 
@@ -550,9 +548,7 @@ fn past_the_frame(p: Vec<u8>) -> Vec<u8> {
     with(p, |p| {
         let total = u16::from_be_bytes([p[16], p[17]]) + 100;
         p[16..18].copy_from_slice(&total.to_be_bytes());
-        p[24..26].fill(0);
-        let sum = checksum(&p[14..34], 0);
-        p[24..26].copy_from_slice(&sum.to_be_bytes());
+        fill_ip_checksum(p);
     })
 }
 

@@ -14,16 +14,7 @@ pub const UDP: u8 = 0;
 pub fn packet(flags: u8, src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
     let udp = flags == UDP;
     let l4_len = 20;
-    let mut p = vec![0u8; 14 + 20 + l4_len];
-    p[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    p[14] = 0x45;
-    p[16..18].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
-    p[22] = 64;
-    p[23] = if udp { 17 } else { 6 };
-    p[26..30].copy_from_slice(&src.octets());
-    p[30..34].copy_from_slice(&dst.octets());
-    let ip_checksum = checksum(&p[14..34], 0);
-    p[24..26].copy_from_slice(&ip_checksum.to_be_bytes());
+    let mut p = ipv4_frame(if udp { 17 } else { 6 }, src, dst, l4_len);
     p[34..36].copy_from_slice(&sport.to_be_bytes());
     p[36..38].copy_from_slice(&dport.to_be_bytes());
     if udp {
@@ -42,6 +33,28 @@ pub fn packet(flags: u8, src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -
     };
     p[offset..offset + 2].copy_from_slice(&l4_checksum.to_be_bytes());
     p
+}
+
+/// Ethernet + an IPv4 header (no options, TTL 64) of `protocol` from `src` to `dst`, its
+/// checksum filled in, and `payload` zero bytes after it.
+fn ipv4_frame(protocol: u8, src: Ipv4Addr, dst: Ipv4Addr, payload: usize) -> Vec<u8> {
+    let mut p = vec![0u8; 14 + 20 + payload];
+    p[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    p[14] = 0x45;
+    p[16..18].copy_from_slice(&((20 + payload) as u16).to_be_bytes());
+    p[22] = 64;
+    p[23] = protocol;
+    p[26..30].copy_from_slice(&src.octets());
+    p[30..34].copy_from_slice(&dst.octets());
+    fill_ip_checksum(&mut p);
+    p
+}
+
+/// Computes the IPv4 header checksum of `p` (Ethernet + IPv4 without options) anew.
+pub fn fill_ip_checksum(p: &mut [u8]) {
+    p[24..26].fill(0);
+    let sum = checksum(&p[14..34], 0);
+    p[24..26].copy_from_slice(&sum.to_be_bytes());
 }
 
 pub fn pseudo_header(p: &[u8]) -> u32 {
@@ -97,17 +110,7 @@ pub fn icmp_error(
     quoted: &[u8],
 ) -> Vec<u8> {
     let quote = &quoted[14..];
-    let total = 20 + 8 + quote.len();
-    let mut p = vec![0u8; 14 + total];
-    p[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    p[14] = 0x45;
-    p[16..18].copy_from_slice(&(total as u16).to_be_bytes());
-    p[22] = 64;
-    p[23] = 1;
-    p[26..30].copy_from_slice(&src.octets());
-    p[30..34].copy_from_slice(&dst.octets());
-    let ip_checksum = checksum(&p[14..34], 0);
-    p[24..26].copy_from_slice(&ip_checksum.to_be_bytes());
+    let mut p = ipv4_frame(1, src, dst, 8 + quote.len());
     p[34] = kind;
     p[35] = code;
     p[40..42].copy_from_slice(&mtu.to_be_bytes());
@@ -134,9 +137,7 @@ pub fn datagram(
     p.extend((0..payload).map(|i| (i % 251) as u8));
     let total = (p.len() - 14) as u16;
     p[16..18].copy_from_slice(&total.to_be_bytes());
-    p[24..26].fill(0);
-    let ip_checksum = checksum(&p[14..34], 0);
-    p[24..26].copy_from_slice(&ip_checksum.to_be_bytes());
+    fill_ip_checksum(&mut p);
     if udp {
         p[38..40].copy_from_slice(&(total - 20).to_be_bytes());
     }
@@ -176,9 +177,7 @@ pub fn fragments(whole: &[u8], id: u16, size: usize) -> Vec<Vec<u8>> {
             let more = if i < last { 0x2000 } else { 0 };
             let offset = (i * size / 8) as u16;
             p[20..22].copy_from_slice(&(more | offset).to_be_bytes());
-            p[24..26].fill(0);
-            let ip_checksum = checksum(&p[14..34], 0);
-            p[24..26].copy_from_slice(&ip_checksum.to_be_bytes());
+            fill_ip_checksum(&mut p);
             p
         })
         .collect()
