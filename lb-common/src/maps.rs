@@ -18,9 +18,10 @@ pub const BACKENDS: &str = "lb_backends_v1";
 pub const FLOWS: &str = "lb_flows_v2";
 /// Reply flows (LRU): [`FlowKey`] of the backend's reply -> [`Reply`]. Written by the datapath.
 pub const REPLIES: &str = "lb_replies_v1";
-/// ClusterIPs: `u32` address -> [`Vip`]. Written by the agent. A packet to one of them on a
-/// port no frontend serves is dropped (kube-proxy's nftables mode rejects it).
-pub const VIPS: &str = "lb_vips_v1";
+/// Frontend addresses: `u32` address -> [`Vip`]. Written by the agent. A packet to a ClusterIP
+/// on a port no frontend serves is dropped (kube-proxy's nftables mode rejects it); a later
+/// fragment to any of them that comes before its first waits for it.
+pub const VIPS: &str = "lb_vips_v2";
 /// The frontends the node's own unconnected UDP sockets sent to (LRU): [`SocketKey`] ->
 /// [`SocketFrontend`]. Written by the datapath at `sendmsg()`; read at `recvmsg()`.
 pub const SOCKETS: &str = "lb_sockets_v1";
@@ -324,12 +325,23 @@ pub struct SourceRange {
     pub allowed: u32,
 }
 
-/// A ClusterIP. The datapath only asks whether the address is one.
+/// An address frontends listen on: a ClusterIP, a load-balancer or external IP, or an address
+/// of the node's NodePorts. Counts are over ports, protocols and scopes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Vip {
-    /// How many frontends the address has, over ports and protocols: for `bpftool` readers.
+    /// How many frontends the address has: for `bpftool` readers.
     pub frontends: u32,
+    /// How many of them are ClusterIP frontends. If any, the address is a ClusterIP, whose other
+    /// ports drop; an external or load-balancer IP may be a node's own address, whose other
+    /// ports (ssh, the kubelet) are no service's to drop.
+    pub cluster_ip_frontends: u32,
+}
+
+impl Vip {
+    pub fn is_cluster_ip(&self) -> bool {
+        self.cluster_ip_frontends > 0
+    }
 }
 
 /// A backend one of the node's own sockets sent a datagram to.
@@ -541,7 +553,7 @@ const _: () = {
     assert!(size_of::<FragmentPorts>() == 16);
     assert!(size_of::<SourceRangeKey>() == 8);
     assert!(size_of::<SourceRange>() == 4);
-    assert!(size_of::<Vip>() == 4);
+    assert!(size_of::<Vip>() == 8);
     assert!(size_of::<FrontendStats>() == 24);
     assert!(size_of::<SocketKey>() == 16);
     assert!(size_of::<SocketFrontend>() == 8);

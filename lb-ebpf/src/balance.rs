@@ -98,7 +98,6 @@ fn forward<C: Rewrite>(
         ctx.rewrite(packet, End::Source, flow.src_addr_be, flow.src_port_be)
             .map_err(|()| error())?;
     }
-    fragments::remember(packet);
     count(|s| &mut s.forwarded);
     count_frontend(flow.service_id, packet.ip_len, new_flow);
     Ok(Verdict::Pass)

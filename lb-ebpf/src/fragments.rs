@@ -1,19 +1,23 @@
 //! IP fragments. Only a datagram's first fragment carries its ports: the first fragment of a
-//! datagram the datapath rewrites (to a backend, or back to a client) leaves them in
-//! `lb_fragments`, under what every fragment of the datagram shares (source, destination,
-//! protocol, IP id), and each later fragment takes them from there and follows its flow, or its
-//! reply, rewritten as its packets are: addresses only, the first fragment carrying the TCP or
-//! UDP checksum, which covers the whole datagram. The kernel is not asked to reassemble: tc
-//! and XDP run before it could, and a node forwarding a datagram never does.
+//! datagram the datapath rewrites (to a backend, or back to a client), or of one to a frontend
+//! address, leaves them in `lb_fragments`, under what every fragment of the datagram shares
+//! (source, destination, protocol, IP id), and each later fragment takes them from there and
+//! follows its flow, or its reply, rewritten as its packets are: addresses only, the first
+//! fragment carrying the TCP or UDP checksum, which covers the whole datagram. The kernel is
+//! not asked to reassemble: tc and XDP run before it could, and a node forwarding a datagram
+//! never does.
 //!
-//! A later fragment whose first was not seen yet cannot be placed. For a ClusterIP, the tc
-//! ingress program holds it: its bytes wait in `lb_held_fragments` (a few per datagram, for
-//! a short while: an LRU table) and the skb is dropped; when the first fragment has been
-//! rewritten, each held fragment is written over that skb in turn and cloned into the
-//! interface's ingress, where this program meets it again and places it, and the first
-//! fragment's own bytes are written back. XDP cannot clone a frame: there, and past the room
-//! held fragments have, an unplaceable fragment is dropped and counted. To any other address a
-//! later fragment passes untouched, as most fragments a node forwards are no frontend's.
+//! A later fragment whose first was not seen yet cannot be placed. If it is to a frontend
+//! address (a ClusterIP, a load-balancer or external IP, a NodePort's) or to the node's SNAT
+//! address (SNATed flows' replies), a tc ingress program holds it: its bytes wait in
+//! `lb_held_fragments` (a few per datagram, for a short while: an LRU table) and the skb is
+//! dropped. When the first fragment has passed, rewritten or not (a datagram to a node address
+//! may be no service's), each held fragment is written over that skb in turn and cloned into
+//! the interface's ingress, where the program meets it again and places it, and the first
+//! fragment's own bytes are written back. XDP cannot clone a frame: it passes every fragment
+//! to the uplink's tc ingress program, which balances it there. Past the room held fragments
+//! have, an unplaceable fragment is dropped and counted. To any other address a later fragment
+//! passes untouched, as most fragments a node forwards are no frontend's.
 
 use aya_ebpf::{
     bindings::{BPF_EXIST, BPF_F_INGRESS, BPF_F_RECOMPUTE_CSUM, BPF_NOEXIST},
@@ -37,8 +41,8 @@ use crate::{
 pub enum Input {
     /// Balance it.
     Packet(Packet),
-    /// A later fragment of a datagram to a ClusterIP whose first has not come: hold it
-    /// ([`hold`]) or drop it ([`unplaced`]).
+    /// A later fragment whose first has not come, to an address whose fragments wait for their
+    /// first ([`waits_for_first`]): hold it ([`hold`]).
     Unplaced(Packet),
     /// Anything else: pass it (an ICMP error among them, to translate).
     Other,
@@ -54,10 +58,10 @@ pub fn input(data: usize, data_end: usize, frame: Frame) -> Input {
     if ip.fragment_be & IPV4_OFFSET_MASK_BE == 0 {
         return parse(data, data_end, frame, &ip, header_len).map_or(Input::Other, Input::Packet);
     }
-    later(data, data_end, frame, &ip, header_len)
+    later(&ip, header_len)
 }
 
-/// Records the ports of a datagram's first fragment, once it was rewritten.
+/// Records the ports of a datagram's first fragment, once it was rewritten or passed.
 #[inline(always)]
 pub fn remember(packet: &Packet) {
     if packet.piece != Piece::First {
@@ -87,12 +91,9 @@ fn fragment_key(packet: &Packet) -> FragmentKey {
 /// A later fragment (`ip`, a header of `header_len` bytes) of a TCP or UDP datagram, given the
 /// ports its first fragment left.
 #[inline(always)]
-fn later(data: usize, data_end: usize, frame: Frame, ip: &Ipv4Header, header_len: usize) -> Input {
+fn later(ip: &Ipv4Header, header_len: usize) -> Input {
     let total_len = usize::from(u16::from_be(ip.total_len_be));
-    if (ip.protocol != PROTO_TCP && ip.protocol != PROTO_UDP)
-        || total_len < header_len
-        || (frame == Frame::Whole && data + ETH_HLEN + total_len > data_end)
-    {
+    if (ip.protocol != PROTO_TCP && ip.protocol != PROTO_UDP) || total_len < header_len {
         return Input::Other;
     }
     let mut packet = Packet {
@@ -112,7 +113,7 @@ fn later(data: usize, data_end: usize, frame: Frame, ip: &Ipv4Header, header_len
         piece: Piece::Later,
     };
     let Some(ports) = placed_ports(&packet) else {
-        if maps::is_vip(ip.dst_addr_be) {
+        if waits_for_first(ip.dst_addr_be) {
             return Input::Unplaced(packet);
         }
         return Input::Other;
@@ -120,6 +121,15 @@ fn later(data: usize, data_end: usize, frame: Frame, ip: &Ipv4Header, header_len
     packet.key.src_port_be = ports.src_port_be;
     packet.key.dst_port_be = ports.dst_port_be;
     Input::Packet(packet)
+}
+
+/// Whether a later fragment to `addr_be` that comes before its first is held for it: a frontend
+/// address's may be any flow's, and the node's SNAT address is where SNATed flows' replies
+/// come. Their first fragments are always remembered, so that their later ones, in order, find
+/// where to go even when the datagram was no service's.
+#[inline(always)]
+fn waits_for_first(addr_be: u32) -> bool {
+    maps::vip(addr_be).is_some() || maps::config().is_some_and(|c| c.snat_addr_be == addr_be)
 }
 
 /// Counts a later fragment that cannot be placed, to drop.
@@ -230,17 +240,18 @@ fn write_over(ctx: &TcContext, fragment: &HeldFragment) -> Option<()> {
     Some(())
 }
 
-/// Sends on the later fragments held for `first`'s datagram, now that its first fragment was
-/// rewritten and left its ports: each is written over the skb and cloned into this
-/// interface's ingress (queued behind the first, which goes on when the program returns), and
-/// the first fragment's bytes are written back. Whether the skb is the first fragment still
-/// (if a write failed, it must be dropped).
+/// After a packet that tc ingress passes, rewritten or not: if it is the first fragment of a
+/// datagram whose fragments wait for their first, leaves its ports for the later ones, and
+/// sends on those held already: each is written over the skb and cloned into this interface's
+/// ingress (queued behind the first, which goes on when the program returns), and the first
+/// fragment's bytes are written back. Whether the skb is the first fragment still (if a write
+/// failed, it must be dropped).
 #[inline(always)]
-pub fn replay(ctx: &TcContext, first: &Packet) -> bool {
-    // Only fragments for a ClusterIP are ever held.
-    if first.piece != Piece::First || !maps::is_vip(first.key.dst_addr_be) {
+pub fn release(ctx: &TcContext, first: &Packet) -> bool {
+    if first.piece != Piece::First || !waits_for_first(first.key.dst_addr_be) {
         return true;
     }
+    remember(first);
     let waiting =
         (0..HELD_PER_DATAGRAM).any(|slot| maps::held_fragment(held_key(first, slot)).is_some());
     if !waiting {

@@ -1,7 +1,8 @@
 //! The service load balancer's datapath: a tc program on the node's pod-facing interfaces
-//! (traffic from the cluster) and an XDP program on its uplinks (traffic from outside), over
-//! one packet core ([`balance`]); and socket hooks for the node's own processes ([`socket`]).
-//! This file holds the entry points only.
+//! (traffic from the cluster) and an XDP program on its uplinks (traffic from outside, but
+//! for IP fragments, which a tc program after it balances), over one packet core
+//! ([`balance`]); and socket hooks for the node's own processes ([`socket`]). This file holds
+//! the entry points only.
 //!
 //! A packet to a frontend is DNATed to its flow's backend, picking one for a new flow. A reply
 //! from a backend is rewritten back to the frontend it answers for after routing, by the tc
@@ -61,11 +62,12 @@ use lb_common::maps::{SCOPE_EXTERNAL, SCOPE_INTERNAL};
 use crate::{
     balance::{Verdict, balance},
     fragments::{Input, input},
-    parse::Frame,
+    parse::{Frame, Packet, Piece},
     reject::reject,
     reply::{Hook, to_client},
 };
 
+/// Traffic from pods, before routing.
 #[classifier]
 pub fn lb_tc(ctx: TcContext) -> i32 {
     let packet = match input(ctx.data(), ctx.data_end(), Frame::Linear) {
@@ -79,11 +81,32 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
             return TC_ACT_OK;
         }
     };
-    match balance(&ctx, &packet, SCOPE_INTERNAL) {
-        Verdict::Pass if fragments::replay(&ctx, &packet) => TC_ACT_OK,
+    tc_balance(&ctx, &packet, SCOPE_INTERNAL)
+}
+
+/// The fragments from outside, which XDP passes: balanced here, where a later fragment that
+/// comes before its first can be held for it ([`fragments`]).
+#[classifier]
+pub fn lb_tc_uplink(ctx: TcContext) -> i32 {
+    let packet = match input(ctx.data(), ctx.data_end(), Frame::Linear) {
+        Input::Packet(packet) if packet.piece != Piece::Whole => packet,
+        Input::Unplaced(packet) => match fragments::hold(&ctx, packet) {
+            Some(placed) => placed,
+            None => return TC_ACT_SHOT,
+        },
+        // XDP saw to it.
+        Input::Packet(_) | Input::Other => return TC_ACT_OK,
+    };
+    tc_balance(&ctx, &packet, SCOPE_EXTERNAL)
+}
+
+#[inline(always)]
+fn tc_balance(ctx: &TcContext, packet: &Packet, scope: u8) -> i32 {
+    match balance(ctx, packet, scope) {
+        Verdict::Pass if fragments::release(ctx, packet) => TC_ACT_OK,
         // A first fragment whose bytes could not be written back after its held ones.
         Verdict::Pass | Verdict::Drop => TC_ACT_SHOT,
-        Verdict::Reject => reject(&ctx, &packet).unwrap_or(TC_ACT_SHOT),
+        Verdict::Reject => reject(ctx, packet).unwrap_or(TC_ACT_SHOT),
     }
 }
 
@@ -92,10 +115,8 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
 pub fn lb_tc_egress(ctx: TcContext) -> i32 {
     let packet = match input(ctx.data(), ctx.data_end(), Frame::Linear) {
         Input::Packet(packet) => packet,
-        Input::Unplaced(_) => {
-            fragments::unplaced();
-            return TC_ACT_SHOT;
-        }
+        // Holding is ingress's: leaving, it is no reply this node rewrites.
+        Input::Unplaced(_) => return TC_ACT_OK,
         Input::Other => {
             icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Egress);
             return TC_ACT_OK;
@@ -110,11 +131,9 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let packet = match input(ctx.data(), ctx.data_end(), Frame::Whole) {
-        Input::Packet(packet) => packet,
-        Input::Unplaced(_) => {
-            fragments::unplaced();
-            return xdp_action::XDP_DROP;
-        }
+        Input::Packet(packet) if packet.piece == Piece::Whole => packet,
+        // Balanced by `lb_tc_uplink`, which can hold them.
+        Input::Packet(_) | Input::Unplaced(_) => return xdp_action::XDP_PASS,
         Input::Other => {
             icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Ingress);
             return xdp_action::XDP_PASS;

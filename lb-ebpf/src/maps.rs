@@ -60,7 +60,7 @@ macro_rules! map {
 map!("lb_frontends_v1" = FRONTENDS, FRONTENDS: HashMap<FrontendKey, Frontend, { MAX_SERVICES as usize }, NO_PREALLOC>);
 map!("lb_slots_v1" = SLOTS, SLOTS: HashMap<SlotKey, Slot, { MAX_SLOTS as usize }, NO_PREALLOC>);
 map!("lb_backends_v1" = BACKENDS, BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }, NO_PREALLOC>);
-map!("lb_vips_v1" = VIPS, VIPS: HashMap<u32, Vip, { MAX_VIPS as usize }, NO_PREALLOC>);
+map!("lb_vips_v2" = VIPS, VIPS: HashMap<u32, Vip, { MAX_VIPS as usize }, NO_PREALLOC>);
 map!("lb_flows_v2" = FLOWS, FLOWS: LruHashMap<FlowKey, Flow, { MAX_FLOWS as usize }>);
 map!("lb_replies_v1" = REPLIES, REPLIES: LruHashMap<FlowKey, Reply, { MAX_FLOWS as usize }>);
 map!("lb_sockets_v1" = SOCKETS, SOCKETS: LruHashMap<SocketKey, SocketFrontend, { MAX_SOCKETS as usize }>);
@@ -98,11 +98,11 @@ pub fn backend(id: u32) -> Option<&'static Backend> {
     unsafe { BACKENDS.get(id) }
 }
 
-/// Whether a ClusterIP (network order) has frontends.
+/// The frontend address `addr_be` (network order), if frontends listen on it.
 #[inline(always)]
-pub fn is_vip(addr_be: u32) -> bool {
-    // SAFETY: as above; only its presence is read.
-    unsafe { VIPS.get(addr_be) }.is_some()
+pub fn vip(addr_be: u32) -> Option<&'static Vip> {
+    // SAFETY: as above.
+    unsafe { VIPS.get(addr_be) }
 }
 
 /// Whether a source may reach the frontend `service_id`, a load-balancer IP with source ranges:

@@ -1,5 +1,7 @@
 //! Replies: a backend's packet rewritten back to the frontend and the client it answers.
 
+use lb_common::maps::Vip;
+
 use crate::{
     balance::{Verdict, error},
     clock::now_ns,
@@ -24,7 +26,9 @@ pub enum Hook {
 #[inline(always)]
 pub fn to_client<C: Rewrite>(ctx: &C, packet: &Packet, hook: Hook) -> Result<Verdict, Verdict> {
     let Some(reply) = maps::reply_mut(packet.key) else {
-        if hook == Hook::Ingress && maps::is_vip(packet.key.dst_addr_be) {
+        if hook == Hook::Ingress
+            && maps::vip(packet.key.dst_addr_be).is_some_and(Vip::is_cluster_ip)
+        {
             count(|s| &mut s.dropped_unknown_port);
             return Ok(Verdict::Drop);
         }

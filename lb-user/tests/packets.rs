@@ -81,6 +81,8 @@ enum Hook {
     TcEgress,
     /// Uplink: balancing of traffic from outside.
     Xdp,
+    /// Uplink ingress, after XDP: the IP fragments XDP passes.
+    TcUplink,
 }
 
 /// The packet a row's program must leave.
@@ -643,6 +645,16 @@ fn rows() -> Vec<Row> {
             before: None,
         },
         Row {
+            what: "a load-balancer IP on a port it does not serve: untouched (it may be the \
+                   node's own address, whose other ports are no service's)",
+            hook: Hook::Xdp,
+            input: packet(TCP_SYN, OUTSIDE, LOAD_BALANCER_IP, 40000, 22),
+            verdict: XDP_PASS,
+            out: Out::Unchanged,
+            counts: &[],
+            before: None,
+        },
+        Row {
             what: "a Service without endpoints: a reset, sent back",
             hook: Hook::TcIngress,
             input: packet(TCP_SYN, CLIENT, EMPTY_IP, 40003, 80),
@@ -699,12 +711,33 @@ fn rows() -> Vec<Row> {
             before: None,
         },
         Row {
-            what: "the same from outside (XDP cannot hold it): dropped, counted",
+            what: "a later fragment from outside: XDP passes it on to tc, which can hold it",
             hook: Hook::Xdp,
             input: with(syn.clone(), |p| p[21] = 0x10),
-            verdict: XDP_DROP,
+            verdict: XDP_PASS,
             out: Out::Unchanged,
-            counts: &["fragments_unmatched"],
+            counts: &[],
+            before: None,
+        },
+        Row {
+            what: "there, before its first, to a load-balancer IP: held for it",
+            hook: Hook::TcUplink,
+            input: with(packet(TCP_ACK, OUTSIDE, LOAD_BALANCER_IP, 40000, 80), |p| {
+                p[21] = 0x10;
+            }),
+            verdict: TC_ACT_SHOT,
+            out: Out::Unchanged,
+            counts: &["fragments_held"],
+            before: None,
+        },
+        Row {
+            what: "a packet that is no fragment, on the uplink's tc ingress: untouched, XDP saw \
+                   to it",
+            hook: Hook::TcUplink,
+            input: packet(TCP_SYN, OUTSIDE, LOAD_BALANCER_IP, 40000, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Unchanged,
+            counts: &[],
             before: None,
         },
         Row {
@@ -1298,41 +1331,86 @@ fn rows() -> Vec<Row> {
             before: None,
         },
         Row {
-            what: "a fragmented segment from outside the ranges: its first fragment dropped",
+            what: "a fragmented segment from outside the ranges: XDP passes its first fragment",
             hook: Hook::Xdp,
             input: segment_fragment(CLIENT, 43010, (RANGED_LB_IP, 80), 0),
-            verdict: XDP_DROP,
-            out: Out::Unchanged,
-            counts: &["dropped_source_range"],
-            before: None,
-        },
-        Row {
-            what: "and its later one, placed nowhere, passes untouched: no backend behind the \
-                   ranges sees it",
-            hook: Hook::Xdp,
-            input: segment_fragment(CLIENT, 43010, (RANGED_LB_IP, 80), 1),
             verdict: XDP_PASS,
             out: Out::Unchanged,
             counts: &[],
             before: None,
         },
         Row {
+            what: "which tc drops",
+            hook: Hook::TcUplink,
+            input: segment_fragment(CLIENT, 43010, (RANGED_LB_IP, 80), 0),
+            verdict: TC_ACT_SHOT,
+            out: Out::Unchanged,
+            counts: &["dropped_source_range"],
+            before: None,
+        },
+        Row {
+            what: "and its later one, placed nowhere, is held, never to be sent on: no backend \
+                   behind the ranges sees it",
+            hook: Hook::TcUplink,
+            input: segment_fragment(CLIENT, 43010, (RANGED_LB_IP, 80), 1),
+            verdict: TC_ACT_SHOT,
+            out: Out::Unchanged,
+            counts: &["fragments_held"],
+            before: None,
+        },
+        Row {
             what: "a fragmented segment of a SNATed flow from outside: its first fragment DNATed \
                    and SNATed",
-            hook: Hook::Xdp,
+            hook: Hook::TcUplink,
             input: segment_fragment(OUTSIDE, 40010, (REMOTE_LB_IP, 80), 0),
-            verdict: XDP_PASS,
+            verdict: TC_ACT_OK,
             out: Out::Packet(segment_fragment(NODE_IP, SNAT_PORT, (REMOTE, 8080), 0)),
             counts: &["forwarded"],
             before: None,
         },
         Row {
             what: "its later fragment: both addresses rewritten",
-            hook: Hook::Xdp,
+            hook: Hook::TcUplink,
             input: segment_fragment(OUTSIDE, 40010, (REMOTE_LB_IP, 80), 1),
-            verdict: XDP_PASS,
+            verdict: TC_ACT_OK,
             out: Out::Packet(segment_fragment(NODE_IP, SNAT_PORT, (REMOTE, 8080), 1)),
             counts: &["forwarded"],
+            before: None,
+        },
+        Row {
+            what: "the remote backend's fragmented answer, later fragment first: held",
+            hook: Hook::TcUplink,
+            input: segment_fragment(REMOTE, 8080, (NODE_IP, SNAT_PORT), 1),
+            verdict: TC_ACT_SHOT,
+            out: Out::Unchanged,
+            counts: &["fragments_held"],
+            before: None,
+        },
+        Row {
+            what: "its first fragment: back to the client, from the load-balancer IP",
+            hook: Hook::TcUplink,
+            input: segment_fragment(REMOTE, 8080, (NODE_IP, SNAT_PORT), 0),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(segment_fragment(REMOTE_LB_IP, 80, (OUTSIDE, 40010), 0)),
+            counts: &["replied"],
+            before: None,
+        },
+        Row {
+            what: "a fragmented segment to the node, no service's: its first fragment untouched",
+            hook: Hook::TcUplink,
+            input: segment_fragment(OUTSIDE, 40011, (NODE_IP, 22), 0),
+            verdict: TC_ACT_OK,
+            out: Out::Unchanged,
+            counts: &[],
+            before: None,
+        },
+        Row {
+            what: "and its later one, which finds where the first went and is not held",
+            hook: Hook::TcUplink,
+            input: segment_fragment(OUTSIDE, 40011, (NODE_IP, 22), 1),
+            verdict: TC_ACT_OK,
+            out: Out::Unchanged,
+            counts: &[],
             before: None,
         },
         Row {
@@ -1504,6 +1582,7 @@ fn each_packet_gets_its_verdict_its_bytes_and_its_counter() {
             Hook::TcIngress => programs.tc_ingress.test_run(opts),
             Hook::TcEgress => programs.tc_egress.test_run(opts),
             Hook::Xdp => programs.xdp.test_run(opts),
+            Hook::TcUplink => programs.tc_uplink.test_run(opts),
         }
         .unwrap_or_else(|e| panic!("{}: test run: {e:?}", row.what));
         output.truncate(result.data_size_out as usize);

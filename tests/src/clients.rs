@@ -2,6 +2,7 @@
 
 use std::{
     io::Write,
+    net::Ipv4Addr,
     process::{Child, ChildStdin, Command, Stdio},
     sync::mpsc,
     time::Duration,
@@ -9,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
-use crate::{wait_output, wait_within};
+use crate::{output, wait_output, wait_within};
 
 /// Sends one datagram through `socat` (the command, ready to run); the answer.
 pub fn udp_query(mut socat: Command) -> Result<String> {
@@ -85,4 +86,65 @@ pub fn client_of(answer: &str) -> Option<&str> {
     answer
         .split_whitespace()
         .find_map(|w| w.strip_prefix("client="))
+}
+
+/// One datagram of `size` bytes (`query`, padded) from a connected UDP socket to `address`,
+/// which takes answers from that address only, as a resolver: the answer's length and its
+/// first word (the pod), if one came. `run` makes the command in the sender's namespace.
+pub fn udp_exchange(
+    run: impl FnOnce(&[&str]) -> Command,
+    address: &str,
+    query: &str,
+    size: usize,
+) -> Option<(usize, String)> {
+    let (host, port) = address.split_once(':')?;
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.settimeout(2)\n\
+         s.connect(({host:?}, {port}))\n\
+         s.send({query:?}.encode().ljust({size}, b' '))\n\
+         answer = s.recv(65535)\n\
+         print(len(answer), answer.split()[0].decode())\n"
+    );
+    let out = output(&mut run(&["python3", "-c", &script])).ok()?;
+    let (len, pod) = out.trim().split_once(' ')?;
+    Some((len.parse().ok()?, pod.to_string()))
+}
+
+/// A 3,000-byte UDP datagram from `source`'s port 46000 to `address`, sent as three fragments
+/// last first (a raw socket), and the answer's source and pod, if one came. `run` makes the
+/// command in the sender's namespace.
+pub fn reversed_fragments(
+    run: impl FnOnce(&[&str]) -> Command,
+    source: Ipv4Addr,
+    address: &str,
+) -> Option<String> {
+    let (host, port) = address.split_once(':')?;
+    let script = format!(
+        "import socket, struct\n\
+         src, dst, sport, dport = {source:?}, {host:?}, 46000, {port}\n\
+         def csum(b):\n    b += b'\\0' * (len(b) % 2)\n    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))\n    \
+         while s >> 16:\n        s = (s & 0xffff) + (s >> 16)\n    return ~s & 0xffff\n\
+         payload = b'hello'.ljust(3000, b' ')\n\
+         length = 8 + len(payload)\n\
+         pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack('!BBH', 0, 17, length)\n\
+         check = csum(pseudo + struct.pack('!HHHH', sport, dport, length, 0) + payload) or 0xffff\n\
+         datagram = struct.pack('!HHHH', sport, dport, length, check) + payload\n\
+         rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         rx.bind(('0.0.0.0', sport))\n\
+         rx.settimeout(2)\n\
+         raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)\n\
+         pieces = [datagram[i:i + 1480] for i in range(0, len(datagram), 1480)]\n\
+         frags = [struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(p), 0x7777, \
+         (0x2000 if i < len(pieces) - 1 else 0) | i * 1480 // 8, 64, 17, 0, \
+         socket.inet_aton(src), socket.inet_aton(dst)) + p for i, p in enumerate(pieces)]\n\
+         for f in reversed(frags):\n    raw.sendto(f, (dst, 0))\n\
+         data, peer = rx.recvfrom(65535)\n\
+         print('%s:%d' % peer, data.split()[0].decode())\n",
+        source = source.to_string(),
+    );
+    output(&mut run(&["python3", "-c", &script]))
+        .ok()
+        .map(|answer| answer.trim().to_string())
 }

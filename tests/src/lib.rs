@@ -23,7 +23,7 @@ mod plumbing;
 mod process;
 
 pub use self::{
-    clients::{Connection, client_of, pod_of, udp_query},
+    clients::{Connection, client_of, pod_of, reversed_fragments, udp_exchange, udp_query},
     lab::{Lab, Pod},
     process::output,
 };

@@ -1,9 +1,14 @@
 //! Kernel-level tests on the multi-node lab (`lb_tests::cluster`): traffic from outside the
-//! cluster through XDP on the nodes' uplinks, in generic and in native mode, and topology.
+//! cluster through XDP on the nodes' uplinks, in generic and in native mode, fragments from
+//! outside, and topology.
 
 use std::collections::BTreeSet;
 
-use lb_tests::{client_of, cluster::ClusterLab, pod_of};
+use lb_tests::{
+    client_of,
+    cluster::{ClusterLab, OUTSIDE_IP},
+    pod_of, reversed_fragments, udp_exchange,
+};
 
 const MODES: [&str; 2] = ["generic", "native"];
 
@@ -138,4 +143,53 @@ fn node_ports_external_ips_and_load_balancer_ips_xdp_generic() {
 #[test]
 fn node_ports_external_ips_and_load_balancer_ips_xdp_native() {
     node_ports(MODES[1]);
+}
+
+/// The load-balancer IP's UDP port, routed to node-b and served by a1 on node-a (SNATed), and
+/// the same through node-b's NodePort.
+const FRAGMENTED_PATHS: [(&str, &str); 2] = [
+    ("the load-balancer IP", "203.0.113.20:53"),
+    ("node-b's NodePort", "10.0.0.2:30083"),
+];
+
+#[test]
+fn fragments_from_outside_wait_for_their_first_and_fragmented_answers_come_back() {
+    let lab = ClusterLab::up("frag", "native").expect("cluster lab");
+    for (path, address) in FRAGMENTED_PATHS {
+        // In order, as control: the kernel fragments 4,000 bytes on the 1,500-byte link.
+        let in_order = udp_exchange(|args| lab.outside(args), address, "hello", 4000);
+        assert_eq!(
+            in_order.as_ref().map(|(_, pod)| pod.as_str()),
+            Some("pod=a1"),
+            "{path}, in order\n{}",
+            lab.logs()
+        );
+        let reversed = reversed_fragments(|args| lab.outside(args), OUTSIDE_IP, address);
+        assert_eq!(
+            reversed.as_deref(),
+            Some(format!("{address} pod=a1").as_str()),
+            "{path}, last fragment first\n{}",
+            lab.logs()
+        );
+        // A 4,000-byte answer, fragmented by a1, reverse-NATed fragment by fragment on node-b.
+        let big_answer = udp_exchange(|args| lab.outside(args), address, "size=4000", 20);
+        assert_eq!(
+            big_answer.as_ref().map(|(len, _)| *len),
+            Some(4000),
+            "{path}: the 4,000-byte answer"
+        );
+    }
+    let dump = lab.dump("node-b").unwrap();
+    let stat = |name: &str| -> u64 {
+        dump.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    assert_eq!(
+        stat("fragments_held"),
+        4,
+        "two of each reversed datagram\n{dump}"
+    );
+    assert_eq!(stat("fragments_unmatched"), 0, "{dump}");
 }

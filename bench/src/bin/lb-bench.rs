@@ -225,6 +225,7 @@ fn main() -> Result<()> {
             .program("empty_xdp")
             .context("empty_xdp")?
             .try_into()?,
+        tc_uplink: empty.program("empty_tc").context("empty_tc")?.try_into()?,
     };
 
     let (datapath, mut maps) = datapath::scratch("datapath")?;

@@ -18,7 +18,7 @@ use tracing::info;
 
 use super::{
     Datapath, LINKS_DIR, Link, RELEASE_PROGRAM, Role, SOCKET_PROGRAMS, TC_EGRESS_PROGRAM,
-    TC_PROGRAM, XDP_PROGRAM,
+    TC_PROGRAM, TC_UPLINK_PROGRAM, XDP_PROGRAM,
     error::{self, Error, Result, at, link, os, program as attaching},
     host::{ensure_ethernet, interfaces},
     links,
@@ -39,12 +39,14 @@ impl Datapath {
         })
     }
 
-    /// Attaches XDP (traffic from outside, in `mode`) and tc egress (replies) to every uplink
-    /// matching `patterns` not attached yet.
+    /// Attaches XDP (traffic from outside, in `mode`), tc ingress (the IP fragments XDP passes)
+    /// and tc egress (replies) to every uplink matching `patterns` not attached yet.
     pub fn attach_uplinks(&mut self, patterns: &[String], mode: XdpMode) -> Result<()> {
         self.attach_each(patterns, Role::Uplink, |datapath, index, name| {
             ensure_ethernet(name)?;
             datapath.accept_local(name)?;
+            // Ingress first: XDP passes fragments on from the moment it is attached.
+            datapath.attach_tc(TC_UPLINK_PROGRAM, index, name, TcAttachType::Ingress)?;
             datapath.attach_xdp(index, name, mode)?;
             datapath.attach_tc(TC_EGRESS_PROGRAM, index, name, TcAttachType::Egress)
         })

@@ -37,9 +37,10 @@ use crate::maps::KernelMaps;
 
 /// The compiled datapath, built by `build.rs`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
-/// The programs' names in [`OBJECT`]: tc ingress on pod-facing interfaces, XDP on uplinks, tc
-/// egress on both.
+/// The programs' names in [`OBJECT`]: tc ingress on pod-facing interfaces, XDP and tc ingress
+/// (IP fragments, which XDP passes) on uplinks, tc egress on both.
 const TC_PROGRAM: &str = "lb_tc";
+const TC_UPLINK_PROGRAM: &str = "lb_tc_uplink";
 const TC_EGRESS_PROGRAM: &str = "lb_tc_egress";
 const XDP_PROGRAM: &str = "lb_xdp";
 /// What an XDP program returns for a packet it lets through.
@@ -68,6 +69,8 @@ pub struct PacketPrograms<'a> {
     pub tc_egress: &'a SchedClassifier,
     /// Uplinks: balancing of traffic from outside.
     pub xdp: &'a Xdp,
+    /// Uplinks, ingress: the IP fragments from outside, which XDP passes.
+    pub tc_uplink: &'a SchedClassifier,
 }
 
 /// The built-in datapath, loaded under a pin directory of this process's (`scratch-<tag>-<pid>`
@@ -148,7 +151,7 @@ impl Datapath {
                 });
             }
         }
-        for name in [TC_PROGRAM, TC_EGRESS_PROGRAM] {
+        for name in [TC_PROGRAM, TC_UPLINK_PROGRAM, TC_EGRESS_PROGRAM] {
             let program: &mut SchedClassifier = typed(program(&mut ebpf, name)?, name)?;
             program.load().map_err(loading(format!("loading {name}")))?;
         }
@@ -164,9 +167,15 @@ impl Datapath {
         release
             .load()
             .map_err(loading(format!("loading {RELEASE_PROGRAM}")))?;
-        for name in [TC_PROGRAM, TC_EGRESS_PROGRAM, XDP_PROGRAM, RELEASE_PROGRAM]
-            .into_iter()
-            .chain(SOCKET_PROGRAMS)
+        for name in [
+            TC_PROGRAM,
+            TC_UPLINK_PROGRAM,
+            TC_EGRESS_PROGRAM,
+            XDP_PROGRAM,
+            RELEASE_PROGRAM,
+        ]
+        .into_iter()
+        .chain(SOCKET_PROGRAMS)
         {
             // The programs of the agent before stay alive in their links until those are
             // updated; their pins name what is loaded now.
@@ -226,6 +235,9 @@ impl Datapath {
             xdp: program(XDP_PROGRAM)?
                 .try_into()
                 .map_err(kind(XDP_PROGRAM))?,
+            tc_uplink: program(TC_UPLINK_PROGRAM)?
+                .try_into()
+                .map_err(kind(TC_UPLINK_PROGRAM))?,
         })
     }
 

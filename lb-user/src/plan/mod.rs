@@ -229,10 +229,11 @@ impl Planner {
             self.desired.source_ranges.remove(&range);
             touched.source_ranges.insert(range);
         }
-        if before.kind == FrontendKind::ClusterIP
-            && let Some(vip) = self.desired.vips.get_mut(&key.addr_be)
-        {
+        if let Some(vip) = self.desired.vips.get_mut(&key.addr_be) {
             vip.frontends -= 1;
+            if before.kind == FrontendKind::ClusterIP {
+                vip.cluster_ip_frontends -= 1;
+            }
             if vip.frontends == 0 {
                 self.desired.vips.remove(&key.addr_be);
             }
@@ -290,12 +291,12 @@ impl Planner {
         for retained in &frontend.retained {
             self.name_backend(retained, frontend.protocol, touched);
         }
-        // Only ClusterIPs: an external or load-balancer IP may be a node's own address, whose
-        // other ports (ssh, the kubelet) are no service's to drop.
+        let vip = self.desired.vips.entry(key.addr_be).or_default();
+        vip.frontends += 1;
         if frontend.kind == FrontendKind::ClusterIP {
-            self.desired.vips.entry(key.addr_be).or_default().frontends += 1;
-            touched.vips.insert(key.addr_be);
+            vip.cluster_ip_frontends += 1;
         }
+        touched.vips.insert(key.addr_be);
         let mut flags = match frontend.when_empty {
             WhenEmpty::Reject => FRONTEND_REJECT_WHEN_EMPTY,
             WhenEmpty::Drop => 0,
@@ -416,9 +417,10 @@ impl MapEntries {
         }
         for (addr_be, vip) in &self.vips {
             lines.push(format!(
-                "VIP: ADDR={} FRONTENDS={}",
+                "VIP: ADDR={} FRONTENDS={} CLUSTER_IP={}",
                 Ipv4Addr::from(u32::from_be(*addr_be)),
-                vip.frontends
+                vip.frontends,
+                vip.cluster_ip_frontends
             ));
         }
         for (key, range) in &self.source_ranges {
@@ -737,12 +739,49 @@ mod tests {
     }
 
     #[test]
+    fn every_frontend_address_is_a_vip_and_only_cluster_ips_count_as_such() {
+        let node_ip = Ipv4Addr::new(10, 0, 0, 1);
+        let cluster_ip = Arc::new(frontend(Algorithm::RoundRobin, &[]));
+        let node_port = |scope| {
+            Arc::new(model::Frontend {
+                kind: FrontendKind::NodePort,
+                address: node_ip,
+                port: 30080,
+                scope,
+                ..frontend(Algorithm::RoundRobin, &[])
+            })
+        };
+        let (internal, external) = (node_port(Scope::Internal), node_port(Scope::External));
+        let mut planner = Planner::new("node-a", Ids::default());
+        let mut vips = |frontends: &[Arc<model::Frontend>]| {
+            planner.update(frontends);
+            let dump = planner.desired().dump();
+            dump.lines()
+                .filter(|l| l.starts_with("VIP:"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(
+            vips(&[cluster_ip.clone(), internal.clone(), external]),
+            "VIP: ADDR=10.0.0.1 FRONTENDS=2 CLUSTER_IP=0\n\
+             VIP: ADDR=10.96.0.10 FRONTENDS=1 CLUSTER_IP=1"
+        );
+        // One NodePort frontend gone: the address stays for the other.
+        assert_eq!(
+            vips(&[cluster_ip, internal]),
+            "VIP: ADDR=10.0.0.1 FRONTENDS=1 CLUSTER_IP=0\n\
+             VIP: ADDR=10.96.0.10 FRONTENDS=1 CLUSTER_IP=1"
+        );
+        assert_eq!(vips(&[]), "");
+    }
+
+    #[test]
     fn a_frontend_without_backends_is_programmed_with_count_zero() {
         let (entries, _) = entries(&[Arc::new(frontend(Algorithm::RoundRobin, &[]))], "node-a");
         assert_eq!(
             entries.dump(),
             "FE: ADDR=10.96.0.10:80/TCP SCOPE=internal ID=1 COUNT=0 ALG=round-robin \
-             EMPTY=reject\nVIP: ADDR=10.96.0.10 FRONTENDS=1\n"
+             EMPTY=reject\nVIP: ADDR=10.96.0.10 FRONTENDS=1 CLUSTER_IP=1\n"
         );
     }
 }

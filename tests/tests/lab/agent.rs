@@ -38,8 +38,9 @@ fn a_manifest_broken_by_an_edit_loses_nothing_programmed() {
 }
 
 /// The programs an agent pins, one per hook.
-const PROGRAMS: [&str; 8] = [
+const PROGRAMS: [&str; 9] = [
     "lb_tc",
+    "lb_tc_uplink",
     "lb_tc_egress",
     "lb_xdp",
     "lb_connect4",
