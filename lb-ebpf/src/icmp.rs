@@ -8,8 +8,11 @@
 //! An error about a packet the node sent on to a backend quotes the packet as the backend got
 //! it (to the backend, from the client or the SNAT address): its reply entry turns the quote
 //! back into what the client sent. Like a reply, it is rewritten on ingress only when its
-//! destination changes (SNAT), else after routing, on egress; errors the node itself sends
-//! (its own "fragmentation needed", as a router) are only ever seen there. An error about a
+//! destination changes (SNAT), else after routing, on egress, where the errors the node itself
+//! sends (its own "fragmentation needed", as a router) are seen; but the node's own error
+//! about a SNATed flow is addressed to the node (the SNAT address) and goes over `lo`, whose
+//! egress program translates it as on ingress and sends it out toward the client
+//! ([`route`](crate::route)). An error about a
 //! reply quotes it as the client got it (from the frontend): its flow turns the quote into
 //! what the backend sent, and the error goes to the backend, before routing.
 //!
@@ -55,12 +58,12 @@ struct IcmpError {
 }
 
 /// Translates the ICMP error in the frame (`frame` gives its start and end), if it is one
-/// about a tracked flow; the packet passes either way.
+/// about a tracked flow; whether it was. The packet passes either way.
 #[inline(always)]
-pub fn translate(frame: impl Fn() -> (usize, usize), hook: Hook) {
+pub fn translate(frame: impl Fn() -> (usize, usize), hook: Hook) -> bool {
     let (data, data_end) = frame();
     let Some(error) = parse(data, data_end) else {
-        return;
+        return false;
     };
     let inner = &error.inner;
     // The quoted packet's answer: what a reply entry or a flow is keyed by.
@@ -75,7 +78,7 @@ pub fn translate(frame: impl Fn() -> (usize, usize), hook: Hook) {
     let rewrite = if let Some(reply) = maps::reply(answer) {
         // About a packet sent on to a backend: the quote becomes the client's packet.
         if hook == Hook::Ingress && error.outer_dst_be == reply.client_addr_be {
-            return;
+            return false;
         }
         Rewrite {
             src: (reply.client_addr_be, reply.client_port_be),
@@ -90,16 +93,17 @@ pub fn translate(frame: impl Fn() -> (usize, usize), hook: Hook) {
             dst: (flow.src_addr_be, flow.src_port_be),
         }
     } else {
-        return;
+        return false;
     };
     // Parsed again where it is written: across the map calls the compiler may rebuild the
     // packet pointers from offsets, whose bounds the verifier no longer knows.
     let (data, data_end) = frame();
     let Some(error) = parse(data, data_end) else {
-        return;
+        return false;
     };
     rewrite.apply(&error);
     count(|s| &mut s.icmp_translated);
+    true
 }
 
 /// What the quoted packet's ends become.

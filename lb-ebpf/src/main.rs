@@ -1,8 +1,9 @@
 //! The service load balancer's datapath: a tc program on the node's pod-facing interfaces
 //! (traffic from the cluster) and an XDP program on its uplinks (traffic from outside, but
 //! for IP fragments, which a tc program after it balances), over one packet core
-//! ([`balance`]); and socket hooks for the node's own processes ([`socket`]). This file holds
-//! the entry points only.
+//! ([`balance`]); tc egress on both for replies, and on `lo` for the node's own ICMP errors
+//! about SNATed flows; and socket hooks for the node's own processes ([`socket`]). This file
+//! holds the entry points only.
 //!
 //! A packet to a frontend is DNATed to its flow's backend, picking one for a new flow. A reply
 //! from a backend is rewritten back to the frontend it answers for after routing, by the tc
@@ -22,6 +23,7 @@
 //! | `nat` | address and port rewrites, checksums |
 //! | `reject` | the TCP reset or ICMP port unreachable of a frontend without backends |
 //! | `icmp` | ICMP errors about tracked flows, translated as their packets |
+//! | `route` | the node's own errors about SNATed flows, sent out of `lo` toward the client |
 //! | `socket` | the node's own sockets, balanced at connect and sendmsg |
 //! | `maps`, `stats`, `clock` | map definitions and accessors, counters, the time |
 #![no_std]
@@ -47,6 +49,7 @@ mod nat;
 mod parse;
 mod reject;
 mod reply;
+mod route;
 mod select;
 mod snat;
 mod socket;
@@ -126,6 +129,16 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
         Ok(Verdict::Pass) | Err(Verdict::Pass) => TC_ACT_OK,
         Ok(_) | Err(_) => TC_ACT_SHOT,
     }
+}
+
+/// The node's own ICMP errors about SNATed flows, which it addresses to itself (the SNAT
+/// address): translated as if they came in, they leave toward the client ([`route`]).
+#[classifier]
+pub fn lb_tc_loopback(ctx: TcContext) -> i32 {
+    if icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Ingress) {
+        return route::out_of_loopback(&ctx);
+    }
+    TC_ACT_OK
 }
 
 #[xdp]

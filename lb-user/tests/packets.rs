@@ -83,6 +83,8 @@ enum Hook {
     Xdp,
     /// Uplink ingress, after XDP: the IP fragments XDP passes.
     TcUplink,
+    /// `lo`, egress: the node's own ICMP errors about SNATed flows.
+    TcLoopback,
 }
 
 /// The packet a row's program must leave.
@@ -1228,6 +1230,39 @@ fn rows() -> Vec<Row> {
             before: None,
         },
         Row {
+            what: "the node's own \"fragmentation needed\" about a SNATed flow, addressed to \
+                   itself, on lo: to the client, out of the interface its route takes",
+            hook: Hook::TcLoopback,
+            input: fragmentation_needed(NODE_IP, NODE_IP, (NODE_IP, SNAT_PORT), (REMOTE, 8080)),
+            verdict: TC_ACT_REDIRECT,
+            out: Out::Packet(fragmentation_needed(
+                NODE_IP,
+                OUTSIDE,
+                (OUTSIDE, 40010),
+                (REMOTE_LB_IP, 80),
+            )),
+            counts: &["icmp_translated"],
+            before: None,
+        },
+        Row {
+            what: "an error on lo about no tracked flow: on over lo, untouched",
+            hook: Hook::TcLoopback,
+            input: fragmentation_needed(NODE_IP, NODE_IP, (NODE_IP, 45000), (REMOTE, 8080)),
+            verdict: TC_ACT_OK,
+            out: Out::Unchanged,
+            counts: &[],
+            before: None,
+        },
+        Row {
+            what: "a packet on lo that is no ICMP error: untouched",
+            hook: Hook::TcLoopback,
+            input: packet(TCP_SYN, NODE_IP, NODE_IP, 45000, 22),
+            verdict: TC_ACT_OK,
+            out: Out::Unchanged,
+            counts: &[],
+            before: None,
+        },
+        Row {
             what: "time exceeded about a reply, to the ClusterIP: to the backend, quoting what \
                    it sent",
             hook: Hook::TcIngress,
@@ -1528,6 +1563,34 @@ fn pin_to_one_cpu() {
     }
 }
 
+/// Moves this thread into a network namespace of its own, which the kernel removes with it:
+/// forwarding on, the node's address on a veth and a default route through a router on it,
+/// so that the route lookups of the rows that redirect (`lo`'s) find what a node's would.
+fn routed_network_of_its_own() {
+    // SAFETY: no pointer; affects this thread only, which the rows run on.
+    assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+    let node = format!("{NODE_IP}/24");
+    let router = ROUTER.to_string();
+    let commands: [&[&str]; 6] = [
+        &["ip", "link", "set", "lo", "up"],
+        &["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+        &[
+            "ip", "link", "add", "up0", "type", "veth", "peer", "name", "up1",
+        ],
+        &["ip", "addr", "add", &node, "dev", "up0"],
+        &["ip", "link", "set", "up0", "up"],
+        &["ip", "route", "add", "default", "via", &router],
+    ];
+    for command in commands {
+        // Children take the namespace of the thread that forks them.
+        let status = std::process::Command::new(command[0])
+            .args(&command[1..])
+            .status()
+            .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+        assert!(status.success(), "{command:?}: {status}");
+    }
+}
+
 /// The datapath of this test, removed when it ends, passed or not.
 struct Loaded(Option<Datapath>);
 
@@ -1567,6 +1630,7 @@ fn each_packet_gets_its_verdict_its_bytes_and_its_counter() {
     let mut tables = Tables::open(datapath.pins());
     // Round robin turns a cursor per CPU: every run on one CPU.
     pin_to_one_cpu();
+    routed_network_of_its_own();
     assert_ne!(hashed_backend(CLIENT), hashed_backend(ANOTHER_CLIENT));
     let mut failures = Vec::new();
     for row in rows() {
@@ -1583,6 +1647,7 @@ fn each_packet_gets_its_verdict_its_bytes_and_its_counter() {
             Hook::TcEgress => programs.tc_egress.test_run(opts),
             Hook::Xdp => programs.xdp.test_run(opts),
             Hook::TcUplink => programs.tc_uplink.test_run(opts),
+            Hook::TcLoopback => programs.tc_loopback.test_run(opts),
         }
         .unwrap_or_else(|e| panic!("{}: test run: {e:?}", row.what));
         output.truncate(result.data_size_out as usize);

@@ -148,3 +148,45 @@ pub fn reversed_fragments(
         .ok()
         .map(|answer| answer.trim().to_string())
 }
+
+/// The size of an [`upload`].
+pub const UPLOAD: usize = 1 << 20;
+
+/// A 1 MiB POST to `url`: what the server says it received, if it answered. `run` makes the
+/// command in the sender's namespace.
+pub fn upload(run: impl FnOnce(&[&str]) -> Command, url: &str) -> Option<String> {
+    let script = format!(
+        "import urllib.request\n\
+         req = urllib.request.Request({url:?}, data=b'x' * {UPLOAD}, method='POST')\n\
+         print(urllib.request.urlopen(req, timeout=8).read().decode().strip())\n"
+    );
+    let answer = output(&mut run(&["python3", "-c", &script])).ok()?;
+    answer
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("received="))
+        .map(str::to_string)
+}
+
+/// Two 1,400-byte UDP datagrams with DF to `address` from a connected socket, a moment apart:
+/// how the second send went (`EMSGSIZE` once an ICMP error taught the socket the path's MTU),
+/// or why the script failed. `run` makes the command in the sender's namespace.
+pub fn df_datagrams(run: impl FnOnce(&[&str]) -> Command, address: &str) -> String {
+    let Some((host, port)) = address.split_once(':') else {
+        return format!("{address:?} has no port");
+    };
+    let script = format!(
+        "import errno, socket, time\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         # IP_MTU_DISCOVER, IP_PMTUDISC_DO: Python names neither.\n\
+         s.setsockopt(socket.IPPROTO_IP, 10, 2)\n\
+         s.connect(({host:?}, {port}))\n\
+         s.send(b'x' * 1372)\n\
+         time.sleep(0.5)\n\
+         try:\n    s.send(b'x' * 1372)\n    print('sent')\n\
+         except OSError as e:\n    print(errno.errorcode[e.errno])\n"
+    );
+    output(&mut run(&["python3", "-c", &script])).map_or_else(
+        |e| format!("the DF datagrams to {address}: {e:#}"),
+        |out| out.trim().to_string(),
+    )
+}

@@ -141,9 +141,12 @@ impl ClusterLab {
             )?;
             ip(&net, &["link", "set", &port, "master", "br0", "up"])?;
             // A veth takes the frames its peer's native XDP sends back (XDP_TX) only with NAPI
-            // on, which GRO turns on; a NIC would transmit them itself.
-            run(Command::new("ip")
-                .args(["netns", "exec", &net, "ethtool", "-K", &port, "gro", "on"]))?;
+            // on, which GRO turns on; a NIC would transmit them itself. Frames leave the
+            // segment with full checksums, as on a wire: a veth would hand the node's XDP a
+            // checksum the kernel is yet to finish (CHECKSUM_PARTIAL), which no NIC does.
+            run(Command::new("ip").args([
+                "netns", "exec", &net, "ethtool", "-K", &port, "gro", "on", "tx", "off",
+            ]))?;
             ip(
                 &namespace,
                 &["addr", "add", &format!("{address}/24"), "dev", "eth0"],
@@ -254,6 +257,11 @@ impl ClusterLab {
     /// A command on the client outside the cluster, pinned to CPU 0.
     pub fn outside(&self, command: &[&str]) -> Command {
         self.in_pod("outside", command)
+    }
+
+    /// A command on node `node` (its network namespace), pinned to CPU 0.
+    pub fn on_node(&self, node: &str, command: &[&str]) -> Command {
+        self.in_pod(node, command)
     }
 
     /// `curl` with `cmd` prefixed (a pod or the outside client); the body.

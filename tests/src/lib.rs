@@ -23,7 +23,10 @@ mod plumbing;
 mod process;
 
 pub use self::{
-    clients::{Connection, client_of, pod_of, reversed_fragments, udp_exchange, udp_query},
+    clients::{
+        Connection, UPLOAD, client_of, df_datagrams, pod_of, reversed_fragments, udp_exchange,
+        udp_query, upload,
+    },
     lab::{Lab, Pod},
     process::output,
 };

@@ -1,13 +1,13 @@
 //! Kernel-level tests on the multi-node lab (`lb_tests::cluster`): traffic from outside the
-//! cluster through XDP on the nodes' uplinks, in generic and in native mode, fragments from
-//! outside, and topology.
+//! cluster through XDP on the nodes' uplinks, in generic and in native mode, fragments and
+//! path-MTU discovery from outside, and topology.
 
 use std::collections::BTreeSet;
 
 use lb_tests::{
-    client_of,
+    UPLOAD, client_of,
     cluster::{ClusterLab, OUTSIDE_IP},
-    pod_of, reversed_fragments, udp_exchange,
+    df_datagrams, output, pod_of, reversed_fragments, udp_exchange, upload,
 };
 
 const MODES: [&str; 2] = ["generic", "native"];
@@ -192,4 +192,68 @@ fn fragments_from_outside_wait_for_their_first_and_fragmented_answers_come_back(
         "two of each reversed datagram\n{dump}"
     );
     assert_eq!(stat("fragments_unmatched"), 0, "{dump}");
+}
+
+#[test]
+fn path_mtu_discovery_works_through_a_snated_load_balancer_ip_as_straight_to_the_backend() {
+    let lab = ClusterLab::up("pmtu", "native").expect("cluster lab");
+    // node-b's route to node-a's pods narrowed: node-b, as a router, answers a 1,500-byte
+    // packet with DF toward a1 with "fragmentation needed", to the packet's source; for the
+    // load-balancer IP's flows, SNATed, that is node-b itself. The outside client routes
+    // node-a's pods through node-b too, for the straight path.
+    let routes = [
+        lab.on_node(
+            "node-b",
+            &[
+                "ip",
+                "route",
+                "replace",
+                "10.244.1.0/24",
+                "via",
+                "10.0.0.1",
+                "mtu",
+                "1280",
+            ],
+        ),
+        lab.outside(&["ip", "route", "add", "10.244.1.0/24", "via", "10.0.0.2"]),
+    ];
+    for mut route in routes {
+        output(&mut route).unwrap_or_else(|e| panic!("{route:?}: {e:#}"));
+    }
+    // (path, URL, UDP address), straight as control. A host learns a path's MTU per
+    // destination: the datagrams go first, and through node-b they go to its NodePort, so
+    // that the upload to the load-balancer IP learns it on its own.
+    let paths = [
+        (
+            "straight to a1 through node-b",
+            "http://10.244.1.11:8080/",
+            "10.244.1.11:5353",
+        ),
+        (
+            "through node-b's load-balancer IP and NodePort, SNATed",
+            "http://203.0.113.20/",
+            "10.0.0.2:30083",
+        ),
+    ];
+    let whole = UPLOAD.to_string();
+    for (path, url, address) in paths {
+        let datagram = df_datagrams(|args| lab.outside(args), address);
+        let received = upload(|args| lab.outside(args), url);
+        assert_eq!(
+            (received.as_deref(), datagram.as_str()),
+            (Some(whole.as_str()), "EMSGSIZE"),
+            "{path}\n{}",
+            lab.logs()
+        );
+    }
+    let dump = lab.dump("node-b").unwrap();
+    let translated: u64 = dump
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("icmp_translated="))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(
+        translated >= 2,
+        "the datagram's and the upload's, at least\n{dump}"
+    );
 }

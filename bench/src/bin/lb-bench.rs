@@ -226,6 +226,7 @@ fn main() -> Result<()> {
             .context("empty_xdp")?
             .try_into()?,
         tc_uplink: empty.program("empty_tc").context("empty_tc")?.try_into()?,
+        tc_loopback: empty.program("empty_tc").context("empty_tc")?.try_into()?,
     };
 
     let (datapath, mut maps) = datapath::scratch("datapath")?;

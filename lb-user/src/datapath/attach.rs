@@ -18,13 +18,16 @@ use tracing::info;
 
 use super::{
     Datapath, LINKS_DIR, Link, RELEASE_PROGRAM, Role, SOCKET_PROGRAMS, TC_EGRESS_PROGRAM,
-    TC_PROGRAM, TC_UPLINK_PROGRAM, XDP_PROGRAM,
+    TC_LOOPBACK_PROGRAM, TC_PROGRAM, TC_UPLINK_PROGRAM, XDP_PROGRAM,
     error::{self, Error, Result, at, link, os, program as attaching},
     host::{ensure_ethernet, interfaces},
     links,
     pins::{adoptable, remove_if_present},
     program, typed,
 };
+
+/// `lo`'s index, the same in every network namespace (the kernel's `LOOPBACK_IFINDEX`).
+const LOOPBACK_IFINDEX: u32 = 1;
 
 impl Datapath {
     /// Attaches tc ingress (balancing) and egress (replies) to every interface matching
@@ -40,8 +43,18 @@ impl Datapath {
     }
 
     /// Attaches XDP (traffic from outside, in `mode`), tc ingress (the IP fragments XDP passes)
-    /// and tc egress (replies) to every uplink matching `patterns` not attached yet.
+    /// and tc egress (replies) to every uplink matching `patterns` not attached yet; and, if
+    /// there are uplinks to match, tc egress to `lo`, where the node's own ICMP errors about
+    /// the flows it SNATs go.
     pub fn attach_uplinks(&mut self, patterns: &[String], mode: XdpMode) -> Result<()> {
+        if !patterns.is_empty() {
+            self.attach_tc(
+                TC_LOOPBACK_PROGRAM,
+                LOOPBACK_IFINDEX,
+                "lo",
+                TcAttachType::Egress,
+            )?;
+        }
         self.attach_each(patterns, Role::Uplink, |datapath, index, name| {
             ensure_ethernet(name)?;
             datapath.accept_local(name)?;

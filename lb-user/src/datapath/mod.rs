@@ -38,10 +38,12 @@ use crate::maps::KernelMaps;
 /// The compiled datapath, built by `build.rs`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 /// The programs' names in [`OBJECT`]: tc ingress on pod-facing interfaces, XDP and tc ingress
-/// (IP fragments, which XDP passes) on uplinks, tc egress on both.
+/// (IP fragments, which XDP passes) on uplinks, tc egress on both, and tc egress on `lo` (the
+/// node's own ICMP errors about SNATed flows).
 const TC_PROGRAM: &str = "lb_tc";
 const TC_UPLINK_PROGRAM: &str = "lb_tc_uplink";
 const TC_EGRESS_PROGRAM: &str = "lb_tc_egress";
+const TC_LOOPBACK_PROGRAM: &str = "lb_tc_loopback";
 const XDP_PROGRAM: &str = "lb_xdp";
 /// What an XDP program returns for a packet it lets through.
 pub const XDP_PASS: u32 = 2;
@@ -71,6 +73,8 @@ pub struct PacketPrograms<'a> {
     pub xdp: &'a Xdp,
     /// Uplinks, ingress: the IP fragments from outside, which XDP passes.
     pub tc_uplink: &'a SchedClassifier,
+    /// `lo`, egress: the node's own ICMP errors about SNATed flows.
+    pub tc_loopback: &'a SchedClassifier,
 }
 
 /// The built-in datapath, loaded under a pin directory of this process's (`scratch-<tag>-<pid>`
@@ -151,7 +155,12 @@ impl Datapath {
                 });
             }
         }
-        for name in [TC_PROGRAM, TC_UPLINK_PROGRAM, TC_EGRESS_PROGRAM] {
+        for name in [
+            TC_PROGRAM,
+            TC_UPLINK_PROGRAM,
+            TC_EGRESS_PROGRAM,
+            TC_LOOPBACK_PROGRAM,
+        ] {
             let program: &mut SchedClassifier = typed(program(&mut ebpf, name)?, name)?;
             program.load().map_err(loading(format!("loading {name}")))?;
         }
@@ -171,6 +180,7 @@ impl Datapath {
             TC_PROGRAM,
             TC_UPLINK_PROGRAM,
             TC_EGRESS_PROGRAM,
+            TC_LOOPBACK_PROGRAM,
             XDP_PROGRAM,
             RELEASE_PROGRAM,
         ]
@@ -238,6 +248,9 @@ impl Datapath {
             tc_uplink: program(TC_UPLINK_PROGRAM)?
                 .try_into()
                 .map_err(kind(TC_UPLINK_PROGRAM))?,
+            tc_loopback: program(TC_LOOPBACK_PROGRAM)?
+                .try_into()
+                .map_err(kind(TC_LOOPBACK_PROGRAM))?,
         })
     }
 

@@ -38,10 +38,11 @@ fn a_manifest_broken_by_an_edit_loses_nothing_programmed() {
 }
 
 /// The programs an agent pins, one per hook.
-const PROGRAMS: [&str; 9] = [
+const PROGRAMS: [&str; 10] = [
     "lb_tc",
     "lb_tc_uplink",
     "lb_tc_egress",
+    "lb_tc_loopback",
     "lb_xdp",
     "lb_connect4",
     "lb_sendmsg4",

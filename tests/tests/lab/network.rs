@@ -1,13 +1,15 @@
 //! What the network sends: ICMP errors about flows through a VIP (path-MTU discovery), and
 //! datagrams in fragments.
 
-use lb_tests::{BACKENDS, CLIENT_IP, Lab, output, reversed_fragments, udp_exchange};
+use lb_tests::{
+    BACKENDS, CLIENT_IP, Lab, UPLOAD, df_datagrams, output, reversed_fragments, udp_exchange,
+    upload,
+};
 
 use super::{DNS_VIP, HTTP_VIP, lab};
 
 /// The MTU of the node's links toward the backends, under the client's 1,500.
 const NARROW_MTU: &str = "1280";
-const UPLOAD: usize = 1 << 20;
 
 /// Narrows the node's side of every backend's link: the node, as a router, answers a
 /// 1,500-byte packet with DF toward a backend with "fragmentation needed".
@@ -19,41 +21,6 @@ fn narrow_backend_links(lab: &Lab) {
     }
 }
 
-/// A 1 MiB POST from the client to `url`: what the server says it received, if it answered.
-fn upload(lab: &Lab, url: &str) -> Option<String> {
-    let script = format!(
-        "import urllib.request\n\
-         req = urllib.request.Request({url:?}, data=b'x' * {UPLOAD}, method='POST')\n\
-         print(urllib.request.urlopen(req, timeout=8).read().decode().strip())\n"
-    );
-    let answer = output(&mut lab.in_client(&["python3", "-c", &script])).ok()?;
-    answer
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("received="))
-        .map(str::to_string)
-}
-
-/// Two 1,400-byte UDP datagrams with DF to `address` from a connected socket, a moment apart:
-/// how the second send went (`EMSGSIZE` once an ICMP error taught the socket the path's MTU).
-fn df_datagrams(lab: &Lab, address: &str) -> String {
-    let (host, port) = address.split_once(':').unwrap();
-    let script = format!(
-        "import errno, socket, time\n\
-         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-         # IP_MTU_DISCOVER, IP_PMTUDISC_DO: Python names neither.\n\
-         s.setsockopt(socket.IPPROTO_IP, 10, 2)\n\
-         s.connect(({host:?}, {port}))\n\
-         s.send(b'x' * 1372)\n\
-         time.sleep(0.5)\n\
-         try:\n    s.send(b'x' * 1372)\n    print('sent')\n\
-         except OSError as e:\n    print(errno.errorcode[e.errno])\n"
-    );
-    output(&mut lab.in_client(&["python3", "-c", &script]))
-        .unwrap_or_else(|e| panic!("the DF datagrams to {address}: {e:#}"))
-        .trim()
-        .to_string()
-}
-
 #[test]
 fn path_mtu_discovery_works_through_a_vip_as_straight_to_the_backend() {
     let lab = lab("pmtu");
@@ -62,13 +29,19 @@ fn path_mtu_discovery_works_through_a_vip_as_straight_to_the_backend() {
     let seen = [
         (
             "direct",
-            upload(&lab, &format!("http://{}:8080/", BACKENDS[0].1)),
-            df_datagrams(&lab, &format!("{}:5353", BACKENDS[1].1)),
+            upload(
+                |args| lab.in_client(args),
+                &format!("http://{}:8080/", BACKENDS[0].1),
+            ),
+            df_datagrams(
+                |args| lab.in_client(args),
+                &format!("{}:5353", BACKENDS[1].1),
+            ),
         ),
         (
             "through the VIP",
-            upload(&lab, HTTP_VIP),
-            df_datagrams(&lab, DNS_VIP),
+            upload(|args| lab.in_client(args), HTTP_VIP),
+            df_datagrams(|args| lab.in_client(args), DNS_VIP),
         ),
     ];
     let whole = UPLOAD.to_string();
