@@ -98,15 +98,18 @@ enum Case {
     UdpNew,
     Reply,
     NoFrontend,
+    /// What every packet over `lo` pays for the node's ICMP errors about SNATed flows.
+    Loopback,
 }
 
 impl Case {
-    const ALL: [Case; 5] = [
+    const ALL: [Case; 6] = [
         Case::TcpNew,
         Case::TcpEstablished,
         Case::UdpNew,
         Case::Reply,
         Case::NoFrontend,
+        Case::Loopback,
     ];
 
     fn name(self) -> &'static str {
@@ -116,6 +119,7 @@ impl Case {
             Case::UdpNew => "udp new flow",
             Case::Reply => "reply",
             Case::NoFrontend => "no frontend",
+            Case::Loopback => "loopback",
         }
     }
 
@@ -124,7 +128,8 @@ impl Case {
     fn program<'a>(self, programs: &PacketPrograms<'a>, xdp: bool) -> Option<Program<'a>> {
         Some(match (self, xdp) {
             (Case::Reply, false) => Program::Tc(programs.tc_egress),
-            (Case::Reply, true) => return None,
+            (Case::Loopback, false) => Program::Tc(programs.tc_loopback),
+            (Case::Reply | Case::Loopback, true) => return None,
             (_, false) => Program::Tc(programs.tc_ingress),
             (_, true) => Program::Xdp(programs.xdp),
         })
@@ -152,7 +157,9 @@ impl Case {
                 BACKEND_PORT,
                 target.established_port,
             ),
-            Case::NoFrontend => packet(TCP_ACK, CLIENT, NOWHERE, ESTABLISHED_PORT, 80),
+            Case::NoFrontend | Case::Loopback => {
+                packet(TCP_ACK, CLIENT, NOWHERE, ESTABLISHED_PORT, 80)
+            }
         }
     }
 
@@ -176,7 +183,9 @@ impl Case {
                 "{}: not rewritten to the frontend: {src}:{sport}",
                 self.name()
             ),
-            Case::NoFrontend => ensure!(output == input, "{}: rewritten", self.name()),
+            Case::NoFrontend | Case::Loopback => {
+                ensure!(output == input, "{}: rewritten", self.name());
+            }
         }
         Ok(())
     }
