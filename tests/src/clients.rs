@@ -190,3 +190,16 @@ pub fn df_datagrams(run: impl FnOnce(&[&str]) -> Command, address: &str) -> Stri
         |out| out.trim().to_string(),
     )
 }
+
+/// The dump's lines of counters, after the map entries.
+pub const COUNTER_LINES: [&str; 3] = ["STATS: ", "EPOCH: ", "FLOWS: "];
+
+/// A counter from one of an `lb-user dump`'s [`COUNTER_LINES`].
+pub fn stat(dump: &str, name: &str) -> u64 {
+    dump.lines()
+        .filter_map(|l| COUNTER_LINES.iter().find_map(|p| l.strip_prefix(p)))
+        .flat_map(str::split_whitespace)
+        .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in dump:\n{dump}"))
+}

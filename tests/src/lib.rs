@@ -24,8 +24,8 @@ mod process;
 
 pub use self::{
     clients::{
-        Connection, UPLOAD, client_of, df_datagrams, pod_of, reversed_fragments, udp_exchange,
-        udp_query, upload,
+        COUNTER_LINES, Connection, UPLOAD, client_of, df_datagrams, pod_of, reversed_fragments,
+        stat, udp_exchange, udp_query, upload,
     },
     lab::{Lab, Pod},
     process::output,

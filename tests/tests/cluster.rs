@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use lb_tests::{
     UPLOAD, client_of,
     cluster::{ClusterLab, OUTSIDE_IP},
-    df_datagrams, output, pod_of, reversed_fragments, udp_exchange, upload,
+    df_datagrams, output, pod_of, reversed_fragments, stat, udp_exchange, upload,
 };
 
 const MODES: [&str; 2] = ["generic", "native"];
@@ -86,12 +86,10 @@ fn node_ports(mode: &str) {
         "dropped, not refused: {dropped}"
     );
     let dump = lab.dump("node-a").unwrap();
-    let drops: u64 = dump
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("dropped_no_backend="))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    assert!(drops > 0, "the drop is counted:\n{dump}");
+    assert!(
+        stat(&dump, "dropped_no_backend") > 0,
+        "the drop is counted:\n{dump}"
+    );
 
     // No endpoint anywhere: refused at once, by a TCP reset and an ICMP port unreachable sent
     // back from the uplink with XDP_TX. Checked in generic mode: on native XDP over veth, a
@@ -180,18 +178,12 @@ fn fragments_from_outside_wait_for_their_first_and_fragmented_answers_come_back(
         );
     }
     let dump = lab.dump("node-b").unwrap();
-    let stat = |name: &str| -> u64 {
-        dump.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-            .and_then(|v| v.parse().ok())
-            .unwrap()
-    };
     assert_eq!(
-        stat("fragments_held"),
+        stat(&dump, "fragments_held"),
         4,
         "two of each reversed datagram\n{dump}"
     );
-    assert_eq!(stat("fragments_unmatched"), 0, "{dump}");
+    assert_eq!(stat(&dump, "fragments_unmatched"), 0, "{dump}");
 }
 
 #[test]
@@ -247,13 +239,8 @@ fn path_mtu_discovery_works_through_a_snated_load_balancer_ip_as_straight_to_the
         );
     }
     let dump = lab.dump("node-b").unwrap();
-    let translated: u64 = dump
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("icmp_translated="))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
     assert!(
-        translated >= 2,
+        stat(&dump, "icmp_translated") >= 2,
         "the datagram's and the upload's, at least\n{dump}"
     );
 }

@@ -81,7 +81,7 @@ fn program_loaded(id: u32) -> bool {
 fn programme(lab: &Lab) -> String {
     let dump = lab.dump().expect("dump");
     dump.lines()
-        .filter(|l| !COUNTER_LINES.iter().any(|p| l.starts_with(p)))
+        .filter(|l| !lb_tests::COUNTER_LINES.iter().any(|p| l.starts_with(p)))
         .collect::<Vec<_>>()
         .join("\n")
 }

@@ -20,7 +20,7 @@ use std::{
 };
 
 use lb_tests::{
-    BACKENDS, CLIENT_IP, Lab, NODE_IP, READYZ, apiserver::ApiServer, client_of, pod_of,
+    BACKENDS, CLIENT_IP, Lab, NODE_IP, READYZ, apiserver::ApiServer, client_of, pod_of, stat,
 };
 
 const HTTP_VIP: &str = "http://10.96.0.10/";
@@ -69,19 +69,6 @@ fn counts(pods: &[String]) -> BTreeMap<&str, usize> {
         *counts.entry(pod.as_str()).or_default() += 1;
     }
     counts
-}
-
-/// The dump's lines of counters, after the map entries.
-const COUNTER_LINES: [&str; 3] = ["STATS: ", "EPOCH: ", "FLOWS: "];
-
-/// A counter from one of the dump's [`COUNTER_LINES`].
-fn stat(dump: &str, name: &str) -> u64 {
-    dump.lines()
-        .filter_map(|l| COUNTER_LINES.iter().find_map(|p| l.strip_prefix(p)))
-        .flat_map(str::split_whitespace)
-        .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in dump:\n{dump}"))
 }
 
 /// Waits until `frontend` is programmed with `count` backends.

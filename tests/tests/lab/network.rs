@@ -2,7 +2,7 @@
 //! datagrams in fragments.
 
 use lb_tests::{
-    BACKENDS, CLIENT_IP, Lab, UPLOAD, df_datagrams, output, reversed_fragments, udp_exchange,
+    BACKENDS, CLIENT_IP, Lab, UPLOAD, df_datagrams, output, reversed_fragments, stat, udp_exchange,
     upload,
 };
 
@@ -53,7 +53,7 @@ fn path_mtu_discovery_works_through_a_vip_as_straight_to_the_backend() {
         );
     }
     let dump = lab.dump().unwrap();
-    assert!(super::stat(&dump, "icmp_translated") >= 2, "{dump}");
+    assert!(stat(&dump, "icmp_translated") >= 2, "{dump}");
 }
 
 #[test]
@@ -78,7 +78,7 @@ fn fragmented_datagrams_reach_a_udp_vip_and_fragmented_answers_come_back_from_it
         );
     }
     let dump = lab.dump().unwrap();
-    assert_eq!(super::stat(&dump, "fragments_unmatched"), 0, "{dump}");
+    assert_eq!(stat(&dump, "fragments_unmatched"), 0, "{dump}");
 }
 
 #[test]
@@ -96,5 +96,5 @@ fn fragments_that_come_before_their_first_wait_for_it() {
         );
     }
     let dump = lab.dump().unwrap();
-    assert_eq!(super::stat(&dump, "fragments_held"), 2, "{dump}");
+    assert_eq!(stat(&dump, "fragments_held"), 2, "{dump}");
 }
