@@ -42,7 +42,8 @@ pub const FRAGMENTS: &str = "lb_fragments_v1";
 /// Later fragments that came before their first (LRU): [`HeldKey`] -> [`HeldFragment`].
 /// Written by the tc ingress program, which sends them on once the first fragment comes.
 pub const HELD_FRAGMENTS: &str = "lb_held_fragments_v1";
-/// Each CPU's room for one fragment's bytes, one entry: [`HeldFragment`]. The datapath's own.
+/// Each CPU's room for one fragment's bytes while it is being held, one entry:
+/// [`HeldFragment`]. The datapath's own.
 pub const FRAGMENT_SCRATCH: &str = "lb_fragment_scratch_v1";
 /// Per-CPU round-robin cursor of each service, indexed by service id: `u32`.
 pub const CURSORS: &str = "lb_cursors_v1";

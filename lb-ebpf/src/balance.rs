@@ -98,6 +98,9 @@ fn forward<C: Rewrite>(
         ctx.rewrite(packet, End::Source, flow.src_addr_be, flow.src_port_be)
             .map_err(|()| error())?;
     }
+    // Here, not only where tc passes it: a flow outlives its Service, whose address may no
+    // longer be a frontend's.
+    fragments::remember(packet);
     count(|s| &mut s.forwarded);
     count_frontend(flow.service_id, packet.ip_len, new_flow);
     Ok(Verdict::Pass)

@@ -12,21 +12,24 @@
 //! address (SNATed flows' replies), a tc ingress program holds it: its bytes wait in
 //! `lb_held_fragments` (a few per datagram, for a short while: an LRU table) and the skb is
 //! dropped. When the first fragment has passed, rewritten or not (a datagram to a node address
-//! may be no service's), each held fragment is written over that skb in turn and cloned into
-//! the interface's ingress, where the program meets it again and places it, and the first
-//! fragment's own bytes are written back. XDP cannot clone a frame: it passes every fragment
-//! to the uplink's tc ingress program, which balances it there. Past the room held fragments
-//! have, an unplaceable fragment is dropped and counted. To any other address a later fragment
+//! may be no service's), it is cloned into the interface's ingress, then each held fragment
+//! is written over the skb in turn and cloned after it, and the skb is dropped: the program
+//! meets each again, the first passing on untouched and the others placed. XDP cannot
+//! clone a frame: it passes every fragment to the uplink's tc ingress program, which balances
+//! it there. One that cannot be held (too long, or past its datagram's room) is counted, and
+//! dropped if it is to a ClusterIP, else passed untouched. To any other address a later fragment
 //! passes untouched, as most fragments a node forwards are no frontend's.
 
 use aya_ebpf::{
-    bindings::{BPF_EXIST, BPF_F_INGRESS, BPF_F_RECOMPUTE_CSUM, BPF_NOEXIST},
+    bindings::{
+        BPF_EXIST, BPF_F_INGRESS, BPF_F_RECOMPUTE_CSUM, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT,
+    },
     helpers::{bpf_clone_redirect, bpf_skb_change_tail, bpf_skb_store_bytes},
     programs::TcContext,
 };
 use lb_common::maps::{
     FRAGMENT_TIMEOUT_NS, FlowKey, FragmentKey, FragmentPorts, HELD_FRAGMENT_BYTES,
-    HELD_PER_DATAGRAM, HeldFragment, HeldKey, PROTO_TCP, PROTO_UDP,
+    HELD_PER_DATAGRAM, HeldFragment, HeldKey, PROTO_TCP, PROTO_UDP, Vip,
 };
 
 use crate::{
@@ -125,8 +128,8 @@ fn later(ip: &Ipv4Header, header_len: usize) -> Input {
 
 /// Whether a later fragment to `addr_be` that comes before its first is held for it: a frontend
 /// address's may be any flow's, and the node's SNAT address is where SNATed flows' replies
-/// come. Their first fragments are always remembered, so that their later ones, in order, find
-/// where to go even when the datagram was no service's.
+/// come. Their first fragments are remembered whenever they pass, so that their later ones, in
+/// order, find where to go even when the datagram was no service's.
 #[inline(always)]
 fn waits_for_first(addr_be: u32) -> bool {
     maps::vip(addr_be).is_some() || maps::config().is_some_and(|c| c.snat_addr_be == addr_be)
@@ -150,12 +153,15 @@ fn held_key(packet: &Packet, slot: u8) -> HeldKey {
 }
 
 /// Holds a later fragment (`packet`, not placed) until its datagram's first comes: its bytes
-/// are kept and the skb is to be dropped (`None`), counted as held, or as unplaced when it
-/// cannot be kept (too long, or its datagram's room full of fresher ones). If the first came
-/// meanwhile, on another CPU whose replay may have passed this slot already, the fragment is
-/// taken back and returned placed, to balance now.
+/// are kept, counted as held, and the skb is to be dropped (`Err(TC_ACT_SHOT)`). One that
+/// cannot be kept (too long, or its datagram's room full of fresher ones) is counted as
+/// unplaced: dropped if it is to a ClusterIP, whose every datagram is a service's; else passed
+/// untouched (`Err(TC_ACT_OK)`), as the node's own datagrams were before there was holding:
+/// the kernel may reassemble it. If the first came meanwhile, on another CPU whose release may
+/// have passed this slot already, the fragment is taken back and returned placed
+/// (`Ok`), to balance now.
 #[inline(always)]
-pub fn hold(ctx: &TcContext, mut packet: Packet) -> Option<Packet> {
+pub fn hold(ctx: &TcContext, mut packet: Packet) -> Result<Packet, i32> {
     let now = now_ns();
     // Borrowed, never copied: a fragment is three times the stack a program has.
     let slot = copy_in(ctx).map(|f| &*f).and_then(|fragment| {
@@ -174,17 +180,18 @@ pub fn hold(ctx: &TcContext, mut packet: Packet) -> Option<Packet> {
     });
     let Some(slot) = slot else {
         unplaced();
-        return None;
+        let cluster_ip = maps::vip(packet.key.dst_addr_be).is_some_and(Vip::is_cluster_ip);
+        return Err(if cluster_ip { TC_ACT_SHOT } else { TC_ACT_OK });
     };
     if let Some(ports) = placed_ports(&packet)
         && HELD_FRAGMENTS.remove(held_key(&packet, slot)).is_ok()
     {
         packet.key.src_port_be = ports.src_port_be;
         packet.key.dst_port_be = ports.dst_port_be;
-        return Some(packet);
+        return Ok(packet);
     }
     count(|s| &mut s.fragments_held);
-    None
+    Err(TC_ACT_SHOT)
 }
 
 /// The ports `packet`'s datagram's first fragment left, if it came within the timeout.
@@ -240,29 +247,30 @@ fn write_over(ctx: &TcContext, fragment: &HeldFragment) -> Option<()> {
     Some(())
 }
 
-/// After a packet that tc ingress passes, rewritten or not: if it is the first fragment of a
-/// datagram whose fragments wait for their first, leaves its ports for the later ones, and
-/// sends on those held already: each is written over the skb and cloned into this interface's
-/// ingress (queued behind the first, which goes on when the program returns), and the first
-/// fragment's bytes are written back. Whether the skb is the first fragment still (if a write
-/// failed, it must be dropped).
+/// What becomes of a packet tc ingress passes, rewritten or not. If it is the first fragment of
+/// a datagram whose fragments wait for their first, its ports are left for the later ones
+/// (again, if it was rewritten: a first that passed untouched, a datagram no service's, leaves
+/// them only here), and those held already are sent on behind it: the first is cloned into
+/// this interface's ingress, where it comes round again and passes (no frontend's now), then
+/// each held fragment is written over the skb and cloned after it, and the skb itself is
+/// dropped (`TC_ACT_SHOT`). Else it goes on (`TC_ACT_OK`).
 #[inline(always)]
-pub fn release(ctx: &TcContext, first: &Packet) -> bool {
+pub fn release(ctx: &TcContext, first: &Packet) -> i32 {
     if first.piece != Piece::First || !waits_for_first(first.key.dst_addr_be) {
-        return true;
+        return TC_ACT_OK;
     }
     remember(first);
     let waiting =
         (0..HELD_PER_DATAGRAM).any(|slot| maps::held_fragment(held_key(first, slot)).is_some());
     if !waiting {
-        return true;
+        return TC_ACT_OK;
     }
-    let Some(saved) = copy_in(ctx) else {
-        // Too long to keep aside: the held ones wait on, until the table forgets them.
-        return true;
-    };
     // SAFETY: reads a field of the skb the kernel gave.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if clone_to_ingress(ctx, ifindex).is_none() {
+        // The held ones wait on, until the table forgets them.
+        return TC_ACT_OK;
+    }
     for slot in 0..HELD_PER_DATAGRAM {
         let key = held_key(first, slot);
         let Some(fragment) = maps::held_fragment(key) else {
@@ -276,10 +284,17 @@ pub fn release(ctx: &TcContext, first: &Packet) -> bool {
         if write_over(ctx, fragment).is_none() {
             break;
         }
-        // SAFETY: a helper call on the skb the kernel gave.
-        let _ =
-            unsafe { bpf_clone_redirect(ctx.skb.skb.cast(), ifindex, u64::from(BPF_F_INGRESS)) };
+        let _ = clone_to_ingress(ctx, ifindex);
         let _ = HELD_FRAGMENTS.remove(key);
     }
-    write_over(ctx, saved).is_some()
+    TC_ACT_SHOT
+}
+
+/// Queues a copy of the skb as it is now into interface `ifindex`'s ingress.
+#[inline(always)]
+fn clone_to_ingress(ctx: &TcContext, ifindex: u32) -> Option<()> {
+    // SAFETY: a helper call on the skb the kernel gave.
+    let cloned =
+        unsafe { bpf_clone_redirect(ctx.skb.skb.cast(), ifindex, u64::from(BPF_F_INGRESS)) };
+    (cloned == 0).then_some(())
 }

@@ -76,8 +76,8 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
     let packet = match input(ctx.data(), ctx.data_end(), Frame::Linear) {
         Input::Packet(packet) => packet,
         Input::Unplaced(packet) => match fragments::hold(&ctx, packet) {
-            Some(placed) => placed,
-            None => return TC_ACT_SHOT,
+            Ok(placed) => placed,
+            Err(verdict) => return verdict,
         },
         Input::Other => {
             icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Ingress);
@@ -94,8 +94,8 @@ pub fn lb_tc_uplink(ctx: TcContext) -> i32 {
     let packet = match input(ctx.data(), ctx.data_end(), Frame::Linear) {
         Input::Packet(packet) if packet.piece != Piece::Whole => packet,
         Input::Unplaced(packet) => match fragments::hold(&ctx, packet) {
-            Some(placed) => placed,
-            None => return TC_ACT_SHOT,
+            Ok(placed) => placed,
+            Err(verdict) => return verdict,
         },
         // XDP saw to it.
         Input::Packet(_) | Input::Other => return TC_ACT_OK,
@@ -106,9 +106,8 @@ pub fn lb_tc_uplink(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn tc_balance(ctx: &TcContext, packet: &Packet, scope: u8) -> i32 {
     match balance(ctx, packet, scope) {
-        Verdict::Pass if fragments::release(ctx, packet) => TC_ACT_OK,
-        // A first fragment whose bytes could not be written back after its held ones.
-        Verdict::Pass | Verdict::Drop => TC_ACT_SHOT,
+        Verdict::Pass => fragments::release(ctx, packet),
+        Verdict::Drop => TC_ACT_SHOT,
         Verdict::Reject => reject(ctx, packet).unwrap_or(TC_ACT_SHOT),
     }
 }

@@ -12,9 +12,10 @@ use aya::{
     programs::{TestRun as _, TestRunOptions},
 };
 use lb_common::maps::{
-    Config, FLOWS, FRAGMENTS, Flow, FlowKey, FragmentKey, FragmentPorts, HELD_FRAGMENT_BYTES,
-    HELD_FRAGMENTS, HELD_PER_DATAGRAM, HeldFragment, HeldKey, PROTO_TCP, PROTO_UDP, REJECT_TOKENS,
-    REPLIES, RejectTokens, Reply, SOURCE_RANGES, SourceRange, SourceRangeKey, Stats,
+    Config, FLOWS, FRAGMENTS, FRONTENDS, Flow, FlowKey, FragmentKey, FragmentPorts, Frontend,
+    FrontendKey, HELD_FRAGMENT_BYTES, HELD_FRAGMENTS, HELD_PER_DATAGRAM, HeldFragment, HeldKey,
+    PROTO_TCP, PROTO_UDP, REJECT_TOKENS, REPLIES, RejectTokens, Reply, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SOURCE_RANGES, SourceRange, SourceRangeKey, Stats, VIPS, Vip,
 };
 use lb_tests::packet::{
     ICMP_FRAGMENTATION_NEEDED, ICMP_PORT_UNREACHABLE, ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE,
@@ -65,6 +66,8 @@ const LOCAL_ONLY_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
 /// Source hash gives it the other backend of [`PAIR`] than [`CLIENT`]'s.
 const ANOTHER_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 7);
 const SNAT_PORT: u16 = 61_000;
+/// A NodePort on [`NODE_IP`] whose backend, [`REMOTE`]'s port 8443, runs on another node.
+const NODE_PORT: u16 = 30_080;
 /// Routers on the way, which send ICMP errors: toward the pods, and outside the node.
 const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 254);
@@ -159,6 +162,8 @@ struct Tables {
     source_ranges: LpmTrie<MapData, SourceRangeKey, SourceRange>,
     fragments: HashMap<MapData, FragmentKey, FragmentPorts>,
     held: HashMap<MapData, HeldKey, HeldFragment>,
+    frontends: HashMap<MapData, FrontendKey, Frontend>,
+    vips: HashMap<MapData, u32, Vip>,
 }
 
 impl Tables {
@@ -174,6 +179,8 @@ impl Tables {
             source_ranges: open(SOURCE_RANGES).try_into().expect("the source ranges"),
             fragments: open(FRAGMENTS).try_into().expect("the fragments"),
             held: open(HELD_FRAGMENTS).try_into().expect("the held fragments"),
+            frontends: open(FRONTENDS).try_into().expect("the frontends"),
+            vips: open(VIPS).try_into().expect("the frontend addresses"),
         }
     }
 
@@ -466,6 +473,14 @@ fn programme() -> Vec<Arc<model::Frontend>> {
             Protocol::Tcp,
             Scope::External,
             &[(REMOTE, 8080)],
+        )),
+        remote(frontend(
+            "far-node-port",
+            NODE_IP,
+            NODE_PORT,
+            Protocol::Tcp,
+            Scope::External,
+            &[(REMOTE, 8443)],
         )),
         ranged_web(Scope::External),
         ranged_web(Scope::Internal),
@@ -1245,6 +1260,31 @@ fn rows() -> Vec<Row> {
             before: None,
         },
         Row {
+            what: "a TCP SYN to a NodePort, from outside, its backend on another node: DNAT and \
+                   SNAT",
+            hook: Hook::Xdp,
+            input: packet(TCP_SYN, OUTSIDE, NODE_IP, 40020, NODE_PORT),
+            verdict: XDP_PASS,
+            out: Out::Packet(packet(TCP_SYN, NODE_IP, REMOTE, SNAT_PORT, 8443)),
+            counts: &["new_flows", "snat_flows"],
+            before: None,
+        },
+        Row {
+            what: "the node's own \"fragmentation needed\" about its backend's reply, from the \
+                   NodePort (the node's address), on lo: to the backend, quoting what it sent",
+            hook: Hook::TcLoopback,
+            input: fragmentation_needed(NODE_IP, NODE_IP, (NODE_IP, NODE_PORT), (OUTSIDE, 40020)),
+            verdict: TC_ACT_REDIRECT,
+            out: Out::Packet(fragmentation_needed(
+                NODE_IP,
+                REMOTE,
+                (REMOTE, 8443),
+                (NODE_IP, SNAT_PORT),
+            )),
+            counts: &["icmp_translated"],
+            before: None,
+        },
+        Row {
             what: "an error on lo about no tracked flow: on over lo, untouched",
             hook: Hook::TcLoopback,
             input: fragmentation_needed(NODE_IP, NODE_IP, (NODE_IP, 45000), (REMOTE, 8080)),
@@ -1422,30 +1462,69 @@ fn rows() -> Vec<Row> {
             before: None,
         },
         Row {
-            what: "its first fragment: back to the client, from the load-balancer IP",
+            what: "its first fragment: back to the client, from the load-balancer IP, cloned \
+                   ahead of the held one, which is written over the skb and cloned after it",
             hook: Hook::TcUplink,
             input: segment_fragment(REMOTE, 8080, (NODE_IP, SNAT_PORT), 0),
-            verdict: TC_ACT_OK,
-            out: Out::Packet(segment_fragment(REMOTE_LB_IP, 80, (OUTSIDE, 40010), 0)),
+            verdict: TC_ACT_SHOT,
+            out: Out::Packet(segment_fragment(REMOTE, 8080, (NODE_IP, SNAT_PORT), 1)),
             counts: &["replied"],
             before: None,
         },
         Row {
-            what: "a fragmented segment to the node, no service's: its first fragment untouched",
+            what: "the held fragment, come round again: back to the client as its first",
+            hook: Hook::TcUplink,
+            input: segment_fragment(REMOTE, 8080, (NODE_IP, SNAT_PORT), 1),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(segment_fragment(REMOTE_LB_IP, 80, (OUTSIDE, 40010), 1)),
+            counts: &["replied"],
+            before: None,
+        },
+        Row {
+            what: "a fragmented segment to the node, no service's, its later fragment first: held",
+            hook: Hook::TcUplink,
+            input: segment_fragment(OUTSIDE, 40011, (NODE_IP, 22), 1),
+            verdict: TC_ACT_SHOT,
+            out: Out::Unchanged,
+            counts: &["fragments_held"],
+            before: None,
+        },
+        Row {
+            what: "its first fragment, untouched, sends the held one on behind it: the first \
+                   cloned ahead, the held one written over the skb and cloned, the skb dropped",
             hook: Hook::TcUplink,
             input: segment_fragment(OUTSIDE, 40011, (NODE_IP, 22), 0),
-            verdict: TC_ACT_OK,
-            out: Out::Unchanged,
+            verdict: TC_ACT_SHOT,
+            out: Out::Packet(segment_fragment(OUTSIDE, 40011, (NODE_IP, 22), 1)),
             counts: &[],
             before: None,
         },
         Row {
-            what: "and its later one, which finds where the first went and is not held",
+            what: "the held fragment, come round again: it finds where its first went, untouched",
             hook: Hook::TcUplink,
             input: segment_fragment(OUTSIDE, 40011, (NODE_IP, 22), 1),
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
             counts: &[],
+            before: None,
+        },
+        Row {
+            what: "a later fragment too long to hold, before its first, to the node: passed \
+                   untouched (the kernel may reassemble it), counted",
+            hook: Hook::TcUplink,
+            input: oversized_later_fragment(OUTSIDE, (NODE_IP, 5353)),
+            verdict: TC_ACT_OK,
+            out: Out::Unchanged,
+            counts: &["fragments_unmatched"],
+            before: None,
+        },
+        Row {
+            what: "the same to a ClusterIP, whose datagrams are all a service's: dropped, counted",
+            hook: Hook::TcIngress,
+            input: oversized_later_fragment(CLIENT, (DNS_IP, 53)),
+            verdict: TC_ACT_SHOT,
+            out: Out::Unchanged,
+            counts: &["fragments_unmatched"],
             before: None,
         },
         Row {
@@ -1455,6 +1534,36 @@ fn rows() -> Vec<Row> {
             verdict: TC_ACT_OK,
             out: Out::Unchanged,
             counts: &[],
+            before: None,
+        },
+        // Last: the far Service goes.
+        Row {
+            what: "a fragmented segment of a flow whose Service is gone, and its address with \
+                   it: the first fragment follows the flow",
+            hook: Hook::TcUplink,
+            input: orphan_segment_fragment(OUTSIDE, 40010, (REMOTE_LB_IP, 80), 0),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(orphan_segment_fragment(
+                NODE_IP,
+                SNAT_PORT,
+                (REMOTE, 8080),
+                0,
+            )),
+            counts: &["forwarded"],
+            before: Some(far_service_gone),
+        },
+        Row {
+            what: "and its later fragment, placed by the ports the first left all the same",
+            hook: Hook::TcUplink,
+            input: orphan_segment_fragment(OUTSIDE, 40010, (REMOTE_LB_IP, 80), 1),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(orphan_segment_fragment(
+                NODE_IP,
+                SNAT_PORT,
+                (REMOTE, 8080),
+                1,
+            )),
+            counts: &["forwarded"],
             before: None,
         },
     ]
@@ -1479,6 +1588,36 @@ fn query_fragment(to: (Ipv4Addr, u16), id: u16, n: usize) -> Vec<u8> {
 const BIG_QUERY_ID: u16 = 0x4242;
 /// The IP id of a datagram whose room [`held_long_ago`] fills.
 const STALE_ID: u16 = 0x6001;
+
+/// The later of the two fragments of a 3,000-byte UDP datagram from `from`'s port 45001 to
+/// `to`, cut after 1,504 bytes: 1,516 bytes from its IPv4 header on, too long to hold.
+fn oversized_later_fragment(from: Ipv4Addr, to: (Ipv4Addr, u16)) -> Vec<u8> {
+    let whole = datagram(UDP, from, to.0, 45001, to.1, 2992);
+    fragments(&whole, 0x7003, 1504).swap_remove(1)
+}
+
+/// [`segment_fragment`] under another IP id, of a datagram after the far Service went.
+fn orphan_segment_fragment(client: Ipv4Addr, port: u16, to: (Ipv4Addr, u16), n: usize) -> Vec<u8> {
+    let whole = datagram(TCP_ACK, client, to.0, port, to.1, 2000);
+    fragments(&whole, 0x7005, 1480).swap_remove(n)
+}
+
+/// As the agent does when the far Service is deleted: its frontends and its address go, its
+/// flows stay.
+fn far_service_gone(tables: &mut Tables) {
+    let address = u32::from(REMOTE_LB_IP).to_be();
+    for scope in [SCOPE_EXTERNAL, SCOPE_INTERNAL] {
+        let key = FrontendKey {
+            addr_be: address,
+            port_be: 80u16.to_be(),
+            protocol: PROTO_TCP,
+            scope,
+        };
+        // The far Service has an external frontend only.
+        let _ = tables.frontends.remove(&key);
+    }
+    tables.vips.remove(&address).expect("the far address");
+}
 
 /// Fragment `n` of a TCP segment of 2,000 bytes from `client:port` to `to`, in fragments of
 /// 1,480 bytes.

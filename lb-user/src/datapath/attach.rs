@@ -43,25 +43,37 @@ impl Datapath {
     }
 
     /// Attaches XDP (traffic from outside, in `mode`), tc ingress (the IP fragments XDP passes)
-    /// and tc egress (replies) to every uplink matching `patterns` not attached yet; and, if
-    /// there are uplinks to match, tc egress to `lo`, where the node's own ICMP errors about
-    /// the flows it SNATs go.
+    /// and tc egress (replies) to every uplink matching `patterns` not attached yet; and, with
+    /// the first, tc egress to `lo`, where the node's own ICMP errors about the flows it SNATs
+    /// go.
     pub fn attach_uplinks(&mut self, patterns: &[String], mode: XdpMode) -> Result<()> {
-        if !patterns.is_empty() {
-            self.attach_tc(
+        self.attach_each(patterns, Role::Uplink, |datapath, index, name| {
+            ensure_ethernet(name)?;
+            datapath.accept_local(name)?;
+            // Ingress first: XDP passes fragments on from the moment it is attached. An
+            // interface that is pod-facing too keeps the pods' tc ingress, which balances
+            // fragments as well (in the cluster's scope): tc ingress is one program here.
+            if datapath
+                .attached
+                .contains(&(index, name.to_string(), Role::Pod))
+            {
+                info!(
+                    interface = name,
+                    "pod-facing and an uplink: its tc ingress stays the pods', fragments from \
+                     outside balanced as the cluster's"
+                );
+            } else {
+                datapath.attach_tc(TC_UPLINK_PROGRAM, index, name, TcAttachType::Ingress)?;
+            }
+            datapath.attach_xdp(index, name, mode)?;
+            datapath.attach_tc(TC_EGRESS_PROGRAM, index, name, TcAttachType::Egress)?;
+            // Once for all uplinks (a link already there is kept); failing, it fails each.
+            datapath.attach_tc(
                 TC_LOOPBACK_PROGRAM,
                 LOOPBACK_IFINDEX,
                 "lo",
                 TcAttachType::Egress,
-            )?;
-        }
-        self.attach_each(patterns, Role::Uplink, |datapath, index, name| {
-            ensure_ethernet(name)?;
-            datapath.accept_local(name)?;
-            // Ingress first: XDP passes fragments on from the moment it is attached.
-            datapath.attach_tc(TC_UPLINK_PROGRAM, index, name, TcAttachType::Ingress)?;
-            datapath.attach_xdp(index, name, mode)?;
-            datapath.attach_tc(TC_EGRESS_PROGRAM, index, name, TcAttachType::Egress)
+            )
         })
     }
 
