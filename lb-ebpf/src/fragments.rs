@@ -36,7 +36,7 @@ use crate::{
     clock::now_ns,
     headers::{ETH_HLEN, Ipv4Header},
     maps::{self, FRAGMENTS, HELD_FRAGMENTS},
-    parse::{Frame, IPV4_OFFSET_MASK_BE, Packet, Piece, ipv4, parse},
+    parse::{Frame, IPV4_FRAGMENT_MASK_BE, IPV4_OFFSET_MASK_BE, Packet, Piece, ipv4, parse},
     stats::count,
 };
 
@@ -62,6 +62,12 @@ pub fn input(data: usize, data_end: usize, frame: Frame) -> Input {
         return parse(data, data_end, frame, &ip, header_len).map_or(Input::Other, Input::Packet);
     }
     later(&ip, header_len)
+}
+
+/// Whether the frame is an IPv4 fragment, first or later.
+#[inline(always)]
+pub fn is_fragment(data: usize, data_end: usize) -> bool {
+    ipv4(data, data_end).is_some_and(|(ip, _)| ip.fragment_be & IPV4_FRAGMENT_MASK_BE != 0)
 }
 
 /// Records the ports of a datagram's first fragment, once it was rewritten or passed.

@@ -91,6 +91,10 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
 /// comes before its first can be held for it ([`fragments`]).
 #[classifier]
 pub fn lb_tc_uplink(ctx: TcContext) -> i32 {
+    // XDP saw to every packet that is no fragment: a glance at the IPv4 header, not a parse.
+    if !fragments::is_fragment(ctx.data(), ctx.data_end()) {
+        return TC_ACT_OK;
+    }
     let packet = match input(ctx.data(), ctx.data_end(), Frame::Linear) {
         Input::Packet(packet) if packet.piece != Piece::Whole => packet,
         Input::Unplaced(packet) => match fragments::hold(&ctx, packet) {

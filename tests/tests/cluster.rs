@@ -151,8 +151,17 @@ const FRAGMENTED_PATHS: [(&str, &str); 2] = [
 ];
 
 #[test]
-fn fragments_from_outside_wait_for_their_first_and_fragmented_answers_come_back() {
-    let lab = ClusterLab::up("frag", "native").expect("cluster lab");
+fn fragments_from_outside_wait_for_their_first_and_fragmented_answers_come_back_xdp_generic() {
+    fragments_from_outside(MODES[0]);
+}
+
+#[test]
+fn fragments_from_outside_wait_for_their_first_and_fragmented_answers_come_back_xdp_native() {
+    fragments_from_outside(MODES[1]);
+}
+
+fn fragments_from_outside(mode: &str) {
+    let lab = ClusterLab::up(&format!("frag{}", &mode[..3]), mode).expect("cluster lab");
     for (path, address) in FRAGMENTED_PATHS {
         // In order, as control: the kernel fragments 4,000 bytes on the 1,500-byte link.
         let in_order = udp_exchange(|args| lab.outside(args), address, "hello", 4000);
@@ -187,8 +196,19 @@ fn fragments_from_outside_wait_for_their_first_and_fragmented_answers_come_back(
 }
 
 #[test]
-fn path_mtu_discovery_works_through_a_snated_load_balancer_ip_as_straight_to_the_backend() {
-    let lab = ClusterLab::up("pmtu", "native").expect("cluster lab");
+fn path_mtu_discovery_works_through_a_snated_load_balancer_ip_as_straight_to_the_backend_xdp_generic()
+ {
+    path_mtu_discovery(MODES[0]);
+}
+
+#[test]
+fn path_mtu_discovery_works_through_a_snated_load_balancer_ip_as_straight_to_the_backend_xdp_native()
+ {
+    path_mtu_discovery(MODES[1]);
+}
+
+fn path_mtu_discovery(mode: &str) {
+    let lab = ClusterLab::up(&format!("pmtu{}", &mode[..3]), mode).expect("cluster lab");
     // node-b's route to node-a's pods narrowed: node-b, as a router, answers a 1,500-byte
     // packet with DF toward a1 with "fragmentation needed", to the packet's source; for the
     // load-balancer IP's flows, SNATed, that is node-b itself. The outside client routes

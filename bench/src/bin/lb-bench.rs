@@ -100,16 +100,19 @@ enum Case {
     NoFrontend,
     /// What every packet over `lo` pays for the node's ICMP errors about SNATed flows.
     Loopback,
+    /// What every packet from outside pays, after XDP, for the fragments XDP passes to tc.
+    Uplink,
 }
 
 impl Case {
-    const ALL: [Case; 6] = [
+    const ALL: [Case; 7] = [
         Case::TcpNew,
         Case::TcpEstablished,
         Case::UdpNew,
         Case::Reply,
         Case::NoFrontend,
         Case::Loopback,
+        Case::Uplink,
     ];
 
     fn name(self) -> &'static str {
@@ -120,6 +123,7 @@ impl Case {
             Case::Reply => "reply",
             Case::NoFrontend => "no frontend",
             Case::Loopback => "loopback",
+            Case::Uplink => "uplink, whole",
         }
     }
 
@@ -129,7 +133,8 @@ impl Case {
         Some(match (self, xdp) {
             (Case::Reply, false) => Program::Tc(programs.tc_egress),
             (Case::Loopback, false) => Program::Tc(programs.tc_loopback),
-            (Case::Reply | Case::Loopback, true) => return None,
+            (Case::Uplink, false) => Program::Tc(programs.tc_uplink),
+            (Case::Reply | Case::Loopback | Case::Uplink, true) => return None,
             (_, false) => Program::Tc(programs.tc_ingress),
             (_, true) => Program::Xdp(programs.xdp),
         })
@@ -160,6 +165,14 @@ impl Case {
             Case::NoFrontend | Case::Loopback => {
                 packet(TCP_ACK, CLIENT, NOWHERE, ESTABLISHED_PORT, 80)
             }
+            // A packet XDP balanced already: the tc program only sees that it is no fragment.
+            Case::Uplink => packet(
+                TCP_ACK,
+                CLIENT,
+                target.backends[0],
+                target.established_port,
+                BACKEND_PORT,
+            ),
         }
     }
 
@@ -183,7 +196,7 @@ impl Case {
                 "{}: not rewritten to the frontend: {src}:{sport}",
                 self.name()
             ),
-            Case::NoFrontend | Case::Loopback => {
+            Case::NoFrontend | Case::Loopback | Case::Uplink => {
                 ensure!(output == input, "{}: rewritten", self.name());
             }
         }
