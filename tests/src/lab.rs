@@ -18,8 +18,8 @@ use anyhow::{Context as _, Result, bail, ensure};
 
 use crate::{
     BACKENDS, BPFFS, CLIENT_IP, Connection, NODE_IP, NODE_NAME, POLL, READYZ, SOFT_FILE_LIMIT,
-    WAIT, binary, copy_manifests, dies_with_parent, output, remove_pins, run, start_server,
-    stop_agent, tear_down, udp_query, wire_pod,
+    WAIT, binary, copy_manifests, dies_with_parent, ipv6_twin, output, remove_pins, run,
+    start_server, stop_agent, tear_down, udp_query, wire_pod,
 };
 
 pub struct Pod {
@@ -90,16 +90,14 @@ impl Lab {
             "net.ipv4.ip_forward=1",
             "net.ipv4.conf.all.rp_filter=0",
             "net.ipv4.conf.default.rp_filter=0",
+            "net.ipv6.conf.all.forwarding=1",
         ]))?;
-        run(Command::new("ip").args([
-            "-n",
-            &node,
-            "addr",
-            "add",
-            &format!("{NODE_IP}/32"),
-            "dev",
-            "lo",
-        ]))?;
+        for address in [
+            format!("{NODE_IP}/32"),
+            format!("{}/128", ipv6_twin(NODE_IP)),
+        ] {
+            run(Command::new("ip").args(["-n", &node, "addr", "add", &address, "dev", "lo"]))?;
+        }
         let pods: Vec<(String, String, Ipv4Addr)> = std::iter::once(&self.client)
             .chain(&self.backends)
             .map(|p| (p.name.clone(), p.namespace.clone(), p.ip))

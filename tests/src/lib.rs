@@ -7,7 +7,7 @@
 
 use std::{
     env,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -48,6 +48,18 @@ pub const BACKENDS: [(&str, Ipv4Addr); 3] = [
 ];
 /// The gateway every pod routes through; the node answers for it on each pod's veth.
 pub(crate) const GATEWAY: &str = "169.254.1.1";
+/// The same over IPv6: a link-local address, as Calico's.
+pub(crate) const GATEWAY6: &str = "fe80::1";
+
+/// The lab's IPv6 address of the host whose IPv4 address is `ip`, in the ULA prefix `fd00::/64`:
+/// the four numbers of `ip`, as written, are its last four groups (10.244.0.11 is
+/// `fd00::10:244:0:11`), so that one reads as the other.
+pub fn ipv6_twin(ip: Ipv4Addr) -> Ipv6Addr {
+    let [a, b, c, d] = ip
+        .octets()
+        .map(|n| u16::from_str_radix(&n.to_string(), 16).expect("decimal digits read as hex"));
+    Ipv6Addr::new(0xfd00, 0, 0, 0, a, b, c, d)
+}
 pub(crate) const BPFFS: &str = "/sys/fs/bpf";
 pub(crate) const WAIT: Duration = Duration::from_secs(20);
 pub(crate) const POLL: Duration = Duration::from_millis(50);

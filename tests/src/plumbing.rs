@@ -11,7 +11,8 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 
 use crate::{
-    BPFFS, GATEWAY, WAIT, dies_with_parent, read_line_within, run, wait_within, workspace_root,
+    BPFFS, GATEWAY, GATEWAY6, WAIT, dies_with_parent, ipv6_twin, read_line_within, run,
+    wait_within, workspace_root,
 };
 
 /// Removes what the agent `instance` pinned, and `<bpffs>/lb` when it was the last there.
@@ -98,6 +99,46 @@ pub(crate) fn wire_pod(
         "neigh",
         "add",
         GATEWAY,
+        "lladdr",
+        &host_mac,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ])?;
+    // IPv6 alike, its address in use at once (no duplicate detection to wait for: the lab
+    // gives each address once) and its neighbours written, so that no solicitation is needed.
+    let ip6 = ipv6_twin(ip.parse().expect("an IPv4 address")).to_string();
+    node_ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if])?;
+    node_ip(&[
+        "-6",
+        "neigh",
+        "add",
+        &ip6,
+        "lladdr",
+        &pod_mac,
+        "dev",
+        &host_if,
+        "nud",
+        "permanent",
+    ])?;
+    pod_ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{ip6}/128"),
+        "dev",
+        "eth0",
+        "nodad",
+    ])?;
+    pod_ip(&[
+        "-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0",
+    ])?;
+    pod_ip(&[
+        "-6",
+        "neigh",
+        "add",
+        GATEWAY6,
         "lladdr",
         &host_mac,
         "dev",

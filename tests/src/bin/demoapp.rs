@@ -27,9 +27,10 @@ const MAX_ANSWER: usize = 65_507;
 
 fn main() -> std::io::Result<()> {
     let name = env::args().nth(1).expect("usage: demoapp POD-NAME");
-    let http = TcpListener::bind(("0.0.0.0", HTTP_PORT))?;
-    let echo = TcpListener::bind(("0.0.0.0", ECHO_PORT))?;
-    let udp = UdpSocket::bind(("0.0.0.0", UDP_PORT))?;
+    // Both families on one socket each (IPv4 as mapped addresses, named back as IPv4).
+    let http = TcpListener::bind(("::", HTTP_PORT))?;
+    let echo = TcpListener::bind(("::", ECHO_PORT))?;
+    let udp = UdpSocket::bind(("::", UDP_PORT))?;
 
     let pod = name.clone();
     thread::spawn(move || serve(&http, &pod, answer_http));
@@ -42,7 +43,8 @@ fn main() -> std::io::Result<()> {
         let Ok((len, peer)) = udp.recv_from(&mut buf) else {
             continue;
         };
-        let mut answer = format!("pod={name} client={peer} received={len}\n").into_bytes();
+        let client = canonical(peer);
+        let mut answer = format!("pod={name} client={client} received={len}\n").into_bytes();
         if let Some(size) = std::str::from_utf8(&buf[..len])
             .ok()
             .and_then(|query| query.trim().strip_prefix("size="))
@@ -56,7 +58,16 @@ fn main() -> std::io::Result<()> {
 }
 
 fn identity(pod: &str, local: SocketAddr, peer: SocketAddr) -> String {
-    format!("pod={pod} ip={} client={peer}\n", local.ip())
+    format!(
+        "pod={pod} ip={} client={}\n",
+        local.ip().to_canonical(),
+        canonical(peer)
+    )
+}
+
+/// `address`, an IPv4 one as IPv4 rather than as a mapped IPv6 address.
+fn canonical(address: SocketAddr) -> SocketAddr {
+    SocketAddr::new(address.ip().to_canonical(), address.port())
 }
 
 fn serve(listener: &TcpListener, pod: &str, answer: fn(TcpStream, &str) -> std::io::Result<()>) {
