@@ -141,7 +141,7 @@ fn waits_for_first(addr_be: u32) -> bool {
     maps::vip(addr_be).is_some() || maps::config().is_some_and(|c| c.snat_addr_be == addr_be)
 }
 
-/// Counts a later fragment that cannot be placed, to drop.
+/// Counts a later fragment that cannot be placed.
 #[inline(always)]
 pub fn unplaced() {
     count(|s| &mut s.fragments_unmatched);
@@ -257,7 +257,7 @@ fn write_over(ctx: &TcContext, fragment: &HeldFragment) -> Option<()> {
 /// a datagram whose fragments wait for their first, its ports are left for the later ones
 /// (again, if it was rewritten: a first that passed untouched, a datagram no service's, leaves
 /// them only here), and those held already are sent on behind it: the first is cloned into
-/// this interface's ingress, where it comes round again and passes (no frontend's now), then
+/// this interface's ingress, where it comes round again and passes on, then
 /// each held fragment is written over the skb and cloned after it, and the skb itself is
 /// dropped (`TC_ACT_SHOT`). Else it goes on (`TC_ACT_OK`).
 #[inline(always)]

@@ -6,8 +6,8 @@ use core::mem;
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, bpf_fib_lookup,
-        bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
+        TC_ACT_SHOT, bpf_fib_lookup, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1,
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh},
     programs::TcContext,
@@ -19,8 +19,9 @@ const AF_INET: u8 = 2;
 
 /// Redirects the IPv4 packet on `lo`'s egress out of the interface its destination's route
 /// takes, to the route's next hop, its Ethernet addresses filled in from the neighbour table
-/// (`TC_ACT_REDIRECT`). The packet was rewritten away from the node: without a route it is
-/// dropped and counted (`dropped_error`), as over `lo` it would reach no one.
+/// (`TC_ACT_REDIRECT`). One still addressed to the node goes on over `lo`; one rewritten away
+/// from it that has no route is dropped and counted (`dropped_error`), as over `lo` it would
+/// reach no one.
 #[inline(always)]
 pub fn out_of_loopback(ctx: &TcContext) -> i32 {
     let Some((ip, _)) = ipv4(ctx.data(), ctx.data_end()) else {
@@ -48,6 +49,10 @@ pub fn out_of_loopback(ctx: &TcContext) -> i32 {
             0,
         )
     };
+    if found == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED) {
+        // Still the node's own: on over `lo`.
+        return TC_ACT_OK;
+    }
     if found != i64::from(BPF_FIB_LKUP_RET_SUCCESS) && found != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH)
     {
         count(|s| &mut s.dropped_error);
