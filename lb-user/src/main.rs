@@ -1,8 +1,7 @@
 mod agent;
 
 use std::{
-    io::IsTerminal as _, net::Ipv4Addr, ops::RangeInclusive, path::PathBuf, sync::Arc,
-    time::Duration,
+    io::IsTerminal as _, net::IpAddr, ops::RangeInclusive, path::PathBuf, sync::Arc, time::Duration,
 };
 
 use anyhow::{Context as _, Result};
@@ -148,9 +147,10 @@ struct NodeArgs {
     /// This node's name, as in its Node object.
     #[arg(long = "node-name", visible_alias = "node", env = "NODE_NAME")]
     name: String,
-    /// Addresses NodePorts listen on; by default the Node's InternalIP and ExternalIP.
+    /// Addresses NodePorts listen on, of either family; by default the Node's InternalIP and
+    /// ExternalIP. The first IPv4 one is the SNAT address.
     #[arg(long = "node-ip", value_delimiter = ',')]
-    addresses: Vec<Ipv4Addr>,
+    addresses: Vec<IpAddr>,
     /// The cluster's --service-node-port-range.
     #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
     node_port_range: RangeInclusive<u16>,

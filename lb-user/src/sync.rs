@@ -4,7 +4,11 @@
 //! Services, the work of one. The agent runs it; the control-plane benchmark times it; the
 //! pipeline tests run it over maps in memory.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    sync::Arc,
+};
 
 use lb_common::maps::Config;
 use tracing::error;
@@ -64,7 +68,7 @@ pub struct Synced {
     /// The health checks the node serves for cloud load balancers.
     pub health_checks: Vec<HealthCheck>,
     /// Where NodePorts, and so the health checks, listen.
-    pub node_addresses: Vec<Ipv4Addr>,
+    pub node_addresses: Vec<IpAddr>,
 }
 
 /// What a frontend's counters are labelled with.
@@ -117,7 +121,7 @@ impl Pipeline {
         } else {
             plan::diff_touched(&self.programmed, self.planner.desired(), &touched)
         };
-        let snat_address = desired.node_addresses.first().copied();
+        let snat_address = model::first_v4(&desired.node_addresses);
         let (config_written, config_failed) = self.write_config(snat_address, maps);
         let put_off = self.apply(&ops, maps);
         self.compare_all = put_off > 0;
@@ -200,7 +204,7 @@ fn labels(
     frontends
         .iter()
         .filter_map(|f| {
-            let key = plan::frontend_key(f.address, f.port, f.protocol, f.scope);
+            let key = plan::frontend_key(f.address, f.port, f.protocol, f.scope)?;
             let id = programmed.frontends.get(&key)?.service_id;
             let scope = match f.scope {
                 model::Scope::External => "external",

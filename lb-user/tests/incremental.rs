@@ -247,8 +247,9 @@ fn a_write_that_fails_leaves_consistent_maps_and_the_next_sync_writes_the_rest()
         let sections: Vec<&(String, String)> = case.manifests().collect();
         let node = NodeConfig::new(case.node());
         // The node's address changes too: the config is written in the same sync.
+        let moved_to = Ipv4Addr::new(192, 0, 2, 77);
         let moved = NodeConfig {
-            addresses: vec![Ipv4Addr::new(192, 0, 2, 77)],
+            addresses: vec![moved_to.into()],
             ..node.clone()
         };
         let case = case.path.display();
@@ -295,7 +296,7 @@ fn a_write_that_fails_leaves_consistent_maps_and_the_next_sync_writes_the_rest()
             assert_eq!(synced.failed, 0, "{case}: {fail:?}, the retry");
             assert_eq!(
                 maps.maps.config.map(|c| c.snat_addr_be),
-                Some(u32::from(moved.addresses[0]).to_be()),
+                Some(u32::from(moved_to).to_be()),
                 "{case}: {fail:?}, the config"
             );
             // The datapath is told of deletions after them: an epoch after the last one.

@@ -313,7 +313,7 @@ fn frontend(
             Scope::External => FrontendKind::LoadBalancer,
         },
         scope,
-        address,
+        address: address.into(),
         port,
         protocol,
         algorithm: Algorithm::RoundRobin,
@@ -323,7 +323,7 @@ fn frontend(
         backends: backends
             .iter()
             .map(|&(address, port)| model::Backend {
-                address,
+                address: address.into(),
                 port,
                 node: Some(NODE.into()),
                 zone: None,

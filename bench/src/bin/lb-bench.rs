@@ -433,7 +433,7 @@ fn service(i: u32) -> model::Frontend {
         port_name: "http".into(),
         kind: FrontendKind::ClusterIP,
         scope: Scope::Internal,
-        address: vip(i),
+        address: vip(i).into(),
         port: SERVICE_PORT,
         protocol: Protocol::Tcp,
         algorithm: Algorithm::RoundRobin,
@@ -442,7 +442,7 @@ fn service(i: u32) -> model::Frontend {
         rule: "ready endpoints".into(),
         backends: (0..BACKENDS_PER_SERVICE)
             .map(|b| model::Backend {
-                address: backend(i, b),
+                address: backend(i, b).into(),
                 port: BACKEND_PORT,
                 node: Some("bench-node".into()),
                 zone: None,

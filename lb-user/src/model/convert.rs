@@ -17,7 +17,7 @@ use k8s_openapi::{
 };
 
 use super::{
-    ALGORITHM_ANNOTATION, Algorithm, Cluster, Endpoint, EndpointPort, EndpointSlice, Node,
+    ALGORITHM_ANNOTATION, Algorithm, Cluster, Endpoint, EndpointPort, EndpointSlice, Family, Node,
     Protocol, Service, ServiceKind, ServicePort, Skipped, SourceRange, TOPOLOGY_KEYS_ANNOTATION,
     TargetPort, TrafficPolicy,
 };
@@ -278,7 +278,12 @@ fn service(svc: &core::Service, skipped: &mut Vec<Skipped>) -> Option<Service> {
         _ => None,
     };
     let cluster_ips = match &spec.cluster_ips {
-        Some(ips) => addresses(ips, "spec.clusterIPs", &object, skipped),
+        Some(ips) => one_per_family(
+            addresses(ips, "spec.clusterIPs", &object, skipped),
+            spec.ip_families.as_deref().unwrap_or_default(),
+            &object,
+            skipped,
+        ),
         None => spec
             .cluster_ip
             .iter()
@@ -405,30 +410,65 @@ fn cidr(entry: &str) -> Option<Cidr> {
     (len <= 32).then(|| Cidr::V4(SourceRange::new(Ipv4Addr::new(a, b, c, d), len)))
 }
 
-/// The IPv4 addresses of a list field; the others are reported and left out.
+/// `spec.clusterIPs`: at most one address per family, each of the family `spec.ipFamilies`
+/// names at its index (the API server keeps them so; a manifest may not). A second address of
+/// a family, or one of another family than named, is reported and left out.
+fn one_per_family(
+    ips: Vec<IpAddr>,
+    families: &[String],
+    object: &str,
+    skipped: &mut Vec<Skipped>,
+) -> Vec<IpAddr> {
+    let mut kept: Vec<IpAddr> = Vec::new();
+    for (i, ip) in ips.into_iter().enumerate() {
+        let family = Family::of(ip);
+        let named = families.get(i).map(String::as_str);
+        let reason = if kept.iter().any(|k| Family::of(*k) == family) {
+            Some(format!("{ip}: a second {family} address (one per family)"))
+        } else if named.is_some_and(|n| n != family.to_string()) {
+            Some(format!(
+                "{ip} is {family}, where spec.ipFamilies[{i}] is {}",
+                named.unwrap_or_default()
+            ))
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => skipped.push(Skipped::new(
+                object,
+                format!("spec.clusterIPs[{i}]"),
+                reason,
+            )),
+            None => kept.push(ip),
+        }
+    }
+    kept
+}
+
+/// The IP addresses of a list field; an entry that is none is reported and left out.
 fn addresses<'a>(
     list: impl IntoIterator<Item = &'a String>,
     field: &str,
     object: &str,
     skipped: &mut Vec<Skipped>,
-) -> Vec<Ipv4Addr> {
+) -> Vec<IpAddr> {
     list.into_iter()
         .enumerate()
         .filter_map(|(i, ip)| address(ip, &format!("{field}[{i}]"), object, skipped))
         .collect()
 }
 
-/// An IPv4 address field; anything else is reported.
-fn address(ip: &str, field: &str, object: &str, skipped: &mut Vec<Skipped>) -> Option<Ipv4Addr> {
-    let reason = match ip.parse::<IpAddr>() {
-        Ok(IpAddr::V4(v4)) => return Some(v4),
-        Ok(IpAddr::V6(_)) => {
-            format!("{ip} is IPv6, which the datapath does not handle yet")
-        }
-        Err(_) => format!("{ip:?} is not an IP address"),
-    };
-    skipped.push(Skipped::new(object, field, reason));
-    None
+/// An IP address field, of either family; anything else is reported.
+fn address(ip: &str, field: &str, object: &str, skipped: &mut Vec<Skipped>) -> Option<IpAddr> {
+    let parsed = ip.parse::<IpAddr>().ok();
+    if parsed.is_none() {
+        skipped.push(Skipped::new(
+            object,
+            field,
+            format!("{ip:?} is not an IP address"),
+        ));
+    }
+    parsed
 }
 
 fn traffic_policy(policy: Option<&str>) -> Result<TrafficPolicy, String> {
@@ -554,10 +594,12 @@ fn endpoint_slice(
     skipped: &mut Vec<Skipped>,
 ) -> Option<EndpointSlice> {
     let object = object("EndpointSlice", &slice.metadata);
-    if slice.address_type != "IPv4" {
-        // IPv6 and FQDN slices exist beside the IPv4 one of every dual-stack Service.
-        return None;
-    }
+    let family_of_slice = match slice.address_type.as_str() {
+        "IPv4" => Family::V4,
+        "IPv6" => Family::V6,
+        // No proxy balances over names.
+        _ => return None,
+    };
     if label(&slice.metadata, HEADLESS_LABEL).is_some() {
         return None;
     }
@@ -597,11 +639,15 @@ fn endpoint_slice(
         let Some(address) = endpoint.addresses.first() else {
             continue;
         };
-        let Ok(address) = address.parse::<Ipv4Addr>() else {
+        let Some(address) = address
+            .parse::<IpAddr>()
+            .ok()
+            .filter(|ip| Family::of(*ip) == family_of_slice)
+        else {
             skipped.push(Skipped::new(
                 &object,
                 format!("endpoints[{i}].addresses[0]"),
-                format!("{address:?} is not an IPv4 address"),
+                format!("{address:?} is not an {family_of_slice} address"),
             ));
             continue;
         };
@@ -673,7 +719,7 @@ fn mirrored_slices(endpoints: &core::Endpoints, skipped: &mut Vec<Skipped>) -> V
         ];
         for (list_name, list, ready) in lists {
             for (a, address) in list.iter().flatten().enumerate() {
-                match address.ip.parse::<Ipv4Addr>() {
+                match address.ip.parse::<IpAddr>() {
                     Ok(ip) => members.push(Endpoint {
                         address: ip,
                         ready,
@@ -687,7 +733,7 @@ fn mirrored_slices(endpoints: &core::Endpoints, skipped: &mut Vec<Skipped>) -> V
                     Err(_) => skipped.push(Skipped::new(
                         &object,
                         format!("subsets[{s}].{list_name}[{a}].ip"),
-                        format!("{:?} is not an IPv4 address", address.ip),
+                        format!("{:?} is not an IP address", address.ip),
                     )),
                 }
             }
@@ -715,8 +761,7 @@ fn node(node: &core::Node, skipped: &mut Vec<Skipped>) -> Node {
             continue;
         }
         match address.address.parse::<IpAddr>() {
-            Ok(IpAddr::V4(v4)) => addresses.push(v4),
-            Ok(IpAddr::V6(_)) => {}
+            Ok(ip) => addresses.push(ip),
             Err(_) => skipped.push(Skipped::new(
                 &object,
                 format!("status.addresses[{i}].address"),
@@ -737,6 +782,95 @@ mod tests {
 
     fn node(json: serde_json::Value) -> Arc<core::Node> {
         Arc::new(serde_json::from_value(json).expect("a Node"))
+    }
+
+    #[test]
+    fn cluster_ips_are_one_per_family_as_ip_families_names_them() {
+        // (clusterIPs, ipFamilies, kept, reported indexes)
+        type Case = (
+            &'static [&'static str],
+            &'static [&'static str],
+            &'static [&'static str],
+            &'static [usize],
+        );
+        let cases: [Case; 5] = [
+            (
+                &["10.96.0.1", "fd00::1"],
+                &["IPv4", "IPv6"],
+                &["10.96.0.1", "fd00::1"],
+                &[],
+            ),
+            (
+                &["fd00::1", "10.96.0.1"],
+                &["IPv6", "IPv4"],
+                &["fd00::1", "10.96.0.1"],
+                &[],
+            ),
+            (
+                &["10.96.0.1", "fd00::1"],
+                &[],
+                &["10.96.0.1", "fd00::1"],
+                &[],
+            ),
+            (&["10.96.0.1", "10.96.0.2"], &[], &["10.96.0.1"], &[1]),
+            (&["10.96.0.1", "fd00::1"], &["IPv6", "IPv4"], &[], &[0, 1]),
+        ];
+        for (ips, families, kept, reported) in cases {
+            let ips: Vec<IpAddr> = ips.iter().map(|ip| ip.parse().unwrap()).collect();
+            let families: Vec<String> = families.iter().map(ToString::to_string).collect();
+            let mut skipped = Vec::new();
+            let got = one_per_family(ips.clone(), &families, "Service ns/svc", &mut skipped);
+            let kept: Vec<IpAddr> = kept.iter().map(|ip| ip.parse().unwrap()).collect();
+            assert_eq!(got, kept, "{ips:?} {families:?}");
+            let fields: Vec<String> = reported
+                .iter()
+                .map(|i| format!("spec.clusterIPs[{i}]"))
+                .collect();
+            let seen: Vec<String> = skipped.iter().map(|s| s.field.clone()).collect();
+            assert_eq!(seen, fields, "{ips:?} {families:?}: {skipped:?}");
+        }
+    }
+
+    #[test]
+    fn a_slice_s_endpoints_are_of_its_address_type_and_fqdn_slices_are_none_of_ours() {
+        let slice = |address_type: &str, address: &str| {
+            let json = serde_json::json!({
+                "metadata": {"name": "s", "namespace": "ns",
+                             "labels": {"kubernetes.io/service-name": "svc"}},
+                "addressType": address_type,
+                "ports": [{"name": "http", "port": 8080}],
+                "endpoints": [{"addresses": [address]}],
+            });
+            let slice: discovery::EndpointSlice = serde_json::from_value(json).unwrap();
+            let mut skipped = Vec::new();
+            let converted = endpoint_slice(&slice, &mut skipped);
+            (
+                converted.map(|s| {
+                    s.endpoints
+                        .iter()
+                        .map(|e| e.address.to_string())
+                        .collect::<Vec<_>>()
+                }),
+                skipped.len(),
+            )
+        };
+        // (addressType, address, endpoints, reported)
+        let cases: [(&str, &str, Option<&[&str]>, usize); 5] = [
+            ("IPv4", "10.244.0.1", Some(&["10.244.0.1"]), 0),
+            ("IPv6", "fd00::1", Some(&["fd00::1"]), 0),
+            // An address of the other family than the slice's: reported, left out.
+            ("IPv4", "fd00::1", Some(&[]), 1),
+            ("IPv6", "10.244.0.1", Some(&[]), 1),
+            ("FQDN", "pod.example", None, 0),
+        ];
+        for (address_type, address, endpoints, reported) in cases {
+            let wanted = endpoints.map(|e| e.iter().map(ToString::to_string).collect::<Vec<_>>());
+            assert_eq!(
+                slice(address_type, address),
+                (wanted, reported),
+                "{address_type} {address}"
+            );
+        }
     }
 
     #[test]

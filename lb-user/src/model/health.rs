@@ -2,24 +2,31 @@
 //! kube-proxy's `pkg/proxy/healthcheck` does: for each LoadBalancer Service with
 //! `externalTrafficPolicy: Local`, how many of its endpoints are on this node and ready.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{collections::BTreeSet, net::IpAddr};
 
-use super::{Cluster, HealthCheck, Service};
+use super::{Cluster, Family, HealthCheck, Service};
 
-/// The health check of `service` on `node`, if it has one. Its endpoints are counted per
-/// Service port (an endpoint listed twice, in two slices, once) and summed, as kube-proxy's
-/// `LocalReadyEndpoints`.
+/// The health check of `service` on `node`, if it has one. Its endpoints of its primary family
+/// (a dual-stack pod is in a slice of each) are counted per Service port (an endpoint listed
+/// twice, in two slices, once) and summed, as kube-proxy's `LocalReadyEndpoints`.
 pub fn health_check(service: &Service, cluster: &Cluster, node: &str) -> Option<HealthCheck> {
     let port = service.health_check_node_port?;
+    let primary = service
+        .cluster_ips
+        .first()
+        .map_or(Family::V4, |&ip| Family::of(ip));
     let mut local_endpoints = 0;
     for service_port in &service.ports {
-        let mut counted: BTreeSet<(Ipv4Addr, u16)> = BTreeSet::new();
+        let mut counted: BTreeSet<(IpAddr, u16)> = BTreeSet::new();
         for slice in cluster.slices.iter().filter(|s| s.service == service.name) {
             let Some(slice_port) = slice.port_for(service_port) else {
                 continue;
             };
             for endpoint in &slice.endpoints {
-                if endpoint.ready && endpoint.node.as_deref() == Some(node) {
+                if endpoint.ready
+                    && endpoint.node.as_deref() == Some(node)
+                    && Family::of(endpoint.address) == primary
+                {
                     counted.insert((endpoint.address, slice_port.port));
                 }
             }
@@ -36,6 +43,8 @@ pub fn health_check(service: &Service, cluster: &Cluster, node: &str) -> Option<
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
     use crate::model::{
         Algorithm, Endpoint, EndpointPort, EndpointSlice, Protocol, ServiceKind, ServicePort,
@@ -54,7 +63,7 @@ mod tests {
 
     fn endpoint(last: u8, node: &str, ready: bool) -> Endpoint {
         Endpoint {
-            address: Ipv4Addr::new(10, 244, 0, last),
+            address: Ipv4Addr::new(10, 244, 0, last).into(),
             ready,
             serving: true,
             terminating: !ready,

@@ -4,7 +4,7 @@
 //! out the same allocation for an object that did not change, so a change is found by address,
 //! without comparing contents.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use k8s_openapi::api::core::v1 as core;
 
@@ -29,7 +29,7 @@ struct NodeState {
     objects: Vec<Arc<core::Node>>,
     nodes: Vec<Node>,
     /// Where NodePorts listen; the first is the SNAT address.
-    node_addresses: Vec<Ipv4Addr>,
+    node_addresses: Vec<IpAddr>,
     skipped: Vec<Skipped>,
 }
 

@@ -10,9 +10,16 @@ mod health;
 mod memo;
 mod topology;
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr, ops::RangeInclusive, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+    ops::RangeInclusive,
+    sync::Arc,
+};
 
 pub use convert::{HEADLESS_LABEL, Objects, node_eligible};
+pub use frontends::first_v4;
 pub use memo::Memo;
 use serde::Serialize;
 
@@ -42,10 +49,11 @@ pub struct Service {
     /// one frontend, the older keeps it.
     pub created: Option<i64>,
     pub kind: ServiceKind,
-    pub cluster_ips: Vec<Ipv4Addr>,
-    pub external_ips: Vec<Ipv4Addr>,
+    /// `spec.clusterIPs`: one per family, the first the primary (`spec.ipFamilies` order).
+    pub cluster_ips: Vec<IpAddr>,
+    pub external_ips: Vec<IpAddr>,
     /// `status.loadBalancer.ingress[].ip` of the VIP kind.
-    pub load_balancer_ips: Vec<Ipv4Addr>,
+    pub load_balancer_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
     pub algorithm: Algorithm,
     pub internal_policy: TrafficPolicy,
@@ -61,6 +69,32 @@ pub struct Service {
     /// `None`: every source (no ranges, or IPv6 ones only, as kube-proxy's IPv4 proxier sees
     /// them); an empty list: none at all (every range was invalid: closed, not open).
     pub source_ranges: Option<Vec<SourceRange>>,
+}
+
+/// An IP family. kube-proxy runs one proxier per family over the same objects: a Service's
+/// frontends of a family are its addresses of that family, over endpoints of that family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => Self::V4,
+            IpAddr::V6(_) => Self::V6,
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        })
+    }
 }
 
 /// An IPv4 range of addresses, its host bits cleared.
@@ -175,7 +209,7 @@ pub struct EndpointPort {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Endpoint {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -192,7 +226,7 @@ pub struct Node {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     /// InternalIP and ExternalIP addresses.
-    pub addresses: Vec<Ipv4Addr>,
+    pub addresses: Vec<IpAddr>,
 }
 
 /// The node the agent programs, as configured.
@@ -200,7 +234,7 @@ pub struct Node {
 pub struct NodeConfig {
     pub name: String,
     /// Where NodePorts listen (`--node-ip`); empty: the Node's InternalIP and ExternalIP.
-    pub addresses: Vec<Ipv4Addr>,
+    pub addresses: Vec<IpAddr>,
     pub node_port_range: RangeInclusive<u16>,
 }
 
@@ -225,7 +259,7 @@ pub struct Frontend {
     pub port_name: String,
     pub kind: FrontendKind,
     pub scope: Scope,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
     pub algorithm: Algorithm,
@@ -281,7 +315,7 @@ pub enum WhenEmpty {
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Backend {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub node: Option<String>,
     pub zone: Option<String>,
@@ -376,8 +410,8 @@ pub struct Desired {
     pub skipped: Vec<Skipped>,
     /// The claims that lost to an older Service's (also in `skipped`), sorted.
     pub lost_claims: Vec<LostClaim>,
-    /// The node's addresses: where NodePorts listen, the first is the SNAT address.
-    pub node_addresses: Vec<Ipv4Addr>,
+    /// The node's addresses: where NodePorts listen; the first IPv4 one is the SNAT address.
+    pub node_addresses: Vec<IpAddr>,
     /// The health checks this node serves for cloud load balancers, sorted by Service.
     pub health_checks: Vec<HealthCheck>,
 }

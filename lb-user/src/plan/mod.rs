@@ -7,7 +7,7 @@ mod ids;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     sync::Arc,
 };
 
@@ -118,9 +118,18 @@ impl Planner {
     /// in the last update keeps its entries. Returns the keys whose entries may have changed,
     /// and what could not be planned.
     pub fn update(&mut self, frontends: &[Arc<model::Frontend>]) -> (Touched, Vec<Skipped>) {
+        let mut ipv6 = Vec::new();
         let wanted: BTreeMap<FrontendKey, &Arc<model::Frontend>> = frontends
             .iter()
-            .map(|f| (frontend_key(f.address, f.port, f.protocol, f.scope), f))
+            .filter_map(
+                |f| match frontend_key(f.address, f.port, f.protocol, f.scope) {
+                    Some(key) => Some((key, f)),
+                    None => {
+                        ipv6.push(ipv6_skipped(f));
+                        None
+                    }
+                },
+            )
             .collect();
         let mut touched = Touched::default();
         // Out first, in, then the backends nothing names any more: a backend that stays keeps
@@ -169,6 +178,7 @@ impl Planner {
             .planned
             .values()
             .filter_map(|(_, unplanned)| unplanned.clone())
+            .chain(ipv6)
             .collect();
         (touched, skipped)
     }
@@ -338,8 +348,17 @@ impl Planner {
     }
 }
 
-pub fn frontend_key(address: Ipv4Addr, port: u16, protocol: Protocol, scope: Scope) -> FrontendKey {
-    FrontendKey {
+/// The map key of a frontend; `None` for an IPv6 one, which the maps cannot hold yet.
+pub fn frontend_key(
+    address: IpAddr,
+    port: u16,
+    protocol: Protocol,
+    scope: Scope,
+) -> Option<FrontendKey> {
+    let IpAddr::V4(address) = address else {
+        return None;
+    };
+    Some(FrontendKey {
         addr_be: u32::from(address).to_be(),
         port_be: port.to_be(),
         protocol: protocol_number(protocol),
@@ -347,12 +366,29 @@ pub fn frontend_key(address: Ipv4Addr, port: u16, protocol: Protocol, scope: Sco
             Scope::External => SCOPE_EXTERNAL,
             Scope::Internal => SCOPE_INTERNAL,
         },
-    }
+    })
+}
+
+/// Why an IPv6 frontend is not planned.
+fn ipv6_skipped(frontend: &model::Frontend) -> Skipped {
+    Skipped::new(
+        format!("Service {}", frontend.service),
+        model::port_field(&frontend.port_name, frontend.port, frontend.protocol),
+        format!(
+            "[{}]:{}/{}: IPv6, which the datapath does not program yet",
+            frontend.address, frontend.port, frontend.protocol
+        ),
+    )
 }
 
 fn backend(backend: &model::Backend, protocol: Protocol, node: &str) -> Backend {
+    // The model gives an IPv4 frontend backends of its own family only.
+    let addr_be = match backend.address {
+        IpAddr::V4(address) => u32::from(address).to_be(),
+        IpAddr::V6(_) => 0,
+    };
     Backend {
-        addr_be: u32::from(backend.address).to_be(),
+        addr_be,
         port_be: backend.port.to_be(),
         protocol: protocol_number(protocol),
         flags: if backend.node.as_deref() == Some(node) {
@@ -558,7 +594,7 @@ mod tests {
             port_name: "http".into(),
             kind: FrontendKind::ClusterIP,
             scope: Scope::Internal,
-            address: Ipv4Addr::new(10, 96, 0, 10),
+            address: Ipv4Addr::new(10, 96, 0, 10).into(),
             port: 80,
             protocol: Protocol::Tcp,
             algorithm,
@@ -568,7 +604,7 @@ mod tests {
             backends: backends
                 .iter()
                 .map(|&(address, port)| model::Backend {
-                    address,
+                    address: address.into(),
                     port,
                     node: Some("node-a".into()),
                     zone: None,
@@ -583,7 +619,7 @@ mod tests {
     fn ranged(address: Ipv4Addr, ranges: Vec<model::SourceRange>) -> Arc<model::Frontend> {
         Arc::new(model::Frontend {
             kind: FrontendKind::LoadBalancer,
-            address,
+            address: address.into(),
             source_ranges: Some(ranges),
             ..frontend(
                 Algorithm::RoundRobin,
@@ -745,7 +781,7 @@ mod tests {
         let node_port = |scope| {
             Arc::new(model::Frontend {
                 kind: FrontendKind::NodePort,
-                address: node_ip,
+                address: node_ip.into(),
                 port: 30080,
                 scope,
                 ..frontend(Algorithm::RoundRobin, &[])

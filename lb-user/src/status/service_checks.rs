@@ -6,7 +6,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{Arc, atomic::Ordering},
 };
 
@@ -19,7 +19,7 @@ use crate::model::HealthCheck;
 pub struct ServiceChecks {
     status: Arc<Status>,
     wanted: Vec<HealthCheck>,
-    addresses: Vec<Ipv4Addr>,
+    addresses: Vec<IpAddr>,
     /// By namespace and name.
     running: BTreeMap<(String, String), Running>,
     /// What is wanted differs from what listens: new wants, or a listener that could not
@@ -31,7 +31,7 @@ struct Running {
     port: u16,
     check: Arc<ServiceCheck>,
     /// The listeners, by address.
-    listening: BTreeMap<Ipv4Addr, JoinHandle<()>>,
+    listening: BTreeMap<IpAddr, JoinHandle<()>>,
 }
 
 impl Drop for Running {
@@ -54,10 +54,10 @@ impl ServiceChecks {
     }
 
     /// Serves `wanted` on `addresses` from now on.
-    pub fn set(&mut self, wanted: Vec<HealthCheck>, addresses: &[Ipv4Addr]) {
+    pub fn set(&mut self, wanted: Vec<HealthCheck>, addresses: &[IpAddr]) {
         self.wanted = wanted;
         self.addresses = if addresses.is_empty() {
-            vec![Ipv4Addr::UNSPECIFIED]
+            vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)]
         } else {
             addresses.to_vec()
         };
@@ -130,8 +130,8 @@ impl ServiceChecks {
     }
 }
 
-fn listen(address: Ipv4Addr, port: u16) -> std::io::Result<TcpListener> {
-    let listener = std::net::TcpListener::bind(SocketAddrV4::new(address, port))?;
+fn listen(address: IpAddr, port: u16) -> std::io::Result<TcpListener> {
+    let listener = std::net::TcpListener::bind(SocketAddr::new(address, port))?;
     listener.set_nonblocking(true)?;
     TcpListener::from_std(listener)
 }

@@ -4,13 +4,13 @@
 use std::{
     borrow::Borrow,
     collections::{BTreeMap, btree_map::Entry},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use super::{
-    Backend, Cluster, Endpoint, EndpointSlice, Frontend, FrontendKind, LostClaim, Node, NodeConfig,
-    Protocol, Scope, Service, ServiceKind, ServicePort, Skipped, SourceRange, TrafficPolicy,
-    WhenEmpty, ZONE_LABEL, port_field,
+    Backend, Cluster, Endpoint, EndpointSlice, Family, Frontend, FrontendKind, LostClaim, Node,
+    NodeConfig, Protocol, Scope, Service, ServiceKind, ServicePort, Skipped, SourceRange,
+    TrafficPolicy, WhenEmpty, ZONE_LABEL, port_field,
     topology::{self, Candidate, Selection, Topology},
 };
 
@@ -18,12 +18,12 @@ use super::{
 /// topology of the cluster around it.
 pub struct NodeView<'a> {
     pub node: &'a NodeConfig,
-    pub node_ips: &'a [Ipv4Addr],
+    pub node_ips: &'a [IpAddr],
     pub topology: Topology<'a>,
 }
 
 impl<'a> NodeView<'a> {
-    pub fn new(node: &'a NodeConfig, node_ips: &'a [Ipv4Addr], nodes: &'a [Node]) -> Self {
+    pub fn new(node: &'a NodeConfig, node_ips: &'a [IpAddr], nodes: &'a [Node]) -> Self {
         Self {
             node,
             node_ips,
@@ -77,8 +77,8 @@ pub fn settle<F: Borrow<Frontend>>(
     // Stable: a Service's own claims keep their order.
     claims.sort_by(|a, b| claim_order(a.borrow()).cmp(&claim_order(b.borrow())));
     // Indexes into `kept`.
-    let mut holders: BTreeMap<(Ipv4Addr, u16, Protocol), usize> = BTreeMap::new();
-    let mut by_key: BTreeMap<(Ipv4Addr, u16, Protocol, Scope), usize> = BTreeMap::new();
+    let mut holders: BTreeMap<(IpAddr, u16, Protocol), usize> = BTreeMap::new();
+    let mut by_key: BTreeMap<(IpAddr, u16, Protocol, Scope), usize> = BTreeMap::new();
     let mut kept: Vec<Option<F>> = Vec::new();
     let mut lost = Vec::new();
     for claim in claims {
@@ -162,18 +162,75 @@ fn older(holder: Option<i64>, newcomer: Option<i64>) -> &'static str {
     }
 }
 
-/// The frontends one Service claims, in the order they are claimed.
+/// The frontends one Service claims, in the order they are claimed: for each of its families
+/// (those of its ClusterIPs, its primary first; IPv4 for a Service without one), as
+/// kube-proxy's proxier of that family makes them, of that family's addresses over that
+/// family's endpoints. Its external and load-balancer IPs of a family it does not have are
+/// reported and left out, as kube-proxy leaves them.
 fn service_frontends(
     service: &Service,
     slices: &[&EndpointSlice],
     view: &NodeView<'_>,
     skipped: &mut Vec<Skipped>,
 ) -> Vec<Frontend> {
-    let topology = &view.topology;
-    let source_ranges = source_ranges(service, view.node_ips);
+    let mut families: Vec<Family> = service
+        .cluster_ips
+        .iter()
+        .map(|&ip| Family::of(ip))
+        .collect();
+    if families.is_empty() {
+        families.push(Family::V4);
+    }
+    let object = format!("Service {}/{}", service.namespace, service.name);
+    let lists = [
+        ("spec.externalIPs", &service.external_ips),
+        ("status.loadBalancer.ingress", &service.load_balancer_ips),
+    ];
+    for (field, list) in lists {
+        for (i, &ip) in list.iter().enumerate() {
+            let family = Family::of(ip);
+            if !families.contains(&family) {
+                skipped.push(Skipped::new(
+                    &object,
+                    format!("{field}[{i}]"),
+                    format!("{ip} is {family}, a family the Service has no ClusterIP of"),
+                ));
+            }
+        }
+    }
+    // Per port, not per family: each is reported once.
+    let node_ports: Vec<Option<u16>> = service
+        .ports
+        .iter()
+        .map(|port| node_port(service, port, view.node, skipped))
+        .collect();
     let mut claims = Vec::new();
-    for port in &service.ports {
-        let candidates = candidates(port, slices);
+    for family in families {
+        family_frontends(service, family, slices, view, &node_ports, &mut claims);
+    }
+    claims
+}
+
+/// The frontends of `service` that its proxier of `family` makes, into `claims`; `node_ports`
+/// are its ports' NodePorts.
+fn family_frontends(
+    service: &Service,
+    family: Family,
+    slices: &[&EndpointSlice],
+    view: &NodeView<'_>,
+    node_ports: &[Option<u16>],
+    claims: &mut Vec<Frontend>,
+) {
+    let topology = &view.topology;
+    let of_family = |ip: &&IpAddr| Family::of(**ip) == family;
+    // IPv4 ranges only, as kube-proxy's IPv4 proxier reads them; the IPv6 datapath to come
+    // brings IPv6 ranges.
+    let source_ranges = match family {
+        Family::V4 => source_ranges(service, view.node_ips),
+        Family::V6 => None,
+    };
+    for (port, &node_port) in service.ports.iter().zip(node_ports) {
+        let candidates = candidates(port, slices, family);
         let cluster_wide = topology::cluster_wide(&candidates, &service.topology_keys, topology);
         let local = topology::node_local(&candidates, topology);
         let local_when_empty = if topology::any_usable(&candidates) {
@@ -196,10 +253,11 @@ fn service_frontends(
         };
 
         let mut externals = Vec::new();
-        if let Some(node_port) = node_port(service, port, view.node, skipped) {
+        if let Some(node_port) = node_port {
             externals.extend(
                 view.node_ips
                     .iter()
+                    .filter(of_family)
                     .map(|&ip| (FrontendKind::NodePort, ip, node_port)),
             );
         }
@@ -207,12 +265,14 @@ fn service_frontends(
             service
                 .external_ips
                 .iter()
+                .filter(of_family)
                 .map(|&ip| (FrontendKind::ExternalIP, ip, port.port)),
         );
         externals.extend(
             service
                 .load_balancer_ips
                 .iter()
+                .filter(of_family)
                 .map(|&ip| (FrontendKind::LoadBalancer, ip, port.port)),
         );
         let mut claim = |kind, scope, address, number, choice: &(&Selection, WhenEmpty, String)| {
@@ -245,7 +305,7 @@ fn service_frontends(
                 },
             });
         };
-        for &address in &service.cluster_ips {
+        for &address in service.cluster_ips.iter().filter(of_family) {
             claim(
                 FrontendKind::ClusterIP,
                 Scope::Internal,
@@ -259,29 +319,34 @@ fn service_frontends(
             claim(kind, Scope::Internal, address, number, &short_circuit);
         }
     }
-    claims
 }
 
 /// The sources a Service's load-balancer IPs take, as kube-proxy's firewall allows them: its
 /// ranges, and when one holds the node's address (its first, kube-proxy's node IP, which the
 /// node's own sockets are checked as), its load-balancer IPs too (a node that routes such an
 /// IP to itself sends from it).
-fn source_ranges(service: &Service, node_ips: &[Ipv4Addr]) -> Option<Vec<SourceRange>> {
+fn source_ranges(service: &Service, node_ips: &[IpAddr]) -> Option<Vec<SourceRange>> {
     let ranges = service.source_ranges.as_ref()?;
     let mut allowed = ranges.clone();
-    if let Some(&node_ip) = node_ips.first()
+    if let Some(node_ip) = first_v4(node_ips)
         && ranges.iter().any(|range| range.contains(node_ip))
     {
-        allowed.extend(
-            service
-                .load_balancer_ips
-                .iter()
-                .map(|&ip| SourceRange::new(ip, 32)),
-        );
+        allowed.extend(service.load_balancer_ips.iter().filter_map(|&ip| match ip {
+            IpAddr::V4(v4) => Some(SourceRange::new(v4, 32)),
+            IpAddr::V6(_) => None,
+        }));
     }
     allowed.sort();
     allowed.dedup();
     Some(allowed)
+}
+
+/// The node's first IPv4 address: kube-proxy's node IP, the SNAT address.
+pub fn first_v4(addresses: &[IpAddr]) -> Option<std::net::Ipv4Addr> {
+    addresses.iter().find_map(|ip| match ip {
+        IpAddr::V4(v4) => Some(*v4),
+        IpAddr::V6(_) => None,
+    })
 }
 
 /// The port's NodePort, if it has one this node can serve.
@@ -319,16 +384,24 @@ fn node_port(
     }
 }
 
-/// The endpoints of `port` across the Service's slices, each once (a terminating duplicate
-/// gives way, as in kube-proxy).
-fn candidates<'a>(port: &ServicePort, slices: &[&'a EndpointSlice]) -> Vec<Candidate<'a>> {
-    let mut by_address: BTreeMap<(Ipv4Addr, u16), Candidate<'a>> = BTreeMap::new();
+/// The endpoints of `port` of `family` across the Service's slices, each once (a terminating
+/// duplicate gives way, as in kube-proxy).
+fn candidates<'a>(
+    port: &ServicePort,
+    slices: &[&'a EndpointSlice],
+    family: Family,
+) -> Vec<Candidate<'a>> {
+    let mut by_address: BTreeMap<(IpAddr, u16), Candidate<'a>> = BTreeMap::new();
     for slice in slices {
         let Some(slice_port) = slice.port_for(port) else {
             continue;
         };
         let number = slice_port.port;
-        for endpoint in &slice.endpoints {
+        let of_family = slice
+            .endpoints
+            .iter()
+            .filter(|e| Family::of(e.address) == family);
+        for endpoint in of_family {
             let candidate = Candidate {
                 endpoint,
                 port: number,

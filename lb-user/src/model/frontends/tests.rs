@@ -1,13 +1,16 @@
 //! The frontend tables: what each Service, port and policy claims on a node, case by case.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use super::*;
 use crate::model::{
     Algorithm, Endpoint, EndpointPort, HOSTNAME_LABEL, Node, REGION_LABEL, SourceRange, TargetPort,
 };
 
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
+const VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1));
 
 fn service() -> Service {
     Service {
@@ -35,10 +38,18 @@ fn service() -> Service {
     }
 }
 
+/// The last number of an IPv4 address; 0 for an IPv6 one.
+fn last_octet(address: IpAddr) -> u8 {
+    match address {
+        IpAddr::V4(v4) => v4.octets()[3],
+        IpAddr::V6(_) => 0,
+    }
+}
+
 /// A ready endpoint 10.244.0.<last> on `node`.
 fn ep(last: u8, node: &str) -> Endpoint {
     Endpoint {
-        address: Ipv4Addr::new(10, 244, 0, last),
+        address: Ipv4Addr::new(10, 244, 0, last).into(),
         ready: true,
         serving: true,
         terminating: false,
@@ -83,7 +94,7 @@ fn node(name: &str, zone: Option<&str>, last: u8) -> Node {
     Node {
         name: name.into(),
         labels,
-        addresses: vec![Ipv4Addr::new(192, 0, 2, last)],
+        addresses: vec![Ipv4Addr::new(192, 0, 2, last).into()],
     }
 }
 
@@ -142,7 +153,7 @@ fn frontend_of(
         .iter()
         .find(|f| f.kind == kind && f.scope == scope)
         .unwrap_or_else(|| panic!("no {kind:?} from {scope:?} in {frontends:?}"));
-    let octets = fe.backends.iter().map(|b| b.address.octets()[3]).collect();
+    let octets = fe.backends.iter().map(|b| last_octet(b.address)).collect();
     (octets, fe.rule.clone(), fe.when_empty)
 }
 
@@ -492,8 +503,8 @@ fn every_frontend_kind_and_address() {
     let mut svc = service();
     svc.kind = ServiceKind::LoadBalancer;
     svc.ports[0].node_port = Some(30080);
-    svc.external_ips = vec![Ipv4Addr::new(198, 51, 100, 7)];
-    svc.load_balancer_ips = vec![Ipv4Addr::new(203, 0, 113, 9)];
+    svc.external_ips = vec![Ipv4Addr::new(198, 51, 100, 7).into()];
+    svc.load_balancer_ips = vec![Ipv4Addr::new(203, 0, 113, 9).into()];
     svc.affinity_timeout = Some(60);
     let cluster = cluster(svc, vec![ep(1, "n1")]);
     let mut config = NodeConfig::new("n1");
@@ -518,7 +529,10 @@ fn every_frontend_kind_and_address() {
     assert!(frontends.iter().all(|f| f.affinity_timeout == Some(60)));
 
     // --node-ip replaces the Node's addresses; a nodePort out of range is reported.
-    config.addresses = vec![Ipv4Addr::new(172, 31, 0, 1), Ipv4Addr::new(172, 31, 0, 2)];
+    config.addresses = vec![
+        Ipv4Addr::new(172, 31, 0, 1).into(),
+        Ipv4Addr::new(172, 31, 0, 2).into(),
+    ];
     config.node_port_range = 31000..=31999;
     let (frontends, skipped) = run(&cluster, &config);
     assert!(!frontends.iter().any(|f| f.kind == FrontendKind::NodePort));
@@ -526,12 +540,95 @@ fn every_frontend_kind_and_address() {
     assert_eq!(skipped[0].field, "spec.ports[http].nodePort");
     config.node_port_range = 30000..=32767;
     let (frontends, _) = run(&cluster, &config);
-    let node_ports: Vec<Ipv4Addr> = frontends
+    let node_ports: Vec<IpAddr> = frontends
         .iter()
         .filter(|f| f.kind == FrontendKind::NodePort && f.scope == Scope::External)
         .map(|f| f.address)
         .collect();
     assert_eq!(node_ports, config.addresses);
+}
+
+/// A ready endpoint `address` on `node`.
+fn ep_at(address: &str, node: &str) -> Endpoint {
+    Endpoint {
+        address: address.parse().expect("an address"),
+        ..ep(0, node)
+    }
+}
+
+fn ip(address: &str) -> IpAddr {
+    address.parse().expect("an address")
+}
+
+#[test]
+fn each_family_s_frontends_take_that_family_s_addresses_and_endpoints_only() {
+    let dual_stack = |cluster_ips: &[&str]| {
+        let mut svc = service();
+        svc.kind = ServiceKind::NodePort;
+        svc.ports[0].node_port = Some(30080);
+        svc.cluster_ips = cluster_ips.iter().map(|a| ip(a)).collect();
+        svc.external_ips = vec![ip("198.51.100.7"), ip("2001:db8::7")];
+        // Both families' endpoints in one slice, as the Endpoints mirror may make them.
+        cluster(svc, vec![ep_at("10.244.0.1", "n1"), ep_at("fd00::1", "n1")])
+    };
+    let mut config = NodeConfig::new("n1");
+    config.addresses = vec![ip("192.0.2.1"), ip("2001:db8::1")];
+    let listed = |frontends: &[Frontend]| -> Vec<String> {
+        frontends
+            .iter()
+            .filter(|f| f.scope == Scope::External || f.kind == FrontendKind::ClusterIP)
+            .map(|f| {
+                let backends: Vec<String> =
+                    f.backends.iter().map(|b| b.address.to_string()).collect();
+                format!("{:?} {} -> {}", f.kind, f.address, backends.join(","))
+            })
+            .collect()
+    };
+    // (clusterIPs, frontends, reported fields)
+    let cases: [(&[&str], &[&str], &[&str]); 3] = [
+        (
+            &["10.96.0.1", "fd00::96:1"],
+            &[
+                "ClusterIP 10.96.0.1 -> 10.244.0.1",
+                "NodePort 192.0.2.1 -> 10.244.0.1",
+                "ExternalIP 198.51.100.7 -> 10.244.0.1",
+                "ClusterIP fd00::96:1 -> fd00::1",
+                "NodePort 2001:db8::1 -> fd00::1",
+                "ExternalIP 2001:db8::7 -> fd00::1",
+            ],
+            &[],
+        ),
+        // Single-stack IPv4: the IPv6 external IP is the other proxier's, which has no
+        // ClusterIP of this Service: reported, left out.
+        (
+            &["10.96.0.1"],
+            &[
+                "ClusterIP 10.96.0.1 -> 10.244.0.1",
+                "NodePort 192.0.2.1 -> 10.244.0.1",
+                "ExternalIP 198.51.100.7 -> 10.244.0.1",
+            ],
+            &["spec.externalIPs[1]"],
+        ),
+        (
+            &["fd00::96:1"],
+            &[
+                "ClusterIP fd00::96:1 -> fd00::1",
+                "NodePort 2001:db8::1 -> fd00::1",
+                "ExternalIP 2001:db8::7 -> fd00::1",
+            ],
+            &["spec.externalIPs[0]"],
+        ),
+    ];
+    for (cluster_ips, wanted, reported) in cases {
+        let (frontends, skipped) = run(&dual_stack(cluster_ips), &config);
+        let mut seen = listed(&frontends);
+        let mut wanted: Vec<String> = wanted.iter().map(ToString::to_string).collect();
+        seen.sort();
+        wanted.sort();
+        assert_eq!(seen, wanted, "{cluster_ips:?}");
+        let fields: Vec<&str> = skipped.iter().map(|s| s.field.as_str()).collect();
+        assert_eq!(fields, reported, "{cluster_ips:?}: {skipped:?}");
+    }
 }
 
 #[test]
@@ -557,8 +654,8 @@ fn source_ranges_are_the_load_balancer_ip_s_with_its_own_ips_when_a_range_holds_
         let mut svc = service();
         svc.kind = ServiceKind::LoadBalancer;
         svc.ports[0].node_port = Some(30080);
-        svc.external_ips = vec![Ipv4Addr::new(198, 51, 100, 7)];
-        svc.load_balancer_ips = vec![lb_ip.address];
+        svc.external_ips = vec![Ipv4Addr::new(198, 51, 100, 7).into()];
+        svc.load_balancer_ips = vec![lb_ip.address.into()];
         svc.source_ranges = ranges;
         let (frontends, _) = run(&cluster(svc, vec![ep(1, "n1")]), &NodeConfig::new("n1"));
         for frontend in &frontends {
@@ -612,8 +709,8 @@ fn of_two_services_claiming_a_frontend_the_older_keeps_it() {
     let claimant = |name: &str, created: Option<i64>, vip: u8| Service {
         name: name.into(),
         created,
-        cluster_ips: vec![Ipv4Addr::new(10, 96, 0, vip)],
-        external_ips: vec![Ipv4Addr::new(192, 0, 2, 100)],
+        cluster_ips: vec![Ipv4Addr::new(10, 96, 0, vip).into()],
+        external_ips: vec![Ipv4Addr::new(192, 0, 2, 100).into()],
         ..service()
     };
     // (first Service, second Service, who keeps the external IP, the reason's end)
@@ -694,7 +791,7 @@ fn a_service_s_cluster_ip_is_its_own_from_outside_too() {
     let squatter = Service {
         name: "aaa".into(),
         created: Some(200),
-        cluster_ips: vec![Ipv4Addr::new(10, 96, 0, 99)],
+        cluster_ips: vec![Ipv4Addr::new(10, 96, 0, 99).into()],
         external_ips: vec![VIP],
         ..service()
     };
@@ -738,7 +835,7 @@ fn a_udp_frontend_retains_its_serving_endpoints_outside_the_selection() {
         let (frontends, skipped) = run(&cluster, &NodeConfig::new("n1"));
         assert!(skipped.is_empty(), "{skipped:?}");
         let fe = &frontends[0];
-        let octets = |b: &[Backend]| b.iter().map(|b| b.address.octets()[3]).collect();
+        let octets = |b: &[Backend]| b.iter().map(|b| last_octet(b.address)).collect();
         (octets(&fe.backends), octets(&fe.retained))
     };
     // (backends, retained): the terminating endpoint still serving keeps its UDP flows,
