@@ -390,6 +390,9 @@ fn plan(args: &PlanArgs) -> Result<()> {
     let (objects, mut skipped) = Manifests::new(args.manifests.clone()).load();
     let desired = model::compute(&objects, &args.node.config());
     skipped.extend(desired.skipped);
+    // What the maps cannot hold (IPv6 frontends, a full map) is the plan's to say.
+    let (_, unplanned) = lb_user::plan::entries(&desired.frontends, &args.node.name);
+    skipped.extend(unplanned);
     let frontends = desired.frontends;
     match args.output {
         Output::Json => {
@@ -404,11 +407,9 @@ fn plan(args: &PlanArgs) -> Result<()> {
             println!("node {}", args.node.name);
             for fe in &frontends {
                 println!(
-                    "{:?} {}:{}/{} from {:?} {} ({} port {:?}): {}; when empty, {:?}",
+                    "{:?} {} from {:?} {} ({} port {:?}): {}; when empty, {:?}",
                     fe.kind,
-                    fe.address,
-                    fe.port,
-                    fe.protocol,
+                    model::endpoint_name(fe.address, fe.port, fe.protocol),
                     fe.scope,
                     fe.algorithm,
                     fe.service,
@@ -421,9 +422,8 @@ fn plan(args: &PlanArgs) -> Result<()> {
                 let retained = fe.retained.iter().map(|be| ("~>", be));
                 for (arrow, be) in backends.chain(retained) {
                     println!(
-                        "  {arrow} {}:{} node={} zone={}",
-                        be.address,
-                        be.port,
+                        "  {arrow} {} node={} zone={}",
+                        std::net::SocketAddr::new(be.address, be.port),
                         be.node.as_deref().unwrap_or("-"),
                         be.zone.as_deref().unwrap_or("-")
                     );

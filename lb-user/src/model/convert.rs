@@ -279,7 +279,7 @@ fn service(svc: &core::Service, skipped: &mut Vec<Skipped>) -> Option<Service> {
     };
     let cluster_ips = match &spec.cluster_ips {
         Some(ips) => one_per_family(
-            addresses(ips, "spec.clusterIPs", &object, skipped),
+            ips,
             spec.ip_families.as_deref().unwrap_or_default(),
             &object,
             skipped,
@@ -291,6 +291,17 @@ fn service(svc: &core::Service, skipped: &mut Vec<Skipped>) -> Option<Service> {
             .filter_map(|ip| address(ip, "spec.clusterIP", &object, skipped))
             .collect(),
     };
+    let given = spec.cluster_ips.as_ref().is_some_and(|ips| !ips.is_empty())
+        || spec.cluster_ip.as_ref().is_some_and(|ip| !ip.is_empty());
+    if given && cluster_ips.is_empty() {
+        // kube-proxy's proxiers find no ClusterIP of their family: the Service is no one's.
+        skipped.push(Skipped::new(
+            &object,
+            "spec.clusterIPs",
+            "none of its addresses can be used: nothing to program",
+        ));
+        return None;
+    }
     let external_ips = addresses(
         spec.external_ips.iter().flatten(),
         "spec.externalIPs",
@@ -414,13 +425,17 @@ fn cidr(entry: &str) -> Option<Cidr> {
 /// names at its index (the API server keeps them so; a manifest may not). A second address of
 /// a family, or one of another family than named, is reported and left out.
 fn one_per_family(
-    ips: Vec<IpAddr>,
+    ips: &[String],
     families: &[String],
     object: &str,
     skipped: &mut Vec<Skipped>,
 ) -> Vec<IpAddr> {
     let mut kept: Vec<IpAddr> = Vec::new();
-    for (i, ip) in ips.into_iter().enumerate() {
+    for (i, ip) in ips.iter().enumerate() {
+        // Indexed as written, an entry that is no address included.
+        let Some(ip) = address(ip, &format!("spec.clusterIPs[{i}]"), object, skipped) else {
+            continue;
+        };
         let family = Family::of(ip);
         let named = families.get(i).map(String::as_str);
         let reason = if kept.iter().any(|k| Family::of(*k) == family) {
@@ -793,7 +808,7 @@ mod tests {
             &'static [&'static str],
             &'static [usize],
         );
-        let cases: [Case; 5] = [
+        let cases: [Case; 6] = [
             (
                 &["10.96.0.1", "fd00::1"],
                 &["IPv4", "IPv6"],
@@ -814,12 +829,14 @@ mod tests {
             ),
             (&["10.96.0.1", "10.96.0.2"], &[], &["10.96.0.1"], &[1]),
             (&["10.96.0.1", "fd00::1"], &["IPv6", "IPv4"], &[], &[0, 1]),
+            // An entry that is no address keeps its index for the ones after it.
+            (&["bogus", "fd00::1"], &["IPv4", "IPv6"], &["fd00::1"], &[0]),
         ];
         for (ips, families, kept, reported) in cases {
-            let ips: Vec<IpAddr> = ips.iter().map(|ip| ip.parse().unwrap()).collect();
+            let ips: Vec<String> = ips.iter().map(ToString::to_string).collect();
             let families: Vec<String> = families.iter().map(ToString::to_string).collect();
             let mut skipped = Vec::new();
-            let got = one_per_family(ips.clone(), &families, "Service ns/svc", &mut skipped);
+            let got = one_per_family(&ips, &families, "Service ns/svc", &mut skipped);
             let kept: Vec<IpAddr> = kept.iter().map(|ip| ip.parse().unwrap()).collect();
             assert_eq!(got, kept, "{ips:?} {families:?}");
             let fields: Vec<String> = reported

@@ -28,7 +28,7 @@ struct NodeState {
     /// The Node objects the rest was computed from.
     objects: Vec<Arc<core::Node>>,
     nodes: Vec<Node>,
-    /// Where NodePorts listen; the first is the SNAT address.
+    /// Where NodePorts listen; the first IPv4 one is the SNAT address.
     node_addresses: Vec<IpAddr>,
     skipped: Vec<Skipped>,
 }
@@ -123,6 +123,13 @@ impl NodeState {
         } else {
             node.addresses.clone()
         };
+        if !node_addresses.is_empty() && super::first_v4(&node_addresses).is_none() {
+            skipped.push(Skipped::new(
+                format!("Node {}", node.name),
+                "status.addresses",
+                "no IPv4 address (nor in --node-ip): no SNAT, no IPv4 NodePorts",
+            ));
+        }
         Self {
             node: node.clone(),
             objects: objects.nodes.clone(),

@@ -97,6 +97,11 @@ impl fmt::Display for Family {
     }
 }
 
+/// `address:port/protocol`, an IPv6 address in brackets.
+pub fn endpoint_name(address: IpAddr, port: u16, protocol: Protocol) -> String {
+    format!("{}/{protocol}", std::net::SocketAddr::new(address, port))
+}
+
 /// An IPv4 range of addresses, its host bits cleared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SourceRange {

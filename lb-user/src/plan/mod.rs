@@ -174,6 +174,9 @@ impl Planner {
             self.desired.backends.remove(&id);
             touched.backends.insert(id);
         }
+        // Once per address, port and protocol: both scopes of one say the same.
+        ipv6.sort();
+        ipv6.dedup();
         let skipped = self
             .planned
             .values()
@@ -265,6 +268,19 @@ impl Planner {
                 reason,
             ))
         };
+        // The model never mixes families; if it did, no backend would be read as 0.0.0.0.
+        if let Some(other) = frontend
+            .backends
+            .iter()
+            .chain(&frontend.retained)
+            .find(|b| !b.address.is_ipv4())
+        {
+            return skip(format!(
+                "{}: its backend {} is of another family",
+                model::endpoint_name(frontend.address, frontend.port, frontend.protocol),
+                other.address
+            ));
+        }
         let Ok(backend_count) = u16::try_from(frontend.backends.len()) else {
             return skip(format!(
                 "{} backends: at most {} fit a frontend",
@@ -375,14 +391,14 @@ fn ipv6_skipped(frontend: &model::Frontend) -> Skipped {
         format!("Service {}", frontend.service),
         model::port_field(&frontend.port_name, frontend.port, frontend.protocol),
         format!(
-            "[{}]:{}/{}: IPv6, which the datapath does not program yet",
-            frontend.address, frontend.port, frontend.protocol
+            "{}: IPv6, which the datapath does not program yet",
+            model::endpoint_name(frontend.address, frontend.port, frontend.protocol)
         ),
     )
 }
 
 fn backend(backend: &model::Backend, protocol: Protocol, node: &str) -> Backend {
-    // The model gives an IPv4 frontend backends of its own family only.
+    // `place` plans no frontend with a backend of another family.
     let addr_be = match backend.address {
         IpAddr::V4(address) => u32::from(address).to_be(),
         IpAddr::V6(_) => 0,

@@ -120,10 +120,7 @@ fn kept_service<F: Borrow<Frontend>>(kept: &[Option<F>], i: usize) -> &str {
 /// Why `frontend`'s claim lost to `holder`'s, and the lost claim to count, unless the
 /// Service lost to its own claim.
 fn lost_claim(frontend: &Frontend, holder: &Frontend) -> (Skipped, Option<LostClaim>) {
-    let address = format!(
-        "{}:{}/{}",
-        frontend.address, frontend.port, frontend.protocol
-    );
+    let address = super::endpoint_name(frontend.address, frontend.port, frontend.protocol);
     let object = format!("Service {}", frontend.service);
     let field = port_field(&frontend.port_name, frontend.port, frontend.protocol);
     if holder.service == frontend.service {
@@ -173,6 +170,8 @@ fn service_frontends(
     view: &NodeView<'_>,
     skipped: &mut Vec<Skipped>,
 ) -> Vec<Frontend> {
+    // A Service whose ClusterIPs were all rejected is none of any proxier's: `convert` rejects
+    // it whole. One without any, in a hand-written manifest, is IPv4's.
     let mut families: Vec<Family> = service
         .cluster_ips
         .iter()

@@ -38,11 +38,11 @@ fn service() -> Service {
     }
 }
 
-/// The last number of an IPv4 address; 0 for an IPv6 one.
+/// The last number of an IPv4 address; an IPv6 one here is a model gone wrong.
 fn last_octet(address: IpAddr) -> u8 {
     match address {
         IpAddr::V4(v4) => v4.octets()[3],
-        IpAddr::V6(_) => 0,
+        IpAddr::V6(v6) => panic!("{v6}: an IPv6 backend where IPv4 ones were wanted"),
     }
 }
 
