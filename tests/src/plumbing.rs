@@ -59,8 +59,9 @@ pub(crate) fn tear_down(servers: &mut Vec<Child>, namespaces: &mut Vec<String>) 
 }
 
 /// Wires pod `name` (namespace `namespace`, address `ip`, the `index`th of its node) to node
-/// namespace `node` as a routed CNI does: a veth, a /32 route on the node, the pod's default
-/// route through a link-local gateway. Neighbours are static: nothing depends on ARP.
+/// namespace `node` as a routed CNI does: a veth, a host route of each family on the node (the
+/// IPv6 one to the address's [`ipv6_twin`]), the pod's default routes through link-local
+/// gateways. Neighbours are static: nothing depends on ARP or neighbour discovery.
 pub(crate) fn wire_pod(
     node: &str,
     name: &str,
@@ -71,7 +72,7 @@ pub(crate) fn wire_pod(
     let host_if = format!("v-{name}");
     let host_mac = format!("02:00:00:00:01:{index:02x}");
     let pod_mac = format!("02:00:00:00:02:{index:02x}");
-    let ip = ip.to_string();
+    let (ip, ip6) = (ip.to_string(), ipv6_twin(ip).to_string());
     let node_ip = |args: &[&str]| run(Command::new("ip").args(["-n", node]).args(args));
     let pod_ip = |args: &[&str]| run(Command::new("ip").args(["-n", namespace]).args(args));
     node_ip(&[
@@ -79,73 +80,50 @@ pub(crate) fn wire_pod(
         "netns", namespace, "address", &pod_mac,
     ])?;
     node_ip(&["link", "set", &host_if, "up"])?;
-    node_ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if])?;
-    node_ip(&[
-        "neigh",
-        "add",
-        &ip,
-        "lladdr",
-        &pod_mac,
-        "dev",
-        &host_if,
-        "nud",
-        "permanent",
-    ])?;
     pod_ip(&["link", "set", "eth0", "up"])?;
-    pod_ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
-    pod_ip(&["route", "add", GATEWAY, "dev", "eth0"])?;
-    pod_ip(&["route", "add", "default", "via", GATEWAY, "dev", "eth0"])?;
-    pod_ip(&[
-        "neigh",
-        "add",
-        GATEWAY,
-        "lladdr",
-        &host_mac,
-        "dev",
-        "eth0",
-        "nud",
-        "permanent",
-    ])?;
-    // IPv6 alike, its address in use at once (no duplicate detection to wait for: the lab
-    // gives each address once) and its neighbours written, so that no solicitation is needed.
-    let ip6 = ipv6_twin(ip.parse().expect("an IPv4 address")).to_string();
-    node_ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if])?;
-    node_ip(&[
-        "-6",
-        "neigh",
-        "add",
-        &ip6,
-        "lladdr",
-        &pod_mac,
-        "dev",
-        &host_if,
-        "nud",
-        "permanent",
-    ])?;
-    pod_ip(&[
-        "-6",
-        "addr",
-        "add",
-        &format!("{ip6}/128"),
-        "dev",
-        "eth0",
-        "nodad",
-    ])?;
-    pod_ip(&[
-        "-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0",
-    ])?;
-    pod_ip(&[
-        "-6",
-        "neigh",
-        "add",
-        GATEWAY6,
-        "lladdr",
-        &host_mac,
-        "dev",
-        "eth0",
-        "nud",
-        "permanent",
-    ])
+    // Both families alike; an IPv6 address in use at once (no duplicate detection to wait
+    // for: the lab gives each address once). Neighbours are written: no solicitation needed.
+    let families: [(&str, &str, u8, &str, &[&str]); 2] = [
+        ("-4", &ip, 32, GATEWAY, &[]),
+        ("-6", &ip6, 128, GATEWAY6, &["nodad"]),
+    ];
+    for (family, address, prefix, gateway, options) in families {
+        let host = format!("{address}/{prefix}");
+        let neighbour = |at: &str, mac: &str, dev: &str| {
+            [
+                family,
+                "neigh",
+                "add",
+                at,
+                "lladdr",
+                mac,
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]
+            .map(str::to_string)
+        };
+        node_ip(&[family, "route", "add", &host, "dev", &host_if])?;
+        node_ip(
+            &neighbour(address, &pod_mac, &host_if)
+                .each_ref()
+                .map(String::as_str),
+        )?;
+        let mut add = vec![family, "addr", "add", &host, "dev", "eth0"];
+        add.extend_from_slice(options);
+        pod_ip(&add)?;
+        pod_ip(&[family, "route", "add", gateway, "dev", "eth0"])?;
+        pod_ip(&[
+            family, "route", "add", "default", "via", gateway, "dev", "eth0",
+        ])?;
+        pod_ip(
+            &neighbour(gateway, &host_mac, "eth0")
+                .each_ref()
+                .map(String::as_str),
+        )?;
+    }
+    Ok(())
 }
 
 /// Starts `demoapp` in a pod and waits until it listens.
