@@ -108,16 +108,9 @@ fn ipv6_to_a_pod_passes_the_node_untouched() {
     let url = format!("http://[{backend}]:8080/");
     let http = output(&mut lab.in_client(&["curl", "-sS", "--max-time", "5", "-g", &url]))
         .unwrap_or_else(|e| panic!("curl {url}: {e:#}"));
-    let udp = lb_tests::udp_query(lab.in_client(&[
-        "socat",
-        "-t",
-        "1",
-        "-T",
-        "1",
-        "-",
-        &format!("UDP6:[{backend}]:5353"),
-    ]))
-    .unwrap_or_else(|e| panic!("UDP to [{backend}]:5353: {e:#}"));
+    let target = format!("UDP6:[{backend}]:5353");
+    let udp = lb_tests::udp_query(lab.in_client(&["socat", "-t", "1", "-T", "1", "-", &target]))
+        .unwrap_or_else(|e| panic!("UDP to [{backend}]:5353: {e:#}"));
     for (what, answer) in [("TCP", &http), ("UDP", &udp)] {
         assert_eq!(pod_of(answer), Some(pod), "{what}: {answer}");
         assert!(
