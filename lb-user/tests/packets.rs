@@ -15,7 +15,7 @@ use lb_common::maps::{
     Config, FLOWS, FRAGMENTS, FRONTENDS, Flow, FlowKey, FragmentKey, FragmentPorts, Frontend,
     FrontendKey, HELD_FRAGMENT_BYTES, HELD_FRAGMENTS, HELD_PER_DATAGRAM, HeldFragment, HeldKey,
     PROTO_TCP, PROTO_UDP, REJECT_TOKENS, REPLIES, RejectTokens, Reply, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, SOURCE_RANGES, SourceRange, SourceRangeKey, Stats, VIPS, Vip,
+    SOURCE_RANGES, SourceRange, SourceRangeKey, Stats, VIPS, Vip,
 };
 use lb_tests::packet::{
     ICMP_FRAGMENTATION_NEEDED, ICMP_PORT_UNREACHABLE, ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE,
@@ -1606,16 +1606,14 @@ fn orphan_segment_fragment(client: Ipv4Addr, port: u16, to: (Ipv4Addr, u16), n: 
 /// flows stay.
 fn far_service_gone(tables: &mut Tables) {
     let address = u32::from(REMOTE_LB_IP).to_be();
-    for scope in [SCOPE_EXTERNAL, SCOPE_INTERNAL] {
-        let key = FrontendKey {
-            addr_be: address,
-            port_be: 80u16.to_be(),
-            protocol: PROTO_TCP,
-            scope,
-        };
-        // The far Service has an external frontend only.
-        let _ = tables.frontends.remove(&key);
-    }
+    // The far Service has one frontend, from outside.
+    let key = FrontendKey {
+        addr_be: address,
+        port_be: 80u16.to_be(),
+        protocol: PROTO_TCP,
+        scope: SCOPE_EXTERNAL,
+    };
+    tables.frontends.remove(&key).expect("the far frontend");
     tables.vips.remove(&address).expect("the far address");
 }
 
