@@ -4,4 +4,5 @@
 //! end in `_be`.
 #![no_std]
 
+pub mod addr;
 pub mod maps;

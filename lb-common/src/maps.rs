@@ -6,22 +6,40 @@
 //!
 //! Names carry a layout version (`_v1`): a change to a key or value layout bumps it, so a new
 //! agent never reads an old pinned map with the wrong layout.
+//!
+//! Each family has its own maps, as Cilium's `lb4_*` and `lb6_*`: an IPv4 key stays as small as
+//! it was (a flow key of 16 bytes, not Katran's 40 for both), so that IPv4, most of the traffic
+//! of most clusters, pays nothing in hashing or memory for IPv6. The types that hold an address
+//! are generic over it, [`u32`] for IPv4 (the default) and [`Ipv6Be`]: one definition of each,
+//! and the datapath's code is one too, over both. What holds no address (a frontend, a slot,
+//! the counters, the config) is shared, and so are the ids: a service id or a backend id is
+//! never of both families.
 
 /// Frontends: [`FrontendKey`] -> [`Frontend`]. Written by the agent.
 pub const FRONTENDS: &str = "lb_frontends_v1";
+/// IPv6 frontends: [`FrontendKey<Ipv6Be>`] -> [`Frontend`]. Written by the agent.
+pub const FRONTENDS6: &str = "lb_frontends6_v1";
 /// Backend slots of each service: [`SlotKey`] -> [`Slot`]. Written by the agent.
 pub const SLOTS: &str = "lb_slots_v1";
 /// Backends by id: `u32` -> [`Backend`]. Written by the agent: the backends of every slot, and
 /// the serving endpoints of UDP frontends that take no new flow but keep their flows.
 pub const BACKENDS: &str = "lb_backends_v1";
+/// IPv6 backends by id: `u32` -> [`Backend<Ipv6Be>`]. Written by the agent, as [`BACKENDS`].
+pub const BACKENDS6: &str = "lb_backends6_v1";
 /// Forward flows (LRU): [`FlowKey`] of the client's packet -> [`Flow`]. Written by the datapath.
 pub const FLOWS: &str = "lb_flows_v2";
+/// IPv6 forward flows (LRU): [`FlowKey<Ipv6Be>`] -> [`Flow<Ipv6Be>`], as [`FLOWS`].
+pub const FLOWS6: &str = "lb_flows6_v1";
 /// Reply flows (LRU): [`FlowKey`] of the backend's reply -> [`Reply`]. Written by the datapath.
 pub const REPLIES: &str = "lb_replies_v1";
+/// IPv6 reply flows (LRU): [`FlowKey<Ipv6Be>`] -> [`Reply<Ipv6Be>`], as [`REPLIES`].
+pub const REPLIES6: &str = "lb_replies6_v1";
 /// Frontend addresses: `u32` address -> [`Vip`]. Written by the agent. A packet to a ClusterIP
 /// on a port no frontend serves is dropped (kube-proxy's nftables mode rejects it); a later
 /// fragment to any of them that comes before its first waits for it.
 pub const VIPS: &str = "lb_vips_v2";
+/// IPv6 frontend addresses: [`Ipv6Be`] -> [`Vip`]. Written by the agent, as [`VIPS`].
+pub const VIPS6: &str = "lb_vips6_v1";
 /// The frontends the node's own unconnected UDP sockets sent to (LRU): [`SocketKey`] ->
 /// [`SocketFrontend`]. Written by the datapath at `sendmsg()`; read at `recvmsg()`.
 pub const SOCKETS: &str = "lb_sockets_v1";
@@ -32,10 +50,15 @@ pub const SOCKETS: &str = "lb_sockets_v1";
 pub const CONNECTED: &str = "lb_connected_v1";
 /// Session affinity (LRU): [`AffinityKey`] -> [`Affinity`]. Written by the datapath.
 pub const AFFINITY: &str = "lb_affinity_v1";
+/// IPv6 session affinity (LRU): [`AffinityKey<Ipv6Be>`] -> [`Affinity`], as [`AFFINITY`].
+pub const AFFINITY6: &str = "lb_affinity6_v1";
 /// Load-balancer source ranges (LPM trie): [`SourceRangeKey`] under a prefix length ->
 /// [`SourceRange`]. Written by the agent, for the frontends with
 /// [`FRONTEND_SOURCE_RANGES`] whose Service has `loadBalancerSourceRanges`.
 pub const SOURCE_RANGES: &str = "lb_source_ranges_v1";
+/// IPv6 load-balancer source ranges (LPM trie): [`SourceRangeKey<Ipv6Be>`] -> [`SourceRange`],
+/// as [`SOURCE_RANGES`].
+pub const SOURCE_RANGES6: &str = "lb_source_ranges6_v1";
 /// The ports of fragmented datagrams (LRU): [`FragmentKey`] -> [`FragmentPorts`]. Written by
 /// the datapath from a datagram's first fragment, read for its later ones, which carry none.
 pub const FRAGMENTS: &str = "lb_fragments_v1";
@@ -52,7 +75,7 @@ pub const FRONTEND_STATS: &str = "lb_fe_stats_v1";
 /// Per-CPU counters, one entry: [`Stats`].
 pub const STATS: &str = "lb_stats_v6";
 /// Datapath settings, one entry: [`Config`]. Written by the agent.
-pub const CONFIG: &str = "lb_config_v2";
+pub const CONFIG: &str = "lb_config_v3";
 /// Per-CPU token buckets of the rejects (TCP resets, ICMP port unreachables), one entry:
 /// [`RejectTokens`]. Written by the datapath.
 pub const REJECT_TOKENS: &str = "lb_reject_tokens_v1";
@@ -62,16 +85,22 @@ pub const CLOCK: &str = "lb_clock_v1";
 pub const EPOCH: &str = "lb_epoch_v1";
 
 /// Every map, in the order the agent pins them.
-pub const ALL: [&str; 20] = [
+pub const ALL: [&str; 27] = [
     FRONTENDS,
+    FRONTENDS6,
     SLOTS,
     BACKENDS,
+    BACKENDS6,
     VIPS,
+    VIPS6,
     FLOWS,
+    FLOWS6,
     REPLIES,
+    REPLIES6,
     SOCKETS,
     CONNECTED,
     AFFINITY,
+    AFFINITY6,
     CURSORS,
     FRONTEND_STATS,
     STATS,
@@ -80,26 +109,28 @@ pub const ALL: [&str; 20] = [
     EPOCH,
     REJECT_TOKENS,
     SOURCE_RANGES,
+    SOURCE_RANGES6,
     FRAGMENTS,
     HELD_FRAGMENTS,
     FRAGMENT_SCRATCH,
 ];
 
-/// Capacity of [`FRONTENDS`]; service ids are below it, as they index [`CURSORS`].
+/// Capacity of [`FRONTENDS`] and of [`FRONTENDS6`]; service ids (of both families) are below
+/// it, as they index [`CURSORS`].
 pub const MAX_SERVICES: u32 = 131_072;
 /// Capacity of [`SLOTS`].
 pub const MAX_SLOTS: u32 = 1_048_576;
-/// Capacity of [`BACKENDS`].
+/// Capacity of [`BACKENDS`] and of [`BACKENDS6`].
 pub const MAX_BACKENDS: u32 = 1_048_576;
-/// Capacity of [`VIPS`].
+/// Capacity of [`VIPS`] and of [`VIPS6`].
 pub const MAX_VIPS: u32 = 131_072;
-/// Capacity of [`FLOWS`] and of [`REPLIES`].
+/// Capacity of [`FLOWS`], [`REPLIES`] and their IPv6 twins.
 pub const MAX_FLOWS: u32 = 262_144;
 /// Capacity of [`SOCKETS`].
 pub const MAX_SOCKETS: u32 = 65_536;
 /// Capacity of [`CONNECTED`]: the node's own connections to frontends, open at once.
 pub const MAX_CONNECTED: u32 = 262_144;
-/// Capacity of [`AFFINITY`].
+/// Capacity of [`AFFINITY`] and of [`AFFINITY6`].
 pub const MAX_AFFINITIES: u32 = 65_536;
 /// Capacity of [`FRAGMENTS`]: datagrams in fragments at once.
 pub const MAX_FRAGMENTS: u32 = 16_384;
@@ -109,13 +140,17 @@ pub const MAX_HELD_FRAGMENTS: u32 = 1024;
 pub const HELD_PER_DATAGRAM: u8 = 8;
 /// The largest fragment held, from its IPv4 header on: a 1,500-byte link's.
 pub const HELD_FRAGMENT_BYTES: usize = 1500;
-/// Capacity of [`SOURCE_RANGES`].
+/// Capacity of [`SOURCE_RANGES`] and of [`SOURCE_RANGES6`].
 pub const MAX_SOURCE_RANGES: u32 = 65_536;
 /// The bits of a [`SOURCE_RANGES`] entry's prefix that match its [`SourceRangeKey::service_id`]
 /// (all of them); the range's own bits follow.
 pub const SOURCE_RANGE_ID_BITS: u32 = 32;
 
-/// IANA protocol numbers, as in the IPv4 header.
+/// An IPv6 address as the datapath holds it: its 16 bytes as they lie in the packet (network
+/// order), in four words, as an IPv4 address is one ([`crate::addr`] converts).
+pub type Ipv6Be = [u32; 4];
+
+/// IANA protocol numbers, as in the IPv4 header and IPv6's next header.
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
@@ -149,8 +184,8 @@ pub const STATE_CLOSING: u8 = 1;
 /// A service frontend: where clients send.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct FrontendKey {
-    pub addr_be: u32,
+pub struct FrontendKey<A = u32> {
+    pub addr_be: A,
     pub port_be: u16,
     pub protocol: u8,
     /// `SCOPE_*`.
@@ -194,8 +229,8 @@ pub struct Slot {
 /// Where a backend listens. Shared by every service slot that names it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Backend {
-    pub addr_be: u32,
+pub struct Backend<A = u32> {
+    pub addr_be: A,
     pub port_be: u16,
     pub protocol: u8,
     /// `BACKEND_*` bits.
@@ -205,9 +240,9 @@ pub struct Backend {
 /// A packet's 5-tuple as it arrived, before any rewrite.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    pub src_addr_be: u32,
-    pub dst_addr_be: u32,
+pub struct FlowKey<A = u32> {
+    pub src_addr_be: A,
+    pub dst_addr_be: A,
     pub src_port_be: u16,
     pub dst_port_be: u16,
     pub protocol: u8,
@@ -218,7 +253,7 @@ pub struct FlowKey {
 /// when it is SNATed (a remote backend from outside the node, or a backend calling itself).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Flow {
+pub struct Flow<A = u32> {
     /// The datapath's time ([`Clock`]) of the last packet, refreshed at most once a second.
     pub last_seen_ns: u64,
     /// A UDP flow whose backend id is no longer in [`BACKENDS`] (its endpoint stopped serving)
@@ -226,10 +261,10 @@ pub struct Flow {
     /// closes or idles out, as kube-proxy's conntrack keeps established connections; only a
     /// SYN on it looks the id up.
     pub backend_id: u32,
-    pub backend_addr_be: u32,
+    pub backend_addr_be: A,
     /// The source address and port the flow's packets leave with: the client's own unless
     /// SNATed.
-    pub src_addr_be: u32,
+    pub src_addr_be: A,
     pub backend_port_be: u16,
     pub src_port_be: u16,
     /// `STATE_*`.
@@ -247,10 +282,10 @@ pub struct Flow {
 /// to the client (a change only for SNATed flows).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Reply {
+pub struct Reply<A = u32> {
     pub last_seen_ns: u64,
-    pub frontend_addr_be: u32,
-    pub client_addr_be: u32,
+    pub frontend_addr_be: A,
+    pub client_addr_be: A,
     pub frontend_port_be: u16,
     pub client_port_be: u16,
     /// `STATE_*`.
@@ -313,9 +348,9 @@ pub struct HeldFragment {
 /// alone) that refuses what no range allows.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SourceRangeKey {
+pub struct SourceRangeKey<A = u32> {
     pub service_id: u32,
-    pub addr_be: u32,
+    pub addr_be: A,
 }
 
 /// Whether the sources a [`SOURCE_RANGES`] entry matches may reach the frontend.
@@ -378,8 +413,8 @@ pub struct Connected {
 /// A client of a service with session affinity.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct AffinityKey {
-    pub client_addr_be: u32,
+pub struct AffinityKey<A = u32> {
+    pub client_addr_be: A,
     /// The frontend's [`Frontend::affinity_id`] (its `service_id` when that is 0): one key per
     /// Service port, shared by all its frontends.
     pub affinity_id: u32,
@@ -402,6 +437,9 @@ pub struct Config {
     pub tcp_open_timeout_ns: u64,
     pub tcp_closing_timeout_ns: u64,
     pub udp_timeout_ns: u64,
+    /// The node's IPv6 address that SNATed IPv6 flows leave with; all zeros: no SNAT, such
+    /// flows are dropped.
+    pub snat_addr6_be: Ipv6Be,
     /// The node's address that SNATed flows leave with; 0: no SNAT, such flows are dropped.
     /// Also the source the node's own sockets stand for before a load-balancer IP's source
     /// ranges, their source not being chosen at `connect()`.
@@ -536,14 +574,19 @@ pub const SINGLE_ENTRY: u32 = 0;
 
 const _: () = {
     assert!(size_of::<FrontendKey>() == 8);
+    assert!(size_of::<FrontendKey<Ipv6Be>>() == 20);
     assert!(size_of::<Frontend>() == 16);
     assert!(size_of::<SlotKey>() == 8);
     assert!(size_of::<Slot>() == 4);
     assert!(size_of::<Backend>() == 8);
+    assert!(size_of::<Backend<Ipv6Be>>() == 20);
     assert!(size_of::<FlowKey>() == 16);
+    assert!(size_of::<FlowKey<Ipv6Be>>() == 40);
     assert!(size_of::<Flow>() == 40);
+    assert!(size_of::<Flow<Ipv6Be>>() == 64);
     assert!(size_of::<Reply>() == 24);
-    assert!(size_of::<Config>() == 48);
+    assert!(size_of::<Reply<Ipv6Be>>() == 48);
+    assert!(size_of::<Config>() == 64);
     assert!(size_of::<RejectTokens>() == 16);
     assert!(size_of::<Clock>() == 16);
     assert!(size_of::<Epoch>() == 4);
@@ -553,6 +596,7 @@ const _: () = {
     assert!(size_of::<FragmentKey>() == 12);
     assert!(size_of::<FragmentPorts>() == 16);
     assert!(size_of::<SourceRangeKey>() == 8);
+    assert!(size_of::<SourceRangeKey<Ipv6Be>>() == 20);
     assert!(size_of::<SourceRange>() == 4);
     assert!(size_of::<Vip>() == 8);
     assert!(size_of::<FrontendStats>() == 24);
@@ -560,6 +604,7 @@ const _: () = {
     assert!(size_of::<SocketFrontend>() == 8);
     assert!(size_of::<Connected>() == 12);
     assert!(size_of::<AffinityKey>() == 8);
+    assert!(size_of::<AffinityKey<Ipv6Be>>() == 20);
     assert!(size_of::<Affinity>() == 16);
 };
 
@@ -568,8 +613,8 @@ mod pod {
     use super::{
         Affinity, AffinityKey, Backend, Clock, Config, Connected, Epoch, Flow, FlowKey,
         FragmentKey, FragmentPorts, Frontend, FrontendKey, FrontendStats, HeldFragment, HeldKey,
-        RejectTokens, Reply, Slot, SlotKey, SocketFrontend, SocketKey, SourceRange, SourceRangeKey,
-        Stats, Vip,
+        Ipv6Be, RejectTokens, Reply, Slot, SlotKey, SocketFrontend, SocketKey, SourceRange,
+        SourceRangeKey, Stats, Vip,
     };
 
     macro_rules! pod {
@@ -582,6 +627,13 @@ mod pod {
 
     pod!(
         FrontendKey,
+        FrontendKey<Ipv6Be>,
+        Backend<Ipv6Be>,
+        SourceRangeKey<Ipv6Be>,
+        FlowKey<Ipv6Be>,
+        Flow<Ipv6Be>,
+        Reply<Ipv6Be>,
+        AffinityKey<Ipv6Be>,
         Clock,
         Epoch,
         Frontend,

@@ -6,6 +6,7 @@ use lb_common::maps::{FRONTEND_SOURCE_RANGES, Flow, FrontendKey};
 
 use crate::{
     clock::now_ns,
+    family::Family,
     flow::{Tracked, flow_lookup, new_flow},
     fragments, maps,
     nat::{End, Rewrite},
@@ -24,14 +25,18 @@ pub enum Verdict {
 
 /// Balances a packet that `scope`'s program sees before routing.
 #[inline(always)]
-pub fn balance<C: Rewrite>(ctx: &C, packet: &Packet, scope: u8) -> Verdict {
+pub fn balance<C: Rewrite, A: Family>(ctx: &C, packet: &Packet<A>, scope: u8) -> Verdict {
     match try_balance(ctx, packet, scope) {
         Ok(verdict) | Err(verdict) => verdict,
     }
 }
 
 #[inline(always)]
-fn try_balance<C: Rewrite>(ctx: &C, packet: &Packet, scope: u8) -> Result<Verdict, Verdict> {
+fn try_balance<C: Rewrite, A: Family>(
+    ctx: &C,
+    packet: &Packet<A>,
+    scope: u8,
+) -> Result<Verdict, Verdict> {
     let backend_gone = match flow_lookup(packet)? {
         Tracked::Live(flow) => return forward(ctx, packet, flow, false),
         Tracked::BackendGone => true,
@@ -61,7 +66,7 @@ fn try_balance<C: Rewrite>(ctx: &C, packet: &Packet, scope: u8) -> Result<Verdic
 /// Drops a new flow's packet whose source the load-balancer source ranges of frontend
 /// `service_id` leave out, before a flow is made or a reject sent.
 #[inline(always)]
-fn check_source(service_id: u32, packet: &Packet) -> Result<(), Verdict> {
+fn check_source<A: Family>(service_id: u32, packet: &Packet<A>) -> Result<(), Verdict> {
     if maps::source_allowed(service_id, packet.key.src_addr_be) {
         return Ok(());
     }
@@ -70,7 +75,7 @@ fn check_source(service_id: u32, packet: &Packet) -> Result<(), Verdict> {
 }
 
 #[inline(always)]
-fn frontend_key(packet: &Packet, scope: u8) -> FrontendKey {
+fn frontend_key<A: Family>(packet: &Packet<A>, scope: u8) -> FrontendKey<A> {
     FrontendKey {
         addr_be: packet.key.dst_addr_be,
         port_be: packet.key.dst_port_be,
@@ -81,10 +86,10 @@ fn frontend_key(packet: &Packet, scope: u8) -> FrontendKey {
 
 /// DNATs a packet of `flow` to its backend, and SNATs it if the flow is.
 #[inline(always)]
-fn forward<C: Rewrite>(
+fn forward<C: Rewrite, A: Family>(
     ctx: &C,
-    packet: &Packet,
-    flow: &Flow,
+    packet: &Packet<A>,
+    flow: &Flow<A>,
     new_flow: bool,
 ) -> Result<Verdict, Verdict> {
     ctx.rewrite(
@@ -100,7 +105,9 @@ fn forward<C: Rewrite>(
     }
     // Here, not only where tc passes it: a flow outlives its Service, whose address may no
     // longer be a frontend's.
-    fragments::remember(packet);
+    if let Some(packet) = A::ipv4(packet) {
+        fragments::remember(packet);
+    }
     count(|s| &mut s.forwarded);
     count_frontend(flow.service_id, packet.ip_len, new_flow);
     Ok(Verdict::Pass)

@@ -13,7 +13,8 @@ use lb_common::maps::{
 use crate::{
     balance::{Verdict, error},
     clock::now_ns,
-    maps::{self, FLOWS, REPLIES},
+    family::Family,
+    maps,
     parse::Packet,
     select::select_backend,
     snat,
@@ -25,9 +26,9 @@ use crate::{
 const REFRESH_NS: u64 = 1_000_000_000;
 
 /// What the flow table says of a packet.
-pub enum Tracked {
+pub enum Tracked<A: 'static> {
     /// A live flow, refreshed: the packet goes to its backend.
-    Live(&'static Flow),
+    Live(&'static Flow<A>),
     /// A live flow whose backend stopped serving: the packet is a new flow's.
     BackendGone,
     /// No live flow.
@@ -44,7 +45,7 @@ pub enum Tracked {
 /// flushes the UDP conntrack entries of endpoints that stopped serving, and of deleted
 /// Services).
 #[inline(always)]
-pub fn flow_lookup(packet: &Packet) -> Result<Tracked, Verdict> {
+pub fn flow_lookup<A: Family>(packet: &Packet<A>) -> Result<Tracked<A>, Verdict> {
     let Some(flow) = maps::flow_mut(packet.key) else {
         return Ok(Tracked::Miss);
     };
@@ -87,12 +88,12 @@ pub fn touch(last_seen_ns: &mut u64, state: &mut u8, closing: bool, now: u64) ->
 /// backend a slot names and every serving endpoint of a UDP frontend. Only after the agent
 /// removed backends ([`maps::backends_epoch`]) is it looked up.
 #[inline(always)]
-fn backend_there(flow: &mut Flow) -> bool {
+fn backend_there<A: Family>(flow: &mut Flow<A>) -> bool {
     let epoch = maps::backends_epoch();
     if flow.backends_epoch == epoch {
         return true;
     }
-    if maps::backend(flow.backend_id).is_none() {
+    if maps::backend::<A>(flow.backend_id).is_none() {
         return false;
     }
     flow.backends_epoch = epoch;
@@ -103,7 +104,7 @@ fn backend_there(flow: &mut Flow) -> bool {
 /// and one the LRU table evicted is made again: without it a late reply would pass
 /// unrewritten and the flow's SNAT port go to another client.
 #[inline(always)]
-fn keep_reply_alive(flow: &Flow, packet: &Packet, now: u64) {
+fn keep_reply_alive<A: Family>(flow: &Flow<A>, packet: &Packet<A>, now: u64) {
     let reply_key = FlowKey {
         src_addr_be: flow.backend_addr_be,
         dst_addr_be: flow.src_addr_be,
@@ -127,17 +128,17 @@ fn keep_reply_alive(flow: &Flow, packet: &Packet, now: u64) {
         _pad: [0; 3],
     };
     // Only if still free: a SNAT port is not taken from a flow that holds it now.
-    let _ = REPLIES.insert(reply_key, reply, u64::from(BPF_NOEXIST));
+    let _ = A::replies().insert(reply_key, reply, u64::from(BPF_NOEXIST));
 }
 
 /// Gives a flow a backend, and a source to leave with, and records both of its directions.
 #[inline(always)]
-pub fn new_flow(
-    packet: &Packet,
+pub fn new_flow<A: Family>(
+    packet: &Packet<A>,
     frontend: &Frontend,
     scope: u8,
     now: u64,
-) -> Result<Flow, Verdict> {
+) -> Result<Flow<A>, Verdict> {
     if frontend.backend_count == 0 {
         if frontend.flags & FRONTEND_REJECT_WHEN_EMPTY != 0 {
             count(|s| &mut s.rejected_no_backend);
@@ -156,6 +157,7 @@ pub fn new_flow(
         STATE_OPEN
     };
     let client = &packet.key;
+    let replies = A::replies();
     let reply = Reply {
         last_seen_ns: now,
         frontend_addr_be: client.dst_addr_be,
@@ -177,17 +179,17 @@ pub fn new_flow(
         // Hairpin: a backend calling its own service meets itself; from the frontend's
         // address, its answer leaves the pod and comes back through here.
         reply_key.dst_addr_be = client.dst_addr_be;
-        REPLIES.insert(reply_key, reply, 0).map_err(|_| error())?;
+        replies.insert(reply_key, reply, 0).map_err(|_| error())?;
     } else if scope == SCOPE_EXTERNAL && backend.flags & BACKEND_LOCAL == 0 {
-        let Some(port_be) = snat::allocate(config, backend, client, &reply, now) else {
+        let Some((addr_be, port_be)) = snat::allocate(config, backend, client, &reply, now) else {
             count(|s| &mut s.dropped_no_snat);
             return Err(Verdict::Drop);
         };
-        reply_key.dst_addr_be = config.snat_addr_be;
+        reply_key.dst_addr_be = addr_be;
         reply_key.dst_port_be = port_be;
         count(|s| &mut s.snat_flows);
     } else {
-        REPLIES.insert(reply_key, reply, 0).map_err(|_| error())?;
+        replies.insert(reply_key, reply, 0).map_err(|_| error())?;
     }
     let flow = Flow {
         last_seen_ns: now,
@@ -202,9 +204,9 @@ pub fn new_flow(
         backends_epoch,
         _pad_end: 0,
     };
-    if FLOWS.insert(client, flow, 0).is_err() {
+    if A::flows().insert(client, flow, 0).is_err() {
         // Without its flow the reply entry would hold a SNAT port for nothing.
-        let _ = REPLIES.remove(reply_key);
+        let _ = replies.remove(reply_key);
         return Err(error());
     }
     count(|s| &mut s.new_flows);

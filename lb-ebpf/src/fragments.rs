@@ -51,8 +51,8 @@ pub enum Input {
     Other,
 }
 
-/// The frame as a packet to balance: parsed, or a later fragment with its first's ports. Its
-/// IPv4 header is read once, for both.
+/// The IPv4 frame as a packet to balance: parsed, or a later fragment with its first's ports.
+/// Its IPv4 header is read once, for both.
 #[inline(always)]
 pub fn input(data: usize, data_end: usize, frame: Frame) -> Input {
     let Some((ip, header_len)) = ipv4(data, data_end) else {

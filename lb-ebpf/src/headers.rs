@@ -26,6 +26,28 @@ pub struct Ipv4Header {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv6Header {
+    /// Version (6), traffic class and flow label.
+    pub version_class_flow_be: u32,
+    /// What follows this header: extension headers and the TCP or UDP datagram.
+    pub payload_len_be: u16,
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub src_addr_be: [u32; 4],
+    pub dst_addr_be: [u32; 4],
+}
+
+/// The first two bytes of every IPv6 extension header the datapath walks past.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv6ExtensionHeader {
+    pub next_header: u8,
+    /// In 8-byte units past the first 8 (in 4-byte units past the first 8 for AH).
+    pub len: u8,
+}
+
+#[repr(C)]
 pub struct TcpHeader {
     pub src_port_be: u16,
     pub dst_port_be: u16,
@@ -65,7 +87,14 @@ pub const PROTO_ICMP: u8 = 1;
 /// needed" among them).
 pub const ICMP_DEST_UNREACHABLE: u8 = 3;
 
+/// IANA's numbers of the IPv6 extension headers a real network carries, as in `next_header`.
+pub const IPV6_HOP_BY_HOP: u8 = 0;
+pub const IPV6_ROUTING: u8 = 43;
+pub const IPV6_AUTH: u8 = 51;
+pub const IPV6_DEST_OPTIONS: u8 = 60;
+
 pub const ETH_HLEN: usize = size_of::<EthHeader>();
+pub const IPV6_HLEN: usize = size_of::<Ipv6Header>();
 /// An IPv4 header without options.
 pub const IPV4_MIN_HLEN: usize = size_of::<Ipv4Header>();
 /// A TCP header without options.
@@ -85,6 +114,10 @@ pub const IP_PROTOCOL: usize = offset_of!(Ipv4Header, protocol);
 pub const IP_CHECKSUM: usize = offset_of!(Ipv4Header, checksum_be);
 pub const IP_SRC: usize = offset_of!(Ipv4Header, src_addr_be);
 pub const IP_DST: usize = offset_of!(Ipv4Header, dst_addr_be);
+
+/// From the start of the IPv6 header.
+pub const IP6_SRC: usize = offset_of!(Ipv6Header, src_addr_be);
+pub const IP6_DST: usize = offset_of!(Ipv6Header, dst_addr_be);
 
 /// From the start of the TCP or UDP header: both start with the two ports.
 pub const L4_SRC_PORT: usize = offset_of!(UdpHeader, src_port_be);

@@ -39,6 +39,7 @@
 
 mod balance;
 mod clock;
+mod family;
 mod flow;
 mod fragments;
 mod hash;
@@ -64,8 +65,9 @@ use lb_common::maps::{SCOPE_EXTERNAL, SCOPE_INTERNAL};
 
 use crate::{
     balance::{Verdict, balance},
+    family::Family,
     fragments::{Input, input},
-    parse::{Frame, Packet, Piece},
+    parse::{Frame, Packet, Piece, is_ipv6, parse6},
     reject::reject,
     reply::{Hook, to_client},
 };
@@ -73,9 +75,20 @@ use crate::{
 /// Traffic from pods, before routing.
 #[classifier]
 pub fn lb_tc(ctx: TcContext) -> i32 {
+    if is_ipv6(ctx.data(), ctx.data_end()) {
+        tc_ingress6(&ctx)
+    } else {
+        tc_ingress4(&ctx)
+    }
+}
+
+// Each family's half of a program is a function of its own, out of line: the verifier takes
+// one stack frame for each, where inlined together they would pass its 512 bytes.
+#[inline(never)]
+fn tc_ingress4(ctx: &TcContext) -> i32 {
     let packet = match input(ctx.data(), ctx.data_end(), Frame::Linear) {
         Input::Packet(packet) => packet,
-        Input::Unplaced(packet) => match fragments::hold(&ctx, packet) {
+        Input::Unplaced(packet) => match fragments::hold(ctx, packet) {
             Ok(placed) => placed,
             Err(verdict) => return verdict,
         },
@@ -84,11 +97,19 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
             return TC_ACT_OK;
         }
     };
-    tc_balance(&ctx, &packet, SCOPE_INTERNAL)
+    tc_balance(ctx, &packet, SCOPE_INTERNAL)
 }
 
-/// The fragments from outside, which XDP passes: balanced here, where a later fragment that
-/// comes before its first can be held for it ([`fragments`]).
+#[inline(never)]
+fn tc_ingress6(ctx: &TcContext) -> i32 {
+    match parse6(ctx.data(), ctx.data_end(), Frame::Linear) {
+        Some(packet) => tc_balance(ctx, &packet, SCOPE_INTERNAL),
+        None => TC_ACT_OK,
+    }
+}
+
+/// The IPv4 fragments from outside, which XDP passes: balanced here, where a later fragment
+/// that comes before its first can be held for it ([`fragments`]).
 #[classifier]
 pub fn lb_tc_uplink(ctx: TcContext) -> i32 {
     // XDP saw to every packet that is no fragment: a glance at the IPv4 header, not a parse.
@@ -108,9 +129,11 @@ pub fn lb_tc_uplink(ctx: TcContext) -> i32 {
 }
 
 #[inline(always)]
-fn tc_balance(ctx: &TcContext, packet: &Packet, scope: u8) -> i32 {
+fn tc_balance<A: Family>(ctx: &TcContext, packet: &Packet<A>, scope: u8) -> i32 {
     match balance(ctx, packet, scope) {
-        Verdict::Pass => fragments::release(ctx, packet),
+        Verdict::Pass => {
+            A::ipv4(packet).map_or(TC_ACT_OK, |packet| fragments::release(ctx, packet))
+        }
         Verdict::Drop => TC_ACT_SHOT,
         Verdict::Reject => reject(ctx, packet).unwrap_or(TC_ACT_SHOT),
     }
@@ -119,16 +142,34 @@ fn tc_balance(ctx: &TcContext, packet: &Packet, scope: u8) -> i32 {
 /// Replies leaving the node's interfaces (to a pod, or out of an uplink), routed already.
 #[classifier]
 pub fn lb_tc_egress(ctx: TcContext) -> i32 {
-    let packet = match input(ctx.data(), ctx.data_end(), Frame::Linear) {
-        Input::Packet(packet) => packet,
+    if is_ipv6(ctx.data(), ctx.data_end()) {
+        tc_egress6(&ctx)
+    } else {
+        tc_egress4(&ctx)
+    }
+}
+
+#[inline(never)]
+fn tc_egress4(ctx: &TcContext) -> i32 {
+    match input(ctx.data(), ctx.data_end(), Frame::Linear) {
+        Input::Packet(packet) => tc_reply(ctx, &packet),
         // Holding is ingress's: leaving, it is no reply this node rewrites.
-        Input::Unplaced(_) => return TC_ACT_OK,
+        Input::Unplaced(_) => TC_ACT_OK,
         Input::Other => {
             icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Egress);
-            return TC_ACT_OK;
+            TC_ACT_OK
         }
-    };
-    match to_client(&ctx, &packet, Hook::Egress) {
+    }
+}
+
+#[inline(never)]
+fn tc_egress6(ctx: &TcContext) -> i32 {
+    parse6(ctx.data(), ctx.data_end(), Frame::Linear).map_or(TC_ACT_OK, |p| tc_reply(ctx, &p))
+}
+
+#[inline(always)]
+fn tc_reply<A: Family>(ctx: &TcContext, packet: &Packet<A>) -> i32 {
+    match to_client(ctx, packet, Hook::Egress) {
         Ok(Verdict::Pass) | Err(Verdict::Pass) => TC_ACT_OK,
         Ok(_) | Err(_) => TC_ACT_SHOT,
     }
@@ -146,19 +187,38 @@ pub fn lb_tc_loopback(ctx: TcContext) -> i32 {
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let packet = match input(ctx.data(), ctx.data_end(), Frame::Whole) {
-        Input::Packet(packet) if packet.piece == Piece::Whole => packet,
+    if is_ipv6(ctx.data(), ctx.data_end()) {
+        xdp6(&ctx)
+    } else {
+        xdp4(&ctx)
+    }
+}
+
+#[inline(never)]
+fn xdp4(ctx: &XdpContext) -> u32 {
+    match input(ctx.data(), ctx.data_end(), Frame::Whole) {
+        Input::Packet(packet) if packet.piece == Piece::Whole => xdp_balance(ctx, &packet),
         // Balanced by `lb_tc_uplink`, which can hold them.
-        Input::Packet(_) | Input::Unplaced(_) => return xdp_action::XDP_PASS,
+        Input::Packet(_) | Input::Unplaced(_) => xdp_action::XDP_PASS,
         Input::Other => {
             icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Ingress);
-            return xdp_action::XDP_PASS;
+            xdp_action::XDP_PASS
         }
-    };
-    match balance(&ctx, &packet, SCOPE_EXTERNAL) {
+    }
+}
+
+#[inline(never)]
+fn xdp6(ctx: &XdpContext) -> u32 {
+    parse6(ctx.data(), ctx.data_end(), Frame::Whole)
+        .map_or(xdp_action::XDP_PASS, |packet| xdp_balance(ctx, &packet))
+}
+
+#[inline(always)]
+fn xdp_balance<A: Family>(ctx: &XdpContext, packet: &Packet<A>) -> u32 {
+    match balance(ctx, packet, SCOPE_EXTERNAL) {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
-        Verdict::Reject => reject(&ctx, &packet).unwrap_or(xdp_action::XDP_DROP),
+        Verdict::Reject => reject(ctx, packet).unwrap_or(xdp_action::XDP_DROP),
     }
 }
 

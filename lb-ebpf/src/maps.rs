@@ -20,11 +20,13 @@ use aya_ebpf::{
 use lb_common::maps::{
     self as common, Affinity, AffinityKey, Backend, Clock, Config, Connected, Epoch, Flow, FlowKey,
     FragmentKey, FragmentPorts, Frontend, FrontendKey, FrontendStats, HeldFragment, HeldKey,
-    MAX_AFFINITIES, MAX_BACKENDS, MAX_CONNECTED, MAX_FLOWS, MAX_FRAGMENTS, MAX_HELD_FRAGMENTS,
-    MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MAX_SOURCE_RANGES, MAX_VIPS, RejectTokens, Reply,
-    SINGLE_ENTRY, SOURCE_RANGE_ID_BITS, Slot, SlotKey, SocketFrontend, SocketKey, SourceRange,
-    SourceRangeKey, Stats, Vip,
+    Ipv6Be, MAX_AFFINITIES, MAX_BACKENDS, MAX_CONNECTED, MAX_FLOWS, MAX_FRAGMENTS,
+    MAX_HELD_FRAGMENTS, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MAX_SOURCE_RANGES, MAX_VIPS,
+    RejectTokens, Reply, SINGLE_ENTRY, SOURCE_RANGE_ID_BITS, Slot, SlotKey, SocketFrontend,
+    SocketKey, SourceRange, SourceRangeKey, Stats, Vip,
 };
+
+use crate::family::Family;
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 
@@ -57,32 +59,49 @@ macro_rules! map {
     };
 }
 
-map!("lb_frontends_v1" = FRONTENDS, FRONTENDS: HashMap<FrontendKey, Frontend, { MAX_SERVICES as usize }, NO_PREALLOC>);
+/// Each family's maps, of one type each: [`Family`] names a family's.
+pub type FrontendMap<A> = HashMap<FrontendKey<A>, Frontend, { MAX_SERVICES as usize }, NO_PREALLOC>;
+pub type BackendMap<A> = HashMap<u32, Backend<A>, { MAX_BACKENDS as usize }, NO_PREALLOC>;
+pub type VipMap<A> = HashMap<A, Vip, { MAX_VIPS as usize }, NO_PREALLOC>;
+pub type SourceRangeMap<A> =
+    LpmTrie<SourceRangeKey<A>, SourceRange, { MAX_SOURCE_RANGES as usize }>;
+pub type FlowMap<A> = LruHashMap<FlowKey<A>, Flow<A>, { MAX_FLOWS as usize }>;
+pub type ReplyMap<A> = LruHashMap<FlowKey<A>, Reply<A>, { MAX_FLOWS as usize }>;
+pub type AffinityMap<A> = LruHashMap<AffinityKey<A>, Affinity, { MAX_AFFINITIES as usize }>;
+
+map!("lb_frontends_v1" = FRONTENDS, FRONTENDS: FrontendMap<u32>);
+map!("lb_frontends6_v1" = FRONTENDS6, FRONTENDS6: FrontendMap<Ipv6Be>);
 map!("lb_slots_v1" = SLOTS, SLOTS: HashMap<SlotKey, Slot, { MAX_SLOTS as usize }, NO_PREALLOC>);
-map!("lb_backends_v1" = BACKENDS, BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }, NO_PREALLOC>);
-map!("lb_vips_v2" = VIPS, VIPS: HashMap<u32, Vip, { MAX_VIPS as usize }, NO_PREALLOC>);
-map!("lb_flows_v2" = FLOWS, FLOWS: LruHashMap<FlowKey, Flow, { MAX_FLOWS as usize }>);
-map!("lb_replies_v1" = REPLIES, REPLIES: LruHashMap<FlowKey, Reply, { MAX_FLOWS as usize }>);
+map!("lb_backends_v1" = BACKENDS, BACKENDS: BackendMap<u32>);
+map!("lb_backends6_v1" = BACKENDS6, BACKENDS6: BackendMap<Ipv6Be>);
+map!("lb_vips_v2" = VIPS, VIPS: VipMap<u32>);
+map!("lb_vips6_v1" = VIPS6, VIPS6: VipMap<Ipv6Be>);
+map!("lb_flows_v2" = FLOWS, FLOWS: FlowMap<u32>);
+map!("lb_flows6_v1" = FLOWS6, FLOWS6: FlowMap<Ipv6Be>);
+map!("lb_replies_v1" = REPLIES, REPLIES: ReplyMap<u32>);
+map!("lb_replies6_v1" = REPLIES6, REPLIES6: ReplyMap<Ipv6Be>);
 map!("lb_sockets_v1" = SOCKETS, SOCKETS: LruHashMap<SocketKey, SocketFrontend, { MAX_SOCKETS as usize }>);
 map!("lb_connected_v1" = CONNECTED, CONNECTED: HashMap<u64, Connected, { MAX_CONNECTED as usize }, NO_PREALLOC>);
-map!("lb_affinity_v1" = AFFINITY, AFFINITY: LruHashMap<AffinityKey, Affinity, { MAX_AFFINITIES as usize }>);
+map!("lb_affinity_v1" = AFFINITY, AFFINITY: AffinityMap<u32>);
+map!("lb_affinity6_v1" = AFFINITY6, AFFINITY6: AffinityMap<Ipv6Be>);
 map!("lb_cursors_v1" = CURSORS, CURSORS: PerCpuArray<u32, { MAX_SERVICES as usize }>);
 map!("lb_fe_stats_v1" = FRONTEND_STATS, FRONTEND_STATS: PerCpuArray<FrontendStats, { MAX_SERVICES as usize }>);
-map!("lb_source_ranges_v1" = SOURCE_RANGES, SOURCE_RANGES: LpmTrie<SourceRangeKey, SourceRange, { MAX_SOURCE_RANGES as usize }>);
+map!("lb_source_ranges_v1" = SOURCE_RANGES, SOURCE_RANGES: SourceRangeMap<u32>);
+map!("lb_source_ranges6_v1" = SOURCE_RANGES6, SOURCE_RANGES6: SourceRangeMap<Ipv6Be>);
 map!("lb_fragments_v1" = FRAGMENTS, FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts, { MAX_FRAGMENTS as usize }>);
 map!("lb_held_fragments_v1" = HELD_FRAGMENTS, HELD_FRAGMENTS: LruHashMap<HeldKey, HeldFragment, { MAX_HELD_FRAGMENTS as usize }>);
 map!("lb_fragment_scratch_v1" = FRAGMENT_SCRATCH, FRAGMENT_SCRATCH: PerCpuArray<HeldFragment, 1>);
 map!("lb_stats_v6" = STATS, STATS: PerCpuArray<Stats, 1>);
-map!("lb_config_v2" = CONFIG, CONFIG: Array<Config, 1>);
+map!("lb_config_v3" = CONFIG, CONFIG: Array<Config, 1>);
 map!("lb_reject_tokens_v1" = REJECT_TOKENS, REJECT_TOKENS: PerCpuArray<RejectTokens, 1>);
 map!("lb_clock_v1" = CLOCK, CLOCK: Array<Clock, 1>);
 map!("lb_epoch_v1" = EPOCH, EPOCH: Array<Epoch, 1>);
 
 /// The frontend of a service address, port, protocol and scope.
 #[inline(always)]
-pub fn frontend(key: FrontendKey) -> Option<&'static Frontend> {
+pub fn frontend<A: Family>(key: FrontendKey<A>) -> Option<&'static Frontend> {
     // SAFETY: a map value, alive until the program returns (module doc).
-    unsafe { FRONTENDS.get(key) }
+    unsafe { A::frontends().get(key) }
 }
 
 /// The backend id in a frontend's slot.
@@ -93,39 +112,39 @@ pub fn slot(service_id: u32, slot: u32) -> Option<u32> {
 }
 
 #[inline(always)]
-pub fn backend(id: u32) -> Option<&'static Backend> {
+pub fn backend<A: Family>(id: u32) -> Option<&'static Backend<A>> {
     // SAFETY: as above.
-    unsafe { BACKENDS.get(id) }
+    unsafe { A::backends().get(id) }
 }
 
 /// The frontend address `addr_be` (network order), if frontends listen on it.
 #[inline(always)]
-pub fn vip(addr_be: u32) -> Option<&'static Vip> {
+pub fn vip<A: Family>(addr_be: A) -> Option<&'static Vip> {
     // SAFETY: as above.
-    unsafe { VIPS.get(addr_be) }
+    unsafe { A::vips().get(addr_be) }
 }
 
 /// Whether a source may reach the frontend `service_id`, a load-balancer IP with source ranges:
 /// one of them holds it. The frontend's catch-all refuses the others, and no entry at all
 /// (none written yet) refuses too.
 #[inline(always)]
-pub fn source_allowed(service_id: u32, src_addr_be: u32) -> bool {
+pub fn source_allowed<A: Family>(service_id: u32, src_addr_be: A) -> bool {
     let key = Key::new(
-        SOURCE_RANGE_ID_BITS + u32::BITS,
+        SOURCE_RANGE_ID_BITS + A::BITS,
         SourceRangeKey {
             service_id,
             addr_be: src_addr_be,
         },
     );
-    SOURCE_RANGES
+    A::source_ranges()
         .get(&key)
         .is_some_and(|range| range.allowed != 0)
 }
 
 #[inline(always)]
-pub fn flow(key: FlowKey) -> Option<&'static Flow> {
+pub fn flow<A: Family>(key: FlowKey<A>) -> Option<&'static Flow<A>> {
     // SAFETY: as above.
-    unsafe { FLOWS.get(key) }
+    unsafe { A::flows().get(key) }
 }
 
 /// The ports of a fragmented datagram, from its first fragment.
@@ -155,28 +174,32 @@ pub fn fragment_scratch() -> Option<&'static mut HeldFragment> {
 /// A flow, to refresh in place: racing writers of one flow (two CPUs) write the same fields
 /// with values that are each valid.
 #[inline(always)]
-pub fn flow_mut(key: FlowKey) -> Option<&'static mut Flow> {
+pub fn flow_mut<A: Family>(key: FlowKey<A>) -> Option<&'static mut Flow<A>> {
     // SAFETY: as above; a non-null pointer to a value of the map's type.
-    FLOWS.get_ptr_mut(key).map(|flow| unsafe { &mut *flow })
+    A::flows()
+        .get_ptr_mut(key)
+        .map(|flow| unsafe { &mut *flow })
 }
 
 /// A reply entry, to refresh in place, as [`flow_mut`].
 #[inline(always)]
-pub fn reply_mut(key: FlowKey) -> Option<&'static mut Reply> {
+pub fn reply_mut<A: Family>(key: FlowKey<A>) -> Option<&'static mut Reply<A>> {
     // SAFETY: as for `flow_mut`.
-    REPLIES.get_ptr_mut(key).map(|reply| unsafe { &mut *reply })
+    A::replies()
+        .get_ptr_mut(key)
+        .map(|reply| unsafe { &mut *reply })
 }
 
 #[inline(always)]
-pub fn reply(key: FlowKey) -> Option<&'static Reply> {
+pub fn reply<A: Family>(key: FlowKey<A>) -> Option<&'static Reply<A>> {
     // SAFETY: as above.
-    unsafe { REPLIES.get(key) }
+    unsafe { A::replies().get(key) }
 }
 
 #[inline(always)]
-pub fn affinity(key: AffinityKey) -> Option<&'static Affinity> {
+pub fn affinity<A: Family>(key: AffinityKey<A>) -> Option<&'static Affinity> {
     // SAFETY: as above.
-    unsafe { AFFINITY.get(key) }
+    unsafe { A::affinities().get(key) }
 }
 
 /// What the node's connected socket `cookie` dialled.

@@ -1,15 +1,19 @@
-//! Address and port rewrites with incremental checksum updates.
+//! Address and port rewrites with incremental checksum updates, of either family
+//! ([`Family`] knows where the addresses lie and which checksums hold them).
 //!
 //! tc uses the kernel's checksum helpers, which also keep `CHECKSUM_PARTIAL` and
 //! `CHECKSUM_COMPLETE` skbs right (a tc program sees locally generated traffic). XDP sees only
 //! the frame, whose checksums are complete on a wire: it updates them itself (RFC 1624).
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::BPF_F_MARK_MANGLED_0,
     programs::{TcContext, XdpContext},
 };
 
-use crate::parse::{Packet, Piece, ptr_at};
+use crate::{
+    family::Family,
+    parse::{Packet, Piece, ptr_at},
+};
 
 /// Which end of the packet to rewrite.
 #[derive(Clone, Copy)]
@@ -20,16 +24,16 @@ pub enum End {
 
 impl End {
     /// `(address offset, old address, port offset, old port)` of this end of `packet`.
-    fn fields(self, packet: &Packet) -> (usize, u32, usize, u16) {
+    fn fields<A: Family>(self, packet: &Packet<A>) -> (usize, A, usize, u16) {
         match self {
             Self::Source => (
-                Packet::SRC_ADDR_OFFSET,
+                A::SRC_ADDR_OFFSET,
                 packet.key.src_addr_be,
                 packet.src_port_offset(),
                 packet.key.src_port_be,
             ),
             Self::Destination => (
-                Packet::DST_ADDR_OFFSET,
+                A::DST_ADDR_OFFSET,
                 packet.key.dst_addr_be,
                 packet.dst_port_offset(),
                 packet.key.dst_port_be,
@@ -40,36 +44,43 @@ impl End {
 
 /// A program context that can rewrite the packet it holds.
 pub trait Rewrite {
-    /// Rewrites one end of `packet` (as parsed, before any rewrite) to `addr_be:port_be`.
-    fn rewrite(&self, packet: &Packet, end: End, addr_be: u32, port_be: u16) -> Result<(), ()>;
+    /// Rewrites one end of `packet` (as parsed, before any rewrite) to `addr_be:port_be`. A
+    /// later fragment has no TCP or UDP header: its address alone changes (the first
+    /// fragment's checksum covers the whole datagram, its addresses included).
+    fn rewrite<A: Family>(
+        &self,
+        packet: &Packet<A>,
+        end: End,
+        addr_be: A,
+        port_be: u16,
+    ) -> Result<(), ()>;
 }
 
 impl Rewrite for TcContext {
     #[inline(always)]
-    fn rewrite(&self, packet: &Packet, end: End, addr_be: u32, port_be: u16) -> Result<(), ()> {
+    fn rewrite<A: Family>(
+        &self,
+        packet: &Packet<A>,
+        end: End,
+        addr_be: A,
+        port_be: u16,
+    ) -> Result<(), ()> {
         let (addr_offset, old_addr_be, port_offset, old_port_be) = end.fields(packet);
-        if packet.piece == Piece::Later {
-            return write_addr(
-                self.data(),
-                self.data_end(),
-                addr_offset,
-                old_addr_be,
-                addr_be,
-            );
-        }
+        let (data, data_end) = (self.data(), self.data_end());
         // The IPv4 header checksum is always complete, and the addresses and ports are plain
         // bytes: direct writes. Only the L4 checksum goes through the helpers, which know
         // whether the skb holds a complete sum or a CHECKSUM_PARTIAL pseudo-header seed.
-        write_ends(
-            self.data(),
-            self.data_end(),
-            addr_offset,
-            old_addr_be,
-            addr_be,
-            port_offset,
-            old_port_be,
-            port_be,
-        )?;
+        if old_addr_be != addr_be {
+            A::write_addr(data, data_end, addr_offset, old_addr_be, addr_be)?;
+        }
+        if packet.piece == Piece::Later {
+            return Ok(());
+        }
+        if old_port_be != port_be {
+            let port = ptr_at::<u16>(data, data_end, port_offset).ok_or(())?;
+            // SAFETY: bounds-checked against the packet just above.
+            unsafe { *port.cast_mut() = port_be };
+        }
         // UDP's checksum 0 means "none": the helper must leave it so, and never produce it.
         let l4_flags = if packet.is_udp() {
             u64::from(BPF_F_MARK_MANGLED_0)
@@ -78,10 +89,7 @@ impl Rewrite for TcContext {
         };
         let l4_checksum = packet.l4_checksum_offset();
         if old_addr_be != addr_be {
-            let (old, new) = (u64::from(old_addr_be), u64::from(addr_be));
-            let pseudo = l4_flags | u64::from(BPF_F_PSEUDO_HDR) | 4;
-            self.l4_csum_replace(l4_checksum, old, new, pseudo)
-                .map_err(drop)?;
+            A::tc_l4_address(self, l4_checksum, old_addr_be, addr_be, l4_flags)?;
         }
         if old_port_be != port_be {
             let (old, new) = (u64::from(old_port_be), u64::from(port_be));
@@ -92,79 +100,33 @@ impl Rewrite for TcContext {
     }
 }
 
-/// Writes one end's address and port, and updates the IPv4 header checksum for the address.
-#[inline(always)]
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one end's old and new fields, spelled out"
-)]
-fn write_ends(
-    data: usize,
-    data_end: usize,
-    addr_offset: usize,
-    old_addr_be: u32,
-    addr_be: u32,
-    port_offset: usize,
-    old_port_be: u16,
-    port_be: u16,
-) -> Result<(), ()> {
-    write_addr(data, data_end, addr_offset, old_addr_be, addr_be)?;
-    if old_port_be != port_be {
-        let port = ptr_at::<u16>(data, data_end, port_offset).ok_or(())?;
-        // SAFETY: bounds-checked against the packet just above.
-        unsafe { *port.cast_mut() = port_be };
-    }
-    Ok(())
-}
-
-/// Writes one end's address, and updates the IPv4 header checksum for it: all that changes
-/// in a later fragment, which has no TCP or UDP header (the first fragment's checksum covers
-/// the whole datagram, its addresses included).
-#[inline(always)]
-fn write_addr(
-    data: usize,
-    data_end: usize,
-    addr_offset: usize,
-    old_addr_be: u32,
-    addr_be: u32,
-) -> Result<(), ()> {
-    if old_addr_be == addr_be {
-        return Ok(());
-    }
-    let ip_checksum = ptr_at::<u16>(data, data_end, Packet::IP_CHECKSUM_OFFSET).ok_or(())?;
-    let addr = ptr_at::<u32>(data, data_end, addr_offset).ok_or(())?;
-    // SAFETY: each pointer was bounds-checked against the packet above.
-    unsafe {
-        let ip_checksum = ip_checksum.cast_mut();
-        *ip_checksum = checksum_update(*ip_checksum, old_addr_be, addr_be);
-        *addr.cast_mut() = addr_be;
-    }
-    Ok(())
-}
-
 impl Rewrite for XdpContext {
     #[inline(always)]
-    fn rewrite(&self, packet: &Packet, end: End, addr_be: u32, port_be: u16) -> Result<(), ()> {
+    fn rewrite<A: Family>(
+        &self,
+        packet: &Packet<A>,
+        end: End,
+        addr_be: A,
+        port_be: u16,
+    ) -> Result<(), ()> {
         let (addr_offset, old_addr_be, port_offset, old_port_be) = end.fields(packet);
         let (data, data_end) = (self.data(), self.data_end());
-        if packet.piece == Piece::Later {
-            return write_addr(data, data_end, addr_offset, old_addr_be, addr_be);
+        if old_addr_be != addr_be {
+            A::write_addr(data, data_end, addr_offset, old_addr_be, addr_be)?;
         }
-        let ip_checksum = ptr_at::<u16>(data, data_end, Packet::IP_CHECKSUM_OFFSET).ok_or(())?;
+        if packet.piece == Piece::Later {
+            return Ok(());
+        }
         let l4_checksum = ptr_at::<u16>(data, data_end, packet.l4_checksum_offset()).ok_or(())?;
-        let addr = ptr_at::<u32>(data, data_end, addr_offset).ok_or(())?;
         let port = ptr_at::<u16>(data, data_end, port_offset).ok_or(())?;
         // SAFETY: each pointer was bounds-checked against the frame above.
         unsafe {
-            let ip_checksum = ip_checksum.cast_mut();
             let l4_checksum = l4_checksum.cast_mut();
             // UDP's checksum 0 means "none": leave it so.
             let l4_summed = !packet.is_udp() || *l4_checksum != 0;
             let mut l4 = *l4_checksum;
             if old_addr_be != addr_be {
-                *ip_checksum = checksum_update(*ip_checksum, old_addr_be, addr_be);
-                l4 = checksum_update(l4, old_addr_be, addr_be);
-                *addr.cast_mut() = addr_be;
+                l4 = A::checksum_update(l4, old_addr_be, addr_be);
             }
             if old_port_be != port_be {
                 l4 = checksum_update(l4, u32::from(old_port_be), u32::from(port_be));

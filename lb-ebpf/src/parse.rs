@@ -1,15 +1,20 @@
-//! Packet parsing: Ethernet, IPv4 and the TCP or UDP ports, by direct packet access.
+//! Packet parsing: Ethernet, IPv4 or IPv6 (its extension headers walked) and the TCP or UDP
+//! ports, by direct packet access.
 
 use core::mem::size_of;
 
-use lb_common::maps::{FlowKey, PROTO_TCP, PROTO_UDP};
+use lb_common::maps::{FlowKey, Ipv6Be, PROTO_TCP, PROTO_UDP};
 
 use crate::headers::{
-    ETH_HLEN, ETH_TYPE, IP_CHECKSUM, IP_DST, IP_SRC, IPV4_MIN_HLEN, Ipv4Header, L4_DST_PORT,
-    L4_SRC_PORT, TCP_CHECKSUM, TCP_DATA_OFFSET, TCP_MIN_HLEN, UDP_CHECKSUM, UDP_HLEN, UDP_LEN,
+    ETH_HLEN, ETH_TYPE, IPV4_MIN_HLEN, IPV6_AUTH, IPV6_DEST_OPTIONS, IPV6_HLEN, IPV6_HOP_BY_HOP,
+    IPV6_ROUTING, Ipv4Header, Ipv6ExtensionHeader, Ipv6Header, L4_DST_PORT, L4_SRC_PORT,
+    TCP_CHECKSUM, TCP_DATA_OFFSET, TCP_MIN_HLEN, UDP_CHECKSUM, UDP_HLEN, UDP_LEN,
 };
 
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
+/// Extension headers walked before the datagram; a packet with more passes untouched.
+const MAX_EXTENSION_HEADERS: usize = 6;
 /// Fragment offset and "more fragments": set on every fragment of a split datagram.
 pub const IPV4_FRAGMENT_MASK_BE: u16 = 0x3fffu16.to_be();
 /// The fragment offset alone: set on every fragment but the first.
@@ -31,26 +36,23 @@ pub enum Piece {
     Later,
 }
 
-/// Where a packet's fields are, and their values.
-pub struct Packet {
-    pub key: FlowKey,
+/// Where a packet's fields are, and their values; its addresses of family `A`
+/// ([`Family`](crate::family::Family)).
+pub struct Packet<A = u32> {
+    pub key: FlowKey<A>,
     pub l4_offset: usize,
     /// The TCP flags; 0 for UDP.
     pub tcp_flags: u8,
-    /// The IPv4 total length.
+    /// The IP length: IPv4's total length, IPv6's payload length and header.
     pub ip_len: u16,
     /// A TCP FIN or RST: the flow is closing.
     pub closing: bool,
-    /// The IPv4 identification, which a datagram's fragments share.
+    /// The IPv4 identification, which a datagram's fragments share; 0 in IPv6.
     pub ip_id_be: u16,
     pub piece: Piece,
 }
 
-impl Packet {
-    pub const DST_ADDR_OFFSET: usize = ETH_HLEN + IP_DST;
-    pub const SRC_ADDR_OFFSET: usize = ETH_HLEN + IP_SRC;
-    pub const IP_CHECKSUM_OFFSET: usize = ETH_HLEN + IP_CHECKSUM;
-
+impl<A> Packet<A> {
     pub fn src_port_offset(&self) -> usize {
         self.l4_offset + L4_SRC_PORT
     }
@@ -132,6 +134,117 @@ pub fn ipv4(data: usize, data_end: usize) -> Option<(Ipv4Header, usize)> {
     Some((ip, header_len))
 }
 
+/// Whether the frame is IPv6: its program's IPv6 half, out of line, balances it.
+#[inline(always)]
+pub fn is_ipv6(data: usize, data_end: usize) -> bool {
+    read::<u16>(data, data_end, ETH_TYPE) == Some(ETH_P_IPV6_BE)
+}
+
+/// Parses an IPv6 TCP or UDP packet past the extension headers before its datagram (hop by
+/// hop, routing, destination options, authentication), at most [`MAX_EXTENSION_HEADERS`] of
+/// them. Anything else is `None` and passes untouched: ICMPv6 (neighbour discovery, router
+/// advertisements), a fragment (IPv6 fragments are not balanced yet), a malformed packet.
+#[inline(always)]
+pub fn parse6(data: usize, data_end: usize, frame: Frame) -> Option<Packet<Ipv6Be>> {
+    let ether_type_be: u16 = read(data, data_end, ETH_TYPE)?;
+    if ether_type_be != ETH_P_IPV6_BE {
+        return None;
+    }
+    let ip: Ipv6Header = read(data, data_end, ETH_HLEN)?;
+    if u32::from_be(ip.version_class_flow_be) >> 28 != 6 {
+        return None;
+    }
+    let payload_len = usize::from(u16::from_be(ip.payload_len_be));
+    if frame == Frame::Whole && data + ETH_HLEN + IPV6_HLEN + payload_len > data_end {
+        return None;
+    }
+    let mut protocol = ip.next_header;
+    let mut l4_offset = ETH_HLEN + IPV6_HLEN;
+    for _ in 0..MAX_EXTENSION_HEADERS {
+        if !matches!(
+            protocol,
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS | IPV6_AUTH
+        ) {
+            break;
+        }
+        let header: Ipv6ExtensionHeader = read(data, data_end, l4_offset)?;
+        let len = usize::from(header.len);
+        l4_offset += if protocol == IPV6_AUTH {
+            (len + 2) * 4
+        } else {
+            (len + 1) * 8
+        };
+        protocol = header.next_header;
+    }
+    // A fragment header among the others, and a packet past the headers walked.
+    if protocol != PROTO_TCP && protocol != PROTO_UDP {
+        return None;
+    }
+    // A BIG TCP datagram's payload length is 0.
+    let l4_len = match payload_len {
+        0 if protocol == PROTO_TCP => usize::MAX,
+        len => (ETH_HLEN + IPV6_HLEN + len).checked_sub(l4_offset)?,
+    };
+    let datagram = datagram(data, data_end, protocol, l4_offset, l4_len, Piece::Whole)?;
+    let ip_len = u16::try_from(IPV6_HLEN + payload_len).unwrap_or(u16::MAX);
+    Some(Packet {
+        key: FlowKey {
+            src_addr_be: ip.src_addr_be,
+            dst_addr_be: ip.dst_addr_be,
+            src_port_be: datagram.ports[0],
+            dst_port_be: datagram.ports[1],
+            protocol,
+            _pad: [0; 3],
+        },
+        l4_offset,
+        tcp_flags: datagram.tcp_flags,
+        ip_len,
+        closing: datagram.tcp_flags & (TCP_FIN | TCP_RST) != 0,
+        ip_id_be: 0,
+        piece: Piece::Whole,
+    })
+}
+
+/// What the TCP or UDP header tells.
+struct Datagram {
+    ports: [u16; 2],
+    tcp_flags: u8,
+}
+
+/// The TCP or UDP header at `l4_offset`, of a datagram of `l4_len` bytes (the IP header's
+/// word), if the lengths fit each other and the checksum lies in the frame.
+#[inline(always)]
+fn datagram(
+    data: usize,
+    data_end: usize,
+    protocol: u8,
+    l4_offset: usize,
+    l4_len: usize,
+    piece: Piece,
+) -> Option<Datagram> {
+    // Both headers start with the two ports; the TCP data offset is followed by the flags.
+    let ports: [u16; 2] = read(data, data_end, l4_offset + L4_SRC_PORT)?;
+    let (header_len, min_header_len, tcp_flags, checksum) = if protocol == PROTO_TCP {
+        let offset_flags: [u8; 2] = read(data, data_end, l4_offset + TCP_DATA_OFFSET)?;
+        let header_len = usize::from(offset_flags[0] >> 4) * 4;
+        (header_len, TCP_MIN_HLEN, offset_flags[1], TCP_CHECKSUM)
+    } else {
+        let udp_len_be: u16 = read(data, data_end, l4_offset + UDP_LEN)?;
+        let udp_len = usize::from(u16::from_be(udp_len_be));
+        // A first fragment's UDP length is the whole datagram's.
+        if udp_len < UDP_HLEN || (udp_len > l4_len && piece == Piece::Whole) {
+            return None;
+        }
+        (UDP_HLEN, UDP_HLEN, 0, UDP_CHECKSUM)
+    };
+    if header_len < min_header_len || header_len > l4_len {
+        return None;
+    }
+    // The checksum is rewritten later: make sure it is in the packet.
+    ptr_at::<u16>(data, data_end, l4_offset + checksum)?;
+    Some(Datagram { ports, tcp_flags })
+}
+
 /// Parses an IPv4 TCP or UDP packet, or the first fragment of one, past its IPv4 header `ip`
 /// of `ip_len` bytes ([`ipv4`]); anything else (and later fragments, which carry no ports:
 /// [`fragments`](crate::fragments)) is `None` and passes untouched, and so is a malformed one
@@ -168,26 +281,8 @@ pub fn parse(
         total if total < ip_len => return None,
         total => total - ip_len,
     };
-    // Both headers start with the two ports; the TCP data offset is followed by the flags.
-    let ports: [u16; 2] = read(data, data_end, l4_offset + L4_SRC_PORT)?;
-    let (header_len, min_header_len, tcp_flags, checksum) = if protocol == PROTO_TCP {
-        let offset_flags: [u8; 2] = read(data, data_end, l4_offset + TCP_DATA_OFFSET)?;
-        let header_len = usize::from(offset_flags[0] >> 4) * 4;
-        (header_len, TCP_MIN_HLEN, offset_flags[1], TCP_CHECKSUM)
-    } else {
-        let udp_len_be: u16 = read(data, data_end, l4_offset + UDP_LEN)?;
-        let udp_len = usize::from(u16::from_be(udp_len_be));
-        // A first fragment's UDP length is the whole datagram's.
-        if udp_len < UDP_HLEN || (udp_len > l4_len && piece == Piece::Whole) {
-            return None;
-        }
-        (UDP_HLEN, UDP_HLEN, 0, UDP_CHECKSUM)
-    };
-    if header_len < min_header_len || header_len > l4_len {
-        return None;
-    }
-    // The checksum is rewritten later: make sure it is in the packet.
-    ptr_at::<u16>(data, data_end, l4_offset + checksum)?;
+    let Datagram { ports, tcp_flags } =
+        datagram(data, data_end, protocol, l4_offset, l4_len, piece)?;
     Some(Packet {
         key: FlowKey {
             src_addr_be: ip.src_addr_be,

@@ -15,6 +15,7 @@ use lb_common::maps::PROTO_TCP;
 
 use crate::{
     clock::now_ns,
+    family::Family,
     headers::{
         ETH_DST, ETH_HLEN, ETH_SRC, ETH_TYPE, ICMP_CHECKSUM, ICMP_CODE, ICMP_DEST_UNREACHABLE,
         ICMP_HLEN, ICMP_TYPE, IP_CHECKSUM, IP_DST, IP_FRAGMENT, IP_PROTOCOL, IP_SRC, IP_TOTAL_LEN,
@@ -53,7 +54,8 @@ pub trait Answer {
 /// a short packet), must not (a reset is never answered) or may not (over the rate limit,
 /// counted), and the caller drops.
 #[inline(always)]
-pub fn reject<C: Answer>(ctx: &C, packet: &Packet) -> Option<C::Action> {
+pub fn reject<C: Answer, A: Family>(ctx: &C, packet: &Packet<A>) -> Option<C::Action> {
+    let packet = A::ipv4(packet)?;
     if packet.l4_offset != ETH_HLEN + IP_HLEN || packet.is_reset() {
         return None;
     }

@@ -5,6 +5,7 @@ use lb_common::maps::Vip;
 use crate::{
     balance::{Verdict, error},
     clock::now_ns,
+    family::Family,
     flow::touch,
     fragments, maps,
     nat::{End, Rewrite},
@@ -24,7 +25,11 @@ pub enum Hook {
 /// routing needs it; the others are left to the egress program, after routing. On ingress, a
 /// packet that is no reply, to a ClusterIP on a port it does not serve, is dropped.
 #[inline(always)]
-pub fn to_client<C: Rewrite>(ctx: &C, packet: &Packet, hook: Hook) -> Result<Verdict, Verdict> {
+pub fn to_client<C: Rewrite, A: Family>(
+    ctx: &C,
+    packet: &Packet<A>,
+    hook: Hook,
+) -> Result<Verdict, Verdict> {
     let Some(reply) = maps::reply_mut(packet.key) else {
         if hook == Hook::Ingress
             && maps::vip(packet.key.dst_addr_be).is_some_and(Vip::is_cluster_ip)
@@ -66,7 +71,9 @@ pub fn to_client<C: Rewrite>(ctx: &C, packet: &Packet, hook: Hook) -> Result<Ver
         )
         .map_err(|()| error())?;
     }
-    fragments::remember(packet);
+    if let Some(packet) = A::ipv4(packet) {
+        fragments::remember(packet);
+    }
     count(|s| &mut s.replied);
     Ok(Verdict::Pass)
 }

@@ -3,21 +3,18 @@
 
 use lb_common::maps::{ALGORITHM_SOURCE_HASH, Affinity, AffinityKey, Backend, FlowKey, Frontend};
 
-use crate::{
-    hash::mix32,
-    maps::{self, AFFINITY},
-};
+use crate::{family::Family, hash::mix32, maps};
 
 const NS_PER_SECOND: u64 = 1_000_000_000;
 
 /// Picks a backend for a new flow to `frontend`, which has at least one backend: `(slot,
 /// backend id, backend)`.
 #[inline(always)]
-pub fn select_backend(
+pub fn select_backend<A: Family>(
     frontend: &Frontend,
-    key: &FlowKey,
+    key: &FlowKey<A>,
     now: u64,
-) -> Option<(u32, &'static Backend)> {
+) -> Option<(u32, &'static Backend<A>)> {
     if frontend.affinity_timeout_s == 0 {
         return pick(frontend, key).map(|(_, id, backend)| (id, backend));
     }
@@ -47,7 +44,7 @@ pub fn select_backend(
         slot,
     };
     // Losing an affinity entry costs stickiness, not the flow.
-    let _ = AFFINITY.insert(affinity_key, affinity, 0);
+    let _ = A::affinities().insert(affinity_key, affinity, 0);
     Some((backend_id, backend))
 }
 
@@ -71,10 +68,13 @@ fn slot_of(frontend: &Frontend, backend_id: u32, hint: u32) -> Option<u32> {
 
 /// The backend the frontend's algorithm picks: `(slot, backend id, backend)`.
 #[inline(always)]
-fn pick(frontend: &Frontend, key: &FlowKey) -> Option<(u32, u32, &'static Backend)> {
+fn pick<A: Family>(
+    frontend: &Frontend,
+    key: &FlowKey<A>,
+) -> Option<(u32, u32, &'static Backend<A>)> {
     let count = u32::from(frontend.backend_count);
     let pick = if frontend.algorithm == ALGORITHM_SOURCE_HASH {
-        mix32(key.src_addr_be)
+        mix32(key.src_addr_be.folded())
     } else {
         // Each CPU turns its own cursor: fair in aggregate, no shared cache line, no lost
         // update.

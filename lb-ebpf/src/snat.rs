@@ -5,32 +5,31 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::maps::{Backend, Config, FlowKey, Reply};
 
-use crate::{
-    hash::mix32,
-    maps::{self, REPLIES},
-};
+use crate::{family::Family, hash::mix32, maps};
 
 /// Ports tried before the flow is dropped.
 const TRIES: u32 = 8;
 
-/// Records `reply` under a free SNAT port of the node's address for `backend`; the port, in
-/// network order.
+/// Records `reply` under a free SNAT port of the node's address of the flow's family for
+/// `backend`; that address, and the port in network order.
 #[inline(always)]
-pub fn allocate(
+pub fn allocate<A: Family>(
     config: &Config,
-    backend: &Backend,
-    client: &FlowKey,
-    reply: &Reply,
+    backend: &Backend<A>,
+    client: &FlowKey<A>,
+    reply: &Reply<A>,
     now: u64,
-) -> Option<u16> {
-    if config.snat_addr_be == 0 || config.snat_port_max < config.snat_port_min {
+) -> Option<(A, u16)> {
+    let snat_addr_be = A::snat_addr(config)?;
+    if config.snat_port_max < config.snat_port_min {
         return None;
     }
     let range = u32::from(config.snat_port_max - config.snat_port_min) + 1;
-    let start = mix32(client.src_addr_be ^ u32::from(client.src_port_be));
+    let start = mix32(client.src_addr_be.folded() ^ u32::from(client.src_port_be));
+    let replies = A::replies();
     let mut key = FlowKey {
         src_addr_be: backend.addr_be,
-        dst_addr_be: config.snat_addr_be,
+        dst_addr_be: snat_addr_be,
         src_port_be: backend.port_be,
         dst_port_be: 0,
         protocol: backend.protocol,
@@ -39,18 +38,18 @@ pub fn allocate(
     for i in 0..TRIES {
         let port = u32::from(config.snat_port_min) + (start.wrapping_add(i) % range);
         key.dst_port_be = (port as u16).to_be();
-        if REPLIES.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok() {
-            return Some(key.dst_port_be);
+        if replies.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok() {
+            return Some((snat_addr_be, key.dst_port_be));
         }
         // Taken; an entry that idled out is removed, and the port claimed like a free one, so
         // that two CPUs reclaiming it at once cannot both win.
         let stale = maps::reply(key)
             .is_some_and(|r| !config.is_live(key.protocol, r.state, r.last_seen_ns, now));
         if stale
-            && REPLIES.remove(key).is_ok()
-            && REPLIES.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok()
+            && replies.remove(key).is_ok()
+            && replies.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok()
         {
-            return Some(key.dst_port_be);
+            return Some((snat_addr_be, key.dst_port_be));
         }
     }
     None

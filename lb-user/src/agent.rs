@@ -319,8 +319,8 @@ impl Syncer {
             .set_node_eligible(model::node_eligible(&objects.nodes, &node.name));
         self.service_checks
             .set(synced.health_checks, &synced.node_addresses);
-        if let Some(snat_address) = synced.config_written {
-            info!(snat_address = ?snat_address, "datapath config written");
+        if let Some(snat) = synced.config_written {
+            info!(snat_address = ?snat.v4, snat_address6 = ?snat.v6, "datapath config written");
         }
         if synced.backends_gone {
             // New work: not held back by an earlier pass's wait.

@@ -296,6 +296,7 @@ async fn run(args: RunArgs) -> Result<()> {
             tcp_closing_timeout_ns: secs(args.tcp_closing_timeout_secs),
             udp_timeout_ns: secs(args.udp_timeout_secs),
             snat_addr_be: 0,
+            snat_addr6_be: [0; 4],
             snat_port_min: *args.snat_ports.start(),
             snat_port_max: *args.snat_ports.end(),
             netns_cookie: datapath::netns_cookie()?,

@@ -14,7 +14,7 @@
 
 use std::{
     io,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
@@ -90,15 +90,15 @@ fn stale<'a>(
     programmed: &MapEntries,
     dialled: impl Fn(&ConnectedSocket) -> Option<Connected>,
 ) -> Vec<&'a ConnectedSocket> {
-    let live: std::collections::HashSet<(u32, u16)> = programmed
+    let live: std::collections::HashSet<SocketAddr> = programmed
         .backends
         .values()
         .filter(|b| b.protocol == PROTO_UDP)
-        .map(|b| (b.addr_be, b.port_be))
+        .map(|b| SocketAddr::new(b.address, b.port))
         .collect();
     sockets
         .iter()
-        .filter(|s| !live.contains(&(u32::from(*s.peer.ip()).to_be(), s.peer.port().to_be())))
+        .filter(|s| !live.contains(&SocketAddr::V4(s.peer)))
         .filter(|s| {
             dialled(s).is_some_and(|d| {
                 (d.backend_addr_be, d.backend_port_be)
@@ -273,9 +273,10 @@ fn connected_socket(message: &[u8]) -> Option<ConnectedSocket> {
 
 #[cfg(test)]
 mod tests {
-    use lb_common::maps::{Backend, PROTO_TCP};
+    use lb_common::maps::PROTO_TCP;
 
     use super::*;
+    use crate::plan::Backend;
 
     /// An `inet_diag_msg` of `state` from 10.0.0.1:40000 to `peer`, cookie `cookie`.
     fn diag(state: u8, peer: SocketAddrV4, cookie: u64) -> Vec<u8> {
@@ -339,8 +340,8 @@ mod tests {
             connected_socket(&diag(TCP_ESTABLISHED, peer, cookie)).unwrap()
         };
         let backend = |last: u8, protocol| Backend {
-            addr_be: u32::from(Ipv4Addr::new(10, 244, 0, last)).to_be(),
-            port_be: 5353u16.to_be(),
+            address: Ipv4Addr::new(10, 244, 0, last).into(),
+            port: 5353,
             protocol,
             flags: 0,
         };

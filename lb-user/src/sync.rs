@@ -6,11 +6,14 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
 
-use lb_common::maps::Config;
+use lb_common::{
+    addr::{ipv4_be, ipv6_be},
+    maps::Config,
+};
 use tracing::error;
 
 use crate::{
@@ -40,7 +43,7 @@ pub struct Pipeline {
     /// Backends were deleted and the datapath not yet told ([`MapWrites::bump_epoch`]); at
     /// start, an earlier agent may have deleted some without telling.
     epoch_due: bool,
-    /// Timeouts and the SNAT port range; each sync fills in the SNAT address.
+    /// Timeouts and the SNAT port range; each sync fills in the SNAT addresses.
     base_config: Config,
     /// The config the datapath runs with, as last written or adopted.
     config: Option<Config>,
@@ -63,8 +66,8 @@ pub struct Synced {
     pub lost_claims: Vec<LostClaim>,
     /// The `/metrics` labels of each programmed frontend, by service id.
     pub labels: BTreeMap<u32, FrontendLabels>,
-    /// The SNAT address, when this sync wrote a new config.
-    pub config_written: Option<Option<Ipv4Addr>>,
+    /// The SNAT addresses, when this sync wrote a new config.
+    pub config_written: Option<SnatAddresses>,
     /// The health checks the node serves for cloud load balancers.
     pub health_checks: Vec<HealthCheck>,
     /// Where NodePorts, and so the health checks, listen.
@@ -121,8 +124,11 @@ impl Pipeline {
         } else {
             plan::diff_touched(&self.programmed, self.planner.desired(), &touched)
         };
-        let snat_address = model::first_v4(&desired.node_addresses);
-        let (config_written, config_failed) = self.write_config(snat_address, maps);
+        let snat_addresses = SnatAddresses {
+            v4: model::first_v4(&desired.node_addresses),
+            v6: model::first_v6(&desired.node_addresses),
+        };
+        let (config_written, config_failed) = self.write_config(snat_addresses, maps);
         let put_off = self.apply(&ops, maps);
         self.compare_all = put_off > 0;
         let backends_gone = self.epoch_due;
@@ -143,7 +149,7 @@ impl Pipeline {
             skipped: desired.skipped.iter().cloned().chain(unplanned).collect(),
             labels: labels(&desired.frontends, &self.programmed),
             lost_claims: desired.lost_claims.clone(),
-            config_written: config_written.then_some(snat_address),
+            config_written: config_written.then_some(snat_addresses),
             health_checks: desired.health_checks.clone(),
             node_addresses: desired.node_addresses.clone(),
         }
@@ -156,7 +162,7 @@ impl Pipeline {
                 // Track what the maps really hold: the next sync starts from there.
                 Ok(()) => {
                     self.programmed.apply(op);
-                    self.epoch_due |= matches!(op, Op::DeleteBackend(_));
+                    self.epoch_due |= matches!(op, Op::DeleteBackend(..));
                 }
                 Err(e) => {
                     let put_off = ops.len() - done;
@@ -172,11 +178,12 @@ impl Pipeline {
     /// written, and whether a write failed.
     fn write_config(
         &mut self,
-        snat_address: Option<Ipv4Addr>,
+        snat_addresses: SnatAddresses,
         maps: &mut impl MapWrites,
     ) -> (bool, bool) {
         let config = Config {
-            snat_addr_be: snat_address.map_or(0, |a| u32::from(a).to_be()),
+            snat_addr_be: snat_addresses.v4.map_or(0, ipv4_be),
+            snat_addr6_be: snat_addresses.v6.map_or([0; 4], ipv6_be),
             ..self.base_config
         };
         if self.config == Some(config) {
@@ -188,12 +195,20 @@ impl Pipeline {
                 (true, false)
             }
             Err(e) => {
-                error!(snat_address = ?snat_address, error = %error_chain(&e),
+                error!(snat_addresses = ?snat_addresses, error = %error_chain(&e),
                     "the datapath's config keeps its old values until the next sync");
                 (false, true)
             }
         }
     }
+}
+
+/// The node's addresses SNATed flows leave with, one per family: its first of each, as
+/// kube-proxy's proxier of each family takes its node IP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnatAddresses {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
 }
 
 /// The `/metrics` labels of each programmed frontend, by service id.
@@ -204,7 +219,7 @@ fn labels(
     frontends
         .iter()
         .filter_map(|f| {
-            let key = plan::frontend_key(f.address, f.port, f.protocol, f.scope)?;
+            let key = plan::frontend_key(f.address, f.port, f.protocol, f.scope);
             let id = programmed.frontends.get(&key)?.service_id;
             let scope = match f.scope {
                 model::Scope::External => "external",

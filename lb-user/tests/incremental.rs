@@ -303,7 +303,7 @@ fn a_write_that_fails_leaves_consistent_maps_and_the_next_sync_writes_the_rest()
             let since = &maps.maps.log[logged..];
             if let Some(last_delete) = since
                 .iter()
-                .rposition(|w| matches!(w, Written::Op(Op::DeleteBackend(_))))
+                .rposition(|w| matches!(w, Written::Op(Op::DeleteBackend(..))))
             {
                 assert!(
                     since[last_delete..].contains(&Written::Epoch),

@@ -5,22 +5,32 @@
 //! move by one, or none. Rows run in order over one datapath: a flow's later packets follow
 //! its first. Root only: run through `cargo xtask test`.
 
-use std::{net::Ipv4Addr, sync::Arc};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+};
 
 use aya::{
     maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues},
     programs::{TestRun as _, TestRunOptions},
 };
-use lb_common::maps::{
-    Config, FLOWS, FRAGMENTS, FRONTENDS, Flow, FlowKey, FragmentKey, FragmentPorts, Frontend,
-    FrontendKey, HELD_FRAGMENT_BYTES, HELD_FRAGMENTS, HELD_PER_DATAGRAM, HeldFragment, HeldKey,
-    PROTO_TCP, PROTO_UDP, REJECT_TOKENS, REPLIES, RejectTokens, Reply, SCOPE_EXTERNAL,
-    SOURCE_RANGES, SourceRange, SourceRangeKey, Stats, VIPS, Vip,
+use lb_common::{
+    addr::ipv6_be,
+    maps::{
+        Config, FLOWS, FRAGMENTS, FRONTENDS, Flow, FlowKey, FragmentKey, FragmentPorts, Frontend,
+        FrontendKey, HELD_FRAGMENT_BYTES, HELD_FRAGMENTS, HELD_PER_DATAGRAM, HeldFragment, HeldKey,
+        PROTO_TCP, PROTO_UDP, REJECT_TOKENS, REPLIES, RejectTokens, Reply, SCOPE_EXTERNAL,
+        SOURCE_RANGES, SourceRange, SourceRangeKey, Stats, VIPS, Vip,
+    },
 };
-use lb_tests::packet::{
-    ICMP_FRAGMENTATION_NEEDED, ICMP_PORT_UNREACHABLE, ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE,
-    TCP_ACK, TCP_RST, TCP_SYN, UDP, addr, checksum, checksums_valid, datagram, fill_ip_checksum,
-    fragments, icmp_error, packet, port,
+use lb_tests::{
+    ipv6_twin,
+    packet::{
+        ICMP_FRAGMENTATION_NEEDED, ICMP_PORT_UNREACHABLE, ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE,
+        IPV6_DEST_OPTIONS, IPV6_HOP_BY_HOP, TCP_ACK, TCP_RST, TCP_SYN, UDP, addr, checksum,
+        checksums_valid, datagram, fill_ip_checksum, fragments, icmp_error, packet, packet6,
+        packet6_through, port,
+    },
 };
 use lb_user::{
     datapath::{self, Datapath, TC_ACT_OK, XDP_PASS},
@@ -296,13 +306,13 @@ fn reply_evicted(tables: &mut Tables) {
 }
 
 /// A frontend of `service` at `address:port` over `backends`, as the model makes them.
-fn frontend(
+fn frontend<A: Into<IpAddr> + Copy>(
     service: &str,
-    address: Ipv4Addr,
+    address: A,
     port: u16,
     protocol: Protocol,
     scope: Scope,
-    backends: &[(Ipv4Addr, u16)],
+    backends: &[(A, u16)],
 ) -> Arc<model::Frontend> {
     Arc::new(model::Frontend {
         service: format!("default/{service}"),
@@ -335,7 +345,10 @@ fn frontend(
 }
 
 /// `frontend` as a load-balancer IP (in its scope) whose Service takes only `ranges`.
-fn ranged(frontend: Arc<model::Frontend>, ranges: &[(Ipv4Addr, u8)]) -> Arc<model::Frontend> {
+fn ranged<A: Into<IpAddr> + Copy>(
+    frontend: Arc<model::Frontend>,
+    ranges: &[(A, u8)],
+) -> Arc<model::Frontend> {
     let mut frontend = Arc::unwrap_or_clone(frontend);
     frontend.kind = FrontendKind::LoadBalancer;
     frontend.source_ranges = Some(
@@ -407,6 +420,41 @@ fn ip_options(p: Vec<u8>) -> Vec<u8> {
 
 fn programme() -> Vec<Arc<model::Frontend>> {
     vec![
+        frontend(
+            "web",
+            v6(CLUSTER_IP),
+            80,
+            Protocol::Tcp,
+            Scope::Internal,
+            &[(v6(WEB), 8080)],
+        ),
+        frontend(
+            "dns",
+            v6(DNS_IP),
+            53,
+            Protocol::Udp,
+            Scope::Internal,
+            &[(v6(DNS), 5353)],
+        ),
+        ranged(
+            frontend(
+                "ranged",
+                v6(RANGED_LB_IP),
+                80,
+                Protocol::Tcp,
+                Scope::External,
+                &[(v6(WEB), 8080)],
+            ),
+            &[(v6(OUTSIDE), 128)],
+        ),
+        remote(frontend(
+            "far-node-port",
+            v6(NODE_IP),
+            NODE_PORT,
+            Protocol::Tcp,
+            Scope::External,
+            &[(v6(REMOTE), 8443)],
+        )),
         frontend(
             "web",
             CLUSTER_IP,
@@ -575,6 +623,127 @@ fn with(p: Vec<u8>, change: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     let mut p = p;
     change(&mut p);
     p
+}
+
+/// Each IPv4 address's IPv6 twin, the lab's: 10.96.0.10 is `fd00::10:96:0:10`.
+fn v6(ip: Ipv4Addr) -> Ipv6Addr {
+    ipv6_twin(ip)
+}
+
+/// The IPv6 rows: the same core as IPv4's, through each family's headers and maps.
+fn ipv6_rows() -> Vec<Row> {
+    let (client, cluster_ip, web) = (v6(CLIENT), v6(CLUSTER_IP), v6(WEB));
+    let (node, remote, outside) = (v6(NODE_IP), v6(REMOTE), v6(OUTSIDE));
+    vec![
+        Row {
+            what: "IPv6: a SYN to a ClusterIP goes to its backend, only the TCP checksum updated",
+            hook: Hook::TcIngress,
+            input: packet6(TCP_SYN, client, cluster_ip, 41000, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet6(TCP_SYN, client, web, 41000, 8080)),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "IPv6: the connection's next segment follows its flow",
+            hook: Hook::TcIngress,
+            input: packet6(TCP_ACK, client, cluster_ip, 41000, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet6(TCP_ACK, client, web, 41000, 8080)),
+            counts: &["forwarded"],
+            before: None,
+        },
+        Row {
+            what: "IPv6: the backend's answer leaves from the ClusterIP",
+            hook: Hook::TcEgress,
+            input: packet6(TCP_SYN | TCP_ACK, web, client, 8080, 41000),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet6(TCP_SYN | TCP_ACK, cluster_ip, client, 80, 41000)),
+            counts: &["replied"],
+            before: None,
+        },
+        Row {
+            what: "IPv6: a datagram past hop-by-hop and destination options headers goes to its \
+                   backend",
+            hook: Hook::TcIngress,
+            input: packet6_through(
+                &[IPV6_HOP_BY_HOP, IPV6_DEST_OPTIONS],
+                UDP,
+                client,
+                v6(DNS_IP),
+                42000,
+                53,
+            ),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet6_through(
+                &[IPV6_HOP_BY_HOP, IPV6_DEST_OPTIONS],
+                UDP,
+                client,
+                v6(DNS),
+                42000,
+                5353,
+            )),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "IPv6: a port the ClusterIP does not serve drops",
+            hook: Hook::TcIngress,
+            input: packet6(TCP_SYN, client, cluster_ip, 41001, 81),
+            verdict: TC_ACT_SHOT,
+            out: Out::Unchanged,
+            counts: &["dropped_unknown_port"],
+            before: None,
+        },
+        Row {
+            what: "IPv6: ICMPv6 (neighbour discovery, router advertisements) is no flow's: \
+                   untouched, even to a ClusterIP",
+            hook: Hook::TcIngress,
+            input: with(packet6(UDP, client, cluster_ip, 42001, 53), |p| p[20] = 58),
+            verdict: TC_ACT_OK,
+            out: Out::Unchanged,
+            counts: &[],
+            before: None,
+        },
+        Row {
+            what: "IPv6: a load-balancer IP takes a source its IPv6 ranges hold",
+            hook: Hook::Xdp,
+            input: packet6(TCP_SYN, outside, v6(RANGED_LB_IP), 44000, 80),
+            verdict: XDP_PASS,
+            out: Out::Packet(packet6(TCP_SYN, outside, web, 44000, 8080)),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "IPv6: and drops one they leave out",
+            hook: Hook::Xdp,
+            input: packet6(TCP_SYN, v6(ANOTHER_CLIENT), v6(RANGED_LB_IP), 44001, 80),
+            verdict: XDP_DROP,
+            out: Out::Unchanged,
+            counts: &["dropped_source_range"],
+            before: None,
+        },
+        Row {
+            what: "IPv6: from outside to a NodePort whose backend is elsewhere: SNATed to the \
+                   node's IPv6 address",
+            hook: Hook::Xdp,
+            input: packet6(TCP_SYN, outside, node, 43000, NODE_PORT),
+            verdict: XDP_PASS,
+            out: Out::Packet(packet6(TCP_SYN, node, remote, SNAT_PORT, 8443)),
+            counts: &["new_flows", "snat_flows"],
+            before: None,
+        },
+        Row {
+            what: "IPv6: the backend's answer to the SNAT port goes back to the client from the \
+                   NodePort",
+            hook: Hook::Xdp,
+            input: packet6(TCP_SYN | TCP_ACK, remote, node, 8443, SNAT_PORT),
+            verdict: XDP_PASS,
+            out: Out::Packet(packet6(TCP_SYN | TCP_ACK, node, outside, NODE_PORT, 43000)),
+            counts: &["replied"],
+            before: None,
+        },
+    ]
 }
 
 fn rows() -> Vec<Row> {
@@ -1751,6 +1920,7 @@ fn each_packet_gets_its_verdict_its_bytes_and_its_counter() {
         tcp_closing_timeout_ns: 10_000_000_000,
         udp_timeout_ns: 60_000_000_000,
         snat_addr_be: u32::from(NODE_IP).to_be(),
+        snat_addr6_be: ipv6_be(v6(NODE_IP)),
         snat_port_min: SNAT_PORT,
         snat_port_max: SNAT_PORT,
         netns_cookie: 0,
@@ -1770,7 +1940,7 @@ fn each_packet_gets_its_verdict_its_bytes_and_its_counter() {
     routed_network_of_its_own();
     assert_ne!(hashed_backend(CLIENT), hashed_backend(ANOTHER_CLIENT));
     let mut failures = Vec::new();
-    for row in rows() {
+    for row in rows().into_iter().chain(ipv6_rows()) {
         if let Some(before) = row.before {
             before(&mut tables);
         }

@@ -300,7 +300,8 @@ impl Lab {
 
     /// `curl` from the client; the body.
     pub fn curl(&self, url: &str) -> Result<String> {
-        output(&mut self.in_client(&["curl", "-sS", "--max-time", "5", url]))
+        // `-g`: an IPv6 address's brackets are no glob.
+        output(&mut self.in_client(&["curl", "-sS", "-g", "--max-time", "5", url]))
     }
 
     /// `curl` from a backend pod; the body.
@@ -325,19 +326,22 @@ impl Lab {
         ]))
     }
 
-    /// One UDP datagram from the client with `socat`, from `source_port` if given; the answer.
+    /// One UDP datagram from the client with `socat` to `address` (`[IPv6]:port` or IPv4's),
+    /// from `source_port` if given; the answer.
     pub fn udp(&self, address: &str, source_port: Option<u16>) -> Result<String> {
+        let family = family_of(address);
         let target = match source_port {
-            Some(port) => format!("UDP4:{address},sourceport={port},reuseaddr"),
-            None => format!("UDP4:{address}"),
+            Some(port) => format!("UDP{family}:{address},sourceport={port},reuseaddr"),
+            None => format!("UDP{family}:{address}"),
         };
         // `-t 1`: after sending, wait one second for the answer, not socat's default.
         udp_query(self.in_client(&["socat", "-t", "1", "-T", "1", "-", &target]))
     }
 
-    /// A long-lived TCP connection from the client, through `socat`.
+    /// A long-lived TCP connection from the client to `address` (`[IPv6]:port` or IPv4's),
+    /// through `socat`.
     pub fn connect(&self, address: &str) -> Result<Connection> {
-        let target = format!("TCP4:{address}");
+        let target = format!("TCP{}:{address}", family_of(address));
         let mut child = self
             .in_client(&["socat", "-", &target])
             .stdin(Stdio::piped())
@@ -391,4 +395,9 @@ impl Drop for Lab {
         remove_pins(&self.prefix);
         let _ = fs::remove_file(self.agent_log());
     }
+}
+
+/// socat's family of `address`: 6 for a bracketed IPv6 one, else 4.
+fn family_of(address: &str) -> char {
+    if address.starts_with('[') { '6' } else { '4' }
 }

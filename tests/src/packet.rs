@@ -1,7 +1,7 @@
 //! Crafted packets, for the per-packet benchmark and the datapath's packet tests: Ethernet,
-//! IPv4 and TCP or UDP, checksums filled in.
+//! IPv4 or IPv6 and TCP or UDP, checksums filled in.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
@@ -12,27 +12,85 @@ pub const UDP: u8 = 0;
 /// Ethernet + IPv4 + TCP (20 bytes, `flags`) or UDP (8 bytes and 12 of payload), checksums
 /// filled in.
 pub fn packet(flags: u8, src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
-    let udp = flags == UDP;
-    let l4_len = 20;
-    let mut p = ipv4_frame(if udp { 17 } else { 6 }, src, dst, l4_len);
-    p[34..36].copy_from_slice(&sport.to_be_bytes());
-    p[36..38].copy_from_slice(&dport.to_be_bytes());
-    if udp {
-        p[38..40].copy_from_slice(&(l4_len as u16).to_be_bytes());
-    } else {
-        p[38..42].copy_from_slice(&1u32.to_be_bytes());
-        p[46] = 5 << 4;
-        p[47] = flags;
-        p[48..50].copy_from_slice(&64_240u16.to_be_bytes());
+    let (protocol, mut l4, checksum_at) = segment(flags, sport, dport);
+    let mut p = ipv4_frame(protocol, src, dst, l4.len());
+    fill_l4_checksum(&mut l4, checksum_at, pseudo_header(&p));
+    p[34..].copy_from_slice(&l4);
+    p
+}
+
+/// IANA's numbers of the IPv6 extension headers [`packet6_through`] writes.
+pub const IPV6_HOP_BY_HOP: u8 = 0;
+pub const IPV6_DEST_OPTIONS: u8 = 60;
+
+/// Ethernet + IPv6 + the TCP or UDP of [`packet`], checksums filled in.
+pub fn packet6(flags: u8, src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16) -> Vec<u8> {
+    packet6_through(&[], flags, src, dst, sport, dport)
+}
+
+/// [`packet6`] with an IPv6 extension header of each of `headers` (hop by hop, destination
+/// options: 8 bytes each, one `PadN` option) before its datagram.
+pub fn packet6_through(
+    headers: &[u8],
+    flags: u8,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    sport: u16,
+    dport: u16,
+) -> Vec<u8> {
+    let (protocol, mut l4, checksum_at) = segment(flags, sport, dport);
+    let mut extensions = Vec::new();
+    for (i, _) in headers.iter().enumerate() {
+        let next = headers.get(i + 1).copied().unwrap_or(protocol);
+        extensions.extend([next, 0, 1, 4, 0, 0, 0, 0]);
     }
-    let offset = if udp { 40 } else { 50 };
-    let l4_checksum = match checksum(&p[34..], pseudo_header(&p)) {
+    let mut p = vec![0u8; 12];
+    p.extend(0x86ddu16.to_be_bytes());
+    p.extend([0x60, 0, 0, 0]);
+    p.extend(((extensions.len() + l4.len()) as u16).to_be_bytes());
+    p.push(headers.first().copied().unwrap_or(protocol));
+    p.push(64);
+    p.extend(src.octets());
+    p.extend(dst.octets());
+    p.extend(extensions);
+    let words = |b: &[u8]| -> u32 {
+        b.chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .sum()
+    };
+    let pseudo = words(&p[22..54]) + l4.len() as u32 + u32::from(protocol);
+    fill_l4_checksum(&mut l4, checksum_at, pseudo);
+    p.extend(l4);
+    p
+}
+
+/// A TCP segment (20 bytes, `flags`) or a UDP datagram (8 bytes and 12 of payload), its
+/// checksum left 0: its protocol, its bytes and where its checksum lies.
+fn segment(flags: u8, sport: u16, dport: u16) -> (u8, Vec<u8>, usize) {
+    let udp = flags == UDP;
+    let mut l4 = vec![0u8; 20];
+    l4[0..2].copy_from_slice(&sport.to_be_bytes());
+    l4[2..4].copy_from_slice(&dport.to_be_bytes());
+    if udp {
+        l4[4..6].copy_from_slice(&20u16.to_be_bytes());
+        (17, l4, 6)
+    } else {
+        l4[4..8].copy_from_slice(&1u32.to_be_bytes());
+        l4[12] = 5 << 4;
+        l4[13] = flags;
+        l4[14..16].copy_from_slice(&64_240u16.to_be_bytes());
+        (6, l4, 16)
+    }
+}
+
+fn fill_l4_checksum(l4: &mut [u8], checksum_at: usize, pseudo: u32) {
+    let udp = checksum_at == 6;
+    let sum = match checksum(l4, pseudo) {
         // UDP's 0 means "no checksum": a sum of 0 is sent as all ones.
         0 if udp => 0xffff,
         sum => sum,
     };
-    p[offset..offset + 2].copy_from_slice(&l4_checksum.to_be_bytes());
-    p
+    l4[checksum_at..checksum_at + 2].copy_from_slice(&sum.to_be_bytes());
 }
 
 /// Ethernet + an IPv4 header (no options, TTL 64) of `protocol` from `src` to `dst`, its

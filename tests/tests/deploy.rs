@@ -602,7 +602,7 @@ fn the_agent_runs_with_the_container_s_capabilities_alone() {
     lab.start_agent(&agent_args).expect("the agent again");
     let log = fs::read_to_string(lab.agent_log()).unwrap();
     assert!(
-        log.contains("adopted the maps pinned before frontends=4"),
+        log.contains("adopted the maps pinned before frontends=7"),
         "{log}"
     );
     let answer = lab

@@ -167,13 +167,19 @@ fn run(once: bool, agent_args: &[String]) -> Result<ExitCode> {
         lab.manifests.path().display()
     );
     lab.start_agent(&[])?;
-    println!(
-        "\nthe client ({}) curls the ClusterIP of default/demo six times:",
-        lab.client.ip
-    );
-    for i in 1..=6 {
-        let answer = lab.curl("http://10.96.0.10/")?;
-        print!("  {i}. curl http://10.96.0.10/ -> {answer}");
+    // The demo Service is dual-stack: a ClusterIP of each family, one slice of each.
+    for (family, url) in [
+        ("IPv4", "http://10.96.0.10/"),
+        ("IPv6", "http://[fd00::10:96:0:10]/"),
+    ] {
+        println!(
+            "\nthe client ({}) curls the {family} ClusterIP of default/demo six times:",
+            lab.client.ip
+        );
+        for i in 1..=6 {
+            let answer = lab.curl(url)?;
+            print!("  {i}. curl {url} -> {answer}");
+        }
     }
     println!(
         "\nthe maps the agent programmed (lb-user dump --instance {}):",

@@ -286,6 +286,7 @@ fn measure(
         tcp_closing_timeout_ns: 3_600_000_000_000,
         udp_timeout_ns: 3_600_000_000_000,
         snat_addr_be: 0,
+        snat_addr6_be: [0; 4],
         snat_port_min: 61_000,
         snat_port_max: 65_535,
         netns_cookie: 0,

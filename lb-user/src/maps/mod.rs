@@ -2,6 +2,7 @@
 //! ([`KernelMaps`]: plan operations applied, entries read back, flows expired) and, for tests,
 //! maps in memory ([`memory`]).
 
+mod layout;
 pub mod memory;
 
 use std::path::{Path, PathBuf};
@@ -14,13 +15,18 @@ use aya::{
     },
 };
 use lb_common::maps::{
-    BACKENDS, Backend, CLOCK, CONFIG, CONNECTED, Clock, Config, Connected, EPOCH, Epoch, FLOWS,
-    FRONTEND_STATS, FRONTENDS, Flow, FlowKey, Frontend, FrontendKey, FrontendStats, MAX_CONNECTED,
-    MAX_FLOWS, REPLIES, Reply, SINGLE_ENTRY, SLOTS, SOURCE_RANGE_ID_BITS, SOURCE_RANGES, STATS,
-    Slot, SlotKey, SourceRange, SourceRangeKey, Stats, VIPS, Vip,
+    BACKENDS, BACKENDS6, Backend, CLOCK, CONFIG, CONNECTED, Clock, Config, Connected, EPOCH, Epoch,
+    FLOWS, FLOWS6, FRONTEND_STATS, FRONTENDS, FRONTENDS6, Flow, FlowKey, Frontend, FrontendKey,
+    FrontendStats, Ipv6Be, MAX_CONNECTED, MAX_FLOWS, REPLIES, REPLIES6, Reply, SINGLE_ENTRY, SLOTS,
+    SOURCE_RANGES, SOURCE_RANGES6, STATS, Slot, SlotKey, SourceRange, SourceRangeKey, Stats, VIPS,
+    VIPS6, Vip,
 };
 
-use crate::plan::{MapEntries, Op, RangeKey};
+use self::layout::{Address, ByFamily};
+use crate::{
+    model::Family,
+    plan::{MapEntries, Op},
+};
 
 /// A kernel map that could not be found, opened or read; named by its pin name.
 #[derive(Debug, thiserror::Error)]
@@ -96,12 +102,18 @@ fn kernel_error(map: &'static str) -> impl FnOnce(MapError) -> WriteError {
 
 pub struct KernelMaps {
     frontends: HashMap<MapData, FrontendKey, Frontend>,
+    frontends6: HashMap<MapData, FrontendKey<Ipv6Be>, Frontend>,
     slots: HashMap<MapData, SlotKey, Slot>,
     backends: HashMap<MapData, u32, Backend>,
+    backends6: HashMap<MapData, u32, Backend<Ipv6Be>>,
     vips: HashMap<MapData, u32, Vip>,
+    vips6: HashMap<MapData, Ipv6Be, Vip>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, SourceRange>,
+    source_ranges6: LpmTrie<MapData, SourceRangeKey<Ipv6Be>, SourceRange>,
     flows: HashMap<MapData, FlowKey, Flow>,
+    flows6: HashMap<MapData, FlowKey<Ipv6Be>, Flow<Ipv6Be>>,
     replies: HashMap<MapData, FlowKey, Reply>,
+    replies6: HashMap<MapData, FlowKey<Ipv6Be>, Reply<Ipv6Be>>,
     connected: HashMap<MapData, u64, Connected>,
     config: Array<MapData, Config>,
     clock: Array<MapData, Clock>,
@@ -134,12 +146,18 @@ impl KernelMaps {
         }
         Ok(Self {
             frontends: typed(FRONTENDS, map(FRONTENDS)?)?,
+            frontends6: typed(FRONTENDS6, map(FRONTENDS6)?)?,
             slots: typed(SLOTS, map(SLOTS)?)?,
             backends: typed(BACKENDS, map(BACKENDS)?)?,
+            backends6: typed(BACKENDS6, map(BACKENDS6)?)?,
             vips: typed(VIPS, map(VIPS)?)?,
+            vips6: typed(VIPS6, map(VIPS6)?)?,
             source_ranges: typed(SOURCE_RANGES, map(SOURCE_RANGES)?)?,
+            source_ranges6: typed(SOURCE_RANGES6, map(SOURCE_RANGES6)?)?,
             flows: typed(FLOWS, map(FLOWS)?)?,
+            flows6: typed(FLOWS6, map(FLOWS6)?)?,
             replies: typed(REPLIES, map(REPLIES)?)?,
+            replies6: typed(REPLIES6, map(REPLIES6)?)?,
             connected: typed(CONNECTED, map(CONNECTED)?)?,
             config: typed(CONFIG, map(CONFIG)?)?,
             clock: typed(CLOCK, map(CLOCK)?)?,
@@ -149,20 +167,25 @@ impl KernelMaps {
         })
     }
 
-    /// What the kernel holds now.
+    /// What the kernel holds now, both families'.
     pub fn read(&self) -> Result<MapEntries> {
-        Ok(MapEntries {
-            frontends: entries(&self.frontends, FRONTENDS)?,
-            slots: entries(&self.slots, SLOTS)?,
-            backends: entries(&self.backends, BACKENDS)?,
-            vips: entries(&self.vips, VIPS)?,
-            source_ranges: self
-                .source_ranges
+        let mut entries = MapEntries {
+            slots: self
+                .slots
                 .iter()
-                .map(|entry| entry.map(|(key, range)| (range_key(&key), range)))
                 .collect::<Result<_, _>>()
-                .map_err(reading(SOURCE_RANGES))?,
-        })
+                .map_err(reading(SLOTS))?,
+            ..MapEntries::default()
+        };
+        read_frontends(&self.frontends, FRONTENDS, &mut entries)?;
+        read_frontends(&self.frontends6, FRONTENDS6, &mut entries)?;
+        read_backends(&self.backends, BACKENDS, &mut entries)?;
+        read_backends(&self.backends6, BACKENDS6, &mut entries)?;
+        read_vips(&self.vips, VIPS, &mut entries)?;
+        read_vips(&self.vips6, VIPS6, &mut entries)?;
+        read_ranges(&self.source_ranges, SOURCE_RANGES, &mut entries)?;
+        read_ranges(&self.source_ranges6, SOURCE_RANGES6, &mut entries)?;
+        Ok(entries)
     }
 
     /// What the node's connected socket `cookie` dialled, if it dialled a frontend.
@@ -184,44 +207,43 @@ impl KernelMaps {
         self.config.get(&SINGLE_ENTRY, 0).map_err(reading(CONFIG))
     }
 
-    /// How many flows the datapath tracks, and the highest backend id they name: one walk, for
-    /// the agent's start.
+    /// How many flows the datapath tracks, and the highest backend id they name: one walk of
+    /// each family's, for the agent's start.
     pub fn flows(&self) -> Result<(usize, u32)> {
-        walk(&self.flows)
-            .try_fold((0, 0), |(count, highest), entry| {
-                entry.map(|(_, flow)| (count + 1, highest.max(flow.backend_id)))
-            })
-            .map_err(reading(FLOWS))
+        let (v4, highest_v4) = tracked(&self.flows, FLOWS)?;
+        let (v6, highest_v6) = tracked(&self.flows6, FLOWS6)?;
+        Ok((v4 + v6, highest_v4.max(highest_v6)))
     }
 
     /// How many flow and reply entries the datapath holds, idle ones included.
     pub fn flow_entries(&self) -> Result<(usize, usize)> {
-        let flows = walk(&self.flows).try_fold(0, |n, entry| entry.map(|_| n + 1));
-        let replies = walk(&self.replies).try_fold(0, |n, entry| entry.map(|_| n + 1));
         Ok((
-            flows.map_err(reading(FLOWS))?,
-            replies.map_err(reading(REPLIES))?,
+            count(&self.flows, FLOWS)? + count(&self.flows6, FLOWS6)?,
+            count(&self.replies, REPLIES)? + count(&self.replies6, REPLIES6)?,
         ))
     }
 
     /// Removes the flow and reply entries idle at `now_ns` (the datapath's clock, `CLOCK_MONOTONIC`):
     /// the LRU tables would keep them until full, and an insert that must evict costs more than
-    /// one that finds room. How many of each went; a failure on one table still lets the other
+    /// one that finds room. How many of each went; a failure on one table still lets the others
     /// be done.
     pub fn expire_flows(&mut self, now_ns: u64) -> Result<(usize, usize)> {
         let config = self.config()?;
-        let flows = expire(&mut self.flows, |key, flow| {
-            config.is_live(key.protocol, flow.state, flow.last_seen_ns, now_ns)
-        })
-        .map_err(|source| Error::Expire { map: FLOWS, source });
-        let replies = expire(&mut self.replies, |key, reply| {
-            config.is_live(key.protocol, reply.state, reply.last_seen_ns, now_ns)
-        })
-        .map_err(|source| Error::Expire {
-            map: REPLIES,
-            source,
+        let live =
+            |protocol, state, last_seen_ns| config.is_live(protocol, state, last_seen_ns, now_ns);
+        let flows = expire(&mut self.flows, FLOWS, |k, f| {
+            live(k.protocol, f.state, f.last_seen_ns)
         });
-        Ok((flows?, replies?))
+        let flows6 = expire(&mut self.flows6, FLOWS6, |k, f| {
+            live(k.protocol, f.state, f.last_seen_ns)
+        });
+        let replies = expire(&mut self.replies, REPLIES, |k, r| {
+            live(k.protocol, r.state, r.last_seen_ns)
+        });
+        let replies6 = expire(&mut self.replies6, REPLIES6, |k, r| {
+            live(k.protocol, r.state, r.last_seen_ns)
+        });
+        Ok((flows? + flows6?, replies? + replies6?))
     }
 
     pub fn write_clock(&mut self, clock: &Clock) -> Result<()> {
@@ -276,17 +298,40 @@ impl KernelMaps {
 
 impl MapWrites for KernelMaps {
     fn apply(&mut self, op: &Op) -> Result<(), WriteError> {
+        use ByFamily::{V4, V6};
         match op {
-            Op::PutBackend(id, backend) => self.backends.insert(id, backend, 0),
+            Op::PutBackend(id, backend) => match layout::backend(backend) {
+                V4(backend) => self.backends.insert(id, backend, 0),
+                V6(backend) => self.backends6.insert(id, backend, 0),
+            },
             Op::PutSlot(key, slot) => self.slots.insert(key, slot, 0),
-            Op::PutFrontend(key, frontend) => self.frontends.insert(key, frontend, 0),
-            Op::PutVip(addr, vip) => self.vips.insert(addr, vip, 0),
-            Op::PutSourceRange(key, range) => self.source_ranges.insert(&trie_key(key), range, 0),
-            Op::DeleteSourceRange(key) => self.source_ranges.remove(&trie_key(key)),
-            Op::DeleteVip(addr) => self.vips.remove(addr),
-            Op::DeleteFrontend(key) => self.frontends.remove(key),
+            Op::PutFrontend(key, frontend) => match layout::frontend_key(key) {
+                V4(key) => self.frontends.insert(key, frontend, 0),
+                V6(key) => self.frontends6.insert(key, frontend, 0),
+            },
+            Op::PutVip(address, vip) => match layout::address(*address) {
+                V4(address) => self.vips.insert(address, vip, 0),
+                V6(address) => self.vips6.insert(address, vip, 0),
+            },
+            Op::PutSourceRange(key, range) => match layout::range_key(key) {
+                (bits, V4(data)) => self.source_ranges.insert(&Key::new(bits, data), range, 0),
+                (bits, V6(data)) => self.source_ranges6.insert(&Key::new(bits, data), range, 0),
+            },
+            Op::DeleteSourceRange(key) => match layout::range_key(key) {
+                (bits, V4(data)) => self.source_ranges.remove(&Key::new(bits, data)),
+                (bits, V6(data)) => self.source_ranges6.remove(&Key::new(bits, data)),
+            },
+            Op::DeleteVip(address) => match layout::address(*address) {
+                V4(address) => self.vips.remove(&address),
+                V6(address) => self.vips6.remove(&address),
+            },
+            Op::DeleteFrontend(key) => match layout::frontend_key(key) {
+                V4(key) => self.frontends.remove(&key),
+                V6(key) => self.frontends6.remove(&key),
+            },
             Op::DeleteSlot(key) => self.slots.remove(key),
-            Op::DeleteBackend(id) => self.backends.remove(id),
+            Op::DeleteBackend(id, Family::V4) => self.backends.remove(id),
+            Op::DeleteBackend(id, Family::V6) => self.backends6.remove(id),
         }
         .map_err(kernel_error(op.map()))
     }
@@ -311,53 +356,117 @@ impl MapWrites for KernelMaps {
     }
 }
 
-/// The kernel's key of a source range: the service id's bits, then the range's.
-fn trie_key(key: &RangeKey) -> Key<SourceRangeKey> {
-    let data = SourceRangeKey {
-        service_id: key.service_id,
-        addr_be: key.addr_be,
-    };
-    Key::new(SOURCE_RANGE_ID_BITS + u32::from(key.prefix_len), data)
-}
-
-fn range_key(key: &Key<SourceRangeKey>) -> RangeKey {
-    let data = key.data();
-    RangeKey {
-        service_id: data.service_id,
-        prefix_len: u8::try_from(key.prefix_len().saturating_sub(SOURCE_RANGE_ID_BITS))
-            .unwrap_or(u8::MAX),
-        addr_be: data.addr_be,
-    }
-}
-
-/// Every entry of one of the agent-written maps.
-fn entries<K: aya::Pod + Ord, V: aya::Pod>(
-    map: &HashMap<MapData, K, V>,
+/// One family's frontends, into `entries`.
+fn read_frontends<A: Address>(
+    map: &HashMap<MapData, FrontendKey<A>, Frontend>,
     name: &'static str,
-) -> Result<std::collections::BTreeMap<K, V>> {
-    map.iter().collect::<Result<_, _>>().map_err(reading(name))
+    entries: &mut MapEntries,
+) -> Result<()>
+where
+    FrontendKey<A>: aya::Pod,
+{
+    for entry in map {
+        let (key, frontend) = entry.map_err(reading(name))?;
+        entries
+            .frontends
+            .insert(layout::plan_frontend_key(&key), frontend);
+    }
+    Ok(())
+}
+
+/// One family's backends, into `entries`.
+fn read_backends<A: Address>(
+    map: &HashMap<MapData, u32, Backend<A>>,
+    name: &'static str,
+    entries: &mut MapEntries,
+) -> Result<()>
+where
+    Backend<A>: aya::Pod,
+{
+    for entry in map {
+        let (id, backend) = entry.map_err(reading(name))?;
+        entries.backends.insert(id, layout::plan_backend(&backend));
+    }
+    Ok(())
+}
+
+/// One family's frontend addresses, into `entries`.
+fn read_vips<A: Address + aya::Pod>(
+    map: &HashMap<MapData, A, Vip>,
+    name: &'static str,
+    entries: &mut MapEntries,
+) -> Result<()> {
+    for entry in map {
+        let (address, vip) = entry.map_err(reading(name))?;
+        entries.vips.insert(address.ip(), vip);
+    }
+    Ok(())
+}
+
+/// One family's source ranges, into `entries`.
+fn read_ranges<A: Address>(
+    map: &LpmTrie<MapData, SourceRangeKey<A>, SourceRange>,
+    name: &'static str,
+    entries: &mut MapEntries,
+) -> Result<()>
+where
+    SourceRangeKey<A>: aya::Pod,
+{
+    for entry in map {
+        let (key, range) = entry.map_err(reading(name))?;
+        let range_key = layout::plan_range_key(key.prefix_len(), &key.data());
+        entries.source_ranges.insert(range_key, range);
+    }
+    Ok(())
 }
 
 /// The entries of a flow table, at most its capacity: entries come and go while it is walked,
 /// and the kernel restarts a walk whose key was just deleted.
-fn walk<V: aya::Pod>(
-    table: &HashMap<MapData, FlowKey, V>,
-) -> impl Iterator<Item = Result<(FlowKey, V), MapError>> + '_ {
+fn walk<K: aya::Pod, V: aya::Pod>(
+    table: &HashMap<MapData, K, V>,
+) -> impl Iterator<Item = Result<(K, V), MapError>> + '_ {
     table.iter().take(MAX_FLOWS as usize)
 }
 
-/// Removes the entries of `table` that are not `live`. The idle keys are gathered first (a walk
-/// that deletes as it goes restarts from the table's start), and each is read again just before
-/// its removal: one a packet has revived since stays, but for a packet in the microseconds
-/// between that read and the removal (there is no compare-and-delete; Cilium's GC has the same
-/// window). The datapath treats such an entry as new anyway.
-fn expire<V: aya::Pod>(
-    table: &mut HashMap<MapData, FlowKey, V>,
-    live: impl Fn(&FlowKey, &V) -> bool,
-) -> Result<usize, MapError> {
+/// How many entries a flow table holds.
+fn count<K: aya::Pod, V: aya::Pod>(
+    table: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<usize> {
+    walk(table)
+        .try_fold(0, |n, entry| entry.map(|_| n + 1))
+        .map_err(reading(name))
+}
+
+/// How many flows a family's table holds, and the highest backend id they name.
+fn tracked<K: aya::Pod, A>(
+    table: &HashMap<MapData, K, Flow<A>>,
+    name: &'static str,
+) -> Result<(usize, u32)>
+where
+    Flow<A>: aya::Pod,
+{
+    walk(table)
+        .try_fold((0, 0), |(count, highest), entry| {
+            entry.map(|(_, flow)| (count + 1, highest.max(flow.backend_id)))
+        })
+        .map_err(reading(name))
+}
+
+/// Removes the entries of `table` (named `name`) that are not `live`. The idle keys are
+/// gathered first (a walk that deletes as it goes restarts from the table's start), and each is
+/// read again just before its removal: one a packet has revived since stays, but for a packet
+/// in the microseconds between that read and the removal (there is no compare-and-delete;
+/// Cilium's GC has the same window). The datapath treats such an entry as new anyway.
+fn expire<K: aya::Pod, V: aya::Pod>(
+    table: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    live: impl Fn(&K, &V) -> bool,
+) -> Result<usize> {
+    let failed = |source| Error::Expire { map: name, source };
     let mut idle = Vec::new();
     for entry in walk(table) {
-        let (key, value) = entry?;
+        let (key, value) = entry.map_err(failed)?;
         if !live(&key, &value) {
             idle.push(key);
         }
@@ -367,13 +476,13 @@ fn expire<V: aya::Pod>(
         let still_idle = match table.get(&key, 0) {
             Ok(value) => !live(&key, &value),
             Err(MapError::KeyNotFound) => false,
-            Err(e) => return Err(e),
+            Err(e) => return Err(failed(e)),
         };
         if still_idle {
             match table.remove(&key) {
                 Ok(()) => removed += 1,
                 Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(failed(e)),
             }
         }
     }

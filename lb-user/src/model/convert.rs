@@ -18,8 +18,8 @@ use k8s_openapi::{
 
 use super::{
     ALGORITHM_ANNOTATION, Algorithm, Cluster, Endpoint, EndpointPort, EndpointSlice, Family, Node,
-    Protocol, Service, ServiceKind, ServicePort, Skipped, SourceRange, TOPOLOGY_KEYS_ANNOTATION,
-    TargetPort, TrafficPolicy,
+    Protocol, Service, ServiceKind, ServicePort, Skipped, SourceRange, SourceRanges,
+    TOPOLOGY_KEYS_ANNOTATION, TargetPort, TrafficPolicy,
 };
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -357,52 +357,49 @@ fn service(svc: &core::Service, skipped: &mut Vec<Skipped>) -> Option<Service> {
     })
 }
 
-/// `spec.loadBalancerSourceRanges`, its IPv4 ranges. An entry that is no CIDR is reported and
-/// allows nothing: a typo closes, never opens, so a list of only such entries allows no
-/// source at all. IPv6 ranges are the other family's.
+/// `spec.loadBalancerSourceRanges`, each family's ranges. An entry that is no CIDR is reported
+/// and allows nothing: a typo closes, never opens, so a family with only such entries (and
+/// none of its own) allows no source at all.
 fn source_ranges<'a>(
     list: impl IntoIterator<Item = &'a String>,
     object: &str,
     skipped: &mut Vec<Skipped>,
-) -> Option<Vec<SourceRange>> {
-    let mut ranges = Vec::new();
-    let mut restricted = false;
+) -> SourceRanges {
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    let mut invalid = false;
     for (i, entry) in list.into_iter().enumerate() {
         match cidr(entry) {
-            Some(Cidr::V4(range)) => {
-                ranges.push(range);
-                restricted = true;
-            }
-            Some(Cidr::V6) => {}
+            Some(range) if range.address.is_ipv4() => v4.push(range),
+            Some(range) => v6.push(range),
             None => {
                 skipped.push(Skipped::new(
                     object,
                     format!("spec.loadBalancerSourceRanges[{i}]"),
                     format!("{entry:?} is not a CIDR: it allows no source"),
                 ));
-                restricted = true;
+                invalid = true;
             }
         }
     }
-    ranges.sort();
-    ranges.dedup();
-    restricted.then_some(ranges)
-}
-
-enum Cidr {
-    V4(SourceRange),
-    /// The other family's.
-    V6,
+    let family = |mut ranges: Vec<SourceRange>| {
+        ranges.sort();
+        ranges.dedup();
+        (invalid || !ranges.is_empty()).then_some(ranges)
+    };
+    SourceRanges {
+        v4: family(v4),
+        v6: family(v6),
+    }
 }
 
 /// A CIDR as kube-proxy reads one (`netutils.ParseCIDRSloppy`): an IPv4 octet may carry
 /// leading zeros, read as decimal (`010.0.0.0/8` is 10.0.0.0/8).
-fn cidr(entry: &str) -> Option<Cidr> {
+fn cidr(entry: &str) -> Option<SourceRange> {
     let (address, len) = entry.trim().split_once('/')?;
     let len: u8 = len.parse().ok()?;
     if address.contains(':') {
-        address.parse::<std::net::Ipv6Addr>().ok()?;
-        return (len <= 128).then_some(Cidr::V6);
+        let address = address.parse::<std::net::Ipv6Addr>().ok()?;
+        return (len <= 128).then(|| SourceRange::new(address, len));
     }
     let octets: Vec<u8> = address
         .split('.')
@@ -418,7 +415,7 @@ fn cidr(entry: &str) -> Option<Cidr> {
     let [a, b, c, d] = octets[..] else {
         return None;
     };
-    (len <= 32).then(|| Cidr::V4(SourceRange::new(Ipv4Addr::new(a, b, c, d), len)))
+    (len <= 32).then(|| SourceRange::new(Ipv4Addr::new(a, b, c, d), len))
 }
 
 /// `spec.clusterIPs`: at most one address per family, each of the family `spec.ipFamilies`
@@ -891,39 +888,60 @@ mod tests {
     }
 
     #[test]
-    fn source_ranges_keep_ipv4_cidrs_and_close_on_invalid_ones() {
+    fn source_ranges_keep_each_family_s_cidrs_and_close_both_on_invalid_ones() {
         let range = |a, b, c, d, len| SourceRange::new(Ipv4Addr::new(a, b, c, d), len);
-        // (the field, the ranges, how many entries are reported)
-        type Case = (&'static [&'static str], Option<Vec<SourceRange>>, usize);
-        let cases: [Case; 9] = [
-            (&[], None, 0),
-            (&["2001:db8::/32"], None, 0),
-            (&["10.1.2.3/8"], Some(vec![range(10, 0, 0, 0, 8)]), 0),
+        let v6_range = |address: &str, len| {
+            SourceRange::new(address.parse::<std::net::Ipv6Addr>().unwrap(), len)
+        };
+        // (the field, the IPv4 ranges, the IPv6 ranges, how many entries are reported)
+        type Ranges = Option<Vec<SourceRange>>;
+        type Case = (&'static [&'static str], Ranges, Ranges, usize);
+        let v6_doc = || Some(vec![v6_range("2001:db8::", 32)]);
+        let cases: [Case; 11] = [
+            (&[], None, None, 0),
+            (&["2001:db8::1/32"], None, v6_doc(), 0),
+            (
+                &["2001:db8::/32", "10.0.0.0/8"],
+                Some(vec![range(10, 0, 0, 0, 8)]),
+                v6_doc(),
+                0,
+            ),
+            // A typo closes both families.
+            (&["2001:db8::/32", "bad"], Some(vec![]), v6_doc(), 1),
+            (&["2001:db8::/129"], Some(vec![]), Some(vec![]), 1),
+            (&["10.1.2.3/8"], Some(vec![range(10, 0, 0, 0, 8)]), None, 0),
             (
                 &[" 10.0.0.0/8 ", "10.0.0.0/8", "192.0.2.7/32"],
                 Some(vec![range(10, 0, 0, 0, 8), range(192, 0, 2, 7, 32)]),
+                None,
                 0,
             ),
-            (&["0.0.0.0/0"], Some(vec![range(0, 0, 0, 0, 0)]), 0),
+            (&["0.0.0.0/0"], Some(vec![range(0, 0, 0, 0, 0)]), None, 0),
             // Leading zeros, as Go's sloppy parser reads them.
-            (&["010.001.0.0/16"], Some(vec![range(10, 1, 0, 0, 16)]), 0),
+            (
+                &["010.001.0.0/16"],
+                Some(vec![range(10, 1, 0, 0, 16)]),
+                None,
+                0,
+            ),
             (
                 &["10.0.0.256/32", "10.0.0/8", "1.2.3.4/-1"],
                 Some(vec![]),
+                Some(vec![]),
                 3,
             ),
-            (&["10.0.0.0/33", "10.0.0.1", "web"], Some(vec![]), 3),
             (
-                &["2001:db8::/32", "bad/8", "10.0.0.0/8"],
-                Some(vec![range(10, 0, 0, 0, 8)]),
-                1,
+                &["10.0.0.0/33", "10.0.0.1", "web"],
+                Some(vec![]),
+                Some(vec![]),
+                3,
             ),
         ];
-        for (field, wanted, reported) in cases {
+        for (field, v4, v6, reported) in cases {
             let list: Vec<String> = field.iter().map(ToString::to_string).collect();
             let mut skipped = Vec::new();
             let ranges = source_ranges(&list, "Service ns/lb", &mut skipped);
-            assert_eq!(ranges, wanted, "{field:?}");
+            assert_eq!(ranges, SourceRanges { v4, v6 }, "{field:?}");
             assert_eq!(skipped.len(), reported, "{field:?}: {skipped:?}");
             assert!(
                 skipped

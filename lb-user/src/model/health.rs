@@ -107,7 +107,7 @@ mod tests {
             affinity_timeout: None,
             topology_keys: vec![],
             health_check_node_port: Some(32_000),
-            source_ranges: None,
+            source_ranges: crate::model::SourceRanges::default(),
         };
         let cluster = Cluster {
             services: vec![service.clone()],

@@ -19,7 +19,7 @@ use std::{
 };
 
 pub use convert::{HEADLESS_LABEL, Objects, node_eligible};
-pub use frontends::first_v4;
+pub use frontends::{first_v4, first_v6};
 pub use memo::Memo;
 use serde::Serialize;
 
@@ -65,10 +65,28 @@ pub struct Service {
     /// `spec.healthCheckNodePort`, of a LoadBalancer Service with `externalTrafficPolicy:
     /// Local` only: where this node tells cloud load balancers whether it has endpoints.
     pub health_check_node_port: Option<u16>,
-    /// `spec.loadBalancerSourceRanges` of IPv4: the only sources its load-balancer IPs take.
-    /// `None`: every source (no ranges, or IPv6 ones only, as kube-proxy's IPv4 proxier sees
-    /// them); an empty list: none at all (every range was invalid: closed, not open).
-    pub source_ranges: Option<Vec<SourceRange>>,
+    /// `spec.loadBalancerSourceRanges`: the only sources its load-balancer IPs take, each
+    /// family's.
+    pub source_ranges: SourceRanges,
+}
+
+/// A Service's `spec.loadBalancerSourceRanges` as kube-proxy's proxier of each family reads
+/// them: each family's own. `None`: every source of that family (no ranges, or the other
+/// family's only); an empty list: none at all (no range of the family, and an entry that is
+/// no CIDR: closed, not open).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourceRanges {
+    pub v4: Option<Vec<SourceRange>>,
+    pub v6: Option<Vec<SourceRange>>,
+}
+
+impl SourceRanges {
+    pub fn of(&self, family: Family) -> Option<&Vec<SourceRange>> {
+        match family {
+            Family::V4 => self.v4.as_ref(),
+            Family::V6 => self.v6.as_ref(),
+        }
+    }
 }
 
 /// An IP family. kube-proxy runs one proxier per family over the same objects: a Service's
@@ -102,27 +120,42 @@ pub fn endpoint_name(address: IpAddr, port: u16, protocol: Protocol) -> String {
     format!("{}/{protocol}", std::net::SocketAddr::new(address, port))
 }
 
-/// An IPv4 range of addresses, its host bits cleared.
+/// A range of addresses of either family, its host bits cleared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SourceRange {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub prefix_len: u8,
 }
 
 impl SourceRange {
-    /// The range of the first `prefix_len` bits of `address` (at most 32).
-    pub fn new(address: Ipv4Addr, prefix_len: u8) -> Self {
-        let prefix_len = prefix_len.min(32);
-        let mask = u32::MAX
-            .checked_shl(32 - u32::from(prefix_len))
-            .unwrap_or(0);
-        Self {
-            address: Ipv4Addr::from(u32::from(address) & mask),
-            prefix_len,
+    /// The range of the first `prefix_len` bits of `address` (at most all of them).
+    pub fn new(address: impl Into<IpAddr>, prefix_len: u8) -> Self {
+        match address.into() {
+            IpAddr::V4(v4) => {
+                let prefix_len = prefix_len.min(32);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(prefix_len))
+                    .unwrap_or(0);
+                Self {
+                    address: Ipv4Addr::from(u32::from(v4) & mask).into(),
+                    prefix_len,
+                }
+            }
+            IpAddr::V6(v6) => {
+                let prefix_len = prefix_len.min(128);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(prefix_len))
+                    .unwrap_or(0);
+                Self {
+                    address: std::net::Ipv6Addr::from(u128::from(v6) & mask).into(),
+                    prefix_len,
+                }
+            }
         }
     }
 
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+    /// Whether `ip` is in the range: of its family, its leading bits the range's.
+    pub fn contains(&self, ip: IpAddr) -> bool {
         Self::new(ip, self.prefix_len) == *self
     }
 }

@@ -4,14 +4,18 @@
 //! a frontend); removals the other way round. A frontend's source ranges go in before its
 //! catch-all and out after it, so that no source is refused that either state allows.
 
-use std::collections::{BTreeMap, BTreeSet};
-
-use lb_common::maps::{
-    BACKENDS, Backend, FRONTENDS, Frontend, FrontendKey, SLOTS, SOURCE_RANGES, Slot, SlotKey,
-    SourceRange, VIPS, Vip,
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
 };
 
-use super::{MapEntries, RangeKey};
+use lb_common::maps::{
+    BACKENDS, BACKENDS6, FRONTENDS, FRONTENDS6, Frontend, SLOTS, SOURCE_RANGES, SOURCE_RANGES6,
+    Slot, SlotKey, SourceRange, VIPS, VIPS6, Vip,
+};
+
+use super::{Backend, FrontendKey, MapEntries, RangeKey};
+use crate::model::Family;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -19,23 +23,31 @@ pub enum Op {
     PutSlot(SlotKey, Slot),
     PutSourceRange(RangeKey, SourceRange),
     PutFrontend(FrontendKey, Frontend),
-    PutVip(u32, Vip),
-    DeleteVip(u32),
+    PutVip(IpAddr, Vip),
+    DeleteVip(IpAddr),
     DeleteFrontend(FrontendKey),
     DeleteSourceRange(RangeKey),
     DeleteSlot(SlotKey),
-    DeleteBackend(u32),
+    /// A backend id, of the family whose map holds it.
+    DeleteBackend(u32, Family),
 }
 
 impl Op {
     /// The name of the map it writes.
     pub fn map(&self) -> &'static str {
+        let by_family = |ip: &IpAddr, v4, v6| if ip.is_ipv4() { v4 } else { v6 };
         match self {
-            Self::PutBackend(..) | Self::DeleteBackend(_) => BACKENDS,
+            Self::PutBackend(_, backend) => by_family(&backend.address, BACKENDS, BACKENDS6),
+            Self::DeleteBackend(_, Family::V4) => BACKENDS,
+            Self::DeleteBackend(_, Family::V6) => BACKENDS6,
             Self::PutSlot(..) | Self::DeleteSlot(_) => SLOTS,
-            Self::PutFrontend(..) | Self::DeleteFrontend(_) => FRONTENDS,
-            Self::PutVip(..) | Self::DeleteVip(_) => VIPS,
-            Self::PutSourceRange(..) | Self::DeleteSourceRange(_) => SOURCE_RANGES,
+            Self::PutFrontend(key, _) | Self::DeleteFrontend(key) => {
+                by_family(&key.address, FRONTENDS, FRONTENDS6)
+            }
+            Self::PutVip(address, _) | Self::DeleteVip(address) => by_family(address, VIPS, VIPS6),
+            Self::PutSourceRange(key, _) | Self::DeleteSourceRange(key) => {
+                by_family(&key.address, SOURCE_RANGES, SOURCE_RANGES6)
+            }
         }
     }
 }
@@ -46,7 +58,7 @@ pub struct Touched {
     pub frontends: BTreeSet<FrontendKey>,
     pub slots: BTreeSet<SlotKey>,
     pub backends: BTreeSet<u32>,
-    pub vips: BTreeSet<u32>,
+    pub vips: BTreeSet<IpAddr>,
     pub source_ranges: BTreeSet<RangeKey>,
 }
 
@@ -114,35 +126,35 @@ pub fn diff_touched(current: &MapEntries, desired: &MapEntries, touched: &Touche
         &current.vips,
         &desired.vips,
         &touched.vips,
-        Op::DeleteVip,
+        |address, _| Op::DeleteVip(address),
         &mut ops,
     );
     deletes(
         &current.frontends,
         &desired.frontends,
         &touched.frontends,
-        Op::DeleteFrontend,
+        |key, _| Op::DeleteFrontend(key),
         &mut ops,
     );
     deletes(
         &current.source_ranges,
         &desired.source_ranges,
         &touched.source_ranges,
-        Op::DeleteSourceRange,
+        |key, _| Op::DeleteSourceRange(key),
         &mut ops,
     );
     deletes(
         &current.slots,
         &desired.slots,
         &touched.slots,
-        Op::DeleteSlot,
+        |key, _| Op::DeleteSlot(key),
         &mut ops,
     );
     deletes(
         &current.backends,
         &desired.backends,
         &touched.backends,
-        Op::DeleteBackend,
+        |id, backend| Op::DeleteBackend(id, Family::of(backend.address)),
         &mut ops,
     );
     ops
@@ -168,12 +180,14 @@ fn deletes<K: Ord + Copy, V>(
     current: &BTreeMap<K, V>,
     desired: &BTreeMap<K, V>,
     keys: &BTreeSet<K>,
-    op: fn(K) -> Op,
+    op: fn(K, &V) -> Op,
     ops: &mut Vec<Op>,
 ) {
     for key in keys {
-        if current.contains_key(key) && !desired.contains_key(key) {
-            ops.push(op(*key));
+        if let Some(value) = current.get(key)
+            && !desired.contains_key(key)
+        {
+            ops.push(op(*key, value));
         }
     }
 }
@@ -209,7 +223,7 @@ impl MapEntries {
             Op::DeleteSlot(key) => {
                 self.slots.remove(&key);
             }
-            Op::DeleteBackend(id) => {
+            Op::DeleteBackend(id, _) => {
                 self.backends.remove(&id);
             }
         }
@@ -220,9 +234,27 @@ impl MapEntries {
 mod tests {
     use super::*;
 
+    fn key() -> FrontendKey {
+        FrontendKey {
+            address: std::net::Ipv4Addr::new(10, 96, 0, 10).into(),
+            port: 80,
+            protocol: lb_common::maps::PROTO_TCP,
+            scope: lb_common::maps::SCOPE_INTERNAL,
+        }
+    }
+
+    fn backend(id: u32) -> Backend {
+        Backend {
+            address: std::net::Ipv4Addr::new(10, 244, 0, 10).into(),
+            port: u16::try_from(id).unwrap(),
+            protocol: lb_common::maps::PROTO_TCP,
+            flags: 0,
+        }
+    }
+
     fn entries(count: u16, backends: &[u32]) -> MapEntries {
         let mut e = MapEntries::default();
-        let key = FrontendKey::default();
+        let key = key();
         e.frontends.insert(
             key,
             Frontend {
@@ -239,17 +271,17 @@ mod tests {
                 },
                 Slot { backend_id },
             );
-            e.backends.insert(backend_id, Backend::default());
+            e.backends.insert(backend_id, backend(backend_id));
         }
         e
     }
 
     #[test]
     fn source_ranges_go_in_before_their_catch_all_and_out_after_it() {
-        let key = |prefix_len, addr_be| RangeKey {
+        let key = |prefix_len, first| RangeKey {
             service_id: 1,
             prefix_len,
-            addr_be,
+            address: std::net::Ipv4Addr::new(first, 0, 0, 0).into(),
         };
         let (catch_all, range) = (key(0, 0), key(8, 10));
         let mut ranged = entries(1, &[1]);
@@ -293,7 +325,7 @@ mod tests {
             ops,
             vec![
                 Op::PutFrontend(
-                    FrontendKey::default(),
+                    key(),
                     Frontend {
                         service_id: 1,
                         backend_count: 2,
@@ -304,7 +336,7 @@ mod tests {
                     service_id: 1,
                     slot: 3
                 }),
-                Op::DeleteBackend(3),
+                Op::DeleteBackend(3, Family::V4),
             ]
         );
     }

@@ -3,9 +3,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::maps::{Backend, FrontendKey, MAX_SERVICES};
+use lb_common::maps::MAX_SERVICES;
 
-use super::MapEntries;
+use super::{Backend, FrontendKey, MapEntries};
 
 #[derive(Clone, Debug, Default)]
 pub struct Ids {
@@ -118,17 +118,23 @@ impl Ids {
 mod tests {
     use super::*;
 
+    const ADDRESS: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+
     fn key(port: u16) -> FrontendKey {
         FrontendKey {
-            port_be: port.to_be(),
-            ..Default::default()
+            address: ADDRESS,
+            port,
+            protocol: 0,
+            scope: 0,
         }
     }
 
     fn backend(port: u16) -> Backend {
         Backend {
-            port_be: port.to_be(),
-            ..Default::default()
+            address: ADDRESS,
+            port,
+            protocol: 0,
+            flags: 0,
         }
     }
 

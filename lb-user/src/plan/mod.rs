@@ -7,58 +7,87 @@ mod ids;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::Arc,
 };
 
 pub use diff::{Op, Touched, diff, diff_touched};
 pub use ids::Ids;
 use lb_common::maps::{
-    ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_HASH, BACKEND_LOCAL, Backend,
-    FRONTEND_REJECT_WHEN_EMPTY, FRONTEND_SOURCE_RANGES, Frontend, FrontendKey, MAX_SOURCE_RANGES,
-    PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, Slot, SlotKey, SourceRange, Vip,
+    ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_HASH, BACKEND_LOCAL, FRONTEND_REJECT_WHEN_EMPTY,
+    FRONTEND_SOURCE_RANGES, Frontend, MAX_SOURCE_RANGES, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, Slot, SlotKey, SourceRange, Vip,
 };
 
 use crate::model::{self, Algorithm, FrontendKind, Protocol, Scope, Skipped, WhenEmpty};
 
-/// The entries of the agent-written maps, as the kernel holds them (keys and values in the
-/// datapath's layout).
+/// The entries of the agent-written maps, both families' together: the values as the
+/// datapath reads them, addresses as `std::net` ones ([`crate::maps`] writes each family's into
+/// its own maps).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapEntries {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
     pub slots: BTreeMap<SlotKey, Slot>,
     pub backends: BTreeMap<u32, Backend>,
-    /// ClusterIPs (network order).
-    pub vips: BTreeMap<u32, Vip>,
+    /// Every frontend address.
+    pub vips: BTreeMap<IpAddr, Vip>,
     pub source_ranges: BTreeMap<RangeKey, SourceRange>,
 }
 
-/// An entry of `lb_source_ranges`: one range of a frontend's (the first `prefix_len` bits of
-/// `addr_be`), or with no bits its catch-all. In the kernel's key the service id's bits come
-/// first. Ordered so that a frontend's catch-all comes before its ranges.
+/// A frontend's key: `lb_frontends` or `lb_frontends6`, by its address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FrontendKey {
+    pub address: IpAddr,
+    pub port: u16,
+    /// `PROTO_*`.
+    pub protocol: u8,
+    /// `SCOPE_*`.
+    pub scope: u8,
+}
+
+/// A backend: `lb_backends` or `lb_backends6`, by its address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend {
+    pub address: IpAddr,
+    pub port: u16,
+    /// `PROTO_*`.
+    pub protocol: u8,
+    /// `BACKEND_*` bits.
+    pub flags: u8,
+}
+
+/// An entry of `lb_source_ranges` (or `lb_source_ranges6`, by its address): one range of a
+/// frontend's (the first `prefix_len` bits of `address`), or with no bits its catch-all. In
+/// the kernel's key the service id's bits come first. Ordered so that a frontend's catch-all
+/// comes before its ranges.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RangeKey {
     pub service_id: u32,
     pub prefix_len: u8,
-    pub addr_be: u32,
+    pub address: IpAddr,
 }
 
-/// The `lb_source_ranges` entries of frontend `service_id` with `ranges`.
+/// The source range entries of frontend `service_id` at `address` with `ranges`.
 fn range_entries(
     service_id: u32,
+    address: IpAddr,
     ranges: &[model::SourceRange],
 ) -> impl Iterator<Item = (RangeKey, SourceRange)> + '_ {
+    let unspecified = match address {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+    };
     let catch_all = RangeKey {
         service_id,
         prefix_len: 0,
-        addr_be: 0,
+        address: unspecified,
     };
     std::iter::once((catch_all, SourceRange { allowed: 0 })).chain(ranges.iter().map(
         move |range| {
             let key = RangeKey {
                 service_id,
                 prefix_len: range.prefix_len,
-                addr_be: u32::from(range.address).to_be(),
+                address: range.address,
             };
             (key, SourceRange { allowed: 1 })
         },
@@ -118,18 +147,9 @@ impl Planner {
     /// in the last update keeps its entries. Returns the keys whose entries may have changed,
     /// and what could not be planned.
     pub fn update(&mut self, frontends: &[Arc<model::Frontend>]) -> (Touched, Vec<Skipped>) {
-        let mut ipv6 = Vec::new();
         let wanted: BTreeMap<FrontendKey, &Arc<model::Frontend>> = frontends
             .iter()
-            .filter_map(
-                |f| match frontend_key(f.address, f.port, f.protocol, f.scope) {
-                    Some(key) => Some((key, f)),
-                    None => {
-                        ipv6.push(ipv6_skipped(f));
-                        None
-                    }
-                },
-            )
+            .map(|f| (frontend_key(f.address, f.port, f.protocol, f.scope), f))
             .collect();
         let mut touched = Touched::default();
         // Out first, in, then the backends nothing names any more: a backend that stays keeps
@@ -174,14 +194,10 @@ impl Planner {
             self.desired.backends.remove(&id);
             touched.backends.insert(id);
         }
-        // Once per address, port and protocol: both scopes of one say the same.
-        ipv6.sort();
-        ipv6.dedup();
         let skipped = self
             .planned
             .values()
             .filter_map(|(_, unplanned)| unplanned.clone())
-            .chain(ipv6)
             .collect();
         (touched, skipped)
     }
@@ -238,19 +254,19 @@ impl Planner {
                 .unname_backend(backend(retained, before.protocol, &self.node));
         }
         let ranges = before.source_ranges.as_deref().unwrap_or_default();
-        for (range, _) in range_entries(frontend.service_id, ranges) {
+        for (range, _) in range_entries(frontend.service_id, key.address, ranges) {
             self.desired.source_ranges.remove(&range);
             touched.source_ranges.insert(range);
         }
-        if let Some(vip) = self.desired.vips.get_mut(&key.addr_be) {
+        if let Some(vip) = self.desired.vips.get_mut(&key.address) {
             vip.frontends -= 1;
             if before.kind == FrontendKind::ClusterIP {
                 vip.cluster_ip_frontends -= 1;
             }
             if vip.frontends == 0 {
-                self.desired.vips.remove(&key.addr_be);
+                self.desired.vips.remove(&key.address);
             }
-            touched.vips.insert(key.addr_be);
+            touched.vips.insert(key.address);
         }
     }
 
@@ -268,12 +284,13 @@ impl Planner {
                 reason,
             ))
         };
-        // The model never mixes families; if it did, no backend would be read as 0.0.0.0.
+        // The model never mixes families; if it did, the datapath would be handed an address
+        // it cannot write into the packet.
         if let Some(other) = frontend
             .backends
             .iter()
             .chain(&frontend.retained)
-            .find(|b| !b.address.is_ipv4())
+            .find(|b| b.address.is_ipv4() != frontend.address.is_ipv4())
         {
             return skip(format!(
                 "{}: its backend {} is of another family",
@@ -317,19 +334,19 @@ impl Planner {
         for retained in &frontend.retained {
             self.name_backend(retained, frontend.protocol, touched);
         }
-        let vip = self.desired.vips.entry(key.addr_be).or_default();
+        let vip = self.desired.vips.entry(key.address).or_default();
         vip.frontends += 1;
         if frontend.kind == FrontendKind::ClusterIP {
             vip.cluster_ip_frontends += 1;
         }
-        touched.vips.insert(key.addr_be);
+        touched.vips.insert(key.address);
         let mut flags = match frontend.when_empty {
             WhenEmpty::Reject => FRONTEND_REJECT_WHEN_EMPTY,
             WhenEmpty::Drop => 0,
         };
         if let Some(ranges) = &frontend.source_ranges {
             flags |= FRONTEND_SOURCE_RANGES;
-            for (range, value) in range_entries(service_id, ranges) {
+            for (range, value) in range_entries(service_id, key.address, ranges) {
                 self.desired.source_ranges.insert(range, value);
                 touched.source_ranges.insert(range);
             }
@@ -364,48 +381,23 @@ impl Planner {
     }
 }
 
-/// The map key of a frontend; `None` for an IPv6 one, which the maps cannot hold yet.
-pub fn frontend_key(
-    address: IpAddr,
-    port: u16,
-    protocol: Protocol,
-    scope: Scope,
-) -> Option<FrontendKey> {
-    let IpAddr::V4(address) = address else {
-        return None;
-    };
-    Some(FrontendKey {
-        addr_be: u32::from(address).to_be(),
-        port_be: port.to_be(),
+/// The map key of a frontend.
+pub fn frontend_key(address: IpAddr, port: u16, protocol: Protocol, scope: Scope) -> FrontendKey {
+    FrontendKey {
+        address,
+        port,
         protocol: protocol_number(protocol),
         scope: match scope {
             Scope::External => SCOPE_EXTERNAL,
             Scope::Internal => SCOPE_INTERNAL,
         },
-    })
-}
-
-/// Why an IPv6 frontend is not planned.
-fn ipv6_skipped(frontend: &model::Frontend) -> Skipped {
-    Skipped::new(
-        format!("Service {}", frontend.service),
-        model::port_field(&frontend.port_name, frontend.port, frontend.protocol),
-        format!(
-            "{}: IPv6, which the datapath does not program yet",
-            model::endpoint_name(frontend.address, frontend.port, frontend.protocol)
-        ),
-    )
+    }
 }
 
 fn backend(backend: &model::Backend, protocol: Protocol, node: &str) -> Backend {
-    // `place` plans no frontend with a backend of another family.
-    let addr_be = match backend.address {
-        IpAddr::V4(address) => u32::from(address).to_be(),
-        IpAddr::V6(_) => 0,
-    };
     Backend {
-        addr_be,
-        port_be: backend.port.to_be(),
+        address: backend.address,
+        port: backend.port,
         protocol: protocol_number(protocol),
         flags: if backend.node.as_deref() == Some(node) {
             BACKEND_LOCAL
@@ -455,7 +447,7 @@ impl MapEntries {
             };
             lines.push(format!(
                 "FE: ADDR={} SCOPE={scope} ID={} COUNT={} ALG={} EMPTY={when_empty}{affinity}{sources}",
-                endpoint(key.addr_be, key.port_be, key.protocol),
+                endpoint(key.address, key.port, key.protocol),
                 fe.service_id,
                 fe.backend_count,
                 algorithm_name(fe.algorithm),
@@ -467,19 +459,17 @@ impl MapEntries {
                 key.service_id, key.slot, slot.backend_id
             ));
         }
-        for (addr_be, vip) in &self.vips {
+        for (address, vip) in &self.vips {
             lines.push(format!(
-                "VIP: ADDR={} FRONTENDS={} CLUSTER_IP={}",
-                Ipv4Addr::from(u32::from_be(*addr_be)),
-                vip.frontends,
-                vip.cluster_ip_frontends
+                "VIP: ADDR={address} FRONTENDS={} CLUSTER_IP={}",
+                vip.frontends, vip.cluster_ip_frontends
             ));
         }
         for (key, range) in &self.source_ranges {
             lines.push(format!(
                 "RANGE: ID={} SRC={}/{} {}",
                 key.service_id,
-                Ipv4Addr::from(u32::from_be(key.addr_be)),
+                key.address,
                 key.prefix_len,
                 if range.allowed != 0 {
                     "ALLOW"
@@ -496,7 +486,7 @@ impl MapEntries {
             };
             lines.push(format!(
                 "BE: ID={id} ADDR={}{local}",
-                endpoint(be.addr_be, be.port_be, be.protocol)
+                endpoint(be.address, be.port, be.protocol)
             ));
         }
         lines.sort();
@@ -520,11 +510,7 @@ impl MapEntries {
                 PROTO_UDP => "UDP",
                 _ => "?",
             };
-            let address = format!(
-                "{}:{}",
-                Ipv4Addr::from(u32::from_be(key.addr_be)),
-                u16::from_be(key.port_be)
-            );
+            let address = SocketAddr::new(key.address, key.port).to_string();
             let scope = if key.scope == SCOPE_EXTERNAL {
                 "external"
             } else {
@@ -558,11 +544,7 @@ impl MapEntries {
                             } else {
                                 ""
                             };
-                            format!(
-                                "{}:{}{local}",
-                                Ipv4Addr::from(u32::from_be(be.addr_be)),
-                                u16::from_be(be.port_be)
-                            )
+                            format!("{}{local}", SocketAddr::new(be.address, be.port))
                         }
                     },
                 };
@@ -573,17 +555,13 @@ impl MapEntries {
     }
 }
 
-fn endpoint(addr_be: u32, port_be: u16, protocol: u8) -> String {
+fn endpoint(address: IpAddr, port: u16, protocol: u8) -> String {
     let protocol = match protocol {
         PROTO_TCP => "TCP".to_string(),
         PROTO_UDP => "UDP".to_string(),
         other => format!("proto-{other}"),
     };
-    format!(
-        "{}:{}/{protocol}",
-        Ipv4Addr::from(u32::from_be(addr_be)),
-        u16::from_be(port_be)
-    )
+    format!("{}/{protocol}", SocketAddr::new(address, port))
 }
 
 fn algorithm_name(algorithm: u8) -> String {
@@ -597,11 +575,6 @@ fn algorithm_name(algorithm: u8) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn bytes<T>(value: &T) -> &[u8] {
-        // SAFETY: the map types are repr(C) integers with explicit padding.
-        unsafe { std::slice::from_raw_parts(std::ptr::from_ref::<T>(value).cast(), size_of::<T>()) }
-    }
 
     fn frontend(algorithm: Algorithm, backends: &[(Ipv4Addr, u16)]) -> model::Frontend {
         model::Frontend {
@@ -692,7 +665,7 @@ mod tests {
     }
 
     #[test]
-    fn entries_are_encoded_as_the_datapath_reads_them() {
+    fn entries_hold_what_the_datapath_reads() {
         let backends = [
             (Ipv4Addr::new(10, 244, 0, 11), 8080),
             (Ipv4Addr::new(10, 244, 0, 12), 8080),
@@ -704,8 +677,13 @@ mod tests {
         assert!(skipped.is_empty());
         let (key, value) = entries.frontends.iter().next().unwrap();
         assert_eq!(
-            bytes(key),
-            [10, 96, 0, 10, 0, 80, PROTO_TCP, SCOPE_INTERNAL]
+            *key,
+            FrontendKey {
+                address: Ipv4Addr::new(10, 96, 0, 10).into(),
+                port: 80,
+                protocol: PROTO_TCP,
+                scope: SCOPE_INTERNAL
+            }
         );
         assert_eq!(
             *value,
@@ -719,8 +697,13 @@ mod tests {
             }
         );
         assert_eq!(
-            bytes(&entries.backends[&1]),
-            [10, 244, 0, 11, 0x1f, 0x90, PROTO_TCP, BACKEND_LOCAL]
+            entries.backends[&1],
+            Backend {
+                address: Ipv4Addr::new(10, 244, 0, 11).into(),
+                port: 8080,
+                protocol: PROTO_TCP,
+                flags: BACKEND_LOCAL
+            }
         );
         let slots: Vec<(u32, u32, u32)> = entries
             .slots

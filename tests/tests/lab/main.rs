@@ -4,6 +4,7 @@
 
 mod agent;
 mod balancing;
+mod ipv6;
 mod load_balancers;
 mod network;
 mod node_sockets;
@@ -55,12 +56,22 @@ fn curl_pods(lab: &Lab, url: &str, n: usize) -> Vec<String> {
                 .unwrap_or_else(|e| panic!("curl {url} #{i}: {e:#}"));
             let client = client_of(&answer).expect("answer names the client");
             assert!(
-                client.starts_with(&format!("{CLIENT_IP}:")),
+                client.starts_with(&client_prefix(url)),
                 "the backend sees the real client, not {client}"
             );
             pod_of(&answer).expect("answer names the pod").to_string()
         })
         .collect()
+}
+
+/// How a backend names the client's address when it reaches `target` (a URL or an address):
+/// its IPv6 twin's in brackets when `target` is IPv6.
+fn client_prefix(target: &str) -> String {
+    if target.contains('[') {
+        format!("[{}]:", lb_tests::ipv6_twin(CLIENT_IP))
+    } else {
+        format!("{CLIENT_IP}:")
+    }
 }
 
 fn counts(pods: &[String]) -> BTreeMap<&str, usize> {

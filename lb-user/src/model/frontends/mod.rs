@@ -222,12 +222,7 @@ fn family_frontends(
 ) {
     let topology = &view.topology;
     let of_family = |ip: &&IpAddr| Family::of(**ip) == family;
-    // IPv4 ranges only, as kube-proxy's IPv4 proxier reads them; the IPv6 datapath to come
-    // brings IPv6 ranges.
-    let source_ranges = match family {
-        Family::V4 => source_ranges(service, view.node_ips),
-        Family::V6 => None,
-    };
+    let source_ranges = source_ranges(service, view.node_ips, family);
     for (port, &node_port) in service.ports.iter().zip(node_ports) {
         let candidates = candidates(port, slices, family);
         let cluster_wide = topology::cluster_wide(&candidates, &service.topology_keys, topology);
@@ -320,20 +315,29 @@ fn family_frontends(
     }
 }
 
-/// The sources a Service's load-balancer IPs take, as kube-proxy's firewall allows them: its
-/// ranges, and when one holds the node's address (its first, kube-proxy's node IP, which the
-/// node's own sockets are checked as), its load-balancer IPs too (a node that routes such an
-/// IP to itself sends from it).
-fn source_ranges(service: &Service, node_ips: &[IpAddr]) -> Option<Vec<SourceRange>> {
-    let ranges = service.source_ranges.as_ref()?;
+/// The sources a Service's load-balancer IPs of `family` take, as kube-proxy's firewall of
+/// that family allows them: its ranges of the family, and when one holds the node's address
+/// of the family (its first, kube-proxy's node IP, which the node's own sockets are checked
+/// as), its load-balancer IPs of the family too (a node that routes such an IP to itself
+/// sends from it).
+fn source_ranges(
+    service: &Service,
+    node_ips: &[IpAddr],
+    family: Family,
+) -> Option<Vec<SourceRange>> {
+    let ranges = service.source_ranges.of(family)?;
     let mut allowed = ranges.clone();
-    if let Some(node_ip) = first_v4(node_ips)
+    let node_ip = node_ips.iter().find(|ip| Family::of(**ip) == family);
+    if let Some(&node_ip) = node_ip
         && ranges.iter().any(|range| range.contains(node_ip))
     {
-        allowed.extend(service.load_balancer_ips.iter().filter_map(|&ip| match ip {
-            IpAddr::V4(v4) => Some(SourceRange::new(v4, 32)),
-            IpAddr::V6(_) => None,
-        }));
+        allowed.extend(
+            service
+                .load_balancer_ips
+                .iter()
+                .filter(|ip| Family::of(**ip) == family)
+                .map(|&ip| SourceRange::new(ip, if ip.is_ipv4() { 32 } else { 128 })),
+        );
     }
     allowed.sort();
     allowed.dedup();
@@ -345,6 +349,14 @@ pub fn first_v4(addresses: &[IpAddr]) -> Option<std::net::Ipv4Addr> {
     addresses.iter().find_map(|ip| match ip {
         IpAddr::V4(v4) => Some(*v4),
         IpAddr::V6(_) => None,
+    })
+}
+
+/// The node's first IPv6 address: the IPv6 proxier's node IP, the IPv6 SNAT address.
+pub fn first_v6(addresses: &[IpAddr]) -> Option<std::net::Ipv6Addr> {
+    addresses.iter().find_map(|ip| match ip {
+        IpAddr::V4(_) => None,
+        IpAddr::V6(v6) => Some(*v6),
     })
 }
 

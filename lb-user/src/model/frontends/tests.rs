@@ -7,7 +7,8 @@ use std::{
 
 use super::*;
 use crate::model::{
-    Algorithm, Endpoint, EndpointPort, HOSTNAME_LABEL, Node, REGION_LABEL, SourceRange, TargetPort,
+    Algorithm, Endpoint, EndpointPort, HOSTNAME_LABEL, Node, REGION_LABEL, SourceRange,
+    SourceRanges, TargetPort,
 };
 
 const VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1));
@@ -34,7 +35,7 @@ fn service() -> Service {
         affinity_timeout: None,
         topology_keys: vec![],
         health_check_node_port: None,
-        source_ranges: None,
+        source_ranges: SourceRanges::default(),
     }
 }
 
@@ -655,8 +656,11 @@ fn source_ranges_are_the_load_balancer_ip_s_with_its_own_ips_when_a_range_holds_
         svc.kind = ServiceKind::LoadBalancer;
         svc.ports[0].node_port = Some(30080);
         svc.external_ips = vec![Ipv4Addr::new(198, 51, 100, 7).into()];
-        svc.load_balancer_ips = vec![lb_ip.address.into()];
-        svc.source_ranges = ranges;
+        svc.load_balancer_ips = vec![lb_ip.address];
+        svc.source_ranges = SourceRanges {
+            v4: ranges,
+            v6: None,
+        };
         let (frontends, _) = run(&cluster(svc, vec![ep(1, "n1")]), &NodeConfig::new("n1"));
         for frontend in &frontends {
             let expected = match frontend.kind {

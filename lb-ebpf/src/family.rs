@@ -1,0 +1,242 @@
+//! The two address families under one packet core: what differs between IPv4 and IPv6 (where
+//! the addresses lie, the checksums that cover them, each family's maps) behind one trait,
+//! implemented on each family's address type, `u32` and [`Ipv6Be`]. The core is written once,
+//! generic over it, and compiled for each.
+
+use aya_ebpf::{bindings::BPF_F_PSEUDO_HDR, helpers::bpf_csum_diff, programs::TcContext};
+use lb_common::maps::{Config, Ipv6Be};
+
+use crate::{
+    headers::{ETH_HLEN, IP_CHECKSUM, IP_DST, IP_SRC, IP6_DST, IP6_SRC},
+    maps::{
+        AFFINITY, AFFINITY6, AffinityMap, BACKENDS, BACKENDS6, BackendMap, FLOWS, FLOWS6,
+        FRONTENDS, FRONTENDS6, FlowMap, FrontendMap, REPLIES, REPLIES6, ReplyMap, SOURCE_RANGES,
+        SOURCE_RANGES6, SourceRangeMap, VIPS, VIPS6, VipMap,
+    },
+    nat::checksum_update,
+    parse::{Packet, ptr_at},
+};
+
+/// An address family, implemented on its address type (network order, as in the packet).
+pub trait Family: Copy + PartialEq + 'static {
+    /// Where the packet's addresses lie, from the frame's start.
+    const SRC_ADDR_OFFSET: usize;
+    const DST_ADDR_OFFSET: usize;
+    /// An address's bits: a whole address's prefix length.
+    const BITS: u32;
+
+    fn frontends() -> &'static FrontendMap<Self>;
+    fn backends() -> &'static BackendMap<Self>;
+    fn vips() -> &'static VipMap<Self>;
+    fn source_ranges() -> &'static SourceRangeMap<Self>;
+    fn flows() -> &'static FlowMap<Self>;
+    fn replies() -> &'static ReplyMap<Self>;
+    fn affinities() -> &'static AffinityMap<Self>;
+
+    /// The node's address of this family that SNATed flows leave with, if it has one.
+    fn snat_addr(config: &Config) -> Option<Self>;
+
+    /// The address in one word, for hashing.
+    fn folded(self) -> u32;
+
+    /// `checksum` (one's complement, as it lies in the packet) with `old` replaced by `new`.
+    fn checksum_update(checksum: u16, old: Self, new: Self) -> u16;
+
+    /// Writes `new` over the address `old` at `offset`, and updates the IP header's checksum
+    /// if the family has one: all a rewrite changes but the ports and the L4 checksum.
+    fn write_addr(
+        data: usize,
+        data_end: usize,
+        offset: usize,
+        old: Self,
+        new: Self,
+    ) -> Result<(), ()>;
+
+    /// Updates the skb's TCP or UDP checksum at `offset` for the address `old` replaced by
+    /// `new` (pseudo-header), through the kernel's helper; `flags` are the helper's.
+    fn tc_l4_address(
+        ctx: &TcContext,
+        offset: usize,
+        old: Self,
+        new: Self,
+        flags: u64,
+    ) -> Result<(), ()>;
+
+    /// The packet, if it is IPv4: for what only IPv4 has yet (fragments, rejects, ICMP).
+    fn ipv4(packet: &Packet<Self>) -> Option<&Packet<u32>>;
+}
+
+impl Family for u32 {
+    const SRC_ADDR_OFFSET: usize = ETH_HLEN + IP_SRC;
+    const DST_ADDR_OFFSET: usize = ETH_HLEN + IP_DST;
+    const BITS: u32 = u32::BITS;
+
+    fn frontends() -> &'static FrontendMap<Self> {
+        &FRONTENDS
+    }
+    fn backends() -> &'static BackendMap<Self> {
+        &BACKENDS
+    }
+    fn vips() -> &'static VipMap<Self> {
+        &VIPS
+    }
+    fn source_ranges() -> &'static SourceRangeMap<Self> {
+        &SOURCE_RANGES
+    }
+    fn flows() -> &'static FlowMap<Self> {
+        &FLOWS
+    }
+    fn replies() -> &'static ReplyMap<Self> {
+        &REPLIES
+    }
+    fn affinities() -> &'static AffinityMap<Self> {
+        &AFFINITY
+    }
+
+    #[inline(always)]
+    fn snat_addr(config: &Config) -> Option<Self> {
+        (config.snat_addr_be != 0).then_some(config.snat_addr_be)
+    }
+
+    #[inline(always)]
+    fn folded(self) -> u32 {
+        self
+    }
+
+    #[inline(always)]
+    fn checksum_update(checksum: u16, old: Self, new: Self) -> u16 {
+        checksum_update(checksum, old, new)
+    }
+
+    #[inline(always)]
+    fn write_addr(
+        data: usize,
+        data_end: usize,
+        offset: usize,
+        old: Self,
+        new: Self,
+    ) -> Result<(), ()> {
+        let ip_checksum = ptr_at::<u16>(data, data_end, ETH_HLEN + IP_CHECKSUM).ok_or(())?;
+        let addr = ptr_at::<u32>(data, data_end, offset).ok_or(())?;
+        // SAFETY: each pointer was bounds-checked against the packet above.
+        unsafe {
+            let ip_checksum = ip_checksum.cast_mut();
+            *ip_checksum = checksum_update(*ip_checksum, old, new);
+            *addr.cast_mut() = new;
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn tc_l4_address(
+        ctx: &TcContext,
+        offset: usize,
+        old: Self,
+        new: Self,
+        flags: u64,
+    ) -> Result<(), ()> {
+        let pseudo = flags | u64::from(BPF_F_PSEUDO_HDR) | 4;
+        ctx.l4_csum_replace(offset, u64::from(old), u64::from(new), pseudo)
+            .map_err(drop)
+    }
+
+    #[inline(always)]
+    fn ipv4(packet: &Packet<Self>) -> Option<&Packet<u32>> {
+        Some(packet)
+    }
+}
+
+impl Family for Ipv6Be {
+    const SRC_ADDR_OFFSET: usize = ETH_HLEN + IP6_SRC;
+    const DST_ADDR_OFFSET: usize = ETH_HLEN + IP6_DST;
+    const BITS: u32 = 128;
+
+    fn frontends() -> &'static FrontendMap<Self> {
+        &FRONTENDS6
+    }
+    fn backends() -> &'static BackendMap<Self> {
+        &BACKENDS6
+    }
+    fn vips() -> &'static VipMap<Self> {
+        &VIPS6
+    }
+    fn source_ranges() -> &'static SourceRangeMap<Self> {
+        &SOURCE_RANGES6
+    }
+    fn flows() -> &'static FlowMap<Self> {
+        &FLOWS6
+    }
+    fn replies() -> &'static ReplyMap<Self> {
+        &REPLIES6
+    }
+    fn affinities() -> &'static AffinityMap<Self> {
+        &AFFINITY6
+    }
+
+    #[inline(always)]
+    fn snat_addr(config: &Config) -> Option<Self> {
+        (config.snat_addr6_be != [0; 4]).then_some(config.snat_addr6_be)
+    }
+
+    #[inline(always)]
+    fn folded(self) -> u32 {
+        self[0] ^ self[1] ^ self[2] ^ self[3]
+    }
+
+    #[inline(always)]
+    fn checksum_update(checksum: u16, old: Self, new: Self) -> u16 {
+        let mut sum = checksum;
+        for word in 0..4 {
+            sum = checksum_update(sum, old[word], new[word]);
+        }
+        sum
+    }
+
+    /// IPv6 has no header checksum: the address alone.
+    #[inline(always)]
+    fn write_addr(
+        data: usize,
+        data_end: usize,
+        offset: usize,
+        _old: Self,
+        new: Self,
+    ) -> Result<(), ()> {
+        let addr = ptr_at::<Ipv6Be>(data, data_end, offset).ok_or(())?;
+        // SAFETY: bounds-checked against the packet above.
+        unsafe { *addr.cast_mut() = new };
+        Ok(())
+    }
+
+    /// The helper takes at most four bytes, or a sum already made: the difference of the two
+    /// addresses, one `bpf_csum_diff` (as Cilium's `ipv6_l4_csum_update`).
+    #[inline(always)]
+    fn tc_l4_address(
+        ctx: &TcContext,
+        offset: usize,
+        old: Self,
+        new: Self,
+        flags: u64,
+    ) -> Result<(), ()> {
+        let (mut old, mut new) = (old, new);
+        // SAFETY: a helper call on two 16-byte buffers on this program's stack.
+        let diff = unsafe {
+            bpf_csum_diff(
+                old.as_mut_ptr(),
+                size_of::<Ipv6Be>() as u32,
+                new.as_mut_ptr(),
+                size_of::<Ipv6Be>() as u32,
+                0,
+            )
+        };
+        if diff < 0 {
+            return Err(());
+        }
+        ctx.l4_csum_replace(offset, 0, diff as u64, flags | u64::from(BPF_F_PSEUDO_HDR))
+            .map_err(drop)
+    }
+
+    #[inline(always)]
+    fn ipv4(_packet: &Packet<Self>) -> Option<&Packet<u32>> {
+        None
+    }
+}

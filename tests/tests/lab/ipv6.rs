@@ -1,0 +1,62 @@
+//! IPv6: the lab's Services over their other family (every namespace of the lab has an
+//! address of each, `lb_tests::ipv6_twin`).
+
+use super::*;
+
+const HTTP_VIP6: &str = "http://[fd00::10:96:0:10]/";
+const DNS_VIP6: &str = "[fd00::10:96:0:53]:53";
+const ECHO_VIP6: &str = "[fd00::10:96:0:10]:9000";
+
+#[test]
+fn ipv6_round_robin_spreads_new_connections_over_the_backends_in_turn() {
+    let lab = lab("rr6");
+    let pods = curl_pods(&lab, HTTP_VIP6, 6);
+    assert_eq!(pods[..3], pods[3..], "in turn: {pods:?}");
+    assert_eq!(counts(&pods).len(), 3, "all three backends: {pods:?}");
+}
+
+#[test]
+fn ipv6_udp_through_the_vip_is_answered_from_it() {
+    let lab = lab("udp6");
+    let mut pods = Vec::new();
+    for _ in 0..6 {
+        // socat's socket is connected: an answer from the backend's own address is dropped.
+        let answer = lab
+            .udp(DNS_VIP6, None)
+            .expect("a UDP answer through the IPv6 VIP");
+        assert!(answer.contains(&client_prefix(DNS_VIP6)), "{answer}");
+        pods.push(pod_of(&answer).expect("pod").to_string());
+    }
+    assert_eq!(counts(&pods).len(), 3, "every backend answers: {pods:?}");
+}
+
+#[test]
+fn a_dual_stack_service_serves_both_families_at_once_and_through_a_restart() {
+    let mut lab = lab("dual");
+    let mut v4 = lab.connect(ECHO_VIP).expect("an IPv4 connection");
+    let mut v6 = lab.connect(ECHO_VIP6).expect("an IPv6 connection");
+    let mut pods = Vec::new();
+    for (connection, family) in [(&mut v4, "IPv4"), (&mut v6, "IPv6")] {
+        let answer = connection.ask("hello").expect("an answer");
+        assert!(
+            answer.contains(&client_prefix(if family == "IPv6" {
+                ECHO_VIP6
+            } else {
+                ECHO_VIP
+            })),
+            "{family}: the backend sees the client of its family: {answer}"
+        );
+        pods.push(pod_of(&answer).expect("pod").to_string());
+    }
+    lab.kill_agent();
+    lab.start_agent(&[]).expect("a restarted agent");
+    for ((connection, family), pod) in [(&mut v4, "IPv4"), (&mut v6, "IPv6")]
+        .into_iter()
+        .zip(&pods)
+    {
+        let answer = connection
+            .ask("after the restart")
+            .unwrap_or_else(|e| panic!("{family}: {e:#}"));
+        assert_eq!(pod_of(&answer), Some(pod.as_str()), "{family}: {answer}");
+    }
+}
