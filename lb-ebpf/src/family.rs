@@ -3,7 +3,11 @@
 //! implemented on each family's address type, `u32` and [`Ipv6Be`]. The core is written once,
 //! generic over it, and compiled for each.
 
-use aya_ebpf::{bindings::BPF_F_PSEUDO_HDR, helpers::bpf_csum_diff, programs::TcContext};
+use aya_ebpf::{
+    bindings::BPF_F_PSEUDO_HDR,
+    helpers::{bpf_csum_diff, bpf_csum_update},
+    programs::TcContext,
+};
 use lb_common::maps::{Config, Ipv6Be};
 
 use crate::{
@@ -24,6 +28,9 @@ pub trait Family: Copy + PartialEq + 'static {
     const DST_ADDR_OFFSET: usize;
     /// An address's bits: a whole address's prefix length.
     const BITS: u32;
+    /// Whether a new flow to a frontend without endpoints can be answered (a TCP reset, an
+    /// ICMP port unreachable: [`crate::reject`]) rather than dropped.
+    const REJECTS: bool;
 
     fn frontends() -> &'static FrontendMap<Self>;
     fn backends() -> &'static BackendMap<Self>;
@@ -70,6 +77,7 @@ impl Family for u32 {
     const SRC_ADDR_OFFSET: usize = ETH_HLEN + IP_SRC;
     const DST_ADDR_OFFSET: usize = ETH_HLEN + IP_DST;
     const BITS: u32 = u32::BITS;
+    const REJECTS: bool = true;
 
     fn frontends() -> &'static FrontendMap<Self> {
         &FRONTENDS
@@ -150,6 +158,8 @@ impl Family for Ipv6Be {
     const SRC_ADDR_OFFSET: usize = ETH_HLEN + IP6_SRC;
     const DST_ADDR_OFFSET: usize = ETH_HLEN + IP6_DST;
     const BITS: u32 = 128;
+    /// Not yet: ICMPv6 and the IPv6 reset are to come.
+    const REJECTS: bool = false;
 
     fn frontends() -> &'static FrontendMap<Self> {
         &FRONTENDS6
@@ -208,7 +218,11 @@ impl Family for Ipv6Be {
     }
 
     /// The helper takes at most four bytes, or a sum already made: the difference of the two
-    /// addresses, one `bpf_csum_diff` (as Cilium's `ipv6_l4_csum_update`).
+    /// addresses, one `bpf_csum_diff` (as Cilium's `ipv6_l4_csum_update`). Given a pseudo-header
+    /// change, the helper also takes the difference out of a `CHECKSUM_COMPLETE` skb's sum, as
+    /// IPv4 needs (its header checksum moved the other way) and IPv6 does not (the address and
+    /// the L4 checksum cancel out): `bpf_csum_update` puts it back (newer kernels' `BPF_F_IPV6`,
+    /// which older ones refuse, does the same).
     #[inline(always)]
     fn tc_l4_address(
         ctx: &TcContext,
@@ -232,7 +246,10 @@ impl Family for Ipv6Be {
             return Err(());
         }
         ctx.l4_csum_replace(offset, 0, diff as u64, flags | u64::from(BPF_F_PSEUDO_HDR))
-            .map_err(drop)
+            .map_err(drop)?;
+        // SAFETY: a helper call on the skb the kernel gave; it changes only a COMPLETE sum.
+        unsafe { bpf_csum_update(ctx.skb.skb, diff as u32) };
+        Ok(())
     }
 
     #[inline(always)]

@@ -63,7 +63,12 @@ pub fn flow_lookup<A: Family>(packet: &Packet<A>) -> Result<Tracked<A>, Verdict>
     if asks && !backend_there(flow) {
         return Ok(Tracked::BackendGone);
     }
-    if touch(&mut flow.last_seen_ns, &mut flow.state, packet.closing, now) {
+    if touch(
+        &mut flow.last_seen_ns,
+        &mut flow.state,
+        packet.closing(),
+        now,
+    ) {
         keep_reply_alive(flow, packet, now);
     }
     Ok(Tracked::Live(flow))
@@ -140,7 +145,7 @@ pub fn new_flow<A: Family>(
     now: u64,
 ) -> Result<Flow<A>, Verdict> {
     if frontend.backend_count == 0 {
-        if frontend.flags & FRONTEND_REJECT_WHEN_EMPTY != 0 {
+        if frontend.flags & FRONTEND_REJECT_WHEN_EMPTY != 0 && A::REJECTS {
             count(|s| &mut s.rejected_no_backend);
             return Err(Verdict::Reject);
         }
@@ -151,7 +156,7 @@ pub fn new_flow<A: Family>(
     // Read before the backend is: a removal after this is a later epoch.
     let backends_epoch = maps::backends_epoch();
     let (backend_id, backend) = select_backend(frontend, &packet.key, now).ok_or_else(error)?;
-    let state = if packet.closing {
+    let state = if packet.closing() {
         STATE_CLOSING
     } else {
         STATE_OPEN

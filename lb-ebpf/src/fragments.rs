@@ -24,7 +24,7 @@ use aya_ebpf::{
     bindings::{
         BPF_EXIST, BPF_F_INGRESS, BPF_F_RECOMPUTE_CSUM, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT,
     },
-    helpers::{bpf_clone_redirect, bpf_skb_change_tail, bpf_skb_store_bytes},
+    helpers::{bpf_skb_change_tail, bpf_skb_store_bytes},
     programs::TcContext,
 };
 use lb_common::maps::{
@@ -36,7 +36,7 @@ use crate::{
     clock::now_ns,
     headers::{ETH_HLEN, Ipv4Header},
     maps::{self, FRAGMENTS, HELD_FRAGMENTS},
-    parse::{Frame, IPV4_FRAGMENT_MASK_BE, IPV4_OFFSET_MASK_BE, Packet, Piece, ipv4, parse},
+    parse::{Frame, IPV4_FRAGMENT_MASK_BE, IPV4_OFFSET_MASK_BE, Packet, Piece, parse},
     stats::count,
 };
 
@@ -51,23 +51,26 @@ pub enum Input {
     Other,
 }
 
-/// The IPv4 frame as a packet to balance: parsed, or a later fragment with its first's ports.
-/// Its IPv4 header is read once, for both.
+/// The IPv4 frame whose header is `ip`, of `header_len` bytes ([`ipv4`](crate::parse::ipv4)),
+/// as a packet to balance: parsed, or a later fragment with its first's ports.
 #[inline(always)]
-pub fn input(data: usize, data_end: usize, frame: Frame) -> Input {
-    let Some((ip, header_len)) = ipv4(data, data_end) else {
-        return Input::Other;
-    };
+pub fn input(
+    data: usize,
+    data_end: usize,
+    frame: Frame,
+    ip: &Ipv4Header,
+    header_len: usize,
+) -> Input {
     if ip.fragment_be & IPV4_OFFSET_MASK_BE == 0 {
-        return parse(data, data_end, frame, &ip, header_len).map_or(Input::Other, Input::Packet);
+        return parse(data, data_end, frame, ip, header_len).map_or(Input::Other, Input::Packet);
     }
-    later(&ip, header_len)
+    later(ip, header_len)
 }
 
-/// Whether the frame is an IPv4 fragment, first or later.
+/// Whether the IPv4 header `ip` is a fragment's, first or later.
 #[inline(always)]
-pub fn is_fragment(data: usize, data_end: usize) -> bool {
-    ipv4(data, data_end).is_some_and(|(ip, _)| ip.fragment_be & IPV4_FRAGMENT_MASK_BE != 0)
+pub fn is_fragment(ip: &Ipv4Header) -> bool {
+    ip.fragment_be & IPV4_FRAGMENT_MASK_BE != 0
 }
 
 /// Records the ports of a datagram's first fragment, once it was rewritten or passed.
@@ -117,7 +120,6 @@ fn later(ip: &Ipv4Header, header_len: usize) -> Input {
         l4_offset: ETH_HLEN + header_len,
         tcp_flags: 0,
         ip_len: u16::from_be(ip.total_len_be),
-        closing: false,
         ip_id_be: ip.id_be,
         piece: Piece::Later,
     };
@@ -273,7 +275,8 @@ pub fn release(ctx: &TcContext, first: &Packet) -> i32 {
     }
     // SAFETY: reads a field of the skb the kernel gave.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if clone_to_ingress(ctx, ifindex).is_none() {
+    let to_ingress = u64::from(BPF_F_INGRESS);
+    if ctx.clone_redirect(ifindex, to_ingress).is_err() {
         // The held ones wait on, until the table forgets them.
         return TC_ACT_OK;
     }
@@ -282,25 +285,14 @@ pub fn release(ctx: &TcContext, first: &Packet) -> i32 {
         let Some(fragment) = maps::held_fragment(key) else {
             continue;
         };
-        if now_ns().saturating_sub(fragment.held_ns) > FRAGMENT_TIMEOUT_NS {
-            // Another datagram's, under an IP id come round.
-            let _ = HELD_FRAGMENTS.remove(key);
-            continue;
+        // Another datagram's, under an IP id come round, is forgotten, not sent.
+        let current = now_ns().saturating_sub(fragment.held_ns) <= FRAGMENT_TIMEOUT_NS;
+        if current && write_over(ctx, fragment).is_some() {
+            let _ = ctx.clone_redirect(ifindex, to_ingress);
         }
-        if write_over(ctx, fragment).is_none() {
-            break;
-        }
-        let _ = clone_to_ingress(ctx, ifindex);
+        // Sent or not, each goes once: one that cannot be written over this skb would
+        // otherwise come round again with every clone of the first.
         let _ = HELD_FRAGMENTS.remove(key);
     }
     TC_ACT_SHOT
-}
-
-/// Queues a copy of the skb as it is now into interface `ifindex`'s ingress.
-#[inline(always)]
-fn clone_to_ingress(ctx: &TcContext, ifindex: u32) -> Option<()> {
-    // SAFETY: a helper call on the skb the kernel gave.
-    let cloned =
-        unsafe { bpf_clone_redirect(ctx.skb.skb.cast(), ifindex, u64::from(BPF_F_INGRESS)) };
-    (cloned == 0).then_some(())
 }

@@ -67,7 +67,8 @@ use crate::{
     balance::{Verdict, balance},
     family::Family,
     fragments::{Input, input},
-    parse::{Frame, Packet, Piece, is_ipv6, parse6},
+    headers::Ipv4Header,
+    parse::{Frame, Packet, ipv4, parse6},
     reject::reject,
     reply::{Hook, to_client},
 };
@@ -75,29 +76,21 @@ use crate::{
 /// Traffic from pods, before routing.
 #[classifier]
 pub fn lb_tc(ctx: TcContext) -> i32 {
-    if is_ipv6(ctx.data(), ctx.data_end()) {
-        tc_ingress6(&ctx)
-    } else {
-        tc_ingress4(&ctx)
+    match ipv4(ctx.data(), ctx.data_end()) {
+        Some((ip, header_len)) => tc_ingress4(&ctx, &ip, header_len),
+        None => tc_ingress6(&ctx),
     }
 }
 
 // Each family's half of a program is a function of its own, out of line: the verifier takes
-// one stack frame for each, where inlined together they would pass its 512 bytes.
+// one stack frame for each, where inlined together they would pass its 512 bytes. The IPv4
+// header read to choose is the IPv4 half's.
 #[inline(never)]
-fn tc_ingress4(ctx: &TcContext) -> i32 {
-    let packet = match input(ctx.data(), ctx.data_end(), Frame::Linear) {
-        Input::Packet(packet) => packet,
-        Input::Unplaced(packet) => match fragments::hold(ctx, packet) {
-            Ok(placed) => placed,
-            Err(verdict) => return verdict,
-        },
-        Input::Other => {
-            icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Ingress);
-            return TC_ACT_OK;
-        }
-    };
-    tc_balance(ctx, &packet, SCOPE_INTERNAL)
+fn tc_ingress4(ctx: &TcContext, ip: &Ipv4Header, header_len: usize) -> i32 {
+    match tc_input4(ctx, ip, header_len) {
+        Ok(packet) => tc_balance(ctx, &packet, SCOPE_INTERNAL),
+        Err(verdict) => verdict,
+    }
 }
 
 #[inline(never)]
@@ -113,19 +106,29 @@ fn tc_ingress6(ctx: &TcContext) -> i32 {
 #[classifier]
 pub fn lb_tc_uplink(ctx: TcContext) -> i32 {
     // XDP saw to every packet that is no fragment: a glance at the IPv4 header, not a parse.
-    if !fragments::is_fragment(ctx.data(), ctx.data_end()) {
-        return TC_ACT_OK;
+    match ipv4(ctx.data(), ctx.data_end()) {
+        Some((ip, header_len)) if fragments::is_fragment(&ip) => {
+            match tc_input4(&ctx, &ip, header_len) {
+                Ok(packet) => tc_balance(&ctx, &packet, SCOPE_EXTERNAL),
+                Err(verdict) => verdict,
+            }
+        }
+        _ => TC_ACT_OK,
     }
-    let packet = match input(ctx.data(), ctx.data_end(), Frame::Linear) {
-        Input::Packet(packet) if packet.piece != Piece::Whole => packet,
-        Input::Unplaced(packet) => match fragments::hold(&ctx, packet) {
-            Ok(placed) => placed,
-            Err(verdict) => return verdict,
-        },
-        // XDP saw to it.
-        Input::Packet(_) | Input::Other => return TC_ACT_OK,
-    };
-    tc_balance(&ctx, &packet, SCOPE_EXTERNAL)
+}
+
+/// The IPv4 packet tc ingress balances: parsed, or a later fragment placed (held until it can
+/// be, if it must wait for its first); else what becomes of the skb (ICMP errors translated).
+#[inline(always)]
+fn tc_input4(ctx: &TcContext, ip: &Ipv4Header, header_len: usize) -> Result<Packet, i32> {
+    match input(ctx.data(), ctx.data_end(), Frame::Linear, ip, header_len) {
+        Input::Packet(packet) => Ok(packet),
+        Input::Unplaced(packet) => fragments::hold(ctx, packet),
+        Input::Other => {
+            icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Ingress);
+            Err(TC_ACT_OK)
+        }
+    }
 }
 
 #[inline(always)]
@@ -142,16 +145,15 @@ fn tc_balance<A: Family>(ctx: &TcContext, packet: &Packet<A>, scope: u8) -> i32 
 /// Replies leaving the node's interfaces (to a pod, or out of an uplink), routed already.
 #[classifier]
 pub fn lb_tc_egress(ctx: TcContext) -> i32 {
-    if is_ipv6(ctx.data(), ctx.data_end()) {
-        tc_egress6(&ctx)
-    } else {
-        tc_egress4(&ctx)
+    match ipv4(ctx.data(), ctx.data_end()) {
+        Some((ip, header_len)) => tc_egress4(&ctx, &ip, header_len),
+        None => tc_egress6(&ctx),
     }
 }
 
 #[inline(never)]
-fn tc_egress4(ctx: &TcContext) -> i32 {
-    match input(ctx.data(), ctx.data_end(), Frame::Linear) {
+fn tc_egress4(ctx: &TcContext, ip: &Ipv4Header, header_len: usize) -> i32 {
+    match input(ctx.data(), ctx.data_end(), Frame::Linear, ip, header_len) {
         Input::Packet(packet) => tc_reply(ctx, &packet),
         // Holding is ingress's: leaving, it is no reply this node rewrites.
         Input::Unplaced(_) => TC_ACT_OK,
@@ -187,19 +189,20 @@ pub fn lb_tc_loopback(ctx: TcContext) -> i32 {
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    if is_ipv6(ctx.data(), ctx.data_end()) {
-        xdp6(&ctx)
-    } else {
-        xdp4(&ctx)
+    match ipv4(ctx.data(), ctx.data_end()) {
+        // Balanced by `lb_tc_uplink`, which can hold them.
+        Some((ip, _)) if fragments::is_fragment(&ip) => xdp_action::XDP_PASS,
+        Some((ip, header_len)) => xdp4(&ctx, &ip, header_len),
+        None => xdp6(&ctx),
     }
 }
 
 #[inline(never)]
-fn xdp4(ctx: &XdpContext) -> u32 {
-    match input(ctx.data(), ctx.data_end(), Frame::Whole) {
-        Input::Packet(packet) if packet.piece == Piece::Whole => xdp_balance(ctx, &packet),
-        // Balanced by `lb_tc_uplink`, which can hold them.
-        Input::Packet(_) | Input::Unplaced(_) => xdp_action::XDP_PASS,
+fn xdp4(ctx: &XdpContext, ip: &Ipv4Header, header_len: usize) -> u32 {
+    match input(ctx.data(), ctx.data_end(), Frame::Whole, ip, header_len) {
+        Input::Packet(packet) => xdp_balance(ctx, &packet),
+        // No fragment comes here.
+        Input::Unplaced(_) => xdp_action::XDP_PASS,
         Input::Other => {
             icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Ingress);
             xdp_action::XDP_PASS

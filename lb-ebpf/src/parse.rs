@@ -45,8 +45,6 @@ pub struct Packet<A = u32> {
     pub tcp_flags: u8,
     /// The IP length: IPv4's total length, IPv6's payload length and header.
     pub ip_len: u16,
-    /// A TCP FIN or RST: the flow is closing.
-    pub closing: bool,
     /// The IPv4 identification, which a datagram's fragments share; 0 in IPv6.
     pub ip_id_be: u16,
     pub piece: Piece,
@@ -81,6 +79,11 @@ impl<A> Packet<A> {
 
     pub fn is_reset(&self) -> bool {
         self.tcp_flags & TCP_RST != 0
+    }
+
+    /// A TCP FIN or RST: the flow is closing.
+    pub fn closing(&self) -> bool {
+        self.tcp_flags & (TCP_FIN | TCP_RST) != 0
     }
 }
 
@@ -132,12 +135,6 @@ pub fn ipv4(data: usize, data_end: usize) -> Option<(Ipv4Header, usize)> {
         return None;
     }
     Some((ip, header_len))
-}
-
-/// Whether the frame is IPv6: its program's IPv6 half, out of line, balances it.
-#[inline(always)]
-pub fn is_ipv6(data: usize, data_end: usize) -> bool {
-    read::<u16>(data, data_end, ETH_TYPE) == Some(ETH_P_IPV6_BE)
 }
 
 /// Parses an IPv6 TCP or UDP packet past the extension headers before its datagram (hop by
@@ -199,7 +196,6 @@ pub fn parse6(data: usize, data_end: usize, frame: Frame) -> Option<Packet<Ipv6B
         l4_offset,
         tcp_flags: datagram.tcp_flags,
         ip_len,
-        closing: datagram.tcp_flags & (TCP_FIN | TCP_RST) != 0,
         ip_id_be: 0,
         piece: Piece::Whole,
     })
@@ -295,7 +291,6 @@ pub fn parse(
         l4_offset,
         tcp_flags,
         ip_len: u16::from_be(ip.total_len_be),
-        closing: tcp_flags & (TCP_FIN | TCP_RST) != 0,
         ip_id_be: ip.id_be,
         piece,
     })

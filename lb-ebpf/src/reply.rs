@@ -52,7 +52,7 @@ pub fn to_client<C: Rewrite, A: Family>(
     touch(
         &mut reply.last_seen_ns,
         &mut reply.state,
-        packet.closing,
+        packet.closing(),
         now,
     );
     ctx.rewrite(

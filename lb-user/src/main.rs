@@ -391,7 +391,7 @@ fn plan(args: &PlanArgs) -> Result<()> {
     let (objects, mut skipped) = Manifests::new(args.manifests.clone()).load();
     let desired = model::compute(&objects, &args.node.config());
     skipped.extend(desired.skipped);
-    // What the maps cannot hold (IPv6 frontends, a full map) is the plan's to say.
+    // What the maps cannot hold (a full map, a backend of another family) is the plan's to say.
     let (_, unplanned) = lb_user::plan::entries(&desired.frontends, &args.node.name);
     skipped.extend(unplanned);
     let frontends = desired.frontends;

@@ -18,7 +18,10 @@ use std::{
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
-use lb_common::maps::{Connected, PROTO_UDP};
+use lb_common::{
+    addr::ipv4_be,
+    maps::{Connected, PROTO_UDP},
+};
 
 use crate::{maps::KernelMaps, plan::MapEntries};
 
@@ -102,7 +105,7 @@ fn stale<'a>(
         .filter(|s| {
             dialled(s).is_some_and(|d| {
                 (d.backend_addr_be, d.backend_port_be)
-                    == (u32::from(*s.peer.ip()).to_be(), s.peer.port().to_be())
+                    == (ipv4_be(*s.peer.ip()), s.peer.port().to_be())
             })
         })
         .collect()
@@ -363,7 +366,7 @@ mod tests {
         };
         let stale = stale(&sockets, &programmed, |s| {
             given(s.cookie).map(|last| Connected {
-                backend_addr_be: u32::from(Ipv4Addr::new(10, 244, 0, last)).to_be(),
+                backend_addr_be: ipv4_be(Ipv4Addr::new(10, 244, 0, last)),
                 backend_port_be: 5353u16.to_be(),
                 ..Connected::default()
             })

@@ -226,7 +226,7 @@ fn labels(
                 model::Scope::Internal => "internal",
             };
             let labels = FrontendLabels {
-                frontend: format!("{}:{}/{}", f.address, f.port, f.protocol),
+                frontend: model::endpoint_name(f.address, f.port, f.protocol),
                 scope,
                 service: f.service.clone(),
             };

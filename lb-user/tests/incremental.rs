@@ -8,7 +8,7 @@ mod txtar;
 
 use std::{net::Ipv4Addr, sync::Arc};
 
-use lb_common::maps::Config;
+use lb_common::{addr::ipv4_be, maps::Config};
 use lb_user::{
     maps::memory::{FailingMaps, MemoryMaps, Written},
     model::{self, Memo, NodeConfig, Objects, Skipped},
@@ -296,7 +296,7 @@ fn a_write_that_fails_leaves_consistent_maps_and_the_next_sync_writes_the_rest()
             assert_eq!(synced.failed, 0, "{case}: {fail:?}, the retry");
             assert_eq!(
                 maps.maps.config.map(|c| c.snat_addr_be),
-                Some(u32::from(moved_to).to_be()),
+                Some(ipv4_be(moved_to)),
                 "{case}: {fail:?}, the config"
             );
             // The datapath is told of deletions after them: an epoch after the last one.

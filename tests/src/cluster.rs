@@ -239,7 +239,7 @@ impl ClusterLab {
         self.manifests.path().with_extension(format!("{node}.log"))
     }
 
-    /// A command in pod `pod`, pinned to CPU 0.
+    /// A command in the network namespace of pod or node `pod`, pinned to CPU 0.
     pub fn in_pod(&self, pod: &str, command: &[&str]) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args([
@@ -257,11 +257,6 @@ impl ClusterLab {
     /// A command on the client outside the cluster, pinned to CPU 0.
     pub fn outside(&self, command: &[&str]) -> Command {
         self.in_pod("outside", command)
-    }
-
-    /// A command on node `node` (its network namespace), pinned to CPU 0.
-    pub fn on_node(&self, node: &str, command: &[&str]) -> Command {
-        self.in_pod(node, command)
     }
 
     /// `curl` with `cmd` prefixed (a pod or the outside client); the body.

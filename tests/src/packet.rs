@@ -12,9 +12,9 @@ pub const UDP: u8 = 0;
 /// Ethernet + IPv4 + TCP (20 bytes, `flags`) or UDP (8 bytes and 12 of payload), checksums
 /// filled in.
 pub fn packet(flags: u8, src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
-    let (protocol, mut l4, checksum_at) = segment(flags, sport, dport);
+    let (protocol, mut l4) = segment(flags, sport, dport);
     let mut p = ipv4_frame(protocol, src, dst, l4.len());
-    fill_l4_checksum(&mut l4, checksum_at, pseudo_header(&p));
+    fill_l4_checksum(protocol, &mut l4, pseudo_header(&p));
     p[34..].copy_from_slice(&l4);
     p
 }
@@ -38,7 +38,7 @@ pub fn packet6_through(
     sport: u16,
     dport: u16,
 ) -> Vec<u8> {
-    let (protocol, mut l4, checksum_at) = segment(flags, sport, dport);
+    let (protocol, mut l4) = segment(flags, sport, dport);
     let mut extensions = Vec::new();
     for (i, _) in headers.iter().enumerate() {
         let next = headers.get(i + 1).copied().unwrap_or(protocol);
@@ -53,38 +53,36 @@ pub fn packet6_through(
     p.extend(src.octets());
     p.extend(dst.octets());
     p.extend(extensions);
-    let words = |b: &[u8]| -> u32 {
-        b.chunks(2)
-            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-            .sum()
-    };
+    // IPv6's pseudo-header: the addresses, the datagram's length and protocol.
     let pseudo = words(&p[22..54]) + l4.len() as u32 + u32::from(protocol);
-    fill_l4_checksum(&mut l4, checksum_at, pseudo);
+    fill_l4_checksum(protocol, &mut l4, pseudo);
     p.extend(l4);
     p
 }
 
 /// A TCP segment (20 bytes, `flags`) or a UDP datagram (8 bytes and 12 of payload), its
-/// checksum left 0: its protocol, its bytes and where its checksum lies.
-fn segment(flags: u8, sport: u16, dport: u16) -> (u8, Vec<u8>, usize) {
+/// checksum left 0: its protocol and its bytes.
+fn segment(flags: u8, sport: u16, dport: u16) -> (u8, Vec<u8>) {
     let udp = flags == UDP;
     let mut l4 = vec![0u8; 20];
     l4[0..2].copy_from_slice(&sport.to_be_bytes());
     l4[2..4].copy_from_slice(&dport.to_be_bytes());
     if udp {
         l4[4..6].copy_from_slice(&20u16.to_be_bytes());
-        (17, l4, 6)
+        (17, l4)
     } else {
         l4[4..8].copy_from_slice(&1u32.to_be_bytes());
         l4[12] = 5 << 4;
         l4[13] = flags;
         l4[14..16].copy_from_slice(&64_240u16.to_be_bytes());
-        (6, l4, 16)
+        (6, l4)
     }
 }
 
-fn fill_l4_checksum(l4: &mut [u8], checksum_at: usize, pseudo: u32) {
-    let udp = checksum_at == 6;
+/// Fills in the checksum of `l4`, a [`segment`] of `protocol`, over the pseudo-header's `pseudo`.
+fn fill_l4_checksum(protocol: u8, l4: &mut [u8], pseudo: u32) {
+    let udp = protocol == 17;
+    let checksum_at = if udp { 6 } else { 16 };
     let sum = match checksum(l4, pseudo) {
         // UDP's 0 means "no checksum": a sum of 0 is sent as all ones.
         0 if udp => 0xffff,
@@ -116,12 +114,15 @@ pub fn fill_ip_checksum(p: &mut [u8]) {
 }
 
 pub fn pseudo_header(p: &[u8]) -> u32 {
-    let words = |b: &[u8]| -> u32 {
-        b.chunks(2)
-            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-            .sum()
-    };
     words(&p[26..34]) + u32::from(p[23]) + (p.len() as u32 - 34)
+}
+
+/// The sum of the 16-bit words of `bytes` (even length), unfolded.
+fn words(bytes: &[u8]) -> u32 {
+    bytes
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum()
 }
 
 /// The Internet checksum of `bytes` (even length) over `sum`.

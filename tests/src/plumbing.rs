@@ -89,27 +89,8 @@ pub(crate) fn wire_pod(
     ];
     for (family, address, prefix, gateway, options) in families {
         let host = format!("{address}/{prefix}");
-        let neighbour = |at: &str, mac: &str, dev: &str| {
-            [
-                family,
-                "neigh",
-                "add",
-                at,
-                "lladdr",
-                mac,
-                "dev",
-                dev,
-                "nud",
-                "permanent",
-            ]
-            .map(str::to_string)
-        };
         node_ip(&[family, "route", "add", &host, "dev", &host_if])?;
-        node_ip(
-            &neighbour(address, &pod_mac, &host_if)
-                .each_ref()
-                .map(String::as_str),
-        )?;
+        node_ip(&neighbour(family, address, &pod_mac, &host_if))?;
         let mut add = vec![family, "addr", "add", &host, "dev", "eth0"];
         add.extend_from_slice(options);
         pod_ip(&add)?;
@@ -117,13 +98,25 @@ pub(crate) fn wire_pod(
         pod_ip(&[
             family, "route", "add", "default", "via", gateway, "dev", "eth0",
         ])?;
-        pod_ip(
-            &neighbour(gateway, &host_mac, "eth0")
-                .each_ref()
-                .map(String::as_str),
-        )?;
+        pod_ip(&neighbour(family, gateway, &host_mac, "eth0"))?;
     }
     Ok(())
+}
+
+/// `ip <family> neigh add <at> lladdr <mac> dev <dev> nud permanent`'s arguments.
+fn neighbour<'a>(family: &'a str, at: &'a str, mac: &'a str, dev: &'a str) -> [&'a str; 10] {
+    [
+        family,
+        "neigh",
+        "add",
+        at,
+        "lladdr",
+        mac,
+        "dev",
+        dev,
+        "nud",
+        "permanent",
+    ]
 }
 
 /// Starts `demoapp` in a pod and waits until it listens.

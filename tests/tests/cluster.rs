@@ -214,7 +214,7 @@ fn path_mtu_discovery(mode: &str) {
     // load-balancer IP's flows, SNATed, that is node-b itself. The outside client routes
     // node-a's pods through node-b too, for the straight path.
     let routes = [
-        lab.on_node(
+        lab.in_pod(
             "node-b",
             &[
                 "ip",

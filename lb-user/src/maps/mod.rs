@@ -177,14 +177,37 @@ impl KernelMaps {
                 .map_err(reading(SLOTS))?,
             ..MapEntries::default()
         };
-        read_frontends(&self.frontends, FRONTENDS, &mut entries)?;
-        read_frontends(&self.frontends6, FRONTENDS6, &mut entries)?;
-        read_backends(&self.backends, BACKENDS, &mut entries)?;
-        read_backends(&self.backends6, BACKENDS6, &mut entries)?;
-        read_vips(&self.vips, VIPS, &mut entries)?;
-        read_vips(&self.vips6, VIPS6, &mut entries)?;
-        read_ranges(&self.source_ranges, SOURCE_RANGES, &mut entries)?;
-        read_ranges(&self.source_ranges6, SOURCE_RANGES6, &mut entries)?;
+        let MapEntries {
+            frontends,
+            backends,
+            vips,
+            source_ranges,
+            ..
+        } = &mut entries;
+        read_into(&self.frontends, FRONTENDS, |key, frontend| {
+            frontends.insert(layout::plan_frontend_key(&key), frontend);
+        })?;
+        read_into(&self.frontends6, FRONTENDS6, |key, frontend| {
+            frontends.insert(layout::plan_frontend_key(&key), frontend);
+        })?;
+        read_into(&self.backends, BACKENDS, |id, backend| {
+            backends.insert(id, layout::plan_backend(&backend));
+        })?;
+        read_into(&self.backends6, BACKENDS6, |id, backend| {
+            backends.insert(id, layout::plan_backend(&backend));
+        })?;
+        read_into(&self.vips, VIPS, |address, vip| {
+            vips.insert(address.ip(), vip);
+        })?;
+        read_into(&self.vips6, VIPS6, |address, vip| {
+            vips.insert(address.ip(), vip);
+        })?;
+        read_into(&self.source_ranges, SOURCE_RANGES, |key, range| {
+            source_ranges.insert(layout::plan_range_key(key.prefix_len(), &key.data()), range);
+        })?;
+        read_into(&self.source_ranges6, SOURCE_RANGES6, |key, range| {
+            source_ranges.insert(layout::plan_range_key(key.prefix_len(), &key.data()), range);
+        })?;
         Ok(entries)
     }
 
@@ -356,66 +379,15 @@ impl MapWrites for KernelMaps {
     }
 }
 
-/// One family's frontends, into `entries`.
-fn read_frontends<A: Address>(
-    map: &HashMap<MapData, FrontendKey<A>, Frontend>,
+/// Every entry of one of the agent-written maps, each into the plan's entries by `put`.
+fn read_into<K, V>(
+    map: impl IntoIterator<Item = Result<(K, V), MapError>>,
     name: &'static str,
-    entries: &mut MapEntries,
-) -> Result<()>
-where
-    FrontendKey<A>: aya::Pod,
-{
-    for entry in map {
-        let (key, frontend) = entry.map_err(reading(name))?;
-        entries
-            .frontends
-            .insert(layout::plan_frontend_key(&key), frontend);
-    }
-    Ok(())
-}
-
-/// One family's backends, into `entries`.
-fn read_backends<A: Address>(
-    map: &HashMap<MapData, u32, Backend<A>>,
-    name: &'static str,
-    entries: &mut MapEntries,
-) -> Result<()>
-where
-    Backend<A>: aya::Pod,
-{
-    for entry in map {
-        let (id, backend) = entry.map_err(reading(name))?;
-        entries.backends.insert(id, layout::plan_backend(&backend));
-    }
-    Ok(())
-}
-
-/// One family's frontend addresses, into `entries`.
-fn read_vips<A: Address + aya::Pod>(
-    map: &HashMap<MapData, A, Vip>,
-    name: &'static str,
-    entries: &mut MapEntries,
+    mut put: impl FnMut(K, V),
 ) -> Result<()> {
     for entry in map {
-        let (address, vip) = entry.map_err(reading(name))?;
-        entries.vips.insert(address.ip(), vip);
-    }
-    Ok(())
-}
-
-/// One family's source ranges, into `entries`.
-fn read_ranges<A: Address>(
-    map: &LpmTrie<MapData, SourceRangeKey<A>, SourceRange>,
-    name: &'static str,
-    entries: &mut MapEntries,
-) -> Result<()>
-where
-    SourceRangeKey<A>: aya::Pod,
-{
-    for entry in map {
-        let (key, range) = entry.map_err(reading(name))?;
-        let range_key = layout::plan_range_key(key.prefix_len(), &key.data());
-        entries.source_ranges.insert(range_key, range);
+        let (key, value) = entry.map_err(reading(name))?;
+        put(key, value);
     }
     Ok(())
 }

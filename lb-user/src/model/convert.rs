@@ -277,7 +277,8 @@ fn service(svc: &core::Service, skipped: &mut Vec<Skipped>) -> Option<Service> {
         }
         _ => None,
     };
-    let cluster_ips = match &spec.cluster_ips {
+    // An empty `clusterIPs` is none written: `clusterIP` says it, as before the field was.
+    let cluster_ips = match spec.cluster_ips.as_ref().filter(|ips| !ips.is_empty()) {
         Some(ips) => one_per_family(
             ips,
             spec.ip_families.as_deref().unwrap_or_default(),

@@ -19,7 +19,7 @@ use lb_common::maps::{
     SCOPE_INTERNAL, Slot, SlotKey, SourceRange, Vip,
 };
 
-use crate::model::{self, Algorithm, FrontendKind, Protocol, Scope, Skipped, WhenEmpty};
+use crate::model::{self, Algorithm, Family, FrontendKind, Protocol, Scope, Skipped, WhenEmpty};
 
 /// The entries of the agent-written maps, both families' together: the values as the
 /// datapath reads them, addresses as `std::net` ones ([`crate::maps`] writes each family's into
@@ -290,7 +290,7 @@ impl Planner {
             .backends
             .iter()
             .chain(&frontend.retained)
-            .find(|b| b.address.is_ipv4() != frontend.address.is_ipv4())
+            .find(|b| Family::of(b.address) != Family::of(frontend.address))
         {
             return skip(format!(
                 "{}: its backend {} is of another family",
@@ -305,24 +305,27 @@ impl Planner {
                 u16::MAX
             ));
         };
-        // Closed rather than open, and the other frontends' writes go on.
-        if let Some(ranges) = &frontend.source_ranges
-            && self.desired.source_ranges.len() + ranges.len() + 1 > MAX_SOURCE_RANGES as usize
-        {
-            return skip(format!(
-                "{}:{}/{}: its {} source ranges do not fit the source range map \
-                 ({MAX_SOURCE_RANGES} entries): not programmed",
-                frontend.address,
-                frontend.port,
-                frontend.protocol,
-                ranges.len()
-            ));
+        let name = model::endpoint_name(frontend.address, frontend.port, frontend.protocol);
+        // Closed rather than open, and the other frontends' writes go on. Each family has its
+        // own map of ranges: only the frontend's counts.
+        if let Some(ranges) = &frontend.source_ranges {
+            let family = Family::of(key.address);
+            let taken = self
+                .desired
+                .source_ranges
+                .keys()
+                .filter(|range| Family::of(range.address) == family)
+                .count();
+            if taken + ranges.len() + 1 > MAX_SOURCE_RANGES as usize {
+                return skip(format!(
+                    "{name}: its {} source ranges do not fit the source range map \
+                     ({MAX_SOURCE_RANGES} entries): not programmed",
+                    ranges.len()
+                ));
+            }
         }
         let Some(service_id) = self.ids.service(key) else {
-            return skip(format!(
-                "{}:{}/{}: the frontend map is full",
-                frontend.address, frontend.port, frontend.protocol
-            ));
+            return skip(format!("{name}: the frontend map is full"));
         };
         for (slot, backend) in (1..).zip(&frontend.backends) {
             let backend_id = self.name_backend(backend, frontend.protocol, touched);

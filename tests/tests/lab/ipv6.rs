@@ -1,5 +1,7 @@
 //! IPv6: the lab's Services over their other family (every namespace of the lab has an
-//! address of each, `lb_tests::ipv6_twin`).
+//! address of each, `lb_tests::ipv6_twin`), and traffic to a pod's own IPv6 address.
+
+use lb_tests::{ipv6_twin, stat};
 
 use super::*;
 
@@ -36,15 +38,11 @@ fn a_dual_stack_service_serves_both_families_at_once_and_through_a_restart() {
     let mut v4 = lab.connect(ECHO_VIP).expect("an IPv4 connection");
     let mut v6 = lab.connect(ECHO_VIP6).expect("an IPv6 connection");
     let mut pods = Vec::new();
-    for (connection, family) in [(&mut v4, "IPv4"), (&mut v6, "IPv6")] {
+    for (connection, target) in [(&mut v4, ECHO_VIP), (&mut v6, ECHO_VIP6)] {
         let answer = connection.ask("hello").expect("an answer");
         assert!(
-            answer.contains(&client_prefix(if family == "IPv6" {
-                ECHO_VIP6
-            } else {
-                ECHO_VIP
-            })),
-            "{family}: the backend sees the client of its family: {answer}"
+            answer.contains(&client_prefix(target)),
+            "{target}: the backend sees the client of its family: {answer}"
         );
         pods.push(pod_of(&answer).expect("pod").to_string());
     }
@@ -58,5 +56,36 @@ fn a_dual_stack_service_serves_both_families_at_once_and_through_a_restart() {
             .ask("after the restart")
             .unwrap_or_else(|e| panic!("{family}: {e:#}"));
         assert_eq!(pod_of(&answer), Some(pod.as_str()), "{family}: {answer}");
+    }
+}
+
+#[test]
+fn ipv6_to_a_pod_passes_the_node_untouched() {
+    let lab = lab("ipv6");
+    let before = lab.dump().unwrap();
+    let (pod, ip) = BACKENDS[0];
+    let (backend, client) = (ipv6_twin(ip), ipv6_twin(CLIENT_IP));
+    let url = format!("http://[{backend}]:8080/");
+    let http = lab
+        .curl(&url)
+        .unwrap_or_else(|e| panic!("curl {url}: {e:#}"));
+    let target = format!("[{backend}]:5353");
+    let udp = lab
+        .udp(&target, None)
+        .unwrap_or_else(|e| panic!("UDP to {target}: {e:#}"));
+    for (what, answer) in [("TCP", &http), ("UDP", &udp)] {
+        assert_eq!(pod_of(answer), Some(pod), "{what}: {answer}");
+        assert!(
+            client_of(answer).is_some_and(|c| c.starts_with(&format!("[{client}]:"))),
+            "{what}: the pod sees the client's own IPv6 address: {answer}"
+        );
+    }
+    let after = lab.dump().unwrap();
+    for counter in ["forwarded", "replied", "new_flows", "dropped_error"] {
+        assert_eq!(
+            stat(&after, counter),
+            stat(&before, counter),
+            "{counter}: the datapath left IPv6 alone\n{after}"
+        );
     }
 }

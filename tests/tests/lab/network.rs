@@ -1,9 +1,9 @@
-//! What the network sends: ICMP errors about flows through a VIP (path-MTU discovery),
-//! datagrams in fragments, and IPv6, which the datapath leaves alone.
+//! What the network sends: ICMP errors about flows through a VIP (path-MTU discovery), and
+//! datagrams in fragments.
 
 use lb_tests::{
-    BACKENDS, CLIENT_IP, Lab, UPLOAD, client_of, df_datagrams, ipv6_twin, output, pod_of,
-    reversed_fragments, stat, udp_exchange, upload,
+    BACKENDS, CLIENT_IP, Lab, UPLOAD, df_datagrams, output, reversed_fragments, stat, udp_exchange,
+    upload,
 };
 
 use super::{DNS_VIP, HTTP_VIP, lab};
@@ -97,33 +97,4 @@ fn fragments_that_come_before_their_first_wait_for_it() {
     }
     let dump = lab.dump().unwrap();
     assert_eq!(stat(&dump, "fragments_held"), 2, "{dump}");
-}
-
-#[test]
-fn ipv6_to_a_pod_passes_the_node_untouched() {
-    let lab = lab("ipv6");
-    let before = lab.dump().unwrap();
-    let (pod, ip) = BACKENDS[0];
-    let (backend, client) = (ipv6_twin(ip), ipv6_twin(CLIENT_IP));
-    let url = format!("http://[{backend}]:8080/");
-    let http = output(&mut lab.in_client(&["curl", "-sS", "--max-time", "5", "-g", &url]))
-        .unwrap_or_else(|e| panic!("curl {url}: {e:#}"));
-    let target = format!("UDP6:[{backend}]:5353");
-    let udp = lb_tests::udp_query(lab.in_client(&["socat", "-t", "1", "-T", "1", "-", &target]))
-        .unwrap_or_else(|e| panic!("UDP to [{backend}]:5353: {e:#}"));
-    for (what, answer) in [("TCP", &http), ("UDP", &udp)] {
-        assert_eq!(pod_of(answer), Some(pod), "{what}: {answer}");
-        assert!(
-            client_of(answer).is_some_and(|c| c.starts_with(&format!("[{client}]:"))),
-            "{what}: the pod sees the client's own IPv6 address: {answer}"
-        );
-    }
-    let after = lab.dump().unwrap();
-    for counter in ["forwarded", "replied", "new_flows", "dropped_error"] {
-        assert_eq!(
-            stat(&after, counter),
-            stat(&before, counter),
-            "{counter}: the datapath left IPv6 alone\n{after}"
-        );
-    }
 }

@@ -336,7 +336,8 @@ fn source_ranges(
                 .load_balancer_ips
                 .iter()
                 .filter(|ip| Family::of(**ip) == family)
-                .map(|&ip| SourceRange::new(ip, if ip.is_ipv4() { 32 } else { 128 })),
+                // A whole address of either family: the length is cut to the family's.
+                .map(|&ip| SourceRange::new(ip, 128)),
         );
     }
     allowed.sort();
