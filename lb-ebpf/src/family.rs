@@ -11,7 +11,7 @@ use aya_ebpf::{
 use lb_common::maps::{Config, Ipv6Be};
 
 use crate::{
-    headers::{ETH_HLEN, IP_CHECKSUM, IP_DST, IP_SRC, IP6_DST, IP6_SRC},
+    headers::{ETH_HLEN, IP_CHECKSUM, IP_DST, IP_SRC, IP6_DST, IP6_SRC, IPV4_MIN_HLEN, IPV6_HLEN},
     maps::{
         AFFINITY, AFFINITY6, AffinityMap, BACKENDS, BACKENDS6, BackendMap, FLOWS, FLOWS6,
         FRONTENDS, FRONTENDS6, FlowMap, FrontendMap, REPLIES, REPLIES6, ReplyMap, SOURCE_RANGES,
@@ -28,9 +28,8 @@ pub trait Family: Copy + PartialEq + 'static {
     const DST_ADDR_OFFSET: usize;
     /// An address's bits: a whole address's prefix length.
     const BITS: u32;
-    /// Whether a new flow to a frontend without endpoints can be answered (a TCP reset, an
-    /// ICMP port unreachable: [`crate::reject`]) rather than dropped.
-    const REJECTS: bool;
+    /// The IP header without options or extension headers: the only one a reject answers.
+    const IP_HLEN: usize;
 
     fn frontends() -> &'static FrontendMap<Self>;
     fn backends() -> &'static BackendMap<Self>;
@@ -69,7 +68,7 @@ pub trait Family: Copy + PartialEq + 'static {
         flags: u64,
     ) -> Result<(), ()>;
 
-    /// The packet, if it is IPv4: for what only IPv4 has yet (fragments, rejects, ICMP).
+    /// The packet, if it is IPv4: for what only IPv4 has yet (fragments, ICMP errors).
     fn ipv4(packet: &Packet<Self>) -> Option<&Packet<u32>>;
 }
 
@@ -77,7 +76,7 @@ impl Family for u32 {
     const SRC_ADDR_OFFSET: usize = ETH_HLEN + IP_SRC;
     const DST_ADDR_OFFSET: usize = ETH_HLEN + IP_DST;
     const BITS: u32 = u32::BITS;
-    const REJECTS: bool = true;
+    const IP_HLEN: usize = IPV4_MIN_HLEN;
 
     fn frontends() -> &'static FrontendMap<Self> {
         &FRONTENDS
@@ -158,8 +157,7 @@ impl Family for Ipv6Be {
     const SRC_ADDR_OFFSET: usize = ETH_HLEN + IP6_SRC;
     const DST_ADDR_OFFSET: usize = ETH_HLEN + IP6_DST;
     const BITS: u32 = 128;
-    /// Not yet: ICMPv6 and the IPv6 reset are to come.
-    const REJECTS: bool = false;
+    const IP_HLEN: usize = IPV6_HLEN;
 
     fn frontends() -> &'static FrontendMap<Self> {
         &FRONTENDS6

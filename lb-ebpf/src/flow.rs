@@ -145,7 +145,7 @@ pub fn new_flow<A: Family>(
     now: u64,
 ) -> Result<Flow<A>, Verdict> {
     if frontend.backend_count == 0 {
-        if frontend.flags & FRONTEND_REJECT_WHEN_EMPTY != 0 && A::REJECTS {
+        if frontend.flags & FRONTEND_REJECT_WHEN_EMPTY != 0 {
             count(|s| &mut s.rejected_no_backend);
             return Err(Verdict::Reject);
         }

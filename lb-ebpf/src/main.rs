@@ -69,7 +69,7 @@ use crate::{
     fragments::{Input, input},
     headers::Ipv4Header,
     parse::{Frame, Packet, ipv4, parse6},
-    reject::reject,
+    reject::{Reject, answer4, answer6, rejection},
     reply::{Hook, to_client},
 };
 
@@ -78,27 +78,34 @@ use crate::{
 pub fn lb_tc(ctx: TcContext) -> i32 {
     match ipv4(ctx.data(), ctx.data_end()) {
         Some((ip, header_len)) => tc_ingress4(&ctx, &ip, header_len),
-        None => tc_ingress6(&ctx),
+        None => tc_ingress6(&ctx).unwrap_or_else(|reject| tc_answer6(&ctx, &reject)),
     }
 }
 
 // Each family's half of a program is a function of its own, out of line: the verifier takes
 // one stack frame for each, where inlined together they would pass its 512 bytes. The IPv4
-// header read to choose is the IPv4 half's.
+// header read to choose is the IPv4 half's. IPv6's half leaves little of its frame: its
+// rejects are answered in a frame of their own, after it returns.
 #[inline(never)]
 fn tc_ingress4(ctx: &TcContext, ip: &Ipv4Header, header_len: usize) -> i32 {
     match tc_input4(ctx, ip, header_len) {
-        Ok(packet) => tc_balance(ctx, &packet, SCOPE_INTERNAL),
+        Ok(packet) => tc_balance(ctx, &packet, SCOPE_INTERNAL)
+            .unwrap_or_else(|reject| answer4(ctx, &reject).unwrap_or(TC_ACT_SHOT)),
         Err(verdict) => verdict,
     }
 }
 
 #[inline(never)]
-fn tc_ingress6(ctx: &TcContext) -> i32 {
+fn tc_ingress6(ctx: &TcContext) -> Result<i32, Reject> {
     match parse6(ctx.data(), ctx.data_end(), Frame::Linear) {
         Some(packet) => tc_balance(ctx, &packet, SCOPE_INTERNAL),
-        None => TC_ACT_OK,
+        None => Ok(TC_ACT_OK),
     }
+}
+
+#[inline(never)]
+fn tc_answer6(ctx: &TcContext, reject: &Reject) -> i32 {
+    answer6(ctx, reject).unwrap_or(TC_ACT_SHOT)
 }
 
 /// The IPv4 fragments from outside, which XDP passes: balanced here, where a later fragment
@@ -109,7 +116,8 @@ pub fn lb_tc_uplink(ctx: TcContext) -> i32 {
     match ipv4(ctx.data(), ctx.data_end()) {
         Some((ip, header_len)) if fragments::is_fragment(&ip) => {
             match tc_input4(&ctx, &ip, header_len) {
-                Ok(packet) => tc_balance(&ctx, &packet, SCOPE_EXTERNAL),
+                Ok(packet) => tc_balance(&ctx, &packet, SCOPE_EXTERNAL)
+                    .unwrap_or_else(|reject| answer4(&ctx, &reject).unwrap_or(TC_ACT_SHOT)),
                 Err(verdict) => verdict,
             }
         }
@@ -131,14 +139,16 @@ fn tc_input4(ctx: &TcContext, ip: &Ipv4Header, header_len: usize) -> Result<Pack
     }
 }
 
+/// What tc does with a packet it balanced; `Err` for a new flow to answer (a reject), which the
+/// caller writes.
 #[inline(always)]
-fn tc_balance<A: Family>(ctx: &TcContext, packet: &Packet<A>, scope: u8) -> i32 {
+fn tc_balance<A: Family>(ctx: &TcContext, packet: &Packet<A>, scope: u8) -> Result<i32, Reject> {
     match balance(ctx, packet, scope) {
         Verdict::Pass => {
-            A::ipv4(packet).map_or(TC_ACT_OK, |packet| fragments::release(ctx, packet))
+            Ok(A::ipv4(packet).map_or(TC_ACT_OK, |packet| fragments::release(ctx, packet)))
         }
-        Verdict::Drop => TC_ACT_SHOT,
-        Verdict::Reject => reject(ctx, packet).unwrap_or(TC_ACT_SHOT),
+        Verdict::Drop => Ok(TC_ACT_SHOT),
+        Verdict::Reject => rejection(packet).ok_or(TC_ACT_SHOT).map_or_else(Ok, Err),
     }
 }
 
@@ -193,14 +203,15 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         // Balanced by `lb_tc_uplink`, which can hold them.
         Some((ip, _)) if fragments::is_fragment(&ip) => xdp_action::XDP_PASS,
         Some((ip, header_len)) => xdp4(&ctx, &ip, header_len),
-        None => xdp6(&ctx),
+        None => xdp6(&ctx).unwrap_or_else(|reject| xdp_answer6(&ctx, &reject)),
     }
 }
 
 #[inline(never)]
 fn xdp4(ctx: &XdpContext, ip: &Ipv4Header, header_len: usize) -> u32 {
     match input(ctx.data(), ctx.data_end(), Frame::Whole, ip, header_len) {
-        Input::Packet(packet) => xdp_balance(ctx, &packet),
+        Input::Packet(packet) => xdp_balance(ctx, &packet)
+            .unwrap_or_else(|reject| answer4(ctx, &reject).unwrap_or(xdp_action::XDP_DROP)),
         // No fragment comes here.
         Input::Unplaced(_) => xdp_action::XDP_PASS,
         Input::Other => {
@@ -211,17 +222,25 @@ fn xdp4(ctx: &XdpContext, ip: &Ipv4Header, header_len: usize) -> u32 {
 }
 
 #[inline(never)]
-fn xdp6(ctx: &XdpContext) -> u32 {
+fn xdp6(ctx: &XdpContext) -> Result<u32, Reject> {
     parse6(ctx.data(), ctx.data_end(), Frame::Whole)
-        .map_or(xdp_action::XDP_PASS, |packet| xdp_balance(ctx, &packet))
+        .map_or(Ok(xdp_action::XDP_PASS), |packet| xdp_balance(ctx, &packet))
 }
 
+#[inline(never)]
+fn xdp_answer6(ctx: &XdpContext, reject: &Reject) -> u32 {
+    answer6(ctx, reject).unwrap_or(xdp_action::XDP_DROP)
+}
+
+/// What XDP does with a packet it balanced; `Err` for a new flow to answer, as [`tc_balance`].
 #[inline(always)]
-fn xdp_balance<A: Family>(ctx: &XdpContext, packet: &Packet<A>) -> u32 {
+fn xdp_balance<A: Family>(ctx: &XdpContext, packet: &Packet<A>) -> Result<u32, Reject> {
     match balance(ctx, packet, SCOPE_EXTERNAL) {
-        Verdict::Pass => xdp_action::XDP_PASS,
-        Verdict::Drop => xdp_action::XDP_DROP,
-        Verdict::Reject => reject(ctx, packet).unwrap_or(xdp_action::XDP_DROP),
+        Verdict::Pass => Ok(xdp_action::XDP_PASS),
+        Verdict::Drop => Ok(xdp_action::XDP_DROP),
+        Verdict::Reject => rejection(packet)
+            .ok_or(xdp_action::XDP_DROP)
+            .map_or_else(Ok, Err),
     }
 }
 

@@ -30,9 +30,9 @@ use lb_tests::{
     ipv6_twin as v6,
     packet::{
         ICMP_FRAGMENTATION_NEEDED, ICMP_PORT_UNREACHABLE, ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE,
-        IPV6_DEST_OPTIONS, IPV6_HOP_BY_HOP, TCP_ACK, TCP_RST, TCP_SYN, UDP, addr, checksum,
-        checksums_valid, datagram, fill_ip_checksum, fragments, icmp_error, packet, packet6,
-        packet6_through, port,
+        IPV6_DEST_OPTIONS, IPV6_HOP_BY_HOP, TCP_ACK, TCP_RST, TCP_SYN, UDP, addr, addr6, checksum,
+        checksum6_valid, checksums_valid, datagram, fill_ip_checksum, fragments, icmp_error,
+        packet, packet6, packet6_through, port,
     },
 };
 use lb_user::{
@@ -44,6 +44,7 @@ use lb_user::{
 
 const TC_ACT_SHOT: u32 = 2;
 const XDP_DROP: u32 = 1;
+const XDP_TX: u32 = 3;
 const TC_ACT_REDIRECT: u32 = 7;
 const NODE: &str = "packets-node";
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
@@ -439,6 +440,30 @@ fn programme() -> Vec<Arc<model::Frontend>> {
             Scope::Internal,
             &[(v6(DNS), 5353)],
         ),
+        frontend(
+            "empty",
+            v6(EMPTY_IP),
+            80,
+            Protocol::Tcp,
+            Scope::Internal,
+            &[],
+        ),
+        frontend(
+            "empty",
+            v6(EMPTY_IP),
+            53,
+            Protocol::Udp,
+            Scope::Internal,
+            &[],
+        ),
+        frontend(
+            "empty",
+            v6(EMPTY_IP),
+            80,
+            Protocol::Tcp,
+            Scope::External,
+            &[],
+        ),
         ranged(
             frontend(
                 "ranged",
@@ -560,6 +585,58 @@ fn ranged_web(scope: Scope) -> Arc<model::Frontend> {
         &[(WEB, 8080)],
     );
     ranged(web, &[OUTSIDE_RANGE])
+}
+
+/// The IPv6 twin of [`reset_to_client`]: from the empty Service's IPv6 address to the client's
+/// port 40003.
+fn reset6_to_client(p: &[u8]) -> Result<(), String> {
+    let seen = (
+        p[20],
+        addr6(p, 22),
+        port(p, 54),
+        addr6(p, 38),
+        port(p, 56),
+        p[67],
+    );
+    let wanted = (6, v6(EMPTY_IP), 80, v6(CLIENT), 40003, TCP_RST | TCP_ACK);
+    if seen != wanted {
+        return Err(format!("{seen:?}, not {wanted:?}"));
+    }
+    let seq = u32::from_be_bytes([p[58], p[59], p[60], p[61]]);
+    let ack = u32::from_be_bytes([p[62], p[63], p[64], p[65]]);
+    if (seq, ack) != (0, 2) {
+        return Err(format!(
+            "sequence {seq} acknowledging {ack}, not 0 acknowledging the SYN's 1 + 1"
+        ));
+    }
+    if p.len() != 74 || !checksum6_valid(p) {
+        return Err(format!(
+            "{} bytes, or the TCP checksum does not verify",
+            p.len()
+        ));
+    }
+    Ok(())
+}
+
+/// The ICMPv6 twin of [`unreachable_to_client`]: destination unreachable, port unreachable,
+/// quoting the datagram's IPv6 header and its first 8 bytes, its checksum over IPv6's
+/// pseudo-header.
+fn unreachable6_to_client(p: &[u8]) -> Result<(), String> {
+    let seen = (p[20], addr6(p, 22), addr6(p, 38), p[54], p[55]);
+    let wanted = (58, v6(EMPTY_IP), v6(CLIENT), 1, 4);
+    if seen != wanted {
+        return Err(format!(
+            "(next header, from, to, type, code) {seen:?}, not {wanted:?}"
+        ));
+    }
+    let quoted = &p[62..];
+    if quoted.len() != 48 || addr6(quoted, 24) != v6(EMPTY_IP) || port(quoted, 42) != 53 {
+        return Err(format!("quotes {quoted:02x?}"));
+    }
+    if !checksum6_valid(p) {
+        return Err("the ICMPv6 checksum does not verify".into());
+    }
+    Ok(())
 }
 
 /// A reset from the ClusterIP of the empty Service to the client's port 40003, as the
@@ -702,6 +779,50 @@ fn ipv6_rows() -> Vec<Row> {
             out: Out::Unchanged,
             counts: &[],
             before: None,
+        },
+        Row {
+            what: "IPv6: a Service without endpoints: a reset, sent back",
+            hook: Hook::TcIngress,
+            input: packet6(TCP_SYN, client, v6(EMPTY_IP), 40003, 80),
+            verdict: TC_ACT_REDIRECT,
+            out: Out::Check(reset6_to_client),
+            counts: &["rejected_no_backend"],
+            before: Some(rejects_rested),
+        },
+        Row {
+            what: "IPv6: a UDP datagram to a Service without endpoints: ICMPv6 port \
+                   unreachable, sent back",
+            hook: Hook::TcIngress,
+            input: packet6(UDP, client, v6(EMPTY_IP), 40003, 53),
+            verdict: TC_ACT_REDIRECT,
+            out: Out::Check(unreachable6_to_client),
+            counts: &["rejected_no_backend"],
+            before: Some(rejects_rested),
+        },
+        Row {
+            what: "IPv6: from outside, a reset sent back from XDP",
+            hook: Hook::Xdp,
+            input: packet6(TCP_SYN, client, v6(EMPTY_IP), 40003, 80),
+            verdict: XDP_TX,
+            out: Out::Check(reset6_to_client),
+            counts: &["rejected_no_backend"],
+            before: Some(rejects_rested),
+        },
+        Row {
+            what: "IPv6: a reset past an extension header is not written: dropped",
+            hook: Hook::TcIngress,
+            input: packet6_through(
+                &[IPV6_DEST_OPTIONS],
+                TCP_SYN,
+                client,
+                v6(EMPTY_IP),
+                40004,
+                80,
+            ),
+            verdict: TC_ACT_SHOT,
+            out: Out::Unchanged,
+            counts: &["rejected_no_backend"],
+            before: Some(rejects_rested),
         },
         Row {
             what: "IPv6: a load-balancer IP takes a source its IPv6 ranges hold",

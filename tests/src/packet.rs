@@ -141,6 +141,22 @@ pub fn checksums_valid(p: &[u8]) -> bool {
     p.len() >= 54 && checksum(&p[14..34], 0) == 0 && checksum(&p[34..], pseudo_header(p)) == 0
 }
 
+/// Whether the TCP, UDP or ICMPv6 checksum of `p` (Ethernet + IPv6 without extension headers)
+/// verifies over IPv6's pseudo-header.
+pub fn checksum6_valid(p: &[u8]) -> bool {
+    p.len() >= 62
+        && checksum(
+            &p[54..],
+            words(&p[22..54]) + (p.len() as u32 - 54) + u32::from(p[20]),
+        ) == 0
+}
+
+/// The IPv6 address at byte `at` of `p`.
+pub fn addr6(p: &[u8], at: usize) -> Ipv6Addr {
+    let octets: [u8; 16] = p[at..at + 16].try_into().expect("16 bytes");
+    Ipv6Addr::from(octets)
+}
+
 /// The IPv4 address at byte `at` of `p`.
 pub fn addr(p: &[u8], at: usize) -> Ipv4Addr {
     Ipv4Addr::new(p[at], p[at + 1], p[at + 2], p[at + 3])

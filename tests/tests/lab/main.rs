@@ -105,11 +105,13 @@ fn backend_count(dump: &str, frontend: &str) -> Option<u16> {
         .ok()
 }
 
-/// Makes every one of the lab's backends not ready in a manifest's text.
+/// Makes every one of the lab's backends not ready in a manifest's text, in the slices of both
+/// families.
 fn all_not_ready(text: String) -> String {
-    BACKENDS
-        .iter()
-        .fold(text, |t, (_, ip)| set_not_ready(&t, &ip.to_string()))
+    BACKENDS.iter().fold(text, |t, (_, ip)| {
+        let v4 = set_not_ready(&t, &ip.to_string());
+        set_not_ready(&v4, &format!("\"{}\"", lb_tests::ipv6_twin(*ip)))
+    })
 }
 
 /// Makes the endpoint at `ip` not ready, as the EndpointSlice controller writes it: not
