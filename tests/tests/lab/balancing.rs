@@ -38,27 +38,37 @@ fn source_hash_keeps_one_client_on_one_backend() {
 
 #[test]
 fn a_service_without_endpoints_rejects_and_counts() {
-    let lab = lab("reject");
+    rejects_and_counts(
+        "reject",
+        (HTTP_VIP, "10.96.0.10:80/TCP"),
+        (DNS_VIP, "10.96.0.53:53/UDP"),
+    );
+}
+
+/// With every endpoint of the lab's Services not ready (both families'), a new connection to
+/// `http` meets a reset and a datagram to `dns` a port unreachable (ICMP or ICMPv6), counted:
+/// each a URL or address, and its frontend as a dump names it.
+pub(super) fn rejects_and_counts(tag: &str, http: (&str, &str), dns: (&str, &str)) {
+    let lab = lab(tag);
     lab.edit_manifest("demo.yaml", all_not_ready).unwrap();
     lab.edit_manifest("demo-dns.yaml", all_not_ready).unwrap();
     let before = lab
         .wait_for_dump("the frontends to have no backend", |d| {
-            backend_count(d, "10.96.0.10:80/TCP") == Some(0)
-                && backend_count(d, "10.96.0.53:53/UDP") == Some(0)
+            backend_count(d, http.1) == Some(0) && backend_count(d, dns.1) == Some(0)
         })
         .unwrap();
     let err = lab
-        .curl(HTTP_VIP)
+        .curl(http.0)
         .expect_err("nothing answers a frontend without backends");
     // curl's exit status 7: the connection was refused at once (a timeout is 28).
     assert!(
         format!("{err:#}").contains("exit status: 7"),
         "a TCP reset, not a timeout: {err:#}"
     );
-    let err = lab.udp(DNS_VIP, None).expect_err("no UDP answer");
+    let err = lab.udp(dns.0, None).expect_err("no UDP answer");
     assert!(
         format!("{err:#}").contains("Connection refused"),
-        "an ICMP port unreachable: {err:#}"
+        "a port unreachable: {err:#}"
     );
     let after = lab.dump().unwrap();
     assert_eq!(

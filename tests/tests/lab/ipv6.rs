@@ -34,33 +34,10 @@ fn ipv6_udp_through_the_vip_is_answered_from_it() {
 
 #[test]
 fn ipv6_a_service_without_endpoints_rejects_with_a_reset_and_an_icmpv6_unreachable() {
-    let lab = lab("reject6");
-    lab.edit_manifest("demo.yaml", all_not_ready).unwrap();
-    lab.edit_manifest("demo-dns.yaml", all_not_ready).unwrap();
-    let before = lab
-        .wait_for_dump("the IPv6 frontends to have no backend", |d| {
-            backend_count(d, "[fd00::10:96:0:10]:80/TCP") == Some(0)
-                && backend_count(d, "[fd00::10:96:0:53]:53/UDP") == Some(0)
-        })
-        .unwrap();
-    let err = lab
-        .curl(HTTP_VIP6)
-        .expect_err("nothing answers a frontend without backends");
-    // curl's exit status 7: the connection was refused at once (a timeout is 28).
-    assert!(
-        format!("{err:#}").contains("exit status: 7"),
-        "a TCP reset, not a timeout: {err:#}"
-    );
-    let err = lab.udp(DNS_VIP6, None).expect_err("no UDP answer");
-    assert!(
-        format!("{err:#}").contains("Connection refused"),
-        "an ICMPv6 port unreachable: {err:#}"
-    );
-    let after = lab.dump().unwrap();
-    assert_eq!(
-        stat(&after, "rejected_no_backend"),
-        stat(&before, "rejected_no_backend") + 2,
-        "{after}"
+    balancing::rejects_and_counts(
+        "reject6",
+        (HTTP_VIP6, "[fd00::10:96:0:10]:80/TCP"),
+        (DNS_VIP6, "[fd00::10:96:0:53]:53/UDP"),
     );
 }
 
