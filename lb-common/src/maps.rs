@@ -43,11 +43,18 @@ pub const VIPS6: &str = "lb_vips6_v1";
 /// The frontends the node's own unconnected UDP sockets sent to (LRU): [`SocketKey`] ->
 /// [`SocketFrontend`]. Written by the datapath at `sendmsg()`; read at `recvmsg()`.
 pub const SOCKETS: &str = "lb_sockets_v1";
+/// IPv6 sockets' frontends (LRU): [`SocketKey<Ipv6Be>`] -> [`SocketFrontend<Ipv6Be>`], as
+/// [`SOCKETS`]. An IPv6 socket that sends to an IPv4-mapped address (`::ffff:10.96.0.53`) is
+/// IPv4's: its entry is in [`SOCKETS`].
+pub const SOCKETS6: &str = "lb_sockets6_v1";
 /// What each of the node's connected sockets dialled: socket cookie (`u64`) -> [`Connected`].
 /// Written by the datapath at `connect()`, removed when the socket is released, so that no
 /// other socket's churn evicts a long-lived one's; read at `getpeername()` and `recvmsg()`, and
 /// by the agent, which resets a connected UDP socket whose backend is gone.
 pub const CONNECTED: &str = "lb_connected_v1";
+/// What each of the node's connected IPv6 sockets dialled: socket cookie (`u64`) ->
+/// [`Connected<Ipv6Be>`], as [`CONNECTED`]; one that dialled an IPv4-mapped address is IPv4's.
+pub const CONNECTED6: &str = "lb_connected6_v1";
 /// Session affinity (LRU): [`AffinityKey`] -> [`Affinity`]. Written by the datapath.
 pub const AFFINITY: &str = "lb_affinity_v1";
 /// IPv6 session affinity (LRU): [`AffinityKey<Ipv6Be>`] -> [`Affinity`], as [`AFFINITY`].
@@ -85,7 +92,7 @@ pub const CLOCK: &str = "lb_clock_v1";
 pub const EPOCH: &str = "lb_epoch_v1";
 
 /// Every map, in the order the agent pins them.
-pub const ALL: [&str; 27] = [
+pub const ALL: [&str; 29] = [
     FRONTENDS,
     FRONTENDS6,
     SLOTS,
@@ -98,7 +105,9 @@ pub const ALL: [&str; 27] = [
     REPLIES,
     REPLIES6,
     SOCKETS,
+    SOCKETS6,
     CONNECTED,
+    CONNECTED6,
     AFFINITY,
     AFFINITY6,
     CURSORS,
@@ -126,9 +135,10 @@ pub const MAX_BACKENDS: u32 = 1_048_576;
 pub const MAX_VIPS: u32 = 131_072;
 /// Capacity of [`FLOWS`], [`REPLIES`] and their IPv6 twins.
 pub const MAX_FLOWS: u32 = 262_144;
-/// Capacity of [`SOCKETS`].
+/// Capacity of [`SOCKETS`] and of [`SOCKETS6`].
 pub const MAX_SOCKETS: u32 = 65_536;
-/// Capacity of [`CONNECTED`]: the node's own connections to frontends, open at once.
+/// Capacity of [`CONNECTED`] and of [`CONNECTED6`]: the node's own connections to frontends,
+/// open at once.
 pub const MAX_CONNECTED: u32 = 262_144;
 /// Capacity of [`AFFINITY`] and of [`AFFINITY6`].
 pub const MAX_AFFINITIES: u32 = 65_536;
@@ -380,13 +390,15 @@ impl Vip {
     }
 }
 
-/// A backend one of the node's own sockets sent a datagram to.
-#[repr(C)]
+/// A backend one of the node's own sockets sent a datagram to. Packed to the address's
+/// alignment: IPv6's key would otherwise end in 4 bytes of padding, which a key built on the
+/// stack leaves unset and a lookup then hashes.
+#[repr(C, packed(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SocketKey {
+pub struct SocketKey<A = u32> {
     /// `bpf_get_socket_cookie`.
     pub cookie: u64,
-    pub backend_addr_be: u32,
+    pub backend_addr_be: A,
     pub backend_port_be: u16,
     pub _pad: u16,
 }
@@ -394,8 +406,8 @@ pub struct SocketKey {
 /// The frontend that datagram was for: what the socket's replies come from.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SocketFrontend {
-    pub addr_be: u32,
+pub struct SocketFrontend<A = u32> {
+    pub addr_be: A,
     pub port_be: u16,
     pub _pad: u16,
 }
@@ -403,9 +415,9 @@ pub struct SocketFrontend {
 /// The frontend a connected socket dialled, and the backend it was given instead.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Connected {
-    pub frontend_addr_be: u32,
-    pub backend_addr_be: u32,
+pub struct Connected<A = u32> {
+    pub frontend_addr_be: A,
+    pub backend_addr_be: A,
     pub frontend_port_be: u16,
     pub backend_port_be: u16,
 }
@@ -601,8 +613,11 @@ const _: () = {
     assert!(size_of::<Vip>() == 8);
     assert!(size_of::<FrontendStats>() == 24);
     assert!(size_of::<SocketKey>() == 16);
+    assert!(size_of::<SocketKey<Ipv6Be>>() == 28);
     assert!(size_of::<SocketFrontend>() == 8);
+    assert!(size_of::<SocketFrontend<Ipv6Be>>() == 20);
     assert!(size_of::<Connected>() == 12);
+    assert!(size_of::<Connected<Ipv6Be>>() == 36);
     assert!(size_of::<AffinityKey>() == 8);
     assert!(size_of::<AffinityKey<Ipv6Be>>() == 20);
     assert!(size_of::<Affinity>() == 16);
@@ -634,6 +649,9 @@ mod pod {
         Flow<Ipv6Be>,
         Reply<Ipv6Be>,
         AffinityKey<Ipv6Be>,
+        SocketKey<Ipv6Be>,
+        SocketFrontend<Ipv6Be>,
+        Connected<Ipv6Be>,
         Clock,
         Epoch,
         Frontend,

@@ -13,16 +13,17 @@ use lb_common::maps::{Config, Ipv6Be};
 use crate::{
     headers::{ETH_HLEN, IP_CHECKSUM, IP_DST, IP_SRC, IP6_DST, IP6_SRC, IPV4_MIN_HLEN, IPV6_HLEN},
     maps::{
-        AFFINITY, AFFINITY6, AffinityMap, BACKENDS, BACKENDS6, BackendMap, FLOWS, FLOWS6,
-        FRONTENDS, FRONTENDS6, FlowMap, FrontendMap, REPLIES, REPLIES6, ReplyMap, SOURCE_RANGES,
-        SOURCE_RANGES6, SourceRangeMap, VIPS, VIPS6, VipMap,
+        AFFINITY, AFFINITY6, AffinityMap, BACKENDS, BACKENDS6, BackendMap, CONNECTED, CONNECTED6,
+        ConnectedMap, FLOWS, FLOWS6, FRONTENDS, FRONTENDS6, FlowMap, FrontendMap, REPLIES,
+        REPLIES6, ReplyMap, SOCKETS, SOCKETS6, SOURCE_RANGES, SOURCE_RANGES6, SocketMap,
+        SourceRangeMap, VIPS, VIPS6, VipMap,
     },
     nat::checksum_update,
     parse::{Packet, ptr_at},
 };
 
 /// An address family, implemented on its address type (network order, as in the packet).
-pub trait Family: Copy + PartialEq + 'static {
+pub trait Family: Copy + PartialEq + Default + 'static {
     /// Where the packet's addresses lie, from the frame's start.
     const SRC_ADDR_OFFSET: usize;
     const DST_ADDR_OFFSET: usize;
@@ -38,6 +39,8 @@ pub trait Family: Copy + PartialEq + 'static {
     fn flows() -> &'static FlowMap<Self>;
     fn replies() -> &'static ReplyMap<Self>;
     fn affinities() -> &'static AffinityMap<Self>;
+    fn sockets() -> &'static SocketMap<Self>;
+    fn connected() -> &'static ConnectedMap<Self>;
 
     /// The node's address of this family that SNATed flows leave with, if it has one.
     fn snat_addr(config: &Config) -> Option<Self>;
@@ -98,6 +101,12 @@ impl Family for u32 {
     }
     fn affinities() -> &'static AffinityMap<Self> {
         &AFFINITY
+    }
+    fn sockets() -> &'static SocketMap<Self> {
+        &SOCKETS
+    }
+    fn connected() -> &'static ConnectedMap<Self> {
+        &CONNECTED
     }
 
     #[inline(always)]
@@ -179,6 +188,12 @@ impl Family for Ipv6Be {
     }
     fn affinities() -> &'static AffinityMap<Self> {
         &AFFINITY6
+    }
+    fn sockets() -> &'static SocketMap<Self> {
+        &SOCKETS6
+    }
+    fn connected() -> &'static ConnectedMap<Self> {
+        &CONNECTED6
     }
 
     #[inline(always)]

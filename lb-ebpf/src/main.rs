@@ -24,7 +24,7 @@
 //! | `reject` | the TCP reset or ICMP port unreachable of a frontend without backends |
 //! | `icmp` | ICMP errors about tracked flows, translated as their packets |
 //! | `route` | the node's own errors about SNATed flows, sent out of `lo` toward the client |
-//! | `socket` | the node's own sockets, balanced at connect and sendmsg |
+//! | `socket` | the node's own sockets (both families), balanced at connect and sendmsg |
 //! | `maps`, `stats`, `clock` | map definitions and accessors, counters, the time |
 #![no_std]
 #![no_main]
@@ -266,12 +266,32 @@ pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
-    socket::to_frontend(&ctx)
+    socket::to_frontend4(&ctx)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
-    socket::to_frontend(&ctx)
+    socket::to_frontend4(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn lb_connect6(ctx: SockAddrContext) -> i32 {
+    socket::connect6(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
+    socket::sendmsg6(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
+    socket::to_frontend6(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
+    socket::to_frontend6(&ctx)
 }
 
 #[cgroup_sock(sock_release)]

@@ -68,6 +68,8 @@ pub type SourceRangeMap<A> =
 pub type FlowMap<A> = LruHashMap<FlowKey<A>, Flow<A>, { MAX_FLOWS as usize }>;
 pub type ReplyMap<A> = LruHashMap<FlowKey<A>, Reply<A>, { MAX_FLOWS as usize }>;
 pub type AffinityMap<A> = LruHashMap<AffinityKey<A>, Affinity, { MAX_AFFINITIES as usize }>;
+pub type SocketMap<A> = LruHashMap<SocketKey<A>, SocketFrontend<A>, { MAX_SOCKETS as usize }>;
+pub type ConnectedMap<A> = HashMap<u64, Connected<A>, { MAX_CONNECTED as usize }, NO_PREALLOC>;
 
 map!("lb_frontends_v1" = FRONTENDS, FRONTENDS: FrontendMap<u32>);
 map!("lb_frontends6_v1" = FRONTENDS6, FRONTENDS6: FrontendMap<Ipv6Be>);
@@ -80,8 +82,10 @@ map!("lb_flows_v2" = FLOWS, FLOWS: FlowMap<u32>);
 map!("lb_flows6_v1" = FLOWS6, FLOWS6: FlowMap<Ipv6Be>);
 map!("lb_replies_v1" = REPLIES, REPLIES: ReplyMap<u32>);
 map!("lb_replies6_v1" = REPLIES6, REPLIES6: ReplyMap<Ipv6Be>);
-map!("lb_sockets_v1" = SOCKETS, SOCKETS: LruHashMap<SocketKey, SocketFrontend, { MAX_SOCKETS as usize }>);
-map!("lb_connected_v1" = CONNECTED, CONNECTED: HashMap<u64, Connected, { MAX_CONNECTED as usize }, NO_PREALLOC>);
+map!("lb_sockets_v1" = SOCKETS, SOCKETS: SocketMap<u32>);
+map!("lb_sockets6_v1" = SOCKETS6, SOCKETS6: SocketMap<Ipv6Be>);
+map!("lb_connected_v1" = CONNECTED, CONNECTED: ConnectedMap<u32>);
+map!("lb_connected6_v1" = CONNECTED6, CONNECTED6: ConnectedMap<Ipv6Be>);
 map!("lb_affinity_v1" = AFFINITY, AFFINITY: AffinityMap<u32>);
 map!("lb_affinity6_v1" = AFFINITY6, AFFINITY6: AffinityMap<Ipv6Be>);
 map!("lb_cursors_v1" = CURSORS, CURSORS: PerCpuArray<u32, { MAX_SERVICES as usize }>);
@@ -204,16 +208,16 @@ pub fn affinity<A: Family>(key: AffinityKey<A>) -> Option<&'static Affinity> {
 
 /// What the node's connected socket `cookie` dialled.
 #[inline(always)]
-pub fn connected(cookie: u64) -> Option<&'static Connected> {
+pub fn connected<A: Family>(cookie: u64) -> Option<&'static Connected<A>> {
     // SAFETY: as above.
-    unsafe { CONNECTED.get(cookie) }
+    unsafe { A::connected().get(cookie) }
 }
 
 /// The frontend an unconnected socket sent to, by the backend it went to.
 #[inline(always)]
-pub fn socket_frontend(key: SocketKey) -> Option<&'static SocketFrontend> {
+pub fn socket_frontend<A: Family>(key: SocketKey<A>) -> Option<&'static SocketFrontend<A>> {
     // SAFETY: as above.
-    unsafe { SOCKETS.get(key) }
+    unsafe { A::sockets().get(key) }
 }
 
 /// Turns this CPU's round-robin cursor of `service_id`; where it stood.

@@ -10,18 +10,16 @@
 //!
 //! Sockets are found and reset with `sock_diag`, as `ss -K` does (`NETLINK_SOCK_DIAG`:
 //! `SOCK_DIAG_BY_FAMILY`, then `SOCK_DESTROY`; the kernel's `CONFIG_INET_DIAG_DESTROY`, and
-//! `CAP_NET_ADMIN`).
+//! `CAP_NET_ADMIN`), for each family: an IPv6 socket that dialled an IPv4-mapped address holds
+//! its backend mapped (`::ffff:10.244.0.11`), and is IPv4's in the maps.
 
 use std::{
     io,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
-use lb_common::{
-    addr::ipv4_be,
-    maps::{Connected, PROTO_UDP},
-};
+use lb_common::maps::PROTO_UDP;
 
 use crate::{maps::KernelMaps, plan::MapEntries};
 
@@ -31,7 +29,8 @@ const SOCK_DESTROY: u16 = 21;
 /// A connected UDP socket's state, as `sock_diag` reports it.
 const TCP_ESTABLISHED: u8 = 1;
 const NLMSG_HEADER: usize = 16;
-/// `struct inet_diag_sockid`: ports, addresses, interface, cookie.
+/// `struct inet_diag_sockid`: ports, addresses (16 bytes each, IPv4's in the first 4),
+/// interface, cookie.
 const SOCKID_LEN: usize = 48;
 /// `struct inet_diag_req_v2`: family, protocol, extensions, padding, states, the socket id.
 const REQUEST_LEN: usize = 8 + SOCKID_LEN;
@@ -41,8 +40,8 @@ const MESSAGE_LEN: usize = 4 + SOCKID_LEN;
 /// A connected UDP socket of the node, as `sock_diag` reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnectedSocket {
-    pub local: SocketAddrV4,
-    pub peer: SocketAddrV4,
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
     /// `bpf_get_socket_cookie`'s value for it.
     pub cookie: u64,
     /// The kernel's `inet_diag_sockid`, which names it to `SOCK_DESTROY`.
@@ -73,7 +72,9 @@ pub struct Reset {
 pub fn reset_stale(maps: &KernelMaps, programmed: &MapEntries) -> Result<Reset, Error> {
     let netlink = Netlink::open().map_err(Error::Open)?;
     let sockets = netlink.connected_udp().map_err(Error::List)?;
-    let stale = stale(&sockets, programmed, |socket| maps.connected(socket.cookie));
+    let stale = stale(&sockets, programmed, |socket| {
+        maps.dialled_backend(socket.cookie)
+    });
     let mut done = Reset::default();
     for socket in stale {
         match netlink.destroy(socket) {
@@ -91,7 +92,7 @@ pub fn reset_stale(maps: &KernelMaps, programmed: &MapEntries) -> Result<Reset, 
 fn stale<'a>(
     sockets: &'a [ConnectedSocket],
     programmed: &MapEntries,
-    dialled: impl Fn(&ConnectedSocket) -> Option<Connected>,
+    dialled: impl Fn(&ConnectedSocket) -> Option<SocketAddr>,
 ) -> Vec<&'a ConnectedSocket> {
     let live: std::collections::HashSet<SocketAddr> = programmed
         .backends
@@ -101,12 +102,10 @@ fn stale<'a>(
         .collect();
     sockets
         .iter()
-        .filter(|s| !live.contains(&SocketAddr::V4(s.peer)))
         .filter(|s| {
-            dialled(s).is_some_and(|d| {
-                (d.backend_addr_be, d.backend_port_be)
-                    == (ipv4_be(*s.peer.ip()), s.peer.port().to_be())
-            })
+            // A mapped peer is the IPv4 backend it stands for.
+            let peer = SocketAddr::new(s.peer.ip().to_canonical(), s.peer.port());
+            !live.contains(&peer) && dialled(s) == Some(peer)
         })
         .collect()
 }
@@ -131,13 +130,19 @@ impl Netlink {
         Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
-    /// The namespace's connected UDP sockets over IPv4.
+    /// The namespace's connected UDP sockets, of both families.
     fn connected_udp(&self) -> io::Result<Vec<ConnectedSocket>> {
+        let mut sockets = self.connected_udp_of(libc::AF_INET)?;
+        sockets.extend(self.connected_udp_of(libc::AF_INET6)?);
+        Ok(sockets)
+    }
+
+    fn connected_udp_of(&self, family: i32) -> io::Result<Vec<ConnectedSocket>> {
         let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
         self.send(
             SOCK_DIAG_BY_FAMILY,
             flags,
-            &request(1 << TCP_ESTABLISHED, &[0; SOCKID_LEN]),
+            &request(family, 1 << TCP_ESTABLISHED, &[0; SOCKID_LEN]),
         )?;
         let mut sockets = Vec::new();
         let mut buf = vec![0u8; 64 * 1024];
@@ -156,7 +161,12 @@ impl Netlink {
 
     fn destroy(&self, socket: &ConnectedSocket) -> io::Result<()> {
         let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
-        self.send(SOCK_DESTROY, flags, &request(u32::MAX, &socket.id))?;
+        let family = if socket.local.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        self.send(SOCK_DESTROY, flags, &request(family, u32::MAX, &socket.id))?;
         let mut buf = vec![0u8; 4096];
         let n = self.recv(&mut buf)?;
         for message in messages(&buf[..n]) {
@@ -205,10 +215,10 @@ impl Netlink {
     }
 }
 
-/// An `inet_diag_req_v2` for IPv4 UDP sockets in `states`, naming the socket `id`.
-fn request(states: u32, id: &[u8; SOCKID_LEN]) -> Vec<u8> {
+/// An `inet_diag_req_v2` for UDP sockets of `family` in `states`, naming the socket `id`.
+fn request(family: i32, states: u32, id: &[u8; SOCKID_LEN]) -> Vec<u8> {
     let mut request = Vec::with_capacity(REQUEST_LEN);
-    request.extend_from_slice(&[libc::AF_INET as u8, libc::IPPROTO_UDP as u8, 0, 0]);
+    request.extend_from_slice(&[family as u8, libc::IPPROTO_UDP as u8, 0, 0]);
     request.extend_from_slice(&states.to_ne_bytes());
     request.extend_from_slice(id);
     request
@@ -253,21 +263,29 @@ fn messages(buf: &[u8]) -> impl Iterator<Item = io::Result<Message<'_>>> {
     })
 }
 
-/// The connected IPv4 socket an `inet_diag_msg` reports, if it is one.
+/// The connected socket an `inet_diag_msg` reports, if it is one.
 fn connected_socket(message: &[u8]) -> Option<ConnectedSocket> {
+    let family = i32::from(*message.first()?);
     if message.len() < MESSAGE_LEN
-        || i32::from(message[0]) != libc::AF_INET
+        || (family != libc::AF_INET && family != libc::AF_INET6)
         || message[1] != TCP_ESTABLISHED
     {
         return None;
     }
     let id: [u8; SOCKID_LEN] = message[4..MESSAGE_LEN].try_into().expect("the id's length");
     let port = |at: usize| u16::from_be_bytes([id[at], id[at + 1]]);
-    let address = |at: usize| Ipv4Addr::new(id[at], id[at + 1], id[at + 2], id[at + 3]);
+    let address = |at: usize| -> IpAddr {
+        let octets: [u8; 16] = id[at..at + 16].try_into().expect("16 bytes");
+        if family == libc::AF_INET {
+            Ipv4Addr::new(octets[0], octets[1], octets[2], octets[3]).into()
+        } else {
+            Ipv6Addr::from(octets).into()
+        }
+    };
     let word = |at: usize| u64::from(u32::from_ne_bytes(id[at..at + 4].try_into().expect("4")));
     Some(ConnectedSocket {
-        local: SocketAddrV4::new(address(4), port(0)),
-        peer: SocketAddrV4::new(address(20), port(2)),
+        local: SocketAddr::new(address(4), port(0)),
+        peer: SocketAddr::new(address(20), port(2)),
         // idiag_cookie[0] holds the low half.
         cookie: word(40) | word(44) << 32,
         id,
@@ -281,15 +299,26 @@ mod tests {
     use super::*;
     use crate::plan::Backend;
 
-    /// An `inet_diag_msg` of `state` from 10.0.0.1:40000 to `peer`, cookie `cookie`.
-    fn diag(state: u8, peer: SocketAddrV4, cookie: u64) -> Vec<u8> {
-        let mut message = vec![libc::AF_INET as u8, state, 0, 0];
+    /// An `inet_diag_msg` of `state` from port 40000 of `local` to `peer`, cookie `cookie`.
+    fn diag(state: u8, local: IpAddr, peer: SocketAddr, cookie: u64) -> Vec<u8> {
+        let family = if peer.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        let octets = |address: IpAddr| {
+            let mut field = [0; 16];
+            match address {
+                IpAddr::V4(v4) => field[..4].copy_from_slice(&v4.octets()),
+                IpAddr::V6(v6) => field.copy_from_slice(&v6.octets()),
+            }
+            field
+        };
+        let mut message = vec![family as u8, state, 0, 0];
         message.extend_from_slice(&40000u16.to_be_bytes());
         message.extend_from_slice(&peer.port().to_be_bytes());
-        message.extend_from_slice(&[10, 0, 0, 1]);
-        message.extend_from_slice(&[0; 12]);
-        message.extend_from_slice(&peer.ip().octets());
-        message.extend_from_slice(&[0; 12]);
+        message.extend_from_slice(&octets(local));
+        message.extend_from_slice(&octets(peer.ip()));
         message.extend_from_slice(&0u32.to_ne_bytes()); // interface
         message.extend_from_slice(&(cookie as u32).to_ne_bytes());
         message.extend_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
@@ -308,15 +337,17 @@ mod tests {
         message
     }
 
+    const NODE: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+
     #[test]
     fn a_dump_reads_as_the_connected_sockets_it_lists() {
-        let peer = SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 11), 5353);
+        let peer = "10.244.0.11:5353".parse().unwrap();
         let mut dump = netlink(
             SOCK_DIAG_BY_FAMILY,
-            &diag(TCP_ESTABLISHED, peer, 0x1_0000_0002),
+            &diag(TCP_ESTABLISHED, NODE, peer, 0x1_0000_0002),
         );
         // An unconnected socket (state TCP_CLOSE): not one.
-        dump.extend(netlink(SOCK_DIAG_BY_FAMILY, &diag(7, peer, 3)));
+        dump.extend(netlink(SOCK_DIAG_BY_FAMILY, &diag(7, NODE, peer, 3)));
         dump.extend(netlink(libc::NLMSG_DONE as u16, &0i32.to_ne_bytes()));
         let read: Vec<Message> = messages(&dump).map(Result::unwrap).collect();
         assert_eq!(read.len(), 3);
@@ -337,40 +368,68 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_socket_reads_with_its_whole_addresses() {
+        let peer = "[fd00::10:244:0:11]:5353".parse().unwrap();
+        let local = "fd00::10:0:0:1".parse().unwrap();
+        let socket = connected_socket(&diag(TCP_ESTABLISHED, local, peer, 9)).expect("connected");
+        assert_eq!(socket.peer, peer);
+        assert_eq!(socket.local, SocketAddr::new(local, 40000));
+        // Another family's message is not a socket's.
+        let mut other = diag(TCP_ESTABLISHED, local, peer, 9);
+        other[0] = libc::AF_UNIX as u8;
+        assert_eq!(connected_socket(&other), None);
+    }
+
+    #[test]
     fn stale_sockets_dialled_a_frontend_and_lost_their_backend() {
-        let socket = |last: u8, cookie: u64| {
-            let peer = SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, last), 5353);
-            connected_socket(&diag(TCP_ESTABLISHED, peer, cookie)).unwrap()
+        let socket = |peer: &str, cookie: u64| {
+            let peer: SocketAddr = peer.parse().unwrap();
+            let local = if peer.is_ipv4() {
+                NODE
+            } else {
+                "fd00::10:0:0:1".parse().unwrap()
+            };
+            connected_socket(&diag(TCP_ESTABLISHED, local, peer, cookie)).unwrap()
         };
-        let backend = |last: u8, protocol| Backend {
-            address: Ipv4Addr::new(10, 244, 0, last).into(),
+        let backend = |address: &str, protocol| Backend {
+            address: address.parse().unwrap(),
             port: 5353,
             protocol,
             flags: 0,
         };
         let mut programmed = MapEntries::default();
-        programmed.backends.insert(1, backend(11, PROTO_UDP));
+        programmed
+            .backends
+            .insert(1, backend("10.244.0.11", PROTO_UDP));
         // Only a TCP backend at .12: its UDP one is gone.
-        programmed.backends.insert(2, backend(12, PROTO_TCP));
+        programmed
+            .backends
+            .insert(2, backend("10.244.0.12", PROTO_TCP));
+        programmed
+            .backends
+            .insert(3, backend("fd00::10:244:0:11", PROTO_UDP));
         let sockets = [
-            socket(11, 1), // its backend serves
-            socket(12, 2), // gone
-            socket(13, 3), // gone, but dialled directly, not through a frontend
-            socket(14, 4), // gone, but connected elsewhere since it dialled
+            socket("10.244.0.11:5353", 1),          // its backend serves
+            socket("10.244.0.12:5353", 2),          // gone
+            socket("10.244.0.13:5353", 3), // gone, but dialled directly, not through a frontend
+            socket("10.244.0.14:5353", 4), // gone, but connected elsewhere since it dialled
+            socket("[fd00::10:244:0:11]:5353", 5), // its IPv6 backend serves
+            socket("[fd00::10:244:0:12]:5353", 6), // gone
+            socket("[::ffff:10.244.0.12]:5353", 7), // an IPv6 socket's mapped peer, gone
+            socket("[::ffff:10.244.0.11]:5353", 8), // mapped, its backend serves
         ];
         // By cookie, the backend each was given when it dialled.
-        let given = |cookie: u64| match cookie {
-            1 | 4 => Some(11),
-            2 => Some(12),
-            _ => None,
+        let given = |cookie: u64| -> Option<SocketAddr> {
+            let backend = match cookie {
+                1 | 4 | 8 => "10.244.0.11:5353",
+                2 | 7 => "10.244.0.12:5353",
+                5 => "[fd00::10:244:0:11]:5353",
+                6 => "[fd00::10:244:0:12]:5353",
+                _ => return None,
+            };
+            Some(backend.parse().unwrap())
         };
-        let stale = stale(&sockets, &programmed, |s| {
-            given(s.cookie).map(|last| Connected {
-                backend_addr_be: ipv4_be(Ipv4Addr::new(10, 244, 0, last)),
-                backend_port_be: 5353u16.to_be(),
-                ..Connected::default()
-            })
-        });
-        assert_eq!(stale, [&sockets[1]]);
+        let stale = stale(&sockets, &programmed, |s| given(s.cookie));
+        assert_eq!(stale, [&sockets[1], &sockets[5], &sockets[6]]);
     }
 }

@@ -51,12 +51,16 @@ pub const XDP_PASS: u32 = 2;
 pub const TC_ACT_OK: u32 = 0;
 /// Run once at load, never attached: see [`clock`].
 const CLOCK_PROBE: &str = "lb_clock_probe";
-/// The socket hooks for the node's own processes.
-const SOCKET_PROGRAMS: [&str; 4] = [
+/// The socket hooks for the node's own processes, of both families.
+const SOCKET_PROGRAMS: [&str; 8] = [
     "lb_connect4",
     "lb_sendmsg4",
     "lb_recvmsg4",
     "lb_getpeername4",
+    "lb_connect6",
+    "lb_sendmsg6",
+    "lb_recvmsg6",
+    "lb_getpeername6",
 ];
 /// Run when a socket is released: forgets what a connected one dialled.
 const RELEASE_PROGRAM: &str = "lb_sock_release";

@@ -5,7 +5,10 @@
 mod layout;
 pub mod memory;
 
-use std::path::{Path, PathBuf};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf,
@@ -15,11 +18,11 @@ use aya::{
     },
 };
 use lb_common::maps::{
-    BACKENDS, BACKENDS6, Backend, CLOCK, CONFIG, CONNECTED, Clock, Config, Connected, EPOCH, Epoch,
-    FLOWS, FLOWS6, FRONTEND_STATS, FRONTENDS, FRONTENDS6, Flow, FlowKey, Frontend, FrontendKey,
-    FrontendStats, Ipv6Be, MAX_CONNECTED, MAX_FLOWS, REPLIES, REPLIES6, Reply, SINGLE_ENTRY, SLOTS,
-    SOURCE_RANGES, SOURCE_RANGES6, STATS, Slot, SlotKey, SourceRange, SourceRangeKey, Stats, VIPS,
-    VIPS6, Vip,
+    BACKENDS, BACKENDS6, Backend, CLOCK, CONFIG, CONNECTED, CONNECTED6, Clock, Config, Connected,
+    EPOCH, Epoch, FLOWS, FLOWS6, FRONTEND_STATS, FRONTENDS, FRONTENDS6, Flow, FlowKey, Frontend,
+    FrontendKey, FrontendStats, Ipv6Be, MAX_CONNECTED, MAX_FLOWS, REPLIES, REPLIES6, Reply,
+    SINGLE_ENTRY, SLOTS, SOURCE_RANGES, SOURCE_RANGES6, STATS, Slot, SlotKey, SourceRange,
+    SourceRangeKey, Stats, VIPS, VIPS6, Vip,
 };
 
 use self::layout::{Address, ByFamily};
@@ -115,6 +118,7 @@ pub struct KernelMaps {
     replies: HashMap<MapData, FlowKey, Reply>,
     replies6: HashMap<MapData, FlowKey<Ipv6Be>, Reply<Ipv6Be>>,
     connected: HashMap<MapData, u64, Connected>,
+    connected6: HashMap<MapData, u64, Connected<Ipv6Be>>,
     config: Array<MapData, Config>,
     clock: Array<MapData, Clock>,
     epoch: Array<MapData, Epoch>,
@@ -159,6 +163,7 @@ impl KernelMaps {
             replies: typed(REPLIES, map(REPLIES)?)?,
             replies6: typed(REPLIES6, map(REPLIES6)?)?,
             connected: typed(CONNECTED, map(CONNECTED)?)?,
+            connected6: typed(CONNECTED6, map(CONNECTED6)?)?,
             config: typed(CONFIG, map(CONFIG)?)?,
             clock: typed(CLOCK, map(CLOCK)?)?,
             epoch: typed(EPOCH, map(EPOCH)?)?,
@@ -211,18 +216,33 @@ impl KernelMaps {
         Ok(entries)
     }
 
-    /// What the node's connected socket `cookie` dialled, if it dialled a frontend.
-    pub fn connected(&self, cookie: u64) -> Option<Connected> {
-        self.connected.get(&cookie, 0).ok()
+    /// The backend the node's connected socket `cookie` was given, if it dialled a frontend
+    /// (an IPv6 socket that dialled an IPv4-mapped one is IPv4's).
+    pub fn dialled_backend(&self, cookie: u64) -> Option<SocketAddr> {
+        let backend =
+            |address: IpAddr, port_be: u16| SocketAddr::new(address, u16::from_be(port_be));
+        if let Ok(connected) = self.connected.get(&cookie, 0) {
+            return Some(backend(
+                connected.backend_addr_be.ip(),
+                connected.backend_port_be,
+            ));
+        }
+        let connected = self.connected6.get(&cookie, 0).ok()?;
+        Some(backend(
+            connected.backend_addr_be.ip(),
+            connected.backend_port_be,
+        ))
     }
 
     /// How many of the node's connected sockets that dialled a frontend are open.
     pub fn connected_sockets(&self) -> Result<usize> {
-        self.connected
-            .keys()
-            .take(MAX_CONNECTED as usize)
-            .try_fold(0, |n, key| key.map(|_| n + 1))
-            .map_err(reading(CONNECTED))
+        fn count<V: aya::Pod>(map: &HashMap<MapData, u64, V>, name: &'static str) -> Result<usize> {
+            map.keys()
+                .take(MAX_CONNECTED as usize)
+                .try_fold(0, |n, key| key.map(|_| n + 1))
+                .map_err(reading(name))
+        }
+        Ok(count(&self.connected, CONNECTED)? + count(&self.connected6, CONNECTED6)?)
     }
 
     /// The config the datapath runs with now.

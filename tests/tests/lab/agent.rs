@@ -38,7 +38,7 @@ fn a_manifest_broken_by_an_edit_loses_nothing_programmed() {
 }
 
 /// The programs an agent pins, one per hook.
-const PROGRAMS: [&str; 10] = [
+const PROGRAMS: [&str; 14] = [
     "lb_tc",
     "lb_tc_uplink",
     "lb_tc_egress",
@@ -48,6 +48,10 @@ const PROGRAMS: [&str; 10] = [
     "lb_sendmsg4",
     "lb_recvmsg4",
     "lb_getpeername4",
+    "lb_connect6",
+    "lb_sendmsg6",
+    "lb_recvmsg6",
+    "lb_getpeername6",
     "lb_sock_release",
 ];
 
