@@ -5,9 +5,10 @@ use lb_tests::{ipv6_twin, stat};
 
 use super::*;
 
-const HTTP_VIP6: &str = "http://[fd00::10:96:0:10]/";
+const HTTP_VIP6: &str = DEMO6.http;
+const STICKY_VIP6: &str = "http://[fd00::10:96:0:11]/";
 const DNS_VIP6: &str = "[fd00::10:96:0:53]:53";
-const ECHO_VIP6: &str = "[fd00::10:96:0:10]:9000";
+const ECHO_VIP6: &str = DEMO6.echo;
 
 #[test]
 fn ipv6_round_robin_spreads_new_connections_over_the_backends_in_turn() {
@@ -15,6 +16,17 @@ fn ipv6_round_robin_spreads_new_connections_over_the_backends_in_turn() {
     let pods = curl_pods(&lab, HTTP_VIP6, 6);
     assert_eq!(pods[..3], pods[3..], "in turn: {pods:?}");
     assert_eq!(counts(&pods).len(), 3, "all three backends: {pods:?}");
+}
+
+#[test]
+fn ipv6_source_hash_keeps_one_client_on_one_backend() {
+    let lab = lab("sh6");
+    let pods = curl_pods(&lab, STICKY_VIP6, 20);
+    assert_eq!(
+        counts(&pods).len(),
+        1,
+        "one backend for one client: {pods:?}"
+    );
 }
 
 #[test]

@@ -29,6 +29,43 @@ const STICKY_VIP: &str = "http://10.96.0.11/";
 const DNS_VIP: &str = "10.96.0.53:53";
 const ECHO_VIP: &str = "10.96.0.10:9000";
 
+/// The demo Service in one family: its addresses, its frontends as dumps name them, and how
+/// the lab's EndpointSlices of that family write an endpoint's address.
+struct Demo {
+    http: &'static str,
+    echo: &'static str,
+    http_frontend: &'static str,
+    echo_frontend: &'static str,
+    ipv6: bool,
+}
+
+const DEMO: Demo = Demo {
+    http: HTTP_VIP,
+    echo: ECHO_VIP,
+    http_frontend: "10.96.0.10:80/TCP",
+    echo_frontend: "10.96.0.10:9000/TCP",
+    ipv6: false,
+};
+
+const DEMO6: Demo = Demo {
+    http: "http://[fd00::10:96:0:10]/",
+    echo: "[fd00::10:96:0:10]:9000",
+    http_frontend: "[fd00::10:96:0:10]:80/TCP",
+    echo_frontend: "[fd00::10:96:0:10]:9000/TCP",
+    ipv6: true,
+};
+
+impl Demo {
+    /// The lab's backend at `ip` (its IPv4 address) as this family's slice lists it.
+    fn endpoint(&self, ip: Ipv4Addr) -> String {
+        if self.ipv6 {
+            format!("\"{}\"", lb_tests::ipv6_twin(ip))
+        } else {
+            ip.to_string()
+        }
+    }
+}
+
 fn lab(tag: &str) -> Lab {
     lab_with(tag, &[])
 }
@@ -110,7 +147,7 @@ fn backend_count(dump: &str, frontend: &str) -> Option<u16> {
 fn all_not_ready(text: String) -> String {
     BACKENDS.iter().fold(text, |t, (_, ip)| {
         let v4 = set_not_ready(&t, &ip.to_string());
-        set_not_ready(&v4, &format!("\"{}\"", lb_tests::ipv6_twin(*ip)))
+        set_not_ready(&v4, &DEMO6.endpoint(*ip))
     })
 }
 

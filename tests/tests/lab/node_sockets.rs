@@ -164,13 +164,15 @@ fn node_sockets_leave_a_removed_backend(tag: &str, family: &str, (dns, http): (&
     let pod = first.rsplit("pod=").next().unwrap().to_string();
     let ip = ip_of(&pod);
     // A mapped address is the IPv4 Service's, whose endpoints are IPv4's.
-    let endpoint = if family == "AF_INET6" && !dns.starts_with("::ffff:") {
-        format!("\"{}\"", lb_tests::ipv6_twin(ip))
+    let slice = if family == "AF_INET6" && !dns.starts_with("::ffff:") {
+        &DEMO6
     } else {
-        ip.to_string()
+        &DEMO
     };
-    lab.edit_manifest("demo-dns.yaml", |t| remove_endpoint(&t, &endpoint))
-        .unwrap();
+    lab.edit_manifest("demo-dns.yaml", |t| {
+        remove_endpoint(&t, &slice.endpoint(ip))
+    })
+    .unwrap();
     lab.wait_for(
         "the agent to reset the socket of the removed backend",
         || {

@@ -4,28 +4,38 @@ use super::*;
 
 #[test]
 fn scale_down_spares_established_connections_and_stops_new_ones() {
-    let lab = lab("scale");
-    let mut held = lab.connect(ECHO_VIP).expect("connect to the echo VIP");
+    scale_down_spares_established_connections("scale", &DEMO);
+}
+
+#[test]
+fn ipv6_scale_down_spares_established_connections_and_stops_new_ones() {
+    scale_down_spares_established_connections("scale6", &DEMO6);
+}
+
+/// A keep-alive connection to `demo` in one family survives its scale from 3 to 2, and new
+/// connections reach the survivors only.
+fn scale_down_spares_established_connections(tag: &str, demo: &Demo) {
+    let lab = lab(tag);
+    let mut held = lab.connect(demo.echo).expect("connect to the echo VIP");
     let first = held.ask("hello").expect("echo through the VIP");
     let held_pod = pod_of(&first).expect("pod").to_string();
-    let (_, removed_ip) = BACKENDS
+    let (removed_pod, removed_ip) = BACKENDS
         .iter()
         .find(|(name, _)| *name != held_pod)
         .copied()
         .unwrap();
-    let removed_pod = BACKENDS.iter().find(|(_, ip)| *ip == removed_ip).unwrap().0;
 
     lab.edit_manifest("demo.yaml", |t| {
-        remove_endpoint(&t, &removed_ip.to_string())
+        remove_endpoint(&t, &demo.endpoint(removed_ip))
     })
     .unwrap();
     lab.wait_for_dump("demo's frontends to shrink to two backends", |d| {
-        backend_count(d, "10.96.0.10:80/TCP") == Some(2)
-            && backend_count(d, "10.96.0.10:9000/TCP") == Some(2)
+        backend_count(d, demo.http_frontend) == Some(2)
+            && backend_count(d, demo.echo_frontend) == Some(2)
     })
     .unwrap();
 
-    let pods = curl_pods(&lab, HTTP_VIP, 9);
+    let pods = curl_pods(&lab, demo.http, 9);
     assert!(
         !pods.iter().any(|p| p == removed_pod),
         "{removed_pod} removed, got {pods:?}"
@@ -39,12 +49,21 @@ fn scale_down_spares_established_connections_and_stops_new_ones() {
 
 #[test]
 fn an_endpoint_that_stops_being_ready_gets_no_new_connections() {
-    let lab = lab("ready");
+    not_ready_gets_no_new_connections("ready", &DEMO);
+}
+
+#[test]
+fn ipv6_an_endpoint_that_stops_being_ready_gets_no_new_connections() {
+    not_ready_gets_no_new_connections("ready6", &DEMO6);
+}
+
+fn not_ready_gets_no_new_connections(tag: &str, demo: &Demo) {
+    let lab = lab(tag);
     let (pod, ip) = BACKENDS[1];
-    lab.edit_manifest("demo.yaml", |t| set_not_ready(&t, &ip.to_string()))
+    lab.edit_manifest("demo.yaml", |t| set_not_ready(&t, &demo.endpoint(ip)))
         .unwrap();
-    wait_for_backends(&lab, "10.96.0.10:80/TCP", 2);
-    let pods = curl_pods(&lab, HTTP_VIP, 9);
+    wait_for_backends(&lab, demo.http_frontend, 2);
+    let pods = curl_pods(&lab, demo.http, 9);
     assert!(
         !pods.iter().any(|p| p == pod),
         "{pod} is not ready, got {pods:?}"
