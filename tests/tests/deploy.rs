@@ -500,7 +500,18 @@ fn mounts(pid: u32) -> Vec<(String, bool)> {
 fn the_agent_runs_with_the_container_s_capabilities_alone() {
     let capabilities = container_capabilities();
     let manifests = Manifests::load();
-    let container = agent(pod(manifests.daemon_set()));
+    let pod = pod(manifests.daemon_set());
+    // The privileged init container runs first, as the kubelet would: it mounts bpffs on a host
+    // that booted without it, which the agent, without CAP_SYS_ADMIN, cannot.
+    for init in pod.init_containers.iter().flatten() {
+        let command = init.command.as_deref().unwrap_or_default();
+        let status = Command::new(&command[0])
+            .args(&command[1..])
+            .status()
+            .unwrap();
+        assert!(status.success(), "the init container {}", init.name);
+    }
+    let container = agent(pod);
     let read_only_root = container
         .security_context
         .as_ref()
@@ -598,11 +609,21 @@ fn the_agent_runs_with_the_container_s_capabilities_alone() {
     );
     let answer = lab.curl("http://10.96.0.10/").expect("forwarded");
     assert!(pod_of(&answer).is_some(), "{answer}");
-    // A restart adopts the pins, with the same capabilities and mounts.
+    // A restart adopts the pins, with the same capabilities and mounts: every frontend the
+    // first agent programmed.
+    let first = fs::read_to_string(lab.agent_log()).unwrap();
+    let programmed = first
+        .split("synced generation=1 frontends=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the first agent's sync")
+        .to_string();
     lab.start_agent(&agent_args).expect("the agent again");
     let log = fs::read_to_string(lab.agent_log()).unwrap();
     assert!(
-        log.contains("adopted the maps pinned before frontends=7"),
+        log.contains(&format!(
+            "adopted the maps pinned before frontends={programmed} "
+        )),
         "{log}"
     );
     let answer = lab
