@@ -10,6 +10,11 @@
 //!
 //! The outside client is 10.0.0.100 and routes the external IP 203.0.113.10 to node-a and the
 //! load-balancer IP 203.0.113.20 to node-b, as a router announcing them would.
+//!
+//! Dual-stack: every address has its IPv6 twin ([`ipv6_twin`]: node-a is `fd00::10:0:0:1` on
+//! the segment's `fd00::10:0:0:0/112`, a1 `fd00::10:244:1:11` in node-a's
+//! `fd00::10:244:1:0/112`), the nodes forward IPv6 and route each other's pod prefixes of both
+//! families. Addresses are used at once: the lab gives each once, no duplicate detection.
 
 use std::{
     fs,
@@ -23,8 +28,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    BPFFS, POLL, READYZ, WAIT, binary, copy_manifests, dies_with_parent, output, remove_pins, run,
-    start_server, stop_agent, tear_down, wire_pod,
+    BPFFS, POLL, READYZ, WAIT, binary, copy_manifests, dies_with_parent, ipv6_twin, output,
+    remove_pins, run, start_server, stop_agent, tear_down, wire_pod,
 };
 
 pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
@@ -151,6 +156,11 @@ impl ClusterLab {
                 &namespace,
                 &["addr", "add", &format!("{address}/24"), "dev", "eth0"],
             )?;
+            let address6 = format!("{}/112", ipv6_twin(*address));
+            ip(
+                &namespace,
+                &["-6", "addr", "add", &address6, "dev", "eth0", "nodad"],
+            )?;
             ip(&namespace, &["link", "set", "eth0", "up"])?;
             // Frames carry full checksums, as on a wire: the XDP program updates them.
             no_checksum_offload(&namespace)?;
@@ -169,6 +179,7 @@ impl ClusterLab {
                     "net.ipv4.conf.default.rp_filter=0",
                     "net.ipv4.conf.all.send_redirects=0",
                     "net.ipv4.conf.eth0.send_redirects=0",
+                    "net.ipv6.conf.all.forwarding=1",
                 ]))?;
             for other in NODES.iter().filter(|o| o.subnet != node.subnet) {
                 let cidr = format!("10.244.{}.0/24", other.subnet);
@@ -176,6 +187,9 @@ impl ClusterLab {
                     &namespace,
                     &["route", "add", &cidr, "via", &other.address.to_string()],
                 )?;
+                let cidr6 = format!("{}/112", ipv6_twin(Ipv4Addr::new(10, 244, other.subnet, 0)));
+                let via6 = ipv6_twin(other.address).to_string();
+                ip(&namespace, &["-6", "route", "add", &cidr6, "via", &via6])?;
             }
             for (index, &(pod, last, _)) in node.pods.iter().enumerate() {
                 let pod_namespace = self.add_namespace(pod)?;

@@ -13,7 +13,8 @@ use lb_tests::{
 const MODES: [&str; 2] = ["generic", "native"];
 
 fn curl(lab: &ClusterLab, from: &str, url: &str) -> String {
-    let command = ["curl", "-sS", "--max-time", "5", url];
+    // `-g`: an IPv6 address's brackets are no glob.
+    let command = ["curl", "-sS", "-g", "--max-time", "5", url];
     let cmd = if from == "outside" {
         lab.outside(&command)
     } else {
@@ -53,33 +54,100 @@ fn topology_keys_prefer_the_local_endpoint_then_any() {
     );
 }
 
+/// The cluster lab's addresses in one family, as URLs and socat name hosts (IPv6's in
+/// brackets).
+struct Family {
+    node_a: &'static str,
+    node_b: &'static str,
+    outside: &'static str,
+    client_a: &'static str,
+    /// web-cluster's ClusterIP.
+    web_cluster: &'static str,
+    /// socat's UDP address type.
+    udp: &'static str,
+}
+
+const IPV4: Family = Family {
+    node_a: "10.0.0.1",
+    node_b: "10.0.0.2",
+    outside: "10.0.0.100",
+    client_a: "10.244.1.2",
+    web_cluster: "10.96.0.80",
+    udp: "UDP4",
+};
+
+const IPV6: Family = Family {
+    node_a: "[fd00::10:0:0:1]",
+    node_b: "[fd00::10:0:0:2]",
+    outside: "[fd00::10:0:0:100]",
+    client_a: "[fd00::10:244:1:2]",
+    web_cluster: "[fd00::10:96:0:80]",
+    udp: "UDP6",
+};
+
 fn node_ports(mode: &str) {
     let lab = ClusterLab::up(&format!("np{}", &mode[..3]), mode).expect("cluster lab");
+    traffic_policies(&lab, mode, &IPV4);
 
+    // An external IP routed to node-a, served by c1 on node-c; a load-balancer IP routed to
+    // node-b, served by a1 on node-a.
+    let external = curl(&lab, "outside", "http://203.0.113.10/");
+    assert_eq!(pod_of(&external), Some("c1"), "{external}");
+    let balanced = curl(&lab, "outside", "http://203.0.113.20/");
+    assert_eq!(pod_of(&balanced), Some("a1"), "{balanced}");
+}
+
+#[test]
+fn ipv6_node_ports_snat_or_drop_by_traffic_policy_and_reject_xdp_generic() {
+    let lab = ClusterLab::up("np6gen", MODES[0]).expect("cluster lab");
+    traffic_policies(&lab, MODES[0], &IPV6);
+}
+
+#[test]
+fn ipv6_node_ports_snat_or_drop_by_traffic_policy_and_reject_xdp_native() {
+    let lab = ClusterLab::up("np6nat", MODES[1]).expect("cluster lab");
+    traffic_policies(&lab, MODES[1], &IPV6);
+}
+
+/// NodePorts from outside by `externalTrafficPolicy`, rejects, and a pod's reply by the uplink,
+/// over `family`.
+fn traffic_policies(lab: &ClusterLab, mode: &str, family: &Family) {
+    let Family {
+        node_a,
+        node_b,
+        outside,
+        client_a,
+        web_cluster,
+        udp,
+    } = family;
     // externalTrafficPolicy Cluster: through node-a to b1 on node-b, SNATed to node-a.
-    let via_a = curl(&lab, "outside", "http://10.0.0.1:30080/");
+    let via_a = curl(lab, "outside", &format!("http://{node_a}:30080/"));
     assert_eq!(pod_of(&via_a), Some("b1"), "{via_a}");
     let seen = client_of(&via_a).unwrap();
     assert!(
-        seen.starts_with("10.0.0.1:6"),
+        seen.starts_with(&format!("{node_a}:6")),
         "SNATed to node-a's SNAT ports: {seen}"
     );
     // Through node-b, b1 is local: the client's own address.
-    let via_b = curl(&lab, "outside", "http://10.0.0.2:30080/");
+    let via_b = curl(lab, "outside", &format!("http://{node_b}:30080/"));
     assert_eq!(pod_of(&via_b), Some("b1"), "{via_b}");
     assert!(
-        client_of(&via_b).unwrap().starts_with("10.0.0.100:"),
+        client_of(&via_b)
+            .unwrap()
+            .starts_with(&format!("{outside}:")),
         "{via_b}"
     );
 
     // externalTrafficPolicy Local: node-b serves, keeping the client's address; node-a drops.
-    let local = curl(&lab, "outside", "http://10.0.0.2:30081/");
+    let local = curl(lab, "outside", &format!("http://{node_b}:30081/"));
     assert!(
-        client_of(&local).unwrap().starts_with("10.0.0.100:"),
+        client_of(&local)
+            .unwrap()
+            .starts_with(&format!("{outside}:")),
         "{local}"
     );
-    let dropped =
-        lab.curl(lab.outside(&["curl", "-sS", "--max-time", "2", "http://10.0.0.1:30081/"]));
+    let url = format!("http://{node_a}:30081/");
+    let dropped = lab.curl(lab.outside(&["curl", "-sS", "-g", "--max-time", "2", &url]));
     let dropped = format!("{:#}", dropped.expect_err("node-a has no local endpoint"));
     assert!(
         dropped.contains("exit status: 28"),
@@ -96,39 +164,28 @@ fn node_ports(mode: &str) {
     // frame sent back with XDP_TX waits in the peer's NAPI until the next frame arrives (seen:
     // 1 to 7 s), which a NIC does not do.
     if mode == "generic" {
-        let refused =
-            lab.curl(lab.outside(&["curl", "-sS", "--max-time", "2", "http://10.0.0.1:30090/"]));
+        let url = format!("http://{node_a}:30090/");
+        let refused = lab.curl(lab.outside(&["curl", "-sS", "-g", "--max-time", "2", &url]));
         let refused = format!("{:#}", refused.expect_err("no endpoint"));
         assert!(
             refused.contains("exit status: 7"),
             "refused, not timed out: {refused}"
         );
-        let udp = lb_tests::udp_query(lab.outside(&[
-            "socat",
-            "-t",
-            "1",
-            "-T",
-            "1",
-            "-",
-            "UDP4:10.0.0.1:30090",
-        ]));
-        let udp = format!("{:#}", udp.expect_err("no endpoint"));
-        assert!(udp.contains("Connection refused"), "{udp}");
+        let target = format!("{udp}:{node_a}:30090");
+        let answer =
+            lb_tests::udp_query(lab.outside(&["socat", "-t", "1", "-T", "1", "-", &target]));
+        let answer = format!("{:#}", answer.expect_err("no endpoint"));
+        assert!(answer.contains("Connection refused"), "{answer}");
     }
-
-    // An external IP routed to node-a, served by c1 on node-c; a load-balancer IP routed to
-    // node-b, served by a1 on node-a.
-    let external = curl(&lab, "outside", "http://203.0.113.10/");
-    assert_eq!(pod_of(&external), Some("c1"), "{external}");
-    let balanced = curl(&lab, "outside", "http://203.0.113.20/");
-    assert_eq!(pod_of(&balanced), Some("a1"), "{balanced}");
 
     // A pod on node-a reaching a ClusterIP served on node-b: the reply comes back by node-a's
     // uplink and is reverse-NATed on the way out to the pod.
-    let inside = curl(&lab, "client-a", "http://10.96.0.80/");
+    let inside = curl(lab, "client-a", &format!("http://{web_cluster}/"));
     assert_eq!(pod_of(&inside), Some("b1"), "{inside}");
     assert!(
-        client_of(&inside).unwrap().starts_with("10.244.1.2:"),
+        client_of(&inside)
+            .unwrap()
+            .starts_with(&format!("{client_a}:")),
         "{inside}"
     );
 }
