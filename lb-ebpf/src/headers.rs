@@ -86,6 +86,13 @@ pub const PROTO_ICMP: u8 = 1;
 /// The ICMP type of "destination unreachable" errors ("port unreachable", "fragmentation
 /// needed" among them).
 pub const ICMP_DEST_UNREACHABLE: u8 = 3;
+/// IANA's number for ICMPv6, as in IPv6's next header.
+pub const PROTO_ICMPV6: u8 = 58;
+/// ICMPv6's errors (RFC 4443), from the first to the last: destination unreachable ("port
+/// unreachable" among them), packet too big (path-MTU discovery's), time exceeded, parameter
+/// problem.
+pub const ICMPV6_DEST_UNREACHABLE: u8 = 1;
+pub const ICMPV6_PARAMETER_PROBLEM: u8 = 4;
 
 /// IANA's numbers of the IPv6 extension headers a real network carries, as in `next_header`.
 pub const IPV6_HOP_BY_HOP: u8 = 0;

@@ -22,7 +22,7 @@
 //! | `snat` | a node port for a flow to a backend elsewhere |
 //! | `nat` | address and port rewrites, checksums |
 //! | `reject` | the TCP reset or ICMP port unreachable of a frontend without backends |
-//! | `icmp` | ICMP errors about tracked flows, translated as their packets |
+//! | `icmp` | ICMP and ICMPv6 errors about tracked flows, translated as their packets |
 //! | `route` | the node's own errors about SNATed flows, sent out of `lo` toward the client |
 //! | `socket` | the node's own sockets (both families), balanced at connect and sendmsg |
 //! | `maps`, `stats`, `clock` | map definitions and accessors, counters, the time |
@@ -68,7 +68,7 @@ use crate::{
     family::Family,
     fragments::{Input, input},
     headers::Ipv4Header,
-    parse::{Frame, Packet, ipv4, parse6},
+    parse::{Frame, Packet, ipv4, is_plain_datagram6, parse6},
     reject::{Reject, answer4, answer6, rejection},
     reply::{Hook, to_client},
 };
@@ -78,6 +78,7 @@ use crate::{
 pub fn lb_tc(ctx: TcContext) -> i32 {
     match ipv4(ctx.data(), ctx.data_end()) {
         Some((ip, header_len)) => tc_ingress4(&ctx, &ip, header_len),
+        None if translated6(ctx.data(), ctx.data_end(), Hook::Ingress) => TC_ACT_OK,
         None => tc_ingress6(&ctx).unwrap_or_else(|reject| tc_answer6(&ctx, &reject)),
     }
 }
@@ -85,7 +86,8 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
 // Each family's half of a program is a function of its own, out of line: the verifier takes
 // one stack frame for each, where inlined together they would pass its 512 bytes. The IPv4
 // header read to choose is the IPv4 half's. IPv6's half leaves little of its frame: its
-// rejects are answered in a frame of their own, after it returns.
+// rejects are answered in a frame of their own, after it returns, and its ICMPv6 errors
+// translated in another, before it is called.
 #[inline(never)]
 fn tc_ingress4(ctx: &TcContext, ip: &Ipv4Header, header_len: usize) -> i32 {
     match tc_input4(ctx, ip, header_len) {
@@ -101,6 +103,29 @@ fn tc_ingress6(ctx: &TcContext) -> Result<i32, Reject> {
         Some(packet) => tc_balance(ctx, &packet, SCOPE_INTERNAL),
         None => Ok(TC_ACT_OK),
     }
+}
+
+/// Whether the IPv6 packet in the frame was an ICMPv6 error about a tracked flow, translated
+/// ([`icmp`]). Only a packet that is no TCP or UDP datagram straight past its IPv6 header is
+/// looked at: the datagrams, nearly every packet, meet no call on their way.
+#[inline(always)]
+fn translated6(data: usize, data_end: usize, hook: Hook) -> bool {
+    !is_plain_datagram6(data, data_end) && translate6(data, data_end, hook)
+}
+
+/// An ICMPv6 error about a tracked flow in the frame from `data` to `data_end` translated
+/// ([`icmp::translate6`]), in a stack frame of its own. The frame's ends are passed, not the context: given only a
+/// context's loads, the compiler passes them as 32-bit words, which the verifier refuses to
+/// widen back into packet pointers.
+#[inline(never)]
+fn translate6(data: usize, data_end: usize, hook: Hook) -> bool {
+    icmp::translate6(data, data_end, hook)
+}
+
+/// As [`translate6`], for IPv4, where a program holds little else.
+#[inline(never)]
+fn translate4(data: usize, data_end: usize, hook: Hook) -> bool {
+    icmp::translate4(data, data_end, hook)
 }
 
 #[inline(never)]
@@ -133,7 +158,7 @@ fn tc_input4(ctx: &TcContext, ip: &Ipv4Header, header_len: usize) -> Result<Pack
         Input::Packet(packet) => Ok(packet),
         Input::Unplaced(packet) => fragments::hold(ctx, packet),
         Input::Other => {
-            icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Ingress);
+            icmp::translate4(ctx.data(), ctx.data_end(), Hook::Ingress);
             Err(TC_ACT_OK)
         }
     }
@@ -157,6 +182,7 @@ fn tc_balance<A: Family>(ctx: &TcContext, packet: &Packet<A>, scope: u8) -> Resu
 pub fn lb_tc_egress(ctx: TcContext) -> i32 {
     match ipv4(ctx.data(), ctx.data_end()) {
         Some((ip, header_len)) => tc_egress4(&ctx, &ip, header_len),
+        None if translated6(ctx.data(), ctx.data_end(), Hook::Egress) => TC_ACT_OK,
         None => tc_egress6(&ctx),
     }
 }
@@ -168,7 +194,7 @@ fn tc_egress4(ctx: &TcContext, ip: &Ipv4Header, header_len: usize) -> i32 {
         // Holding is ingress's: leaving, it is no reply this node rewrites.
         Input::Unplaced(_) => TC_ACT_OK,
         Input::Other => {
-            icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Egress);
+            icmp::translate4(ctx.data(), ctx.data_end(), Hook::Egress);
             TC_ACT_OK
         }
     }
@@ -188,10 +214,12 @@ fn tc_reply<A: Family>(ctx: &TcContext, packet: &Packet<A>) -> i32 {
 }
 
 /// The node's own ICMP errors about SNATed flows, which it addresses to itself (the SNAT
-/// address): translated as if they came in, they leave toward the client ([`route`]).
+/// address): translated as if they came in, they leave toward the client or the backend they
+/// now name ([`route`]).
 #[classifier]
 pub fn lb_tc_loopback(ctx: TcContext) -> i32 {
-    if icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Ingress) {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    if translate4(data, data_end, Hook::Ingress) || translate6(data, data_end, Hook::Ingress) {
         return route::out_of_loopback(&ctx);
     }
     TC_ACT_OK
@@ -203,6 +231,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         // Balanced by `lb_tc_uplink`, which can hold them.
         Some((ip, _)) if fragments::is_fragment(&ip) => xdp_action::XDP_PASS,
         Some((ip, header_len)) => xdp4(&ctx, &ip, header_len),
+        None if translated6(ctx.data(), ctx.data_end(), Hook::Ingress) => xdp_action::XDP_PASS,
         None => xdp6(&ctx).unwrap_or_else(|reject| xdp_answer6(&ctx, &reject)),
     }
 }
@@ -215,7 +244,7 @@ fn xdp4(ctx: &XdpContext, ip: &Ipv4Header, header_len: usize) -> u32 {
         // No fragment comes here.
         Input::Unplaced(_) => xdp_action::XDP_PASS,
         Input::Other => {
-            icmp::translate(|| (ctx.data(), ctx.data_end()), Hook::Ingress);
+            icmp::translate4(ctx.data(), ctx.data_end(), Hook::Ingress);
             xdp_action::XDP_PASS
         }
     }

@@ -137,26 +137,37 @@ pub fn ipv4(data: usize, data_end: usize) -> Option<(Ipv4Header, usize)> {
     Some((ip, header_len))
 }
 
-/// Parses an IPv6 TCP or UDP packet past the extension headers before its datagram (hop by
-/// hop, routing, destination options, authentication), at most [`MAX_EXTENSION_HEADERS`] of
-/// them. Anything else is `None` and passes untouched: ICMPv6 (neighbour discovery, router
-/// advertisements), a fragment (IPv6 fragments are not balanced yet), a malformed packet.
+/// The frame's IPv6 header, if it is IPv6 (version 6).
 #[inline(always)]
-pub fn parse6(data: usize, data_end: usize, frame: Frame) -> Option<Packet<Ipv6Be>> {
+pub fn ipv6(data: usize, data_end: usize) -> Option<Ipv6Header> {
     let ether_type_be: u16 = read(data, data_end, ETH_TYPE)?;
     if ether_type_be != ETH_P_IPV6_BE {
         return None;
     }
     let ip: Ipv6Header = read(data, data_end, ETH_HLEN)?;
-    if u32::from_be(ip.version_class_flow_be) >> 28 != 6 {
-        return None;
-    }
-    let payload_len = usize::from(u16::from_be(ip.payload_len_be));
-    if frame == Frame::Whole && data + ETH_HLEN + IPV6_HLEN + payload_len > data_end {
-        return None;
-    }
-    let mut protocol = ip.next_header;
-    let mut l4_offset = ETH_HLEN + IPV6_HLEN;
+    (u32::from_be(ip.version_class_flow_be) >> 28 == 6).then_some(ip)
+}
+
+/// Whether the frame is IPv6 carrying TCP or UDP straight past its header, as nearly every
+/// IPv6 packet does.
+#[inline(always)]
+pub fn is_plain_datagram6(data: usize, data_end: usize) -> bool {
+    ipv6(data, data_end)
+        .is_some_and(|ip| ip.next_header == PROTO_TCP || ip.next_header == PROTO_UDP)
+}
+
+/// Walks the IPv6 extension headers from `offset`, where a header of type `next_header`
+/// starts (hop by hop, routing, destination options, authentication; at most
+/// [`MAX_EXTENSION_HEADERS`]): the header past them (its type and offset). A fragment header
+/// ends the walk, as any other that is not one of those.
+#[inline(always)]
+pub fn skip_extensions(
+    data: usize,
+    data_end: usize,
+    next_header: u8,
+    offset: usize,
+) -> Option<(u8, usize)> {
+    let (mut protocol, mut offset) = (next_header, offset);
     for _ in 0..MAX_EXTENSION_HEADERS {
         if !matches!(
             protocol,
@@ -164,15 +175,31 @@ pub fn parse6(data: usize, data_end: usize, frame: Frame) -> Option<Packet<Ipv6B
         ) {
             break;
         }
-        let header: Ipv6ExtensionHeader = read(data, data_end, l4_offset)?;
+        let header: Ipv6ExtensionHeader = read(data, data_end, offset)?;
         let len = usize::from(header.len);
-        l4_offset += if protocol == IPV6_AUTH {
+        offset += if protocol == IPV6_AUTH {
             (len + 2) * 4
         } else {
             (len + 1) * 8
         };
         protocol = header.next_header;
     }
+    Some((protocol, offset))
+}
+
+/// Parses an IPv6 TCP or UDP packet past the extension headers before its datagram (hop by
+/// hop, routing, destination options, authentication), at most [`MAX_EXTENSION_HEADERS`] of
+/// them. Anything else is `None` and passes untouched: ICMPv6 (neighbour discovery, router
+/// advertisements), a fragment (IPv6 fragments are not balanced yet), a malformed packet.
+#[inline(always)]
+pub fn parse6(data: usize, data_end: usize, frame: Frame) -> Option<Packet<Ipv6Be>> {
+    let ip = ipv6(data, data_end)?;
+    let payload_len = usize::from(u16::from_be(ip.payload_len_be));
+    if frame == Frame::Whole && data + ETH_HLEN + IPV6_HLEN + payload_len > data_end {
+        return None;
+    }
+    let (protocol, l4_offset) =
+        skip_extensions(data, data_end, ip.next_header, ETH_HLEN + IPV6_HLEN)?;
     // A fragment header among the others, and a packet past the headers walked.
     if protocol != PROTO_TCP && protocol != PROTO_UDP {
         return None;

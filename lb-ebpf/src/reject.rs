@@ -24,10 +24,10 @@ use crate::{
     family::Family,
     headers::{
         ETH_DST, ETH_HLEN, ETH_SRC, ETH_TYPE, ICMP_CHECKSUM, ICMP_CODE, ICMP_DEST_UNREACHABLE,
-        ICMP_HLEN, ICMP_TYPE, IP_CHECKSUM, IP_DST, IP_FRAGMENT, IP_PROTOCOL, IP_SRC, IP_TOTAL_LEN,
-        IP_TTL, IP6_DST, IP6_SRC, IPV4_MIN_HLEN as IP_HLEN, IPV6_HLEN as IP6_HLEN, L4_DST_PORT,
-        L4_SRC_PORT, PROTO_ICMP, TCP_ACK_SEQ, TCP_CHECKSUM, TCP_DATA_OFFSET, TCP_FLAGS,
-        TCP_MIN_HLEN as TCP_HLEN, TCP_SEQ, UDP_HLEN,
+        ICMP_HLEN, ICMP_TYPE, ICMPV6_DEST_UNREACHABLE, IP_CHECKSUM, IP_DST, IP_FRAGMENT,
+        IP_PROTOCOL, IP_SRC, IP_TOTAL_LEN, IP_TTL, IP6_DST, IP6_SRC, IPV4_MIN_HLEN as IP_HLEN,
+        IPV6_HLEN as IP6_HLEN, L4_DST_PORT, L4_SRC_PORT, PROTO_ICMP, PROTO_ICMPV6, TCP_ACK_SEQ,
+        TCP_CHECKSUM, TCP_DATA_OFFSET, TCP_FLAGS, TCP_MIN_HLEN as TCP_HLEN, TCP_SEQ, UDP_HLEN,
     },
     maps,
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -48,10 +48,7 @@ const IP6_NEXT_HEADER: usize = 6;
 const IP6_HOP_LIMIT: usize = 7;
 const TTL: u8 = 64;
 const ICMP_PORT_UNREACHABLE: u8 = 3;
-/// IANA's number for ICMPv6, as in IPv6's next header; its "destination unreachable", and
-/// that error's "port unreachable".
-const PROTO_ICMPV6: u8 = 58;
-const ICMPV6_DEST_UNREACHABLE: u8 = 1;
+/// ICMPv6's "port unreachable", a destination unreachable's code.
 const ICMPV6_PORT_UNREACHABLE: u8 = 4;
 /// What an ICMP error quotes of the offending datagram: its IP header and 8 bytes (well
 /// within the 1,280 bytes RFC 4443 allows ICMPv6).

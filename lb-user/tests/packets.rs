@@ -7,7 +7,7 @@
 //! sum the kernel checks after the run. Root only: run through `cargo xtask test`.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsFd as _, AsRawFd as _},
     sync::Arc,
 };
@@ -30,9 +30,10 @@ use lb_tests::{
     ipv6_twin as v6,
     packet::{
         ICMP_FRAGMENTATION_NEEDED, ICMP_PORT_UNREACHABLE, ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE,
-        IPV6_DEST_OPTIONS, IPV6_HOP_BY_HOP, TCP_ACK, TCP_RST, TCP_SYN, UDP, addr, addr6, checksum,
-        checksum6_valid, checksums_valid, datagram, fill_ip_checksum, fragments, icmp_error,
-        packet, packet6, packet6_through, port,
+        ICMPV6_PACKET_TOO_BIG, ICMPV6_TIME_EXCEEDED, IPV6_DEST_OPTIONS, IPV6_HOP_BY_HOP, TCP_ACK,
+        TCP_RST, TCP_SYN, UDP, addr, addr6, checksum, checksum6_valid, checksums_valid, datagram,
+        fill_ip_checksum, fragments, icmp_error, icmp6_error, packet, packet6, packet6_through,
+        port,
     },
 };
 use lb_user::{
@@ -709,6 +710,7 @@ fn with(p: Vec<u8>, change: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
 fn ipv6_rows() -> Vec<Row> {
     let (client, cluster_ip, web) = (v6(CLIENT), v6(CLUSTER_IP), v6(WEB));
     let (node, remote, outside) = (v6(NODE_IP), v6(REMOTE), v6(OUTSIDE));
+    let (gateway, router) = (v6(POD_GATEWAY), v6(ROUTER));
     vec![
         Row {
             what: "IPv6: a SYN to a ClusterIP goes to its backend, only the TCP checksum updated",
@@ -735,6 +737,54 @@ fn ipv6_rows() -> Vec<Row> {
             verdict: TC_ACT_OK,
             out: Out::Packet(packet6(TCP_SYN | TCP_ACK, cluster_ip, client, 80, 41000)),
             counts: &["replied"],
+            before: None,
+        },
+        Row {
+            what: "IPv6: the node's \"packet too big\" about the flow, leaving for the client: \
+                   the quote is what the client sent, to the ClusterIP",
+            hook: Hook::TcEgress,
+            input: packet_too_big(gateway, client, (client, 41000), (web, 8080)),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet_too_big(
+                gateway,
+                client,
+                (client, 41000),
+                (cluster_ip, 80),
+            )),
+            counts: &["icmp_translated"],
+            before: None,
+        },
+        Row {
+            what: "IPv6: that error before routing, its destination unchanged: left to egress",
+            hook: Hook::TcIngress,
+            input: packet_too_big(gateway, client, (client, 41000), (web, 8080)),
+            verdict: TC_ACT_OK,
+            out: Out::Unchanged,
+            counts: &[],
+            before: None,
+        },
+        Row {
+            what: "IPv6: time exceeded about a reply, to the ClusterIP: to the backend, quoting \
+                   what it sent",
+            hook: Hook::TcIngress,
+            input: icmp6_error(
+                ICMPV6_TIME_EXCEEDED,
+                0,
+                gateway,
+                cluster_ip,
+                0,
+                &packet6(TCP_ACK, cluster_ip, client, 80, 41000),
+            ),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(icmp6_error(
+                ICMPV6_TIME_EXCEEDED,
+                0,
+                gateway,
+                web,
+                0,
+                &packet6(TCP_ACK, web, client, 8080, 41000),
+            )),
+            counts: &["icmp_translated"],
             before: None,
         },
         Row {
@@ -860,6 +910,45 @@ fn ipv6_rows() -> Vec<Row> {
             verdict: XDP_PASS,
             out: Out::Packet(packet6(TCP_SYN | TCP_ACK, node, outside, NODE_PORT, 43000)),
             counts: &["replied"],
+            before: None,
+        },
+        Row {
+            what: "IPv6: \"packet too big\" about the SNATed flow, to the node: to the client, \
+                   quoting its own packet, the ICMPv6 checksum over both addresses",
+            hook: Hook::Xdp,
+            input: packet_too_big(router, node, (node, SNAT_PORT), (remote, 8443)),
+            verdict: XDP_PASS,
+            out: Out::Packet(packet_too_big(
+                router,
+                outside,
+                (outside, 43000),
+                (node, NODE_PORT),
+            )),
+            counts: &["icmp_translated"],
+            before: None,
+        },
+        Row {
+            what: "IPv6: the node's own \"packet too big\" about it, addressed to itself, on lo: \
+                   to the client, out of the interface its route takes",
+            hook: Hook::TcLoopback,
+            input: packet_too_big(node, node, (node, SNAT_PORT), (remote, 8443)),
+            verdict: TC_ACT_REDIRECT,
+            out: Out::Packet(packet_too_big(
+                node,
+                outside,
+                (outside, 43000),
+                (node, NODE_PORT),
+            )),
+            counts: &["icmp_translated"],
+            before: None,
+        },
+        Row {
+            what: "IPv6: an error about no tracked flow: untouched",
+            hook: Hook::Xdp,
+            input: packet_too_big(router, node, (node, 45000), (remote, 8443)),
+            verdict: XDP_PASS,
+            out: Out::Unchanged,
+            counts: &[],
             before: None,
         },
     ]
@@ -1937,6 +2026,18 @@ fn fragmentation_needed(
     )
 }
 
+/// "Packet too big" (MTU 1280) from `router` to `to`, quoting a TCP segment from `src` to
+/// `dst`.
+fn packet_too_big(
+    router: Ipv6Addr,
+    to: Ipv6Addr,
+    src: (Ipv6Addr, u16),
+    dst: (Ipv6Addr, u16),
+) -> Vec<u8> {
+    let quoted = packet6(TCP_ACK, src.0, dst.0, src.1, dst.1);
+    icmp6_error(ICMPV6_PACKET_TOO_BIG, 0, router, to, 1280, &quoted)
+}
+
 /// A port unreachable from `from` to `to`, quoting `quoted`.
 fn port_unreachable(from: Ipv4Addr, to: Ipv4Addr, quoted: &[u8]) -> Vec<u8> {
     icmp_error(ICMP_UNREACHABLE, ICMP_PORT_UNREACHABLE, from, to, 0, quoted)
@@ -2072,15 +2173,20 @@ fn routed_network_of_its_own() {
     assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
     let node = format!("{NODE_IP}/24");
     let router = ROUTER.to_string();
-    let commands: [&[&str]; 6] = [
+    let node6 = format!("{}/112", v6(NODE_IP));
+    let router6 = v6(ROUTER).to_string();
+    let commands: [&[&str]; 9] = [
         &["ip", "link", "set", "lo", "up"],
         &["sysctl", "-qw", "net.ipv4.ip_forward=1"],
         &[
             "ip", "link", "add", "up0", "type", "veth", "peer", "name", "up1",
         ],
+        &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
         &["ip", "addr", "add", &node, "dev", "up0"],
+        &["ip", "addr", "add", &node6, "dev", "up0", "nodad"],
         &["ip", "link", "set", "up0", "up"],
         &["ip", "route", "add", "default", "via", &router],
+        &["ip", "-6", "route", "add", "default", "via", &router6],
     ];
     for command in commands {
         // Children take the namespace of the thread that forks them.

@@ -167,18 +167,25 @@ pub fn upload(run: impl FnOnce(&[&str]) -> Command, url: &str) -> Option<String>
         .map(str::to_string)
 }
 
-/// Two 1,400-byte UDP datagrams with DF to `address` from a connected socket, a moment apart:
-/// how the second send went (`EMSGSIZE` once an ICMP error taught the socket the path's MTU),
-/// or why the script failed. `run` makes the command in the sender's namespace.
+/// Two 1,400-byte UDP datagrams with DF to `address` (`host:port`, an IPv6 host in brackets)
+/// from a connected socket, a moment apart: how the second send went (`EMSGSIZE` once an ICMP
+/// error taught the socket the path's MTU), or why the script failed. `run` makes the command
+/// in the sender's namespace.
 pub fn df_datagrams(run: impl FnOnce(&[&str]) -> Command, address: &str) -> String {
-    let Some((host, port)) = address.split_once(':') else {
+    let Some((host, port)) = address.rsplit_once(':') else {
         return format!("{address:?} has no port");
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    // IP_MTU_DISCOVER and IPV6_MTU_DISCOVER, each set to "do" (2): Python names none of them.
+    let (family, level, option) = if host.contains(':') {
+        ("AF_INET6", "IPPROTO_IPV6", 23)
+    } else {
+        ("AF_INET", "IPPROTO_IP", 10)
     };
     let script = format!(
         "import errno, socket, time\n\
-         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-         # IP_MTU_DISCOVER, IP_PMTUDISC_DO: Python names neither.\n\
-         s.setsockopt(socket.IPPROTO_IP, 10, 2)\n\
+         s = socket.socket(socket.{family}, socket.SOCK_DGRAM)\n\
+         s.setsockopt(socket.{level}, {option}, 2)\n\
          s.connect(({host:?}, {port}))\n\
          s.send(b'x' * 1372)\n\
          time.sleep(0.5)\n\

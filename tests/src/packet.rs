@@ -195,6 +195,38 @@ pub fn icmp_error(
     p
 }
 
+/// ICMPv6's types of "packet too big" and "time exceeded" (RFC 4443).
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMPV6_TIME_EXCEEDED: u8 = 3;
+
+/// Ethernet + IPv6 + an ICMPv6 error of `kind` and `code` from `src` to `dst`, quoting
+/// `quoted` (a [`packet6`], its IPv6 datagram whole), with `mtu` as the link's (for "packet
+/// too big"); its checksum over IPv6's pseudo-header filled in.
+pub fn icmp6_error(
+    kind: u8,
+    code: u8,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    mtu: u32,
+    quoted: &[u8],
+) -> Vec<u8> {
+    let quote = &quoted[14..];
+    let len = 8 + quote.len();
+    let mut p = vec![0u8; 12];
+    p.extend(0x86ddu16.to_be_bytes());
+    p.extend([0x60, 0, 0, 0]);
+    p.extend((len as u16).to_be_bytes());
+    p.extend([58, 64]);
+    p.extend(src.octets());
+    p.extend(dst.octets());
+    p.extend([kind, code, 0, 0]);
+    p.extend(mtu.to_be_bytes());
+    p.extend(quote);
+    let sum = checksum(&p[54..], words(&p[22..54]) + len as u32 + 58);
+    p[56..58].copy_from_slice(&sum.to_be_bytes());
+    p
+}
+
 /// A [`packet`] (TCP with `flags`, or [`UDP`]) carrying `payload` bytes (a pattern) after its
 /// header, checksums filled in: a datagram to split into [`fragments`].
 pub fn datagram(

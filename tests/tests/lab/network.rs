@@ -1,12 +1,14 @@
-//! What the network sends: ICMP errors about flows through a VIP (path-MTU discovery), and
-//! datagrams in fragments.
+//! What the network sends: ICMP and ICMPv6 errors about flows through a VIP (path-MTU
+//! discovery), and datagrams in fragments.
+
+use std::net::Ipv4Addr;
 
 use lb_tests::{
-    BACKENDS, CLIENT_IP, Lab, UPLOAD, df_datagrams, output, reversed_fragments, stat, udp_exchange,
-    upload,
+    BACKENDS, CLIENT_IP, Lab, UPLOAD, df_datagrams, ipv6_twin, output, reversed_fragments, stat,
+    udp_exchange, upload,
 };
 
-use super::{DNS_VIP, HTTP_VIP, lab};
+use super::{DEMO6, DNS_VIP, HTTP_VIP, lab};
 
 /// The MTU of the node's links toward the backends, under the client's 1,500.
 const NARROW_MTU: &str = "1280";
@@ -23,7 +25,39 @@ fn narrow_backend_links(lab: &Lab) {
 
 #[test]
 fn path_mtu_discovery_works_through_a_vip_as_straight_to_the_backend() {
-    let lab = lab("pmtu");
+    path_mtu_discovery("pmtu", &IPV4);
+}
+
+#[test]
+fn ipv6_path_mtu_discovery_works_through_a_vip_as_straight_to_the_backend() {
+    path_mtu_discovery("pmtu6", &IPV6);
+}
+
+/// The VIPs and the backends' addresses, of one family.
+struct Family {
+    http_vip: &'static str,
+    dns_vip: &'static str,
+    /// A backend's address as a URL's or a socket address's host.
+    host: fn(Ipv4Addr) -> String,
+}
+
+const IPV4: Family = Family {
+    http_vip: HTTP_VIP,
+    dns_vip: DNS_VIP,
+    host: |ip| ip.to_string(),
+};
+
+const IPV6: Family = Family {
+    http_vip: DEMO6.http,
+    dns_vip: "[fd00::10:96:0:53]:53",
+    host: |ip| format!("[{}]", ipv6_twin(ip)),
+};
+
+/// The node, as a router, answers a packet too big for a backend's link with "fragmentation
+/// needed" (IPv4) or "packet too big" (IPv6), quoting the packet as it sent it on: translated,
+/// the error teaches the client the path's MTU to the VIP as straight to the backend.
+fn path_mtu_discovery(tag: &str, family: &Family) {
+    let lab = lab(tag);
     narrow_backend_links(&lab);
     // (path, the upload's bytes received, the second DF datagram's fate), direct as control.
     let seen = [
@@ -31,17 +65,17 @@ fn path_mtu_discovery_works_through_a_vip_as_straight_to_the_backend() {
             "direct",
             upload(
                 |args| lab.in_client(args),
-                &format!("http://{}:8080/", BACKENDS[0].1),
+                &format!("http://{}:8080/", (family.host)(BACKENDS[0].1)),
             ),
             df_datagrams(
                 |args| lab.in_client(args),
-                &format!("{}:5353", BACKENDS[1].1),
+                &format!("{}:5353", (family.host)(BACKENDS[1].1)),
             ),
         ),
         (
             "through the VIP",
-            upload(|args| lab.in_client(args), HTTP_VIP),
-            df_datagrams(|args| lab.in_client(args), DNS_VIP),
+            upload(|args| lab.in_client(args), family.http_vip),
+            df_datagrams(|args| lab.in_client(args), family.dns_vip),
         ),
     ];
     let whole = UPLOAD.to_string();
