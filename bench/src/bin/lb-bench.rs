@@ -2,14 +2,20 @@
 //!
 //! N ClusterIP services of 10 backends each are programmed through the agent's own plan and
 //! maps, and the one in the middle is also a LoadBalancer IP with node-local backends (the XDP
-//! program balances external frontends only). Each case then runs the tc or XDP program on
+//! program balances external frontends only); first over IPv4, then over IPv6 (each address's
+//! twin, `lb_tests::ipv6_twin`), so that each family's figures come from the same run. Each case then runs the tc or XDP program on
 //! crafted packets, one packet per call (`repeat` would re-run the program on the packet it
 //! already rewrote), and the same loop runs an empty program of the same type: a figure is the
 //! difference of the kernel-measured durations. Every output packet
 //! is checked (the rewrite it must carry, valid checksums), so a case can never time a program
 //! that did nothing.
 
-use std::{fs, net::Ipv4Addr, path::PathBuf, sync::Arc};
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    sync::Arc,
+};
 
 use anyhow::{Context as _, Result, ensure};
 use aya::{
@@ -19,7 +25,12 @@ use aya::{
 use clap::Parser;
 use lb_bench::Spread;
 use lb_common::maps::Config;
-use lb_tests::packet::{TCP_ACK, TCP_SYN, UDP, addr, checksums_valid, packet, port};
+use lb_tests::{
+    ipv6_twin,
+    packet::{
+        TCP_ACK, TCP_SYN, UDP, addr, addr6, checksum6_valid, checksums_valid, packet, packet6, port,
+    },
+};
 use lb_user::{
     datapath::{self, Datapath, PacketPrograms, TC_ACT_OK, XDP_PASS},
     maps::MapWrites as _,
@@ -52,7 +63,7 @@ struct Args {
     /// Packets per run.
     #[arg(long, default_value_t = 20_000)]
     packets: u32,
-    /// Only the cases whose name (`tc tcp established`, ...) contains this: for profiling.
+    /// Only the cases whose name (`tc ipv4 tcp established`, ...) contains this: for profiling.
     #[arg(long, default_value = "")]
     only: String,
     /// Where the raw figures go, as JSON.
@@ -87,6 +98,61 @@ impl Program<'_> {
         match self {
             Program::Tc(_) => "tc",
             Program::Xdp(_) => "xdp",
+        }
+    }
+}
+
+/// The address family a run's services, and its packets, are of.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        }
+    }
+
+    /// The family's address for `ip`: itself, or its IPv6 twin.
+    fn addr(self, ip: Ipv4Addr) -> IpAddr {
+        match self {
+            Family::V4 => ip.into(),
+            Family::V6 => ipv6_twin(ip).into(),
+        }
+    }
+
+    /// A TCP segment with `flags`, or a UDP datagram, of this family, checksums filled in.
+    fn packet(self, flags: u8, src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+        match self {
+            Family::V4 => packet(flags, src, dst, sport, dport),
+            Family::V6 => packet6(flags, ipv6_twin(src), ipv6_twin(dst), sport, dport),
+        }
+    }
+
+    /// The source and destination of `p`, a frame of this family, and its ports.
+    fn ends(self, p: &[u8]) -> ((IpAddr, u16), (IpAddr, u16)) {
+        match self {
+            Family::V4 => (
+                (addr(p, 26).into(), port(p, 34)),
+                (addr(p, 30).into(), port(p, 36)),
+            ),
+            Family::V6 => (
+                (addr6(p, 22).into(), port(p, 54)),
+                (addr6(p, 38).into(), port(p, 56)),
+            ),
+        }
+    }
+
+    fn checksums_valid(self, p: &[u8]) -> bool {
+        match self {
+            Family::V4 => checksums_valid(p),
+            Family::V6 => checksum6_valid(p),
         }
     }
 }
@@ -145,6 +211,8 @@ impl Case {
     fn packet(self, target: &Target, n: u32) -> Vec<u8> {
         let client = Ipv4Addr::from(u32::from(NEW_CLIENTS) + n / 60_000);
         let fresh = 1024 + (n % 60_000) as u16;
+        let packet =
+            |flags, src, dst, sport, dport| target.family.packet(flags, src, dst, sport, dport);
         match self {
             Case::TcpNew => packet(TCP_SYN, client, target.vip, fresh, SERVICE_PORT),
             Case::TcpEstablished => packet(
@@ -157,7 +225,7 @@ impl Case {
             Case::UdpNew => packet(UDP, client, target.vip, fresh, SERVICE_PORT),
             Case::Reply => packet(
                 TCP_ACK,
-                target.replier,
+                target.backends[target.replier],
                 CLIENT,
                 BACKEND_PORT,
                 target.established_port,
@@ -178,21 +246,23 @@ impl Case {
 
     /// Whether `output`, the program's answer to `input`, carries the case's rewrite.
     fn check(self, target: &Target, input: &[u8], output: &[u8]) -> Result<()> {
+        let family = target.family;
         ensure!(
-            checksums_valid(output),
+            family.checksums_valid(output),
             "{}: bad checksums out",
             self.name()
         );
-        let (src, dst) = (addr(output, 26), addr(output, 30));
-        let (sport, dport) = (port(output, 34), port(output, 36));
+        let ((src, sport), (dst, dport)) = family.ends(output);
         match self {
             Case::TcpNew | Case::TcpEstablished | Case::UdpNew => ensure!(
-                target.backends.contains(&dst) && dport == BACKEND_PORT && src == addr(input, 26),
+                target.backend(dst).is_some()
+                    && dport == BACKEND_PORT
+                    && src == family.ends(input).0.0,
                 "{}: not DNATed to a backend: {dst}:{dport}",
                 self.name()
             ),
             Case::Reply => ensure!(
-                src == target.vip && sport == SERVICE_PORT,
+                src == family.addr(target.vip) && sport == SERVICE_PORT,
                 "{}: not rewritten to the frontend: {src}:{sport}",
                 self.name()
             ),
@@ -204,19 +274,33 @@ impl Case {
     }
 }
 
+/// The service the cases run against, its addresses as IPv4's (each family's twin in packets).
 struct Target {
+    family: Family,
     vip: Ipv4Addr,
     backends: Vec<Ipv4Addr>,
-    /// The backend the established flow was given, which the reply case answers from.
-    replier: Ipv4Addr,
+    /// The backend the established flow was given (its index), which the reply case answers
+    /// from.
+    replier: usize,
     /// The established flow's client port, below those new flows cycle through.
     established_port: u16,
+}
+
+impl Target {
+    /// The index of the backend at `address`, if it is one of the target's.
+    fn backend(&self, address: IpAddr) -> Option<usize> {
+        self.backends
+            .iter()
+            .position(|&b| self.family.addr(b) == address)
+    }
 }
 
 #[derive(Serialize)]
 struct Figure {
     /// `tc` or `xdp`.
     program: &'static str,
+    /// `ipv4` or `ipv6`.
+    family: &'static str,
     case: &'static str,
     services: u32,
     /// Nanoseconds per packet above the empty program: median, min and max over the runs.
@@ -257,13 +341,13 @@ fn main() -> Result<()> {
     let figures = figures?;
 
     println!(
-        "{:<4} {:<16} {:>9} {:>10} {:>9} {:>9} {:>9}",
-        "", "case", "services", "median ns", "min", "max", "floor ns"
+        "{:<4} {:<5} {:<16} {:>9} {:>10} {:>9} {:>9} {:>9}",
+        "", "", "case", "services", "median ns", "min", "max", "floor ns"
     );
     for f in &figures {
         println!(
-            "{:<4} {:<16} {:>9} {:>10.1} {:>9.1} {:>9.1} {:>9.1}",
-            f.program, f.case, f.services, f.median_ns, f.min_ns, f.max_ns, f.floor_ns
+            "{:<4} {:<5} {:<16} {:>9} {:>10.1} {:>9.1} {:>9.1} {:>9.1}",
+            f.program, f.family, f.case, f.services, f.median_ns, f.min_ns, f.max_ns, f.floor_ns
         );
     }
     if let Some(dir) = args.output.parent() {
@@ -299,12 +383,18 @@ fn measure(
     let mut figures = Vec::new();
     // The packet number new flows start from: every case makes flows never seen before.
     let mut fresh = 0;
-    for &services in &args.scales {
+    for (&services, family) in args
+        .scales
+        .iter()
+        .flat_map(|scale| Family::ALL.map(|family| (scale, family)))
+    {
         // The service in the middle, not the first written, also has a UDP port, and both
-        // ports are also a LoadBalancer IP's, for the XDP program.
+        // ports are also a LoadBalancer IP's, for the XDP program. The other family's services
+        // make way for this one's (the plan's difference).
         let index = services / 2;
-        let mut frontends: Vec<Arc<model::Frontend>> =
-            (0..services).map(|i| Arc::new(service(i))).collect();
+        let mut frontends: Vec<Arc<model::Frontend>> = (0..services)
+            .map(|i| Arc::new(service(i, family)))
+            .collect();
         for protocol in [Protocol::Tcp, Protocol::Udp] {
             for (kind, scope) in [
                 (FrontendKind::ClusterIP, Scope::Internal),
@@ -315,7 +405,7 @@ fn measure(
                         protocol,
                         kind,
                         scope,
-                        ..service(index)
+                        ..service(index, family)
                     }));
                 }
             }
@@ -327,16 +417,18 @@ fn measure(
             skipped.first()
         );
         for op in plan::diff(&programmed, planner.desired()) {
-            maps.apply(&op)
-                .with_context(|| format!("programming {services} services"))?;
+            maps.apply(&op).with_context(|| {
+                format!("programming {services} services over {}", family.name())
+            })?;
             programmed.apply(&op);
         }
         let mut target = Target {
+            family,
             vip: vip(index),
             backends: (0..BACKENDS_PER_SERVICE)
                 .map(|b| backend(index, b))
                 .collect(),
-            replier: Ipv4Addr::UNSPECIFIED,
+            replier: 0,
             established_port: ESTABLISHED_PORT,
         };
         for xdp in [false, true] {
@@ -346,7 +438,8 @@ fn measure(
                 else {
                     continue;
                 };
-                if !format!("{} {}", program.type_name(), case.name()).contains(&args.only) {
+                let name = format!("{} {} {}", program.type_name(), family.name(), case.name());
+                if !name.contains(&args.only) {
                     continue;
                 }
                 // Every case starts on flow tables with room, as the agent's GC keeps them on
@@ -360,7 +453,9 @@ fn measure(
                     .program(&programs, xdp)
                     .context("no balancer")?;
                 let (_, out) = run(balancer, &Case::TcpEstablished.packet(&target, 0))?;
-                target.replier = addr(&out, 30);
+                target.replier = target
+                    .backend(family.ends(&out).1.0)
+                    .context("the established flow went to no backend")?;
                 let mut per_run = Vec::new();
                 let mut floor_per_run = Vec::new();
                 for _ in 0..args.runs {
@@ -373,6 +468,7 @@ fn measure(
                 let ns = Spread::of(per_run);
                 figures.push(Figure {
                     program: program.type_name(),
+                    family: family.name(),
                     case: case.name(),
                     services,
                     median_ns: ns.median,
@@ -426,15 +522,16 @@ fn run(program: Program, input: &[u8]) -> Result<(u128, Vec<u8>)> {
     Ok((result.duration.as_nanos(), output))
 }
 
-/// Service `i`: ClusterIP 10.96.0.0/15 + i, port 80, 10 backends of its own on 8080.
-fn service(i: u32) -> model::Frontend {
+/// Service `i`: ClusterIP 10.96.0.0/15 + i (or its IPv6 twin), port 80, 10 backends of its
+/// own on 8080.
+fn service(i: u32, family: Family) -> model::Frontend {
     model::Frontend {
         service: format!("bench/svc-{i}"),
         created: None,
         port_name: "http".into(),
         kind: FrontendKind::ClusterIP,
         scope: Scope::Internal,
-        address: vip(i).into(),
+        address: family.addr(vip(i)),
         port: SERVICE_PORT,
         protocol: Protocol::Tcp,
         algorithm: Algorithm::RoundRobin,
@@ -443,7 +540,7 @@ fn service(i: u32) -> model::Frontend {
         rule: "ready endpoints".into(),
         backends: (0..BACKENDS_PER_SERVICE)
             .map(|b| model::Backend {
-                address: backend(i, b).into(),
+                address: family.addr(backend(i, b)),
                 port: BACKEND_PORT,
                 node: Some("bench-node".into()),
                 zone: None,
