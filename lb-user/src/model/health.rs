@@ -1,20 +1,44 @@
 //! The health checks a node serves for cloud load balancers (`healthCheckNodePort`), as
 //! kube-proxy's `pkg/proxy/healthcheck` does: for each LoadBalancer Service with
-//! `externalTrafficPolicy: Local`, how many of its endpoints are on this node and ready.
+//! `externalTrafficPolicy: Local`, how many of its endpoints are on this node and ready; one
+//! check per family of the Service, as kube-proxy's proxier of each family serves its own on
+//! the node's addresses of that family.
 
 use std::{collections::BTreeSet, net::IpAddr};
 
 use super::{Cluster, Family, HealthCheck, Service};
 
-/// The health check of `service` on `node`, if it has one. Its endpoints of its primary family
-/// (a dual-stack pod is in a slice of each) are counted per Service port (an endpoint listed
-/// twice, in two slices, once) and summed, as kube-proxy's `LocalReadyEndpoints`.
-pub fn health_check(service: &Service, cluster: &Cluster, node: &str) -> Option<HealthCheck> {
-    let port = service.health_check_node_port?;
-    let primary = service
+/// The health checks of `service` on `node`, one per family of its ClusterIPs (IPv4 when it
+/// has none), if it has a health check port at all.
+pub fn health_checks(service: &Service, cluster: &Cluster, node: &str) -> Vec<HealthCheck> {
+    let Some(port) = service.health_check_node_port else {
+        return Vec::new();
+    };
+    let mut families: Vec<Family> = service
         .cluster_ips
-        .first()
-        .map_or(Family::V4, |&ip| Family::of(ip));
+        .iter()
+        .map(|&ip| Family::of(ip))
+        .collect();
+    families.dedup();
+    if families.is_empty() {
+        families.push(Family::V4);
+    }
+    families
+        .into_iter()
+        .map(|family| HealthCheck {
+            namespace: service.namespace.clone(),
+            name: service.name.clone(),
+            family,
+            port,
+            local_endpoints: local_endpoints(service, cluster, node, family),
+        })
+        .collect()
+}
+
+/// The ready endpoints of `family` on `node` (a dual-stack pod is in a slice of each family),
+/// counted per Service port (an endpoint listed twice, in two slices, once) and summed, as
+/// kube-proxy's `LocalReadyEndpoints`.
+fn local_endpoints(service: &Service, cluster: &Cluster, node: &str, family: Family) -> u32 {
     let mut local_endpoints = 0;
     for service_port in &service.ports {
         let mut counted: BTreeSet<(IpAddr, u16)> = BTreeSet::new();
@@ -25,7 +49,7 @@ pub fn health_check(service: &Service, cluster: &Cluster, node: &str) -> Option<
             for endpoint in &slice.endpoints {
                 if endpoint.ready
                     && endpoint.node.as_deref() == Some(node)
-                    && Family::of(endpoint.address) == primary
+                    && Family::of(endpoint.address) == family
                 {
                     counted.insert((endpoint.address, slice_port.port));
                 }
@@ -33,17 +57,12 @@ pub fn health_check(service: &Service, cluster: &Cluster, node: &str) -> Option<
         }
         local_endpoints += u32::try_from(counted.len()).unwrap_or(u32::MAX);
     }
-    Some(HealthCheck {
-        namespace: service.namespace.clone(),
-        name: service.name.clone(),
-        port,
-        local_endpoints,
-    })
+    local_endpoints
 }
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     use super::*;
     use crate::model::{
@@ -90,9 +109,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_node_s_ready_endpoints_are_counted_per_port_once_each() {
-        let service = Service {
+    /// A LoadBalancer Service with `externalTrafficPolicy: Local`, two ports, no ClusterIP.
+    fn web() -> Service {
+        Service {
             namespace: "ns".into(),
             name: "web".into(),
             created: None,
@@ -108,7 +127,40 @@ mod tests {
             topology_keys: vec![],
             health_check_node_port: Some(32_000),
             source_ranges: crate::model::SourceRanges::default(),
+        }
+    }
+
+    #[test]
+    fn a_dual_stack_service_has_a_check_per_family_each_counting_its_own_endpoints() {
+        let service = Service {
+            cluster_ips: vec![
+                "fd00::10:96:0:10".parse().unwrap(),
+                "10.96.0.10".parse().unwrap(),
+            ],
+            ..web()
         };
+        let v6 = |last, ready| Endpoint {
+            address: Ipv6Addr::new(0xfd00, 0, 0, 0, 0x10, 0x244, 0, last).into(),
+            ..endpoint(1, "n1", ready)
+        };
+        let cluster = Cluster {
+            services: vec![service.clone()],
+            slices: vec![
+                slice("web-v4", vec![endpoint(1, "n1", true)]),
+                slice("web-v6", vec![v6(1, true), v6(2, true), v6(3, false)]),
+            ],
+        };
+        let checks: Vec<_> = health_checks(&service, &cluster, "n1")
+            .iter()
+            .map(|c| (c.family, c.port, c.local_endpoints))
+            .collect();
+        // The primary family first, each counting its ready endpoints over both ports.
+        assert_eq!(checks, [(Family::V6, 32_000, 4), (Family::V4, 32_000, 2)]);
+    }
+
+    #[test]
+    fn the_node_s_ready_endpoints_are_counted_per_port_once_each() {
+        let service = web();
         let cluster = Cluster {
             services: vec![service.clone()],
             slices: vec![
@@ -125,15 +177,20 @@ mod tests {
                 slice("web-2", vec![endpoint(1, "n1", true)]),
             ],
         };
-        let check = |node| health_check(&service, &cluster, node).map(|c| c.local_endpoints);
+        let check = |node| {
+            health_checks(&service, &cluster, node)
+                .iter()
+                .map(|c| (c.family, c.local_endpoints))
+                .collect::<Vec<_>>()
+        };
         // (node, endpoints): one ready endpoint, for each of the two ports.
         for (node, wanted) in [("n1", 2), ("n2", 2), ("n3", 0)] {
-            assert_eq!(check(node), Some(wanted), "{node}");
+            assert_eq!(check(node), [(Family::V4, wanted)], "{node}");
         }
         let no_port = Service {
             health_check_node_port: None,
             ..service.clone()
         };
-        assert_eq!(health_check(&no_port, &cluster, "n1"), None);
+        assert_eq!(health_checks(&no_port, &cluster, "n1"), []);
     }
 }

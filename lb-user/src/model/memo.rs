@@ -150,7 +150,7 @@ impl ServicePart {
         let health_checks = cluster
             .services
             .iter()
-            .filter_map(|service| health::health_check(service, &cluster, &view.node.name))
+            .flat_map(|service| health::health_checks(service, &cluster, &view.node.name))
             .collect();
         Self {
             group,

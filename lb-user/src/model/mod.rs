@@ -460,6 +460,8 @@ pub struct Desired {
 pub struct HealthCheck {
     pub namespace: String,
     pub name: String,
+    /// Served on the node's addresses of this family, counting its endpoints of it.
+    pub family: Family,
     pub port: u16,
     /// This node's ready endpoints, summed over the Service's ports, as kube-proxy counts
     /// them: terminating ones are not ready, so that the cloud drains the node.

@@ -1,6 +1,7 @@
 //! The Services' health checks for cloud load balancers (`healthCheckNodePort`), as
-//! kube-proxy's `pkg/proxy/healthcheck` serves them: a listener per Service on each of the
-//! node's addresses (all of them while the node has none of its own), opened and closed as
+//! kube-proxy's `pkg/proxy/healthcheck` serves them: a listener per Service and family on each
+//! of the node's addresses of that family (all IPv4 ones while the node has no address of its
+//! own, where IPv6's check then has none: `::` would take IPv4's too), opened and closed as
 //! Services come, change and go. An address that cannot be listened on is tried again at the
 //! next reconcile; the others serve meanwhile.
 
@@ -14,14 +15,14 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::{info, warn};
 
 use super::{Endpoints, ServiceCheck, Status, serve_on};
-use crate::model::HealthCheck;
+use crate::model::{Family, HealthCheck};
 
 pub struct ServiceChecks {
     status: Arc<Status>,
     wanted: Vec<HealthCheck>,
     addresses: Vec<IpAddr>,
-    /// By namespace and name.
-    running: BTreeMap<(String, String), Running>,
+    /// By namespace, name and family.
+    running: BTreeMap<(String, String, Family), Running>,
     /// What is wanted differs from what listens: new wants, or a listener that could not
     /// open. Otherwise a poll's reconcile does nothing.
     due: bool,
@@ -74,10 +75,11 @@ impl ServiceChecks {
         }
         self.due = false;
         let wanted = &self.wanted;
-        self.running.retain(|(namespace, name), running| {
-            let keep = wanted
-                .iter()
-                .any(|w| (&w.namespace, &w.name, w.port) == (namespace, name, running.port));
+        self.running.retain(|(namespace, name, family), running| {
+            let keep = wanted.iter().any(|w| {
+                (&w.namespace, &w.name, w.family, w.port)
+                    == (namespace, name, *family, running.port)
+            });
             if !keep {
                 info!(service = %format!("{namespace}/{name}"), port = running.port,
                     "closing a health check");
@@ -85,7 +87,7 @@ impl ServiceChecks {
             keep
         });
         for check in &self.wanted {
-            let key = (check.namespace.clone(), check.name.clone());
+            let key = (check.namespace.clone(), check.name.clone(), check.family);
             let running = self.running.entry(key).or_insert_with(|| Running {
                 port: check.port,
                 check: Arc::new(ServiceCheck {
@@ -99,6 +101,10 @@ impl ServiceChecks {
                 .check
                 .local_endpoints
                 .store(check.local_endpoints, Ordering::Relaxed);
+            let addresses = self
+                .addresses
+                .iter()
+                .filter(|&&address| Family::of(address) == check.family);
             running.listening.retain(|address, task| {
                 let keep = self.addresses.contains(address);
                 if !keep {
@@ -106,7 +112,7 @@ impl ServiceChecks {
                 }
                 keep
             });
-            for &address in &self.addresses {
+            for &address in addresses {
                 if running.listening.contains_key(&address) {
                     continue;
                 }
