@@ -1,10 +1,9 @@
 //! ICMP and ICMPv6 errors about tracked flows (destination unreachable, "fragmentation needed"
-//! among them, and ICMPv6's "packet too big"; time exceeded; parameter problem), translated
-//! as conntrack translates the ICMP
-//! related to a connection: the packet the error quotes, and the outer addresses that name the
-//! same ends, are rewritten as the flow's own packets are, so that the error reaches the socket
-//! that sent the packet and path-MTU discovery works through frontends and SNAT. An error that
-//! quotes no tracked flow passes untouched.
+//! among them, and ICMPv6's "packet too big"; time exceeded; parameter problem), translated as
+//! conntrack translates the ICMP related to a connection: the packet the error quotes, and the
+//! outer addresses that name the same ends, are rewritten as the flow's own packets are, so
+//! that the error reaches the socket that sent the packet and path-MTU discovery works through
+//! frontends and SNAT. An error that quotes no tracked flow passes untouched.
 //!
 //! An error about a packet the node sent on to a backend quotes the packet as the backend got
 //! it (to the backend, from the client or the SNAT address): its reply entry turns the quote
@@ -12,8 +11,8 @@
 //! destination changes (SNAT), else after routing, on egress, where the errors the node itself
 //! sends (its own "fragmentation needed", as a router) are seen; but the node's own error
 //! about a SNATed flow is addressed to the node (the SNAT address) and goes over `lo`, whose
-//! egress program translates it as on ingress and sends it out toward the client
-//! ([`route`](crate::route)). An error about a
+//! egress program translates it as on ingress and sends it out toward the client or the
+//! backend it now names ([`route`](crate::route)). An error about a
 //! reply quotes it as the client got it (from the frontend): its flow turns the quote into
 //! what the backend sent, and the error goes to the backend, before routing.
 //!
@@ -211,7 +210,7 @@ impl<A: Family> Rewrite<A> {
                 follow(error.outer_checksum, &mut icmp_sum, outer_src, self.dst.0);
                 *error.outer_src = self.dst.0;
             }
-            let redirected = outer_dst == inner.src_addr_be;
+            let redirected = outer_dst == inner.src_addr_be && outer_dst != self.src.0;
             if redirected {
                 follow(error.outer_checksum, &mut icmp_sum, outer_dst, self.src.0);
                 *error.outer_dst = self.src.0;

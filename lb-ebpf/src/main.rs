@@ -105,24 +105,25 @@ fn tc_ingress6(ctx: &TcContext) -> Result<i32, Reject> {
     }
 }
 
-/// Whether the IPv6 packet in the frame was an ICMPv6 error about a tracked flow, translated
-/// ([`icmp`]). Only a packet that is no TCP or UDP datagram straight past its IPv6 header is
-/// looked at: the datagrams, nearly every packet, meet no call on their way.
+/// Whether the IPv6 packet in the frame was an ICMPv6 error about a tracked flow translated
+/// toward another host ([`icmp::translate6`]); one translated in place goes on to the
+/// family's half too, which passes it. Only a packet that is no TCP or UDP datagram straight
+/// past its IPv6 header is looked at: the datagrams, nearly every packet, meet no call.
 #[inline(always)]
 fn translated6(data: usize, data_end: usize, hook: Hook) -> bool {
     !is_plain_datagram6(data, data_end) && translate6(data, data_end, hook)
 }
 
-/// An ICMPv6 error about a tracked flow in the frame from `data` to `data_end` translated
-/// ([`icmp::translate6`]), in a stack frame of its own. The frame's ends are passed, not the context: given only a
-/// context's loads, the compiler passes them as 32-bit words, which the verifier refuses to
-/// widen back into packet pointers.
+/// [`icmp::translate6`] in a stack frame of its own. The frame's ends are passed, not the
+/// context: given only a context's loads, the compiler passes them as 32-bit words, which the
+/// verifier refuses to widen back into packet pointers.
 #[inline(never)]
 fn translate6(data: usize, data_end: usize, hook: Hook) -> bool {
     icmp::translate6(data, data_end, hook)
 }
 
-/// As [`translate6`], for IPv4, where a program holds little else.
+/// As [`translate6`], for IPv4: `lb_tc_loopback`'s, whose two families' translations would
+/// otherwise share its frame (the IPv4 programs translate inline).
 #[inline(never)]
 fn translate4(data: usize, data_end: usize, hook: Hook) -> bool {
     icmp::translate4(data, data_end, hook)

@@ -190,7 +190,8 @@ pub fn skip_extensions(
 /// Parses an IPv6 TCP or UDP packet past the extension headers before its datagram (hop by
 /// hop, routing, destination options, authentication), at most [`MAX_EXTENSION_HEADERS`] of
 /// them. Anything else is `None` and passes untouched: ICMPv6 (neighbour discovery, router
-/// advertisements), a fragment (IPv6 fragments are not balanced yet), a malformed packet.
+/// advertisements; errors about tracked flows are translated before, [`icmp`](crate::icmp)),
+/// a fragment (IPv6 fragments are not balanced yet), a malformed packet.
 #[inline(always)]
 pub fn parse6(data: usize, data_end: usize, frame: Frame) -> Option<Packet<Ipv6Be>> {
     let ip = ipv6(data, data_end)?;

@@ -30,10 +30,10 @@ use lb_tests::{
     ipv6_twin as v6,
     packet::{
         ICMP_FRAGMENTATION_NEEDED, ICMP_PORT_UNREACHABLE, ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE,
-        ICMPV6_PACKET_TOO_BIG, ICMPV6_TIME_EXCEEDED, IPV6_DEST_OPTIONS, IPV6_HOP_BY_HOP, TCP_ACK,
-        TCP_RST, TCP_SYN, UDP, addr, addr6, checksum, checksum6_valid, checksums_valid, datagram,
-        fill_ip_checksum, fragments, icmp_error, icmp6_error, packet, packet6, packet6_through,
-        port,
+        ICMPV6_DEST_UNREACHABLE, ICMPV6_PACKET_TOO_BIG, ICMPV6_PORT_UNREACHABLE,
+        ICMPV6_TIME_EXCEEDED, IPV6_DEST_OPTIONS, IPV6_HOP_BY_HOP, TCP_ACK, TCP_RST, TCP_SYN, UDP,
+        addr, addr6, checksum, checksum6_valid, checksums_valid, datagram, fill_ip_checksum,
+        fragments, icmp_error, icmp6_error, packet, packet6, packet6_through, port,
     },
 };
 use lb_user::{
@@ -809,6 +809,45 @@ fn ipv6_rows() -> Vec<Row> {
                 5353,
             )),
             counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "IPv6: the UDP backend's own port unreachable about that datagram, its quote \
+                   past the extension headers: from the ClusterIP, quoting it, the outer \
+                   source in ICMPv6's pseudo-header",
+            hook: Hook::TcEgress,
+            input: icmp6_error(
+                ICMPV6_DEST_UNREACHABLE,
+                ICMPV6_PORT_UNREACHABLE,
+                v6(DNS),
+                client,
+                0,
+                &packet6_through(
+                    &[IPV6_HOP_BY_HOP, IPV6_DEST_OPTIONS],
+                    UDP,
+                    client,
+                    v6(DNS),
+                    42000,
+                    5353,
+                ),
+            ),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(icmp6_error(
+                ICMPV6_DEST_UNREACHABLE,
+                ICMPV6_PORT_UNREACHABLE,
+                v6(DNS_IP),
+                client,
+                0,
+                &packet6_through(
+                    &[IPV6_HOP_BY_HOP, IPV6_DEST_OPTIONS],
+                    UDP,
+                    client,
+                    v6(DNS_IP),
+                    42000,
+                    53,
+                ),
+            )),
+            counts: &["icmp_translated"],
             before: None,
         },
         Row {

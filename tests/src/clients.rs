@@ -167,7 +167,7 @@ pub fn upload(run: impl FnOnce(&[&str]) -> Command, url: &str) -> Option<String>
         .map(str::to_string)
 }
 
-/// Two 1,400-byte UDP datagrams with DF to `address` (`host:port`, an IPv6 host in brackets)
+/// Two UDP datagrams of 1,400 bytes (1,420 over IPv6) with DF to `address` (`host:port`, an IPv6 host in brackets)
 /// from a connected socket, a moment apart: how the second send went (`EMSGSIZE` once an ICMP
 /// error taught the socket the path's MTU), or why the script failed. `run` makes the command
 /// in the sender's namespace.

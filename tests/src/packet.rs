@@ -195,9 +195,12 @@ pub fn icmp_error(
     p
 }
 
-/// ICMPv6's types of "packet too big" and "time exceeded" (RFC 4443).
+/// ICMPv6's types of "destination unreachable", "packet too big" and "time exceeded" (RFC
+/// 4443), and the first's code for "port unreachable".
+pub const ICMPV6_DEST_UNREACHABLE: u8 = 1;
 pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 pub const ICMPV6_TIME_EXCEEDED: u8 = 3;
+pub const ICMPV6_PORT_UNREACHABLE: u8 = 4;
 
 /// Ethernet + IPv6 + an ICMPv6 error of `kind` and `code` from `src` to `dst`, quoting
 /// `quoted` (a [`packet6`], its IPv6 datagram whole), with `mtu` as the link's (for "packet

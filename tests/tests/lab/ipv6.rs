@@ -7,7 +7,7 @@ use super::*;
 
 const HTTP_VIP6: &str = DEMO6.http;
 const STICKY_VIP6: &str = "http://[fd00::10:96:0:11]/";
-const DNS_VIP6: &str = "[fd00::10:96:0:53]:53";
+pub(super) const DNS_VIP6: &str = "[fd00::10:96:0:53]:53";
 const ECHO_VIP6: &str = DEMO6.echo;
 
 #[test]

@@ -8,7 +8,7 @@ use lb_tests::{
     udp_exchange, upload,
 };
 
-use super::{DEMO6, DNS_VIP, HTTP_VIP, lab};
+use super::{DEMO6, DNS_VIP, HTTP_VIP, ipv6::DNS_VIP6, lab};
 
 /// The MTU of the node's links toward the backends, under the client's 1,500.
 const NARROW_MTU: &str = "1280";
@@ -49,7 +49,7 @@ const IPV4: Family = Family {
 
 const IPV6: Family = Family {
     http_vip: DEMO6.http,
-    dns_vip: "[fd00::10:96:0:53]:53",
+    dns_vip: DNS_VIP6,
     host: |ip| format!("[{}]", ipv6_twin(ip)),
 };
 
