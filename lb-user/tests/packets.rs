@@ -711,6 +711,26 @@ fn ipv6_rows() -> Vec<Row> {
     let (client, cluster_ip, web) = (v6(CLIENT), v6(CLUSTER_IP), v6(WEB));
     let (node, remote, outside) = (v6(NODE_IP), v6(REMOTE), v6(OUTSIDE));
     let (gateway, router) = (v6(POD_GATEWAY), v6(ROUTER));
+    // A port unreachable from `from`, quoting the client's datagram past two extension
+    // headers to `from:port`.
+    let dns_unreachable = |from, port| {
+        let quoted = packet6_through(
+            &[IPV6_HOP_BY_HOP, IPV6_DEST_OPTIONS],
+            UDP,
+            client,
+            from,
+            42000,
+            port,
+        );
+        icmp6_error(
+            ICMPV6_DEST_UNREACHABLE,
+            ICMPV6_PORT_UNREACHABLE,
+            from,
+            client,
+            0,
+            &quoted,
+        )
+    };
     vec![
         Row {
             what: "IPv6: a SYN to a ClusterIP goes to its backend, only the TCP checksum updated",
@@ -816,37 +836,9 @@ fn ipv6_rows() -> Vec<Row> {
                    past the extension headers: from the ClusterIP, quoting it, the outer \
                    source in ICMPv6's pseudo-header",
             hook: Hook::TcEgress,
-            input: icmp6_error(
-                ICMPV6_DEST_UNREACHABLE,
-                ICMPV6_PORT_UNREACHABLE,
-                v6(DNS),
-                client,
-                0,
-                &packet6_through(
-                    &[IPV6_HOP_BY_HOP, IPV6_DEST_OPTIONS],
-                    UDP,
-                    client,
-                    v6(DNS),
-                    42000,
-                    5353,
-                ),
-            ),
+            input: dns_unreachable(v6(DNS), 5353),
             verdict: TC_ACT_OK,
-            out: Out::Packet(icmp6_error(
-                ICMPV6_DEST_UNREACHABLE,
-                ICMPV6_PORT_UNREACHABLE,
-                v6(DNS_IP),
-                client,
-                0,
-                &packet6_through(
-                    &[IPV6_HOP_BY_HOP, IPV6_DEST_OPTIONS],
-                    UDP,
-                    client,
-                    v6(DNS_IP),
-                    42000,
-                    53,
-                ),
-            )),
+            out: Out::Packet(dns_unreachable(v6(DNS_IP), 53)),
             counts: &["icmp_translated"],
             before: None,
         },
