@@ -44,19 +44,26 @@ pub fn packet6_through(
         let next = headers.get(i + 1).copied().unwrap_or(protocol);
         extensions.extend([next, 0, 1, 4, 0, 0, 0, 0]);
     }
-    let mut p = vec![0u8; 12];
-    p.extend(0x86ddu16.to_be_bytes());
-    p.extend([0x60, 0, 0, 0]);
-    p.extend(((extensions.len() + l4.len()) as u16).to_be_bytes());
-    p.push(headers.first().copied().unwrap_or(protocol));
-    p.push(64);
-    p.extend(src.octets());
-    p.extend(dst.octets());
+    let next_header = headers.first().copied().unwrap_or(protocol);
+    let mut p = ipv6_header(next_header, src, dst, extensions.len() + l4.len());
     p.extend(extensions);
     // IPv6's pseudo-header: the addresses, the datagram's length and protocol.
     let pseudo = words(&p[22..54]) + l4.len() as u32 + u32::from(protocol);
     fill_l4_checksum(protocol, &mut l4, pseudo);
     p.extend(l4);
+    p
+}
+
+/// Ethernet + an IPv6 header (hop limit 64) of `next_header` from `src` to `dst`, announcing
+/// `payload_len` bytes after it, which the caller appends.
+fn ipv6_header(next_header: u8, src: Ipv6Addr, dst: Ipv6Addr, payload_len: usize) -> Vec<u8> {
+    let mut p = vec![0u8; 12];
+    p.extend(0x86ddu16.to_be_bytes());
+    p.extend([0x60, 0, 0, 0]);
+    p.extend((payload_len as u16).to_be_bytes());
+    p.extend([next_header, 64]);
+    p.extend(src.octets());
+    p.extend(dst.octets());
     p
 }
 
@@ -215,13 +222,7 @@ pub fn icmp6_error(
 ) -> Vec<u8> {
     let quote = &quoted[14..];
     let len = 8 + quote.len();
-    let mut p = vec![0u8; 12];
-    p.extend(0x86ddu16.to_be_bytes());
-    p.extend([0x60, 0, 0, 0]);
-    p.extend((len as u16).to_be_bytes());
-    p.extend([58, 64]);
-    p.extend(src.octets());
-    p.extend(dst.octets());
+    let mut p = ipv6_header(58, src, dst, len);
     p.extend([kind, code, 0, 0]);
     p.extend(mtu.to_be_bytes());
     p.extend(quote);
