@@ -68,10 +68,16 @@ pub const SOURCE_RANGES: &str = "lb_source_ranges_v1";
 pub const SOURCE_RANGES6: &str = "lb_source_ranges6_v1";
 /// The ports of fragmented datagrams (LRU): [`FragmentKey`] -> [`FragmentPorts`]. Written by
 /// the datapath from a datagram's first fragment, read for its later ones, which carry none.
-pub const FRAGMENTS: &str = "lb_fragments_v1";
+pub const FRAGMENTS: &str = "lb_fragments_v2";
+/// The ports of fragmented IPv6 datagrams (LRU): [`FragmentKey<Ipv6Be>`] -> [`FragmentPorts`],
+/// as [`FRAGMENTS`].
+pub const FRAGMENTS6: &str = "lb_fragments6_v1";
 /// Later fragments that came before their first (LRU): [`HeldKey`] -> [`HeldFragment`].
 /// Written by the tc ingress program, which sends them on once the first fragment comes.
-pub const HELD_FRAGMENTS: &str = "lb_held_fragments_v1";
+pub const HELD_FRAGMENTS: &str = "lb_held_fragments_v2";
+/// Later IPv6 fragments that came before their first (LRU): [`HeldKey<Ipv6Be>`] ->
+/// [`HeldFragment`], as [`HELD_FRAGMENTS`].
+pub const HELD_FRAGMENTS6: &str = "lb_held_fragments6_v1";
 /// Each CPU's room for one fragment's bytes while it is being held, one entry:
 /// [`HeldFragment`]. The datapath's own.
 pub const FRAGMENT_SCRATCH: &str = "lb_fragment_scratch_v1";
@@ -92,7 +98,7 @@ pub const CLOCK: &str = "lb_clock_v1";
 pub const EPOCH: &str = "lb_epoch_v1";
 
 /// Every map, in the order the agent pins them.
-pub const ALL: [&str; 29] = [
+pub const ALL: [&str; 31] = [
     FRONTENDS,
     FRONTENDS6,
     SLOTS,
@@ -120,7 +126,9 @@ pub const ALL: [&str; 29] = [
     SOURCE_RANGES,
     SOURCE_RANGES6,
     FRAGMENTS,
+    FRAGMENTS6,
     HELD_FRAGMENTS,
+    HELD_FRAGMENTS6,
     FRAGMENT_SCRATCH,
 ];
 
@@ -142,13 +150,13 @@ pub const MAX_SOCKETS: u32 = 65_536;
 pub const MAX_CONNECTED: u32 = 262_144;
 /// Capacity of [`AFFINITY`] and of [`AFFINITY6`].
 pub const MAX_AFFINITIES: u32 = 65_536;
-/// Capacity of [`FRAGMENTS`]: datagrams in fragments at once.
+/// Capacity of [`FRAGMENTS`] and of [`FRAGMENTS6`]: datagrams in fragments at once.
 pub const MAX_FRAGMENTS: u32 = 16_384;
-/// Capacity of [`HELD_FRAGMENTS`].
+/// Capacity of [`HELD_FRAGMENTS`] and of [`HELD_FRAGMENTS6`].
 pub const MAX_HELD_FRAGMENTS: u32 = 1024;
 /// How many later fragments of one datagram may wait for its first.
 pub const HELD_PER_DATAGRAM: u8 = 8;
-/// The largest fragment held, from its IPv4 header on: a 1,500-byte link's.
+/// The largest fragment held, from its IP header on: a 1,500-byte link's.
 pub const HELD_FRAGMENT_BYTES: usize = 1500;
 /// Capacity of [`SOURCE_RANGES`] and of [`SOURCE_RANGES6`].
 pub const MAX_SOURCE_RANGES: u32 = 65_536;
@@ -306,13 +314,15 @@ pub struct Reply<A = u32> {
 /// What every fragment of one datagram shares.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct FragmentKey {
-    pub src_addr_be: u32,
-    pub dst_addr_be: u32,
-    /// The IPv4 identification.
-    pub id_be: u16,
+pub struct FragmentKey<A = u32> {
+    pub src_addr_be: A,
+    pub dst_addr_be: A,
+    /// The identification: IPv4's 16 bits (widened, as they lie in the packet) or the 32 of an
+    /// IPv6 fragment header.
+    pub id_be: u32,
+    /// The datagram's: IPv4's protocol, or the fragment header's next header.
     pub protocol: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 3],
 }
 
 /// The ports a datagram's first fragment carries, for its later ones.
@@ -334,15 +344,17 @@ pub const FRAGMENT_TIMEOUT_NS: u64 = 30_000_000_000;
 /// fragments (from 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct HeldKey {
-    pub src_addr_be: u32,
-    pub dst_addr_be: u32,
-    pub id_be: u16,
+pub struct HeldKey<A = u32> {
+    pub src_addr_be: A,
+    pub dst_addr_be: A,
+    /// As [`FragmentKey::id_be`].
+    pub id_be: u32,
     pub protocol: u8,
     pub slot: u8,
+    pub _pad: [u8; 2],
 }
 
-/// A fragment's bytes, from its IPv4 header on.
+/// A fragment's bytes, from its IP header on.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeldFragment {
@@ -603,9 +615,11 @@ const _: () = {
     assert!(size_of::<Clock>() == 16);
     assert!(size_of::<Epoch>() == 4);
     assert!(size_of::<Stats>() == 128);
-    assert!(size_of::<HeldKey>() == 12);
+    assert!(size_of::<HeldKey>() == 16);
+    assert!(size_of::<HeldKey<Ipv6Be>>() == 40);
     assert!(size_of::<HeldFragment>() == 12 + HELD_FRAGMENT_BYTES);
-    assert!(size_of::<FragmentKey>() == 12);
+    assert!(size_of::<FragmentKey>() == 16);
+    assert!(size_of::<FragmentKey<Ipv6Be>>() == 40);
     assert!(size_of::<FragmentPorts>() == 16);
     assert!(size_of::<SourceRangeKey>() == 8);
     assert!(size_of::<SourceRangeKey<Ipv6Be>>() == 20);
@@ -652,6 +666,8 @@ mod pod {
         SocketKey<Ipv6Be>,
         SocketFrontend<Ipv6Be>,
         Connected<Ipv6Be>,
+        FragmentKey<Ipv6Be>,
+        HeldKey<Ipv6Be>,
         Clock,
         Epoch,
         Frontend,

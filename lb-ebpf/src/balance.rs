@@ -105,9 +105,7 @@ fn forward<C: Rewrite, A: Family>(
     }
     // Here, not only where tc passes it: a flow outlives its Service, whose address may no
     // longer be a frontend's.
-    if let Some(packet) = A::ipv4(packet) {
-        fragments::remember(packet);
-    }
+    fragments::remember(packet);
     count(|s| &mut s.forwarded);
     count_frontend(flow.service_id, packet.ip_len, new_flow);
     Ok(Verdict::Pass)

@@ -14,12 +14,13 @@ use crate::{
     headers::{ETH_HLEN, IP_CHECKSUM, IP_DST, IP_SRC, IP6_DST, IP6_SRC, IPV4_MIN_HLEN, IPV6_HLEN},
     maps::{
         AFFINITY, AFFINITY6, AffinityMap, BACKENDS, BACKENDS6, BackendMap, CONNECTED, CONNECTED6,
-        ConnectedMap, FLOWS, FLOWS6, FRONTENDS, FRONTENDS6, FlowMap, FrontendMap, REPLIES,
-        REPLIES6, ReplyMap, SOCKETS, SOCKETS6, SOURCE_RANGES, SOURCE_RANGES6, SocketMap,
-        SourceRangeMap, VIPS, VIPS6, VipMap,
+        ConnectedMap, FLOWS, FLOWS6, FRAGMENTS, FRAGMENTS6, FRONTENDS, FRONTENDS6, FlowMap,
+        FragmentMap, FrontendMap, HELD_FRAGMENTS, HELD_FRAGMENTS6, HeldMap, REPLIES, REPLIES6,
+        ReplyMap, SOCKETS, SOCKETS6, SOURCE_RANGES, SOURCE_RANGES6, SocketMap, SourceRangeMap,
+        VIPS, VIPS6, VipMap,
     },
     nat::checksum_update,
-    parse::{Packet, ptr_at},
+    parse::ptr_at,
 };
 
 /// An address family, implemented on its address type (network order, as in the packet).
@@ -41,6 +42,8 @@ pub trait Family: Copy + PartialEq + Default + 'static {
     fn affinities() -> &'static AffinityMap<Self>;
     fn sockets() -> &'static SocketMap<Self>;
     fn connected() -> &'static ConnectedMap<Self>;
+    fn fragments() -> &'static FragmentMap<Self>;
+    fn held_fragments() -> &'static HeldMap<Self>;
 
     /// The node's address of this family that SNATed flows leave with, if it has one.
     fn snat_addr(config: &Config) -> Option<Self>;
@@ -71,8 +74,9 @@ pub trait Family: Copy + PartialEq + Default + 'static {
         flags: u64,
     ) -> Result<(), ()>;
 
-    /// The packet, if it is IPv4: for what only IPv4 has yet (fragments, ICMP errors).
-    fn ipv4(packet: &Packet<Self>) -> Option<&Packet<u32>>;
+    /// Keeps a `CHECKSUM_COMPLETE` skb's sum right for the address `old` replaced by `new`
+    /// with no L4 checksum moving with it (a later fragment's).
+    fn tc_address_alone(ctx: &TcContext, old: Self, new: Self) -> Result<(), ()>;
 }
 
 impl Family for u32 {
@@ -107,6 +111,12 @@ impl Family for u32 {
     }
     fn connected() -> &'static ConnectedMap<Self> {
         &CONNECTED
+    }
+    fn fragments() -> &'static FragmentMap<Self> {
+        &FRAGMENTS
+    }
+    fn held_fragments() -> &'static HeldMap<Self> {
+        &HELD_FRAGMENTS
     }
 
     #[inline(always)]
@@ -156,9 +166,10 @@ impl Family for u32 {
             .map_err(drop)
     }
 
+    /// The header checksum moved the other way: the sum is unchanged.
     #[inline(always)]
-    fn ipv4(packet: &Packet<Self>) -> Option<&Packet<u32>> {
-        Some(packet)
+    fn tc_address_alone(_ctx: &TcContext, _old: Self, _new: Self) -> Result<(), ()> {
+        Ok(())
     }
 }
 
@@ -194,6 +205,12 @@ impl Family for Ipv6Be {
     }
     fn connected() -> &'static ConnectedMap<Self> {
         &CONNECTED6
+    }
+    fn fragments() -> &'static FragmentMap<Self> {
+        &FRAGMENTS6
+    }
+    fn held_fragments() -> &'static HeldMap<Self> {
+        &HELD_FRAGMENTS6
     }
 
     #[inline(always)]
@@ -244,29 +261,41 @@ impl Family for Ipv6Be {
         new: Self,
         flags: u64,
     ) -> Result<(), ()> {
-        let (mut old, mut new) = (old, new);
-        // SAFETY: a helper call on two 16-byte buffers on this program's stack.
-        let diff = unsafe {
-            bpf_csum_diff(
-                old.as_mut_ptr(),
-                size_of::<Ipv6Be>() as u32,
-                new.as_mut_ptr(),
-                size_of::<Ipv6Be>() as u32,
-                0,
-            )
-        };
-        if diff < 0 {
-            return Err(());
-        }
-        ctx.l4_csum_replace(offset, 0, diff as u64, flags | u64::from(BPF_F_PSEUDO_HDR))
-            .map_err(drop)?;
+        let diff = address_diff(old, new)?;
+        ctx.l4_csum_replace(
+            offset,
+            0,
+            u64::from(diff),
+            flags | u64::from(BPF_F_PSEUDO_HDR),
+        )
+        .map_err(drop)?;
         // SAFETY: a helper call on the skb the kernel gave; it changes only a COMPLETE sum.
-        unsafe { bpf_csum_update(ctx.skb.skb, diff as u32) };
+        unsafe { bpf_csum_update(ctx.skb.skb, diff) };
         Ok(())
     }
 
     #[inline(always)]
-    fn ipv4(_packet: &Packet<Self>) -> Option<&Packet<u32>> {
-        None
+    fn tc_address_alone(ctx: &TcContext, old: Self, new: Self) -> Result<(), ()> {
+        let diff = address_diff(old, new)?;
+        // SAFETY: a helper call on the skb the kernel gave; it changes only a COMPLETE sum.
+        unsafe { bpf_csum_update(ctx.skb.skb, diff) };
+        Ok(())
     }
+}
+
+/// The one's-complement difference of two IPv6 addresses, as the checksum helpers take it.
+#[inline(always)]
+fn address_diff(old: Ipv6Be, new: Ipv6Be) -> Result<u32, ()> {
+    let (mut old, mut new) = (old, new);
+    // SAFETY: a helper call on two 16-byte buffers on this program's stack.
+    let diff = unsafe {
+        bpf_csum_diff(
+            old.as_mut_ptr(),
+            size_of::<Ipv6Be>() as u32,
+            new.as_mut_ptr(),
+            size_of::<Ipv6Be>() as u32,
+            0,
+        )
+    };
+    u32::try_from(diff).map_err(drop)
 }

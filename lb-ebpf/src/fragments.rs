@@ -1,7 +1,8 @@
-//! IP fragments. Only a datagram's first fragment carries its ports: the first fragment of a
-//! datagram the datapath rewrites (to a backend, or back to a client), or of one to a frontend
-//! address, leaves them in `lb_fragments`, under what every fragment of the datagram shares
-//! (source, destination, protocol, IP id), and each later fragment takes them from there and
+//! IP fragments, of both families. Only a datagram's first fragment carries its ports: the
+//! first fragment of a datagram the datapath rewrites (to a backend, or back to a client), or of
+//! one to a frontend address, leaves them in `lb_fragments` (`lb_fragments6`), under what every
+//! fragment of the datagram shares (source, destination, protocol, IP id: IPv4's, or the IPv6
+//! fragment header's), and each later fragment takes them from there and
 //! follows its flow, or its reply, rewritten as its packets are: addresses only, the first
 //! fragment carrying the TCP or UDP checksum, which covers the whole datagram. The kernel is
 //! not asked to reassemble: tc and XDP run before it could, and a node forwarding a datagram
@@ -29,24 +30,25 @@ use aya_ebpf::{
 };
 use lb_common::maps::{
     FRAGMENT_TIMEOUT_NS, FlowKey, FragmentKey, FragmentPorts, HELD_FRAGMENT_BYTES,
-    HELD_PER_DATAGRAM, HeldFragment, HeldKey, PROTO_TCP, PROTO_UDP, Vip,
+    HELD_PER_DATAGRAM, HeldFragment, HeldKey, Ipv6Be, PROTO_TCP, PROTO_UDP, Vip,
 };
 
 use crate::{
     clock::now_ns,
+    family::Family,
     headers::{ETH_HLEN, Ipv4Header},
-    maps::{self, FRAGMENTS, HELD_FRAGMENTS},
-    parse::{Frame, IPV4_FRAGMENT_MASK_BE, IPV4_OFFSET_MASK_BE, Packet, Piece, parse},
+    maps,
+    parse::{Frame, IPV4_FRAGMENT_MASK_BE, IPV4_OFFSET_MASK_BE, Packet, Piece, parse, parse6},
     stats::count,
 };
 
 /// What a program is to do with a frame.
-pub enum Input {
+pub enum Input<A = u32> {
     /// Balance it.
-    Packet(Packet),
+    Packet(Packet<A>),
     /// A later fragment whose first has not come, to an address whose fragments wait for their
     /// first ([`waits_for_first`]): hold it ([`hold`]).
-    Unplaced(Packet),
+    Unplaced(Packet<A>),
     /// Anything else: pass it (an ICMP error among them, to translate).
     Other,
 }
@@ -67,6 +69,17 @@ pub fn input(
     later(ip, header_len)
 }
 
+/// The IPv6 frame as a packet to balance: parsed ([`parse6`]), a later fragment given its
+/// first's ports.
+#[inline(always)]
+pub fn input6(data: usize, data_end: usize, frame: Frame) -> Input<Ipv6Be> {
+    match parse6(data, data_end, frame) {
+        Some(packet) if packet.piece == Piece::Later => placed(packet),
+        Some(packet) => Input::Packet(packet),
+        None => Input::Other,
+    }
+}
+
 /// Whether the IPv4 header `ip` is a fragment's, first or later.
 #[inline(always)]
 pub fn is_fragment(ip: &Ipv4Header) -> bool {
@@ -75,7 +88,7 @@ pub fn is_fragment(ip: &Ipv4Header) -> bool {
 
 /// Records the ports of a datagram's first fragment, once it was rewritten or passed.
 #[inline(always)]
-pub fn remember(packet: &Packet) {
+pub fn remember<A: Family>(packet: &Packet<A>) {
     if packet.piece != Piece::First {
         return;
     }
@@ -86,17 +99,17 @@ pub fn remember(packet: &Packet) {
         _pad: 0,
     };
     // A full table evicts the oldest datagram: its later fragments go unplaced.
-    let _ = FRAGMENTS.insert(fragment_key(packet), ports, 0);
+    let _ = A::fragments().insert(fragment_key(packet), ports, 0);
 }
 
 #[inline(always)]
-fn fragment_key(packet: &Packet) -> FragmentKey {
+fn fragment_key<A: Family>(packet: &Packet<A>) -> FragmentKey<A> {
     FragmentKey {
         src_addr_be: packet.key.src_addr_be,
         dst_addr_be: packet.key.dst_addr_be,
         id_be: packet.ip_id_be,
         protocol: packet.key.protocol,
-        _pad: 0,
+        _pad: [0; 3],
     }
 }
 
@@ -108,7 +121,7 @@ fn later(ip: &Ipv4Header, header_len: usize) -> Input {
     if (ip.protocol != PROTO_TCP && ip.protocol != PROTO_UDP) || total_len < header_len {
         return Input::Other;
     }
-    let mut packet = Packet {
+    let packet = Packet {
         key: FlowKey {
             src_addr_be: ip.src_addr_be,
             dst_addr_be: ip.dst_addr_be,
@@ -120,11 +133,17 @@ fn later(ip: &Ipv4Header, header_len: usize) -> Input {
         l4_offset: ETH_HLEN + header_len,
         tcp_flags: 0,
         ip_len: u16::from_be(ip.total_len_be),
-        ip_id_be: ip.id_be,
+        ip_id_be: u32::from(ip.id_be),
         piece: Piece::Later,
     };
+    placed(packet)
+}
+
+/// A later fragment (`packet`, its ports 0), given its first's ports if they were left.
+#[inline(always)]
+fn placed<A: Family>(mut packet: Packet<A>) -> Input<A> {
     let Some(ports) = placed_ports(&packet) else {
-        if waits_for_first(ip.dst_addr_be) {
+        if waits_for_first(packet.key.dst_addr_be) {
             return Input::Unplaced(packet);
         }
         return Input::Other;
@@ -139,8 +158,8 @@ fn later(ip: &Ipv4Header, header_len: usize) -> Input {
 /// come. Their first fragments are remembered whenever they pass, so that their later ones, in
 /// order, find where to go even when the datagram was no service's.
 #[inline(always)]
-fn waits_for_first(addr_be: u32) -> bool {
-    maps::vip(addr_be).is_some() || maps::config().is_some_and(|c| c.snat_addr_be == addr_be)
+fn waits_for_first<A: Family>(addr_be: A) -> bool {
+    maps::vip(addr_be).is_some() || maps::config().is_some_and(|c| A::snat_addr(c) == Some(addr_be))
 }
 
 /// Counts a later fragment that cannot be placed.
@@ -150,13 +169,14 @@ pub fn unplaced() {
 }
 
 #[inline(always)]
-fn held_key(packet: &Packet, slot: u8) -> HeldKey {
+fn held_key<A: Family>(packet: &Packet<A>, slot: u8) -> HeldKey<A> {
     HeldKey {
         src_addr_be: packet.key.src_addr_be,
         dst_addr_be: packet.key.dst_addr_be,
         id_be: packet.ip_id_be,
         protocol: packet.key.protocol,
         slot,
+        _pad: [0; 2],
     }
 }
 
@@ -169,7 +189,7 @@ fn held_key(packet: &Packet, slot: u8) -> HeldKey {
 /// have passed this slot already, the fragment is taken back and returned placed
 /// (`Ok`), to balance now.
 #[inline(always)]
-pub fn hold(ctx: &TcContext, mut packet: Packet) -> Result<Packet, i32> {
+pub fn hold<A: Family>(ctx: &TcContext, mut packet: Packet<A>) -> Result<Packet<A>, i32> {
     let now = now_ns();
     // Borrowed, never copied: a fragment is three times the stack a program has.
     let slot = copy_in(ctx).map(|f| &*f).and_then(|fragment| {
@@ -181,7 +201,7 @@ pub fn hold(ctx: &TcContext, mut packet: Packet) -> Result<Packet, i32> {
                 Some(old) if now.saturating_sub(old.held_ns) > FRAGMENT_TIMEOUT_NS => BPF_EXIST,
                 Some(_) => return false,
             };
-            HELD_FRAGMENTS
+            A::held_fragments()
                 .insert(key, fragment, u64::from(flags))
                 .is_ok()
         })
@@ -192,7 +212,7 @@ pub fn hold(ctx: &TcContext, mut packet: Packet) -> Result<Packet, i32> {
         return Err(if cluster_ip { TC_ACT_SHOT } else { TC_ACT_OK });
     };
     if let Some(ports) = placed_ports(&packet)
-        && HELD_FRAGMENTS.remove(held_key(&packet, slot)).is_ok()
+        && A::held_fragments().remove(held_key(&packet, slot)).is_ok()
     {
         packet.key.src_port_be = ports.src_port_be;
         packet.key.dst_port_be = ports.dst_port_be;
@@ -204,7 +224,7 @@ pub fn hold(ctx: &TcContext, mut packet: Packet) -> Result<Packet, i32> {
 
 /// The ports `packet`'s datagram's first fragment left, if it came within the timeout.
 #[inline(always)]
-fn placed_ports(packet: &Packet) -> Option<&'static FragmentPorts> {
+fn placed_ports<A: Family>(packet: &Packet<A>) -> Option<&'static FragmentPorts> {
     maps::fragment_ports(fragment_key(packet))
         .filter(|ports| now_ns().saturating_sub(ports.seen_ns) <= FRAGMENT_TIMEOUT_NS)
 }
@@ -263,7 +283,7 @@ fn write_over(ctx: &TcContext, fragment: &HeldFragment) -> Option<()> {
 /// each held fragment is written over the skb and cloned after it, and the skb itself is
 /// dropped (`TC_ACT_SHOT`). Else it goes on (`TC_ACT_OK`).
 #[inline(always)]
-pub fn release(ctx: &TcContext, first: &Packet) -> i32 {
+pub fn release<A: Family>(ctx: &TcContext, first: &Packet<A>) -> i32 {
     if first.piece != Piece::First || !waits_for_first(first.key.dst_addr_be) {
         return TC_ACT_OK;
     }
@@ -292,7 +312,7 @@ pub fn release(ctx: &TcContext, first: &Packet) -> i32 {
         }
         // Sent or not, each goes once: one that cannot be written over this skb would
         // otherwise come round again with every clone of the first.
-        let _ = HELD_FRAGMENTS.remove(key);
+        let _ = A::held_fragments().remove(key);
     }
     TC_ACT_SHOT
 }

@@ -47,6 +47,18 @@ pub struct Ipv6ExtensionHeader {
     pub len: u8,
 }
 
+/// The IPv6 fragment header (RFC 8200, 4.5).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv6FragmentHeader {
+    /// The datagram's first header past the fragment header: in every fragment the same.
+    pub next_header: u8,
+    pub reserved: u8,
+    /// The offset in 8-byte units (the high 13 bits) and "more fragments" (the lowest).
+    pub offset_more_be: u16,
+    pub id_be: u32,
+}
+
 #[repr(C)]
 pub struct TcpHeader {
     pub src_port_be: u16,
@@ -97,11 +109,13 @@ pub const ICMPV6_PARAMETER_PROBLEM: u8 = 4;
 /// IANA's numbers of the IPv6 extension headers a real network carries, as in `next_header`.
 pub const IPV6_HOP_BY_HOP: u8 = 0;
 pub const IPV6_ROUTING: u8 = 43;
+pub const IPV6_FRAGMENT: u8 = 44;
 pub const IPV6_AUTH: u8 = 51;
 pub const IPV6_DEST_OPTIONS: u8 = 60;
 
 pub const ETH_HLEN: usize = size_of::<EthHeader>();
 pub const IPV6_HLEN: usize = size_of::<Ipv6Header>();
+pub const IPV6_FRAGMENT_HLEN: usize = size_of::<Ipv6FragmentHeader>();
 /// An IPv4 header without options.
 pub const IPV4_MIN_HLEN: usize = size_of::<Ipv4Header>();
 /// A TCP header without options.

@@ -1,6 +1,6 @@
 //! The service load balancer's datapath: a tc program on the node's pod-facing interfaces
 //! (traffic from the cluster) and an XDP program on its uplinks (traffic from outside, but
-//! for IP fragments, which a tc program after it balances), over one packet core
+//! for IP fragments of either family, which a tc program after it balances), over one packet core
 //! ([`balance`]); tc egress on both for replies, and on `lo` for the node's own ICMP errors
 //! about SNATed flows; and socket hooks for the node's own processes ([`socket`]). This file
 //! holds the entry points only.
@@ -61,14 +61,14 @@ use aya_ebpf::{
     macros::{cgroup_sock, cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, SockContext, TcContext, XdpContext},
 };
-use lb_common::maps::{SCOPE_EXTERNAL, SCOPE_INTERNAL};
+use lb_common::maps::{Ipv6Be, SCOPE_EXTERNAL, SCOPE_INTERNAL};
 
 use crate::{
     balance::{Verdict, balance},
     family::Family,
-    fragments::{Input, input},
+    fragments::{Input, input, input6},
     headers::Ipv4Header,
-    parse::{Frame, Packet, ipv4, is_plain_datagram6, parse6},
+    parse::{Frame, Packet, Piece, ipv4, is_plain_datagram6, parse6},
     reject::{Reject, answer4, answer6, rejection},
     reply::{Hook, to_client},
 };
@@ -99,9 +99,9 @@ fn tc_ingress4(ctx: &TcContext, ip: &Ipv4Header, header_len: usize) -> i32 {
 
 #[inline(never)]
 fn tc_ingress6(ctx: &TcContext) -> Result<i32, Reject> {
-    match parse6(ctx.data(), ctx.data_end(), Frame::Linear) {
-        Some(packet) => tc_balance(ctx, &packet, SCOPE_INTERNAL),
-        None => Ok(TC_ACT_OK),
+    match tc_input6(ctx) {
+        Ok(packet) => tc_balance(ctx, &packet, SCOPE_INTERNAL),
+        Err(verdict) => Ok(verdict),
     }
 }
 
@@ -134,20 +134,38 @@ fn tc_answer6(ctx: &TcContext, reject: &Reject) -> i32 {
     answer6(ctx, reject).unwrap_or(TC_ACT_SHOT)
 }
 
-/// The IPv4 fragments from outside, which XDP passes: balanced here, where a later fragment
+/// The IP fragments from outside, which XDP passes: balanced here, where a later fragment
 /// that comes before its first can be held for it ([`fragments`]).
 #[classifier]
 pub fn lb_tc_uplink(ctx: TcContext) -> i32 {
-    // XDP saw to every packet that is no fragment: a glance at the IPv4 header, not a parse.
+    // XDP saw to every packet that is no fragment: a glance at the IP header, not a parse (but
+    // for IPv6 past extension headers, whose last may be a fragment header).
     match ipv4(ctx.data(), ctx.data_end()) {
-        Some((ip, header_len)) if fragments::is_fragment(&ip) => {
-            match tc_input4(&ctx, &ip, header_len) {
-                Ok(packet) => tc_balance(&ctx, &packet, SCOPE_EXTERNAL)
-                    .unwrap_or_else(|reject| answer4(&ctx, &reject).unwrap_or(TC_ACT_SHOT)),
-                Err(verdict) => verdict,
-            }
-        }
-        _ => TC_ACT_OK,
+        Some((ip, header_len)) if fragments::is_fragment(&ip) => tc_uplink4(&ctx, &ip, header_len),
+        Some(_) => TC_ACT_OK,
+        None if is_plain_datagram6(ctx.data(), ctx.data_end()) => TC_ACT_OK,
+        None => tc_uplink6(&ctx).unwrap_or_else(|reject| tc_answer6(&ctx, &reject)),
+    }
+}
+
+/// The IPv4 fragments from outside, in a frame of their own as [`tc_ingress4`].
+#[inline(never)]
+fn tc_uplink4(ctx: &TcContext, ip: &Ipv4Header, header_len: usize) -> i32 {
+    match tc_input4(ctx, ip, header_len) {
+        Ok(packet) => tc_balance(ctx, &packet, SCOPE_EXTERNAL)
+            .unwrap_or_else(|reject| answer4(ctx, &reject).unwrap_or(TC_ACT_SHOT)),
+        Err(verdict) => verdict,
+    }
+}
+
+/// The IPv6 fragments from outside; a reject answers a first fragment to a frontend without
+/// backends, as XDP would its whole datagram (in a frame of its own, as [`tc_ingress6`]'s).
+#[inline(never)]
+fn tc_uplink6(ctx: &TcContext) -> Result<i32, Reject> {
+    match tc_input6(ctx) {
+        Ok(packet) if packet.piece != Piece::Whole => tc_balance(ctx, &packet, SCOPE_EXTERNAL),
+        Ok(_) => Ok(TC_ACT_OK),
+        Err(verdict) => Ok(verdict),
     }
 }
 
@@ -165,14 +183,22 @@ fn tc_input4(ctx: &TcContext, ip: &Ipv4Header, header_len: usize) -> Result<Pack
     }
 }
 
+/// The IPv6 packet tc ingress balances, as [`tc_input4`]; ICMPv6 errors were translated before.
+#[inline(always)]
+fn tc_input6(ctx: &TcContext) -> Result<Packet<Ipv6Be>, i32> {
+    match input6(ctx.data(), ctx.data_end(), Frame::Linear) {
+        Input::Packet(packet) => Ok(packet),
+        Input::Unplaced(packet) => fragments::hold(ctx, packet),
+        Input::Other => Err(TC_ACT_OK),
+    }
+}
+
 /// What tc does with a packet it balanced; `Err` for a new flow to answer (a reject), which the
 /// caller writes.
 #[inline(always)]
 fn tc_balance<A: Family>(ctx: &TcContext, packet: &Packet<A>, scope: u8) -> Result<i32, Reject> {
     match balance(ctx, packet, scope) {
-        Verdict::Pass => {
-            Ok(A::ipv4(packet).map_or(TC_ACT_OK, |packet| fragments::release(ctx, packet)))
-        }
+        Verdict::Pass => Ok(fragments::release(ctx, packet)),
         Verdict::Drop => Ok(TC_ACT_SHOT),
         Verdict::Reject => rejection(packet).ok_or(TC_ACT_SHOT).map_or_else(Ok, Err),
     }
@@ -203,7 +229,11 @@ fn tc_egress4(ctx: &TcContext, ip: &Ipv4Header, header_len: usize) -> i32 {
 
 #[inline(never)]
 fn tc_egress6(ctx: &TcContext) -> i32 {
-    parse6(ctx.data(), ctx.data_end(), Frame::Linear).map_or(TC_ACT_OK, |p| tc_reply(ctx, &p))
+    match input6(ctx.data(), ctx.data_end(), Frame::Linear) {
+        Input::Packet(packet) => tc_reply(ctx, &packet),
+        // As IPv4's.
+        Input::Unplaced(_) | Input::Other => TC_ACT_OK,
+    }
 }
 
 #[inline(always)]
@@ -253,8 +283,11 @@ fn xdp4(ctx: &XdpContext, ip: &Ipv4Header, header_len: usize) -> u32 {
 
 #[inline(never)]
 fn xdp6(ctx: &XdpContext) -> Result<u32, Reject> {
-    parse6(ctx.data(), ctx.data_end(), Frame::Whole)
-        .map_or(Ok(xdp_action::XDP_PASS), |packet| xdp_balance(ctx, &packet))
+    match parse6(ctx.data(), ctx.data_end(), Frame::Whole) {
+        // Fragments are balanced by `lb_tc_uplink`, which can hold them.
+        Some(packet) if packet.piece == Piece::Whole => xdp_balance(ctx, &packet),
+        Some(_) | None => Ok(xdp_action::XDP_PASS),
+    }
 }
 
 #[inline(never)]

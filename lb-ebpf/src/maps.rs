@@ -70,6 +70,8 @@ pub type ReplyMap<A> = LruHashMap<FlowKey<A>, Reply<A>, { MAX_FLOWS as usize }>;
 pub type AffinityMap<A> = LruHashMap<AffinityKey<A>, Affinity, { MAX_AFFINITIES as usize }>;
 pub type SocketMap<A> = LruHashMap<SocketKey<A>, SocketFrontend<A>, { MAX_SOCKETS as usize }>;
 pub type ConnectedMap<A> = HashMap<u64, Connected<A>, { MAX_CONNECTED as usize }, NO_PREALLOC>;
+pub type FragmentMap<A> = LruHashMap<FragmentKey<A>, FragmentPorts, { MAX_FRAGMENTS as usize }>;
+pub type HeldMap<A> = LruHashMap<HeldKey<A>, HeldFragment, { MAX_HELD_FRAGMENTS as usize }>;
 
 map!("lb_frontends_v1" = FRONTENDS, FRONTENDS: FrontendMap<u32>);
 map!("lb_frontends6_v1" = FRONTENDS6, FRONTENDS6: FrontendMap<Ipv6Be>);
@@ -92,8 +94,10 @@ map!("lb_cursors_v1" = CURSORS, CURSORS: PerCpuArray<u32, { MAX_SERVICES as usiz
 map!("lb_fe_stats_v1" = FRONTEND_STATS, FRONTEND_STATS: PerCpuArray<FrontendStats, { MAX_SERVICES as usize }>);
 map!("lb_source_ranges_v1" = SOURCE_RANGES, SOURCE_RANGES: SourceRangeMap<u32>);
 map!("lb_source_ranges6_v1" = SOURCE_RANGES6, SOURCE_RANGES6: SourceRangeMap<Ipv6Be>);
-map!("lb_fragments_v1" = FRAGMENTS, FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts, { MAX_FRAGMENTS as usize }>);
-map!("lb_held_fragments_v1" = HELD_FRAGMENTS, HELD_FRAGMENTS: LruHashMap<HeldKey, HeldFragment, { MAX_HELD_FRAGMENTS as usize }>);
+map!("lb_fragments_v2" = FRAGMENTS, FRAGMENTS: FragmentMap<u32>);
+map!("lb_fragments6_v1" = FRAGMENTS6, FRAGMENTS6: FragmentMap<Ipv6Be>);
+map!("lb_held_fragments_v2" = HELD_FRAGMENTS, HELD_FRAGMENTS: HeldMap<u32>);
+map!("lb_held_fragments6_v1" = HELD_FRAGMENTS6, HELD_FRAGMENTS6: HeldMap<Ipv6Be>);
 map!("lb_fragment_scratch_v1" = FRAGMENT_SCRATCH, FRAGMENT_SCRATCH: PerCpuArray<HeldFragment, 1>);
 map!("lb_stats_v6" = STATS, STATS: PerCpuArray<Stats, 1>);
 map!("lb_config_v3" = CONFIG, CONFIG: Array<Config, 1>);
@@ -153,16 +157,16 @@ pub fn flow<A: Family>(key: FlowKey<A>) -> Option<&'static Flow<A>> {
 
 /// The ports of a fragmented datagram, from its first fragment.
 #[inline(always)]
-pub fn fragment_ports(key: FragmentKey) -> Option<&'static FragmentPorts> {
+pub fn fragment_ports<A: Family>(key: FragmentKey<A>) -> Option<&'static FragmentPorts> {
     // SAFETY: as above.
-    unsafe { FRAGMENTS.get(key) }
+    unsafe { A::fragments().get(key) }
 }
 
 /// A later fragment held for its datagram's first.
 #[inline(always)]
-pub fn held_fragment(key: HeldKey) -> Option<&'static HeldFragment> {
+pub fn held_fragment<A: Family>(key: HeldKey<A>) -> Option<&'static HeldFragment> {
     // SAFETY: as above.
-    unsafe { HELD_FRAGMENTS.get(key) }
+    unsafe { A::held_fragments().get(key) }
 }
 
 /// This CPU's room for one fragment's bytes.

@@ -74,6 +74,9 @@ impl Rewrite for TcContext {
             A::write_addr(data, data_end, addr_offset, old_addr_be, addr_be)?;
         }
         if packet.piece == Piece::Later {
+            if old_addr_be != addr_be {
+                A::tc_address_alone(self, old_addr_be, addr_be)?;
+            }
             return Ok(());
         }
         if old_port_be != port_be {

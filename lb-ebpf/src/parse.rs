@@ -6,9 +6,10 @@ use core::mem::size_of;
 use lb_common::maps::{FlowKey, Ipv6Be, PROTO_TCP, PROTO_UDP};
 
 use crate::headers::{
-    ETH_HLEN, ETH_TYPE, IPV4_MIN_HLEN, IPV6_AUTH, IPV6_DEST_OPTIONS, IPV6_HLEN, IPV6_HOP_BY_HOP,
-    IPV6_ROUTING, Ipv4Header, Ipv6ExtensionHeader, Ipv6Header, L4_DST_PORT, L4_SRC_PORT,
-    TCP_CHECKSUM, TCP_DATA_OFFSET, TCP_MIN_HLEN, UDP_CHECKSUM, UDP_HLEN, UDP_LEN,
+    ETH_HLEN, ETH_TYPE, IPV4_MIN_HLEN, IPV6_AUTH, IPV6_DEST_OPTIONS, IPV6_FRAGMENT,
+    IPV6_FRAGMENT_HLEN, IPV6_HLEN, IPV6_HOP_BY_HOP, IPV6_ROUTING, Ipv4Header, Ipv6ExtensionHeader,
+    Ipv6FragmentHeader, Ipv6Header, L4_DST_PORT, L4_SRC_PORT, TCP_CHECKSUM, TCP_DATA_OFFSET,
+    TCP_MIN_HLEN, UDP_CHECKSUM, UDP_HLEN, UDP_LEN,
 };
 
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
@@ -45,8 +46,9 @@ pub struct Packet<A = u32> {
     pub tcp_flags: u8,
     /// The IP length: IPv4's total length, IPv6's payload length and header.
     pub ip_len: u16,
-    /// The IPv4 identification, which a datagram's fragments share; 0 in IPv6.
-    pub ip_id_be: u16,
+    /// The identification a datagram's fragments share: IPv4's (widened), or the IPv6
+    /// fragment header's (0 without one).
+    pub ip_id_be: u32,
     pub piece: Piece,
 }
 
@@ -187,11 +189,14 @@ pub fn skip_extensions(
     Some((protocol, offset))
 }
 
-/// Parses an IPv6 TCP or UDP packet past the extension headers before its datagram (hop by
-/// hop, routing, destination options, authentication), at most [`MAX_EXTENSION_HEADERS`] of
-/// them. Anything else is `None` and passes untouched: ICMPv6 (neighbour discovery, router
-/// advertisements; errors about tracked flows are translated before, [`icmp`](crate::icmp)),
-/// a fragment (IPv6 fragments are not balanced yet), a malformed packet.
+/// Parses an IPv6 TCP or UDP packet, or a fragment of one, past the extension headers before
+/// its datagram (hop by hop, routing, destination options, authentication), at most
+/// [`MAX_EXTENSION_HEADERS`] of them, and a fragment header after them, which the datagram's
+/// header must follow straight (as the first fragment holds the whole header chain, RFC
+/// 7112). A later fragment carries no ports: they are 0 here, and its first's in
+/// [`fragments`](crate::fragments). Anything else is `None` and passes untouched: ICMPv6
+/// (neighbour discovery, router advertisements; errors about tracked flows are translated
+/// before, [`icmp`](crate::icmp)), a malformed packet.
 #[inline(always)]
 pub fn parse6(data: usize, data_end: usize, frame: Frame) -> Option<Packet<Ipv6Be>> {
     let ip = ipv6(data, data_end)?;
@@ -199,33 +204,54 @@ pub fn parse6(data: usize, data_end: usize, frame: Frame) -> Option<Packet<Ipv6B
     if frame == Frame::Whole && data + ETH_HLEN + IPV6_HLEN + payload_len > data_end {
         return None;
     }
-    let (protocol, l4_offset) =
+    let (mut protocol, mut l4_offset) =
         skip_extensions(data, data_end, ip.next_header, ETH_HLEN + IPV6_HLEN)?;
-    // A fragment header among the others, and a packet past the headers walked.
+    let (mut piece, mut ip_id_be) = (Piece::Whole, 0);
+    if protocol == IPV6_FRAGMENT {
+        let fragment: Ipv6FragmentHeader = read(data, data_end, l4_offset)?;
+        protocol = fragment.next_header;
+        l4_offset += IPV6_FRAGMENT_HLEN;
+        ip_id_be = fragment.id_be;
+        let offset_more = u16::from_be(fragment.offset_more_be);
+        piece = match (offset_more >> 3, offset_more & 1) {
+            // An atomic fragment (RFC 6946): a whole datagram.
+            (0, 0) => Piece::Whole,
+            (0, _) => Piece::First,
+            _ => Piece::Later,
+        };
+    }
+    // A packet past the headers walked, too.
     if protocol != PROTO_TCP && protocol != PROTO_UDP {
         return None;
     }
     // A BIG TCP datagram's payload length is 0.
     let l4_len = match payload_len {
-        0 if protocol == PROTO_TCP => usize::MAX,
+        0 if protocol == PROTO_TCP && piece == Piece::Whole => usize::MAX,
         len => (ETH_HLEN + IPV6_HLEN + len).checked_sub(l4_offset)?,
     };
-    let datagram = datagram(data, data_end, protocol, l4_offset, l4_len, Piece::Whole)?;
     let ip_len = u16::try_from(IPV6_HLEN + payload_len).unwrap_or(u16::MAX);
+    let Datagram { ports, tcp_flags } = if piece == Piece::Later {
+        Datagram {
+            ports: [0; 2],
+            tcp_flags: 0,
+        }
+    } else {
+        datagram(data, data_end, protocol, l4_offset, l4_len, piece)?
+    };
     Some(Packet {
         key: FlowKey {
             src_addr_be: ip.src_addr_be,
             dst_addr_be: ip.dst_addr_be,
-            src_port_be: datagram.ports[0],
-            dst_port_be: datagram.ports[1],
+            src_port_be: ports[0],
+            dst_port_be: ports[1],
             protocol,
             _pad: [0; 3],
         },
         l4_offset,
-        tcp_flags: datagram.tcp_flags,
+        tcp_flags,
         ip_len,
-        ip_id_be: 0,
-        piece: Piece::Whole,
+        ip_id_be,
+        piece,
     })
 }
 
@@ -319,7 +345,7 @@ pub fn parse(
         l4_offset,
         tcp_flags,
         ip_len: u16::from_be(ip.total_len_be),
-        ip_id_be: ip.id_be,
+        ip_id_be: u32::from(ip.id_be),
         piece,
     })
 }

@@ -71,9 +71,7 @@ pub fn to_client<C: Rewrite, A: Family>(
         )
         .map_err(|()| error())?;
     }
-    if let Some(packet) = A::ipv4(packet) {
-        fragments::remember(packet);
-    }
+    fragments::remember(packet);
     count(|s| &mut s.replied);
     Ok(Verdict::Pass)
 }

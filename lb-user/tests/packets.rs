@@ -32,8 +32,9 @@ use lb_tests::{
         ICMP_FRAGMENTATION_NEEDED, ICMP_PORT_UNREACHABLE, ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE,
         ICMPV6_DEST_UNREACHABLE, ICMPV6_PACKET_TOO_BIG, ICMPV6_PORT_UNREACHABLE,
         ICMPV6_TIME_EXCEEDED, IPV6_DEST_OPTIONS, IPV6_HOP_BY_HOP, TCP_ACK, TCP_RST, TCP_SYN, UDP,
-        addr, addr6, checksum, checksum6_valid, checksums_valid, datagram, fill_ip_checksum,
-        fragments, icmp_error, icmp6_error, packet, packet6, packet6_through, port,
+        addr, addr6, checksum, checksum6_valid, checksums_valid, datagram, datagram6,
+        fill_ip_checksum, fragments, fragments6, icmp_error, icmp6_error, packet, packet6,
+        packet6_through, port,
     },
 };
 use lb_user::{
@@ -241,9 +242,10 @@ fn first_fragment_long_ago(tables: &mut Tables) {
     let key = FragmentKey {
         src_addr_be: ipv4_be(CLIENT),
         dst_addr_be: ipv4_be(CLUSTER_FRAGMENTS.0),
-        id_be: BIG_QUERY_ID.to_be(),
+        // As the datapath reads IPv4's 16 bits, widened.
+        id_be: u32::from(BIG_QUERY_ID.to_be()),
         protocol: PROTO_UDP,
-        _pad: 0,
+        _pad: [0; 3],
     };
     let mut ports = tables
         .fragments
@@ -262,9 +264,10 @@ fn held_long_ago(tables: &mut Tables) {
         let key = HeldKey {
             src_addr_be: ipv4_be(CLIENT),
             dst_addr_be: ipv4_be(CLUSTER_FRAGMENTS.0),
-            id_be: STALE_ID.to_be(),
+            id_be: u32::from(STALE_ID.to_be()),
             protocol: PROTO_UDP,
             slot,
+            _pad: [0; 2],
         };
         let fragment = HeldFragment {
             held_ns: 0,
@@ -982,7 +985,132 @@ fn ipv6_rows() -> Vec<Row> {
             counts: &[],
             before: None,
         },
+        Row {
+            what: "IPv6: a fragmented datagram's first fragment, to a ClusterIP: DNAT, its UDP \
+                   checksum (the whole datagram's) updated",
+            hook: Hook::TcIngress,
+            input: big_query6((v6(DNS_IP), 53), BIG_QUERY_ID6, 0),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(big_query6((v6(DNS), 5353), BIG_QUERY_ID6, 0)),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "IPv6: its later fragments follow it, addresses rewritten (and the skb's \
+                   complete sum with them)",
+            hook: Hook::TcIngress,
+            input: big_query6((v6(DNS_IP), 53), BIG_QUERY_ID6, 1),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(big_query6((v6(DNS), 5353), BIG_QUERY_ID6, 1)),
+            counts: &["forwarded"],
+            before: None,
+        },
+        Row {
+            what: "IPv6: the last one too",
+            hook: Hook::TcIngress,
+            input: big_query6((v6(DNS_IP), 53), BIG_QUERY_ID6, 2),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(big_query6((v6(DNS), 5353), BIG_QUERY_ID6, 2)),
+            counts: &["forwarded"],
+            before: None,
+        },
+        Row {
+            what: "IPv6: a later fragment before its first, to a ClusterIP: held for it",
+            hook: Hook::TcIngress,
+            input: big_query6((v6(DNS_IP), 53), BIG_QUERY_ID6 + 1, 1),
+            verdict: TC_ACT_SHOT,
+            out: Out::Unchanged,
+            counts: &["fragments_held"],
+            before: None,
+        },
+        Row {
+            what: "IPv6: a later fragment of a datagram never seen, to another address: untouched",
+            hook: Hook::TcIngress,
+            input: big_query6((v6(NOWHERE), 53), BIG_QUERY_ID6, 1),
+            verdict: TC_ACT_OK,
+            out: Out::Unchanged,
+            counts: &[],
+            before: None,
+        },
+        Row {
+            what: "IPv6: the backend's fragmented answer, leaving: its first fragment from the \
+                   ClusterIP",
+            hook: Hook::TcEgress,
+            input: big_answer6(v6(DNS), 5353, 0),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(big_answer6(v6(DNS_IP), 53, 0)),
+            counts: &["replied"],
+            before: None,
+        },
+        Row {
+            what: "IPv6: and its later fragment",
+            hook: Hook::TcEgress,
+            input: big_answer6(v6(DNS), 5353, 1),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(big_answer6(v6(DNS_IP), 53, 1)),
+            counts: &["replied"],
+            before: None,
+        },
+        Row {
+            what: "IPv6: a first fragment from outside: XDP passes it on to tc, which can hold \
+                   the later ones",
+            hook: Hook::Xdp,
+            input: segment_fragment6(outside, (v6(RANGED_LB_IP), 80), 0),
+            verdict: XDP_PASS,
+            out: Out::Unchanged,
+            counts: &[],
+            before: None,
+        },
+        Row {
+            what: "IPv6: there, it is DNATed",
+            hook: Hook::TcUplink,
+            input: segment_fragment6(outside, (v6(RANGED_LB_IP), 80), 0),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(segment_fragment6(outside, (web, 8080), 0)),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "IPv6: and its later fragment, which XDP passes too",
+            hook: Hook::TcUplink,
+            input: segment_fragment6(outside, (v6(RANGED_LB_IP), 80), 1),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(segment_fragment6(outside, (web, 8080), 1)),
+            counts: &["forwarded"],
+            before: None,
+        },
+        Row {
+            what: "IPv6: a packet that is no fragment, on the uplink's tc ingress: untouched",
+            hook: Hook::TcUplink,
+            input: packet6(TCP_SYN, outside, v6(RANGED_LB_IP), 44020, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Unchanged,
+            counts: &[],
+            before: None,
+        },
     ]
+}
+
+/// Fragment `n` of a 3,000-byte UDP query from the client's port 45000 to `to`, under
+/// identification `id`, in fragments of 1,448 bytes, as a 1,500-byte link splits it past the
+/// IPv6 and fragment headers.
+fn big_query6(to: (Ipv6Addr, u16), id: u32, n: usize) -> Vec<u8> {
+    let whole = datagram6(UDP, v6(CLIENT), to.0, 45000, to.1, 3000);
+    fragments6(&whole, id, 1448).swap_remove(n)
+}
+
+const BIG_QUERY_ID6: u32 = 0x4242_0001;
+
+/// Fragment `n` of a 2,000-byte UDP answer to [`big_query6`], from `from`.
+fn big_answer6(from: Ipv6Addr, port: u16, n: usize) -> Vec<u8> {
+    let whole = datagram6(UDP, from, v6(CLIENT), port, 45000, 2000);
+    fragments6(&whole, 0x5151_0001, 1448).swap_remove(n)
+}
+
+/// Fragment `n` of a 2,000-byte TCP segment from `client`'s port 44010 to `to`.
+fn segment_fragment6(client: Ipv6Addr, to: (Ipv6Addr, u16), n: usize) -> Vec<u8> {
+    let whole = datagram6(TCP_ACK, client, to.0, 44010, to.1, 2000);
+    fragments6(&whole, 0x7001_0001, 1448).swap_remove(n)
 }
 
 fn rows() -> Vec<Row> {

@@ -2,7 +2,7 @@
 
 use std::{
     io::Write,
-    net::Ipv4Addr,
+    net::IpAddr,
     process::{Child, ChildStdin, Command, Stdio},
     sync::mpsc,
     time::Duration,
@@ -88,19 +88,33 @@ pub fn client_of(answer: &str) -> Option<&str> {
         .find_map(|w| w.strip_prefix("client="))
 }
 
-/// One datagram of `size` bytes (`query`, padded) from a connected UDP socket to `address`,
-/// which takes answers from that address only, as a resolver: the answer's length and its
-/// first word (the pod), if one came. `run` makes the command in the sender's namespace.
+/// `address` (`host:port`, an IPv6 host in brackets) as Python's socket module takes it: the
+/// family's name, the host and the port.
+fn python_address(address: &str) -> Option<(&'static str, &str, &str)> {
+    let (host, port) = address.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let family = if host.contains(':') {
+        "AF_INET6"
+    } else {
+        "AF_INET"
+    };
+    Some((family, host, port))
+}
+
+/// One datagram of `size` bytes (`query`, padded) from a connected UDP socket to `address`
+/// (`host:port`, an IPv6 host in brackets), which takes answers from that address only, as a
+/// resolver: the answer's length and its first word (the pod), if one came. `run` makes the
+/// command in the sender's namespace.
 pub fn udp_exchange(
     run: impl FnOnce(&[&str]) -> Command,
     address: &str,
     query: &str,
     size: usize,
 ) -> Option<(usize, String)> {
-    let (host, port) = address.split_once(':')?;
+    let (family, host, port) = python_address(address)?;
     let script = format!(
         "import socket\n\
-         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s = socket.socket(socket.{family}, socket.SOCK_DGRAM)\n\
          s.settimeout(2)\n\
          s.connect(({host:?}, {port}))\n\
          s.send({query:?}.encode().ljust({size}, b' '))\n\
@@ -112,36 +126,43 @@ pub fn udp_exchange(
     Some((len.parse().ok()?, pod.to_string()))
 }
 
-/// A 3,000-byte UDP datagram from `source`'s port 46000 to `address`, sent as three fragments
-/// last first (a raw socket), and the answer's source and pod, if one came. `run` makes the
-/// command in the sender's namespace.
+/// A 3,000-byte UDP datagram from `source`'s port 46000 to `address` (`host:port`, an IPv6
+/// host in brackets), sent as three fragments last first (a raw socket, which writes the IP
+/// header and, over IPv6, the fragment header: 1,480 or 1,448 bytes of the datagram each, as a
+/// 1,500-byte link splits it), and the answer's source (as `address` is written) and pod, if
+/// one came. `run` makes the command in the sender's namespace.
 pub fn reversed_fragments(
     run: impl FnOnce(&[&str]) -> Command,
-    source: Ipv4Addr,
+    source: IpAddr,
     address: &str,
 ) -> Option<String> {
-    let (host, port) = address.split_once(':')?;
+    let (family, host, port) = python_address(address)?;
     let script = format!(
         "import socket, struct\n\
-         src, dst, sport, dport = {source:?}, {host:?}, 46000, {port}\n\
+         fam, src, dst, sport, dport = socket.{family}, {source:?}, {host:?}, 46000, {port}\n\
+         v6 = fam == socket.AF_INET6\n\
+         a = lambda x: socket.inet_pton(fam, x)\n\
          def csum(b):\n    b += b'\\0' * (len(b) % 2)\n    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))\n    \
          while s >> 16:\n        s = (s & 0xffff) + (s >> 16)\n    return ~s & 0xffff\n\
          payload = b'hello'.ljust(3000, b' ')\n\
          length = 8 + len(payload)\n\
-         pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack('!BBH', 0, 17, length)\n\
+         pseudo = a(src) + a(dst) + (struct.pack('!IxxxB', length, 17) if v6 else struct.pack('!BBH', 0, 17, length))\n\
          check = csum(pseudo + struct.pack('!HHHH', sport, dport, length, 0) + payload) or 0xffff\n\
          datagram = struct.pack('!HHHH', sport, dport, length, check) + payload\n\
-         rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-         rx.bind(('0.0.0.0', sport))\n\
+         rx = socket.socket(fam, socket.SOCK_DGRAM)\n\
+         rx.bind(('::' if v6 else '0.0.0.0', sport))\n\
          rx.settimeout(2)\n\
-         raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)\n\
-         pieces = [datagram[i:i + 1480] for i in range(0, len(datagram), 1480)]\n\
-         frags = [struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(p), 0x7777, \
-         (0x2000 if i < len(pieces) - 1 else 0) | i * 1480 // 8, 64, 17, 0, \
-         socket.inet_aton(src), socket.inet_aton(dst)) + p for i, p in enumerate(pieces)]\n\
-         for f in reversed(frags):\n    raw.sendto(f, (dst, 0))\n\
+         raw = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)\n\
+         size = 1448 if v6 else 1480\n\
+         pieces = [datagram[i:i + size] for i in range(0, len(datagram), size)]\n\
+         def header(i, p):\n    more = int(i < len(pieces) - 1)\n    \
+         if v6:\n        return struct.pack('!IHBB16s16sBBHI', 0x60000000, 8 + len(p), 44, 64, a(src), a(dst), \
+         17, 0, i * size // 8 << 3 | more, 0x77777777)\n    \
+         return struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(p), 0x7777, more << 13 | i * size // 8, \
+         64, 17, 0, a(src), a(dst))\n\
+         for i, p in reversed(list(enumerate(pieces))):\n    raw.sendto(header(i, p) + p, (dst, 0))\n\
          data, peer = rx.recvfrom(65535)\n\
-         print('%s:%d' % peer, data.split()[0].decode())\n",
+         print(('[%s]:%d' if v6 else '%s:%d') % peer[:2], data.split()[0].decode())\n",
         source = source.to_string(),
     );
     output(&mut run(&["python3", "-c", &script]))
@@ -172,15 +193,14 @@ pub fn upload(run: impl FnOnce(&[&str]) -> Command, url: &str) -> Option<String>
 /// error taught the socket the path's MTU), or why the script failed. `run` makes the command
 /// in the sender's namespace.
 pub fn df_datagrams(run: impl FnOnce(&[&str]) -> Command, address: &str) -> String {
-    let Some((host, port)) = address.rsplit_once(':') else {
+    let Some((family, host, port)) = python_address(address) else {
         return format!("{address:?} has no port");
     };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
     // IP_MTU_DISCOVER and IPV6_MTU_DISCOVER, each set to "do" (2): Python names none of them.
-    let (family, level, option) = if host.contains(':') {
-        ("AF_INET6", "IPPROTO_IPV6", 23)
+    let (level, option) = if family == "AF_INET6" {
+        ("IPPROTO_IPV6", 23)
     } else {
-        ("AF_INET", "IPPROTO_IP", 10)
+        ("IPPROTO_IP", 10)
     };
     let script = format!(
         "import errno, socket, time\n\

@@ -9,7 +9,8 @@
 //! | node-c | 10.0.0.3 | zone-2 | c1 .11                              |
 //!
 //! The outside client is 10.0.0.100 and routes the external IP 203.0.113.10 to node-a and the
-//! load-balancer IP 203.0.113.20 to node-b, as a router announcing them would.
+//! load-balancer IP 203.0.113.20 to node-b (and their IPv6 twins the same), as a router
+//! announcing them would.
 //!
 //! Dual-stack: every address has its IPv6 twin ([`ipv6_twin`]: node-a is `fd00::10:0:0:1` on
 //! the segment's `fd00::10:0:0:0/112`, a1 `fd00::10:244:1:11` in node-a's
@@ -64,10 +65,10 @@ const NODES: [NodeSpec; 3] = [
     },
 ];
 
-/// The routes the outside client's router would announce: (prefix, node address).
-const OUTSIDE_ROUTES: [(&str, &str); 2] = [
-    ("203.0.113.10/32", "10.0.0.1"),
-    ("203.0.113.20/32", "10.0.0.2"),
+/// The routes the outside client's router would announce: (address, node address).
+const OUTSIDE_ROUTES: [(Ipv4Addr, Ipv4Addr); 2] = [
+    (Ipv4Addr::new(203, 0, 113, 10), Ipv4Addr::new(10, 0, 0, 1)),
+    (Ipv4Addr::new(203, 0, 113, 20), Ipv4Addr::new(10, 0, 0, 2)),
 ];
 
 pub struct ClusterLab {
@@ -166,8 +167,11 @@ impl ClusterLab {
             no_checksum_offload(&namespace)?;
         }
         let outside = self.namespace("outside");
-        for (prefix, via) in OUTSIDE_ROUTES {
-            ip(&outside, &["route", "add", prefix, "via", via])?;
+        for (address, via) in OUTSIDE_ROUTES {
+            let twins = (ipv6_twin(address).to_string(), ipv6_twin(via).to_string());
+            for (address, via) in [(address.to_string(), via.to_string()), twins] {
+                ip(&outside, &["route", "add", &address, "via", &via])?;
+            }
         }
         for node in &NODES {
             let namespace = self.namespace(node.name);

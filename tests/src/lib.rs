@@ -54,11 +54,14 @@ pub(crate) const GATEWAY6: &str = "fe80::1";
 /// The lab's IPv6 address of the host whose IPv4 address is `ip`, in the ULA prefix `fd00::/64`:
 /// the four numbers of `ip`, as written, are its last four groups (10.244.0.11 is
 /// `fd00::10:244:0:11`), so that one reads as the other.
-pub fn ipv6_twin(ip: Ipv4Addr) -> Ipv6Addr {
-    let [a, b, c, d] = ip
-        .octets()
-        .map(|n| u16::from_str_radix(&n.to_string(), 16).expect("decimal digits read as hex"));
-    Ipv6Addr::new(0xfd00, 0, 0, 0, a, b, c, d)
+pub const fn ipv6_twin(ip: Ipv4Addr) -> Ipv6Addr {
+    // The number's decimal digits, as hexadecimal ones.
+    const fn group(n: u8) -> u16 {
+        let n = n as u16;
+        (n / 100) << 8 | (n / 10 % 10) << 4 | (n % 10)
+    }
+    let [a, b, c, d] = ip.octets();
+    Ipv6Addr::new(0xfd00, 0, 0, 0, group(a), group(b), group(c), group(d))
 }
 pub(crate) const BPFFS: &str = "/sys/fs/bpf";
 pub(crate) const WAIT: Duration = Duration::from_secs(20);

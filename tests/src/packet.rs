@@ -124,19 +124,17 @@ pub fn pseudo_header(p: &[u8]) -> u32 {
     words(&p[26..34]) + u32::from(p[23]) + (p.len() as u32 - 34)
 }
 
-/// The sum of the 16-bit words of `bytes` (even length), unfolded.
+/// The sum of the 16-bit words of `bytes`, unfolded; an odd last byte is padded with a zero.
 fn words(bytes: &[u8]) -> u32 {
     bytes
         .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w.get(1).copied().unwrap_or(0)])))
         .sum()
 }
 
-/// The Internet checksum of `bytes` (even length) over `sum`.
+/// The Internet checksum of `bytes` over `sum`.
 pub fn checksum(bytes: &[u8], mut sum: u32) -> u16 {
-    for w in bytes.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
-    }
+    sum += words(bytes);
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -241,29 +239,41 @@ pub fn datagram(
     dport: u16,
     payload: usize,
 ) -> Vec<u8> {
-    let udp = flags == UDP;
-    let (header_end, checksum_at) = if udp { (42, 40) } else { (54, 50) };
-    let mut p = packet(flags, src, dst, sport, dport);
-    p.truncate(header_end);
-    p.extend((0..payload).map(|i| (i % 251) as u8));
-    let total = (p.len() - 14) as u16;
-    p[16..18].copy_from_slice(&total.to_be_bytes());
-    fill_ip_checksum(&mut p);
-    if udp {
-        p[38..40].copy_from_slice(&(total - 20).to_be_bytes());
-    }
-    p[checksum_at..checksum_at + 2].fill(0);
-    let padded = if p.len() % 2 == 1 {
-        [&p[34..], &[0][..]].concat()
-    } else {
-        p[34..].to_vec()
-    };
-    let sum = match checksum(&padded, pseudo_header(&p)) {
-        0 if udp => 0xffff,
-        sum => sum,
-    };
-    p[checksum_at..checksum_at + 2].copy_from_slice(&sum.to_be_bytes());
+    let (protocol, mut l4) = carrying(flags, sport, dport, payload);
+    let mut p = ipv4_frame(protocol, src, dst, l4.len());
+    fill_l4_checksum(protocol, &mut l4, pseudo_header(&p));
+    p[34..].copy_from_slice(&l4);
     p
+}
+
+/// The IPv6 twin of [`datagram`]: a datagram to split into [`fragments6`].
+pub fn datagram6(
+    flags: u8,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    sport: u16,
+    dport: u16,
+    payload: usize,
+) -> Vec<u8> {
+    let (protocol, mut l4) = carrying(flags, sport, dport, payload);
+    let mut p = ipv6_header(protocol, src, dst, l4.len());
+    let pseudo = words(&p[22..54]) + l4.len() as u32 + u32::from(protocol);
+    fill_l4_checksum(protocol, &mut l4, pseudo);
+    p.extend(l4);
+    p
+}
+
+/// A [`segment`]'s header carrying `payload` bytes (a pattern), its checksum left 0.
+fn carrying(flags: u8, sport: u16, dport: u16, payload: usize) -> (u8, Vec<u8>) {
+    let (protocol, mut l4) = segment(flags, sport, dport);
+    let udp = protocol == 17;
+    l4.truncate(if udp { 8 } else { 20 });
+    l4.extend((0..payload).map(|i| (i % 251) as u8));
+    if udp {
+        let len = l4.len() as u16;
+        l4[4..6].copy_from_slice(&len.to_be_bytes());
+    }
+    (protocol, l4)
 }
 
 /// `whole` (Ethernet + IPv4 without options) split into IPv4 fragments sharing IP id `id`,
@@ -289,6 +299,37 @@ pub fn fragments(whole: &[u8], id: u16, size: usize) -> Vec<Vec<u8>> {
             let offset = (i * size / 8) as u16;
             p[20..22].copy_from_slice(&(more | offset).to_be_bytes());
             fill_ip_checksum(&mut p);
+            p
+        })
+        .collect()
+}
+
+/// IANA's number of the IPv6 fragment header.
+const IPV6_FRAGMENT: u8 = 44;
+
+/// `whole` (Ethernet + IPv6 without extension headers) split into IPv6 fragments of
+/// identification `id`, each carrying at most `size` bytes of the datagram (a multiple of 8)
+/// after its fragment header.
+pub fn fragments6(whole: &[u8], id: u32, size: usize) -> Vec<Vec<u8>> {
+    assert!(
+        size.is_multiple_of(8),
+        "fragment payloads are multiples of 8 bytes"
+    );
+    let next_header = whole[20];
+    let (src, dst) = (addr6(whole, 22), addr6(whole, 38));
+    let chunks: Vec<&[u8]> = whole[54..].chunks(size).collect();
+    let last = chunks.len() - 1;
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            let mut p = ipv6_header(IPV6_FRAGMENT, src, dst, 8 + chunk.len());
+            let more = u16::from(i < last);
+            let offset = (i * size / 8) as u16;
+            p.extend([next_header, 0]);
+            p.extend(((offset << 3) | more).to_be_bytes());
+            p.extend(id.to_be_bytes());
+            p.extend(chunk);
             p
         })
         .collect()

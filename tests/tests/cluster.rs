@@ -5,9 +5,8 @@
 use std::collections::BTreeSet;
 
 use lb_tests::{
-    UPLOAD, client_of,
-    cluster::{ClusterLab, OUTSIDE_IP},
-    df_datagrams, output, pod_of, reversed_fragments, stat, udp_exchange, upload,
+    UPLOAD, client_of, cluster::ClusterLab, df_datagrams, output, pod_of, reversed_fragments, stat,
+    udp_exchange, upload,
 };
 
 const MODES: [&str; 2] = ["generic", "native"];
@@ -65,6 +64,11 @@ struct Family {
     web_cluster: &'static str,
     /// socat's UDP address type.
     udp: &'static str,
+    /// web-lb's load-balancer IP, routed to node-b, and its pod a1 on node-a.
+    lb_ip: &'static str,
+    a1: &'static str,
+    /// node-a's pod prefix, unbracketed.
+    pods_a: &'static str,
 }
 
 const IPV4: Family = Family {
@@ -74,6 +78,9 @@ const IPV4: Family = Family {
     client_a: "10.244.1.2",
     web_cluster: "10.96.0.80",
     udp: "UDP4",
+    lb_ip: "203.0.113.20",
+    a1: "10.244.1.11",
+    pods_a: "10.244.1.0/24",
 };
 
 const IPV6: Family = Family {
@@ -83,6 +90,9 @@ const IPV6: Family = Family {
     client_a: "[fd00::10:244:1:2]",
     web_cluster: "[fd00::10:96:0:80]",
     udp: "UDP6",
+    lb_ip: "[fd00::203:0:113:20]",
+    a1: "[fd00::10:244:1:11]",
+    pods_a: "fd00::10:244:1:0/112",
 };
 
 fn node_ports(mode: &str) {
@@ -119,6 +129,7 @@ fn traffic_policies(lab: &ClusterLab, mode: &str, family: &Family) {
         client_a,
         web_cluster,
         udp,
+        ..
     } = family;
     // externalTrafficPolicy Cluster: through node-a to b1 on node-b, SNATed to node-a.
     let via_a = curl(lab, "outside", &format!("http://{node_a}:30080/"));
@@ -200,26 +211,32 @@ fn node_ports_external_ips_and_load_balancer_ips_xdp_native() {
     node_ports(MODES[1]);
 }
 
-/// The load-balancer IP's UDP port, routed to node-b and served by a1 on node-a (SNATed), and
-/// the same through node-b's NodePort.
-const FRAGMENTED_PATHS: [(&str, &str); 2] = [
-    ("the load-balancer IP", "203.0.113.20:53"),
-    ("node-b's NodePort", "10.0.0.2:30083"),
-];
-
 #[test]
 fn fragments_from_outside_wait_for_their_first_and_fragmented_answers_come_back_xdp_generic() {
-    fragments_from_outside(MODES[0]);
+    fragments_from_outside("fraggen", MODES[0], &IPV4);
 }
 
 #[test]
 fn fragments_from_outside_wait_for_their_first_and_fragmented_answers_come_back_xdp_native() {
-    fragments_from_outside(MODES[1]);
+    fragments_from_outside("fragnat", MODES[1], &IPV4);
 }
 
-fn fragments_from_outside(mode: &str) {
-    let lab = ClusterLab::up(&format!("frag{}", &mode[..3]), mode).expect("cluster lab");
-    for (path, address) in FRAGMENTED_PATHS {
+#[test]
+fn ipv6_fragments_from_outside_wait_for_their_first_and_fragmented_answers_come_back() {
+    fragments_from_outside("frag6", MODES[1], &IPV6);
+}
+
+fn fragments_from_outside(tag: &str, mode: &str, family: &Family) {
+    let lab = ClusterLab::up(tag, mode).expect("cluster lab");
+    let outside_ip = family.outside.trim_matches(['[', ']']).parse().unwrap();
+    // The load-balancer IP's UDP port, routed to node-b and served by a1 on node-a (SNATed),
+    // and the same through node-b's NodePort.
+    let paths = [
+        ("the load-balancer IP", format!("{}:53", family.lb_ip)),
+        ("node-b's NodePort", format!("{}:30083", family.node_b)),
+    ];
+    for (path, address) in &paths {
+        let address = address.as_str();
         // In order, as control: the kernel fragments 4,000 bytes on the 1,500-byte link.
         let in_order = udp_exchange(|args| lab.outside(args), address, "hello", 4000);
         assert_eq!(
@@ -228,7 +245,7 @@ fn fragments_from_outside(mode: &str) {
             "{path}, in order\n{}",
             lab.logs()
         );
-        let reversed = reversed_fragments(|args| lab.outside(args), OUTSIDE_IP, address);
+        let reversed = reversed_fragments(|args| lab.outside(args), outside_ip, address);
         assert_eq!(
             reversed.as_deref(),
             Some(format!("{address} pod=a1").as_str()),
@@ -255,36 +272,44 @@ fn fragments_from_outside(mode: &str) {
 #[test]
 fn path_mtu_discovery_works_through_a_snated_load_balancer_ip_as_straight_to_the_backend_xdp_generic()
  {
-    path_mtu_discovery(MODES[0]);
+    path_mtu_discovery("pmtugen", MODES[0], &IPV4);
 }
 
 #[test]
 fn path_mtu_discovery_works_through_a_snated_load_balancer_ip_as_straight_to_the_backend_xdp_native()
  {
-    path_mtu_discovery(MODES[1]);
+    path_mtu_discovery("pmtunat", MODES[1], &IPV4);
 }
 
-fn path_mtu_discovery(mode: &str) {
-    let lab = ClusterLab::up(&format!("pmtu{}", &mode[..3]), mode).expect("cluster lab");
+#[test]
+fn ipv6_path_mtu_discovery_works_through_a_snated_load_balancer_ip_as_straight_to_the_backend() {
+    path_mtu_discovery("pmtu6", MODES[1], &IPV6);
+}
+
+fn path_mtu_discovery(tag: &str, mode: &str, family: &Family) {
+    let lab = ClusterLab::up(tag, mode).expect("cluster lab");
     // node-b's route to node-a's pods narrowed: node-b, as a router, answers a 1,500-byte
-    // packet with DF toward a1 with "fragmentation needed", to the packet's source; for the
-    // load-balancer IP's flows, SNATed, that is node-b itself. The outside client routes
-    // node-a's pods through node-b too, for the straight path.
+    // packet with DF toward a1 with "fragmentation needed" ("packet too big"), to the packet's
+    // source; for the load-balancer IP's flows, SNATed, that is node-b itself. The outside
+    // client routes node-a's pods through node-b too, for the straight path.
+    let (node_a, node_b) = (family.node_a, family.node_b);
+    let (node_a, node_b) = (
+        node_a.trim_matches(['[', ']']),
+        node_b.trim_matches(['[', ']']),
+    );
+    let narrowed = [
+        "ip",
+        "route",
+        "replace",
+        family.pods_a,
+        "via",
+        node_a,
+        "mtu",
+        "1280",
+    ];
     let routes = [
-        lab.in_pod(
-            "node-b",
-            &[
-                "ip",
-                "route",
-                "replace",
-                "10.244.1.0/24",
-                "via",
-                "10.0.0.1",
-                "mtu",
-                "1280",
-            ],
-        ),
-        lab.outside(&["ip", "route", "add", "10.244.1.0/24", "via", "10.0.0.2"]),
+        lab.in_pod("node-b", &narrowed),
+        lab.outside(&["ip", "route", "add", family.pods_a, "via", node_b]),
     ];
     for mut route in routes {
         output(&mut route).unwrap_or_else(|e| panic!("{route:?}: {e:#}"));
@@ -295,17 +320,17 @@ fn path_mtu_discovery(mode: &str) {
     let paths = [
         (
             "straight to a1 through node-b",
-            "http://10.244.1.11:8080/",
-            "10.244.1.11:5353",
+            format!("http://{}:8080/", family.a1),
+            format!("{}:5353", family.a1),
         ),
         (
             "through node-b's load-balancer IP and NodePort, SNATed",
-            "http://203.0.113.20/",
-            "10.0.0.2:30083",
+            format!("http://{}/", family.lb_ip),
+            format!("{}:30083", family.node_b),
         ),
     ];
     let whole = UPLOAD.to_string();
-    for (path, url, address) in paths {
+    for (path, url, address) in &paths {
         let datagram = df_datagrams(|args| lab.outside(args), address);
         let received = upload(|args| lab.outside(args), url);
         assert_eq!(

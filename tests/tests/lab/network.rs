@@ -1,7 +1,7 @@
 //! What the network sends: ICMP and ICMPv6 errors about flows through a VIP (path-MTU
 //! discovery), and datagrams in fragments.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_tests::{
     BACKENDS, CLIENT_IP, Lab, UPLOAD, df_datagrams, ipv6_twin, output, reversed_fragments, stat,
@@ -9,6 +9,8 @@ use lb_tests::{
 };
 
 use super::{DEMO6, DNS_VIP, HTTP_VIP, ipv6::DNS_VIP6, lab};
+
+const CLIENT_IP6: Ipv6Addr = ipv6_twin(CLIENT_IP);
 
 /// The MTU of the node's links toward the backends, under the client's 1,500.
 const NARROW_MTU: &str = "1280";
@@ -33,10 +35,11 @@ fn ipv6_path_mtu_discovery_works_through_a_vip_as_straight_to_the_backend() {
     path_mtu_discovery("pmtu6", &IPV6);
 }
 
-/// The VIPs and the backends' addresses, of one family.
+/// The VIPs, the client's and the backends' addresses, of one family.
 struct Family {
     http_vip: &'static str,
     dns_vip: &'static str,
+    client: IpAddr,
     /// A backend's address as a URL's or a socket address's host.
     host: fn(Ipv4Addr) -> String,
 }
@@ -44,12 +47,14 @@ struct Family {
 const IPV4: Family = Family {
     http_vip: HTTP_VIP,
     dns_vip: DNS_VIP,
+    client: IpAddr::V4(CLIENT_IP),
     host: |ip| ip.to_string(),
 };
 
 const IPV6: Family = Family {
     http_vip: DEMO6.http,
     dns_vip: DNS_VIP6,
+    client: IpAddr::V6(CLIENT_IP6),
     host: |ip| format!("[{}]", ipv6_twin(ip)),
 };
 
@@ -92,11 +97,23 @@ fn path_mtu_discovery(tag: &str, family: &Family) {
 
 #[test]
 fn fragmented_datagrams_reach_a_udp_vip_and_fragmented_answers_come_back_from_it() {
-    let lab = lab("fragments");
+    fragmented_datagrams("fragments", &IPV4);
+}
+
+#[test]
+fn ipv6_fragmented_datagrams_reach_a_udp_vip_and_fragmented_answers_come_back_from_it() {
+    fragmented_datagrams("fragments6", &IPV6);
+}
+
+fn fragmented_datagrams(tag: &str, family: &Family) {
+    let lab = lab(tag);
     // (path, a 4,000-byte query's answer, a 20-byte query's 4,000-byte answer), the backend
     // straight as control; a 1,500-byte link splits each 4,000-byte datagram in three.
-    let backend = format!("{}:5353", BACKENDS[0].1);
-    for (path, address) in [("direct", backend.as_str()), ("through the VIP", DNS_VIP)] {
+    let backend = format!("{}:5353", (family.host)(BACKENDS[0].1));
+    for (path, address) in [
+        ("direct", backend.as_str()),
+        ("through the VIP", family.dns_vip),
+    ] {
         let big_query = udp_exchange(|args| lab.in_client(args), address, "hello", 4000);
         let big_answer = udp_exchange(|args| lab.in_client(args), address, "size=4000", 20);
         assert!(
@@ -117,11 +134,23 @@ fn fragmented_datagrams_reach_a_udp_vip_and_fragmented_answers_come_back_from_it
 
 #[test]
 fn fragments_that_come_before_their_first_wait_for_it() {
-    let lab = lab("reorder");
-    let backend = format!("{}:5353", BACKENDS[0].1);
+    fragments_before_their_first("reorder", &IPV4);
+}
+
+#[test]
+fn ipv6_fragments_that_come_before_their_first_wait_for_it() {
+    fragments_before_their_first("reorder6", &IPV6);
+}
+
+fn fragments_before_their_first(tag: &str, family: &Family) {
+    let lab = lab(tag);
+    let backend = format!("{}:5353", (family.host)(BACKENDS[0].1));
     // (path, where the answer must come from), the backend straight as control.
-    for (path, address) in [("direct", backend.as_str()), ("through the VIP", DNS_VIP)] {
-        let answer = reversed_fragments(|args| lab.in_client(args), CLIENT_IP, address);
+    for (path, address) in [
+        ("direct", backend.as_str()),
+        ("through the VIP", family.dns_vip),
+    ] {
+        let answer = reversed_fragments(|args| lab.in_client(args), family.client, address);
         assert!(
             answer
                 .as_deref()
