@@ -337,7 +337,8 @@ pub struct FragmentPorts {
     pub _pad: u32,
 }
 
-/// How long a datagram's fragments belong together: the kernel's `net.ipv4.ipfrag_time`.
+/// How long a datagram's fragments belong together: the kernel's `net.ipv4.ipfrag_time`, and
+/// half its `net.ipv6.ip6frag_time` (60 s), which the senders' reassembly rarely needs.
 pub const FRAGMENT_TIMEOUT_NS: u64 = 30_000_000_000;
 
 /// A later fragment waiting for its datagram's first: the datagram, and which of its waiting

@@ -3,11 +3,7 @@
 //! implemented on each family's address type, `u32` and [`Ipv6Be`]. The core is written once,
 //! generic over it, and compiled for each.
 
-use aya_ebpf::{
-    bindings::BPF_F_PSEUDO_HDR,
-    helpers::{bpf_csum_diff, bpf_csum_update},
-    programs::TcContext,
-};
+use aya_ebpf::{bindings::BPF_F_PSEUDO_HDR, helpers::bpf_csum_update, programs::TcContext};
 use lb_common::maps::{Config, Ipv6Be};
 
 use crate::{
@@ -223,13 +219,14 @@ impl Family for Ipv6Be {
         self[0] ^ self[1] ^ self[2] ^ self[3]
     }
 
+    /// RFC 1624 over the whole address at once: one fold, not one per word.
     #[inline(always)]
     fn checksum_update(checksum: u16, old: Self, new: Self) -> u16 {
-        let mut sum = checksum;
-        for word in 0..4 {
-            sum = checksum_update(sum, old[word], new[word]);
+        let mut sum = u64::from(!checksum) + u64::from(address_diff(old, new));
+        for _ in 0..3 {
+            sum = (sum & 0xffff) + (sum >> 16);
         }
-        sum
+        !(sum as u16)
     }
 
     /// IPv6 has no header checksum: the address alone.
@@ -248,11 +245,13 @@ impl Family for Ipv6Be {
     }
 
     /// The helper takes at most four bytes, or a sum already made: the difference of the two
-    /// addresses, one `bpf_csum_diff` (as Cilium's `ipv6_l4_csum_update`). Given a pseudo-header
-    /// change, the helper also takes the difference out of a `CHECKSUM_COMPLETE` skb's sum, as
-    /// IPv4 needs (its header checksum moved the other way) and IPv6 does not (the address and
-    /// the L4 checksum cancel out): `bpf_csum_update` puts it back (newer kernels' `BPF_F_IPV6`,
-    /// which older ones refuse, does the same).
+    /// addresses (as Cilium's `ipv6_l4_csum_update`, summed here, not by `bpf_csum_diff`).
+    /// Given a pseudo-header change, the helper also takes the difference out of a
+    /// `CHECKSUM_COMPLETE` skb's sum, as IPv4 needs (its header checksum moved the other way)
+    /// and IPv6 does not (the address and the L4 checksum cancel out), unless told the header
+    /// is IPv6's (`BPF_F_IPV6`, Linux 6.16). Older kernels refuse that flag before they touch
+    /// anything: there, the call is made again without it and `bpf_csum_update` puts the
+    /// difference back.
     #[inline(always)]
     fn tc_l4_address(
         ctx: &TcContext,
@@ -261,14 +260,16 @@ impl Family for Ipv6Be {
         new: Self,
         flags: u64,
     ) -> Result<(), ()> {
-        let diff = address_diff(old, new)?;
-        ctx.l4_csum_replace(
-            offset,
-            0,
-            u64::from(diff),
-            flags | u64::from(BPF_F_PSEUDO_HDR),
-        )
-        .map_err(drop)?;
+        let diff = address_diff(old, new);
+        let flags = flags | u64::from(BPF_F_PSEUDO_HDR);
+        if ctx
+            .l4_csum_replace(offset, 0, u64::from(diff), flags | BPF_F_IPV6)
+            .is_ok()
+        {
+            return Ok(());
+        }
+        ctx.l4_csum_replace(offset, 0, u64::from(diff), flags)
+            .map_err(drop)?;
         // SAFETY: a helper call on the skb the kernel gave; it changes only a COMPLETE sum.
         unsafe { bpf_csum_update(ctx.skb.skb, diff) };
         Ok(())
@@ -276,26 +277,24 @@ impl Family for Ipv6Be {
 
     #[inline(always)]
     fn tc_address_alone(ctx: &TcContext, old: Self, new: Self) -> Result<(), ()> {
-        let diff = address_diff(old, new)?;
+        let diff = address_diff(old, new);
         // SAFETY: a helper call on the skb the kernel gave; it changes only a COMPLETE sum.
         unsafe { bpf_csum_update(ctx.skb.skb, diff) };
         Ok(())
     }
 }
 
-/// The one's-complement difference of two IPv6 addresses, as the checksum helpers take it.
+/// `bpf_l4_csum_replace`'s flag for an IPv6 header (Linux 6.16), which the bindings predate.
+const BPF_F_IPV6: u64 = 1 << 7;
+
+/// The one's-complement difference of two IPv6 addresses, as `bpf_csum_diff` makes it: the sum
+/// of the old words' complements and the new words, in 32 bits (the helpers fold it to 16).
 #[inline(always)]
-fn address_diff(old: Ipv6Be, new: Ipv6Be) -> Result<u32, ()> {
-    let (mut old, mut new) = (old, new);
-    // SAFETY: a helper call on two 16-byte buffers on this program's stack.
-    let diff = unsafe {
-        bpf_csum_diff(
-            old.as_mut_ptr(),
-            size_of::<Ipv6Be>() as u32,
-            new.as_mut_ptr(),
-            size_of::<Ipv6Be>() as u32,
-            0,
-        )
-    };
-    u32::try_from(diff).map_err(drop)
+fn address_diff(old: Ipv6Be, new: Ipv6Be) -> u32 {
+    let mut sum = 0u64;
+    for word in 0..4 {
+        sum += u64::from(!old[word]) + u64::from(new[word]);
+    }
+    let sum = (sum & 0xffff_ffff) + (sum >> 32);
+    ((sum & 0xffff_ffff) + (sum >> 32)) as u32
 }

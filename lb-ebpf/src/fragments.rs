@@ -1,25 +1,25 @@
-//! IP fragments, of both families. Only a datagram's first fragment carries its ports: the
-//! first fragment of a datagram the datapath rewrites (to a backend, or back to a client), or of
-//! one to a frontend address, leaves them in `lb_fragments` (`lb_fragments6`), under what every
-//! fragment of the datagram shares (source, destination, protocol, IP id: IPv4's, or the IPv6
-//! fragment header's), and each later fragment takes them from there and
-//! follows its flow, or its reply, rewritten as its packets are: addresses only, the first
-//! fragment carrying the TCP or UDP checksum, which covers the whole datagram. The kernel is
-//! not asked to reassemble: tc and XDP run before it could, and a node forwarding a datagram
-//! never does.
+//! IP fragments, of both families, each in its own maps. Only a datagram's first fragment
+//! carries its ports: the first fragment of a datagram the datapath rewrites (to a backend, or
+//! back to a client), or of one to a frontend address, leaves them in `lb_fragments`
+//! (`lb_fragments6`), under what every fragment of the datagram shares (source, destination,
+//! protocol, IP id: IPv4's, or the IPv6 fragment header's), and each later fragment takes them
+//! from there and follows its flow, or its reply, rewritten as its packets are: addresses
+//! only, the first fragment carrying the TCP or UDP checksum, which covers the whole datagram.
+//! The kernel is not asked to reassemble: tc and XDP run before it could, and a node
+//! forwarding a datagram never does.
 //!
-//! A later fragment whose first was not seen yet cannot be placed. If it is to a frontend
-//! address (a ClusterIP, a load-balancer or external IP, a NodePort's) or to the node's SNAT
-//! address (SNATed flows' replies), a tc ingress program holds it: its bytes wait in
-//! `lb_held_fragments` (a few per datagram, for a short while: an LRU table) and the skb is
-//! dropped. When the first fragment has passed, rewritten or not (a datagram to a node address
-//! may be no service's), it is cloned into the interface's ingress, then each held fragment
-//! is written over the skb in turn and cloned after it, and the skb is dropped: the program
-//! meets each again, the first passing on untouched and the others placed. XDP cannot
-//! clone a frame: it passes every fragment to the uplink's tc ingress program, which balances
-//! it there. One that cannot be held (too long, or past its datagram's room) is counted, and
-//! dropped if it is to a ClusterIP, else passed untouched. To any other address a later fragment
-//! passes untouched, as most fragments a node forwards are no frontend's.
+//! A later fragment whose first was not seen yet cannot be placed. If it is to a frontend address
+//! (a ClusterIP, a load-balancer or external IP, a NodePort's) or to the node's SNAT address
+//! (SNATed flows' replies), a tc ingress program holds it: its bytes wait in `lb_held_fragments`
+//! (`lb_held_fragments6`; a few per datagram, for a short while: an LRU table) and the skb is
+//! dropped. When the first fragment has passed, rewritten or not (a datagram to a node address may
+//! be no service's), it is cloned into the interface's ingress, then each held fragment is written
+//! over the skb in turn and cloned after it, and the skb is dropped: the program meets each again,
+//! the first passing on untouched and the others placed. XDP cannot clone a frame: it passes every
+//! fragment to the uplink's tc ingress program, which balances it there. One that cannot be held
+//! (too long, or past its datagram's room) is counted, and dropped if it is to a ClusterIP, else
+//! passed untouched. To any other address a later fragment passes untouched, as most fragments a
+//! node forwards are no frontend's.
 
 use aya_ebpf::{
     bindings::{

@@ -51,7 +51,8 @@ pub struct Ipv6ExtensionHeader {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Ipv6FragmentHeader {
-    /// The datagram's first header past the fragment header: in every fragment the same.
+    /// The datagram's first header past the fragment header, as senders write it in every
+    /// fragment (RFC 8200 reads the first fragment's).
     pub next_header: u8,
     pub reserved: u8,
     /// The offset in 8-byte units (the high 13 bits) and "more fragments" (the lowest).

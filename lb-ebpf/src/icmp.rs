@@ -25,8 +25,9 @@
 //! programs write the packet directly.
 //!
 //! An ICMPv6 error comes straight past its IPv6 header (hosts and routers add no extension
-//! headers to their own), and quotes a TCP or UDP packet past its extension headers, walked;
-//! a quoted fragment is not translated (IPv6 fragments are not balanced).
+//! headers to their own), and quotes a TCP or UDP packet past its extension headers, walked,
+//! or a datagram's first fragment (a later one, carrying no ports, is not translated, as in
+//! IPv4).
 
 use core::{
     mem::size_of,
@@ -44,7 +45,10 @@ use crate::{
     },
     maps,
     nat::checksum_update,
-    parse::{IPV4_FRAGMENT_MASK_BE, IPV4_OFFSET_MASK_BE, ipv4, ipv6, ptr_at, skip_extensions},
+    parse::{
+        Fragment6, IPV4_FRAGMENT_MASK_BE, IPV4_OFFSET_MASK_BE, Piece, fragment6, ipv4, ipv6,
+        ptr_at, skip_extensions,
+    },
     reply::Hook,
     stats::count,
 };
@@ -346,13 +350,20 @@ fn parse6(data: usize, data_end: usize) -> Option<IcmpError<Ipv6Be>> {
     {
         return None;
     }
-    let (protocol, inner_l4) = skip_extensions(
+    let (protocol, offset) = skip_extensions(
         data,
         data_end,
         next_header,
         icmp_offset + ICMP_HLEN + IPV6_HLEN,
     )?;
-    if protocol != PROTO_TCP && protocol != PROTO_UDP {
+    let Fragment6 {
+        protocol,
+        offset: inner_l4,
+        piece,
+        ..
+    } = fragment6(data, data_end, protocol, offset)?;
+    // A quoted first fragment still carries its ports.
+    if (protocol != PROTO_TCP && protocol != PROTO_UDP) || piece == Piece::Later {
         return None;
     }
     let message_end = ETH_HLEN + IPV6_HLEN + usize::from(u16::from_be(outer.payload_len_be));

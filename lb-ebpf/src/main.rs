@@ -144,7 +144,7 @@ pub fn lb_tc_uplink(ctx: TcContext) -> i32 {
         Some((ip, header_len)) if fragments::is_fragment(&ip) => tc_uplink4(&ctx, &ip, header_len),
         Some(_) => TC_ACT_OK,
         None if is_plain_datagram6(ctx.data(), ctx.data_end()) => TC_ACT_OK,
-        None => tc_uplink6(&ctx).unwrap_or_else(|reject| tc_answer6(&ctx, &reject)),
+        None => tc_uplink6(&ctx),
     }
 }
 
@@ -158,14 +158,17 @@ fn tc_uplink4(ctx: &TcContext, ip: &Ipv4Header, header_len: usize) -> i32 {
     }
 }
 
-/// The IPv6 fragments from outside; a reject answers a first fragment to a frontend without
-/// backends, as XDP would its whole datagram (in a frame of its own, as [`tc_ingress6`]'s).
+/// The IPv6 fragments from outside. A first fragment to a frontend without backends is
+/// dropped, not answered: it carries an extension header, the fragment header, and a reject
+/// answers only a packet without ([`rejection`]).
 #[inline(never)]
-fn tc_uplink6(ctx: &TcContext) -> Result<i32, Reject> {
+fn tc_uplink6(ctx: &TcContext) -> i32 {
     match tc_input6(ctx) {
-        Ok(packet) if packet.piece != Piece::Whole => tc_balance(ctx, &packet, SCOPE_EXTERNAL),
-        Ok(_) => Ok(TC_ACT_OK),
-        Err(verdict) => Ok(verdict),
+        Ok(packet) if packet.piece != Piece::Whole => {
+            tc_balance(ctx, &packet, SCOPE_EXTERNAL).unwrap_or(TC_ACT_SHOT)
+        }
+        Ok(_) => TC_ACT_OK,
+        Err(verdict) => verdict,
     }
 }
 

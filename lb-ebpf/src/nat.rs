@@ -69,7 +69,8 @@ impl Rewrite for TcContext {
         let (data, data_end) = (self.data(), self.data_end());
         // The IPv4 header checksum is always complete, and the addresses and ports are plain
         // bytes: direct writes. Only the L4 checksum goes through the helpers, which know
-        // whether the skb holds a complete sum or a CHECKSUM_PARTIAL pseudo-header seed.
+        // whether the skb holds a complete sum or a CHECKSUM_PARTIAL pseudo-header seed, and
+        // so does a complete sum that an IPv6 address alone moves (a later fragment's).
         if old_addr_be != addr_be {
             A::write_addr(data, data_end, addr_offset, old_addr_be, addr_be)?;
         }

@@ -204,22 +204,13 @@ pub fn parse6(data: usize, data_end: usize, frame: Frame) -> Option<Packet<Ipv6B
     if frame == Frame::Whole && data + ETH_HLEN + IPV6_HLEN + payload_len > data_end {
         return None;
     }
-    let (mut protocol, mut l4_offset) =
-        skip_extensions(data, data_end, ip.next_header, ETH_HLEN + IPV6_HLEN)?;
-    let (mut piece, mut ip_id_be) = (Piece::Whole, 0);
-    if protocol == IPV6_FRAGMENT {
-        let fragment: Ipv6FragmentHeader = read(data, data_end, l4_offset)?;
-        protocol = fragment.next_header;
-        l4_offset += IPV6_FRAGMENT_HLEN;
-        ip_id_be = fragment.id_be;
-        let offset_more = u16::from_be(fragment.offset_more_be);
-        piece = match (offset_more >> 3, offset_more & 1) {
-            // An atomic fragment (RFC 6946): a whole datagram.
-            (0, 0) => Piece::Whole,
-            (0, _) => Piece::First,
-            _ => Piece::Later,
-        };
-    }
+    let (protocol, offset) = skip_extensions(data, data_end, ip.next_header, ETH_HLEN + IPV6_HLEN)?;
+    let Fragment6 {
+        protocol,
+        offset: l4_offset,
+        id_be: ip_id_be,
+        piece,
+    } = fragment6(data, data_end, protocol, offset)?;
     // A packet past the headers walked, too.
     if protocol != PROTO_TCP && protocol != PROTO_UDP {
         return None;
@@ -251,6 +242,50 @@ pub fn parse6(data: usize, data_end: usize, frame: Frame) -> Option<Packet<Ipv6B
         tcp_flags,
         ip_len,
         ip_id_be,
+        piece,
+    })
+}
+
+/// Where an IPv6 datagram's header is, past a fragment header if there is one, and which piece
+/// of the datagram the packet holds.
+pub struct Fragment6 {
+    pub protocol: u8,
+    pub offset: usize,
+    /// The fragment header's identification; 0 without one.
+    pub id_be: u32,
+    pub piece: Piece,
+}
+
+/// Reads the fragment header at `offset` if `next_header` is one; without one, the packet is a
+/// whole datagram whose header (of type `next_header`) is at `offset`. The datagram's header
+/// must follow the fragment header straight, as it does in every first fragment (RFC 7112).
+#[inline(always)]
+pub fn fragment6(
+    data: usize,
+    data_end: usize,
+    next_header: u8,
+    offset: usize,
+) -> Option<Fragment6> {
+    if next_header != IPV6_FRAGMENT {
+        return Some(Fragment6 {
+            protocol: next_header,
+            offset,
+            id_be: 0,
+            piece: Piece::Whole,
+        });
+    }
+    let fragment: Ipv6FragmentHeader = read(data, data_end, offset)?;
+    let offset_more = u16::from_be(fragment.offset_more_be);
+    let piece = match (offset_more >> 3, offset_more & 1) {
+        // An atomic fragment (RFC 6946): a whole datagram.
+        (0, 0) => Piece::Whole,
+        (0, _) => Piece::First,
+        _ => Piece::Later,
+    };
+    Some(Fragment6 {
+        protocol: fragment.next_header,
+        offset: offset + IPV6_FRAGMENT_HLEN,
+        id_be: fragment.id_be,
         piece,
     })
 }

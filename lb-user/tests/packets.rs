@@ -1088,7 +1088,77 @@ fn ipv6_rows() -> Vec<Row> {
             counts: &[],
             before: None,
         },
+        Row {
+            what: "IPv6: nor one past an extension header, which XDP balanced",
+            hook: Hook::TcUplink,
+            input: packet6_through(
+                &[IPV6_HOP_BY_HOP],
+                TCP_SYN,
+                outside,
+                v6(RANGED_LB_IP),
+                44021,
+                80,
+            ),
+            verdict: TC_ACT_OK,
+            out: Out::Unchanged,
+            counts: &[],
+            before: None,
+        },
+        Row {
+            what: "IPv6: an atomic fragment (offset 0, no more) is a whole datagram: XDP \
+                   balances it",
+            hook: Hook::Xdp,
+            input: atomic_fragment6(outside, (v6(RANGED_LB_IP), 80)),
+            verdict: XDP_PASS,
+            out: Out::Packet(atomic_fragment6(outside, (web, 8080))),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "IPv6: and the uplink's tc ingress leaves it",
+            hook: Hook::TcUplink,
+            input: atomic_fragment6(outside, (v6(RANGED_LB_IP), 80)),
+            verdict: TC_ACT_OK,
+            out: Out::Unchanged,
+            counts: &[],
+            before: None,
+        },
+        Row {
+            what: "IPv6: a first fragment to a Service without endpoints: dropped, as any packet \
+                   with an extension header a reject would have to quote",
+            hook: Hook::TcIngress,
+            input: big_query6((v6(EMPTY_IP), 53), BIG_QUERY_ID6, 0),
+            verdict: TC_ACT_SHOT,
+            out: Out::Unchanged,
+            counts: &["rejected_no_backend"],
+            before: None,
+        },
+        Row {
+            what: "IPv6: the node's \"packet too big\" about the fragmented query, leaving for \
+                   the client: the quoted first fragment is what the client sent",
+            hook: Hook::TcEgress,
+            input: too_big_fragment6(gateway, (v6(DNS), 5353)),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(too_big_fragment6(gateway, (v6(DNS_IP), 53))),
+            counts: &["icmp_translated"],
+            before: None,
+        },
     ]
+}
+
+/// A 2,000-byte TCP segment from `client`'s port 44030 to `to` behind a fragment header that
+/// splits nothing.
+fn atomic_fragment6(client: Ipv6Addr, to: (Ipv6Addr, u16)) -> Vec<u8> {
+    let whole = datagram6(TCP_ACK, client, to.0, 44030, to.1, 2000);
+    fragments6(&whole, 0x7002_0001, 2048).swap_remove(0)
+}
+
+/// "Packet too big" (MTU 1280) from `router` to the client, quoting [`big_query6`]'s first
+/// fragment to `to` as far as 1,280 bytes hold it.
+fn too_big_fragment6(router: Ipv6Addr, to: (Ipv6Addr, u16)) -> Vec<u8> {
+    let mut quoted = big_query6(to, BIG_QUERY_ID6, 0);
+    quoted.truncate(14 + 1280 - 48);
+    icmp6_error(ICMPV6_PACKET_TOO_BIG, 0, router, v6(CLIENT), 1280, &quoted)
 }
 
 /// Fragment `n` of a 3,000-byte UDP query from the client's port 45000 to `to`, under
