@@ -105,15 +105,21 @@ fn ipv6_fragmented_datagrams_reach_a_udp_vip_and_fragmented_answers_come_back_fr
     fragmented_datagrams("fragments6", &IPV6);
 }
 
+/// The UDP Service of `family`, straight to a backend (as control) and through its VIP: (path,
+/// `host:port`).
+fn dns_paths(family: &Family) -> [(&'static str, String); 2] {
+    let backend = format!("{}:5353", (family.host)(BACKENDS[0].1));
+    [
+        ("direct", backend),
+        ("through the VIP", family.dns_vip.to_string()),
+    ]
+}
+
 fn fragmented_datagrams(tag: &str, family: &Family) {
     let lab = lab(tag);
-    // (path, a 4,000-byte query's answer, a 20-byte query's 4,000-byte answer), the backend
-    // straight as control; a 1,500-byte link splits each 4,000-byte datagram in three.
-    let backend = format!("{}:5353", (family.host)(BACKENDS[0].1));
-    for (path, address) in [
-        ("direct", backend.as_str()),
-        ("through the VIP", family.dns_vip),
-    ] {
+    // (path, a 4,000-byte query's answer, a 20-byte query's 4,000-byte answer); a 1,500-byte
+    // link splits each 4,000-byte datagram in three.
+    for (path, address) in &dns_paths(family) {
         let big_query = udp_exchange(|args| lab.in_client(args), address, "hello", 4000);
         let big_answer = udp_exchange(|args| lab.in_client(args), address, "size=4000", 20);
         assert!(
@@ -144,12 +150,8 @@ fn ipv6_fragments_that_come_before_their_first_wait_for_it() {
 
 fn fragments_before_their_first(tag: &str, family: &Family) {
     let lab = lab(tag);
-    let backend = format!("{}:5353", (family.host)(BACKENDS[0].1));
-    // (path, where the answer must come from), the backend straight as control.
-    for (path, address) in [
-        ("direct", backend.as_str()),
-        ("through the VIP", family.dns_vip),
-    ] {
+    // (path, where the answer must come from).
+    for (path, address) in &dns_paths(family) {
         let answer = reversed_fragments(|args| lab.in_client(args), family.client, address);
         assert!(
             answer
