@@ -154,6 +154,10 @@ struct NodeArgs {
     /// The cluster's --service-node-port-range.
     #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
     node_port_range: RangeInclusive<u16>,
+    /// The scheduler of Services whose `lb.ebpf.io/scheduler` annotation chooses none, by
+    /// IPVS's name (kube-proxy's `--ipvs-scheduler`): `rr` (round robin) or `sh` (source hash).
+    #[arg(long, default_value = "rr", value_parser = model::Algorithm::from_name)]
+    scheduler: model::Algorithm,
 }
 
 impl NodeArgs {
@@ -162,6 +166,7 @@ impl NodeArgs {
             name: self.name.clone(),
             addresses: self.addresses.clone(),
             node_port_range: self.node_port_range.clone(),
+            scheduler: self.scheduler,
         }
     }
 }

@@ -24,11 +24,7 @@ const NODE: &str = "lab-node";
 const WAIT: Duration = Duration::from_secs(20);
 
 fn node() -> NodeConfig {
-    NodeConfig {
-        name: NODE.to_string(),
-        addresses: Vec::new(),
-        node_port_range: 30000..=32767,
-    }
+    NodeConfig::new(NODE)
 }
 
 /// The model of `objects`, but for the claims' ages: an API server stamps each object with its

@@ -18,8 +18,8 @@ use k8s_openapi::{
 
 use super::{
     ALGORITHM_ANNOTATION, Algorithm, Cluster, Endpoint, EndpointPort, EndpointSlice, Family, Node,
-    Protocol, Service, ServiceKind, ServicePort, Skipped, SourceRange, SourceRanges,
-    TOPOLOGY_KEYS_ANNOTATION, TargetPort, TrafficPolicy,
+    Protocol, SCHEDULER_ANNOTATION, Service, ServiceKind, ServicePort, Skipped, SourceRange,
+    SourceRanges, TOPOLOGY_KEYS_ANNOTATION, TargetPort, TrafficPolicy,
 };
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -215,16 +215,6 @@ fn service(svc: &core::Service, skipped: &mut Vec<Skipped>) -> Option<Service> {
             .and_then(|a| a.get(key))
             .map(String::as_str)
     };
-    let algorithm = match annotation(ALGORITHM_ANNOTATION) {
-        None | Some("round-robin") => Algorithm::RoundRobin,
-        Some("source-hash") => Algorithm::SourceHash,
-        Some(other) => {
-            return fail(
-                &format!("metadata.annotations[{ALGORITHM_ANNOTATION}]"),
-                format!("unknown algorithm {other:?}: expected round-robin or source-hash"),
-            );
-        }
-    };
     let internal_policy = match traffic_policy(spec.internal_traffic_policy.as_deref()) {
         Ok(p) => p,
         Err(reason) => return fail("spec.internalTrafficPolicy", reason),
@@ -348,7 +338,7 @@ fn service(svc: &core::Service, skipped: &mut Vec<Skipped>) -> Option<Service> {
         external_ips,
         load_balancer_ips,
         ports,
-        algorithm,
+        algorithm: scheduler(&svc.metadata, &object, skipped),
         internal_policy,
         external_policy,
         affinity_timeout,
@@ -356,6 +346,23 @@ fn service(svc: &core::Service, skipped: &mut Vec<Skipped>) -> Option<Service> {
         health_check_node_port,
         source_ranges,
     })
+}
+
+/// The scheduler the Service's annotations choose ([`SCHEDULER_ANNOTATION`], else
+/// [`ALGORITHM_ANNOTATION`]). One that cannot be had is reported, and the node's default serves
+/// the Service, as without an annotation (`None`).
+fn scheduler(meta: &ObjectMeta, object: &str, skipped: &mut Vec<Skipped>) -> Option<Algorithm> {
+    let annotations = meta.annotations.as_ref()?;
+    let (key, name) = [SCHEDULER_ANNOTATION, ALGORITHM_ANNOTATION]
+        .into_iter()
+        .find_map(|key| Some((key, annotations.get(key)?)))?;
+    Algorithm::from_name(name)
+        .map_err(|reason| {
+            let field = format!("metadata.annotations[{key}]");
+            let reason = format!("{reason}; the node's default scheduler serves it");
+            skipped.push(Skipped::new(object, field, reason));
+        })
+        .ok()
 }
 
 /// `spec.loadBalancerSourceRanges`, each family's ranges. An entry that is no CIDR is reported
@@ -795,6 +802,89 @@ mod tests {
 
     fn node(json: serde_json::Value) -> Arc<core::Node> {
         Arc::new(serde_json::from_value(json).expect("a Node"))
+    }
+
+    #[test]
+    fn the_scheduler_annotations_choose_by_ipvs_s_names_and_fall_back_to_the_node_s() {
+        // (annotations, scheduler, field reported): `None` is the node's default.
+        type Case = (
+            &'static [(&'static str, &'static str)],
+            Option<Algorithm>,
+            Option<&'static str>,
+        );
+        let cases: [Case; 9] = [
+            (&[], None, None),
+            (
+                &[(SCHEDULER_ANNOTATION, "rr")],
+                Some(Algorithm::RoundRobin),
+                None,
+            ),
+            (
+                &[(SCHEDULER_ANNOTATION, "sh")],
+                Some(Algorithm::SourceHash),
+                None,
+            ),
+            (
+                &[(ALGORITHM_ANNOTATION, "source-hash")],
+                Some(Algorithm::SourceHash),
+                None,
+            ),
+            (
+                &[(ALGORITHM_ANNOTATION, "sh")],
+                Some(Algorithm::SourceHash),
+                None,
+            ),
+            // The new annotation first.
+            (
+                &[
+                    (SCHEDULER_ANNOTATION, "rr"),
+                    (ALGORITHM_ANNOTATION, "source-hash"),
+                ],
+                Some(Algorithm::RoundRobin),
+                None,
+            ),
+            (
+                &[(SCHEDULER_ANNOTATION, "random")],
+                None,
+                Some("metadata.annotations[lb.ebpf.io/scheduler]"),
+            ),
+            (
+                &[(SCHEDULER_ANNOTATION, "dh")],
+                None,
+                Some("metadata.annotations[lb.ebpf.io/scheduler]"),
+            ),
+            (
+                &[(ALGORITHM_ANNOTATION, "mh")],
+                None,
+                Some("metadata.annotations[lb.ebpf.io/algorithm]"),
+            ),
+        ];
+        for (annotations, wanted, reported) in cases {
+            let meta = ObjectMeta {
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                        .collect(),
+                ),
+                ..ObjectMeta::default()
+            };
+            let mut skipped = Vec::new();
+            let got = scheduler(&meta, "Service ns/svc", &mut skipped);
+            assert_eq!(got, wanted, "{annotations:?}");
+            let fields: Vec<&str> = skipped.iter().map(|s| s.field.as_str()).collect();
+            assert_eq!(
+                fields,
+                Vec::from_iter(reported),
+                "{annotations:?}: {skipped:?}"
+            );
+            assert!(
+                skipped
+                    .iter()
+                    .all(|s| s.reason.ends_with("the node's default scheduler serves it")),
+                "{skipped:?}"
+            );
+        }
     }
 
     #[test]

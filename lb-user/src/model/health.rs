@@ -66,8 +66,8 @@ mod tests {
 
     use super::*;
     use crate::model::{
-        Algorithm, Endpoint, EndpointPort, EndpointSlice, Protocol, ServiceKind, ServicePort,
-        TargetPort, TrafficPolicy,
+        Endpoint, EndpointPort, EndpointSlice, Protocol, ServiceKind, ServicePort, TargetPort,
+        TrafficPolicy,
     };
 
     fn port(name: &str, number: u16) -> ServicePort {
@@ -120,7 +120,7 @@ mod tests {
             external_ips: vec![],
             load_balancer_ips: vec![],
             ports: vec![port("http", 80), port("https", 443)],
-            algorithm: Algorithm::RoundRobin,
+            algorithm: None,
             internal_policy: TrafficPolicy::Cluster,
             external_policy: TrafficPolicy::Local,
             affinity_timeout: None,

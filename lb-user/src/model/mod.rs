@@ -23,7 +23,11 @@ pub use frontends::{first_v4, first_v6};
 pub use memo::Memo;
 use serde::Serialize;
 
-/// The annotation that chooses a Service's backend selection ([`Algorithm`]).
+/// The annotation that chooses a Service's scheduler, by IPVS's name ([`Algorithm::from_name`]);
+/// without it, the node's default serves the Service (`--scheduler`).
+pub const SCHEDULER_ANNOTATION: &str = "lb.ebpf.io/scheduler";
+/// The annotation that chose it first (`round-robin`, `source-hash`): still read, after
+/// [`SCHEDULER_ANNOTATION`].
 pub const ALGORITHM_ANNOTATION: &str = "lb.ebpf.io/algorithm";
 /// The annotation that carries `topologyKeys` (comma-separated) for clusters whose API dropped
 /// `spec.topologyKeys`; the manifest source copies that field here.
@@ -55,7 +59,8 @@ pub struct Service {
     /// `status.loadBalancer.ingress[].ip` of the VIP kind.
     pub load_balancer_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
-    pub algorithm: Algorithm,
+    /// The scheduler its annotation chose; `None`: the node's default ([`NodeConfig::scheduler`]).
+    pub algorithm: Option<Algorithm>,
     pub internal_policy: TrafficPolicy,
     pub external_policy: TrafficPolicy,
     /// `sessionAffinity: ClientIP`, with its timeout in seconds.
@@ -274,6 +279,8 @@ pub struct NodeConfig {
     /// Where NodePorts listen (`--node-ip`); empty: the Node's InternalIP and ExternalIP.
     pub addresses: Vec<IpAddr>,
     pub node_port_range: RangeInclusive<u16>,
+    /// The scheduler of the Services whose annotation chooses none (`--scheduler`).
+    pub scheduler: Algorithm,
 }
 
 impl NodeConfig {
@@ -282,6 +289,7 @@ impl NodeConfig {
             name: name.into(),
             addresses: Vec::new(),
             node_port_range: DEFAULT_NODE_PORT_RANGE,
+            scheduler: Algorithm::default(),
         }
     }
 }
@@ -415,6 +423,29 @@ impl fmt::Display for Protocol {
             Self::Tcp => "TCP",
             Self::Udp => "UDP",
         })
+    }
+}
+
+impl Algorithm {
+    /// The scheduler `name` chooses: IPVS's names (`rr`, `sh`), and the first names this project
+    /// gave them (`round-robin`, `source-hash`). IPVS's others are refused, each with why.
+    pub fn from_name(name: &str) -> Result<Self, String> {
+        match name {
+            "rr" | "round-robin" => Ok(Self::RoundRobin),
+            "sh" | "source-hash" => Ok(Self::SourceHash),
+            "mh" | "maglev" | "lc" | "sed" | "nq" => {
+                Err(format!("scheduler {name:?} is not in this datapath yet"))
+            }
+            "dh" => Err(
+                "scheduler \"dh\" (destination hash) would send every client of a \
+                         frontend to one backend: not offered"
+                    .into(),
+            ),
+            other => Err(format!(
+                "unknown scheduler {other:?}: expected rr or sh (IPVS's names; round-robin \
+                 and source-hash as well)"
+            )),
+        }
     }
 }
 

@@ -286,7 +286,7 @@ fn family_frontends(
                 address,
                 port: number,
                 protocol: port.protocol,
-                algorithm: service.algorithm,
+                algorithm: service.algorithm.unwrap_or(view.node.scheduler),
                 affinity_timeout: service.affinity_timeout,
                 when_empty: *when_empty,
                 rule: format!("{prefix}{}", selection.rule),

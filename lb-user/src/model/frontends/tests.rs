@@ -29,7 +29,7 @@ fn service() -> Service {
             target_port: TargetPort::Number(8080),
             node_port: None,
         }],
-        algorithm: Algorithm::RoundRobin,
+        algorithm: None,
         internal_policy: TrafficPolicy::Cluster,
         external_policy: TrafficPolicy::Cluster,
         affinity_timeout: None,
@@ -847,4 +847,28 @@ fn a_udp_frontend_retains_its_serving_endpoints_outside_the_selection() {
     assert_eq!(retained(Protocol::Udp), (vec![1], vec![2]));
     // TCP flows stay on their backend whatever it becomes: nothing to retain.
     assert_eq!(retained(Protocol::Tcp), (vec![1], Vec::<u8>::new()));
+}
+
+#[test]
+fn a_service_without_a_scheduler_of_its_own_takes_the_node_s() {
+    let mut config = NodeConfig::new("n1");
+    config.scheduler = Algorithm::SourceHash;
+    // (the Service's own, what its frontends get)
+    let table = [
+        (None, Algorithm::SourceHash),
+        (Some(Algorithm::RoundRobin), Algorithm::RoundRobin),
+        (Some(Algorithm::SourceHash), Algorithm::SourceHash),
+    ];
+    for (own, wanted) in table {
+        let service = Service {
+            algorithm: own,
+            ..service()
+        };
+        let (frontends, skipped) = run(&cluster(service, vec![ep(1, "n1")]), &config);
+        assert!(skipped.is_empty(), "{skipped:?}");
+        assert!(!frontends.is_empty());
+        for frontend in &frontends {
+            assert_eq!(frontend.algorithm, wanted, "{own:?}: {frontend:?}");
+        }
+    }
 }
