@@ -175,6 +175,9 @@ pub const PROTO_UDP: u8 = 17;
 /// How a service picks the backend of a new flow ([`Frontend::algorithm`]).
 pub const ALGORITHM_ROUND_ROBIN: u8 = 0;
 pub const ALGORITHM_SOURCE_HASH: u8 = 1;
+/// Maglev consistent hashing: the frontend's slots hold its Maglev table (as many as
+/// [`Frontend::backend_count`] says), which a hash of the source picks from as for source hash.
+pub const ALGORITHM_MAGLEV: u8 = 2;
 
 /// [`FrontendKey::scope`]: where the traffic comes from. The uplink's program looks frontends
 /// up as external, the pod-facing one as internal: a Service with `externalTrafficPolicy: Local`

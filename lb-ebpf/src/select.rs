@@ -1,7 +1,7 @@
 //! Backend selection for a new flow: the client's affinity if it has a live one, else
 //! frontend -> slot -> backend id -> backend.
 
-use lb_common::maps::{ALGORITHM_SOURCE_HASH, Affinity, AffinityKey, Backend, FlowKey, Frontend};
+use lb_common::maps::{ALGORITHM_ROUND_ROBIN, Affinity, AffinityKey, Backend, FlowKey, Frontend};
 
 use crate::{family::Family, hash::mix32, maps};
 
@@ -66,19 +66,21 @@ fn slot_of(frontend: &Frontend, backend_id: u32, hint: u32) -> Option<u32> {
         .find(|&slot| maps::slot(frontend.service_id, slot) == Some(backend_id))
 }
 
-/// The backend the frontend's algorithm picks: `(slot, backend id, backend)`.
+/// The backend the frontend's algorithm picks: `(slot, backend id, backend)`. Source hash and
+/// Maglev pick the same way, by a hash of the client's address: their slots differ (the backends,
+/// or the Maglev table the agent built from them).
 #[inline(always)]
 fn pick<A: Family>(
     frontend: &Frontend,
     key: &FlowKey<A>,
 ) -> Option<(u32, u32, &'static Backend<A>)> {
     let count = u32::from(frontend.backend_count);
-    let pick = if frontend.algorithm == ALGORITHM_SOURCE_HASH {
-        mix32(key.src_addr_be.folded())
-    } else {
+    let pick = if frontend.algorithm == ALGORITHM_ROUND_ROBIN {
         // Each CPU turns its own cursor: fair in aggregate, no shared cache line, no lost
         // update.
         maps::next_cursor(frontend.service_id)?
+    } else {
+        mix32(key.src_addr_be.folded())
     };
     let slot = pick.checked_rem(count)? + 1;
     let backend_id = maps::slot(frontend.service_id, slot)?;

@@ -158,6 +158,12 @@ struct NodeArgs {
     /// IPVS's name (kube-proxy's `--ipvs-scheduler`): `rr` (round robin) or `sh` (source hash).
     #[arg(long, default_value = "rr", value_parser = model::Algorithm::from_name)]
     scheduler: model::Algorithm,
+    /// The positions of each Maglev table (`mh`), a prime: the same on every node, so that a
+    /// flow reaches one backend through any of them. Each position is a slot of
+    /// `lb_slots_v1`: larger tables move fewer clients when a backend comes or goes (about
+    /// 100 positions per backend and more), smaller ones leave room for more such frontends.
+    #[arg(long, default_value_t = model::DEFAULT_MAGLEV_TABLE_SIZE, value_parser = parse_table_size)]
+    maglev_table_size: u32,
 }
 
 impl NodeArgs {
@@ -167,7 +173,20 @@ impl NodeArgs {
             addresses: self.addresses.clone(),
             node_port_range: self.node_port_range.clone(),
             scheduler: self.scheduler,
+            maglev_table_size: self.maglev_table_size,
         }
+    }
+}
+
+fn parse_table_size(text: &str) -> Result<u32, String> {
+    let size = text.parse().map_err(|e| format!("{text:?}: {e}"))?;
+    if lb_user::plan::maglev::is_table_size(size) {
+        Ok(size)
+    } else {
+        Err(format!(
+            "{size} is no prime from 2 to {}",
+            lb_user::plan::maglev::MAX_TABLE_SIZE
+        ))
     }
 }
 

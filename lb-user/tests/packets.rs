@@ -7,7 +7,7 @@
 //! sum the kernel checks after the run. Root only: run through `cargo xtask test`.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd as _, AsRawFd as _},
     sync::Arc,
 };
@@ -70,6 +70,9 @@ const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const PAIR_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 const STICKY_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 31);
 const HASHED_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 32);
+/// A fourth, balanced by Maglev over a small table.
+const MAGLEV_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 33);
+const MAGLEV_TABLE_SIZE: u32 = 17;
 /// The sticky Service's load-balancer IP, whose slots list [`PAIR`] the other way round.
 const STICKY_LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 31);
 const PAIR: [(Ipv4Addr, u16); 2] = [
@@ -335,6 +338,7 @@ fn frontend<A: Into<IpAddr> + Copy>(
         port,
         protocol,
         algorithm: Algorithm::RoundRobin,
+        maglev_table_size: None,
         affinity_timeout: None,
         when_empty: WhenEmpty::Reject,
         rule: "ready endpoints".into(),
@@ -384,6 +388,14 @@ fn sticky(frontend: Arc<model::Frontend>) -> Arc<model::Frontend> {
     Arc::new(frontend)
 }
 
+/// `frontend` balanced by Maglev, over a table of [`MAGLEV_TABLE_SIZE`] positions.
+fn maglev(frontend: Arc<model::Frontend>) -> Arc<model::Frontend> {
+    let mut frontend = Arc::unwrap_or_clone(frontend);
+    frontend.algorithm = Algorithm::Maglev;
+    frontend.maglev_table_size = Some(MAGLEV_TABLE_SIZE);
+    Arc::new(frontend)
+}
+
 /// `frontend` balanced by source hash.
 fn hashed(frontend: Arc<model::Frontend>) -> Arc<model::Frontend> {
     let mut frontend = Arc::unwrap_or_clone(frontend);
@@ -403,13 +415,26 @@ fn dropping(frontend: Arc<model::Frontend>) -> Arc<model::Frontend> {
 /// `lb-ebpf/src/hash.rs` names; written here from murmur3's definition, so that a change to the
 /// datapath's hash shows.
 fn hashed_backend(client: Ipv4Addr) -> Ipv4Addr {
+    PAIR[(fmix32(client) % 2) as usize].0
+}
+
+/// The backend of [`PAIR`] that Maglev gives `client`: the position [`fmix32`] picks in the
+/// Maglev table of [`PAIR`] (`lb_user::plan::maglev`, tested on its own) of
+/// [`MAGLEV_TABLE_SIZE`] positions.
+fn maglev_backend(client: Ipv4Addr) -> Ipv4Addr {
+    let named = PAIR.map(|(ip, port)| (SocketAddr::from((ip, port)), ip));
+    let table = plan::maglev::table(&named, MAGLEV_TABLE_SIZE);
+    table[(fmix32(client) % MAGLEV_TABLE_SIZE) as usize]
+}
+
+/// murmur3's 32-bit finaliser of the address as it lies in the packet.
+fn fmix32(client: Ipv4Addr) -> u32 {
     let mut h = u32::from_ne_bytes(client.octets());
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
     h = h.wrapping_mul(0xc2b2_ae35);
-    h ^= h >> 16;
-    PAIR[(h % 2) as usize].0
+    h ^ (h >> 16)
 }
 
 /// `p` with 4 bytes of IPv4 options (no-operations), its lengths and IPv4 checksum to match;
@@ -533,6 +558,14 @@ fn programme() -> Vec<Arc<model::Frontend>> {
         hashed(frontend(
             "hashed",
             HASHED_IP,
+            80,
+            Protocol::Tcp,
+            Scope::Internal,
+            &PAIR,
+        )),
+        maglev(frontend(
+            "maglev",
+            MAGLEV_IP,
             80,
             Protocol::Tcp,
             Scope::Internal,
@@ -1589,6 +1622,30 @@ fn rows() -> Vec<Row> {
             before: None,
         },
         Row {
+            what: "Maglev: the backend at the client's position in the frontend's table",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, CLIENT, MAGLEV_IP, 43100, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet(TCP_SYN, CLIENT, maglev_backend(CLIENT), 43100, 8080)),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "Maglev, another client: its own position's",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, ANOTHER_CLIENT, MAGLEV_IP, 43101, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet(
+                TCP_SYN,
+                ANOTHER_CLIENT,
+                maglev_backend(ANOTHER_CLIENT),
+                43101,
+                8080,
+            )),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
             what: "a flow whose reply entry was evicted: DNAT, and the reply entry made again",
             hook: Hook::TcIngress,
             input: packet(TCP_ACK, CLIENT, CLUSTER_IP, 40000, 80),
@@ -2469,6 +2526,13 @@ fn each_packet_gets_its_verdict_its_bytes_and_its_counter() {
     pin_to_one_cpu();
     routed_network_of_its_own();
     assert_ne!(hashed_backend(CLIENT), hashed_backend(ANOTHER_CLIENT));
+    // The Maglev rows tell a table from source hash over the backends.
+    assert!(
+        [CLIENT, ANOTHER_CLIENT]
+            .iter()
+            .any(|&c| maglev_backend(c) != hashed_backend(c)),
+        "pick another MAGLEV_TABLE_SIZE"
+    );
     let mut failures = Vec::new();
     for row in rows().into_iter().chain(ipv6_rows()) {
         if let Some(before) = row.before {

@@ -535,6 +535,7 @@ fn service(i: u32, family: Family) -> model::Frontend {
         port: SERVICE_PORT,
         protocol: Protocol::Tcp,
         algorithm: Algorithm::RoundRobin,
+        maglev_table_size: None,
         affinity_timeout: None,
         when_empty: WhenEmpty::Reject,
         rule: "ready endpoints".into(),

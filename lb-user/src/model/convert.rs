@@ -812,7 +812,7 @@ mod tests {
             Option<Algorithm>,
             Option<&'static str>,
         );
-        let cases: [Case; 9] = [
+        let cases: [Case; 11] = [
             (&[], None, None),
             (
                 &[(SCHEDULER_ANNOTATION, "rr")],
@@ -854,7 +854,17 @@ mod tests {
                 Some("metadata.annotations[lb.ebpf.io/scheduler]"),
             ),
             (
-                &[(ALGORITHM_ANNOTATION, "mh")],
+                &[(SCHEDULER_ANNOTATION, "mh")],
+                Some(Algorithm::Maglev),
+                None,
+            ),
+            (
+                &[(ALGORITHM_ANNOTATION, "maglev")],
+                Some(Algorithm::Maglev),
+                None,
+            ),
+            (
+                &[(ALGORITHM_ANNOTATION, "lc")],
                 None,
                 Some("metadata.annotations[lb.ebpf.io/algorithm]"),
             ),

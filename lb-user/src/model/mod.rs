@@ -37,6 +37,8 @@ pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
 /// Kubernetes' default `--service-node-port-range`.
 pub const DEFAULT_NODE_PORT_RANGE: RangeInclusive<u16> = 30000..=32767;
+/// Cilium's default Maglev table size, which suits up to about 160 backends.
+pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16_381;
 
 /// Services and their EndpointSlices, validated.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -220,6 +222,8 @@ pub enum Algorithm {
     #[default]
     RoundRobin,
     SourceHash,
+    /// Maglev consistent hashing of the client's address (IPVS's `mh`).
+    Maglev,
 }
 
 /// One EndpointSlice, or the slice the mirroring controller would make of an Endpoints.
@@ -281,6 +285,8 @@ pub struct NodeConfig {
     pub node_port_range: RangeInclusive<u16>,
     /// The scheduler of the Services whose annotation chooses none (`--scheduler`).
     pub scheduler: Algorithm,
+    /// The positions of a Maglev table, a prime (`--maglev-table-size`): the same on every node.
+    pub maglev_table_size: u32,
 }
 
 impl NodeConfig {
@@ -290,6 +296,7 @@ impl NodeConfig {
             addresses: Vec::new(),
             node_port_range: DEFAULT_NODE_PORT_RANGE,
             scheduler: Algorithm::default(),
+            maglev_table_size: DEFAULT_MAGLEV_TABLE_SIZE,
         }
     }
 }
@@ -309,6 +316,9 @@ pub struct Frontend {
     pub port: u16,
     pub protocol: Protocol,
     pub algorithm: Algorithm,
+    /// The Maglev table's size, for a frontend balanced by [`Algorithm::Maglev`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maglev_table_size: Option<u32>,
     /// `sessionAffinity: ClientIP` timeout, in seconds.
     pub affinity_timeout: Option<u32>,
     /// What a new flow meets when there is no backend.
@@ -433,17 +443,16 @@ impl Algorithm {
         match name {
             "rr" | "round-robin" => Ok(Self::RoundRobin),
             "sh" | "source-hash" => Ok(Self::SourceHash),
-            "mh" | "maglev" | "lc" | "sed" | "nq" => {
-                Err(format!("scheduler {name:?} is not in this datapath yet"))
-            }
+            "mh" | "maglev" => Ok(Self::Maglev),
+            "lc" | "sed" | "nq" => Err(format!("scheduler {name:?} is not in this datapath yet")),
             "dh" => Err(
                 "scheduler \"dh\" (destination hash) would send every client of a \
                          frontend to one backend: not offered"
                     .into(),
             ),
             other => Err(format!(
-                "unknown scheduler {other:?}: expected rr or sh (IPVS's names; round-robin \
-                 and source-hash as well)"
+                "unknown scheduler {other:?}: expected rr, sh or mh (IPVS's names; \
+                 round-robin, source-hash and maglev as well)"
             )),
         }
     }
@@ -454,6 +463,7 @@ impl fmt::Display for Algorithm {
         f.write_str(match self {
             Self::RoundRobin => "round-robin",
             Self::SourceHash => "source-hash",
+            Self::Maglev => "maglev",
         })
     }
 }

@@ -3,6 +3,7 @@
 
 mod diff;
 mod ids;
+pub mod maglev;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -14,9 +15,9 @@ use std::{
 pub use diff::{Op, Touched, diff, diff_touched};
 pub use ids::Ids;
 use lb_common::maps::{
-    ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_HASH, BACKEND_LOCAL, FRONTEND_REJECT_WHEN_EMPTY,
-    FRONTEND_SOURCE_RANGES, Frontend, MAX_SOURCE_RANGES, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, Slot, SlotKey, SourceRange, Vip,
+    ALGORITHM_MAGLEV, ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_HASH, BACKEND_LOCAL,
+    FRONTEND_REJECT_WHEN_EMPTY, FRONTEND_SOURCE_RANGES, Frontend, MAX_SOURCE_RANGES, PROTO_TCP,
+    PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, Slot, SlotKey, SourceRange, Vip,
 };
 
 use crate::model::{self, Algorithm, Family, FrontendKind, Protocol, Scope, Skipped, WhenEmpty};
@@ -298,9 +299,17 @@ impl Planner {
                 other.address
             ));
         }
-        let Ok(backend_count) = u16::try_from(frontend.backends.len()) else {
+        // Maglev's slots are its table: of its size, once there is a backend to fill it.
+        let table_size = match (frontend.algorithm, frontend.maglev_table_size) {
+            (Algorithm::Maglev, _) if frontend.backends.is_empty() => None,
+            (Algorithm::Maglev, Some(size)) => Some(size),
+            (Algorithm::Maglev, None) => return skip("Maglev without a table size".into()),
+            _ => None,
+        };
+        let slots = table_size.map_or(frontend.backends.len(), |size| size as usize);
+        let Ok(backend_count) = u16::try_from(slots) else {
             return skip(format!(
-                "{} backends: at most {} fit a frontend",
+                "{slots} slots ({} backends): at most {} fit a frontend",
                 frontend.backends.len(),
                 u16::MAX
             ));
@@ -327,8 +336,19 @@ impl Planner {
         let Some(service_id) = self.ids.service(key) else {
             return skip(format!("{name}: the frontend map is full"));
         };
-        for (slot, backend) in (1..).zip(&frontend.backends) {
-            let backend_id = self.name_backend(backend, frontend.protocol, touched);
+        let named: Vec<(SocketAddr, u32)> = frontend
+            .backends
+            .iter()
+            .map(|backend| {
+                let id = self.name_backend(backend, frontend.protocol, touched);
+                (SocketAddr::new(backend.address, backend.port), id)
+            })
+            .collect();
+        let slot_ids = match table_size {
+            Some(size) => maglev::table(&named, size),
+            None => named.iter().map(|(_, id)| *id).collect(),
+        };
+        for (slot, backend_id) in (1..).zip(slot_ids) {
             let slot_key = SlotKey { service_id, slot };
             self.desired.slots.insert(slot_key, Slot { backend_id });
             touched.slots.insert(slot_key);
@@ -421,6 +441,7 @@ fn algorithm(algorithm: Algorithm) -> u8 {
     match algorithm {
         Algorithm::RoundRobin => ALGORITHM_ROUND_ROBIN,
         Algorithm::SourceHash => ALGORITHM_SOURCE_HASH,
+        Algorithm::Maglev => ALGORITHM_MAGLEV,
     }
 }
 
@@ -532,29 +553,46 @@ impl MapEntries {
                 algorithm_name(fe.algorithm),
                 flags.join(",")
             );
-            for slot in 1..=u32::from(fe.backend_count) {
-                let key = SlotKey {
-                    service_id: fe.service_id,
-                    slot,
-                };
-                let line = match self.slots.get(&key) {
-                    None => "(slot missing)".to_string(),
-                    Some(s) => match self.backends.get(&s.backend_id) {
-                        None => format!("(backend {} missing)", s.backend_id),
-                        Some(be) => {
-                            let local = if be.flags & BACKEND_LOCAL != 0 {
-                                " local"
-                            } else {
-                                ""
-                            };
-                            format!("{}{local}", SocketAddr::new(be.address, be.port))
-                        }
-                    },
-                };
-                let _ = writeln!(out, "  -> {line}");
+            let lines =
+                (1..=u32::from(fe.backend_count)).map(|slot| self.slot_line(fe.service_id, slot));
+            if fe.algorithm == ALGORITHM_MAGLEV {
+                // A table of thousands of positions: each backend once, with its share.
+                let mut shares: BTreeMap<String, u32> = BTreeMap::new();
+                for line in lines {
+                    *shares.entry(line).or_default() += 1;
+                }
+                for (line, positions) in shares {
+                    let _ = writeln!(
+                        out,
+                        "  -> {line} ({positions} of {} positions)",
+                        fe.backend_count
+                    );
+                }
+            } else {
+                for line in lines {
+                    let _ = writeln!(out, "  -> {line}");
+                }
             }
         }
         out
+    }
+
+    /// What slot `slot` of frontend `service_id` names, as [`MapEntries::table`] lists it.
+    fn slot_line(&self, service_id: u32, slot: u32) -> String {
+        let Some(s) = self.slots.get(&SlotKey { service_id, slot }) else {
+            return "(slot missing)".to_string();
+        };
+        match self.backends.get(&s.backend_id) {
+            None => format!("(backend {} missing)", s.backend_id),
+            Some(be) => {
+                let local = if be.flags & BACKEND_LOCAL != 0 {
+                    " local"
+                } else {
+                    ""
+                };
+                format!("{}{local}", SocketAddr::new(be.address, be.port))
+            }
+        }
     }
 }
 
@@ -571,6 +609,7 @@ fn algorithm_name(algorithm: u8) -> String {
     match algorithm {
         ALGORITHM_ROUND_ROBIN => "round-robin".into(),
         ALGORITHM_SOURCE_HASH => "source-hash".into(),
+        ALGORITHM_MAGLEV => "maglev".into(),
         other => format!("unknown-{other}"),
     }
 }
@@ -590,6 +629,7 @@ mod tests {
             port: 80,
             protocol: Protocol::Tcp,
             algorithm,
+            maglev_table_size: (algorithm == Algorithm::Maglev).then_some(7),
             affinity_timeout: None,
             when_empty: WhenEmpty::Reject,
             rule: "ready endpoints".into(),
@@ -714,6 +754,63 @@ mod tests {
             .map(|(k, v)| (k.service_id, k.slot, v.backend_id))
             .collect();
         assert_eq!(slots, [(1, 1, 1), (1, 2, 2)]);
+    }
+
+    #[test]
+    fn a_maglev_frontend_s_slots_are_its_table_and_a_change_writes_only_the_positions_it_moves() {
+        let three = [
+            (Ipv4Addr::new(10, 244, 0, 11), 8080),
+            (Ipv4Addr::new(10, 244, 0, 12), 8080),
+            (Ipv4Addr::new(10, 244, 0, 13), 8080),
+        ];
+        let mut planner = Planner::new("node-a", Ids::default());
+        let mut plan = |backends: &[(Ipv4Addr, u16)]| {
+            let (_, skipped) = planner.update(&[Arc::new(frontend(Algorithm::Maglev, backends))]);
+            assert!(skipped.is_empty(), "{skipped:?}");
+            planner.desired().clone()
+        };
+        let before = plan(&three);
+        let frontend = before.frontends.values().next().unwrap();
+        // The test frontends' table has 7 positions.
+        assert_eq!(
+            (frontend.algorithm, frontend.backend_count),
+            (ALGORITHM_MAGLEV, 7)
+        );
+        let named: Vec<(SocketAddr, u32)> = (1..)
+            .zip(three)
+            .map(|(id, (ip, port))| (SocketAddr::from((ip, port)), id))
+            .collect();
+        let slots: Vec<u32> = before.slots.values().map(|s| s.backend_id).collect();
+        assert_eq!(slots, maglev::table(&named, 7));
+        // .12 goes: its positions are written anew, the others' stay.
+        let after = plan(&[three[0], three[2]]);
+        let rewritten: Vec<u32> = diff(&before, &after)
+            .iter()
+            .filter_map(|op| match op {
+                Op::PutSlot(key, _) => Some(key.slot),
+                _ => None,
+            })
+            .collect();
+        let on_gone: Vec<u32> = before
+            .slots
+            .iter()
+            .filter(|(_, slot)| slot.backend_id == 2)
+            .map(|(key, _)| key.slot)
+            .collect();
+        let changed: Vec<u32> = before
+            .slots
+            .iter()
+            .filter(|(key, slot)| after.slots.get(key) != Some(slot))
+            .map(|(key, _)| key.slot)
+            .collect();
+        assert_eq!(
+            rewritten, changed,
+            "only the positions that changed are written"
+        );
+        assert!(
+            !on_gone.is_empty() && on_gone.iter().all(|slot| rewritten.contains(slot)),
+            "rewritten {rewritten:?}, the gone backend's {on_gone:?}"
+        );
     }
 
     #[test]

@@ -410,3 +410,132 @@ fn session_affinity_holds_across_a_service_port_s_frontends() {
         "the ClusterIP gave {own}, the external IP {through_external:?}"
     );
 }
+
+/// The clients of the Maglev test: 100 addresses of the client pod, 10.244.9.1 to .100.
+const MAGLEV_CLIENTS: u8 = 100;
+
+#[test]
+fn maglev_keeps_each_of_100_clients_on_its_backend_and_moves_few_when_a_backend_goes_or_comes() {
+    let lab = lab("maglev");
+    let clients = many_clients(&lab);
+    lab.add_manifest("maglev.yaml", MAGLEV_SERVICE).unwrap();
+    wait_for_positions(&lab, 3);
+    let before = pods_of(&lab, &clients);
+    assert_eq!(
+        pods_of(&lab, &clients),
+        before,
+        "each client sticks to its backend"
+    );
+    assert_eq!(counts(&before).len(), 3, "every backend serves: {before:?}");
+
+    // demo-3 goes: its clients move, the others' stay (at most 1/N + 2% of them may move).
+    let (gone_pod, gone_ip) = BACKENDS[2];
+    lab.edit_manifest("maglev.yaml", |t| remove_endpoint(&t, &gone_ip.to_string()))
+        .unwrap();
+    wait_for_positions(&lab, 2);
+    let after = pods_of(&lab, &clients);
+    assert!(!after.contains(&gone_pod.to_string()), "{after:?}");
+    let kept = before.iter().filter(|p| *p != gone_pod).count();
+    let moved = before
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| *b != gone_pod && b != a)
+        .count();
+    assert!(
+        moved as f64 <= (1.0 / 3.0 + 0.02) * kept as f64,
+        "{moved} of the {kept} clients not on {gone_pod} moved"
+    );
+
+    // It comes back: about a third of the clients move, nearly all of them to it.
+    lab.edit_manifest("maglev.yaml", |_| MAGLEV_SERVICE.to_string())
+        .unwrap();
+    wait_for_positions(&lab, 3);
+    let back = pods_of(&lab, &clients);
+    let moved: Vec<&String> = after
+        .iter()
+        .zip(&back)
+        .filter(|(a, b)| a != b)
+        .map(|(_, b)| b)
+        .collect();
+    let to_it = moved.iter().filter(|p| **p == gone_pod).count();
+    assert!(
+        (15..=50).contains(&moved.len()) && to_it * 10 >= moved.len() * 9,
+        "{} of {MAGLEV_CLIENTS} clients moved, {to_it} of them to {gone_pod}",
+        moved.len()
+    );
+}
+
+/// `demo-maglev`: a ClusterIP balanced by Maglev over the three demo pods.
+const MAGLEV_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: demo-maglev\n  \
+    annotations: {lb.ebpf.io/scheduler: mh}\nspec:\n  clusterIP: 10.96.0.15\n  \
+    ports: [{name: http, port: 80, targetPort: 8080}]\n---\n\
+    apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: demo-maglev-1\n  \
+    labels: {kubernetes.io/service-name: demo-maglev}\naddressType: IPv4\n\
+    ports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:\n\
+    - addresses: [10.244.0.11]\n- addresses: [10.244.0.12]\n- addresses: [10.244.0.13]\n";
+
+/// Gives the client pod [`MAGLEV_CLIENTS`] more addresses, routed back to it by the node: the
+/// addresses.
+fn many_clients(lab: &Lab) -> Vec<String> {
+    let clients: Vec<String> = (1..=MAGLEV_CLIENTS)
+        .map(|i| format!("10.244.9.{i}"))
+        .collect();
+    for ip in &clients {
+        let host = format!("{ip}/32");
+        let mut add = Command::new("ip");
+        add.args([
+            "-n",
+            &lab.client.namespace,
+            "addr",
+            "add",
+            &host,
+            "dev",
+            "eth0",
+        ]);
+        lb_tests::output(&mut add).expect("a client's address");
+    }
+    let link = format!("v-{}", lab.client.name);
+    let route = ["ip", "route", "add", "10.244.9.0/24", "dev", &link];
+    lb_tests::output(&mut lab.in_node(&route)).expect("the route to the clients");
+    clients
+}
+
+/// The pod that answers each client, in the clients' order.
+fn pods_of(lab: &Lab, clients: &[String]) -> Vec<String> {
+    clients
+        .iter()
+        .map(|client| {
+            let command = [
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "--interface",
+                client,
+                "http://10.96.0.15/",
+            ];
+            let answer = lb_tests::output(&mut lab.in_client(&command))
+                .unwrap_or_else(|e| panic!("curl from {client}: {e:#}"));
+            pod_of(&answer).expect("the pod").to_string()
+        })
+        .collect()
+}
+
+/// Waits until `lb-user inspect` shows demo-maglev's table over `backends` backends.
+fn wait_for_positions(lab: &Lab, backends: usize) {
+    lab.wait_for(
+        &format!("demo-maglev's table over {backends} backends"),
+        || {
+            let table = lab.lb_user("inspect")?;
+            let lines = table
+                .lines()
+                .skip_while(|l| !l.contains("10.96.0.15:80"))
+                .skip(1)
+                .take_while(|l| l.starts_with("  ->"))
+                .filter(|l| l.contains("of 16381 positions"))
+                .count();
+            Ok(lines == backends)
+        },
+    )
+    .unwrap();
+}

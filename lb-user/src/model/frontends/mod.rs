@@ -8,9 +8,9 @@ use std::{
 };
 
 use super::{
-    Backend, Cluster, Endpoint, EndpointSlice, Family, Frontend, FrontendKind, LostClaim, Node,
-    NodeConfig, Protocol, Scope, Service, ServiceKind, ServicePort, Skipped, SourceRange,
-    TrafficPolicy, WhenEmpty, ZONE_LABEL, port_field,
+    Algorithm, Backend, Cluster, Endpoint, EndpointSlice, Family, Frontend, FrontendKind,
+    LostClaim, Node, NodeConfig, Protocol, Scope, Service, ServiceKind, ServicePort, Skipped,
+    SourceRange, TrafficPolicy, WhenEmpty, ZONE_LABEL, port_field,
     topology::{self, Candidate, Selection, Topology},
 };
 
@@ -223,6 +223,7 @@ fn family_frontends(
     let topology = &view.topology;
     let of_family = |ip: &&IpAddr| Family::of(**ip) == family;
     let source_ranges = source_ranges(service, view.node_ips, family);
+    let algorithm = service.algorithm.unwrap_or(view.node.scheduler);
     for (port, &node_port) in service.ports.iter().zip(node_ports) {
         let candidates = candidates(port, slices, family);
         let cluster_wide = topology::cluster_wide(&candidates, &service.topology_keys, topology);
@@ -286,7 +287,9 @@ fn family_frontends(
                 address,
                 port: number,
                 protocol: port.protocol,
-                algorithm: service.algorithm.unwrap_or(view.node.scheduler),
+                algorithm,
+                maglev_table_size: (algorithm == Algorithm::Maglev)
+                    .then_some(view.node.maglev_table_size),
                 affinity_timeout: service.affinity_timeout,
                 when_empty: *when_empty,
                 rule: format!("{prefix}{}", selection.rule),
