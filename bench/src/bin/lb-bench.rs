@@ -157,10 +157,39 @@ impl Family {
     }
 }
 
+/// The schedulers the TCP cases run under, each on a port of the target Service's own: round
+/// robin on [`SERVICE_PORT`], the others after it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scheduler {
+    RoundRobin,
+    SourceHash,
+    Maglev,
+}
+
+impl Scheduler {
+    const OTHERS: [Scheduler; 2] = [Scheduler::SourceHash, Scheduler::Maglev];
+
+    fn port(self) -> u16 {
+        match self {
+            Scheduler::RoundRobin => SERVICE_PORT,
+            Scheduler::SourceHash => SERVICE_PORT + 1,
+            Scheduler::Maglev => SERVICE_PORT + 2,
+        }
+    }
+
+    fn algorithm(self) -> Algorithm {
+        match self {
+            Scheduler::RoundRobin => Algorithm::RoundRobin,
+            Scheduler::SourceHash => Algorithm::SourceHash,
+            Scheduler::Maglev => Algorithm::Maglev,
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Case {
-    TcpNew,
-    TcpEstablished,
+    TcpNew(Scheduler),
+    TcpEstablished(Scheduler),
     UdpNew,
     Reply,
     NoFrontend,
@@ -171,9 +200,13 @@ enum Case {
 }
 
 impl Case {
-    const ALL: [Case; 7] = [
-        Case::TcpNew,
-        Case::TcpEstablished,
+    const ALL: [Case; 11] = [
+        Case::TcpNew(Scheduler::RoundRobin),
+        Case::TcpEstablished(Scheduler::RoundRobin),
+        Case::TcpNew(Scheduler::SourceHash),
+        Case::TcpEstablished(Scheduler::SourceHash),
+        Case::TcpNew(Scheduler::Maglev),
+        Case::TcpEstablished(Scheduler::Maglev),
         Case::UdpNew,
         Case::Reply,
         Case::NoFrontend,
@@ -183,8 +216,12 @@ impl Case {
 
     fn name(self) -> &'static str {
         match self {
-            Case::TcpNew => "tcp new flow",
-            Case::TcpEstablished => "tcp established",
+            Case::TcpNew(Scheduler::RoundRobin) => "tcp new flow",
+            Case::TcpEstablished(Scheduler::RoundRobin) => "tcp established",
+            Case::TcpNew(Scheduler::SourceHash) => "tcp new flow, sh",
+            Case::TcpEstablished(Scheduler::SourceHash) => "tcp established, sh",
+            Case::TcpNew(Scheduler::Maglev) => "tcp new flow, mh",
+            Case::TcpEstablished(Scheduler::Maglev) => "tcp established, mh",
             Case::UdpNew => "udp new flow",
             Case::Reply => "reply",
             Case::NoFrontend => "no frontend",
@@ -214,13 +251,13 @@ impl Case {
         let packet =
             |flags, src, dst, sport, dport| target.family.packet(flags, src, dst, sport, dport);
         match self {
-            Case::TcpNew => packet(TCP_SYN, client, target.vip, fresh, SERVICE_PORT),
-            Case::TcpEstablished => packet(
+            Case::TcpNew(scheduler) => packet(TCP_SYN, client, target.vip, fresh, scheduler.port()),
+            Case::TcpEstablished(scheduler) => packet(
                 TCP_ACK,
                 CLIENT,
                 target.vip,
                 target.established_port,
-                SERVICE_PORT,
+                scheduler.port(),
             ),
             Case::UdpNew => packet(UDP, client, target.vip, fresh, SERVICE_PORT),
             Case::Reply => packet(
@@ -254,7 +291,7 @@ impl Case {
         );
         let ((src, sport), (dst, dport)) = family.ends(output);
         match self {
-            Case::TcpNew | Case::TcpEstablished | Case::UdpNew => ensure!(
+            Case::TcpNew(_) | Case::TcpEstablished(_) | Case::UdpNew => ensure!(
                 target.backend(dst).is_some()
                     && dport == BACKEND_PORT
                     && src == family.ends(input).0.0,
@@ -341,12 +378,12 @@ fn main() -> Result<()> {
     let figures = figures?;
 
     println!(
-        "{:<4} {:<5} {:<16} {:>9} {:>10} {:>9} {:>9} {:>9}",
+        "{:<4} {:<5} {:<19} {:>9} {:>10} {:>9} {:>9} {:>9}",
         "", "", "case", "services", "median ns", "min", "max", "floor ns"
     );
     for f in &figures {
         println!(
-            "{:<4} {:<5} {:<16} {:>9} {:>10.1} {:>9.1} {:>9.1} {:>9.1}",
+            "{:<4} {:<5} {:<19} {:>9} {:>10.1} {:>9.1} {:>9.1} {:>9.1}",
             f.program, f.family, f.case, f.services, f.median_ns, f.min_ns, f.max_ns, f.floor_ns
         );
     }
@@ -389,8 +426,7 @@ fn measure(
         .flat_map(|scale| Family::ALL.map(|family| (scale, family)))
     {
         // The service in the middle, not the first written, also has a UDP port, and both
-        // ports are also a LoadBalancer IP's, for the XDP program. The other family's services
-        // make way for this one's (the plan's difference).
+        // ports are also a LoadBalancer IP's, for the XDP program.
         let index = services / 2;
         let mut frontends: Vec<Arc<model::Frontend>> = (0..services)
             .map(|i| Arc::new(service(i, family)))
@@ -408,19 +444,39 @@ fn measure(
                         ..service(index, family)
                     }));
                 }
+                // The TCP cases of the other schedulers, each on a port of its own.
+                for scheduler in Scheduler::OTHERS
+                    .into_iter()
+                    .filter(|_| protocol == Protocol::Tcp)
+                {
+                    let algorithm = scheduler.algorithm();
+                    frontends.push(Arc::new(model::Frontend {
+                        kind,
+                        scope,
+                        port: scheduler.port(),
+                        algorithm,
+                        maglev_table_size: (algorithm == Algorithm::Maglev)
+                            .then_some(model::DEFAULT_MAGLEV_TABLE_SIZE),
+                        ..service(index, family)
+                    }));
+                }
             }
         }
-        let (_, skipped) = planner.update(&frontends);
-        ensure!(
-            skipped.is_empty(),
-            "{services} services do not fit: {:?}",
-            skipped.first()
-        );
-        for op in plan::diff(&programmed, planner.desired()) {
-            maps.apply(&op).with_context(|| {
-                format!("programming {services} services over {}", family.name())
-            })?;
-            programmed.apply(&op);
+        // The cases before go in a sync of their own: a sync gives no id its frontend just
+        // left, and 100,000 Services of each family would not fit the ids at once.
+        for wanted in [&[][..], &frontends] {
+            let (_, skipped) = planner.update(wanted);
+            ensure!(
+                skipped.is_empty(),
+                "{services} services do not fit: {:?}",
+                skipped.first()
+            );
+            for op in plan::diff(&programmed, planner.desired()) {
+                maps.apply(&op).with_context(|| {
+                    format!("programming {services} services over {}", family.name())
+                })?;
+                programmed.apply(&op);
+            }
         }
         let mut target = Target {
             family,
@@ -449,10 +505,12 @@ fn measure(
                 // So the established flow is made just before each case, from a client port of
                 // its own, by the hook's balancing program. Its backend is the replier.
                 target.established_port += 1;
-                let balancer = Case::TcpEstablished
-                    .program(&programs, xdp)
-                    .context("no balancer")?;
-                let (_, out) = run(balancer, &Case::TcpEstablished.packet(&target, 0))?;
+                let opener = match case {
+                    Case::TcpEstablished(scheduler) => Case::TcpEstablished(scheduler),
+                    _ => Case::TcpEstablished(Scheduler::RoundRobin),
+                };
+                let balancer = opener.program(&programs, xdp).context("no balancer")?;
+                let (_, out) = run(balancer, &opener.packet(&target, 0))?;
                 target.replier = target
                     .backend(family.ends(&out).1.0)
                     .context("the established flow went to no backend")?;
