@@ -50,7 +50,8 @@ pub fn select_backend<A: Family>(
 
 /// How many of a frontend's slots are looked through for a client's affinity backend when the
 /// slot it was given in (by another frontend of its Service port) holds another: a frontend's
-/// slots follow its own backends (an `externalTrafficPolicy: Local` one has only the node's).
+/// slots follow its own backends (an `externalTrafficPolicy: Local` one has only the node's), or
+/// its own Maglev table, where a backend holds one position in N.
 const AFFINITY_SCAN: u32 = 32;
 
 /// The slot of `frontend` that holds `backend_id`: `hint` if it does, else the first of the

@@ -155,13 +155,14 @@ struct NodeArgs {
     #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
     node_port_range: RangeInclusive<u16>,
     /// The scheduler of Services whose `lb.ebpf.io/scheduler` annotation chooses none, by
-    /// IPVS's name (kube-proxy's `--ipvs-scheduler`): `rr` (round robin) or `sh` (source hash).
+    /// IPVS's name (kube-proxy's `--ipvs-scheduler`): `rr` (round robin), `sh` (source hash) or
+    /// `mh` (Maglev).
     #[arg(long, default_value = "rr", value_parser = model::Algorithm::from_name)]
     scheduler: model::Algorithm,
-    /// The positions of each Maglev table (`mh`), a prime: the same on every node, so that a
-    /// flow reaches one backend through any of them. Each position is a slot of
-    /// `lb_slots_v1`: larger tables move fewer clients when a backend comes or goes (about
-    /// 100 positions per backend and more), smaller ones leave room for more such frontends.
+    /// The positions of each Maglev table (`mh`), a prime, the same on every node: a client's
+    /// new connections reach one backend through any of them. Each position is a slot of
+    /// `lb_slots_v1`: larger tables move fewer clients when a backend comes or goes, smaller
+    /// ones leave room for more Maglev frontends.
     #[arg(long, default_value_t = model::DEFAULT_MAGLEV_TABLE_SIZE, value_parser = parse_table_size)]
     maglev_table_size: u32,
 }

@@ -437,8 +437,8 @@ impl fmt::Display for Protocol {
 }
 
 impl Algorithm {
-    /// The scheduler `name` chooses: IPVS's names (`rr`, `sh`), and the first names this project
-    /// gave them (`round-robin`, `source-hash`). IPVS's others are refused, each with why.
+    /// The scheduler `name` chooses: IPVS's names (`rr`, `sh`, `mh`), and this project's
+    /// (`round-robin`, `source-hash`, `maglev`). IPVS's others are refused, each with why.
     pub fn from_name(name: &str) -> Result<Self, String> {
         match name {
             "rr" | "round-robin" => Ok(Self::RoundRobin),

@@ -14,8 +14,8 @@ pub struct Ids {
     taken: BTreeSet<u32>,
     /// Below it, every service id is taken: where the search for a free one starts.
     free_from: u32,
-    /// Each backend's id, and how many names it has: slots, and frontends that retain it for
-    /// its flows ([`crate::model::Frontend::retained`]).
+    /// Each backend's id, and how many names it has: the frontends whose slots hold it, and
+    /// those that retain it for its flows ([`crate::model::Frontend::retained`]).
     backends: BTreeMap<Backend, (u32, u32)>,
     /// Backends whose last name went in this sync: released at its end unless named again.
     unnamed: Vec<Backend>,

@@ -16,8 +16,8 @@ pub use diff::{Op, Touched, diff, diff_touched};
 pub use ids::Ids;
 use lb_common::maps::{
     ALGORITHM_MAGLEV, ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_HASH, BACKEND_LOCAL,
-    FRONTEND_REJECT_WHEN_EMPTY, FRONTEND_SOURCE_RANGES, Frontend, MAX_SOURCE_RANGES, PROTO_TCP,
-    PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, Slot, SlotKey, SourceRange, Vip,
+    FRONTEND_REJECT_WHEN_EMPTY, FRONTEND_SOURCE_RANGES, Frontend, MAX_SLOTS, MAX_SOURCE_RANGES,
+    PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, Slot, SlotKey, SourceRange, Vip,
 };
 
 use crate::model::{self, Algorithm, Family, FrontendKind, Protocol, Scope, Skipped, WhenEmpty};
@@ -243,16 +243,13 @@ impl Planner {
                 service_id: frontend.service_id,
                 slot,
             };
-            if let Some(Slot { backend_id }) = self.desired.slots.remove(&slot_key)
-                && let Some(&backend) = self.desired.backends.get(&backend_id)
-            {
-                self.ids.unname_backend(backend);
-            }
+            self.desired.slots.remove(&slot_key);
             touched.slots.insert(slot_key);
         }
-        for retained in &before.retained {
+        // Each once, as `place` named them: a Maglev table names a backend in many slots.
+        for named in before.backends.iter().chain(&before.retained) {
             self.ids
-                .unname_backend(backend(retained, before.protocol, &self.node));
+                .unname_backend(backend(named, before.protocol, &self.node));
         }
         let ranges = before.source_ranges.as_deref().unwrap_or_default();
         for (range, _) in range_entries(frontend.service_id, key.address, ranges) {
@@ -303,7 +300,10 @@ impl Planner {
         let table_size = match (frontend.algorithm, frontend.maglev_table_size) {
             (Algorithm::Maglev, _) if frontend.backends.is_empty() => None,
             (Algorithm::Maglev, Some(size)) => Some(size),
-            (Algorithm::Maglev, None) => return skip("Maglev without a table size".into()),
+            (Algorithm::Maglev, None) => {
+                let name = model::endpoint_name(frontend.address, frontend.port, frontend.protocol);
+                return skip(format!("{name}: Maglev without a table size"));
+            }
             _ => None,
         };
         let slots = table_size.map_or(frontend.backends.len(), |size| size as usize);
@@ -332,6 +332,17 @@ impl Planner {
                     ranges.len()
                 ));
             }
+        }
+        // Closed, and the others go on: a full map would stop every write after the first
+        // that does not fit. Room for as many again is kept, as a sync puts a new frontend's
+        // slots before it deletes those of one that went (a Maglev table's thousands).
+        let taken = self.desired.slots.len();
+        if taken + 2 * slots > MAX_SLOTS as usize {
+            return skip(format!(
+                "{name}: its {slots} slots do not fit the slot map ({MAX_SLOTS} entries, {taken} \
+                 taken): not programmed; a smaller --maglev-table-size leaves room for more \
+                 Maglev frontends"
+            ));
         }
         let Some(service_id) = self.ids.service(key) else {
             return skip(format!("{name}: the frontend map is full"));
@@ -523,7 +534,7 @@ impl MapEntries {
 
 impl MapEntries {
     /// The services as `ipvsadm -Ln` shows them: each frontend, then the backends of its slots
-    /// in order.
+    /// in order (a Maglev frontend's each once, with its share of the table).
     pub fn table(&self) -> String {
         let mut out = String::from(
             "Prot LocalAddress:Port        Scope    Scheduler    Flags\n  -> RemoteAddress:Port\n",
@@ -811,6 +822,56 @@ mod tests {
             !on_gone.is_empty() && on_gone.iter().all(|slot| rewritten.contains(slot)),
             "rewritten {rewritten:?}, the gone backend's {on_gone:?}"
         );
+    }
+
+    #[test]
+    fn a_maglev_frontend_withdrawn_leaves_the_backends_it_shares_named() {
+        let backends = [
+            (Ipv4Addr::new(10, 244, 0, 11), 8080),
+            (Ipv4Addr::new(10, 244, 0, 12), 8080),
+        ];
+        let round_robin = Arc::new(model::Frontend {
+            port: 81,
+            ..frontend(Algorithm::RoundRobin, &backends)
+        });
+        let maglev = Arc::new(frontend(Algorithm::Maglev, &backends));
+        let mut planner = Planner::new("node-a", Ids::default());
+        planner.update(&[Arc::clone(&round_robin), maglev]);
+        // The Maglev one goes; both backends are still the other's.
+        planner.update(&[round_robin]);
+        let desired = planner.desired();
+        assert_eq!(desired.slots.len(), 2);
+        for slot in desired.slots.values() {
+            assert!(
+                desired.backends.contains_key(&slot.backend_id),
+                "{slot:?} names a backend gone: {:?}",
+                desired.backends
+            );
+        }
+    }
+
+    #[test]
+    fn maglev_tables_past_the_slot_map_s_room_are_reported_and_the_rest_programmed() {
+        let backends = [(Ipv4Addr::new(10, 244, 0, 11), 8080)];
+        let frontends: Vec<Arc<model::Frontend>> = (1..=20)
+            .map(|port| {
+                Arc::new(model::Frontend {
+                    port,
+                    maglev_table_size: Some(maglev::MAX_TABLE_SIZE),
+                    ..frontend(Algorithm::Maglev, &backends)
+                })
+            })
+            .collect();
+        let (entries, skipped) = entries(&frontends, "node-a");
+        // Room for as many again is kept: 15 tables of 65,521 fit with room for a 16th.
+        assert_eq!(entries.frontends.len(), 15);
+        assert_eq!(skipped.len(), 5);
+        assert!(
+            skipped[0].reason.contains("do not fit the slot map"),
+            "{skipped:?}"
+        );
+        let table = maglev::MAX_TABLE_SIZE as usize;
+        assert!(entries.slots.len() + table <= MAX_SLOTS as usize);
     }
 
     #[test]
