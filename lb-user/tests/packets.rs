@@ -415,21 +415,40 @@ fn dropping(frontend: Arc<model::Frontend>) -> Arc<model::Frontend> {
 /// `lb-ebpf/src/hash.rs` names; written here from murmur3's definition, so that a change to the
 /// datapath's hash shows.
 fn hashed_backend(client: Ipv4Addr) -> Ipv4Addr {
-    PAIR[(fmix32(client) % 2) as usize].0
+    PAIR[(fmix32(client.into()) % 2) as usize].0
 }
 
 /// The backend of [`PAIR`] that Maglev gives `client`: the position [`fmix32`] picks in the
 /// Maglev table of [`PAIR`] (`lb_user::plan::maglev`, tested on its own) of
 /// [`MAGLEV_TABLE_SIZE`] positions.
 fn maglev_backend(client: Ipv4Addr) -> Ipv4Addr {
-    let named = PAIR.map(|(ip, port)| (SocketAddr::from((ip, port)), ip));
+    maglev_pick(
+        PAIR.map(|(ip, port)| (SocketAddr::from((ip, port)), ip)),
+        client.into(),
+    )
+}
+
+/// The same over IPv6, from [`PAIR`]'s twins.
+fn maglev_backend6(client: Ipv6Addr) -> Ipv6Addr {
+    maglev_pick(
+        PAIR.map(|(ip, port)| (SocketAddr::from((v6(ip), port)), v6(ip))),
+        client.into(),
+    )
+}
+
+fn maglev_pick<A: Copy>(named: [(SocketAddr, A); 2], client: IpAddr) -> A {
     let table = plan::maglev::table(&named, MAGLEV_TABLE_SIZE);
     table[(fmix32(client) % MAGLEV_TABLE_SIZE) as usize]
 }
 
-/// murmur3's 32-bit finaliser of the address as it lies in the packet.
-fn fmix32(client: Ipv4Addr) -> u32 {
-    let mut h = u32::from_ne_bytes(client.octets());
+/// murmur3's 32-bit finaliser of the address as it lies in the packet, an IPv6 one's four
+/// words folded into one by exclusive or.
+fn fmix32(client: IpAddr) -> u32 {
+    let word = |bytes: &[u8]| u32::from_ne_bytes(bytes.try_into().expect("4 bytes"));
+    let mut h = match client {
+        IpAddr::V4(ip) => word(&ip.octets()),
+        IpAddr::V6(ip) => ip.octets().chunks(4).map(word).fold(0, |a, w| a ^ w),
+    };
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
@@ -511,6 +530,14 @@ fn programme() -> Vec<Arc<model::Frontend>> {
             Protocol::Tcp,
             Scope::External,
             &[(v6(REMOTE), 8443)],
+        )),
+        maglev(frontend(
+            "maglev",
+            v6(MAGLEV_IP),
+            80,
+            Protocol::Tcp,
+            Scope::Internal,
+            &PAIR.map(|(ip, port)| (v6(ip), port)),
         )),
         frontend(
             "web",
@@ -1016,6 +1043,37 @@ fn ipv6_rows() -> Vec<Row> {
             verdict: XDP_PASS,
             out: Out::Unchanged,
             counts: &[],
+            before: None,
+        },
+        Row {
+            what: "IPv6: Maglev: the backend at the client's position in the IPv6 frontend's \
+                   table",
+            hook: Hook::TcIngress,
+            input: packet6(TCP_SYN, client, v6(MAGLEV_IP), 41100, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet6(
+                TCP_SYN,
+                client,
+                maglev_backend6(client),
+                41100,
+                8080,
+            )),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "IPv6: Maglev, another client: its own position's",
+            hook: Hook::TcIngress,
+            input: packet6(TCP_SYN, v6(ANOTHER_CLIENT), v6(MAGLEV_IP), 41101, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet6(
+                TCP_SYN,
+                v6(ANOTHER_CLIENT),
+                maglev_backend6(v6(ANOTHER_CLIENT)),
+                41101,
+                8080,
+            )),
+            counts: &["new_flows"],
             before: None,
         },
         Row {
