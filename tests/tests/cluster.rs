@@ -222,8 +222,13 @@ fn fragments_from_outside_wait_for_their_first_and_fragmented_answers_come_back_
 }
 
 #[test]
-fn ipv6_fragments_from_outside_wait_for_their_first_and_fragmented_answers_come_back() {
-    fragments_from_outside("frag6", MODES[1], &IPV6);
+fn ipv6_fragments_from_outside_wait_for_their_first_and_fragmented_answers_come_back_xdp_generic() {
+    fragments_from_outside("frag6gen", MODES[0], &IPV6);
+}
+
+#[test]
+fn ipv6_fragments_from_outside_wait_for_their_first_and_fragmented_answers_come_back_xdp_native() {
+    fragments_from_outside("frag6nat", MODES[1], &IPV6);
 }
 
 fn fragments_from_outside(tag: &str, mode: &str, family: &Family) {
@@ -282,8 +287,15 @@ fn path_mtu_discovery_works_through_a_snated_load_balancer_ip_as_straight_to_the
 }
 
 #[test]
-fn ipv6_path_mtu_discovery_works_through_a_snated_load_balancer_ip_as_straight_to_the_backend() {
-    path_mtu_discovery("pmtu6", MODES[1], &IPV6);
+fn ipv6_path_mtu_discovery_works_through_a_snated_load_balancer_ip_as_straight_to_the_backend_xdp_generic()
+ {
+    path_mtu_discovery("pmtu6gen", MODES[0], &IPV6);
+}
+
+#[test]
+fn ipv6_path_mtu_discovery_works_through_a_snated_load_balancer_ip_as_straight_to_the_backend_xdp_native()
+ {
+    path_mtu_discovery("pmtu6nat", MODES[1], &IPV6);
 }
 
 fn path_mtu_discovery(tag: &str, mode: &str, family: &Family) {
