@@ -18,7 +18,7 @@
 //! | `balance` | the packet core: flow or frontend, then forward |
 //! | `flow` | flow lookup (Live / BackendGone / Miss) and creation, with its reply entry |
 //! | `reply` | a backend's answer back to the frontend and the client |
-//! | `select`, `hash` | a backend for a new flow: affinity, round robin, source hash |
+//! | `select`, `hash` | a backend for a new flow: affinity, round robin, source hash, Maglev |
 //! | `snat` | a node port for a flow to a backend elsewhere |
 //! | `nat` | address and port rewrites, checksums |
 //! | `reject` | the TCP reset or ICMP port unreachable of a frontend without backends |
