@@ -82,6 +82,8 @@ pub struct FrontendLabels {
     pub scope: &'static str,
     /// `namespace/name`.
     pub service: String,
+    /// The scheduler, by IPVS's name.
+    pub scheduler: &'static str,
 }
 
 impl Pipeline {
@@ -229,6 +231,7 @@ fn labels(
                 frontend: model::endpoint_name(f.address, f.port, f.protocol),
                 scope,
                 service: f.service.clone(),
+                scheduler: f.algorithm.ipvs_name(),
             };
             Some((id, labels))
         })

@@ -437,6 +437,15 @@ impl fmt::Display for Protocol {
 }
 
 impl Algorithm {
+    /// IPVS's name of the scheduler, as `ipvsadm` shows it.
+    pub fn ipvs_name(self) -> &'static str {
+        match self {
+            Self::RoundRobin => "rr",
+            Self::SourceHash => "sh",
+            Self::Maglev => "mh",
+        }
+    }
+
     /// The scheduler `name` chooses: IPVS's names (`rr`, `sh`, `mh`), and this project's
     /// (`round-robin`, `source-hash`, `maglev`). IPVS's others are refused, each with why.
     pub fn from_name(name: &str) -> Result<Self, String> {

@@ -315,6 +315,18 @@ impl Status {
                 );
             }
         }
+        let _ = writeln!(
+            out,
+            "# HELP lb_frontend_info A programmed frontend, and its scheduler by IPVS's name.\n\
+             # TYPE lb_frontend_info gauge"
+        );
+        for labels in frontends.values() {
+            let _ = writeln!(
+                out,
+                "lb_frontend_info{{frontend=\"{}\",scope=\"{}\",service=\"{}\",scheduler=\"{}\"}} 1",
+                labels.frontend, labels.scope, labels.service, labels.scheduler
+            );
+        }
         let s = maps.stats()?;
         let _ = writeln!(
             out,

@@ -53,6 +53,17 @@ fn metrics_count_the_packets_a_test_sent() {
     let bytes = demo(&after, "lb_frontend_bytes_total") - demo(&before, "lb_frontend_bytes_total");
     assert!(bytes >= packets * 40, "{bytes} bytes for {packets} packets");
     assert!(after.contains("lb_syncs_total 1\n"), "{after}");
+    // Each frontend's scheduler, by IPVS's name.
+    for (frontend, service, scheduler) in [
+        ("10.96.0.10:80/TCP", "default/demo", "rr"),
+        ("10.96.0.11:80/TCP", "default/demo-sticky", "sh"),
+    ] {
+        let info = format!(
+            "lb_frontend_info{{frontend=\"{frontend}\",scope=\"internal\",service=\"{service}\",\
+             scheduler=\"{scheduler}\"}} 1\n"
+        );
+        assert!(after.contains(&info), "no {info} in:\n{after}");
+    }
     let flows = after
         .lines()
         .find_map(|l| l.strip_prefix("lb_conntrack_entries "))
