@@ -77,7 +77,7 @@ use crate::{
 #[classifier]
 pub fn lb_tc(ctx: TcContext) -> i32 {
     match ipv4(ctx.data(), ctx.data_end()) {
-        Some((ip, header_len)) => tc_ingress4(&ctx, &ip, header_len),
+        Some((ip, header_len)) => tc_ingress4(&ctx, &ip, header_len, SCOPE_INTERNAL),
         None if translated6(ctx.data(), ctx.data_end(), Hook::Ingress) => TC_ACT_OK,
         None => tc_ingress6(&ctx).unwrap_or_else(|reject| tc_answer6(&ctx, &reject)),
     }
@@ -87,11 +87,12 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
 // one stack frame for each, where inlined together they would pass its 512 bytes. The IPv4
 // header read to choose is the IPv4 half's. IPv6's half leaves little of its frame: its
 // rejects are answered in a frame of their own, after it returns, and its ICMPv6 errors
-// translated in another, before it is called.
+// translated in another, before it is called. The IPv4 half serves `lb_tc_uplink` too, in
+// outside's scope, for the fragments XDP passes.
 #[inline(never)]
-fn tc_ingress4(ctx: &TcContext, ip: &Ipv4Header, header_len: usize) -> i32 {
+fn tc_ingress4(ctx: &TcContext, ip: &Ipv4Header, header_len: usize, scope: u8) -> i32 {
     match tc_input4(ctx, ip, header_len) {
-        Ok(packet) => tc_balance(ctx, &packet, SCOPE_INTERNAL)
+        Ok(packet) => tc_balance(ctx, &packet, scope)
             .unwrap_or_else(|reject| answer4(ctx, &reject).unwrap_or(TC_ACT_SHOT)),
         Err(verdict) => verdict,
     }
@@ -141,20 +142,12 @@ pub fn lb_tc_uplink(ctx: TcContext) -> i32 {
     // XDP saw to every packet that is no fragment: a glance at the IP header, not a parse (but
     // for IPv6 past extension headers, whose last may be a fragment header).
     match ipv4(ctx.data(), ctx.data_end()) {
-        Some((ip, header_len)) if fragments::is_fragment(&ip) => tc_uplink4(&ctx, &ip, header_len),
+        Some((ip, header_len)) if fragments::is_fragment(&ip) => {
+            tc_ingress4(&ctx, &ip, header_len, SCOPE_EXTERNAL)
+        }
         Some(_) => TC_ACT_OK,
         None if is_plain_datagram6(ctx.data(), ctx.data_end()) => TC_ACT_OK,
         None => tc_uplink6(&ctx),
-    }
-}
-
-/// The IPv4 fragments from outside, in a frame of their own as [`tc_ingress4`].
-#[inline(never)]
-fn tc_uplink4(ctx: &TcContext, ip: &Ipv4Header, header_len: usize) -> i32 {
-    match tc_input4(ctx, ip, header_len) {
-        Ok(packet) => tc_balance(ctx, &packet, SCOPE_EXTERNAL)
-            .unwrap_or_else(|reject| answer4(ctx, &reject).unwrap_or(TC_ACT_SHOT)),
-        Err(verdict) => verdict,
     }
 }
 

@@ -157,39 +157,23 @@ impl Family {
     }
 }
 
-/// The schedulers the TCP cases run under, each on a port of the target Service's own: round
-/// robin on [`SERVICE_PORT`], the others after it.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Scheduler {
-    RoundRobin,
-    SourceHash,
-    Maglev,
-}
+/// The schedulers beside round robin that the TCP cases also run under.
+const OTHER_SCHEDULERS: [Algorithm; 2] = [Algorithm::SourceHash, Algorithm::Maglev];
 
-impl Scheduler {
-    const OTHERS: [Scheduler; 2] = [Scheduler::SourceHash, Scheduler::Maglev];
-
-    fn port(self) -> u16 {
-        match self {
-            Scheduler::RoundRobin => SERVICE_PORT,
-            Scheduler::SourceHash => SERVICE_PORT + 1,
-            Scheduler::Maglev => SERVICE_PORT + 2,
-        }
-    }
-
-    fn algorithm(self) -> Algorithm {
-        match self {
-            Scheduler::RoundRobin => Algorithm::RoundRobin,
-            Scheduler::SourceHash => Algorithm::SourceHash,
-            Scheduler::Maglev => Algorithm::Maglev,
-        }
+/// The target Service's port of each scheduler's TCP cases: round robin's [`SERVICE_PORT`],
+/// the others after it.
+fn scheduler_port(algorithm: Algorithm) -> u16 {
+    match algorithm {
+        Algorithm::RoundRobin => SERVICE_PORT,
+        Algorithm::SourceHash => SERVICE_PORT + 1,
+        Algorithm::Maglev => SERVICE_PORT + 2,
     }
 }
 
 #[derive(Clone, Copy)]
 enum Case {
-    TcpNew(Scheduler),
-    TcpEstablished(Scheduler),
+    TcpNew(Algorithm),
+    TcpEstablished(Algorithm),
     UdpNew,
     Reply,
     NoFrontend,
@@ -201,12 +185,12 @@ enum Case {
 
 impl Case {
     const ALL: [Case; 11] = [
-        Case::TcpNew(Scheduler::RoundRobin),
-        Case::TcpEstablished(Scheduler::RoundRobin),
-        Case::TcpNew(Scheduler::SourceHash),
-        Case::TcpEstablished(Scheduler::SourceHash),
-        Case::TcpNew(Scheduler::Maglev),
-        Case::TcpEstablished(Scheduler::Maglev),
+        Case::TcpNew(Algorithm::RoundRobin),
+        Case::TcpEstablished(Algorithm::RoundRobin),
+        Case::TcpNew(Algorithm::SourceHash),
+        Case::TcpEstablished(Algorithm::SourceHash),
+        Case::TcpNew(Algorithm::Maglev),
+        Case::TcpEstablished(Algorithm::Maglev),
         Case::UdpNew,
         Case::Reply,
         Case::NoFrontend,
@@ -216,12 +200,12 @@ impl Case {
 
     fn name(self) -> &'static str {
         match self {
-            Case::TcpNew(Scheduler::RoundRobin) => "tcp new flow",
-            Case::TcpEstablished(Scheduler::RoundRobin) => "tcp established",
-            Case::TcpNew(Scheduler::SourceHash) => "tcp new flow, sh",
-            Case::TcpEstablished(Scheduler::SourceHash) => "tcp established, sh",
-            Case::TcpNew(Scheduler::Maglev) => "tcp new flow, mh",
-            Case::TcpEstablished(Scheduler::Maglev) => "tcp established, mh",
+            Case::TcpNew(Algorithm::RoundRobin) => "tcp new flow",
+            Case::TcpEstablished(Algorithm::RoundRobin) => "tcp established",
+            Case::TcpNew(Algorithm::SourceHash) => "tcp new flow, sh",
+            Case::TcpEstablished(Algorithm::SourceHash) => "tcp established, sh",
+            Case::TcpNew(Algorithm::Maglev) => "tcp new flow, mh",
+            Case::TcpEstablished(Algorithm::Maglev) => "tcp established, mh",
             Case::UdpNew => "udp new flow",
             Case::Reply => "reply",
             Case::NoFrontend => "no frontend",
@@ -251,13 +235,19 @@ impl Case {
         let packet =
             |flags, src, dst, sport, dport| target.family.packet(flags, src, dst, sport, dport);
         match self {
-            Case::TcpNew(scheduler) => packet(TCP_SYN, client, target.vip, fresh, scheduler.port()),
+            Case::TcpNew(scheduler) => packet(
+                TCP_SYN,
+                client,
+                target.vip,
+                fresh,
+                scheduler_port(scheduler),
+            ),
             Case::TcpEstablished(scheduler) => packet(
                 TCP_ACK,
                 CLIENT,
                 target.vip,
                 target.established_port,
-                scheduler.port(),
+                scheduler_port(scheduler),
             ),
             Case::UdpNew => packet(UDP, client, target.vip, fresh, SERVICE_PORT),
             Case::Reply => packet(
@@ -445,15 +435,14 @@ fn measure(
                     }));
                 }
                 // The TCP cases of the other schedulers, each on a port of its own.
-                for scheduler in Scheduler::OTHERS
+                for algorithm in OTHER_SCHEDULERS
                     .into_iter()
                     .filter(|_| protocol == Protocol::Tcp)
                 {
-                    let algorithm = scheduler.algorithm();
                     frontends.push(Arc::new(model::Frontend {
                         kind,
                         scope,
-                        port: scheduler.port(),
+                        port: scheduler_port(algorithm),
                         algorithm,
                         maglev_table_size: (algorithm == Algorithm::Maglev)
                             .then_some(model::DEFAULT_MAGLEV_TABLE_SIZE),
@@ -507,7 +496,7 @@ fn measure(
                 target.established_port += 1;
                 let opener = match case {
                     Case::TcpEstablished(scheduler) => Case::TcpEstablished(scheduler),
-                    _ => Case::TcpEstablished(Scheduler::RoundRobin),
+                    _ => Case::TcpEstablished(Algorithm::RoundRobin),
                 };
                 let balancer = opener.program(&programs, xdp).context("no balancer")?;
                 let (_, out) = run(balancer, &opener.packet(&target, 0))?;
