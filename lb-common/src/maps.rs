@@ -96,9 +96,15 @@ pub const REJECT_TOKENS: &str = "lb_reject_tokens_v1";
 pub const CLOCK: &str = "lb_clock_v1";
 /// When backends were last removed, one entry: [`Epoch`]. Written by the agent.
 pub const EPOCH: &str = "lb_epoch_v1";
+/// The flows of each backend that least-connection frontends count (array, memory-mapped by
+/// the agent): backend id -> [`BackendLoad`]. Counted by the datapath with atomic adds, a
+/// flow up when it starts and across when it closes; corrected by the agent's flow GC, also
+/// with atomic adds, for the flows that idled out or that the LRU evicted. Per backend (a pod's
+/// address and port), over every frontend that counts flows to it: the pod's own load.
+pub const BACKEND_LOADS: &str = "lb_backend_loads_v1";
 
 /// Every map, in the order the agent pins them.
-pub const ALL: [&str; 31] = [
+pub const ALL: [&str; 32] = [
     FRONTENDS,
     FRONTENDS6,
     SLOTS,
@@ -122,6 +128,7 @@ pub const ALL: [&str; 31] = [
     CONFIG,
     CLOCK,
     EPOCH,
+    BACKEND_LOADS,
     REJECT_TOKENS,
     SOURCE_RANGES,
     SOURCE_RANGES6,
@@ -132,12 +139,16 @@ pub const ALL: [&str; 31] = [
     FRAGMENT_SCRATCH,
 ];
 
+/// The map flag (`BPF_F_MMAPABLE`) that lets the agent map [`BACKEND_LOADS`] into its memory.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
 /// Capacity of [`FRONTENDS`] and of [`FRONTENDS6`]; service ids (of both families) are below
 /// it, as they index [`CURSORS`].
 pub const MAX_SERVICES: u32 = 131_072;
 /// Capacity of [`SLOTS`].
 pub const MAX_SLOTS: u32 = 1_048_576;
-/// Capacity of [`BACKENDS`] and of [`BACKENDS6`].
+/// Capacity of [`BACKENDS`] and of [`BACKENDS6`], and of [`BACKEND_LOADS`], which backend ids
+/// index.
 pub const MAX_BACKENDS: u32 = 1_048_576;
 /// Capacity of [`VIPS`] and of [`VIPS6`].
 pub const MAX_VIPS: u32 = 131_072;
@@ -179,6 +190,34 @@ pub const ALGORITHM_SOURCE_HASH: u8 = 1;
 /// [`Frontend::backend_count`] says), which a hash of the source picks from as for source hash.
 pub const ALGORITHM_MAGLEV: u8 = 2;
 
+/// IPVS's least-connection schedulers: the frontend's slots hold its backends, as for round
+/// robin, and a new flow goes to the one whose [`BackendLoad`] is least by the scheduler's rule
+/// ([`least_loaded`]). Least connection (`lc`): active flows, then inactive ones.
+pub const ALGORITHM_LEAST_CONNECTION: u8 = 3;
+/// Shortest expected delay (`sed`): active flows alone (IPVS's `(active + 1) / weight`, weight 1).
+pub const ALGORITHM_SHORTEST_EXPECTED_DELAY: u8 = 4;
+/// Never queue (`nq`): a backend with no active flow, else as shortest expected delay.
+pub const ALGORITHM_NEVER_QUEUE: u8 = 5;
+
+/// Whether frontends of `algorithm` count their backends' flows in [`BACKEND_LOADS`].
+#[expect(
+    clippy::inline_always,
+    reason = "the datapath's hot path: no call in eBPF"
+)]
+#[inline(always)]
+pub fn counts_flows(algorithm: u8) -> bool {
+    matches!(
+        algorithm,
+        ALGORITHM_LEAST_CONNECTION | ALGORITHM_SHORTEST_EXPECTED_DELAY | ALGORITHM_NEVER_QUEUE
+    )
+}
+
+/// How many of a least-connection frontend's backends a new flow compares: all of them up to
+/// this many; beyond, this many consecutive slots from a point that turns with each new flow
+/// (each CPU's round-robin cursor), so that every backend is compared in turn. A bounded loop
+/// the verifier walks once per candidate, and a slot lookup each.
+pub const LEAST_LOADED_SCAN: u32 = 16;
+
 /// [`FrontendKey::scope`]: where the traffic comes from. The uplink's program looks frontends
 /// up as external, the pod-facing one as internal: a Service with `externalTrafficPolicy: Local`
 /// balances the two over different backends.
@@ -197,6 +236,10 @@ pub const FRONTEND_SOURCE_RANGES: u8 = 2;
 /// [`Backend::flags`]: the backend runs on this node. A flow from outside the node to a backend
 /// elsewhere is SNATed to the node's address, so that its replies come back through it.
 pub const BACKEND_LOCAL: u8 = 1;
+
+/// [`Flow::flags`]: the flow is counted in its backend's [`BackendLoad`] (it was made by a
+/// least-connection frontend).
+pub const FLOW_COUNTED: u8 = 1;
 
 /// [`Flow::state`] and [`Reply::state`]: how long an idle entry lives ([`Config`]).
 pub const STATE_OPEN: u8 = 0;
@@ -290,7 +333,9 @@ pub struct Flow<A = u32> {
     pub src_port_be: u16,
     /// `STATE_*`.
     pub state: u8,
-    pub _pad: [u8; 3],
+    /// `FLOW_*` bits. Padding before: 0 is what every flow of an older agent had.
+    pub flags: u8,
+    pub _pad: [u8; 2],
     /// The frontend the flow came in by, whose counters its packets count in.
     pub service_id: u32,
     /// The [`Epoch`] at which the backend was last seen in [`BACKENDS`]: while the epoch has
@@ -544,6 +589,64 @@ pub struct Epoch {
     pub backends_removed: u32,
 }
 
+/// A backend's counted flows ([`BACKEND_LOADS`]), as IPVS counts a real server's connections.
+/// Signed: a correction and a close may cross, and a count read below 0 is 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendLoad {
+    /// Open flows: TCP connections until their FIN or RST, UDP flows while they live.
+    pub active: i64,
+    /// TCP connections that saw a FIN or RST, until they idle out.
+    pub inactive: i64,
+}
+
+impl BackendLoad {
+    /// IPVS's overhead of the backend under `algorithm`, every weight 1, a count below 0 read
+    /// as 0: `lc`'s `active * 256 + inactive`, `sed`'s `active + 1`; `nq`'s too, but 0 for a
+    /// backend with no active flow, which never queue takes first.
+    #[expect(
+        clippy::inline_always,
+        reason = "the datapath's hot path: no call in eBPF"
+    )]
+    #[inline(always)]
+    pub fn overhead(&self, algorithm: u8) -> u64 {
+        let active = self.active.max(0) as u64;
+        match algorithm {
+            ALGORITHM_LEAST_CONNECTION => active * 256 + self.inactive.max(0) as u64,
+            ALGORITHM_NEVER_QUEUE if active == 0 => 0,
+            _ => active + 1,
+        }
+    }
+}
+
+/// The slot a new flow of a least-connection frontend goes to, of its `count` (at least one):
+/// of the [`LEAST_LOADED_SCAN`] slots from `start` on (`start` below `count`), the one whose
+/// backend has the least overhead ([`BackendLoad::overhead`]), the first of equals.
+/// `overhead` gives a slot's, or nothing for a slot that is not there (skipped). Returns the
+/// slot, from 1.
+///
+/// The best so far is one word, the overhead above the slot's place in the scan: in eBPF the
+/// loop's state then fits the registers a call keeps, and its frame, on the deepest of the
+/// programs' stacks, stays small. Inlined into the datapath's one caller, a function of its own.
+#[inline]
+pub fn least_loaded(
+    count: u32,
+    start: u32,
+    mut overhead: impl FnMut(u32) -> Option<u64>,
+) -> Option<u32> {
+    const ORDER_BITS: u32 = LEAST_LOADED_SCAN.trailing_zeros();
+    let slot_at = |position: u32| (start + position) % count + 1;
+    let mut best = u64::MAX;
+    for position in 0..count.min(LEAST_LOADED_SCAN) {
+        // No count comes near where the shift would lose bits.
+        let candidate = overhead(slot_at(position)).map_or(u64::MAX, |overhead| {
+            overhead << ORDER_BITS | u64::from(position)
+        });
+        best = best.min(candidate);
+    }
+    (best != u64::MAX).then(|| slot_at((best & (u64::from(LEAST_LOADED_SCAN) - 1)) as u32))
+}
+
 /// A frontend's counters, per CPU: the agent sums them for `/metrics`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -630,6 +733,7 @@ const _: () = {
     assert!(size_of::<SourceRange>() == 4);
     assert!(size_of::<Vip>() == 8);
     assert!(size_of::<FrontendStats>() == 24);
+    assert!(size_of::<BackendLoad>() == 16);
     assert!(size_of::<SocketKey>() == 16);
     assert!(size_of::<SocketKey<Ipv6Be>>() == 28);
     assert!(size_of::<SocketFrontend>() == 8);
@@ -644,10 +748,10 @@ const _: () = {
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        Affinity, AffinityKey, Backend, Clock, Config, Connected, Epoch, Flow, FlowKey,
-        FragmentKey, FragmentPorts, Frontend, FrontendKey, FrontendStats, HeldFragment, HeldKey,
-        Ipv6Be, RejectTokens, Reply, Slot, SlotKey, SocketFrontend, SocketKey, SourceRange,
-        SourceRangeKey, Stats, Vip,
+        Affinity, AffinityKey, Backend, BackendLoad, Clock, Config, Connected, Epoch, Flow,
+        FlowKey, FragmentKey, FragmentPorts, Frontend, FrontendKey, FrontendStats, HeldFragment,
+        HeldKey, Ipv6Be, RejectTokens, Reply, Slot, SlotKey, SocketFrontend, SocketKey,
+        SourceRange, SourceRangeKey, Stats, Vip,
     };
 
     macro_rules! pod {
@@ -689,6 +793,7 @@ mod pod {
         SocketFrontend,
         Connected,
         Affinity,
+        BackendLoad,
         Stats,
         RejectTokens,
         SourceRangeKey,
@@ -702,7 +807,180 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
+    use std::{vec, vec::Vec};
+
     use super::*;
+
+    fn load(active: i64, inactive: i64) -> BackendLoad {
+        BackendLoad { active, inactive }
+    }
+
+    #[test]
+    fn least_loaded_follows_ipvs_s_rules() {
+        let lc = ALGORITHM_LEAST_CONNECTION;
+        let sed = ALGORITHM_SHORTEST_EXPECTED_DELAY;
+        let nq = ALGORITHM_NEVER_QUEUE;
+        // (why, algorithm, each slot's load in order, start, the slot chosen)
+        let cases: &[(&str, u8, &[BackendLoad], u32, u32)] = &[
+            (
+                "lc: fewest active",
+                lc,
+                &[load(3, 0), load(1, 0), load(2, 0)],
+                0,
+                2,
+            ),
+            (
+                "lc: one active outweighs 255 inactive",
+                lc,
+                &[load(1, 0), load(0, 255)],
+                0,
+                2,
+            ),
+            (
+                "lc: then fewest inactive",
+                lc,
+                &[load(1, 9), load(1, 2), load(1, 5)],
+                0,
+                2,
+            ),
+            (
+                "lc: the first of equals from start",
+                lc,
+                &[load(1, 0), load(1, 0), load(1, 0)],
+                1,
+                2,
+            ),
+            (
+                "lc: the scan wraps round",
+                lc,
+                &[load(0, 0), load(1, 0), load(1, 0)],
+                2,
+                1,
+            ),
+            (
+                "sed: inactive flows do not count",
+                sed,
+                &[load(1, 0), load(0, 900)],
+                0,
+                2,
+            ),
+            (
+                "sed: fewest active",
+                sed,
+                &[load(4, 0), load(2, 0), load(3, 0)],
+                0,
+                2,
+            ),
+            (
+                "nq: the first idle one, not the least",
+                nq,
+                &[load(5, 0), load(0, 7), load(0, 0)],
+                0,
+                2,
+            ),
+            (
+                "nq: none idle: as sed",
+                nq,
+                &[load(5, 0), load(2, 0), load(3, 0)],
+                0,
+                2,
+            ),
+            (
+                "below 0 reads as 0",
+                lc,
+                &[load(1, 0), load(-4, 0), load(0, 0)],
+                0,
+                2,
+            ),
+        ];
+        for &(why, algorithm, loads, start, chosen) in cases {
+            let count = u32::try_from(loads.len()).unwrap();
+            let got = least_loaded(count, start, |slot| {
+                Some(loads[slot as usize - 1].overhead(algorithm))
+            });
+            assert_eq!(got, Some(chosen), "{why}");
+        }
+    }
+
+    #[test]
+    fn least_loaded_skips_missing_slots_and_scans_a_bounded_window() {
+        assert_eq!(
+            least_loaded(3, 0, |slot| (slot != 1).then_some(u64::from(slot))),
+            Some(2)
+        );
+        assert_eq!(least_loaded(3, 0, |_| None), None);
+        // 100 backends, the least loaded (slot 100) outside the window from slot 1: the
+        // window's best is taken; from a start whose window holds it, it is.
+        let mut seen = Vec::new();
+        let got = least_loaded(100, 0, |slot| {
+            seen.push(slot);
+            Some(if slot == 100 { 0 } else { 1 + u64::from(slot) })
+        });
+        assert_eq!(got, Some(1));
+        assert_eq!(seen, (1..=LEAST_LOADED_SCAN).collect::<Vec<_>>());
+        let got = least_loaded(100, 90, |slot| Some(if slot == 100 { 0 } else { 5 }));
+        assert_eq!(got, Some(100));
+    }
+
+    /// New flows arrive one per tick; a flow holds its backend for a tick count that depends
+    /// on the backend (one slow backend among fast ones). Returns each backend's share of the
+    /// flows, and the most flows any fast backend held at once, against the fewest.
+    fn simulate(
+        backends: u32,
+        slow_ticks: u32,
+        fast_ticks: u32,
+        flows: u32,
+    ) -> (Vec<u32>, i64, i64) {
+        let mut loads = vec![BackendLoad::default(); backends as usize];
+        let mut ends: Vec<(u32, usize)> = Vec::new();
+        let mut shares = vec![0; backends as usize];
+        let (mut most, mut fewest) = (0, i64::MAX);
+        for tick in 0..flows {
+            ends.retain(|&(end, backend)| {
+                if end <= tick {
+                    loads[backend].active -= 1;
+                }
+                end > tick
+            });
+            let slot = least_loaded(backends, tick % backends, |slot| {
+                Some(loads[slot as usize - 1].overhead(ALGORITHM_LEAST_CONNECTION))
+            })
+            .unwrap();
+            let backend = slot as usize - 1;
+            loads[backend].active += 1;
+            shares[backend] += 1;
+            let ticks = if backend == 0 { slow_ticks } else { fast_ticks };
+            ends.push((tick + ticks, backend));
+            if tick > flows / 2 {
+                let fast = loads[1..].iter().map(|l| l.active);
+                most = most.max(fast.clone().max().unwrap());
+                fewest = fewest.min(fast.min().unwrap());
+            }
+        }
+        (shares, most, fewest)
+    }
+
+    /// What the window costs: with 64 backends (4 windows' worth) the slow one still gets
+    /// little, and the fast ones' loads stay within a flow or two of each other, as with a
+    /// full scan of 16.
+    #[test]
+    fn a_bounded_window_balances_nearly_as_a_full_scan() {
+        for backends in [LEAST_LOADED_SCAN, 4 * LEAST_LOADED_SCAN] {
+            let flows = 200 * backends;
+            let (shares, most, fewest) = simulate(backends, 40 * backends, backends, flows);
+            let fair = flows / backends;
+            assert!(
+                shares[0] * 4 < fair,
+                "{backends} backends: the slow one got {} of a fair {fair}",
+                shares[0]
+            );
+            assert!(
+                most - fewest <= 2,
+                "{backends} backends: fast loads {fewest}..{most}"
+            );
+        }
+    }
 
     #[test]
     fn an_entry_lives_for_its_protocol_and_state_s_timeout() {

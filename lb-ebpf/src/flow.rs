@@ -6,8 +6,8 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::maps::{
-    BACKEND_LOCAL, Config, FRONTEND_REJECT_WHEN_EMPTY, Flow, FlowKey, Frontend, PROTO_TCP, Reply,
-    SCOPE_EXTERNAL, STATE_CLOSING, STATE_OPEN,
+    BACKEND_LOCAL, Config, FLOW_COUNTED, FRONTEND_REJECT_WHEN_EMPTY, Flow, FlowKey, Frontend,
+    PROTO_TCP, Reply, SCOPE_EXTERNAL, STATE_CLOSING, STATE_OPEN, counts_flows,
 };
 
 use crate::{
@@ -62,6 +62,11 @@ pub fn flow_lookup<A: Family>(packet: &Packet<A>) -> Result<Tracked<A>, Verdict>
     let asks = protocol != PROTO_TCP || packet.opens_connection();
     if asks && !backend_there(flow) {
         return Ok(Tracked::BackendGone);
+    }
+    // Counted before `touch` marks it closing, which tells when.
+    if packet.closing() && flow.state != STATE_CLOSING && flow.flags & FLOW_COUNTED != 0 {
+        // Active no more: IPVS's inactive connection, until it idles out.
+        let _ = maps::add_load(flow.backend_id, -1, 1);
     }
     if touch(
         &mut flow.last_seen_ns,
@@ -155,7 +160,8 @@ pub fn new_flow<A: Family>(
     let config: &Config = maps::config().ok_or_else(error)?;
     // Read before the backend is: a removal after this is a later epoch.
     let backends_epoch = maps::backends_epoch();
-    let (backend_id, backend) = select_backend(frontend, &packet.key, now).ok_or_else(error)?;
+    let (backend_id, backend) =
+        select_backend(frontend, &packet.key, now, true).ok_or_else(error)?;
     let state = if packet.closing() {
         STATE_CLOSING
     } else {
@@ -204,7 +210,12 @@ pub fn new_flow<A: Family>(
         backend_port_be: backend.port_be,
         src_port_be: reply_key.dst_port_be,
         state,
-        _pad: [0; 3],
+        flags: if counts_flows(frontend.algorithm) {
+            FLOW_COUNTED
+        } else {
+            0
+        },
+        _pad: [0; 2],
         service_id: frontend.service_id,
         backends_epoch,
         _pad_end: 0,
@@ -213,6 +224,10 @@ pub fn new_flow<A: Family>(
         // Without its flow the reply entry would hold a SNAT port for nothing.
         let _ = replies.remove(reply_key);
         return Err(error());
+    }
+    if flow.flags & FLOW_COUNTED != 0 {
+        let open = i64::from(flow.state == STATE_OPEN);
+        let _ = maps::add_load(flow.backend_id, open, 1 - open);
     }
     count(|s| &mut s.new_flows);
     Ok(flow)

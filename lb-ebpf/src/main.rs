@@ -28,6 +28,12 @@
 //! | `maps`, `stats`, `clock` | map definitions and accessors, counters, the time |
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![allow(
+    internal_features,
+    reason = "BPF has atomic adds but no compare-and-swap, so core's atomic types offer no \
+              fetch_add: the intrinsic it lowers to is the way to the instruction"
+)]
 #![allow(
     clippy::inline_always,
     reason = "eBPF: every helper is inlined into its program, which the verifier checks whole"
@@ -77,7 +83,7 @@ use crate::{
 #[classifier]
 pub fn lb_tc(ctx: TcContext) -> i32 {
     match ipv4(ctx.data(), ctx.data_end()) {
-        Some((ip, header_len)) => tc_ingress4(&ctx, &ip, header_len, SCOPE_INTERNAL),
+        Some(_) => tc_ingress4(&ctx, SCOPE_INTERNAL),
         None if translated6(ctx.data(), ctx.data_end(), Hook::Ingress) => TC_ACT_OK,
         None => tc_ingress6(&ctx).unwrap_or_else(|reject| tc_answer6(&ctx, &reject)),
     }
@@ -90,8 +96,11 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
 // translated in another, before it is called. The IPv4 half serves `lb_tc_uplink` too, in
 // outside's scope, for the fragments XDP passes.
 #[inline(never)]
-fn tc_ingress4(ctx: &TcContext, ip: &Ipv4Header, header_len: usize, scope: u8) -> i32 {
-    match tc_input4(ctx, ip, header_len) {
+fn tc_ingress4(ctx: &TcContext, scope: u8) -> i32 {
+    let Some((ip, header_len)) = ipv4(ctx.data(), ctx.data_end()) else {
+        return TC_ACT_OK;
+    };
+    match tc_input4(ctx, &ip, header_len) {
         Ok(packet) => tc_balance(ctx, &packet, scope)
             .unwrap_or_else(|reject| answer4(ctx, &reject).unwrap_or(TC_ACT_SHOT)),
         Err(verdict) => verdict,
@@ -142,9 +151,7 @@ pub fn lb_tc_uplink(ctx: TcContext) -> i32 {
     // XDP saw to every packet that is no fragment: a glance at the IP header, not a parse (but
     // for IPv6 past extension headers, whose last may be a fragment header).
     match ipv4(ctx.data(), ctx.data_end()) {
-        Some((ip, header_len)) if fragments::is_fragment(&ip) => {
-            tc_ingress4(&ctx, &ip, header_len, SCOPE_EXTERNAL)
-        }
+        Some((ip, _)) if fragments::is_fragment(&ip) => tc_ingress4(&ctx, SCOPE_EXTERNAL),
         Some(_) => TC_ACT_OK,
         None if is_plain_datagram6(ctx.data(), ctx.data_end()) => TC_ACT_OK,
         None => tc_uplink6(&ctx),
@@ -257,15 +264,18 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     match ipv4(ctx.data(), ctx.data_end()) {
         // Balanced by `lb_tc_uplink`, which can hold them.
         Some((ip, _)) if fragments::is_fragment(&ip) => xdp_action::XDP_PASS,
-        Some((ip, header_len)) => xdp4(&ctx, &ip, header_len),
+        Some(_) => xdp4(&ctx),
         None if translated6(ctx.data(), ctx.data_end(), Hook::Ingress) => xdp_action::XDP_PASS,
         None => xdp6(&ctx).unwrap_or_else(|reject| xdp_answer6(&ctx, &reject)),
     }
 }
 
 #[inline(never)]
-fn xdp4(ctx: &XdpContext, ip: &Ipv4Header, header_len: usize) -> u32 {
-    match input(ctx.data(), ctx.data_end(), Frame::Whole, ip, header_len) {
+fn xdp4(ctx: &XdpContext) -> u32 {
+    let Some((ip, header_len)) = ipv4(ctx.data(), ctx.data_end()) else {
+        return xdp_action::XDP_PASS;
+    };
+    match input(ctx.data(), ctx.data_end(), Frame::Whole, &ip, header_len) {
         Input::Packet(packet) => xdp_balance(ctx, &packet)
             .unwrap_or_else(|reject| answer4(ctx, &reject).unwrap_or(xdp_action::XDP_DROP)),
         // No fragment comes here.

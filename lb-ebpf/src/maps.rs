@@ -12,15 +12,20 @@
 //! across runs, so `'static` here means "until the program returns". The agent writes values
 //! whole, so a read sees one version; a program holds at most one reference to an entry.
 
+use core::{
+    intrinsics::{AtomicOrdering, atomic_xadd},
+    ptr::read_volatile,
+};
+
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     macros::btf_map,
 };
 use lb_common::maps::{
-    self as common, Affinity, AffinityKey, Backend, Clock, Config, Connected, Epoch, Flow, FlowKey,
-    FragmentKey, FragmentPorts, Frontend, FrontendKey, FrontendStats, HeldFragment, HeldKey,
-    Ipv6Be, MAX_AFFINITIES, MAX_BACKENDS, MAX_CONNECTED, MAX_FLOWS, MAX_FRAGMENTS,
+    self as common, Affinity, AffinityKey, Backend, BackendLoad, Clock, Config, Connected, Epoch,
+    Flow, FlowKey, FragmentKey, FragmentPorts, Frontend, FrontendKey, FrontendStats, HeldFragment,
+    HeldKey, Ipv6Be, MAX_AFFINITIES, MAX_BACKENDS, MAX_CONNECTED, MAX_FLOWS, MAX_FRAGMENTS,
     MAX_HELD_FRAGMENTS, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MAX_SOURCE_RANGES, MAX_VIPS,
     RejectTokens, Reply, SINGLE_ENTRY, SOURCE_RANGE_ID_BITS, Slot, SlotKey, SocketFrontend,
     SocketKey, SourceRange, SourceRangeKey, Stats, Vip,
@@ -29,6 +34,7 @@ use lb_common::maps::{
 use crate::family::Family;
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
+const MMAPABLE: usize = common::BPF_F_MMAPABLE as usize;
 
 /// Whether two names are the same, at compile time.
 const fn same(a: &str, b: &str) -> bool {
@@ -104,6 +110,7 @@ map!("lb_config_v3" = CONFIG, CONFIG: Array<Config, 1>);
 map!("lb_reject_tokens_v1" = REJECT_TOKENS, REJECT_TOKENS: PerCpuArray<RejectTokens, 1>);
 map!("lb_clock_v1" = CLOCK, CLOCK: Array<Clock, 1>);
 map!("lb_epoch_v1" = EPOCH, EPOCH: Array<Epoch, 1>);
+map!("lb_backend_loads_v1" = BACKEND_LOADS, BACKEND_LOADS: Array<BackendLoad, { MAX_BACKENDS as usize }, MMAPABLE>);
 
 /// The frontend of a service address, port, protocol and scope.
 #[inline(always)]
@@ -222,6 +229,42 @@ pub fn connected<A: Family>(cookie: u64) -> Option<&'static Connected<A>> {
 pub fn socket_frontend<A: Family>(key: SocketKey<A>) -> Option<&'static SocketFrontend<A>> {
     // SAFETY: as above.
     unsafe { A::sockets().get(key) }
+}
+
+/// The counted flows of backend `id`, as they stand.
+#[inline(always)]
+pub fn backend_load(id: u32) -> Option<BackendLoad> {
+    let load = BACKEND_LOADS.get_ptr(id)?;
+    // SAFETY: an array value, alive as long as the map and aligned for its fields; read
+    // whole-word, as every writer writes them (atomic adds), so each is one version.
+    unsafe {
+        Some(BackendLoad {
+            active: read_volatile(&raw const (*load).active),
+            inactive: read_volatile(&raw const (*load).inactive),
+        })
+    }
+}
+
+/// Adds to backend `id`'s counted flows by atomic adds, as every writer does (other CPUs, the
+/// agent's corrections through its mapping): none is lost, and no CPU waits on a lock.
+#[inline(always)]
+pub fn add_load(id: u32, active: i64, inactive: i64) -> u32 {
+    let Some(load) = BACKEND_LOADS.get_ptr_mut(id) else {
+        return 0;
+    };
+    // SAFETY: as above; an atomic add on an aligned i64 of the map's value.
+    unsafe {
+        if active != 0 {
+            atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(&raw mut (*load).active, active);
+        }
+        if inactive != 0 {
+            atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(
+                &raw mut (*load).inactive,
+                inactive,
+            );
+        }
+    }
+    0
 }
 
 /// Turns this CPU's round-robin cursor of `service_id`; where it stood.

@@ -1,22 +1,28 @@
 //! Backend selection for a new flow: the client's affinity if it has a live one, else
 //! frontend -> slot -> backend id -> backend.
 
-use lb_common::maps::{ALGORITHM_ROUND_ROBIN, Affinity, AffinityKey, Backend, FlowKey, Frontend};
+use lb_common::maps::{
+    ALGORITHM_ROUND_ROBIN, Affinity, AffinityKey, Backend, FlowKey, Frontend, counts_flows,
+    least_loaded,
+};
 
 use crate::{family::Family, hash::mix32, maps};
 
 const NS_PER_SECOND: u64 = 1_000_000_000;
 
-/// Picks a backend for a new flow to `frontend`, which has at least one backend: `(slot,
-/// backend id, backend)`.
+/// Picks a backend for a new flow to `frontend`, which has at least one backend: `(backend
+/// id, backend)`. `counted`: the caller counts the flow in its backend's load, as tc and XDP
+/// do; the node's own sockets, which no flow entry tracks to its close, do not, and a
+/// least-connection frontend gives them its backends in turn.
 #[inline(always)]
 pub fn select_backend<A: Family>(
     frontend: &Frontend,
     key: &FlowKey<A>,
     now: u64,
+    counted: bool,
 ) -> Option<(u32, &'static Backend<A>)> {
     if frontend.affinity_timeout_s == 0 {
-        return pick(frontend, key).map(|(_, id, backend)| (id, backend));
+        return pick(frontend, key, counted).map(|(_, id, backend)| (id, backend));
     }
     // Per Service port, across its frontends, as kube-proxy keys affinity.
     let affinity_key = AffinityKey {
@@ -36,7 +42,7 @@ pub fn select_backend<A: Family>(
         .and_then(|(slot, id)| Some((slot, id, maps::backend(id)?)));
     let (slot, backend_id, backend) = match sticky {
         Some(chosen) => chosen,
-        None => pick(frontend, key)?,
+        None => pick(frontend, key, counted)?,
     };
     let affinity = Affinity {
         last_seen_ns: now,
@@ -74,17 +80,83 @@ fn slot_of(frontend: &Frontend, backend_id: u32, hint: u32) -> Option<u32> {
 fn pick<A: Family>(
     frontend: &Frontend,
     key: &FlowKey<A>,
+    counted: bool,
 ) -> Option<(u32, u32, &'static Backend<A>)> {
-    let count = u32::from(frontend.backend_count);
-    let pick = if frontend.algorithm == ALGORITHM_ROUND_ROBIN {
-        // Each CPU turns its own cursor: fair in aggregate, no shared cache line, no lost
-        // update.
-        maps::next_cursor(frontend.service_id)?
-    } else {
-        mix32(key.src_addr_be.folded())
-    };
-    let slot = pick.checked_rem(count)? + 1;
+    // Both inputs, whichever the algorithm takes: a cursor's turn is an inlined lookup and
+    // an add, and a branch here would split the verifier's paths after it.
+    let cursor = maps::next_cursor(frontend.service_id)?;
+    let slot = choose_slot(
+        frontend.service_id,
+        u32::from(frontend.algorithm) | if counted { COUNTED } else { 0 },
+        u32::from(frontend.backend_count),
+        cursor,
+        mix32(key.src_addr_be.folded()),
+    );
+    // Slot 0 is never used: none chosen.
+    let slot = Some(slot).filter(|&slot| slot != 0)?;
     let backend_id = maps::slot(frontend.service_id, slot)?;
     let backend = maps::backend(backend_id)?;
     Some((slot, backend_id, backend))
+}
+
+/// In [`choose_slot`]'s `algorithm`: the flow is counted in its backend's load.
+const COUNTED: u32 = 1 << 8;
+
+/// The slot, of its `count`, that frontend `service_id`'s `algorithm` gives a new flow, from
+/// `cursor`, this CPU's round-robin cursor of the frontend, which turned for it, and
+/// `source_hash`, its client's; 0 for none. Round robin takes the cursor: fair in aggregate, no
+/// shared cache line, no lost update. Source hash and Maglev take the hash. Least connection
+/// and its kin start a scan of the backends' loads at the cursor, so that equals take turns
+/// ([`least_loaded`]), for a flow [`COUNTED`]; the node's sockets, whose flows no load counts,
+/// get round robin.
+///
+/// A global function, as [`slot_overhead`]: the verifier walks it once, for any arguments,
+/// not once in every program and path that makes a flow, and what it returns is one value to
+/// them, whichever the algorithm, so that their paths after it prune. Its frame and
+/// [`slot_overhead`]'s sit on the deepest of the programs' stacks (the IPv6 halves'): they
+/// keep them small.
+// SAFETY (no_mangle, here and below): no other symbol of the object has the name.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn choose_slot(
+    service_id: u32,
+    algorithm: u32,
+    count: u32,
+    cursor: u32,
+    source_hash: u32,
+) -> u32 {
+    let counted = algorithm & COUNTED != 0;
+    let algorithm = algorithm as u8;
+    let by_load = counts_flows(algorithm);
+    let pick = if algorithm == ALGORITHM_ROUND_ROBIN || by_load {
+        cursor
+    } else {
+        source_hash
+    };
+    let Some(start) = pick.checked_rem(count) else {
+        return 0;
+    };
+    if !(by_load && counted) {
+        return start + 1;
+    }
+    // One word for the loop to keep, not two.
+    let frontend = u64::from(algorithm) << 32 | u64::from(service_id);
+    least_loaded(count, start, |slot| {
+        Some(slot_overhead(frontend, slot)).filter(|&overhead| overhead != NO_BACKEND)
+    })
+    .unwrap_or(0)
+}
+
+/// What [`slot_overhead`] gives for a slot without a backend.
+const NO_BACKEND: u64 = u64::MAX;
+
+/// The overhead of the backend in slot `slot` of `frontend`, its algorithm above its service
+/// id, under that algorithm ([`BackendLoad::overhead`](lb_common::maps::BackendLoad::overhead)),
+/// or [`NO_BACKEND`].
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn slot_overhead(frontend: u64, slot: u32) -> u64 {
+    maps::slot(frontend as u32, slot)
+        .and_then(maps::backend_load)
+        .map_or(NO_BACKEND, |load| load.overhead((frontend >> 32) as u8))
 }

@@ -240,7 +240,7 @@ fn to_backend<U: UserAddr>(ctx: &SockAddrContext, remember: Remember) -> i32 {
         protocol: frontend_key.protocol,
         _pad: [0; 3],
     };
-    let Some((_, backend)) = select_backend(frontend, &key, now_ns()) else {
+    let Some((_, backend)) = select_backend(frontend, &key, now_ns(), false) else {
         return REFUSE;
     };
     // SAFETY: a helper call on the context the kernel gave.

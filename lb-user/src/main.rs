@@ -155,8 +155,9 @@ struct NodeArgs {
     #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
     node_port_range: RangeInclusive<u16>,
     /// The scheduler of Services whose `lb.ebpf.io/scheduler` annotation chooses none, by
-    /// IPVS's name (kube-proxy's `--ipvs-scheduler`): `rr` (round robin), `sh` (source hash) or
-    /// `mh` (Maglev).
+    /// IPVS's name (kube-proxy's `--ipvs-scheduler`): `rr` (round robin), `sh` (source hash),
+    /// `mh` (Maglev), `lc` (least connection), `sed` (shortest expected delay) or `nq` (never
+    /// queue).
     #[arg(long, default_value = "rr", value_parser = model::Algorithm::from_name)]
     scheduler: model::Algorithm,
     /// The positions of each Maglev table (`mh`), a prime, the same on every node: a client's
@@ -470,7 +471,8 @@ fn open_instance(args: &InstanceArgs) -> Result<KernelMaps> {
 }
 
 fn inspect(args: &InstanceArgs) -> Result<()> {
-    print!("{}", open_instance(args)?.read()?.table());
+    let maps = open_instance(args)?;
+    print!("{}", maps.read()?.table(&maps.backend_loads()));
     Ok(())
 }
 

@@ -71,8 +71,8 @@ impl Agent {
         );
         let (entries, skipped) = fresh(objects, &self.node);
         assert_eq!(
-            self.maps.entries.table(),
-            entries.table(),
+            self.maps.entries.table(&std::collections::BTreeMap::new()),
+            entries.table(&std::collections::BTreeMap::new()),
             "{step}: the frontends and their backends differ from a fresh computation"
         );
         assert_eq!(self.maps.entries.vips, entries.vips, "{step}: vips");
@@ -311,8 +311,8 @@ fn a_write_that_fails_leaves_consistent_maps_and_the_next_sync_writes_the_rest()
                 );
             }
             assert_eq!(
-                maps.maps.entries.table(),
-                wanted.table(),
+                maps.maps.entries.table(&std::collections::BTreeMap::new()),
+                wanted.table(&std::collections::BTreeMap::new()),
                 "{case}: {fail:?}, the retry"
             );
             assert_eq!(

@@ -19,10 +19,11 @@ use aya::{
 use lb_common::{
     addr::{ipv4_be, ipv6_be},
     maps::{
-        Config, FLOWS, FRAGMENTS, FRONTENDS, Flow, FlowKey, FragmentKey, FragmentPorts, Frontend,
-        FrontendKey, HELD_FRAGMENT_BYTES, HELD_FRAGMENTS, HELD_PER_DATAGRAM, HeldFragment, HeldKey,
-        PROTO_TCP, PROTO_UDP, REJECT_TOKENS, REPLIES, RejectTokens, Reply, SCOPE_EXTERNAL,
-        SOURCE_RANGES, SourceRange, SourceRangeKey, Stats, VIPS, Vip,
+        BACKEND_LOADS, BACKENDS, Backend, BackendLoad, Config, FLOWS, FRAGMENTS, FRONTENDS, Flow,
+        FlowKey, FragmentKey, FragmentPorts, Frontend, FrontendKey, HELD_FRAGMENT_BYTES,
+        HELD_FRAGMENTS, HELD_PER_DATAGRAM, HeldFragment, HeldKey, PROTO_TCP, PROTO_UDP,
+        REJECT_TOKENS, REPLIES, RejectTokens, Reply, SCOPE_EXTERNAL, SOURCE_RANGES, SourceRange,
+        SourceRangeKey, Stats, VIPS, Vip,
     },
 };
 use lb_tests::{
@@ -39,7 +40,7 @@ use lb_tests::{
 };
 use lb_user::{
     datapath::{self, Datapath, TC_ACT_OK, XDP_PASS},
-    maps::MapWrites as _,
+    maps::{BackendLoads, MapWrites as _},
     model::{self, Algorithm, FrontendKind, Protocol, Scope, WhenEmpty},
     plan::{self, MapEntries},
 };
@@ -73,6 +74,9 @@ const HASHED_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 32);
 /// A fourth, balanced by Maglev over a small table.
 const MAGLEV_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 33);
 const MAGLEV_TABLE_SIZE: u32 = 17;
+/// Two more, by the backends' counted flows: least connection, shortest expected delay.
+const LEAST_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 34);
+const SED_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 35);
 /// The sticky Service's load-balancer IP, whose slots list [`PAIR`] the other way round.
 const STICKY_LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 31);
 const PAIR: [(Ipv4Addr, u16); 2] = [
@@ -183,6 +187,8 @@ struct Tables {
     held: HashMap<MapData, HeldKey, HeldFragment>,
     frontends: HashMap<MapData, FrontendKey, Frontend>,
     vips: HashMap<MapData, u32, Vip>,
+    backends: HashMap<MapData, u32, Backend>,
+    loads: BackendLoads,
 }
 
 impl Tables {
@@ -200,7 +206,37 @@ impl Tables {
             held: open(HELD_FRAGMENTS).try_into().expect("the held fragments"),
             frontends: open(FRONTENDS).try_into().expect("the frontends"),
             vips: open(VIPS).try_into().expect("the frontend addresses"),
+            backends: open(BACKENDS).try_into().expect("the backends"),
+            loads: BackendLoads::map(open(BACKEND_LOADS)).expect("the backends' loads, mapped"),
         }
+    }
+
+    /// The id of the backend at `address:port`.
+    fn backend_id(&self, (address, port): (Ipv4Addr, u16)) -> u32 {
+        self.backends
+            .iter()
+            .map(|entry| entry.expect("a backend"))
+            .find(|(_, b)| (b.addr_be, b.port_be) == (ipv4_be(address), port.to_be()))
+            .map(|(id, _)| id)
+            .expect("the backend, programmed")
+    }
+
+    /// `backend`'s counted flows, `(active, inactive)`.
+    fn load(&self, backend: (Ipv4Addr, u16)) -> (i64, i64) {
+        let load = self.loads.get(self.backend_id(backend));
+        (load.active, load.inactive)
+    }
+
+    /// Sets `backend`'s counted flows to `(active, inactive)`, as flows made and closed would.
+    fn set_load(&self, backend: (Ipv4Addr, u16), (active, inactive): (i64, i64)) {
+        let (was_active, was_inactive) = self.load(backend);
+        self.loads.add(
+            self.backend_id(backend),
+            BackendLoad {
+                active: active - was_active,
+                inactive: inactive - was_inactive,
+            },
+        );
     }
 
     /// Every CPU's reject bucket, as `tokens` and the time it was last refilled.
@@ -316,6 +352,31 @@ fn reply_evicted(tables: &mut Tables) {
         .expect("the first flow, aged");
 }
 
+/// [`PAIR`]'s first backend holds two open flows, its second none.
+fn pair_first_busy(tables: &mut Tables) {
+    tables.set_load(PAIR[0], (2, 0));
+    tables.set_load(PAIR[1], (0, 0));
+}
+
+/// The least-connection rows' flows counted, then loads on which lc and sed differ: the first
+/// backend one active flow, the second 300 closing ones.
+fn pair_loads_differ(tables: &mut Tables) {
+    assert_eq!(
+        (tables.load(PAIR[0]), tables.load(PAIR[1])),
+        ((2, 0), (1, 1)),
+        "two new flows to the second backend counted, one of them closed"
+    );
+    tables.set_load(PAIR[0], (1, 0));
+    tables.set_load(PAIR[1], (0, 300));
+}
+
+/// [`pair_loads_differ`]'s loads again, after the row before it counted its flow.
+fn pair_loads_differ_again(tables: &mut Tables) {
+    assert_eq!(tables.load(PAIR[0]), (2, 0), "lc's new flow counted");
+    tables.set_load(PAIR[0], (1, 0));
+    tables.set_load(PAIR[1], (0, 300));
+}
+
 /// A frontend of `service` at `address:port` over `backends`, as the model makes them.
 fn frontend<A: Into<IpAddr> + Copy>(
     service: &str,
@@ -393,6 +454,13 @@ fn maglev(frontend: Arc<model::Frontend>) -> Arc<model::Frontend> {
     let mut frontend = Arc::unwrap_or_clone(frontend);
     frontend.algorithm = Algorithm::Maglev;
     frontend.maglev_table_size = Some(MAGLEV_TABLE_SIZE);
+    Arc::new(frontend)
+}
+
+/// `frontend` balanced by `scheduler`.
+fn scheduled(scheduler: Algorithm, frontend: Arc<model::Frontend>) -> Arc<model::Frontend> {
+    let mut frontend = Arc::unwrap_or_clone(frontend);
+    frontend.algorithm = scheduler;
     Arc::new(frontend)
 }
 
@@ -598,6 +666,14 @@ fn programme() -> Vec<Arc<model::Frontend>> {
             Scope::Internal,
             &PAIR,
         )),
+        scheduled(
+            Algorithm::LeastConnection,
+            frontend("least", LEAST_IP, 80, Protocol::Tcp, Scope::Internal, &PAIR),
+        ),
+        scheduled(
+            Algorithm::ShortestExpectedDelay,
+            frontend("sed", SED_IP, 80, Protocol::Tcp, Scope::Internal, &PAIR),
+        ),
         dropping(frontend(
             "local-only",
             LOCAL_ONLY_IP,
@@ -1702,6 +1778,51 @@ fn rows() -> Vec<Row> {
             )),
             counts: &["new_flows"],
             before: None,
+        },
+        Row {
+            what: "least connection: the backend with fewer open flows",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, CLIENT, LEAST_IP, 43200, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet(TCP_SYN, CLIENT, PAIR[1].0, 43200, 8080)),
+            counts: &["new_flows"],
+            before: Some(pair_first_busy),
+        },
+        Row {
+            what: "least connection: the same again, the first flow counted on it",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, CLIENT, LEAST_IP, 43201, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet(TCP_SYN, CLIENT, PAIR[1].0, 43201, 8080)),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "least connection: a reset closes the first flow: active no more, inactive",
+            hook: Hook::TcIngress,
+            input: packet(TCP_RST, CLIENT, LEAST_IP, 43200, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet(TCP_RST, CLIENT, PAIR[1].0, 43200, 8080)),
+            counts: &["forwarded"],
+            before: None,
+        },
+        Row {
+            what: "least connection: one open flow weighs more than 255 closing ones",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, CLIENT, LEAST_IP, 43202, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet(TCP_SYN, CLIENT, PAIR[0].0, 43202, 8080)),
+            counts: &["new_flows"],
+            before: Some(pair_loads_differ),
+        },
+        Row {
+            what: "shortest expected delay: closing flows do not count, open ones do",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, CLIENT, SED_IP, 43203, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet(TCP_SYN, CLIENT, PAIR[1].0, 43203, 8080)),
+            counts: &["new_flows"],
+            before: Some(pair_loads_differ_again),
         },
         Row {
             what: "a flow whose reply entry was evicted: DNAT, and the reply entry made again",

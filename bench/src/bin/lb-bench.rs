@@ -158,7 +158,13 @@ impl Family {
 }
 
 /// The schedulers beside round robin that the TCP cases also run under.
-const OTHER_SCHEDULERS: [Algorithm; 2] = [Algorithm::SourceHash, Algorithm::Maglev];
+const OTHER_SCHEDULERS: [Algorithm; 5] = [
+    Algorithm::SourceHash,
+    Algorithm::Maglev,
+    Algorithm::LeastConnection,
+    Algorithm::ShortestExpectedDelay,
+    Algorithm::NeverQueue,
+];
 
 /// The target Service's port of each scheduler's TCP cases: round robin's [`SERVICE_PORT`],
 /// the others after it.
@@ -167,6 +173,9 @@ fn scheduler_port(algorithm: Algorithm) -> u16 {
         Algorithm::RoundRobin => SERVICE_PORT,
         Algorithm::SourceHash => SERVICE_PORT + 1,
         Algorithm::Maglev => SERVICE_PORT + 2,
+        Algorithm::LeastConnection => SERVICE_PORT + 3,
+        Algorithm::ShortestExpectedDelay => SERVICE_PORT + 4,
+        Algorithm::NeverQueue => SERVICE_PORT + 5,
     }
 }
 
@@ -184,13 +193,19 @@ enum Case {
 }
 
 impl Case {
-    const ALL: [Case; 11] = [
+    const ALL: [Case; 17] = [
         Case::TcpNew(Algorithm::RoundRobin),
         Case::TcpEstablished(Algorithm::RoundRobin),
         Case::TcpNew(Algorithm::SourceHash),
         Case::TcpEstablished(Algorithm::SourceHash),
         Case::TcpNew(Algorithm::Maglev),
         Case::TcpEstablished(Algorithm::Maglev),
+        Case::TcpNew(Algorithm::LeastConnection),
+        Case::TcpEstablished(Algorithm::LeastConnection),
+        Case::TcpNew(Algorithm::ShortestExpectedDelay),
+        Case::TcpEstablished(Algorithm::ShortestExpectedDelay),
+        Case::TcpNew(Algorithm::NeverQueue),
+        Case::TcpEstablished(Algorithm::NeverQueue),
         Case::UdpNew,
         Case::Reply,
         Case::NoFrontend,
@@ -206,6 +221,12 @@ impl Case {
             Case::TcpEstablished(Algorithm::SourceHash) => "tcp established, sh",
             Case::TcpNew(Algorithm::Maglev) => "tcp new flow, mh",
             Case::TcpEstablished(Algorithm::Maglev) => "tcp established, mh",
+            Case::TcpNew(Algorithm::LeastConnection) => "tcp new flow, lc",
+            Case::TcpEstablished(Algorithm::LeastConnection) => "tcp established, lc",
+            Case::TcpNew(Algorithm::ShortestExpectedDelay) => "tcp new flow, sed",
+            Case::TcpEstablished(Algorithm::ShortestExpectedDelay) => "tcp established, sed",
+            Case::TcpNew(Algorithm::NeverQueue) => "tcp new flow, nq",
+            Case::TcpEstablished(Algorithm::NeverQueue) => "tcp established, nq",
             Case::UdpNew => "udp new flow",
             Case::Reply => "reply",
             Case::NoFrontend => "no frontend",

@@ -3,9 +3,11 @@
 //! maps in memory ([`memory`]).
 
 mod layout;
+mod loads;
 pub mod memory;
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
@@ -18,12 +20,13 @@ use aya::{
     },
 };
 use lb_common::maps::{
-    BACKENDS, BACKENDS6, Backend, CLOCK, CONFIG, CONNECTED, CONNECTED6, Clock, Config, Connected,
-    EPOCH, Epoch, FLOWS, FLOWS6, FRONTEND_STATS, FRONTENDS, FRONTENDS6, Flow, FlowKey, Frontend,
-    FrontendKey, FrontendStats, Ipv6Be, MAX_CONNECTED, MAX_FLOWS, REPLIES, REPLIES6, Reply,
-    SINGLE_ENTRY, SLOTS, SOURCE_RANGES, SOURCE_RANGES6, STATS, Slot, SlotKey, SourceRange,
-    SourceRangeKey, Stats, VIPS, VIPS6, Vip,
+    BACKEND_LOADS, BACKENDS, BACKENDS6, Backend, BackendLoad, CLOCK, CONFIG, CONNECTED, CONNECTED6,
+    Clock, Config, Connected, EPOCH, Epoch, FLOW_COUNTED, FLOWS, FLOWS6, FRONTEND_STATS, FRONTENDS,
+    FRONTENDS6, Flow, FlowKey, Frontend, FrontendKey, FrontendStats, Ipv6Be, MAX_CONNECTED,
+    MAX_FLOWS, REPLIES, REPLIES6, Reply, SINGLE_ENTRY, SLOTS, SOURCE_RANGES, SOURCE_RANGES6,
+    STATE_CLOSING, STATS, Slot, SlotKey, SourceRange, SourceRangeKey, Stats, VIPS, VIPS6, Vip,
 };
+pub use loads::BackendLoads;
 
 use self::layout::{Address, ByFamily};
 use crate::{
@@ -66,6 +69,10 @@ pub enum Error {
         #[source]
         source: MapError,
     },
+    #[error("{0} is not the memory-mappable array of this build's capacity and value size")]
+    Layout(&'static str),
+    #[error("mapping {0} into memory")]
+    Mmap(&'static str, #[source] std::io::Error),
 }
 
 type Result<T, E = Error> = std::result::Result<T, E>;
@@ -124,6 +131,7 @@ pub struct KernelMaps {
     epoch: Array<MapData, Epoch>,
     stats: PerCpuArray<MapData, Stats>,
     frontend_stats: PerCpuArray<MapData, FrontendStats>,
+    loads: BackendLoads,
 }
 
 impl KernelMaps {
@@ -169,6 +177,7 @@ impl KernelMaps {
             epoch: typed(EPOCH, map(EPOCH)?)?,
             stats: typed(STATS, map(STATS)?)?,
             frontend_stats: typed(FRONTEND_STATS, map(FRONTEND_STATS)?)?,
+            loads: BackendLoads::map(map(BACKEND_LOADS)?)?,
         })
     }
 
@@ -274,19 +283,55 @@ impl KernelMaps {
         let config = self.config()?;
         let live =
             |protocol, state, last_seen_ns| config.is_live(protocol, state, last_seen_ns, now_ns);
-        let flows = expire(&mut self.flows, FLOWS, |k, f| {
-            live(k.protocol, f.state, f.last_seen_ns)
-        });
-        let flows6 = expire(&mut self.flows6, FLOWS6, |k, f| {
-            live(k.protocol, f.state, f.last_seen_ns)
-        });
-        let replies = expire(&mut self.replies, REPLIES, |k, r| {
-            live(k.protocol, r.state, r.last_seen_ns)
-        });
-        let replies6 = expire(&mut self.replies6, REPLIES6, |k, r| {
-            live(k.protocol, r.state, r.last_seen_ns)
-        });
+        // The flows that stay are counted, for the backends' loads: those that idled out
+        // here, or that the LRU evicted, the datapath never saw end.
+        let loads_before = self.loads.nonzero();
+        let mut counted = BTreeMap::new();
+        let mut count = |flags: u8, state: u8, backend_id: u32| {
+            if flags & FLOW_COUNTED != 0 {
+                let load: &mut BackendLoad = counted.entry(backend_id).or_default();
+                if state == STATE_CLOSING {
+                    load.inactive += 1;
+                } else {
+                    load.active += 1;
+                }
+            }
+        };
+        let flows = expire(
+            &mut self.flows,
+            FLOWS,
+            |k, f| live(k.protocol, f.state, f.last_seen_ns),
+            |f| count(f.flags, f.state, f.backend_id),
+        );
+        let flows6 = expire(
+            &mut self.flows6,
+            FLOWS6,
+            |k, f| live(k.protocol, f.state, f.last_seen_ns),
+            |f| count(f.flags, f.state, f.backend_id),
+        );
+        // Only over whole walks: a failed one counted too few.
+        if flows.is_ok() && flows6.is_ok() {
+            self.loads.correct(&loads_before, &counted);
+        }
+        let replies = expire(
+            &mut self.replies,
+            REPLIES,
+            |k, r| live(k.protocol, r.state, r.last_seen_ns),
+            |_| {},
+        );
+        let replies6 = expire(
+            &mut self.replies6,
+            REPLIES6,
+            |k, r| live(k.protocol, r.state, r.last_seen_ns),
+            |_| {},
+        );
         Ok((flows? + flows6?, replies? + replies6?))
+    }
+
+    /// The flows counted for each backend that has any: the loads least-connection frontends
+    /// balance by.
+    pub fn backend_loads(&self) -> BTreeMap<u32, BackendLoad> {
+        self.loads.nonzero()
     }
 
     pub fn write_clock(&mut self, clock: &Clock) -> Result<()> {
@@ -449,17 +494,21 @@ where
 /// gathered first (a walk that deletes as it goes restarts from the table's start), and each is
 /// read again just before its removal: one a packet has revived since stays, but for a packet
 /// in the microseconds between that read and the removal (there is no compare-and-delete;
-/// Cilium's GC has the same window). The datapath treats such an entry as new anyway.
+/// Cilium's GC has the same window). The datapath treats such an entry as new anyway. Each
+/// entry the walk finds live is handed to `stays`.
 fn expire<K: aya::Pod, V: aya::Pod>(
     table: &mut HashMap<MapData, K, V>,
     name: &'static str,
     live: impl Fn(&K, &V) -> bool,
+    mut stays: impl FnMut(&V),
 ) -> Result<usize> {
     let failed = |source| Error::Expire { map: name, source };
     let mut idle = Vec::new();
     for entry in walk(table) {
         let (key, value) = entry.map_err(failed)?;
-        if !live(&key, &value) {
+        if live(&key, &value) {
+            stays(&value);
+        } else {
             idle.push(key);
         }
     }

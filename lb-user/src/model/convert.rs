@@ -812,7 +812,7 @@ mod tests {
             Option<Algorithm>,
             Option<&'static str>,
         );
-        let cases: [Case; 11] = [
+        let cases: [Case; 14] = [
             (&[], None, None),
             (
                 &[(SCHEDULER_ANNOTATION, "rr")],
@@ -865,6 +865,21 @@ mod tests {
             ),
             (
                 &[(ALGORITHM_ANNOTATION, "lc")],
+                Some(Algorithm::LeastConnection),
+                None,
+            ),
+            (
+                &[(SCHEDULER_ANNOTATION, "sed")],
+                Some(Algorithm::ShortestExpectedDelay),
+                None,
+            ),
+            (
+                &[(SCHEDULER_ANNOTATION, "nq")],
+                Some(Algorithm::NeverQueue),
+                None,
+            ),
+            (
+                &[(ALGORITHM_ANNOTATION, "wlc")],
                 None,
                 Some("metadata.annotations[lb.ebpf.io/algorithm]"),
             ),

@@ -224,6 +224,12 @@ pub enum Algorithm {
     SourceHash,
     /// Maglev consistent hashing of the client's address (IPVS's `mh`).
     Maglev,
+    /// The backend with the fewest active flows, then inactive ones (IPVS's `lc`).
+    LeastConnection,
+    /// The backend with the fewest active flows (IPVS's `sed`, every weight 1).
+    ShortestExpectedDelay,
+    /// A backend with no active flow, else as [`Self::ShortestExpectedDelay`] (IPVS's `nq`).
+    NeverQueue,
 }
 
 /// One EndpointSlice, or the slice the mirroring controller would make of an Endpoints.
@@ -443,25 +449,31 @@ impl Algorithm {
             Self::RoundRobin => "rr",
             Self::SourceHash => "sh",
             Self::Maglev => "mh",
+            Self::LeastConnection => "lc",
+            Self::ShortestExpectedDelay => "sed",
+            Self::NeverQueue => "nq",
         }
     }
 
-    /// The scheduler `name` chooses: IPVS's names (`rr`, `sh`, `mh`), and this project's
-    /// (`round-robin`, `source-hash`, `maglev`). IPVS's others are refused, each with why.
+    /// The scheduler `name` chooses: IPVS's names (`rr`, `sh`, `mh`, `lc`, `sed`, `nq`), and
+    /// this project's ([`Display`](fmt::Display)'s). IPVS's `dh` is refused, with why.
     pub fn from_name(name: &str) -> Result<Self, String> {
         match name {
             "rr" | "round-robin" => Ok(Self::RoundRobin),
             "sh" | "source-hash" => Ok(Self::SourceHash),
             "mh" | "maglev" => Ok(Self::Maglev),
-            "lc" | "sed" | "nq" => Err(format!("scheduler {name:?} is not in this datapath yet")),
+            "lc" | "least-connection" => Ok(Self::LeastConnection),
+            "sed" | "shortest-expected-delay" => Ok(Self::ShortestExpectedDelay),
+            "nq" | "never-queue" => Ok(Self::NeverQueue),
             "dh" => Err(
                 "scheduler \"dh\" (destination hash) would send every client of a \
                          frontend to one backend: not offered"
                     .into(),
             ),
             other => Err(format!(
-                "unknown scheduler {other:?}: expected rr, sh or mh (IPVS's names; \
-                 round-robin, source-hash and maglev as well)"
+                "unknown scheduler {other:?}: expected rr, sh, mh, lc, sed or nq (IPVS's \
+                 names; round-robin, source-hash, maglev, least-connection, \
+                 shortest-expected-delay and never-queue as well)"
             )),
         }
     }
@@ -473,6 +485,9 @@ impl fmt::Display for Algorithm {
             Self::RoundRobin => "round-robin",
             Self::SourceHash => "source-hash",
             Self::Maglev => "maglev",
+            Self::LeastConnection => "least-connection",
+            Self::ShortestExpectedDelay => "shortest-expected-delay",
+            Self::NeverQueue => "never-queue",
         })
     }
 }

@@ -15,9 +15,11 @@ use std::{
 pub use diff::{Op, Touched, diff, diff_touched};
 pub use ids::Ids;
 use lb_common::maps::{
-    ALGORITHM_MAGLEV, ALGORITHM_ROUND_ROBIN, ALGORITHM_SOURCE_HASH, BACKEND_LOCAL,
+    ALGORITHM_LEAST_CONNECTION, ALGORITHM_MAGLEV, ALGORITHM_NEVER_QUEUE, ALGORITHM_ROUND_ROBIN,
+    ALGORITHM_SHORTEST_EXPECTED_DELAY, ALGORITHM_SOURCE_HASH, BACKEND_LOCAL, BackendLoad,
     FRONTEND_REJECT_WHEN_EMPTY, FRONTEND_SOURCE_RANGES, Frontend, MAX_SLOTS, MAX_SOURCE_RANGES,
     PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, Slot, SlotKey, SourceRange, Vip,
+    counts_flows,
 };
 
 use crate::model::{self, Algorithm, Family, FrontendKind, Protocol, Scope, Skipped, WhenEmpty};
@@ -448,11 +450,28 @@ fn protocol_number(protocol: Protocol) -> u8 {
     }
 }
 
+/// The scheduler of a frontend's `ALGORITHM_*`, if it is one.
+fn scheduler(algorithm: u8) -> Option<Algorithm> {
+    [
+        Algorithm::RoundRobin,
+        Algorithm::SourceHash,
+        Algorithm::Maglev,
+        Algorithm::LeastConnection,
+        Algorithm::ShortestExpectedDelay,
+        Algorithm::NeverQueue,
+    ]
+    .into_iter()
+    .find(|&a| self::algorithm(a) == algorithm)
+}
+
 fn algorithm(algorithm: Algorithm) -> u8 {
     match algorithm {
         Algorithm::RoundRobin => ALGORITHM_ROUND_ROBIN,
         Algorithm::SourceHash => ALGORITHM_SOURCE_HASH,
         Algorithm::Maglev => ALGORITHM_MAGLEV,
+        Algorithm::LeastConnection => ALGORITHM_LEAST_CONNECTION,
+        Algorithm::ShortestExpectedDelay => ALGORITHM_SHORTEST_EXPECTED_DELAY,
+        Algorithm::NeverQueue => ALGORITHM_NEVER_QUEUE,
     }
 }
 
@@ -533,11 +552,13 @@ impl MapEntries {
 }
 
 impl MapEntries {
-    /// The services as `ipvsadm -Ln` shows them: each frontend, then the backends of its slots
-    /// in order (a Maglev frontend's each once, with its share of the table).
-    pub fn table(&self) -> String {
+    /// The services as `ipvsadm -Ln` shows them: each frontend with its scheduler by IPVS's
+    /// name, then the backends of its slots in order (a Maglev frontend's each once, with its
+    /// share of the table; a least-connection one's with their counted flows in `loads`).
+    pub fn table(&self, loads: &BTreeMap<u32, BackendLoad>) -> String {
         let mut out = String::from(
-            "Prot LocalAddress:Port        Scope    Scheduler    Flags\n  -> RemoteAddress:Port\n",
+            "Prot LocalAddress:Port        Scope    Scheduler    Flags\n  \
+             -> RemoteAddress:Port                ActiveConn InActConn\n",
         );
         for (key, fe) in &self.frontends {
             let protocol = match key.protocol {
@@ -558,10 +579,13 @@ impl MapEntries {
             if fe.affinity_timeout_s != 0 {
                 flags.push(format!("persistent {}", fe.affinity_timeout_s));
             }
+            let scheduler = scheduler(fe.algorithm).map_or_else(
+                || format!("unknown-{}", fe.algorithm),
+                |s| s.ipvs_name().into(),
+            );
             let _ = writeln!(
                 out,
-                "{protocol:<4} {address:<24} {scope:<8} {:<12} {}",
-                algorithm_name(fe.algorithm),
+                "{protocol:<4} {address:<24} {scope:<8} {scheduler:<12} {}",
                 flags.join(",")
             );
             let lines =
@@ -577,6 +601,25 @@ impl MapEntries {
                         out,
                         "  -> {line} ({positions} of {} positions)",
                         fe.backend_count
+                    );
+                }
+            } else if counts_flows(fe.algorithm) {
+                for slot in 1..=u32::from(fe.backend_count) {
+                    let load = self
+                        .slots
+                        .get(&SlotKey {
+                            service_id: fe.service_id,
+                            slot,
+                        })
+                        .and_then(|s| loads.get(&s.backend_id))
+                        .copied()
+                        .unwrap_or_default();
+                    let _ = writeln!(
+                        out,
+                        "  -> {:<34} {:>10} {:>9}",
+                        self.slot_line(fe.service_id, slot),
+                        load.active.max(0),
+                        load.inactive.max(0)
                     );
                 }
             } else {
@@ -617,12 +660,7 @@ fn endpoint(address: IpAddr, port: u16, protocol: u8) -> String {
 }
 
 fn algorithm_name(algorithm: u8) -> String {
-    match algorithm {
-        ALGORITHM_ROUND_ROBIN => "round-robin".into(),
-        ALGORITHM_SOURCE_HASH => "source-hash".into(),
-        ALGORITHM_MAGLEV => "maglev".into(),
-        other => format!("unknown-{other}"),
-    }
+    scheduler(algorithm).map_or_else(|| format!("unknown-{algorithm}"), |s| s.to_string())
 }
 
 #[cfg(test)]
@@ -885,9 +923,10 @@ mod tests {
             "node-a",
         );
         assert_eq!(
-            entries.table(),
-            "Prot LocalAddress:Port        Scope    Scheduler    Flags\n  -> RemoteAddress:Port\n\
-             TCP  10.96.0.10:80            internal round-robin  reject-when-empty\n  \
+            entries.table(&BTreeMap::new()),
+            "Prot LocalAddress:Port        Scope    Scheduler    Flags\n  \
+             -> RemoteAddress:Port                ActiveConn InActConn\n\
+             TCP  10.96.0.10:80            internal rr           reject-when-empty\n  \
              -> 10.244.0.12:8080 local\n  -> 10.244.0.11:8080 local\n"
         );
     }
