@@ -66,7 +66,7 @@ pub fn flow_lookup<A: Family>(packet: &Packet<A>) -> Result<Tracked<A>, Verdict>
     // Counted before `touch` marks it closing, which tells when.
     if packet.closing() && flow.state != STATE_CLOSING && flow.flags & FLOW_COUNTED != 0 {
         // Active no more: IPVS's inactive connection, until it idles out.
-        let _ = maps::add_load(flow.backend_id, -1, 1);
+        maps::add_load(flow.backend_id, -1, 1);
     }
     if touch(
         &mut flow.last_seen_ns,
@@ -227,7 +227,7 @@ pub fn new_flow<A: Family>(
     }
     if flow.flags & FLOW_COUNTED != 0 {
         let open = i64::from(flow.state == STATE_OPEN);
-        let _ = maps::add_load(flow.backend_id, open, 1 - open);
+        maps::add_load(flow.backend_id, open, 1 - open);
     }
     count(|s| &mut s.new_flows);
     Ok(flow)

@@ -91,7 +91,8 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
 
 // Each family's half of a program is a function of its own, out of line: the verifier takes
 // one stack frame for each, where inlined together they would pass its 512 bytes. The IPv4
-// header read to choose is the IPv4 half's. IPv6's half leaves little of its frame: its
+// half reads its header again, which leaves the program's own frame empty: the IPv6 half's,
+// the deepest, and the backend choice's under it take all of the 512 bytes. IPv6's half leaves little of its frame: its
 // rejects are answered in a frame of their own, after it returns, and its ICMPv6 errors
 // translated in another, before it is called. The IPv4 half serves `lb_tc_uplink` too, in
 // outside's scope, for the fragments XDP passes.

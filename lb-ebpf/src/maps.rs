@@ -248,9 +248,9 @@ pub fn backend_load(id: u32) -> Option<BackendLoad> {
 /// Adds to backend `id`'s counted flows by atomic adds, as every writer does (other CPUs, the
 /// agent's corrections through its mapping): none is lost, and no CPU waits on a lock.
 #[inline(always)]
-pub fn add_load(id: u32, active: i64, inactive: i64) -> u32 {
+pub fn add_load(id: u32, active: i64, inactive: i64) {
     let Some(load) = BACKEND_LOADS.get_ptr_mut(id) else {
-        return 0;
+        return;
     };
     // SAFETY: as above; an atomic add on an aligned i64 of the map's value.
     unsafe {
@@ -264,7 +264,6 @@ pub fn add_load(id: u32, active: i64, inactive: i64) -> u32 {
             );
         }
     }
-    0
 }
 
 /// Turns this CPU's round-robin cursor of `service_id`; where it stood.
