@@ -539,3 +539,121 @@ fn wait_for_positions(lab: &Lab, backends: usize) {
     )
     .unwrap();
 }
+
+/// Connects `argv[3]` times to `argv[1]:argv[2]`, the n-th connection from 10.244.9.n, and asks
+/// each connection's pod. The first connection's pod is the slow backend: its connections are
+/// held open, as a backend slow to answer holds them; the others close once answered. Prints
+/// the pods in order, then holds until told.
+const HOLD_THE_FIRST_BACKEND: &str = r#"
+import socket, sys
+address, n = (sys.argv[1], int(sys.argv[2])), int(sys.argv[3])
+held, pods = [], []
+for i in range(1, n + 1):
+    s = socket.create_connection(address, timeout=5, source_address=(f"10.244.9.{i}", 0))
+    s.sendall(b"who\n")
+    answer = s.makefile().readline()
+    pod = dict(kv.split("=", 1) for kv in answer.split()[1:])["pod"]
+    pods.append(pod)
+    if pod == pods[0]:
+        held.append(s)
+    else:
+        s.close()
+print(" ".join(pods), flush=True)
+sys.stdin.readline()
+"#;
+
+/// The connections [`HOLD_THE_FIRST_BACKEND`] makes, each from its own of the [`MAGLEV_CLIENTS`]
+/// addresses.
+const HELD_TEST_CONNECTIONS: usize = 90;
+
+#[test]
+fn least_connection_sends_new_connections_away_from_a_backend_that_holds_them_and_rr_does_not() {
+    let lab = lab("lc");
+    many_clients(&lab);
+    lab.add_manifest("lc.yaml", LC_SERVICE).unwrap();
+    wait_for_backends(&lab, "10.96.0.17:9000/TCP", 3);
+    let n = HELD_TEST_CONNECTIONS;
+    let run = |vip: &str| {
+        let n = n.to_string();
+        let mut script = Script::start(lab.in_client(&[
+            "python3",
+            "-c",
+            HOLD_THE_FIRST_BACKEND,
+            vip,
+            "9000",
+            &n,
+        ]));
+        let pods: Vec<String> = script.line().split_whitespace().map(String::from).collect();
+        assert_eq!(
+            pods.len(),
+            HELD_TEST_CONNECTIONS,
+            "an answer for each: {pods:?}"
+        );
+        (script, pods)
+    };
+
+    // Round robin (the demo's echo): the slow backend keeps its turn, a third of them.
+    let (_, pods) = run("10.96.0.10");
+    let shares = counts(&pods);
+    assert!(
+        shares.len() == 3 && shares.values().all(|c| (25..=35).contains(c)),
+        "round robin: {shares:?}"
+    );
+
+    // Least connection: its one held connection outweighs the others' closed ones.
+    let (_script, pods) = run("10.96.0.17");
+    let slow = pods[0].clone();
+    let shares = counts(&pods);
+    let held = shares[slow.as_str()];
+    assert!(
+        held <= 3 && shares.len() == 3 && shares.values().all(|c| *c == held || *c >= 35),
+        "least connection, {slow} holding its connections: {shares:?}"
+    );
+    // inspect shows the counts, as ipvsadm -Ln: the held connections active, the closed inactive.
+    let slow_ip = ip_of(&slow).to_string();
+    lab.wait_for(
+        "inspect to count the held and the closed connections",
+        || {
+            let table = lab.lb_user("inspect")?;
+            let loads: Vec<(String, u64, u64)> = table
+                .lines()
+                .skip_while(|l| !l.contains("10.96.0.17:9000"))
+                .skip(1)
+                .take_while(|l| l.starts_with("  ->"))
+                .filter_map(|l| {
+                    let fields: Vec<&str> = l.split_whitespace().collect();
+                    let [.., active, inactive] = fields[..] else {
+                        return None;
+                    };
+                    Some((
+                        fields[1].to_string(),
+                        active.parse().ok()?,
+                        inactive.parse().ok()?,
+                    ))
+                })
+                .collect();
+            let slow_active = loads
+                .iter()
+                .filter(|(address, _, _)| address.starts_with(&format!("{slow_ip}:")))
+                .map(|(_, active, _)| *active)
+                .sum::<u64>();
+            let others_active: u64 =
+                loads.iter().map(|(_, active, _)| active).sum::<u64>() - slow_active;
+            let inactive: u64 = loads.iter().map(|(_, _, inactive)| inactive).sum();
+            Ok(loads.len() == 3
+                && slow_active == held as u64
+                && others_active == 0
+                && inactive == (n - held) as u64)
+        },
+    )
+    .unwrap();
+}
+
+/// `demo-lc`: a ClusterIP over the three demo pods' line echo, balanced by least connection.
+const LC_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: demo-lc\n  \
+    annotations: {lb.ebpf.io/scheduler: lc}\nspec:\n  clusterIP: 10.96.0.17\n  \
+    ports: [{name: echo, port: 9000, targetPort: 9000}]\n---\n\
+    apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: demo-lc-1\n  \
+    labels: {kubernetes.io/service-name: demo-lc}\naddressType: IPv4\n\
+    ports: [{name: echo, port: 9000, protocol: TCP}]\nendpoints:\n\
+    - addresses: [10.244.0.11]\n- addresses: [10.244.0.12]\n- addresses: [10.244.0.13]\n";
