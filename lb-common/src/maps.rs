@@ -1,8 +1,9 @@
 //! Map names, keys and values.
 //!
 //! Lookups follow Katran's chain of small integer ids: a frontend (address, port, protocol) names a
-//! service id; `(service id, slot)` names a backend id; the backend id names an address. Id 0 is
-//! never used, so a zeroed value reads as "none".
+//! service id; `(service id, slot)` names a backend id (a Maglev frontend's slot is a position
+//! of its table in [`MAGLEV`]); the backend id names an address. Id 0 is never used, so a
+//! zeroed value reads as "none".
 //!
 //! Names carry a layout version (`_v1`): a change to a key or value layout bumps it, so a new
 //! agent never reads an old pinned map with the wrong layout.
@@ -16,11 +17,17 @@
 //! never of both families.
 
 /// Frontends: [`FrontendKey`] -> [`Frontend`]. Written by the agent.
-pub const FRONTENDS: &str = "lb_frontends_v1";
+pub const FRONTENDS: &str = "lb_frontends_v2";
 /// IPv6 frontends: [`FrontendKey<Ipv6Be>`] -> [`Frontend`]. Written by the agent.
-pub const FRONTENDS6: &str = "lb_frontends6_v1";
+pub const FRONTENDS6: &str = "lb_frontends6_v2";
 /// Backend slots of each service: [`SlotKey`] -> [`Slot`]. Written by the agent.
 pub const SLOTS: &str = "lb_slots_v1";
+/// The Maglev tables, one after another (array, memory-mapped by the agent): the backend id at
+/// each position, [`MAGLEV_BLOCK`] positions an entry ([`MaglevBlock`]). A frontend's table is
+/// the [`Frontend::backend_count`] positions from [`Frontend::maglev_offset`], as Katran's
+/// `ch_rings` holds each VIP's ring in one array. Written by the agent through the mapping,
+/// only the positions that change.
+pub const MAGLEV: &str = "lb_maglev_v1";
 /// Backends by id: `u32` -> [`Backend`]. Written by the agent: the backends of every slot, and
 /// the serving endpoints of UDP frontends that take no new flow but keep their flows.
 pub const BACKENDS: &str = "lb_backends_v1";
@@ -104,10 +111,11 @@ pub const EPOCH: &str = "lb_epoch_v1";
 pub const BACKEND_LOADS: &str = "lb_backend_loads_v1";
 
 /// Every map, in the order the agent pins them.
-pub const ALL: [&str; 32] = [
+pub const ALL: [&str; 33] = [
     FRONTENDS,
     FRONTENDS6,
     SLOTS,
+    MAGLEV,
     BACKENDS,
     BACKENDS6,
     VIPS,
@@ -139,7 +147,8 @@ pub const ALL: [&str; 32] = [
     FRAGMENT_SCRATCH,
 ];
 
-/// The map flag (`BPF_F_MMAPABLE`) that lets the agent map [`BACKEND_LOADS`] into its memory.
+/// The map flag (`BPF_F_MMAPABLE`) that lets the agent map [`BACKEND_LOADS`] and [`MAGLEV`]
+/// into its memory.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Capacity of [`FRONTENDS`] and of [`FRONTENDS6`]; service ids (of both families) are below
@@ -147,6 +156,12 @@ pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 pub const MAX_SERVICES: u32 = 131_072;
 /// Capacity of [`SLOTS`].
 pub const MAX_SLOTS: u32 = 1_048_576;
+/// Capacity of [`MAGLEV`], in positions (64 MiB): 1,024 tables of Cilium's default 16,381
+/// positions, or 16,432 of 1,021 (enough for some 10 backends each).
+pub const MAX_MAGLEV_POSITIONS: u32 = 16_777_216;
+/// The positions of one [`MAGLEV`] entry: the kernel lays an array's values out 8 bytes
+/// apart at least, so one position an entry would take twice its 4 bytes.
+pub const MAGLEV_BLOCK: u32 = 16;
 /// Capacity of [`BACKENDS`] and of [`BACKENDS6`], and of [`BACKEND_LOADS`], which backend ids
 /// index.
 pub const MAX_BACKENDS: u32 = 1_048_576;
@@ -186,8 +201,9 @@ pub const PROTO_UDP: u8 = 17;
 /// How a service picks the backend of a new flow ([`Frontend::algorithm`]).
 pub const ALGORITHM_ROUND_ROBIN: u8 = 0;
 pub const ALGORITHM_SOURCE_HASH: u8 = 1;
-/// Maglev consistent hashing: the frontend's slots hold its Maglev table (as many as
-/// [`Frontend::backend_count`] says), which a hash of the source picks from as for source hash.
+/// Maglev consistent hashing: the frontend's slots are the positions of its Maglev table in
+/// [`MAGLEV`] (as many as [`Frontend::backend_count`] says), which a hash of the source picks
+/// from as for source hash.
 pub const ALGORITHM_MAGLEV: u8 = 2;
 
 /// IPVS's least-connection schedulers: the frontend's slots hold its backends, as for round
@@ -274,6 +290,8 @@ pub struct Frontend {
     /// external and load-balancer IPs), as kube-proxy keys affinity per Service port: the
     /// lowest `service_id` among them. 0: this frontend's own `service_id`.
     pub affinity_id: u32,
+    /// A Maglev frontend's first position in [`MAGLEV`]; 0 for the others.
+    pub maglev_offset: u32,
 }
 
 #[repr(C)]
@@ -288,6 +306,14 @@ pub struct SlotKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Slot {
     pub backend_id: u32,
+}
+
+/// [`MAGLEV_BLOCK`] positions of the Maglev tables ([`MAGLEV`]): position `p` is
+/// `backend_ids[p % MAGLEV_BLOCK]` of entry `p / MAGLEV_BLOCK`. 0: none.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MaglevBlock {
+    pub backend_ids: [u32; MAGLEV_BLOCK as usize],
 }
 
 /// Where a backend listens. Shared by every service slot that names it.
@@ -706,7 +732,7 @@ pub const SINGLE_ENTRY: u32 = 0;
 const _: () = {
     assert!(size_of::<FrontendKey>() == 8);
     assert!(size_of::<FrontendKey<Ipv6Be>>() == 20);
-    assert!(size_of::<Frontend>() == 16);
+    assert!(size_of::<Frontend>() == 20);
     assert!(size_of::<SlotKey>() == 8);
     assert!(size_of::<Slot>() == 4);
     assert!(size_of::<Backend>() == 8);

@@ -1,9 +1,9 @@
 //! Backend selection for a new flow: the client's affinity if it has a live one, else
-//! frontend -> slot -> backend id -> backend.
+//! frontend -> slot (a Maglev frontend's: a position of its table) -> backend id -> backend.
 
 use lb_common::maps::{
-    ALGORITHM_ROUND_ROBIN, Affinity, AffinityKey, Backend, FlowKey, Frontend, counts_flows,
-    least_loaded,
+    ALGORITHM_MAGLEV, ALGORITHM_ROUND_ROBIN, Affinity, AffinityKey, Backend, FlowKey, Frontend,
+    counts_flows, least_loaded,
 };
 
 use crate::{family::Family, hash::mix32, maps};
@@ -65,12 +65,20 @@ const AFFINITY_SCAN: u32 = 32;
 #[inline(always)]
 fn slot_of(frontend: &Frontend, backend_id: u32, hint: u32) -> Option<u32> {
     let count = u32::from(frontend.backend_count);
-    if hint <= count && maps::slot(frontend.service_id, hint) == Some(backend_id) {
+    let holds = |slot| {
+        slot_backend(
+            frontend.service_id,
+            u32::from(frontend.algorithm),
+            frontend.maglev_offset,
+            slot,
+        ) == backend_id
+    };
+    if hint <= count && holds(hint) {
         return Some(hint);
     }
     (1..=AFFINITY_SCAN)
         .take_while(|&slot| slot <= count)
-        .find(|&slot| maps::slot(frontend.service_id, slot) == Some(backend_id))
+        .find(|&slot| holds(slot))
 }
 
 /// The backend the frontend's algorithm picks: `(slot, backend id, backend)`. Source hash and
@@ -92,10 +100,15 @@ fn pick<A: Family>(
         cursor,
         mix32(key.src_addr_be.folded()),
     );
-    // Slot 0 is never used: none chosen.
+    // Slot 0 and backend id 0 are never used: none chosen.
     let slot = Some(slot).filter(|&slot| slot != 0)?;
-    let backend_id = maps::slot(frontend.service_id, slot)?;
-    let backend = maps::backend(backend_id)?;
+    let backend_id = slot_backend(
+        frontend.service_id,
+        u32::from(frontend.algorithm),
+        frontend.maglev_offset,
+        slot,
+    );
+    let backend = maps::backend(Some(backend_id).filter(|&id| id != 0)?)?;
     Some((slot, backend_id, backend))
 }
 
@@ -110,11 +123,11 @@ const COUNTED: u32 = 1 << 8;
 /// ([`least_loaded`]), for a flow [`COUNTED`]; the node's sockets, whose flows no load counts,
 /// get round robin.
 ///
-/// A global function, as [`slot_overhead`]: the verifier walks it once, for any arguments,
-/// not once in every program and path that makes a flow, and what it returns is one value to
-/// them, whichever the algorithm, so that their paths after it prune. Its frame and
-/// [`slot_overhead`]'s sit on the deepest of the programs' stacks (the IPv6 halves'): they
-/// keep them small.
+/// A global function, as [`slot_backend`] and [`slot_overhead`]: the verifier walks it once,
+/// for any arguments, not once in every program and path that makes a flow, and what it
+/// returns is one value to them, whichever the algorithm, so that their paths after it prune.
+/// Its frame and [`slot_overhead`]'s sit on the deepest of the programs' stacks (the IPv6
+/// halves'): they keep them small.
 // SAFETY (no_mangle, here and below): no other symbol of the object has the name.
 #[unsafe(no_mangle)]
 #[inline(never)]
@@ -145,6 +158,26 @@ pub extern "C" fn choose_slot(
         Some(slot_overhead(frontend, slot)).filter(|&overhead| overhead != NO_BACKEND)
     })
     .unwrap_or(0)
+}
+
+/// The backend id in slot `slot` of frontend `service_id` of `algorithm`: of a Maglev
+/// frontend, position `slot - 1` of its table, from `maglev_offset` in `lb_maglev`; else its
+/// slot in `lb_slots`. 0 for none.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn slot_backend(
+    service_id: u32,
+    algorithm: u32,
+    maglev_offset: u32,
+    slot: u32,
+) -> u32 {
+    let found = if algorithm == u32::from(ALGORITHM_MAGLEV) {
+        slot.checked_sub(1)
+            .and_then(|position| maps::maglev_position(maglev_offset.wrapping_add(position)))
+    } else {
+        maps::slot(service_id, slot)
+    };
+    found.unwrap_or(0)
 }
 
 /// What [`slot_overhead`] gives for a slot without a backend.

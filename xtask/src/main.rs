@@ -192,7 +192,7 @@ fn run(once: bool, agent_args: &[String]) -> Result<ExitCode> {
     println!(
         "\nthe lab stays up until Ctrl-C; try:\n  ip netns exec {} curl http://10.96.0.10/\n  \
          {} inspect --instance {}\n  \
-         bpftool map dump pinned /sys/fs/bpf/lb/{}/lb_frontends_v1",
+         bpftool map dump pinned /sys/fs/bpf/lb/{}/lb_frontends_v2",
         lab.client.namespace,
         binaries.lb_user.display(),
         lab.prefix,

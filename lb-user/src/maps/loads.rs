@@ -5,79 +5,30 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io,
-    os::fd::{AsFd as _, AsRawFd as _},
-    ptr::NonNull,
     sync::atomic,
 };
 
-use aya::maps::{Map, MapData};
-use lb_common::maps::{BACKEND_LOADS, BPF_F_MMAPABLE, BackendLoad, MAX_BACKENDS};
+use aya::maps::Map;
+use lb_common::maps::{BACKEND_LOADS, BackendLoad, MAX_BACKENDS};
 
-use super::{Error, Result, reading};
+use super::{Result, mapped::MappedArray};
 
 /// [`BACKEND_LOADS`], mapped.
-pub struct BackendLoads {
-    /// The map, held open with its mapping.
-    _map: MapData,
-    loads: NonNull<BackendLoad>,
-    bytes: usize,
-}
-
-// SAFETY: the mapping is the kernel's memory, shared with every CPU the datapath runs on;
-// this type reaches it by atomic operations only, from any thread, through `&self`.
-unsafe impl Send for BackendLoads {}
-// SAFETY: as for `Send`.
-unsafe impl Sync for BackendLoads {}
+pub struct BackendLoads(MappedArray<BackendLoad>);
 
 impl BackendLoads {
     /// Maps `map`, which must be [`BACKEND_LOADS`] as this build defines it.
     pub fn map(map: Map) -> Result<Self> {
-        let Map::Array(map) = map else {
-            return Err(Error::Layout(BACKEND_LOADS));
-        };
-        let info = map.info().map_err(reading(BACKEND_LOADS))?;
-        if info.max_entries() != MAX_BACKENDS
-            || info.value_size() as usize != size_of::<BackendLoad>()
-            || info.map_flags() & BPF_F_MMAPABLE == 0
-        {
-            return Err(Error::Layout(BACKEND_LOADS));
-        }
-        let bytes = MAX_BACKENDS as usize * size_of::<BackendLoad>();
-        // SAFETY: a shared mapping of a memory-mappable array map's values, which the kernel
-        // lays out from offset 0, each `BackendLoad` at its index; the result is checked.
-        let mapped = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if mapped == libc::MAP_FAILED {
-            return Err(Error::Mmap(BACKEND_LOADS, io::Error::last_os_error()));
-        }
-        let loads = NonNull::new(mapped.cast())
-            .ok_or_else(|| Error::Mmap(BACKEND_LOADS, io::Error::other("mmap returned null")))?;
-        Ok(Self {
-            _map: map,
-            loads,
-            bytes,
-        })
+        MappedArray::map(map, BACKEND_LOADS, MAX_BACKENDS).map(Self)
     }
 
     /// The two counters of backend `id`.
     fn counters(&self, id: u32) -> Option<(&atomic::AtomicI64, &atomic::AtomicI64)> {
-        if id >= MAX_BACKENDS {
-            return None;
-        }
-        // SAFETY: `id` is within the mapping, which lives as long as `self`; its i64 fields
+        let load = self.0.at(id)?.as_ptr();
+        // SAFETY: `load` lies in the mapping, which lives as long as `self`; its i64 fields
         // are aligned (the kernel's pages, 16-byte values), and every writer, the datapath
         // included, changes them by atomic operations only.
         unsafe {
-            let load = self.loads.as_ptr().add(id as usize);
             Some((
                 atomic::AtomicI64::from_ptr(&raw mut (*load).active),
                 atomic::AtomicI64::from_ptr(&raw mut (*load).inactive),
@@ -132,16 +83,6 @@ impl BackendLoads {
                     },
                 );
             }
-        }
-    }
-}
-
-impl Drop for BackendLoads {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, of `bytes`, unmapped once; nothing borrows it past
-        // `self`.
-        unsafe {
-            libc::munmap(self.loads.as_ptr().cast(), self.bytes);
         }
     }
 }

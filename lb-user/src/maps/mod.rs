@@ -4,6 +4,8 @@
 
 mod layout;
 mod loads;
+mod maglev;
+mod mapped;
 pub mod memory;
 
 use std::{
@@ -22,16 +24,17 @@ use aya::{
 use lb_common::maps::{
     BACKEND_LOADS, BACKENDS, BACKENDS6, Backend, BackendLoad, CLOCK, CONFIG, CONNECTED, CONNECTED6,
     Clock, Config, Connected, EPOCH, Epoch, FLOW_COUNTED, FLOWS, FLOWS6, FRONTEND_STATS, FRONTENDS,
-    FRONTENDS6, Flow, FlowKey, Frontend, FrontendKey, FrontendStats, Ipv6Be, MAX_CONNECTED,
+    FRONTENDS6, Flow, FlowKey, Frontend, FrontendKey, FrontendStats, Ipv6Be, MAGLEV, MAX_CONNECTED,
     MAX_FLOWS, REPLIES, REPLIES6, Reply, SINGLE_ENTRY, SLOTS, SOURCE_RANGES, SOURCE_RANGES6,
     STATE_CLOSING, STATS, Slot, SlotKey, SourceRange, SourceRangeKey, Stats, VIPS, VIPS6, Vip,
 };
 pub use loads::BackendLoads;
+use maglev::MaglevTables;
 
 use self::layout::{Address, ByFamily};
 use crate::{
     model::Family,
-    plan::{MapEntries, Op},
+    plan::{self, MapEntries, Op},
 };
 
 /// A kernel map that could not be found, opened or read; named by its pin name.
@@ -132,6 +135,7 @@ pub struct KernelMaps {
     stats: PerCpuArray<MapData, Stats>,
     frontend_stats: PerCpuArray<MapData, FrontendStats>,
     loads: BackendLoads,
+    maglev: MaglevTables,
 }
 
 impl KernelMaps {
@@ -178,6 +182,7 @@ impl KernelMaps {
             stats: typed(STATS, map(STATS)?)?,
             frontend_stats: typed(FRONTEND_STATS, map(FRONTEND_STATS)?)?,
             loads: BackendLoads::map(map(BACKEND_LOADS)?)?,
+            maglev: MaglevTables::map(map(MAGLEV)?)?,
         })
     }
 
@@ -222,6 +227,16 @@ impl KernelMaps {
         read_into(&self.source_ranges6, SOURCE_RANGES6, |key, range| {
             source_ranges.insert(layout::plan_range_key(key.prefix_len(), &key.data()), range);
         })?;
+        for frontend in entries.frontends.values() {
+            if plan::has_table(frontend) {
+                let count = usize::from(frontend.backend_count);
+                let table = self
+                    .maglev
+                    .read(frontend.maglev_offset, count)
+                    .ok_or(Error::Layout(MAGLEV))?;
+                entries.tables.insert(frontend.maglev_offset, table.into());
+            }
+        }
         Ok(entries)
     }
 
@@ -393,6 +408,21 @@ impl MapWrites for KernelMaps {
                 V6(backend) => self.backends6.insert(id, backend, 0),
             },
             Op::PutSlot(key, slot) => self.slots.insert(key, slot, 0),
+            Op::PutTable(offset, table) => {
+                return match self.maglev.write(*offset, table) {
+                    Some(_) => Ok(()),
+                    None => Err(WriteError {
+                        map: MAGLEV,
+                        cause: format!(
+                            "positions {offset} to {} are past the map's end",
+                            u64::from(*offset) + table.len() as u64
+                        )
+                        .into(),
+                    }),
+                };
+            }
+            // No frontend reads it; the table written there next replaces each position.
+            Op::DeleteTable(_) => return Ok(()),
             Op::PutFrontend(key, frontend) => match layout::frontend_key(key) {
                 V4(key) => self.frontends.insert(key, frontend, 0),
                 V6(key) => self.frontends6.insert(key, frontend, 0),

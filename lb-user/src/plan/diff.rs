@@ -1,17 +1,18 @@
 //! The operations that turn one [`MapEntries`] into another, ordered so that the datapath never
 //! reads a slot past a frontend's count or a backend id that is not written yet: backends, then
-//! slots, then source ranges, then frontends, then service addresses (which drop ports without
+//! slots and Maglev tables, then source ranges, then frontends, then service addresses (which drop ports without
 //! a frontend); removals the other way round. A frontend's source ranges go in before its
 //! catch-all and out after it, so that no source is refused that either state allows.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use lb_common::maps::{
-    BACKENDS, BACKENDS6, FRONTENDS, FRONTENDS6, Frontend, SLOTS, SOURCE_RANGES, SOURCE_RANGES6,
-    Slot, SlotKey, SourceRange, VIPS, VIPS6, Vip,
+    BACKENDS, BACKENDS6, FRONTENDS, FRONTENDS6, Frontend, MAGLEV, SLOTS, SOURCE_RANGES,
+    SOURCE_RANGES6, Slot, SlotKey, SourceRange, VIPS, VIPS6, Vip,
 };
 
 use super::{Backend, FrontendKey, MapEntries, RangeKey};
@@ -21,6 +22,8 @@ use crate::model::Family;
 pub enum Op {
     PutBackend(u32, Backend),
     PutSlot(SlotKey, Slot),
+    /// A Maglev table: its first position in `MAGLEV`, and the backend id of each position.
+    PutTable(u32, Arc<[u32]>),
     PutSourceRange(RangeKey, SourceRange),
     PutFrontend(FrontendKey, Frontend),
     PutVip(IpAddr, Vip),
@@ -28,6 +31,8 @@ pub enum Op {
     DeleteFrontend(FrontendKey),
     DeleteSourceRange(RangeKey),
     DeleteSlot(SlotKey),
+    /// A Maglev table no frontend reads any more, by its first position.
+    DeleteTable(u32),
     /// A backend id, of the family whose map holds it.
     DeleteBackend(u32, Family),
 }
@@ -41,6 +46,7 @@ impl Op {
             Self::DeleteBackend(_, Family::V4) => BACKENDS,
             Self::DeleteBackend(_, Family::V6) => BACKENDS6,
             Self::PutSlot(..) | Self::DeleteSlot(_) => SLOTS,
+            Self::PutTable(..) | Self::DeleteTable(_) => MAGLEV,
             Self::PutFrontend(key, _) | Self::DeleteFrontend(key) => {
                 by_family(&key.address, FRONTENDS, FRONTENDS6)
             }
@@ -57,6 +63,8 @@ impl Op {
 pub struct Touched {
     pub frontends: BTreeSet<FrontendKey>,
     pub slots: BTreeSet<SlotKey>,
+    /// Maglev tables, by first position.
+    pub tables: BTreeSet<u32>,
     pub backends: BTreeSet<u32>,
     pub vips: BTreeSet<IpAddr>,
     pub source_ranges: BTreeSet<RangeKey>,
@@ -71,6 +79,7 @@ impl Touched {
         Self {
             frontends: keys(&current.frontends, &desired.frontends),
             slots: keys(&current.slots, &desired.slots),
+            tables: keys(&current.tables, &desired.tables),
             backends: keys(&current.backends, &desired.backends),
             vips: keys(&current.vips, &desired.vips),
             source_ranges: keys(&current.source_ranges, &desired.source_ranges),
@@ -98,6 +107,13 @@ pub fn diff_touched(current: &MapEntries, desired: &MapEntries, touched: &Touche
         &desired.slots,
         &touched.slots,
         Op::PutSlot,
+        &mut ops,
+    );
+    puts(
+        &current.tables,
+        &desired.tables,
+        &touched.tables,
+        Op::PutTable,
         &mut ops,
     );
     // A frontend's catch-all sorts first: in last.
@@ -151,6 +167,13 @@ pub fn diff_touched(current: &MapEntries, desired: &MapEntries, touched: &Touche
         &mut ops,
     );
     deletes(
+        &current.tables,
+        &desired.tables,
+        &touched.tables,
+        |offset, _| Op::DeleteTable(offset),
+        &mut ops,
+    );
+    deletes(
         &current.backends,
         &desired.backends,
         &touched.backends,
@@ -160,7 +183,7 @@ pub fn diff_touched(current: &MapEntries, desired: &MapEntries, touched: &Touche
     ops
 }
 
-fn puts<'k, K: Ord + Copy + 'k, V: PartialEq + Copy>(
+fn puts<'k, K: Ord + Copy + 'k, V: PartialEq + Clone>(
     current: &BTreeMap<K, V>,
     desired: &BTreeMap<K, V>,
     keys: impl IntoIterator<Item = &'k K>,
@@ -171,7 +194,7 @@ fn puts<'k, K: Ord + Copy + 'k, V: PartialEq + Copy>(
         if let Some(value) = desired.get(key)
             && current.get(key) != Some(value)
         {
-            ops.push(op(*key, *value));
+            ops.push(op(*key, value.clone()));
         }
     }
 }
@@ -196,6 +219,12 @@ impl MapEntries {
     /// Applies one operation, as the kernel maps would.
     pub fn apply(&mut self, op: &Op) {
         match *op {
+            Op::PutTable(offset, ref table) => {
+                self.tables.insert(offset, Arc::clone(table));
+            }
+            Op::DeleteTable(offset) => {
+                self.tables.remove(&offset);
+            }
             Op::PutBackend(id, backend) => {
                 self.backends.insert(id, backend);
             }

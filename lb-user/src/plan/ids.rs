@@ -1,9 +1,10 @@
-//! Ids that name services and backends in the maps. They stay the same for the same frontend or
-//! backend across syncs, so a sync rewrites only what changed.
+//! Ids that name services and backends in the maps, and where each Maglev frontend's table
+//! lies in `lb_maglev`. They stay the same for the same frontend or backend across syncs, so a
+//! sync rewrites only what changed.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::maps::MAX_SERVICES;
+use lb_common::maps::{MAX_MAGLEV_POSITIONS, MAX_SERVICES};
 
 use super::{Backend, FrontendKey, MapEntries};
 
@@ -20,6 +21,13 @@ pub struct Ids {
     /// Backends whose last name went in this sync: released at its end unless named again.
     unnamed: Vec<Backend>,
     last_backend_id: u32,
+    /// Each Maglev frontend's table: its first position and its size.
+    tables: BTreeMap<FrontendKey, (u32, u32)>,
+    /// The positions taken, by first position to the end: `tables`', and those released in
+    /// this sync.
+    taken_positions: BTreeMap<u32, u32>,
+    /// Below it, every position is taken: where the search for free ones starts.
+    positions_free_from: u32,
 }
 
 impl Ids {
@@ -37,7 +45,19 @@ impl Ids {
             .iter()
             .map(|(&id, &b)| (b, (id, 0)))
             .collect();
+        let tables: BTreeMap<FrontendKey, (u32, u32)> = programmed
+            .frontends
+            .iter()
+            .filter(|(_, f)| super::has_table(f))
+            .map(|(&key, f)| (key, (f.maglev_offset, u32::from(f.backend_count))))
+            .collect();
         Self {
+            taken_positions: tables
+                .values()
+                .map(|&(offset, size)| (offset, offset + size))
+                .collect(),
+            positions_free_from: 0,
+            tables,
             taken: services.values().copied().collect(),
             free_from: 1,
             services,
@@ -95,9 +115,55 @@ impl Ids {
         }
     }
 
-    /// Ends a sync: releases the service ids of the frontends `kept` rejects, and the ids of
-    /// the backends nothing names; returns the latter.
-    pub fn end_sync(&mut self, kept: impl Fn(&FrontendKey) -> bool) -> Vec<u32> {
+    /// The first position of Maglev frontend `key`'s table of `size` positions: the one it
+    /// has if of that size, or else the first free ones. Positions released in this sync are not
+    /// handed out again in it, so a frontend never reads another's table. None when the map has
+    /// no room.
+    pub fn table(&mut self, key: FrontendKey, size: u32) -> Option<u32> {
+        match self.tables.get(&key) {
+            Some(&(offset, had)) if had == size => return Some(offset),
+            // Released at the sync's end, as a withdrawn frontend's.
+            Some(_) => {
+                self.tables.remove(&key);
+            }
+            None => {}
+        }
+        let mut at = self.positions_free_from;
+        for (&start, &end) in self.taken_positions.range(self.positions_free_from..) {
+            if start >= at.checked_add(size)? {
+                break;
+            }
+            at = at.max(end);
+        }
+        if at.checked_add(size)? > MAX_MAGLEV_POSITIONS {
+            return None;
+        }
+        if at == self.positions_free_from {
+            self.positions_free_from = at + size;
+        }
+        self.taken_positions.insert(at, at + size);
+        self.tables.insert(key, (at, size));
+        Some(at)
+    }
+
+    /// Ends a sync: releases the service ids of the frontends `kept` rejects, the tables of the
+    /// Maglev frontends `table_kept` does not name at their first position, and the ids of the
+    /// backends nothing names; returns the latter.
+    pub fn end_sync(
+        &mut self,
+        kept: impl Fn(&FrontendKey) -> bool,
+        table_kept: impl Fn(&FrontendKey, u32) -> bool,
+    ) -> Vec<u32> {
+        self.tables
+            .retain(|key, &mut (offset, _)| table_kept(key, offset));
+        if self.taken_positions.len() != self.tables.len() {
+            self.taken_positions = self
+                .tables
+                .values()
+                .map(|&(offset, size)| (offset, offset + size))
+                .collect();
+        }
+        self.positions_free_from = 0;
         self.services.retain(|key, _| kept(key));
         if self.taken.len() != self.services.len() {
             self.taken = self.services.values().copied().collect();
@@ -145,14 +211,14 @@ mod tests {
             (ids.service(key(1)), ids.service(key(2))),
             (Some(1), Some(2))
         );
-        ids.end_sync(|_| true);
+        ids.end_sync(|_| true, |_, _| true);
         assert_eq!(ids.service(key(2)), Some(2), "a kept frontend keeps its id");
         assert_eq!(
             ids.service(key(3)),
             Some(3),
             "an id released in the same sync is not reused"
         );
-        ids.end_sync(|k| *k != key(1));
+        ids.end_sync(|k| *k != key(1), |_, _| true);
         assert_eq!(
             ids.service(key(4)),
             Some(1),
@@ -195,7 +261,7 @@ mod tests {
             8,
             "a flow still names backend 7: a new backend must not take its id"
         );
-        assert_eq!(adopted.end_sync(|_| true), Vec::<u32>::new());
+        assert_eq!(adopted.end_sync(|_| true, |_, _| true), Vec::<u32>::new());
     }
 
     #[test]
@@ -211,11 +277,36 @@ mod tests {
         programmed.backends.insert(4, backend(1));
         let mut adopted = Ids::adopt(&programmed, 0);
         assert_eq!(adopted.service(key(2)), Some(1));
-        assert_eq!(adopted.end_sync(|k| *k == key(2)), vec![4]);
+        assert_eq!(adopted.end_sync(|k| *k == key(2), |_, _| true), vec![4]);
         assert_eq!(adopted.service(key(3)), Some(2));
         assert_eq!(adopted.service(key(4)), Some(3));
         assert_eq!(adopted.service(key(5)), Some(4));
         assert_eq!(adopted.service(key(6)), Some(5), "5 was released");
+    }
+
+    #[test]
+    fn maglev_tables_stay_where_they_are_and_their_positions_wait_a_sync_to_be_reused() {
+        let mut ids = Ids::default();
+        assert_eq!(
+            [
+                ids.table(key(1), 7),
+                ids.table(key(2), 7),
+                ids.table(key(1), 7)
+            ],
+            [Some(0), Some(7), Some(0)]
+        );
+        // key(1)'s table grows: it moves, and its old positions wait for the sync's end.
+        assert_eq!(ids.table(key(1), 11), Some(14));
+        assert_eq!(ids.table(key(3), 7), Some(25));
+        ids.end_sync(|_| true, |_, _| true);
+        assert_eq!(ids.table(key(4), 5), Some(0), "the first free positions");
+        assert_eq!(
+            ids.table(key(5), 5),
+            Some(32),
+            "past the last table: 2 free are too few"
+        );
+        assert_eq!(ids.table(key(6), 70_000), Some(37));
+        assert_eq!(ids.table(key(7), MAX_MAGLEV_POSITIONS), None, "no room");
     }
 
     #[test]
@@ -227,10 +318,10 @@ mod tests {
             ids.name_backend(backend(1)),
         ];
         assert_eq!(first, [1, 2, 1]);
-        assert_eq!(ids.end_sync(|_| true), Vec::<u32>::new());
+        assert_eq!(ids.end_sync(|_| true, |_, _| true), Vec::<u32>::new());
         ids.unname_backend(backend(1));
         assert_eq!(
-            ids.end_sync(|_| true),
+            ids.end_sync(|_| true, |_, _| true),
             Vec::<u32>::new(),
             "another slot still names it"
         );
@@ -241,7 +332,7 @@ mod tests {
             2,
             "named again in the same sync"
         );
-        assert_eq!(ids.end_sync(|_| true), vec![1]);
+        assert_eq!(ids.end_sync(|_| true, |_, _| true), vec![1]);
         assert_eq!(
             ids.name_backend(backend(1)),
             3,

@@ -17,9 +17,9 @@ pub use ids::Ids;
 use lb_common::maps::{
     ALGORITHM_LEAST_CONNECTION, ALGORITHM_MAGLEV, ALGORITHM_NEVER_QUEUE, ALGORITHM_ROUND_ROBIN,
     ALGORITHM_SHORTEST_EXPECTED_DELAY, ALGORITHM_SOURCE_HASH, BACKEND_LOCAL, BackendLoad,
-    FRONTEND_REJECT_WHEN_EMPTY, FRONTEND_SOURCE_RANGES, Frontend, MAX_SLOTS, MAX_SOURCE_RANGES,
-    PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, Slot, SlotKey, SourceRange, Vip,
-    counts_flows,
+    FRONTEND_REJECT_WHEN_EMPTY, FRONTEND_SOURCE_RANGES, Frontend, MAGLEV, MAX_MAGLEV_POSITIONS,
+    MAX_SLOTS, MAX_SOURCE_RANGES, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, Slot,
+    SlotKey, SourceRange, Vip, counts_flows,
 };
 
 use crate::model::{self, Algorithm, Family, FrontendKind, Protocol, Scope, Skipped, WhenEmpty};
@@ -31,6 +31,9 @@ use crate::model::{self, Algorithm, Family, FrontendKind, Protocol, Scope, Skipp
 pub struct MapEntries {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
     pub slots: BTreeMap<SlotKey, Slot>,
+    /// The Maglev frontends' tables (`lb_maglev`), by first position: each position's
+    /// backend id.
+    pub tables: BTreeMap<u32, Arc<[u32]>>,
     pub backends: BTreeMap<u32, Backend>,
     /// Every frontend address.
     pub vips: BTreeMap<IpAddr, Vip>,
@@ -193,7 +196,16 @@ impl Planner {
         for group in regroup {
             self.share_affinity(&group, &mut touched);
         }
-        for id in self.ids.end_sync(|key| self.planned.contains_key(key)) {
+        let frontends = &self.desired.frontends;
+        let table_kept = |key: &FrontendKey, offset| {
+            frontends
+                .get(key)
+                .is_some_and(|f| has_table(f) && f.maglev_offset == offset)
+        };
+        for id in self
+            .ids
+            .end_sync(|key| self.planned.contains_key(key), table_kept)
+        {
             self.desired.backends.remove(&id);
             touched.backends.insert(id);
         }
@@ -240,13 +252,18 @@ impl Planner {
             return;
         };
         touched.frontends.insert(key);
-        for slot in 1..=u32::from(frontend.backend_count) {
-            let slot_key = SlotKey {
-                service_id: frontend.service_id,
-                slot,
-            };
-            self.desired.slots.remove(&slot_key);
-            touched.slots.insert(slot_key);
+        if has_table(&frontend) {
+            self.desired.tables.remove(&frontend.maglev_offset);
+            touched.tables.insert(frontend.maglev_offset);
+        } else {
+            for slot in 1..=u32::from(frontend.backend_count) {
+                let slot_key = SlotKey {
+                    service_id: frontend.service_id,
+                    slot,
+                };
+                self.desired.slots.remove(&slot_key);
+                touched.slots.insert(slot_key);
+            }
         }
         // Each once, as `place` named them: a Maglev table names a backend in many slots.
         for named in before.backends.iter().chain(&before.retained) {
@@ -337,17 +354,30 @@ impl Planner {
         }
         // Closed, and the others go on: a full map would stop every write after the first
         // that does not fit. Room for as many again is kept, as a sync puts a new frontend's
-        // slots before it deletes those of one that went (a Maglev table's thousands).
+        // slots before it deletes those of one that went.
         let taken = self.desired.slots.len();
-        if taken + 2 * slots > MAX_SLOTS as usize {
+        if table_size.is_none() && taken + 2 * slots > MAX_SLOTS as usize {
             return skip(format!(
                 "{name}: its {slots} slots do not fit the slot map ({MAX_SLOTS} entries, {taken} \
-                 taken): not programmed; a smaller --maglev-table-size leaves room for more \
-                 Maglev frontends"
+                 taken): not programmed"
             ));
         }
         let Some(service_id) = self.ids.service(key) else {
             return skip(format!("{name}: the frontend map is full"));
+        };
+        let maglev_offset = match table_size {
+            Some(size) => match self.ids.table(key, size) {
+                Some(offset) => offset,
+                None => {
+                    return skip(format!(
+                        "{name}: its Maglev table of {size} positions does not fit {MAGLEV} \
+                         ({MAX_MAGLEV_POSITIONS} positions, the tables of this sync's frontends \
+                         and of those it removes taken): not programmed; a smaller \
+                         --maglev-table-size leaves room for more Maglev frontends"
+                    ));
+                }
+            },
+            None => 0,
         };
         let named: Vec<(SocketAddr, u32)> = frontend
             .backends
@@ -357,14 +387,16 @@ impl Planner {
                 (SocketAddr::new(backend.address, backend.port), id)
             })
             .collect();
-        let slot_ids = match table_size {
-            Some(size) => maglev::table(&named, size),
-            None => named.iter().map(|(_, id)| *id).collect(),
-        };
-        for (slot, backend_id) in (1..).zip(slot_ids) {
-            let slot_key = SlotKey { service_id, slot };
-            self.desired.slots.insert(slot_key, Slot { backend_id });
-            touched.slots.insert(slot_key);
+        if let Some(size) = table_size {
+            let table = maglev::table(&named, size);
+            self.desired.tables.insert(maglev_offset, table.into());
+            touched.tables.insert(maglev_offset);
+        } else {
+            for (slot, &(_, backend_id)) in (1..).zip(&named) {
+                let slot_key = SlotKey { service_id, slot };
+                self.desired.slots.insert(slot_key, Slot { backend_id });
+                touched.slots.insert(slot_key);
+            }
         }
         // In no slot: there for the flows they have, which look them up by id.
         for retained in &frontend.retained {
@@ -396,6 +428,7 @@ impl Planner {
                 flags,
                 affinity_timeout_s: frontend.affinity_timeout.unwrap_or(0),
                 affinity_id: 0,
+                maglev_offset,
             },
         );
         touched.frontends.insert(key);
@@ -415,6 +448,11 @@ impl Planner {
         touched.backends.insert(backend_id);
         backend_id
     }
+}
+
+/// Whether `frontend` has a table in `lb_maglev`: a Maglev frontend's, once it has backends.
+pub fn has_table(frontend: &Frontend) -> bool {
+    frontend.algorithm == ALGORITHM_MAGLEV && frontend.backend_count != 0
 }
 
 /// The map key of a frontend.
@@ -494,13 +532,18 @@ impl MapEntries {
                 0 => String::new(),
                 seconds => format!(" AFFINITY={seconds}s KEY={}", fe.affinity_id),
             };
+            let table = if has_table(fe) {
+                format!(" TABLE={}", fe.maglev_offset)
+            } else {
+                String::new()
+            };
             let sources = if fe.flags & FRONTEND_SOURCE_RANGES != 0 {
                 " SOURCES=checked"
             } else {
                 ""
             };
             lines.push(format!(
-                "FE: ADDR={} SCOPE={scope} ID={} COUNT={} ALG={} EMPTY={when_empty}{affinity}{sources}",
+                "FE: ADDR={} SCOPE={scope} ID={} COUNT={} ALG={}{table} EMPTY={when_empty}{affinity}{sources}",
                 endpoint(key.address, key.port, key.protocol),
                 fe.service_id,
                 fe.backend_count,
@@ -511,6 +554,19 @@ impl MapEntries {
             lines.push(format!(
                 "SLOT: ID={} SLOT={} BE={}",
                 key.service_id, key.slot, slot.backend_id
+            ));
+        }
+        // Thousands of positions: how many each backend holds.
+        for (offset, table) in &self.tables {
+            let mut shares: BTreeMap<u32, u32> = BTreeMap::new();
+            for &id in table.iter() {
+                *shares.entry(id).or_default() += 1;
+            }
+            let shares: Vec<String> = shares.iter().map(|(id, n)| format!("{id}x{n}")).collect();
+            lines.push(format!(
+                "TABLE: AT={offset} POSITIONS={} BE={}",
+                table.len(),
+                shares.join(",")
             ));
         }
         for (address, vip) in &self.vips {
@@ -593,8 +649,9 @@ impl MapEntries {
             if fe.algorithm == ALGORITHM_MAGLEV {
                 // A table of thousands of positions: each backend once, with its share.
                 let mut shares: BTreeMap<String, u32> = BTreeMap::new();
-                for line in lines {
-                    *shares.entry(line).or_default() += 1;
+                let table = self.tables.get(&fe.maglev_offset).filter(|_| has_table(fe));
+                for &id in table.iter().flat_map(|t| t.iter()) {
+                    *shares.entry(self.backend_line(id)).or_default() += 1;
                 }
                 for (line, positions) in shares {
                     let _ = writeln!(
@@ -633,11 +690,16 @@ impl MapEntries {
 
     /// What slot `slot` of frontend `service_id` names, as [`MapEntries::table`] lists it.
     fn slot_line(&self, service_id: u32, slot: u32) -> String {
-        let Some(s) = self.slots.get(&SlotKey { service_id, slot }) else {
-            return "(slot missing)".to_string();
-        };
-        match self.backends.get(&s.backend_id) {
-            None => format!("(backend {} missing)", s.backend_id),
+        self.slots.get(&SlotKey { service_id, slot }).map_or_else(
+            || "(slot missing)".to_string(),
+            |s| self.backend_line(s.backend_id),
+        )
+    }
+
+    /// Backend `id`, as [`MapEntries::table`] lists it.
+    fn backend_line(&self, id: u32) -> String {
+        match self.backends.get(&id) {
+            None => format!("(backend {id} missing)"),
             Some(be) => {
                 let local = if be.flags & BACKEND_LOCAL != 0 {
                     " local"
@@ -785,7 +847,8 @@ mod tests {
                 algorithm: ALGORITHM_SOURCE_HASH,
                 flags: FRONTEND_REJECT_WHEN_EMPTY,
                 affinity_timeout_s: 0,
-                affinity_id: 0
+                affinity_id: 0,
+                maglev_offset: 0,
             }
         );
         assert_eq!(
@@ -806,7 +869,7 @@ mod tests {
     }
 
     #[test]
-    fn a_maglev_frontend_s_slots_are_its_table_and_a_change_writes_only_the_positions_it_moves() {
+    fn a_maglev_frontend_s_slots_are_its_table_which_it_keeps_when_its_backends_change() {
         let three = [
             (Ipv4Addr::new(10, 244, 0, 11), 8080),
             (Ipv4Addr::new(10, 244, 0, 12), 8080),
@@ -829,36 +892,19 @@ mod tests {
             .zip(three)
             .map(|(id, (ip, port))| (SocketAddr::from((ip, port)), id))
             .collect();
-        let slots: Vec<u32> = before.slots.values().map(|s| s.backend_id).collect();
-        assert_eq!(slots, maglev::table(&named, 7));
-        // .12 goes: its positions are written anew, the others' stay.
+        assert!(before.slots.is_empty(), "{:?}", before.slots);
+        let table = &before.tables[&frontend.maglev_offset];
+        assert_eq!(**table, *maglev::table(&named, 7));
+        // .12 goes: the table is written again where it is (the map's writer stores only the
+        // positions that differ), and the frontend, which still names it, is not; then .12.
         let after = plan(&[three[0], three[2]]);
-        let rewritten: Vec<u32> = diff(&before, &after)
-            .iter()
-            .filter_map(|op| match op {
-                Op::PutSlot(key, _) => Some(key.slot),
-                _ => None,
-            })
-            .collect();
-        let on_gone: Vec<u32> = before
-            .slots
-            .iter()
-            .filter(|(_, slot)| slot.backend_id == 2)
-            .map(|(key, _)| key.slot)
-            .collect();
-        let changed: Vec<u32> = before
-            .slots
-            .iter()
-            .filter(|(key, slot)| after.slots.get(key) != Some(slot))
-            .map(|(key, _)| key.slot)
-            .collect();
+        let two: Vec<(SocketAddr, u32)> = vec![named[0], named[2]];
         assert_eq!(
-            rewritten, changed,
-            "only the positions that changed are written"
-        );
-        assert!(
-            !on_gone.is_empty() && on_gone.iter().all(|slot| rewritten.contains(slot)),
-            "rewritten {rewritten:?}, the gone backend's {on_gone:?}"
+            diff(&before, &after),
+            [
+                Op::PutTable(frontend.maglev_offset, maglev::table(&two, 7).into()),
+                Op::DeleteBackend(2, Family::V4)
+            ]
         );
     }
 
@@ -889,9 +935,9 @@ mod tests {
     }
 
     #[test]
-    fn maglev_tables_past_the_slot_map_s_room_are_reported_and_the_rest_programmed() {
+    fn maglev_tables_past_the_maglev_map_s_room_are_reported_and_the_rest_programmed() {
         let backends = [(Ipv4Addr::new(10, 244, 0, 11), 8080)];
-        let frontends: Vec<Arc<model::Frontend>> = (1..=20)
+        let frontends: Vec<Arc<model::Frontend>> = (1..=260)
             .map(|port| {
                 Arc::new(model::Frontend {
                     port,
@@ -901,15 +947,16 @@ mod tests {
             })
             .collect();
         let (entries, skipped) = entries(&frontends, "node-a");
-        // Room for as many again is kept: 15 tables of 65,521 fit with room for a 16th.
-        assert_eq!(entries.frontends.len(), 15);
-        assert_eq!(skipped.len(), 5);
+        // 256 tables of 65,521 positions fit the map's 16,777,216.
+        assert_eq!(entries.frontends.len(), 256);
+        assert_eq!(skipped.len(), 4);
         assert!(
-            skipped[0].reason.contains("do not fit the slot map"),
+            skipped[0].reason.contains("does not fit lb_maglev_v1"),
             "{skipped:?}"
         );
-        let table = maglev::MAX_TABLE_SIZE as usize;
-        assert!(entries.slots.len() + table <= MAX_SLOTS as usize);
+        let mut offsets: Vec<u32> = entries.tables.keys().copied().collect();
+        offsets.dedup();
+        assert_eq!(offsets.len(), 256, "each its own table");
     }
 
     #[test]
