@@ -418,7 +418,7 @@ const MAGLEV_CLIENTS: u8 = 100;
 fn maglev_keeps_each_of_100_clients_on_its_backend_and_moves_few_when_a_backend_goes_or_comes() {
     let lab = lab("maglev");
     let clients = many_clients(&lab);
-    lab.add_manifest("maglev.yaml", MAGLEV_SERVICE).unwrap();
+    lab.add_manifest("maglev.yaml", &maglev_service()).unwrap();
     wait_for_positions(&lab, 3);
     let before = pods_of(&lab, &clients);
     assert_eq!(
@@ -447,7 +447,7 @@ fn maglev_keeps_each_of_100_clients_on_its_backend_and_moves_few_when_a_backend_
     );
 
     // It comes back: about a third of the clients move, nearly all of them to it.
-    lab.edit_manifest("maglev.yaml", |_| MAGLEV_SERVICE.to_string())
+    lab.edit_manifest("maglev.yaml", |_| maglev_service())
         .unwrap();
     wait_for_positions(&lab, 3);
     let back = pods_of(&lab, &clients);
@@ -465,14 +465,29 @@ fn maglev_keeps_each_of_100_clients_on_its_backend_and_moves_few_when_a_backend_
     );
 }
 
-/// `demo-maglev`: a ClusterIP balanced by Maglev over the three demo pods.
-const MAGLEV_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: demo-maglev\n  \
-    annotations: {lb.ebpf.io/scheduler: mh}\nspec:\n  clusterIP: 10.96.0.15\n  \
-    ports: [{name: http, port: 80, targetPort: 8080}]\n---\n\
-    apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: demo-maglev-1\n  \
-    labels: {kubernetes.io/service-name: demo-maglev}\naddressType: IPv4\n\
-    ports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:\n\
-    - addresses: [10.244.0.11]\n- addresses: [10.244.0.12]\n- addresses: [10.244.0.13]\n";
+/// A Service `name` at `cluster_ip`, its port `port` (`port_name`) to the three demo pods'
+/// `target`, balanced by `scheduler`, with its EndpointSlice.
+fn scheduled_service(
+    name: &str,
+    scheduler: &str,
+    cluster_ip: &str,
+    (port_name, port, target): (&str, u16, u16),
+) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  \
+         annotations: {{lb.ebpf.io/scheduler: {scheduler}}}\nspec:\n  clusterIP: {cluster_ip}\n  \
+         ports: [{{name: {port_name}, port: {port}, targetPort: {target}}}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  \
+         labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\n\
+         ports: [{{name: {port_name}, port: {target}, protocol: TCP}}]\nendpoints:\n\
+         - addresses: [10.244.0.11]\n- addresses: [10.244.0.12]\n- addresses: [10.244.0.13]\n"
+    )
+}
+
+/// `demo-maglev`: a ClusterIP balanced by Maglev over the three demo pods' HTTP.
+fn maglev_service() -> String {
+    scheduled_service("demo-maglev", "mh", "10.96.0.15", ("http", 80, 8080))
+}
 
 /// Gives the client pod [`MAGLEV_CLIENTS`] more addresses, routed back to it by the node: the
 /// addresses.
@@ -570,7 +585,8 @@ const HELD_TEST_CONNECTIONS: usize = 90;
 fn least_connection_sends_new_connections_away_from_a_backend_that_holds_them_and_rr_does_not() {
     let lab = lab("lc");
     many_clients(&lab);
-    lab.add_manifest("lc.yaml", LC_SERVICE).unwrap();
+    let lc = scheduled_service("demo-lc", "lc", "10.96.0.17", ("echo", 9000, 9000));
+    lab.add_manifest("lc.yaml", &lc).unwrap();
     wait_for_backends(&lab, "10.96.0.17:9000/TCP", 3);
     let n = HELD_TEST_CONNECTIONS;
     let run = |vip: &str| {
@@ -648,12 +664,3 @@ fn least_connection_sends_new_connections_away_from_a_backend_that_holds_them_an
     )
     .unwrap();
 }
-
-/// `demo-lc`: a ClusterIP over the three demo pods' line echo, balanced by least connection.
-const LC_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: demo-lc\n  \
-    annotations: {lb.ebpf.io/scheduler: lc}\nspec:\n  clusterIP: 10.96.0.17\n  \
-    ports: [{name: echo, port: 9000, targetPort: 9000}]\n---\n\
-    apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: demo-lc-1\n  \
-    labels: {kubernetes.io/service-name: demo-lc}\naddressType: IPv4\n\
-    ports: [{name: echo, port: 9000, protocol: TCP}]\nendpoints:\n\
-    - addresses: [10.244.0.11]\n- addresses: [10.244.0.12]\n- addresses: [10.244.0.13]\n";
