@@ -1,8 +1,8 @@
 //! Map names, keys and values.
 //!
 //! Lookups follow Katran's chain of small integer ids: a frontend (address, port, protocol) names a
-//! service id; `(service id, slot)` names a backend id (a Maglev frontend's slot is a position
-//! of its table in [`MAGLEV`]); the backend id names an address. Id 0 is never used, so a
+//! service id; `(service id, slot)` names a backend id (a Maglev or least-connection frontend's
+//! slot is a position of its table in [`SLOT_TABLES`]); the backend id names an address. Id 0 is never used, so a
 //! zeroed value reads as "none".
 //!
 //! Names carry a layout version (`_v1`): a change to a key or value layout bumps it, so a new
@@ -22,12 +22,13 @@ pub const FRONTENDS: &str = "lb_frontends_v2";
 pub const FRONTENDS6: &str = "lb_frontends6_v2";
 /// Backend slots of each service: [`SlotKey`] -> [`Slot`]. Written by the agent.
 pub const SLOTS: &str = "lb_slots_v1";
-/// The Maglev tables, one after another (array, memory-mapped by the agent): the backend id at
-/// each position, [`MAGLEV_BLOCK`] positions an entry ([`MaglevBlock`]). A frontend's table is
-/// the [`Frontend::backend_count`] positions from [`Frontend::maglev_offset`], as Katran's
+/// The slot tables of the Maglev and least-connection family frontends, one after another
+/// (array, memory-mapped by the agent; a slot is an array read, not a hash lookup): the
+/// backend id at each position, [`TABLE_BLOCK`] positions an entry ([`SlotBlock`]). A frontend's table is
+/// the [`Frontend::backend_count`] positions from [`Frontend::table_offset`], as Katran's
 /// `ch_rings` holds each VIP's ring in one array. Written by the agent through the mapping,
 /// only the positions that change.
-pub const MAGLEV: &str = "lb_maglev_v1";
+pub const SLOT_TABLES: &str = "lb_slot_tables_v1";
 /// Backends by id: `u32` -> [`Backend`]. Written by the agent: the backends of every slot, and
 /// the serving endpoints of UDP frontends that take no new flow but keep their flows.
 pub const BACKENDS: &str = "lb_backends_v1";
@@ -115,7 +116,7 @@ pub const ALL: [&str; 33] = [
     FRONTENDS,
     FRONTENDS6,
     SLOTS,
-    MAGLEV,
+    SLOT_TABLES,
     BACKENDS,
     BACKENDS6,
     VIPS,
@@ -147,7 +148,7 @@ pub const ALL: [&str; 33] = [
     FRAGMENT_SCRATCH,
 ];
 
-/// The map flag (`BPF_F_MMAPABLE`) that lets the agent map [`BACKEND_LOADS`] and [`MAGLEV`]
+/// The map flag (`BPF_F_MMAPABLE`) that lets the agent map [`BACKEND_LOADS`] and [`SLOT_TABLES`]
 /// into its memory.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
@@ -156,12 +157,12 @@ pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 pub const MAX_SERVICES: u32 = 131_072;
 /// Capacity of [`SLOTS`].
 pub const MAX_SLOTS: u32 = 1_048_576;
-/// Capacity of [`MAGLEV`], in positions (64 MiB): 1,024 tables of Cilium's default 16,381
+/// Capacity of [`SLOT_TABLES`], in positions (64 MiB): 1,024 tables of Cilium's default 16,381
 /// positions, or 16,432 of 1,021 (enough for some 10 backends each).
-pub const MAX_MAGLEV_POSITIONS: u32 = 16_777_216;
-/// The positions of one [`MAGLEV`] entry: the kernel lays an array's values out 8 bytes
+pub const MAX_TABLE_POSITIONS: u32 = 16_777_216;
+/// The positions of one [`SLOT_TABLES`] entry: the kernel lays an array's values out 8 bytes
 /// apart at least, so one position an entry would take twice its 4 bytes.
-pub const MAGLEV_BLOCK: u32 = 16;
+pub const TABLE_BLOCK: u32 = 16;
 /// Capacity of [`BACKENDS`] and of [`BACKENDS6`], and of [`BACKEND_LOADS`], which backend ids
 /// index.
 pub const MAX_BACKENDS: u32 = 1_048_576;
@@ -202,7 +203,7 @@ pub const PROTO_UDP: u8 = 17;
 pub const ALGORITHM_ROUND_ROBIN: u8 = 0;
 pub const ALGORITHM_SOURCE_HASH: u8 = 1;
 /// Maglev consistent hashing: the frontend's slots are the positions of its Maglev table in
-/// [`MAGLEV`] (as many as [`Frontend::backend_count`] says), which a hash of the source picks
+/// [`SLOT_TABLES`] (as many as [`Frontend::backend_count`] says), which a hash of the source picks
 /// from as for source hash.
 pub const ALGORITHM_MAGLEV: u8 = 2;
 
@@ -290,8 +291,9 @@ pub struct Frontend {
     /// external and load-balancer IPs), as kube-proxy keys affinity per Service port: the
     /// lowest `service_id` among them. 0: this frontend's own `service_id`.
     pub affinity_id: u32,
-    /// A Maglev frontend's first position in [`MAGLEV`]; 0 for the others.
-    pub maglev_offset: u32,
+    /// A Maglev or least-connection family frontend's first slot in [`SLOT_TABLES`]; 0 for
+    /// the others, whose slots are in [`SLOTS`].
+    pub table_offset: u32,
 }
 
 #[repr(C)]
@@ -308,12 +310,12 @@ pub struct Slot {
     pub backend_id: u32,
 }
 
-/// [`MAGLEV_BLOCK`] positions of the Maglev tables ([`MAGLEV`]): position `p` is
-/// `backend_ids[p % MAGLEV_BLOCK]` of entry `p / MAGLEV_BLOCK`. 0: none.
+/// [`TABLE_BLOCK`] positions of the slot tables ([`SLOT_TABLES`]): position `p` is
+/// `backend_ids[p % TABLE_BLOCK]` of entry `p / TABLE_BLOCK`. 0: none.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MaglevBlock {
-    pub backend_ids: [u32; MAGLEV_BLOCK as usize],
+pub struct SlotBlock {
+    pub backend_ids: [u32; TABLE_BLOCK as usize],
 }
 
 /// Where a backend listens. Shared by every service slot that names it.

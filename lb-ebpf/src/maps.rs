@@ -25,11 +25,11 @@ use aya_ebpf::{
 use lb_common::maps::{
     self as common, Affinity, AffinityKey, Backend, BackendLoad, Clock, Config, Connected, Epoch,
     Flow, FlowKey, FragmentKey, FragmentPorts, Frontend, FrontendKey, FrontendStats, HeldFragment,
-    HeldKey, Ipv6Be, MAGLEV_BLOCK, MAX_AFFINITIES, MAX_BACKENDS, MAX_CONNECTED, MAX_FLOWS,
-    MAX_FRAGMENTS, MAX_HELD_FRAGMENTS, MAX_MAGLEV_POSITIONS, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS,
-    MAX_SOURCE_RANGES, MAX_VIPS, MaglevBlock, RejectTokens, Reply, SINGLE_ENTRY,
-    SOURCE_RANGE_ID_BITS, Slot, SlotKey, SocketFrontend, SocketKey, SourceRange, SourceRangeKey,
-    Stats, Vip,
+    HeldKey, Ipv6Be, MAX_AFFINITIES, MAX_BACKENDS, MAX_CONNECTED, MAX_FLOWS, MAX_FRAGMENTS,
+    MAX_HELD_FRAGMENTS, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MAX_SOURCE_RANGES,
+    MAX_TABLE_POSITIONS, MAX_VIPS, RejectTokens, Reply, SINGLE_ENTRY, SOURCE_RANGE_ID_BITS, Slot,
+    SlotBlock, SlotKey, SocketFrontend, SocketKey, SourceRange, SourceRangeKey, Stats, TABLE_BLOCK,
+    Vip,
 };
 
 use crate::family::Family;
@@ -83,7 +83,7 @@ pub type HeldMap<A> = LruHashMap<HeldKey<A>, HeldFragment, { MAX_HELD_FRAGMENTS 
 map!("lb_frontends_v2" = FRONTENDS, FRONTENDS: FrontendMap<u32>);
 map!("lb_frontends6_v2" = FRONTENDS6, FRONTENDS6: FrontendMap<Ipv6Be>);
 map!("lb_slots_v1" = SLOTS, SLOTS: HashMap<SlotKey, Slot, { MAX_SLOTS as usize }, NO_PREALLOC>);
-map!("lb_maglev_v1" = MAGLEV, MAGLEV: Array<MaglevBlock, { (MAX_MAGLEV_POSITIONS / MAGLEV_BLOCK) as usize }, MMAPABLE>);
+map!("lb_slot_tables_v1" = SLOT_TABLES, SLOT_TABLES: Array<SlotBlock, { (MAX_TABLE_POSITIONS / TABLE_BLOCK) as usize }, MMAPABLE>);
 map!("lb_backends_v1" = BACKENDS, BACKENDS: BackendMap<u32>);
 map!("lb_backends6_v1" = BACKENDS6, BACKENDS6: BackendMap<Ipv6Be>);
 map!("lb_vips_v2" = VIPS, VIPS: VipMap<u32>);
@@ -128,11 +128,11 @@ pub fn slot(service_id: u32, slot: u32) -> Option<u32> {
     unsafe { SLOTS.get(SlotKey { service_id, slot }) }.map(|s| s.backend_id)
 }
 
-/// The backend id at `position` of [`MAGLEV`], if one is there.
+/// The backend id at `position` of [`SLOT_TABLES`], if one is there.
 #[inline(always)]
-pub fn maglev_position(position: u32) -> Option<u32> {
-    let block = MAGLEV.get_ptr(position / MAGLEV_BLOCK)?;
-    let lane = (position % MAGLEV_BLOCK) as usize;
+pub fn table_position(position: u32) -> Option<u32> {
+    let block = SLOT_TABLES.get_ptr(position / TABLE_BLOCK)?;
+    let lane = (position % TABLE_BLOCK) as usize;
     // SAFETY: an array value, alive as long as the map and aligned, `lane` within it; the agent
     // writes each id as one aligned word through its mapping, so a whole-word read sees one
     // version.

@@ -69,7 +69,7 @@ fn slot_of(frontend: &Frontend, backend_id: u32, hint: u32) -> Option<u32> {
         slot_backend(
             frontend.service_id,
             u32::from(frontend.algorithm),
-            frontend.maglev_offset,
+            frontend.table_offset,
             slot,
         ) == backend_id
     };
@@ -94,7 +94,7 @@ fn pick<A: Family>(
     // an add, and a branch here would split the verifier's paths after it.
     let cursor = maps::next_cursor(frontend.service_id)?;
     let slot = choose_slot(
-        frontend.service_id,
+        frontend.table_offset,
         u32::from(frontend.algorithm) | if counted { COUNTED } else { 0 },
         u32::from(frontend.backend_count),
         cursor,
@@ -105,7 +105,7 @@ fn pick<A: Family>(
     let backend_id = slot_backend(
         frontend.service_id,
         u32::from(frontend.algorithm),
-        frontend.maglev_offset,
+        frontend.table_offset,
         slot,
     );
     let backend = maps::backend(Some(backend_id).filter(|&id| id != 0)?)?;
@@ -115,7 +115,7 @@ fn pick<A: Family>(
 /// In [`choose_slot`]'s `algorithm`: the flow is counted in its backend's load.
 const COUNTED: u32 = 1 << 8;
 
-/// The slot, of its `count`, that frontend `service_id`'s `algorithm` gives a new flow, from
+/// The slot, of its `count`, that a frontend's `algorithm` gives a new flow, from
 /// `cursor`, this CPU's round-robin cursor of the frontend, which turned for it, and
 /// `source_hash`, its client's; 0 for none. Round robin takes the cursor: fair in aggregate, no
 /// shared cache line, no lost update. Source hash and Maglev take the hash. Least connection
@@ -132,7 +132,7 @@ const COUNTED: u32 = 1 << 8;
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn choose_slot(
-    service_id: u32,
+    table_offset: u32,
     algorithm: u32,
     count: u32,
     cursor: u32,
@@ -153,27 +153,27 @@ pub extern "C" fn choose_slot(
         return start + 1;
     }
     // One word for the loop to keep, not two.
-    let frontend = u64::from(algorithm) << 32 | u64::from(service_id);
+    let frontend = u64::from(algorithm) << 32 | u64::from(table_offset);
     least_loaded(count, start, |slot| {
         Some(slot_overhead(frontend, slot)).filter(|&overhead| overhead != NO_BACKEND)
     })
     .unwrap_or(0)
 }
 
-/// The backend id in slot `slot` of frontend `service_id` of `algorithm`: of a Maglev
-/// frontend, position `slot - 1` of its table, from `maglev_offset` in `lb_maglev`; else its
-/// slot in `lb_slots`. 0 for none.
+/// The backend id in slot `slot` of frontend `service_id` of `algorithm`: of a Maglev or
+/// least-connection family frontend, position `slot - 1` of its table, from `table_offset` in
+/// `lb_slot_tables`; else its slot in `lb_slots`. 0 for none.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn slot_backend(
     service_id: u32,
     algorithm: u32,
-    maglev_offset: u32,
+    table_offset: u32,
     slot: u32,
 ) -> u32 {
-    let found = if algorithm == u32::from(ALGORITHM_MAGLEV) {
-        slot.checked_sub(1)
-            .and_then(|position| maps::maglev_position(maglev_offset.wrapping_add(position)))
+    let algorithm = algorithm as u8;
+    let found = if algorithm == ALGORITHM_MAGLEV || counts_flows(algorithm) {
+        table_slot(table_offset, slot)
     } else {
         maps::slot(service_id, slot)
     };
@@ -183,13 +183,19 @@ pub extern "C" fn slot_backend(
 /// What [`slot_overhead`] gives for a slot without a backend.
 const NO_BACKEND: u64 = u64::MAX;
 
-/// The overhead of the backend in slot `slot` of `frontend`, its algorithm above its service
-/// id, under that algorithm ([`BackendLoad::overhead`](lb_common::maps::BackendLoad::overhead)),
+/// The overhead of the backend in slot `slot` of `frontend`, its algorithm above its table's
+/// offset, under that algorithm ([`BackendLoad::overhead`](lb_common::maps::BackendLoad::overhead)),
 /// or [`NO_BACKEND`].
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn slot_overhead(frontend: u64, slot: u32) -> u64 {
-    maps::slot(frontend as u32, slot)
+    table_slot(frontend as u32, slot)
         .and_then(maps::backend_load)
         .map_or(NO_BACKEND, |load| load.overhead((frontend >> 32) as u8))
+}
+
+/// The backend id in slot `slot`, from 1, of the table at `table_offset`.
+#[inline(always)]
+fn table_slot(table_offset: u32, slot: u32) -> Option<u32> {
+    maps::table_position(table_offset.wrapping_add(slot.checked_sub(1)?))
 }

@@ -162,7 +162,7 @@ struct NodeArgs {
     scheduler: model::Algorithm,
     /// The positions of each Maglev table (`mh`), a prime, the same on every node: a client's
     /// new connections reach one backend through any of them. Each position is 4 bytes of
-    /// `lb_maglev_v1` (16,777,216 positions): larger tables move fewer clients when a backend
+    /// `lb_slot_tables_v1` (16,777,216 positions): larger tables move fewer clients when a backend
     /// comes or goes, smaller ones leave room for more Maglev frontends.
     #[arg(long, default_value_t = model::DEFAULT_MAGLEV_TABLE_SIZE, value_parser = parse_table_size)]
     maglev_table_size: u32,

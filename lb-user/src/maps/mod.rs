@@ -4,9 +4,9 @@
 
 mod layout;
 mod loads;
-mod maglev;
 mod mapped;
 pub mod memory;
+mod tables;
 
 use std::{
     collections::BTreeMap,
@@ -24,12 +24,13 @@ use aya::{
 use lb_common::maps::{
     BACKEND_LOADS, BACKENDS, BACKENDS6, Backend, BackendLoad, CLOCK, CONFIG, CONNECTED, CONNECTED6,
     Clock, Config, Connected, EPOCH, Epoch, FLOW_COUNTED, FLOWS, FLOWS6, FRONTEND_STATS, FRONTENDS,
-    FRONTENDS6, Flow, FlowKey, Frontend, FrontendKey, FrontendStats, Ipv6Be, MAGLEV, MAX_CONNECTED,
-    MAX_FLOWS, REPLIES, REPLIES6, Reply, SINGLE_ENTRY, SLOTS, SOURCE_RANGES, SOURCE_RANGES6,
-    STATE_CLOSING, STATS, Slot, SlotKey, SourceRange, SourceRangeKey, Stats, VIPS, VIPS6, Vip,
+    FRONTENDS6, Flow, FlowKey, Frontend, FrontendKey, FrontendStats, Ipv6Be, MAX_CONNECTED,
+    MAX_FLOWS, REPLIES, REPLIES6, Reply, SINGLE_ENTRY, SLOT_TABLES, SLOTS, SOURCE_RANGES,
+    SOURCE_RANGES6, STATE_CLOSING, STATS, Slot, SlotKey, SourceRange, SourceRangeKey, Stats, VIPS,
+    VIPS6, Vip,
 };
 pub use loads::BackendLoads;
-use maglev::MaglevTables;
+use tables::SlotTables;
 
 use self::layout::{Address, ByFamily};
 use crate::{
@@ -135,7 +136,7 @@ pub struct KernelMaps {
     stats: PerCpuArray<MapData, Stats>,
     frontend_stats: PerCpuArray<MapData, FrontendStats>,
     loads: BackendLoads,
-    maglev: MaglevTables,
+    maglev: SlotTables,
 }
 
 impl KernelMaps {
@@ -182,7 +183,7 @@ impl KernelMaps {
             stats: typed(STATS, map(STATS)?)?,
             frontend_stats: typed(FRONTEND_STATS, map(FRONTEND_STATS)?)?,
             loads: BackendLoads::map(map(BACKEND_LOADS)?)?,
-            maglev: MaglevTables::map(map(MAGLEV)?)?,
+            maglev: SlotTables::map(map(SLOT_TABLES)?)?,
         })
     }
 
@@ -232,9 +233,9 @@ impl KernelMaps {
                 let count = usize::from(frontend.backend_count);
                 let table = self
                     .maglev
-                    .read(frontend.maglev_offset, count)
-                    .ok_or(Error::Layout(MAGLEV))?;
-                entries.tables.insert(frontend.maglev_offset, table.into());
+                    .read(frontend.table_offset, count)
+                    .ok_or(Error::Layout(SLOT_TABLES))?;
+                entries.tables.insert(frontend.table_offset, table.into());
             }
         }
         Ok(entries)
@@ -412,7 +413,7 @@ impl MapWrites for KernelMaps {
                 return match self.maglev.write(*offset, table) {
                     Some(_) => Ok(()),
                     None => Err(WriteError {
-                        map: MAGLEV,
+                        map: SLOT_TABLES,
                         cause: format!(
                             "positions {offset} to {} are past the map's end",
                             u64::from(*offset) + table.len() as u64

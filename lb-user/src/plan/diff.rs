@@ -1,6 +1,6 @@
 //! The operations that turn one [`MapEntries`] into another, ordered so that the datapath never
 //! reads a slot past a frontend's count or a backend id that is not written yet: backends, then
-//! slots and Maglev tables, then source ranges, then frontends, then service addresses (which drop ports without
+//! slots and tables of slots, then source ranges, then frontends, then service addresses (which drop ports without
 //! a frontend); removals the other way round. A frontend's source ranges go in before its
 //! catch-all and out after it, so that no source is refused that either state allows.
 
@@ -11,7 +11,7 @@ use std::{
 };
 
 use lb_common::maps::{
-    BACKENDS, BACKENDS6, FRONTENDS, FRONTENDS6, Frontend, MAGLEV, SLOTS, SOURCE_RANGES,
+    BACKENDS, BACKENDS6, FRONTENDS, FRONTENDS6, Frontend, SLOT_TABLES, SLOTS, SOURCE_RANGES,
     SOURCE_RANGES6, Slot, SlotKey, SourceRange, VIPS, VIPS6, Vip,
 };
 
@@ -22,7 +22,7 @@ use crate::model::Family;
 pub enum Op {
     PutBackend(u32, Backend),
     PutSlot(SlotKey, Slot),
-    /// A Maglev table: its first position in `MAGLEV`, and the backend id of each position.
+    /// A table of slots: its first position in `SLOT_TABLES`, and the backend id of each.
     PutTable(u32, Arc<[u32]>),
     PutSourceRange(RangeKey, SourceRange),
     PutFrontend(FrontendKey, Frontend),
@@ -31,7 +31,7 @@ pub enum Op {
     DeleteFrontend(FrontendKey),
     DeleteSourceRange(RangeKey),
     DeleteSlot(SlotKey),
-    /// A Maglev table no frontend reads any more, by its first position.
+    /// A table no frontend reads any more, by its first position.
     DeleteTable(u32),
     /// A backend id, of the family whose map holds it.
     DeleteBackend(u32, Family),
@@ -46,7 +46,7 @@ impl Op {
             Self::DeleteBackend(_, Family::V4) => BACKENDS,
             Self::DeleteBackend(_, Family::V6) => BACKENDS6,
             Self::PutSlot(..) | Self::DeleteSlot(_) => SLOTS,
-            Self::PutTable(..) | Self::DeleteTable(_) => MAGLEV,
+            Self::PutTable(..) | Self::DeleteTable(_) => SLOT_TABLES,
             Self::PutFrontend(key, _) | Self::DeleteFrontend(key) => {
                 by_family(&key.address, FRONTENDS, FRONTENDS6)
             }
@@ -63,7 +63,7 @@ impl Op {
 pub struct Touched {
     pub frontends: BTreeSet<FrontendKey>,
     pub slots: BTreeSet<SlotKey>,
-    /// Maglev tables, by first position.
+    /// Tables of slots, by first position.
     pub tables: BTreeSet<u32>,
     pub backends: BTreeSet<u32>,
     pub vips: BTreeSet<IpAddr>,

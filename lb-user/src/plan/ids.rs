@@ -1,10 +1,10 @@
-//! Ids that name services and backends in the maps, and where each Maglev frontend's table
+//! Ids that name services and backends in the maps, and where each table of slots
 //! lies in `lb_maglev`. They stay the same for the same frontend or backend across syncs, so a
 //! sync rewrites only what changed.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::maps::{MAX_MAGLEV_POSITIONS, MAX_SERVICES};
+use lb_common::maps::{MAX_SERVICES, MAX_TABLE_POSITIONS};
 
 use super::{Backend, FrontendKey, MapEntries};
 
@@ -21,7 +21,8 @@ pub struct Ids {
     /// Backends whose last name went in this sync: released at its end unless named again.
     unnamed: Vec<Backend>,
     last_backend_id: u32,
-    /// Each Maglev frontend's table: its first position and its size.
+    /// Each table of slots (a Maglev or least-connection frontend's): its first position and
+    /// its size.
     tables: BTreeMap<FrontendKey, (u32, u32)>,
     /// The positions taken, by first position to the end: `tables`', and those released in
     /// this sync.
@@ -49,7 +50,7 @@ impl Ids {
             .frontends
             .iter()
             .filter(|(_, f)| super::has_table(f))
-            .map(|(&key, f)| (key, (f.maglev_offset, u32::from(f.backend_count))))
+            .map(|(&key, f)| (key, (f.table_offset, u32::from(f.backend_count))))
             .collect();
         Self {
             taken_positions: tables
@@ -115,7 +116,7 @@ impl Ids {
         }
     }
 
-    /// The first position of Maglev frontend `key`'s table of `size` positions: the one it
+    /// The first position of frontend `key`'s table of `size` slots: the one it
     /// has if of that size, or else the first free ones. Positions released in this sync are not
     /// handed out again in it, so a frontend never reads another's table. None when the map has
     /// no room.
@@ -135,7 +136,7 @@ impl Ids {
             }
             at = at.max(end);
         }
-        if at.checked_add(size)? > MAX_MAGLEV_POSITIONS {
+        if at.checked_add(size)? > MAX_TABLE_POSITIONS {
             return None;
         }
         if at == self.positions_free_from {
@@ -147,7 +148,7 @@ impl Ids {
     }
 
     /// Ends a sync: releases the service ids of the frontends `kept` rejects, the tables of the
-    /// Maglev frontends `table_kept` does not name at their first position, and the ids of the
+    /// frontends `table_kept` does not name at their first position, and the ids of the
     /// backends nothing names; returns the latter.
     pub fn end_sync(
         &mut self,
@@ -306,7 +307,7 @@ mod tests {
             "past the last table: 2 free are too few"
         );
         assert_eq!(ids.table(key(6), 70_000), Some(37));
-        assert_eq!(ids.table(key(7), MAX_MAGLEV_POSITIONS), None, "no room");
+        assert_eq!(ids.table(key(7), MAX_TABLE_POSITIONS), None, "no room");
     }
 
     #[test]

@@ -17,8 +17,8 @@ pub use ids::Ids;
 use lb_common::maps::{
     ALGORITHM_LEAST_CONNECTION, ALGORITHM_MAGLEV, ALGORITHM_NEVER_QUEUE, ALGORITHM_ROUND_ROBIN,
     ALGORITHM_SHORTEST_EXPECTED_DELAY, ALGORITHM_SOURCE_HASH, BACKEND_LOCAL, BackendLoad,
-    FRONTEND_REJECT_WHEN_EMPTY, FRONTEND_SOURCE_RANGES, Frontend, MAGLEV, MAX_MAGLEV_POSITIONS,
-    MAX_SLOTS, MAX_SOURCE_RANGES, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, Slot,
+    FRONTEND_REJECT_WHEN_EMPTY, FRONTEND_SOURCE_RANGES, Frontend, MAX_SLOTS, MAX_SOURCE_RANGES,
+    MAX_TABLE_POSITIONS, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SLOT_TABLES, Slot,
     SlotKey, SourceRange, Vip, counts_flows,
 };
 
@@ -31,8 +31,8 @@ use crate::model::{self, Algorithm, Family, FrontendKind, Protocol, Scope, Skipp
 pub struct MapEntries {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
     pub slots: BTreeMap<SlotKey, Slot>,
-    /// The Maglev frontends' tables (`lb_maglev`), by first position: each position's
-    /// backend id.
+    /// The tables of the frontends whose slots are one ([`has_table`]) in `lb_slot_tables`,
+    /// by first position: each position's backend id.
     pub tables: BTreeMap<u32, Arc<[u32]>>,
     pub backends: BTreeMap<u32, Backend>,
     /// Every frontend address.
@@ -200,7 +200,7 @@ impl Planner {
         let table_kept = |key: &FrontendKey, offset| {
             frontends
                 .get(key)
-                .is_some_and(|f| has_table(f) && f.maglev_offset == offset)
+                .is_some_and(|f| has_table(f) && f.table_offset == offset)
         };
         for id in self
             .ids
@@ -253,8 +253,8 @@ impl Planner {
         };
         touched.frontends.insert(key);
         if has_table(&frontend) {
-            self.desired.tables.remove(&frontend.maglev_offset);
-            touched.tables.insert(frontend.maglev_offset);
+            self.desired.tables.remove(&frontend.table_offset);
+            touched.tables.insert(frontend.table_offset);
         } else {
             for slot in 1..=u32::from(frontend.backend_count) {
                 let slot_key = SlotKey {
@@ -355,8 +355,13 @@ impl Planner {
         // Closed, and the others go on: a full map would stop every write after the first
         // that does not fit. Room for as many again is kept, as a sync puts a new frontend's
         // slots before it deletes those of one that went.
+        // Maglev's and the least-connection family's slots are a table in `lb_slot_tables`: an
+        // array read a slot, where the slot map's is a hash lookup, which a scan of the
+        // backends' loads makes for each backend.
+        let in_table =
+            slots != 0 && (table_size.is_some() || counts_flows(algorithm(frontend.algorithm)));
         let taken = self.desired.slots.len();
-        if table_size.is_none() && taken + 2 * slots > MAX_SLOTS as usize {
+        if !in_table && taken + 2 * slots > MAX_SLOTS as usize {
             return skip(format!(
                 "{name}: its {slots} slots do not fit the slot map ({MAX_SLOTS} entries, {taken} \
                  taken): not programmed"
@@ -365,19 +370,20 @@ impl Planner {
         let Some(service_id) = self.ids.service(key) else {
             return skip(format!("{name}: the frontend map is full"));
         };
-        let maglev_offset = match table_size {
-            Some(size) => match self.ids.table(key, size) {
-                Some(offset) => offset,
-                None => {
-                    return skip(format!(
-                        "{name}: its Maglev table of {size} positions does not fit {MAGLEV} \
-                         ({MAX_MAGLEV_POSITIONS} positions, the tables of this sync's frontends \
-                         and of those it removes taken): not programmed; a smaller \
-                         --maglev-table-size leaves room for more Maglev frontends"
-                    ));
-                }
-            },
-            None => 0,
+        let table_offset = if in_table {
+            // `slots` fits a u16.
+            let size = slots as u32;
+            let Some(offset) = self.ids.table(key, size) else {
+                return skip(format!(
+                    "{name}: its table of {size} slots does not fit {SLOT_TABLES} \
+                     ({MAX_TABLE_POSITIONS} positions, the tables of this sync's frontends and \
+                     of those it removes taken): not programmed; a smaller \
+                     --maglev-table-size leaves room for more Maglev frontends"
+                ));
+            };
+            offset
+        } else {
+            0
         };
         let named: Vec<(SocketAddr, u32)> = frontend
             .backends
@@ -387,10 +393,13 @@ impl Planner {
                 (SocketAddr::new(backend.address, backend.port), id)
             })
             .collect();
-        if let Some(size) = table_size {
-            let table = maglev::table(&named, size);
-            self.desired.tables.insert(maglev_offset, table.into());
-            touched.tables.insert(maglev_offset);
+        if in_table {
+            let table = match table_size {
+                Some(size) => maglev::table(&named, size),
+                None => named.iter().map(|&(_, id)| id).collect(),
+            };
+            self.desired.tables.insert(table_offset, table.into());
+            touched.tables.insert(table_offset);
         } else {
             for (slot, &(_, backend_id)) in (1..).zip(&named) {
                 let slot_key = SlotKey { service_id, slot };
@@ -428,7 +437,7 @@ impl Planner {
                 flags,
                 affinity_timeout_s: frontend.affinity_timeout.unwrap_or(0),
                 affinity_id: 0,
-                maglev_offset,
+                table_offset,
             },
         );
         touched.frontends.insert(key);
@@ -450,9 +459,11 @@ impl Planner {
     }
 }
 
-/// Whether `frontend` has a table in `lb_maglev`: a Maglev frontend's, once it has backends.
+/// Whether `frontend`'s slots are a table in `lb_slot_tables` ([`Frontend::table_offset`]):
+/// a Maglev or least-connection family frontend's, once it has backends.
 pub fn has_table(frontend: &Frontend) -> bool {
-    frontend.algorithm == ALGORITHM_MAGLEV && frontend.backend_count != 0
+    frontend.backend_count != 0
+        && (frontend.algorithm == ALGORITHM_MAGLEV || counts_flows(frontend.algorithm))
 }
 
 /// The map key of a frontend.
@@ -533,7 +544,7 @@ impl MapEntries {
                 seconds => format!(" AFFINITY={seconds}s KEY={}", fe.affinity_id),
             };
             let table = if has_table(fe) {
-                format!(" TABLE={}", fe.maglev_offset)
+                format!(" TABLE={}", fe.table_offset)
             } else {
                 String::new()
             };
@@ -644,13 +655,27 @@ impl MapEntries {
                 "{protocol:<4} {address:<24} {scope:<8} {scheduler:<12} {}",
                 flags.join(",")
             );
-            let lines =
-                (1..=u32::from(fe.backend_count)).map(|slot| self.slot_line(fe.service_id, slot));
+            // The backend id of each slot, 0 for one missing.
+            let ids: Vec<u32> = if has_table(fe) {
+                self.tables
+                    .get(&fe.table_offset)
+                    .map(|t| t.to_vec())
+                    .unwrap_or_default()
+            } else {
+                (1..=u32::from(fe.backend_count))
+                    .map(|slot| {
+                        let key = SlotKey {
+                            service_id: fe.service_id,
+                            slot,
+                        };
+                        self.slots.get(&key).map_or(0, |s| s.backend_id)
+                    })
+                    .collect()
+            };
             if fe.algorithm == ALGORITHM_MAGLEV {
                 // A table of thousands of positions: each backend once, with its share.
                 let mut shares: BTreeMap<String, u32> = BTreeMap::new();
-                let table = self.tables.get(&fe.maglev_offset).filter(|_| has_table(fe));
-                for &id in table.iter().flat_map(|t| t.iter()) {
+                for &id in &ids {
                     *shares.entry(self.backend_line(id)).or_default() += 1;
                 }
                 for (line, positions) in shares {
@@ -661,44 +686,29 @@ impl MapEntries {
                     );
                 }
             } else if counts_flows(fe.algorithm) {
-                for slot in 1..=u32::from(fe.backend_count) {
-                    let load = self
-                        .slots
-                        .get(&SlotKey {
-                            service_id: fe.service_id,
-                            slot,
-                        })
-                        .and_then(|s| loads.get(&s.backend_id))
-                        .copied()
-                        .unwrap_or_default();
+                for id in ids {
+                    let load = loads.get(&id).copied().unwrap_or_default();
                     let _ = writeln!(
                         out,
                         "  -> {:<34} {:>10} {:>9}",
-                        self.slot_line(fe.service_id, slot),
+                        self.backend_line(id),
                         load.active.max(0),
                         load.inactive.max(0)
                     );
                 }
             } else {
-                for line in lines {
-                    let _ = writeln!(out, "  -> {line}");
+                for id in ids {
+                    let _ = writeln!(out, "  -> {}", self.backend_line(id));
                 }
             }
         }
         out
     }
 
-    /// What slot `slot` of frontend `service_id` names, as [`MapEntries::table`] lists it.
-    fn slot_line(&self, service_id: u32, slot: u32) -> String {
-        self.slots.get(&SlotKey { service_id, slot }).map_or_else(
-            || "(slot missing)".to_string(),
-            |s| self.backend_line(s.backend_id),
-        )
-    }
-
     /// Backend `id`, as [`MapEntries::table`] lists it.
     fn backend_line(&self, id: u32) -> String {
         match self.backends.get(&id) {
+            None if id == 0 => "(slot missing)".to_string(),
             None => format!("(backend {id} missing)"),
             Some(be) => {
                 let local = if be.flags & BACKEND_LOCAL != 0 {
@@ -848,7 +858,7 @@ mod tests {
                 flags: FRONTEND_REJECT_WHEN_EMPTY,
                 affinity_timeout_s: 0,
                 affinity_id: 0,
-                maglev_offset: 0,
+                table_offset: 0,
             }
         );
         assert_eq!(
@@ -893,7 +903,7 @@ mod tests {
             .map(|(id, (ip, port))| (SocketAddr::from((ip, port)), id))
             .collect();
         assert!(before.slots.is_empty(), "{:?}", before.slots);
-        let table = &before.tables[&frontend.maglev_offset];
+        let table = &before.tables[&frontend.table_offset];
         assert_eq!(**table, *maglev::table(&named, 7));
         // .12 goes: the table is written again where it is (the map's writer stores only the
         // positions that differ), and the frontend, which still names it, is not; then .12.
@@ -902,7 +912,7 @@ mod tests {
         assert_eq!(
             diff(&before, &after),
             [
-                Op::PutTable(frontend.maglev_offset, maglev::table(&two, 7).into()),
+                Op::PutTable(frontend.table_offset, maglev::table(&two, 7).into()),
                 Op::DeleteBackend(2, Family::V4)
             ]
         );
@@ -951,7 +961,7 @@ mod tests {
         assert_eq!(entries.frontends.len(), 256);
         assert_eq!(skipped.len(), 4);
         assert!(
-            skipped[0].reason.contains("does not fit lb_maglev_v1"),
+            skipped[0].reason.contains("does not fit lb_slot_tables_v1"),
             "{skipped:?}"
         );
         let mut offsets: Vec<u32> = entries.tables.keys().copied().collect();

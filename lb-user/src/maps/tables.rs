@@ -1,31 +1,31 @@
-//! The Maglev tables ([`MAGLEV`]), mapped into the agent's memory: a table is written in
+//! The slot tables ([`SLOT_TABLES`]), mapped into the agent's memory: a table is written in
 //! place, only the positions whose backend changes, as Katran writes only the changed
 //! positions of a ring; the datapath reads each position as one word, old or new.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use aya::maps::Map;
-use lb_common::maps::{MAGLEV, MAGLEV_BLOCK, MAX_MAGLEV_POSITIONS, MaglevBlock};
+use lb_common::maps::{MAX_TABLE_POSITIONS, SLOT_TABLES, SlotBlock, TABLE_BLOCK};
 
 use super::{Result, mapped::MappedArray};
 
-/// [`MAGLEV`], mapped: its blocks lie one after another, so its positions are one array.
-pub struct MaglevTables(MappedArray<MaglevBlock>);
+/// [`SLOT_TABLES`], mapped: its blocks lie one after another, so its positions are one array.
+pub struct SlotTables(MappedArray<SlotBlock>);
 
-impl MaglevTables {
-    /// Maps `map`, which must be [`MAGLEV`] as this build defines it.
+impl SlotTables {
+    /// Maps `map`, which must be [`SLOT_TABLES`] as this build defines it.
     pub fn map(map: Map) -> Result<Self> {
-        MappedArray::map(map, MAGLEV, MAX_MAGLEV_POSITIONS / MAGLEV_BLOCK).map(Self)
+        MappedArray::map(map, SLOT_TABLES, MAX_TABLE_POSITIONS / TABLE_BLOCK).map(Self)
     }
 
     /// The `count` positions from `offset`, if the map has them all.
     fn positions(&self, offset: u32, count: usize) -> Option<&[AtomicU32]> {
         let end = offset.checked_add(u32::try_from(count).ok()?)?;
-        if count == 0 || end > self.0.len() * MAGLEV_BLOCK {
+        if count == 0 || end > self.0.len() * TABLE_BLOCK {
             return None;
         }
         let first = self.0.at(0)?.as_ptr().cast::<AtomicU32>();
-        // SAFETY: the mapping holds `len` blocks of MAGLEV_BLOCK u32 each, without padding (64
+        // SAFETY: the mapping holds `len` blocks of TABLE_BLOCK u32 each, without padding (64
         // bytes, a multiple of the kernel's 8-byte stride), so the `count` positions from
         // `offset` lie in it (checked above), as long as `self`; each is an aligned u32, which
         // this agent stores whole and the datapath only reads.
