@@ -249,6 +249,9 @@ pub const FRONTEND_REJECT_WHEN_EMPTY: u8 = 1;
 /// ranges leave out is dropped. As kube-proxy's firewall (`ct state new` only), a flow that
 /// began before the ranges narrowed goes on.
 pub const FRONTEND_SOURCE_RANGES: u8 = 2;
+/// [`Frontend::flags`]: source hash and Maglev hash the client's port with its address (IPVS's
+/// `sh-port` and `mh-port`): with the frontend's own address, port and protocol, the 5-tuple.
+pub const FRONTEND_HASH_PORT: u8 = 4;
 
 /// [`Backend::flags`]: the backend runs on this node. A flow from outside the node to a backend
 /// elsewhere is SNATed to the node's address, so that its replies come back through it.

@@ -2,8 +2,8 @@
 //! frontend -> slot (a Maglev frontend's: a position of its table) -> backend id -> backend.
 
 use lb_common::maps::{
-    ALGORITHM_MAGLEV, ALGORITHM_ROUND_ROBIN, Affinity, AffinityKey, Backend, FlowKey, Frontend,
-    counts_flows, least_loaded,
+    ALGORITHM_MAGLEV, ALGORITHM_ROUND_ROBIN, Affinity, AffinityKey, Backend, FRONTEND_HASH_PORT,
+    FlowKey, Frontend, counts_flows, least_loaded,
 };
 
 use crate::{family::Family, hash::mix32, maps};
@@ -98,7 +98,7 @@ fn pick<A: Family>(
         u32::from(frontend.algorithm) | if counted { COUNTED } else { 0 },
         u32::from(frontend.backend_count),
         cursor,
-        mix32(key.src_addr_be.folded()),
+        source_hash(frontend, key),
     );
     // Slot 0 and backend id 0 are never used: none chosen.
     let slot = Some(slot).filter(|&slot| slot != 0)?;
@@ -110,6 +110,17 @@ fn pick<A: Family>(
     );
     let backend = maps::backend(Some(backend_id).filter(|&id| id != 0)?)?;
     Some((slot, backend_id, backend))
+}
+
+/// The hash of the client that source hash and Maglev pick by: of its address (the words of an
+/// IPv6 one folded into one by exclusive or), and with [`FRONTEND_HASH_PORT`] of its port too,
+/// as it lies in the packet, by exclusive or before the mix.
+#[inline(always)]
+fn source_hash<A: Family>(frontend: &Frontend, key: &FlowKey<A>) -> u32 {
+    // Without a branch: the flag's bit becomes a mask of the port.
+    let with_port = u32::from(frontend.flags & FRONTEND_HASH_PORT != 0);
+    let port = u32::from(key.src_port_be) & 0u32.wrapping_sub(with_port);
+    mix32(key.src_addr_be.folded() ^ port)
 }
 
 /// In [`choose_slot`]'s `algorithm`: the flow is counted in its backend's load.

@@ -400,6 +400,7 @@ fn frontend<A: Into<IpAddr> + Copy>(
         protocol,
         algorithm: Algorithm::RoundRobin,
         maglev_table_size: None,
+        hash_port: false,
         affinity_timeout: None,
         when_empty: WhenEmpty::Reject,
         rule: "ready endpoints".into(),
@@ -457,6 +458,13 @@ fn maglev(frontend: Arc<model::Frontend>) -> Arc<model::Frontend> {
     Arc::new(frontend)
 }
 
+/// `frontend` with the client's port in its hash (`mh-port`, `sh-port`).
+fn port_hashed(frontend: Arc<model::Frontend>) -> Arc<model::Frontend> {
+    let mut frontend = Arc::unwrap_or_clone(frontend);
+    frontend.hash_port = true;
+    Arc::new(frontend)
+}
+
 /// `frontend` balanced by `scheduler`.
 fn scheduled(scheduler: Algorithm, frontend: Arc<model::Frontend>) -> Arc<model::Frontend> {
     let mut frontend = Arc::unwrap_or_clone(frontend);
@@ -483,16 +491,23 @@ fn dropping(frontend: Arc<model::Frontend>) -> Arc<model::Frontend> {
 /// `lb-ebpf/src/hash.rs` names; written here from murmur3's definition, so that a change to the
 /// datapath's hash shows.
 fn hashed_backend(client: Ipv4Addr) -> Ipv4Addr {
-    PAIR[(fmix32(client.into()) % 2) as usize].0
+    PAIR[(fmix32(client.into(), 0) % 2) as usize].0
 }
 
 /// The backend of [`PAIR`] that Maglev gives `client`: the position [`fmix32`] picks in the
 /// Maglev table of [`PAIR`] (`lb_user::plan::maglev`, tested on its own) of
 /// [`MAGLEV_TABLE_SIZE`] positions.
 fn maglev_backend(client: Ipv4Addr) -> Ipv4Addr {
+    maglev_port_backend(client, 0)
+}
+
+/// The backend of [`PAIR`] that Maglev with `mh-port` gives `client` from source port `port`:
+/// as [`maglev_backend`], the port in the hash.
+fn maglev_port_backend(client: Ipv4Addr, port: u16) -> Ipv4Addr {
     maglev_pick(
         PAIR.map(|(ip, port)| (SocketAddr::from((ip, port)), ip)),
         client.into(),
+        port,
     )
 }
 
@@ -501,22 +516,25 @@ fn maglev_backend6(client: Ipv6Addr) -> Ipv6Addr {
     maglev_pick(
         PAIR.map(|(ip, port)| (SocketAddr::from((v6(ip), port)), v6(ip))),
         client.into(),
+        0,
     )
 }
 
-fn maglev_pick<A: Copy>(named: [(SocketAddr, A); 2], client: IpAddr) -> A {
+fn maglev_pick<A: Copy>(named: [(SocketAddr, A); 2], client: IpAddr, port: u16) -> A {
     let table = plan::maglev::table(&named, MAGLEV_TABLE_SIZE);
-    table[(fmix32(client) % MAGLEV_TABLE_SIZE) as usize]
+    table[(fmix32(client, port) % MAGLEV_TABLE_SIZE) as usize]
 }
 
 /// murmur3's 32-bit finaliser of the address as it lies in the packet, an IPv6 one's four
-/// words folded into one by exclusive or.
-fn fmix32(client: IpAddr) -> u32 {
+/// words folded into one by exclusive or, and that by exclusive or with `port`'s two bytes as
+/// they lie in the packet (0: without the port).
+fn fmix32(client: IpAddr, port: u16) -> u32 {
     let word = |bytes: &[u8]| u32::from_ne_bytes(bytes.try_into().expect("4 bytes"));
-    let mut h = match client {
+    let address = match client {
         IpAddr::V4(ip) => word(&ip.octets()),
         IpAddr::V6(ip) => ip.octets().chunks(4).map(word).fold(0, |a, w| a ^ w),
     };
+    let mut h = address ^ u32::from(u16::from_ne_bytes(port.to_be_bytes()));
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
@@ -666,6 +684,14 @@ fn programme() -> Vec<Arc<model::Frontend>> {
             Scope::Internal,
             &PAIR,
         )),
+        port_hashed(maglev(frontend(
+            "maglev",
+            MAGLEV_IP,
+            81,
+            Protocol::Tcp,
+            Scope::Internal,
+            &PAIR,
+        ))),
         scheduled(
             Algorithm::LeastConnection,
             frontend("least", LEAST_IP, 80, Protocol::Tcp, Scope::Internal, &PAIR),
@@ -1774,6 +1800,66 @@ fn rows() -> Vec<Row> {
                 ANOTHER_CLIENT,
                 maglev_backend(ANOTHER_CLIENT),
                 43101,
+                8080,
+            )),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "Maglev with mh-port: the client's port in the hash (43300)",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, CLIENT, MAGLEV_IP, 43300, 81),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet(
+                TCP_SYN,
+                CLIENT,
+                maglev_port_backend(CLIENT, 43300),
+                43300,
+                8080,
+            )),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "Maglev with mh-port: the client's port in the hash (43301)",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, CLIENT, MAGLEV_IP, 43301, 81),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet(
+                TCP_SYN,
+                CLIENT,
+                maglev_port_backend(CLIENT, 43301),
+                43301,
+                8080,
+            )),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "Maglev with mh-port: the client's port in the hash (43302)",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, CLIENT, MAGLEV_IP, 43302, 81),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet(
+                TCP_SYN,
+                CLIENT,
+                maglev_port_backend(CLIENT, 43302),
+                43302,
+                8080,
+            )),
+            counts: &["new_flows"],
+            before: None,
+        },
+        Row {
+            what: "Maglev with mh-port: the client's port in the hash (43303)",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, CLIENT, MAGLEV_IP, 43303, 81),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet(
+                TCP_SYN,
+                CLIENT,
+                maglev_port_backend(CLIENT, 43303),
+                43303,
                 8080,
             )),
             counts: &["new_flows"],

@@ -604,6 +604,7 @@ fn service(i: u32, family: Family) -> model::Frontend {
         protocol: Protocol::Tcp,
         algorithm: Algorithm::RoundRobin,
         maglev_table_size: None,
+        hash_port: false,
         affinity_timeout: None,
         when_empty: WhenEmpty::Reject,
         rule: "ready endpoints".into(),

@@ -18,8 +18,8 @@ use k8s_openapi::{
 
 use super::{
     ALGORITHM_ANNOTATION, Algorithm, Cluster, Endpoint, EndpointPort, EndpointSlice, Family, Node,
-    Protocol, SCHEDULER_ANNOTATION, Service, ServiceKind, ServicePort, Skipped, SourceRange,
-    SourceRanges, TOPOLOGY_KEYS_ANNOTATION, TargetPort, TrafficPolicy,
+    Protocol, SCHEDULER_ANNOTATION, SCHEDULER_FLAGS_ANNOTATION, Service, ServiceKind, ServicePort,
+    Skipped, SourceRange, SourceRanges, TOPOLOGY_KEYS_ANNOTATION, TargetPort, TrafficPolicy,
 };
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -339,6 +339,7 @@ fn service(svc: &core::Service, skipped: &mut Vec<Skipped>) -> Option<Service> {
         load_balancer_ips,
         ports,
         algorithm: scheduler(&svc.metadata, &object, skipped),
+        hash_port: hash_port(&svc.metadata, &object, skipped),
         internal_policy,
         external_policy,
         affinity_timeout,
@@ -363,6 +364,38 @@ fn scheduler(meta: &ObjectMeta, object: &str, skipped: &mut Vec<Skipped>) -> Opt
             skipped.push(Skipped::new(object, field, reason));
         })
         .ok()
+}
+
+/// The schedulers whose hash the Service's [`SCHEDULER_FLAGS_ANNOTATION`] extends to the
+/// client's port. A flag not offered is reported and left out; the others hold.
+fn hash_port(meta: &ObjectMeta, object: &str, skipped: &mut Vec<Skipped>) -> Vec<Algorithm> {
+    let Some(flags) = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SCHEDULER_FLAGS_ANNOTATION))
+    else {
+        return Vec::new();
+    };
+    let mut hashed = Vec::new();
+    for flag in flags.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+        match flag {
+            "sh-port" => hashed.push(Algorithm::SourceHash),
+            "mh-port" => hashed.push(Algorithm::Maglev),
+            other => {
+                let reason = if other.ends_with("-fallback") {
+                    format!(
+                        "{other}: not offered, as no backend of a table is ever without weight \
+                         (one that is not ready is not in it); left out"
+                    )
+                } else {
+                    format!("{other}: no scheduler flag (sh-port, mh-port); left out")
+                };
+                let field = format!("metadata.annotations[{SCHEDULER_FLAGS_ANNOTATION}]");
+                skipped.push(Skipped::new(object, field, reason));
+            }
+        }
+    }
+    hashed
 }
 
 /// `spec.loadBalancerSourceRanges`, each family's ranges. An entry that is no CIDR is reported
@@ -907,6 +940,43 @@ mod tests {
                 skipped
                     .iter()
                     .all(|s| s.reason.ends_with("the node's default scheduler serves it")),
+                "{skipped:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn scheduler_flags_put_the_port_in_the_hash_by_ipvs_s_names_and_report_the_others() {
+        // (flags, schedulers hashing the port, flags reported)
+        let cases: [(&str, &[Algorithm], usize); 6] = [
+            ("", &[], 0),
+            ("mh-port", &[Algorithm::Maglev], 0),
+            ("sh-port", &[Algorithm::SourceHash], 0),
+            (
+                "mh-port, sh-port",
+                &[Algorithm::Maglev, Algorithm::SourceHash],
+                0,
+            ),
+            ("mh-fallback,mh-port", &[Algorithm::Maglev], 1),
+            ("port", &[], 1),
+        ];
+        for (flags, wanted, reported) in cases {
+            let meta = ObjectMeta {
+                annotations: Some(
+                    [(SCHEDULER_FLAGS_ANNOTATION.to_string(), flags.to_string())].into(),
+                ),
+                ..ObjectMeta::default()
+            };
+            let mut skipped = Vec::new();
+            assert_eq!(
+                hash_port(&meta, "Service ns/svc", &mut skipped),
+                wanted,
+                "{flags}"
+            );
+            assert_eq!(skipped.len(), reported, "{flags}: {skipped:?}");
+            assert!(
+                skipped.iter().all(|s| s.object == "Service ns/svc"
+                    && s.field == "metadata.annotations[lb.ebpf.io/scheduler-flags]"),
                 "{skipped:?}"
             );
         }

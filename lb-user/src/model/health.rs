@@ -121,6 +121,7 @@ mod tests {
             load_balancer_ips: vec![],
             ports: vec![port("http", 80), port("https", 443)],
             algorithm: None,
+            hash_port: vec![],
             internal_policy: TrafficPolicy::Cluster,
             external_policy: TrafficPolicy::Local,
             affinity_timeout: None,

@@ -26,6 +26,10 @@ use serde::Serialize;
 /// The annotation that chooses a Service's scheduler, by IPVS's name ([`Algorithm::from_name`]);
 /// without it, the node's default serves the Service (`--scheduler`).
 pub const SCHEDULER_ANNOTATION: &str = "lb.ebpf.io/scheduler";
+/// The annotation that gives a Service's scheduler IPVS's flags, comma-separated: `sh-port` and
+/// `mh-port` hash the client's port with its address under `sh` and `mh`; a flag of a
+/// scheduler the Service does not use is without effect, as in IPVS.
+pub const SCHEDULER_FLAGS_ANNOTATION: &str = "lb.ebpf.io/scheduler-flags";
 /// The annotation that chose it first (`round-robin`, `source-hash`): still read, after
 /// [`SCHEDULER_ANNOTATION`].
 pub const ALGORITHM_ANNOTATION: &str = "lb.ebpf.io/algorithm";
@@ -63,6 +67,9 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// The scheduler its annotation chose; `None`: the node's default ([`NodeConfig::scheduler`]).
     pub algorithm: Option<Algorithm>,
+    /// The schedulers that hash the client's port too ([`SCHEDULER_FLAGS_ANNOTATION`]):
+    /// [`Algorithm::SourceHash`], [`Algorithm::Maglev`].
+    pub hash_port: Vec<Algorithm>,
     pub internal_policy: TrafficPolicy,
     pub external_policy: TrafficPolicy,
     /// `sessionAffinity: ClientIP`, with its timeout in seconds.
@@ -325,6 +332,9 @@ pub struct Frontend {
     /// The Maglev table's size, for a frontend balanced by [`Algorithm::Maglev`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub maglev_table_size: Option<u32>,
+    /// Source hash or Maglev hashes the client's port with its address (`sh-port`, `mh-port`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub hash_port: bool,
     /// `sessionAffinity: ClientIP` timeout, in seconds.
     pub affinity_timeout: Option<u32>,
     /// What a new flow meets when there is no backend.

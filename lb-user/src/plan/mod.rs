@@ -17,9 +17,9 @@ pub use ids::Ids;
 use lb_common::maps::{
     ALGORITHM_LEAST_CONNECTION, ALGORITHM_MAGLEV, ALGORITHM_NEVER_QUEUE, ALGORITHM_ROUND_ROBIN,
     ALGORITHM_SHORTEST_EXPECTED_DELAY, ALGORITHM_SOURCE_HASH, BACKEND_LOCAL, BackendLoad,
-    FRONTEND_REJECT_WHEN_EMPTY, FRONTEND_SOURCE_RANGES, Frontend, MAX_SLOTS, MAX_SOURCE_RANGES,
-    MAX_TABLE_POSITIONS, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SLOT_TABLES, Slot,
-    SlotKey, SourceRange, Vip, counts_flows,
+    FRONTEND_HASH_PORT, FRONTEND_REJECT_WHEN_EMPTY, FRONTEND_SOURCE_RANGES, Frontend, MAX_SLOTS,
+    MAX_SOURCE_RANGES, MAX_TABLE_POSITIONS, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    SLOT_TABLES, Slot, SlotKey, SourceRange, Vip, counts_flows,
 };
 
 use crate::model::{self, Algorithm, Family, FrontendKind, Protocol, Scope, Skipped, WhenEmpty};
@@ -421,6 +421,9 @@ impl Planner {
             WhenEmpty::Reject => FRONTEND_REJECT_WHEN_EMPTY,
             WhenEmpty::Drop => 0,
         };
+        if frontend.hash_port {
+            flags |= FRONTEND_HASH_PORT;
+        }
         if let Some(ranges) = &frontend.source_ranges {
             flags |= FRONTEND_SOURCE_RANGES;
             for (range, value) in range_entries(service_id, key.address, ranges) {
@@ -553,8 +556,13 @@ impl MapEntries {
             } else {
                 ""
             };
+            let hash = if fe.flags & FRONTEND_HASH_PORT != 0 {
+                " HASH=address+port"
+            } else {
+                ""
+            };
             lines.push(format!(
-                "FE: ADDR={} SCOPE={scope} ID={} COUNT={} ALG={}{table} EMPTY={when_empty}{affinity}{sources}",
+                "FE: ADDR={} SCOPE={scope} ID={} COUNT={} ALG={}{table} EMPTY={when_empty}{affinity}{sources}{hash}",
                 endpoint(key.address, key.port, key.protocol),
                 fe.service_id,
                 fe.backend_count,
@@ -645,6 +653,15 @@ impl MapEntries {
             }
             if fe.affinity_timeout_s != 0 {
                 flags.push(format!("persistent {}", fe.affinity_timeout_s));
+            }
+            if fe.flags & FRONTEND_HASH_PORT != 0 {
+                // ipvsadm's names of the flag.
+                let flag = if fe.algorithm == ALGORITHM_MAGLEV {
+                    "mh-port"
+                } else {
+                    "sh-port"
+                };
+                flags.push(flag.to_string());
             }
             let scheduler = scheduler(fe.algorithm).map_or_else(
                 || format!("unknown-{}", fe.algorithm),
@@ -751,6 +768,7 @@ mod tests {
             protocol: Protocol::Tcp,
             algorithm,
             maglev_table_size: (algorithm == Algorithm::Maglev).then_some(7),
+            hash_port: false,
             affinity_timeout: None,
             when_empty: WhenEmpty::Reject,
             rule: "ready endpoints".into(),

@@ -290,6 +290,7 @@ fn family_frontends(
                 algorithm,
                 maglev_table_size: (algorithm == Algorithm::Maglev)
                     .then_some(view.node.maglev_table_size),
+                hash_port: service.hash_port.contains(&algorithm),
                 affinity_timeout: service.affinity_timeout,
                 when_empty: *when_empty,
                 rule: format!("{prefix}{}", selection.rule),

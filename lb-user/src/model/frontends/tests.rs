@@ -30,6 +30,7 @@ fn service() -> Service {
             node_port: None,
         }],
         algorithm: None,
+        hash_port: vec![],
         internal_policy: TrafficPolicy::Cluster,
         external_policy: TrafficPolicy::Cluster,
         affinity_timeout: None,
