@@ -497,6 +497,9 @@ fn measure(
             replier: 0,
             established_port: ESTABLISHED_PORT,
         };
+        // Each run times every case once, in turn: the machine's drift over the runs falls on
+        // every case alike, and their figures compare within one run.
+        let mut cases = Vec::new();
         for xdp in [false, true] {
             for case in Case::ALL {
                 let (Some(program), Some(floor)) =
@@ -505,9 +508,16 @@ fn measure(
                     continue;
                 };
                 let name = format!("{} {} {}", program.type_name(), family.name(), case.name());
-                if !name.contains(&args.only) {
-                    continue;
+                if name.contains(&args.only) {
+                    cases.push((xdp, case, program, floor));
                 }
+            }
+        }
+        let mut spreads = vec![(Vec::new(), Vec::new()); cases.len()];
+        for _ in 0..args.runs {
+            for (&(xdp, case, program, floor), (per_run, floor_per_run)) in
+                cases.iter().zip(&mut spreads)
+            {
                 // Every case starts on flow tables with room, as the agent's GC keeps them on
                 // a node: the GC's own pass, as of a time past every timeout, empties them.
                 maps.expire_flows(u64::MAX)
@@ -524,27 +534,25 @@ fn measure(
                 target.replier = target
                     .backend(family.ends(&out).1.0)
                     .context("the established flow went to no backend")?;
-                let mut per_run = Vec::new();
-                let mut floor_per_run = Vec::new();
-                for _ in 0..args.runs {
-                    let (program_ns, floor_ns) =
-                        time(program, floor, case, &target, fresh, args.packets)?;
-                    fresh += args.packets;
-                    per_run.push(program_ns - floor_ns);
-                    floor_per_run.push(floor_ns);
-                }
-                let ns = Spread::of(per_run);
-                figures.push(Figure {
-                    program: program.type_name(),
-                    family: family.name(),
-                    case: case.name(),
-                    services,
-                    median_ns: ns.median,
-                    min_ns: ns.min,
-                    max_ns: ns.max,
-                    floor_ns: Spread::of(floor_per_run).median,
-                });
+                let (program_ns, floor_ns) =
+                    time(program, floor, case, &target, fresh, args.packets)?;
+                fresh += args.packets;
+                per_run.push(program_ns - floor_ns);
+                floor_per_run.push(floor_ns);
             }
+        }
+        for ((_, case, program, _), (per_run, floor_per_run)) in cases.into_iter().zip(spreads) {
+            let ns = Spread::of(per_run);
+            figures.push(Figure {
+                program: program.type_name(),
+                family: family.name(),
+                case: case.name(),
+                services,
+                median_ns: ns.median,
+                min_ns: ns.min,
+                max_ns: ns.max,
+                floor_ns: Spread::of(floor_per_run).median,
+            });
         }
     }
     Ok(figures)
