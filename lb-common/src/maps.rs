@@ -654,28 +654,45 @@ impl BackendLoad {
 /// of the [`LEAST_LOADED_SCAN`] slots from `start` on (`start` below `count`), the one whose
 /// backend has the least overhead ([`BackendLoad::overhead`]), the first of equals.
 /// `overhead` gives a slot's, or nothing for a slot that is not there (skipped). Returns the
-/// slot, from 1.
+/// slot, from 1, or 0 if none of them was there.
 ///
 /// The best so far is one word, the overhead above the slot's place in the scan: in eBPF the
 /// loop's state then fits the registers a call keeps, and its frame, on the deepest of the
 /// programs' stacks, stays small. Inlined into the datapath's one caller, a function of its own.
 #[inline]
-pub fn least_loaded(
-    count: u32,
-    start: u32,
-    mut overhead: impl FnMut(u32) -> Option<u64>,
-) -> Option<u32> {
+pub fn least_loaded(count: u32, start: u32, mut overhead: impl FnMut(u32) -> Option<u64>) -> u32 {
     const ORDER_BITS: u32 = LEAST_LOADED_SCAN.trailing_zeros();
-    let slot_at = |position: u32| (start + position) % count + 1;
     let mut best = u64::MAX;
     for position in 0..count.min(LEAST_LOADED_SCAN) {
         // No count comes near where the shift would lose bits.
-        let candidate = overhead(slot_at(position)).map_or(u64::MAX, |overhead| {
+        let candidate = overhead(slot_at(start, position, count)).map_or(u64::MAX, |overhead| {
             overhead << ORDER_BITS | u64::from(position)
         });
         best = best.min(candidate);
     }
-    (best != u64::MAX).then(|| slot_at((best & (u64::from(LEAST_LOADED_SCAN) - 1)) as u32))
+    let position = (best & (u64::from(LEAST_LOADED_SCAN) - 1)) as u32;
+    // Whether a slot had a backend (the best lost the top bit, which no overhead reaches), by
+    // arithmetic: a branch on the best, decided where the best is still the start's, would make
+    // the verifier track it exactly through the loop, and leave it paths it cannot prune.
+    let found = ((best >> 63) as u32) ^ 1;
+    slot_at(start, position, count) & 0u32.wrapping_sub(found)
+}
+
+/// Slot `position` of a scan from `start` over `count` slots, from 1, where the last is
+/// followed by the first (`start` below `count`, `position` not past it): by arithmetic, neither
+/// a division (a 64-bit one costs tens of cycles, in the new flow's loop) nor a branch (a
+/// branch, or a slot carried from one turn to the next, leaves the verifier paths it cannot
+/// prune, and takes it past its limit). Slot counts fit a u16, so the difference's top bit is
+/// free to say which side of `count` the slot falls.
+#[expect(
+    clippy::inline_always,
+    reason = "the datapath's hot path: no call in eBPF"
+)]
+#[inline(always)]
+fn slot_at(start: u32, position: u32, count: u32) -> u32 {
+    let slot = start + position + 1;
+    let past_the_last = (count.wrapping_sub(slot) >> 31) & 1;
+    slot - (count & 0u32.wrapping_sub(past_the_last))
 }
 
 /// A frontend's counters, per CPU: the agent sums them for `/metrics`.
@@ -930,7 +947,7 @@ mod tests {
             let got = least_loaded(count, start, |slot| {
                 Some(loads[slot as usize - 1].overhead(algorithm))
             });
-            assert_eq!(got, Some(chosen), "{why}");
+            assert_eq!(got, chosen, "{why}");
         }
     }
 
@@ -938,9 +955,9 @@ mod tests {
     fn least_loaded_skips_missing_slots_and_scans_a_bounded_window() {
         assert_eq!(
             least_loaded(3, 0, |slot| (slot != 1).then_some(u64::from(slot))),
-            Some(2)
+            2
         );
-        assert_eq!(least_loaded(3, 0, |_| None), None);
+        assert_eq!(least_loaded(3, 0, |_| None), 0);
         // 100 backends, the least loaded (slot 100) outside the window from slot 1: the
         // window's best is taken; from a start whose window holds it, it is.
         let mut seen = Vec::new();
@@ -948,10 +965,10 @@ mod tests {
             seen.push(slot);
             Some(if slot == 100 { 0 } else { 1 + u64::from(slot) })
         });
-        assert_eq!(got, Some(1));
+        assert_eq!(got, 1);
         assert_eq!(seen, (1..=LEAST_LOADED_SCAN).collect::<Vec<_>>());
         let got = least_loaded(100, 90, |slot| Some(if slot == 100 { 0 } else { 5 }));
-        assert_eq!(got, Some(100));
+        assert_eq!(got, 100);
     }
 
     /// New flows arrive one per tick; a flow holds its backend for a tick count that depends
@@ -976,8 +993,7 @@ mod tests {
             });
             let slot = least_loaded(backends, tick % backends, |slot| {
                 Some(loads[slot as usize - 1].overhead(ALGORITHM_LEAST_CONNECTION))
-            })
-            .unwrap();
+            });
             let backend = slot as usize - 1;
             loads[backend].active += 1;
             shares[backend] += 1;

@@ -168,7 +168,6 @@ pub extern "C" fn choose_slot(
     least_loaded(count, start, |slot| {
         Some(slot_overhead(frontend, slot)).filter(|&overhead| overhead != NO_BACKEND)
     })
-    .unwrap_or(0)
 }
 
 /// The backend id in slot `slot` of frontend `service_id` of `algorithm`: of a Maglev or
