@@ -19,11 +19,11 @@ use aya::{
 use lb_common::{
     addr::{ipv4_be, ipv6_be},
     maps::{
-        BACKEND_LOADS, BACKENDS, Backend, BackendLoad, Config, FLOWS, FRAGMENTS, FRONTENDS, Flow,
-        FlowKey, FragmentKey, FragmentPorts, Frontend, FrontendKey, HELD_FRAGMENT_BYTES,
-        HELD_FRAGMENTS, HELD_PER_DATAGRAM, HeldFragment, HeldKey, PROTO_TCP, PROTO_UDP,
-        REJECT_TOKENS, REPLIES, RejectTokens, Reply, SCOPE_EXTERNAL, SOURCE_RANGES, SourceRange,
-        SourceRangeKey, Stats, VIPS, Vip,
+        BACKEND_LOADS, BACKENDS, Backend, BackendLoad, CURSORS, Config, FLOWS, FRAGMENTS,
+        FRONTENDS, Flow, FlowKey, FragmentKey, FragmentPorts, Frontend, FrontendKey,
+        HELD_FRAGMENT_BYTES, HELD_FRAGMENTS, HELD_PER_DATAGRAM, HeldFragment, HeldKey, PROTO_TCP,
+        PROTO_UDP, REJECT_TOKENS, REPLIES, RejectTokens, Reply, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+        SOURCE_RANGES, SourceRange, SourceRangeKey, Stats, VIPS, Vip,
     },
 };
 use lb_tests::{
@@ -189,6 +189,7 @@ struct Tables {
     vips: HashMap<MapData, u32, Vip>,
     backends: HashMap<MapData, u32, Backend>,
     loads: BackendLoads,
+    cursors: PerCpuArray<MapData, u32>,
 }
 
 impl Tables {
@@ -208,6 +209,7 @@ impl Tables {
             vips: open(VIPS).try_into().expect("the frontend addresses"),
             backends: open(BACKENDS).try_into().expect("the backends"),
             loads: BackendLoads::map(open(BACKEND_LOADS)).expect("the backends' loads, mapped"),
+            cursors: open(CURSORS).try_into().expect("the cursors"),
         }
     }
 
@@ -237,6 +239,27 @@ impl Tables {
                 inactive: inactive - was_inactive,
             },
         );
+    }
+
+    /// Every CPU's round-robin cursor of the Service of internal TCP frontend `address:port`,
+    /// at `at`: the slot a least-connection scan starts from, whatever rows ran before.
+    fn set_cursor(&mut self, (address, port): (Ipv4Addr, u16), at: u32) {
+        let key = FrontendKey {
+            addr_be: ipv4_be(address),
+            port_be: port.to_be(),
+            protocol: PROTO_TCP,
+            scope: SCOPE_INTERNAL,
+        };
+        let service_id = self
+            .frontends
+            .get(&key, 0)
+            .expect("the frontend")
+            .service_id;
+        let cpus = aya::util::nr_cpus().expect("the CPUs");
+        let values = PerCpuValues::try_from(vec![at; cpus]).expect("per-CPU values");
+        self.cursors
+            .set(service_id, values, 0)
+            .expect("the cursors, written");
     }
 
     /// Every CPU's reject bucket, as `tokens` and the time it was last refilled.
@@ -356,6 +379,14 @@ fn reply_evicted(tables: &mut Tables) {
 fn pair_first_busy(tables: &mut Tables) {
     tables.set_load(PAIR[0], (2, 0));
     tables.set_load(PAIR[1], (0, 0));
+}
+
+/// [`PAIR`]'s second backend holds an open flow, its first none, and the sed frontend's scan
+/// starts from the second.
+fn pair_second_busy_scan_from_second(tables: &mut Tables) {
+    tables.set_load(PAIR[0], (0, 0));
+    tables.set_load(PAIR[1], (1, 0));
+    tables.set_cursor((SED_IP, 80), 1);
 }
 
 /// The least-connection rows' flows counted, then loads on which lc and sed differ: the first
@@ -1909,6 +1940,16 @@ fn rows() -> Vec<Row> {
             out: Out::Packet(packet(TCP_SYN, CLIENT, PAIR[1].0, 43203, 8080)),
             counts: &["new_flows"],
             before: Some(pair_loads_differ_again),
+        },
+        Row {
+            what: "shortest expected delay: a scan from the second slot wraps to the first, the \
+                   least loaded",
+            hook: Hook::TcIngress,
+            input: packet(TCP_SYN, CLIENT, SED_IP, 43204, 80),
+            verdict: TC_ACT_OK,
+            out: Out::Packet(packet(TCP_SYN, CLIENT, PAIR[0].0, 43204, 8080)),
+            counts: &["new_flows"],
+            before: Some(pair_second_busy_scan_from_second),
         },
         Row {
             what: "a flow whose reply entry was evicted: DNAT, and the reply entry made again",
