@@ -3,6 +3,7 @@
 //! two sides and `bpftool` (through BTF) read the same bytes. Fields holding network-order values
 //! end in `_be`.
 #![no_std]
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 pub mod addr;
 pub mod maps;

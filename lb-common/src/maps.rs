@@ -632,43 +632,120 @@ pub struct BackendLoad {
 }
 
 impl BackendLoad {
-    /// IPVS's overhead of the backend under `algorithm`, every weight 1, a count below 0 read
-    /// as 0: `lc`'s `active * 256 + inactive`, `sed`'s `active + 1`; `nq`'s too, but 0 for a
-    /// backend with no active flow, which never queue takes first.
+    /// How IPVS ranks the backend under `algorithm`, every weight 1, a count below 0 read as 0:
+    /// the least goes first. `lc`'s overhead is `active * 256 + inactive`. `sed`'s is
+    /// `active + 1`, and `nq`'s too but 0 for an idle backend, which it takes first: with equal
+    /// weights both rank backends by their active flows alone, as this does (`active * 256`).
     #[expect(
         clippy::inline_always,
         reason = "the datapath's hot path: no call in eBPF"
     )]
     #[inline(always)]
     pub fn overhead(&self, algorithm: u8) -> u64 {
-        let active = self.active.max(0) as u64;
-        match algorithm {
-            ALGORITHM_LEAST_CONNECTION => active * 256 + self.inactive.max(0) as u64,
-            ALGORITHM_NEVER_QUEUE if active == 0 => 0,
-            _ => active + 1,
-        }
+        self.weighed(inactive_mask(algorithm))
     }
+
+    /// [`overhead`](Self::overhead) by arithmetic alone, for a scan that decided its
+    /// algorithm's [`inactive_mask`] once: eBPF has no conditional move, and a branch per
+    /// backend, one arm of which makes a known constant, would split the verifier's paths
+    /// through the scan's loop ([`least_loaded`]) beyond what it can prune.
+    #[expect(
+        clippy::inline_always,
+        reason = "the datapath's hot path: no call in eBPF"
+    )]
+    #[inline(always)]
+    pub fn weighed(&self, inactive_mask: u64) -> u64 {
+        (not_below_zero(self.active) << 8)
+            .wrapping_add(not_below_zero(self.inactive) & inactive_mask)
+    }
+}
+
+/// What [`BackendLoad::weighed`] keeps of the inactive flows under `algorithm`: all of them
+/// for `lc`, none for the others. A mask, not a choice, lest the compiler make it a branch
+/// inside the scan's loop.
+#[expect(
+    clippy::inline_always,
+    reason = "the datapath's hot path: no call in eBPF"
+)]
+#[inline(always)]
+#[must_use]
+pub fn inactive_mask(algorithm: u8) -> u64 {
+    zero_mask(u64::from(algorithm ^ ALGORITHM_LEAST_CONNECTION))
+}
+
+/// `count` as unsigned, 0 if below 0, by a mask rather than a branch.
+#[expect(
+    clippy::inline_always,
+    reason = "the datapath's hot path: no call in eBPF"
+)]
+#[inline(always)]
+fn not_below_zero(count: i64) -> u64 {
+    (count as u64) & !opaque((count >> 63) as u64)
+}
+
+/// All ones if `value` (below 2^63) is 0, else 0: the top bit of `(value - 1) & !value`, spread.
+#[expect(
+    clippy::inline_always,
+    reason = "the datapath's hot path: no call in eBPF"
+)]
+#[inline(always)]
+#[must_use]
+pub fn zero_mask(value: u64) -> u64 {
+    (opaque(value.wrapping_sub(1) & !value) as i64 >> 63) as u64
+}
+
+/// `value`, hidden from the compiler. Left to see them, LLVM turns the masks here and in
+/// [`slot_at`] back into the comparisons they stand for, and eBPF has no conditional move: each
+/// would be a branch in the scan's loop, one arm of which makes a known constant, that the
+/// verifier then tracks exactly (or, hoisted, a value that costs the loop a register).
+#[expect(
+    clippy::inline_always,
+    reason = "the datapath's hot path: no call in eBPF"
+)]
+#[inline(always)]
+fn opaque(value: u64) -> u64 {
+    #[cfg(target_arch = "bpf")]
+    {
+        let mut value = value;
+        // SAFETY: one move of the register to itself; it reads and writes nothing else. Not an
+        // empty sequence: that would leave two line entries on one instruction in the BTF,
+        // which the kernel refuses.
+        unsafe {
+            core::arch::asm!(
+                "{0} = {0}",
+                inout(reg) value,
+                options(pure, nomem, nostack, preserves_flags)
+            );
+        }
+        value
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    value
 }
 
 /// The slot a new flow of a least-connection frontend goes to, of its `count` (at least one):
 /// of the [`LEAST_LOADED_SCAN`] slots from `start` on (`start` below `count`), the one whose
 /// backend has the least overhead ([`BackendLoad::overhead`]), the first of equals.
-/// `overhead` gives a slot's, or nothing for a slot that is not there (skipped). Returns the
-/// slot, from 1, or 0 if none of them was there.
+/// `overhead` gives a slot's, [`NO_BACKEND_OVERHEAD`] for a slot that holds no backend (it
+/// loses to every backend), or nothing if the slot cannot be read, which ends the scan.
+/// Returns the slot, from 1, or 0 if none had a backend or the scan ended.
 ///
 /// The best so far is one word, the overhead above the slot's place in the scan: in eBPF the
-/// loop's state then fits the registers a call keeps, and its frame, on the deepest of the
-/// programs' stacks, stays small. Inlined into the datapath's one caller, a function of its own.
+/// loop's state then fits the registers, and its frame, on the deepest of the programs'
+/// stacks, stays small. A turn of the loop has no branch but the lookups' (which, failing,
+/// end it) and the minimum: every other one would split the verifier's paths through the
+/// loop, which it could not prune. Inlined into the datapath's one caller.
 #[inline]
 pub fn least_loaded(count: u32, start: u32, mut overhead: impl FnMut(u32) -> Option<u64>) -> u32 {
-    const ORDER_BITS: u32 = LEAST_LOADED_SCAN.trailing_zeros();
     let mut best = u64::MAX;
     for position in 0..count.min(LEAST_LOADED_SCAN) {
-        // No count comes near where the shift would lose bits.
-        let candidate = overhead(slot_at(start, position, count)).map_or(u64::MAX, |overhead| {
-            overhead << ORDER_BITS | u64::from(position)
-        });
-        best = best.min(candidate);
+        // No count comes near where the shift would lose bits but a missing slot's top ones.
+        let Some(overhead) = overhead(slot_at(start, position, count)) else {
+            // None found, by the end below: a `return` here costs the frame a slot.
+            best = u64::MAX;
+            break;
+        };
+        best = best.min(overhead << ORDER_BITS | u64::from(position));
     }
     let position = (best & (u64::from(LEAST_LOADED_SCAN) - 1)) as u32;
     // Whether a slot had a backend (the best lost the top bit, which no overhead reaches), by
@@ -677,6 +754,13 @@ pub fn least_loaded(count: u32, start: u32, mut overhead: impl FnMut(u32) -> Opt
     let found = ((best >> 63) as u32) ^ 1;
     slot_at(start, position, count) & 0u32.wrapping_sub(found)
 }
+
+/// The bits of a scan's best that hold a slot's place in the scan ([`least_loaded`]).
+const ORDER_BITS: u32 = LEAST_LOADED_SCAN.trailing_zeros();
+
+/// The overhead of a slot without a backend, in a scan ([`least_loaded`]): shifted above the
+/// slot's place, it has the top bit, which no backend's reaches.
+pub const NO_BACKEND_OVERHEAD: u64 = u64::MAX >> ORDER_BITS;
 
 /// Slot `position` of a scan from `start` over `count` slots, from 1, where the last is
 /// followed by the first (`start` below `count`, `position` not past it): by arithmetic, neither
@@ -691,8 +775,8 @@ pub fn least_loaded(count: u32, start: u32, mut overhead: impl FnMut(u32) -> Opt
 #[inline(always)]
 fn slot_at(start: u32, position: u32, count: u32) -> u32 {
     let slot = start + position + 1;
-    let past_the_last = (count.wrapping_sub(slot) >> 31) & 1;
-    slot - (count & 0u32.wrapping_sub(past_the_last))
+    let past_the_last = (count.wrapping_sub(slot) as i32 >> 31) as u32;
+    slot - (count & opaque(u64::from(past_the_last)) as u32)
 }
 
 /// A frontend's counters, per CPU: the agent sums them for `/metrics`.
@@ -952,11 +1036,42 @@ mod tests {
     }
 
     #[test]
+    fn the_scan_s_masks_stand_for_their_comparisons() {
+        assert_eq!(zero_mask(0), u64::MAX);
+        for value in [1, 2, 255, u64::from(u32::MAX), 1 << 62] {
+            assert_eq!(zero_mask(value), 0, "{value}");
+        }
+        assert_eq!(inactive_mask(ALGORITHM_LEAST_CONNECTION), u64::MAX);
+        for algorithm in [
+            ALGORITHM_SHORTEST_EXPECTED_DELAY,
+            ALGORITHM_NEVER_QUEUE,
+            ALGORITHM_ROUND_ROBIN,
+            ALGORITHM_MAGLEV,
+        ] {
+            assert_eq!(inactive_mask(algorithm), 0, "{algorithm}");
+        }
+        for (count, read) in [
+            (i64::MIN, 0),
+            (-1, 0),
+            (0, 0),
+            (7, 7),
+            (i64::MAX, i64::MAX as u64),
+        ] {
+            assert_eq!(not_below_zero(count), read, "{count}");
+        }
+    }
+
+    #[test]
     fn least_loaded_skips_missing_slots_and_scans_a_bounded_window() {
-        assert_eq!(
-            least_loaded(3, 0, |slot| (slot != 1).then_some(u64::from(slot))),
-            2
-        );
+        let missing_first = |slot| {
+            Some(if slot == 1 {
+                NO_BACKEND_OVERHEAD
+            } else {
+                u64::from(slot)
+            })
+        };
+        assert_eq!(least_loaded(3, 0, missing_first), 2);
+        assert_eq!(least_loaded(3, 0, |_| Some(NO_BACKEND_OVERHEAD)), 0);
         assert_eq!(least_loaded(3, 0, |_| None), 0);
         // 100 backends, the least loaded (slot 100) outside the window from slot 1: the
         // window's best is taken; from a start whose window holds it, it is.

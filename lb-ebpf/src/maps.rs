@@ -131,13 +131,18 @@ pub fn slot(service_id: u32, slot: u32) -> Option<u32> {
 /// The backend id at `position` of [`SLOT_TABLES`], if one is there.
 #[inline(always)]
 pub fn table_position(position: u32) -> Option<u32> {
+    table_entry(position).filter(|&id| id != 0)
+}
+
+/// What `position` of [`SLOT_TABLES`] holds, 0 where no backend is; nothing past the array.
+#[inline(always)]
+pub fn table_entry(position: u32) -> Option<u32> {
     let block = SLOT_TABLES.get_ptr(position / TABLE_BLOCK)?;
     let lane = (position % TABLE_BLOCK) as usize;
     // SAFETY: an array value, alive as long as the map and aligned, `lane` within it; the agent
     // writes each id as one aligned word through its mapping, so a whole-word read sees one
     // version.
-    let id = unsafe { read_volatile(&raw const (*block).backend_ids[lane]) };
-    (id != 0).then_some(id)
+    Some(unsafe { read_volatile(&raw const (*block).backend_ids[lane]) })
 }
 
 #[inline(always)]

@@ -3,7 +3,7 @@
 
 use lb_common::maps::{
     ALGORITHM_MAGLEV, ALGORITHM_ROUND_ROBIN, Affinity, AffinityKey, Backend, FRONTEND_HASH_PORT,
-    FlowKey, Frontend, counts_flows, least_loaded,
+    FlowKey, Frontend, NO_BACKEND_OVERHEAD, counts_flows, inactive_mask, least_loaded, zero_mask,
 };
 
 use crate::{family::Family, hash::mix32, maps};
@@ -134,11 +134,12 @@ const COUNTED: u32 = 1 << 8;
 /// ([`least_loaded`]), for a flow [`COUNTED`]; the node's sockets, whose flows no load counts,
 /// get round robin.
 ///
-/// A global function, as [`slot_backend`] and [`slot_overhead`]: the verifier walks it once,
-/// for any arguments, not once in every program and path that makes a flow, and what it
-/// returns is one value to them, whichever the algorithm, so that their paths after it prune.
-/// Its frame and [`slot_overhead`]'s sit on the deepest of the programs' stacks (the IPv6
-/// halves'): they keep them small.
+/// A global function, as [`slot_backend`]: the verifier walks it once, for any arguments, not
+/// once in every program and path that makes a flow, and what it returns is one value to them,
+/// whichever the algorithm, so that their paths after it prune. Its frame sits on the deepest
+/// of the programs' stacks (the IPv6 halves'), where 32 bytes are left: the scan keeps few
+/// values, and weighs a backend by arithmetic alone
+/// ([`BackendLoad::weighed`](lb_common::maps::BackendLoad::weighed)).
 // SAFETY (no_mangle, here and below): no other symbol of the object has the name.
 #[unsafe(no_mangle)]
 #[inline(never)]
@@ -163,10 +164,13 @@ pub extern "C" fn choose_slot(
     if !(by_load && counted) {
         return start + 1;
     }
-    // One word for the loop to keep, not two.
-    let frontend = u64::from(algorithm) << 32 | u64::from(table_offset);
+    let inactive = inactive_mask(algorithm);
     least_loaded(count, start, |slot| {
-        Some(slot_overhead(frontend, slot)).filter(|&overhead| overhead != NO_BACKEND)
+        // Slots from 1. An empty position holds id 0: its load (index 0 of the array) is read
+        // and then outweighed, by a mask rather than a branch.
+        let id = maps::table_entry(table_offset.wrapping_add(slot.wrapping_sub(1)))?;
+        let load = maps::backend_load(id)?;
+        Some(load.weighed(inactive) | (NO_BACKEND_OVERHEAD & zero_mask(u64::from(id))))
     })
 }
 
@@ -188,20 +192,6 @@ pub extern "C" fn slot_backend(
         maps::slot(service_id, slot)
     };
     found.unwrap_or(0)
-}
-
-/// What [`slot_overhead`] gives for a slot without a backend.
-const NO_BACKEND: u64 = u64::MAX;
-
-/// The overhead of the backend in slot `slot` of `frontend`, its algorithm above its table's
-/// offset, under that algorithm ([`BackendLoad::overhead`](lb_common::maps::BackendLoad::overhead)),
-/// or [`NO_BACKEND`].
-#[unsafe(no_mangle)]
-#[inline(never)]
-pub extern "C" fn slot_overhead(frontend: u64, slot: u32) -> u64 {
-    table_slot(frontend as u32, slot)
-        .and_then(maps::backend_load)
-        .map_or(NO_BACKEND, |load| load.overhead((frontend >> 32) as u8))
 }
 
 /// The backend id in slot `slot`, from 1, of the table at `table_offset`.
