@@ -105,7 +105,7 @@ pub const CLOCK: &str = "lb_clock_v1";
 /// When backends were last removed, one entry: [`Epoch`]. Written by the agent.
 pub const EPOCH: &str = "lb_epoch_v1";
 /// The flows of each backend that least-connection frontends count (array, memory-mapped by
-/// the agent): backend id -> [`BackendLoad`]. Counted by the datapath with atomic adds, a
+/// the agent): [`load_index`] of the backend id -> [`BackendLoad`]. Counted by the datapath with atomic adds, a
 /// flow up when it starts and across when it closes; corrected by the agent's flow GC, also
 /// with atomic adds, for the flows that idled out or that the LRU evicted. Per backend (a pod's
 /// address and port), over every frontend that counts flows to it: the pod's own load.
@@ -164,8 +164,18 @@ pub const MAX_TABLE_POSITIONS: u32 = 16_777_216;
 /// apart at least, so one position an entry would take twice its 4 bytes.
 pub const TABLE_BLOCK: u32 = 16;
 /// Capacity of [`BACKENDS`] and of [`BACKENDS6`], and of [`BACKEND_LOADS`], which backend ids
-/// index.
+/// index ([`load_index`]). A power of two.
 pub const MAX_BACKENDS: u32 = 1_048_576;
+const _: () = assert!(MAX_BACKENDS.is_power_of_two());
+
+/// Where backend `id`'s counts lie in [`BACKEND_LOADS`]: its low bits. Ids are never reused
+/// (a tracked flow names its backend by id), so over a cluster's life they pass the array's
+/// size; a backend then shares its counts only with one made 1,048,576 backends before it and
+/// still serving, and both look busier than they are: no count is lost, no lookup fails.
+#[must_use]
+pub const fn load_index(id: u32) -> u32 {
+    id % MAX_BACKENDS
+}
 /// Capacity of [`VIPS`] and of [`VIPS6`].
 pub const MAX_VIPS: u32 = 131_072;
 /// Capacity of [`FLOWS`], [`REPLIES`] and their IPv6 twins.
@@ -1032,6 +1042,19 @@ mod tests {
                 Some(loads[slot as usize - 1].overhead(algorithm))
             });
             assert_eq!(got, chosen, "{why}");
+        }
+    }
+
+    #[test]
+    fn every_backend_id_has_a_load_index_in_the_array() {
+        for (id, index) in [
+            (1, 1),
+            (MAX_BACKENDS - 1, MAX_BACKENDS - 1),
+            (MAX_BACKENDS, 0),
+            (MAX_BACKENDS + 5, 5),
+            (u32::MAX, MAX_BACKENDS - 1),
+        ] {
+            assert_eq!(load_index(id), index, "{id}");
         }
     }
 

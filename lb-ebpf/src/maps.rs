@@ -29,7 +29,7 @@ use lb_common::maps::{
     MAX_HELD_FRAGMENTS, MAX_SERVICES, MAX_SLOTS, MAX_SOCKETS, MAX_SOURCE_RANGES,
     MAX_TABLE_POSITIONS, MAX_VIPS, RejectTokens, Reply, SINGLE_ENTRY, SOURCE_RANGE_ID_BITS, Slot,
     SlotBlock, SlotKey, SocketFrontend, SocketKey, SourceRange, SourceRangeKey, Stats, TABLE_BLOCK,
-    Vip,
+    Vip, load_index,
 };
 
 use crate::family::Family;
@@ -253,7 +253,7 @@ pub fn socket_frontend<A: Family>(key: SocketKey<A>) -> Option<&'static SocketFr
 /// The counted flows of backend `id`, as they stand.
 #[inline(always)]
 pub fn backend_load(id: u32) -> Option<BackendLoad> {
-    let load = BACKEND_LOADS.get_ptr(id)?;
+    let load = BACKEND_LOADS.get_ptr(load_index(id))?;
     // SAFETY: an array value, alive as long as the map and aligned for its fields; read
     // whole-word, as every writer writes them (atomic adds), so each is one version.
     unsafe {
@@ -268,7 +268,7 @@ pub fn backend_load(id: u32) -> Option<BackendLoad> {
 /// agent's corrections through its mapping): none is lost, and no CPU waits on a lock.
 #[inline(always)]
 pub fn add_load(id: u32, active: i64, inactive: i64) {
-    let Some(load) = BACKEND_LOADS.get_ptr_mut(id) else {
+    let Some(load) = BACKEND_LOADS.get_ptr_mut(load_index(id)) else {
         return;
     };
     // SAFETY: as above; an atomic add on an aligned i64 of the map's value.

@@ -9,7 +9,7 @@ use std::{
 };
 
 use aya::maps::Map;
-use lb_common::maps::{BACKEND_LOADS, BackendLoad, MAX_BACKENDS};
+use lb_common::maps::{BACKEND_LOADS, BackendLoad, MAX_BACKENDS, load_index};
 
 use super::{Result, mapped::MappedArray};
 
@@ -22,9 +22,9 @@ impl BackendLoads {
         MappedArray::map(map, BACKEND_LOADS, MAX_BACKENDS).map(Self)
     }
 
-    /// The two counters of backend `id`.
-    fn counters(&self, id: u32) -> Option<(&atomic::AtomicI64, &atomic::AtomicI64)> {
-        let load = self.0.at(id)?.as_ptr();
+    /// The two counters at `index` of the array.
+    fn counters(&self, index: u32) -> Option<(&atomic::AtomicI64, &atomic::AtomicI64)> {
+        let load = self.0.at(index)?.as_ptr();
         // SAFETY: `load` lies in the mapping, which lives as long as `self`; its i64 fields
         // are aligned (the kernel's pages, 16-byte values), and every writer, the datapath
         // included, changes them by atomic operations only.
@@ -38,7 +38,11 @@ impl BackendLoads {
 
     /// Backend `id`'s counted flows now.
     pub fn get(&self, id: u32) -> BackendLoad {
-        self.counters(id)
+        self.at(load_index(id))
+    }
+
+    fn at(&self, index: u32) -> BackendLoad {
+        self.counters(index)
             .map_or_else(BackendLoad::default, |(active, inactive)| BackendLoad {
                 active: active.load(atomic::Ordering::Relaxed),
                 inactive: inactive.load(atomic::Ordering::Relaxed),
@@ -47,36 +51,40 @@ impl BackendLoads {
 
     /// Adds `by` to backend `id`'s counts, as the datapath adds.
     pub fn add(&self, id: u32, by: BackendLoad) {
-        if let Some((active, inactive)) = self.counters(id) {
+        self.add_at(load_index(id), by);
+    }
+
+    fn add_at(&self, index: u32, by: BackendLoad) {
+        if let Some((active, inactive)) = self.counters(index) {
             active.fetch_add(by.active, atomic::Ordering::Relaxed);
             inactive.fetch_add(by.inactive, atomic::Ordering::Relaxed);
         }
     }
 
-    /// Every backend whose counts are not both 0.
+    /// Every count that is not both 0, by its [`load_index`].
     pub fn nonzero(&self) -> BTreeMap<u32, BackendLoad> {
-        (1..MAX_BACKENDS)
-            .map(|id| (id, self.get(id)))
+        (0..MAX_BACKENDS)
+            .map(|index| (index, self.at(index)))
             .filter(|(_, load)| *load != BackendLoad::default())
             .collect()
     }
 
     /// Sets the counts to `counted`, the flows a walk of the flow tables found, from
-    /// `before`, the counts as they were when it began: what the datapath added since stays
-    /// added. A flow made during the walk and found by it counts twice until the next
-    /// correction; none is lost.
+    /// `before`, the counts as they were when it began, both by [`load_index`]: what the
+    /// datapath added since stays added. A flow made during the walk and found by it counts
+    /// twice until the next correction; none is lost.
     pub fn correct(
         &self,
         before: &BTreeMap<u32, BackendLoad>,
         counted: &BTreeMap<u32, BackendLoad>,
     ) {
-        let ids = before.keys().chain(counted.keys());
-        for &id in ids.collect::<BTreeSet<_>>() {
-            let was = before.get(&id).copied().unwrap_or_default();
-            let is = counted.get(&id).copied().unwrap_or_default();
+        let indices = before.keys().chain(counted.keys());
+        for &index in indices.collect::<BTreeSet<_>>() {
+            let was = before.get(&index).copied().unwrap_or_default();
+            let is = counted.get(&index).copied().unwrap_or_default();
             if was != is {
-                self.add(
-                    id,
+                self.add_at(
+                    index,
                     BackendLoad {
                         active: is.active - was.active,
                         inactive: is.inactive - was.inactive,

@@ -27,7 +27,7 @@ use lb_common::maps::{
     FRONTENDS6, Flow, FlowKey, Frontend, FrontendKey, FrontendStats, Ipv6Be, MAX_CONNECTED,
     MAX_FLOWS, REPLIES, REPLIES6, Reply, SINGLE_ENTRY, SLOT_TABLES, SLOTS, SOURCE_RANGES,
     SOURCE_RANGES6, STATE_CLOSING, STATS, Slot, SlotKey, SourceRange, SourceRangeKey, Stats, VIPS,
-    VIPS6, Vip,
+    VIPS6, Vip, load_index,
 };
 pub use loads::BackendLoads;
 use tables::SlotTables;
@@ -305,7 +305,7 @@ impl KernelMaps {
         let mut counted = BTreeMap::new();
         let mut count = |flags: u8, state: u8, backend_id: u32| {
             if flags & FLOW_COUNTED != 0 {
-                let load: &mut BackendLoad = counted.entry(backend_id).or_default();
+                let load: &mut BackendLoad = counted.entry(load_index(backend_id)).or_default();
                 if state == STATE_CLOSING {
                     load.inactive += 1;
                 } else {
@@ -344,8 +344,8 @@ impl KernelMaps {
         Ok((flows? + flows6?, replies? + replies6?))
     }
 
-    /// The flows counted for each backend that has any: the loads least-connection frontends
-    /// balance by.
+    /// The flows counted for each backend that has any, by its [`load_index`]: the loads
+    /// least-connection frontends balance by.
     pub fn backend_loads(&self) -> BTreeMap<u32, BackendLoad> {
         self.loads.nonzero()
     }

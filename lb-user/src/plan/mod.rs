@@ -19,7 +19,7 @@ use lb_common::maps::{
     ALGORITHM_SHORTEST_EXPECTED_DELAY, ALGORITHM_SOURCE_HASH, BACKEND_LOCAL, BackendLoad,
     FRONTEND_HASH_PORT, FRONTEND_REJECT_WHEN_EMPTY, FRONTEND_SOURCE_RANGES, Frontend, MAX_SLOTS,
     MAX_SOURCE_RANGES, MAX_TABLE_POSITIONS, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    SLOT_TABLES, Slot, SlotKey, SourceRange, Vip, counts_flows,
+    SLOT_TABLES, Slot, SlotKey, SourceRange, Vip, counts_flows, load_index,
 };
 
 use crate::model::{self, Algorithm, Family, FrontendKind, Protocol, Scope, Skipped, WhenEmpty};
@@ -629,7 +629,8 @@ impl MapEntries {
 impl MapEntries {
     /// The services as `ipvsadm -Ln` shows them: each frontend with its scheduler by IPVS's
     /// name, then the backends of its slots in order (a Maglev frontend's each once, with its
-    /// share of the table; a least-connection one's with their counted flows in `loads`).
+    /// share of the table; a least-connection one's with their counted flows in `loads`, by
+    /// [`load_index`]).
     pub fn table(&self, loads: &BTreeMap<u32, BackendLoad>) -> String {
         let mut out = String::from(
             "Prot LocalAddress:Port        Scope    Scheduler    Flags\n  \
@@ -704,7 +705,7 @@ impl MapEntries {
                 }
             } else if counts_flows(fe.algorithm) {
                 for id in ids {
-                    let load = loads.get(&id).copied().unwrap_or_default();
+                    let load = loads.get(&load_index(id)).copied().unwrap_or_default();
                     let _ = writeln!(
                         out,
                         "  -> {:<34} {:>10} {:>9}",
