@@ -77,6 +77,9 @@ const MAGLEV_TABLE_SIZE: u32 = 17;
 /// Two more, by the backends' counted flows: least connection, shortest expected delay.
 const LEAST_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 34);
 const SED_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 35);
+/// A never-queue Service's load-balancer IP, balanced from outside (by XDP), whose slots list
+/// [`PAIR`] the other way round.
+const NEVER_QUEUE_LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 36);
 /// The sticky Service's load-balancer IP, whose slots list [`PAIR`] the other way round.
 const STICKY_LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 31);
 const PAIR: [(Ipv4Addr, u16); 2] = [
@@ -387,6 +390,13 @@ fn pair_second_busy_scan_from_second(tables: &mut Tables) {
     tables.set_load(PAIR[0], (0, 0));
     tables.set_load(PAIR[1], (1, 0));
     tables.set_cursor((SED_IP, 80), 1);
+}
+
+/// [`PAIR`]'s first backend idle but for 300 closing flows, its second with one open flow:
+/// never queue takes the first, least connection would take the second.
+fn pair_first_idle_but_closing(tables: &mut Tables) {
+    tables.set_load(PAIR[0], (0, 300));
+    tables.set_load(PAIR[1], (1, 0));
 }
 
 /// The least-connection rows' flows counted, then loads on which lc and sed differ: the first
@@ -730,6 +740,17 @@ fn programme() -> Vec<Arc<model::Frontend>> {
         scheduled(
             Algorithm::ShortestExpectedDelay,
             frontend("sed", SED_IP, 80, Protocol::Tcp, Scope::Internal, &PAIR),
+        ),
+        scheduled(
+            Algorithm::NeverQueue,
+            frontend(
+                "nq",
+                NEVER_QUEUE_LB_IP,
+                80,
+                Protocol::Tcp,
+                Scope::External,
+                &[PAIR[1], PAIR[0]],
+            ),
         ),
         dropping(frontend(
             "local-only",
@@ -1950,6 +1971,16 @@ fn rows() -> Vec<Row> {
             out: Out::Packet(packet(TCP_SYN, CLIENT, PAIR[0].0, 43204, 8080)),
             counts: &["new_flows"],
             before: Some(pair_second_busy_scan_from_second),
+        },
+        Row {
+            what: "never queue, from outside (XDP): the idle backend, though it holds closing \
+                   flows that least connection would count",
+            hook: Hook::Xdp,
+            input: packet(TCP_SYN, CLIENT, NEVER_QUEUE_LB_IP, 43205, 80),
+            verdict: XDP_PASS,
+            out: Out::Packet(packet(TCP_SYN, CLIENT, PAIR[0].0, 43205, 8080)),
+            counts: &["new_flows"],
+            before: Some(pair_first_idle_but_closing),
         },
         Row {
             what: "a flow whose reply entry was evicted: DNAT, and the reply entry made again",
