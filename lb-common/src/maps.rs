@@ -105,8 +105,8 @@ pub const CLOCK: &str = "lb_clock_v1";
 /// When backends were last removed, one entry: [`Epoch`]. Written by the agent.
 pub const EPOCH: &str = "lb_epoch_v1";
 /// The flows of each backend that least-connection frontends count (array, memory-mapped by
-/// the agent): [`load_index`] of the backend id -> [`BackendLoad`]. Counted by the datapath with atomic adds, a
-/// flow up when it starts and across when it closes; corrected by the agent's flow GC, also
+/// the agent): [`load_index`] of the backend id -> [`BackendLoad`]. Counted by the datapath
+/// with atomic adds, a flow up when it starts and across when it closes; corrected by the agent's flow GC, also
 /// with atomic adds, for the flows that idled out or that the LRU evicted. Per backend (a pod's
 /// address and port), over every frontend that counts flows to it: the pod's own load.
 pub const BACKEND_LOADS: &str = "lb_backend_loads_v1";
@@ -170,12 +170,14 @@ const _: () = assert!(MAX_BACKENDS.is_power_of_two());
 
 /// Where backend `id`'s counts lie in [`BACKEND_LOADS`]: its low bits. Ids are never reused
 /// (a tracked flow names its backend by id), so over a cluster's life they pass the array's
-/// size; a backend then shares its counts only with one made 1,048,576 backends before it and
-/// still serving, and both look busier than they are: no count is lost, no lookup fails.
+/// size; a backend then shares its counts only with ids a multiple of 1,048,576 away whose
+/// flows are still counted (a backend still serving, or one removed whose flows live on), and
+/// both look busier than they are: no count is lost, no lookup fails.
 #[must_use]
 pub const fn load_index(id: u32) -> u32 {
     id % MAX_BACKENDS
 }
+
 /// Capacity of [`VIPS`] and of [`VIPS6`].
 pub const MAX_VIPS: u32 = 131_072;
 /// Capacity of [`FLOWS`], [`REPLIES`] and their IPv6 twins.

@@ -166,8 +166,9 @@ pub extern "C" fn choose_slot(
     }
     let inactive = inactive_mask(algorithm);
     least_loaded(count, start, |slot| {
-        // Slots from 1. An empty position holds id 0: its load (index 0 of the array) is read
-        // and then outweighed, by a mask rather than a branch.
+        // Slots from 1. An empty position holds id 0: its load (index 0 of the array, which
+        // may hold another id's counts) is read and then outweighed, by a mask rather than a
+        // branch.
         let id = maps::table_entry(table_offset.wrapping_add(slot.wrapping_sub(1)))?;
         let load = maps::backend_load(id)?;
         Some(load.weighed(inactive) | (NO_BACKEND_OVERHEAD & zero_mask(u64::from(id))))

@@ -74,11 +74,13 @@ const HASHED_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 32);
 /// A fourth, balanced by Maglev over a small table.
 const MAGLEV_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 33);
 const MAGLEV_TABLE_SIZE: u32 = 17;
-/// Two more, by the backends' counted flows: least connection, shortest expected delay.
+/// Three more, by the backends' counted flows: least connection, shortest expected delay, and
+/// never queue (below).
 const LEAST_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 34);
 const SED_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 35);
 /// A never-queue Service's load-balancer IP, balanced from outside (by XDP), whose slots list
-/// [`PAIR`] the other way round.
+/// [`PAIR`] the other way round: its table may follow the sed frontend's, and then a sed scan
+/// that failed to wrap would read a busy backend there, not the idle one it wants.
 const NEVER_QUEUE_LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 36);
 /// The sticky Service's load-balancer IP, whose slots list [`PAIR`] the other way round.
 const STICKY_LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 31);
