@@ -106,9 +106,10 @@ pub const CLOCK: &str = "lb_clock_v1";
 pub const EPOCH: &str = "lb_epoch_v1";
 /// The flows of each backend that least-connection frontends count (array, memory-mapped by
 /// the agent): [`load_index`] of the backend id -> [`BackendLoad`]. Counted by the datapath
-/// with atomic adds, a flow up when it starts and across when it closes; corrected by the agent's flow GC, also
-/// with atomic adds, for the flows that idled out or that the LRU evicted. Per backend (a pod's
-/// address and port), over every frontend that counts flows to it: the pod's own load.
+/// with atomic adds, a flow up when it starts and across when it closes; corrected by the
+/// agent's flow GC, also with atomic adds, for the flows that idled out or that the LRU
+/// evicted. Per backend (a pod's address and port), over every frontend that counts flows to
+/// it: the pod's own load.
 pub const BACKEND_LOADS: &str = "lb_backend_loads_v1";
 
 /// Every map, in the order the agent pins them.
@@ -644,23 +645,14 @@ pub struct BackendLoad {
 }
 
 impl BackendLoad {
-    /// How IPVS ranks the backend under `algorithm`, every weight 1, a count below 0 read as 0:
-    /// the least goes first. `lc`'s overhead is `active * 256 + inactive`. `sed`'s is
-    /// `active + 1`, and `nq`'s too but 0 for an idle backend, which it takes first: with equal
-    /// weights both rank backends by their active flows alone, as this does (`active * 256`).
-    #[expect(
-        clippy::inline_always,
-        reason = "the datapath's hot path: no call in eBPF"
-    )]
-    #[inline(always)]
-    pub fn overhead(&self, algorithm: u8) -> u64 {
-        self.weighed(inactive_mask(algorithm))
-    }
-
-    /// [`overhead`](Self::overhead) by arithmetic alone, for a scan that decided its
-    /// algorithm's [`inactive_mask`] once: eBPF has no conditional move, and a branch per
-    /// backend, one arm of which makes a known constant, would split the verifier's paths
-    /// through the scan's loop ([`least_loaded`]) beyond what it can prune.
+    /// How IPVS ranks the backend, every weight 1, a count below 0 read as 0: the least goes
+    /// first. `lc`'s overhead is `active * 256 + inactive`. `sed`'s is `active + 1`, and
+    /// `nq`'s too but 0 for an idle backend, which it takes first: with equal weights both rank
+    /// backends by their active flows alone, as this does (`active * 256`). `inactive_mask` is
+    /// the algorithm's ([`inactive_mask`]), decided once for a scan: the rank is arithmetic
+    /// alone, since eBPF has no conditional move, and a branch per backend, one arm of which
+    /// makes a known constant, would split the verifier's paths through the scan's loop
+    /// ([`least_loaded`]) beyond what it can prune.
     #[expect(
         clippy::inline_always,
         reason = "the datapath's hot path: no call in eBPF"
@@ -695,7 +687,8 @@ fn not_below_zero(count: i64) -> u64 {
     (count as u64) & !opaque((count >> 63) as u64)
 }
 
-/// All ones if `value` (below 2^63) is 0, else 0: the top bit of `(value - 1) & !value`, spread.
+/// All ones if `value` is 0, else 0: the top bit of `(value - 1) & !value`, spread (only 0
+/// sets it: for any other value, either `value - 1` clears it or `!value` does).
 #[expect(
     clippy::inline_always,
     reason = "the datapath's hot path: no call in eBPF"
@@ -737,7 +730,7 @@ fn opaque(value: u64) -> u64 {
 
 /// The slot a new flow of a least-connection frontend goes to, of its `count` (at least one):
 /// of the [`LEAST_LOADED_SCAN`] slots from `start` on (`start` below `count`), the one whose
-/// backend has the least overhead ([`BackendLoad::overhead`]), the first of equals.
+/// backend ranks least ([`BackendLoad::weighed`]), the first of equals.
 /// `overhead` gives a slot's, [`NO_BACKEND_OVERHEAD`] for a slot that holds no backend (it
 /// loses to every backend), or nothing if the slot cannot be read, which ends the scan.
 /// Returns the slot, from 1, or 0 if none had a backend or the scan ended.
@@ -1041,7 +1034,7 @@ mod tests {
         for &(why, algorithm, loads, start, chosen) in cases {
             let count = u32::try_from(loads.len()).unwrap();
             let got = least_loaded(count, start, |slot| {
-                Some(loads[slot as usize - 1].overhead(algorithm))
+                Some(loads[slot as usize - 1].weighed(inactive_mask(algorithm)))
             });
             assert_eq!(got, chosen, "{why}");
         }
@@ -1132,7 +1125,7 @@ mod tests {
                 end > tick
             });
             let slot = least_loaded(backends, tick % backends, |slot| {
-                Some(loads[slot as usize - 1].overhead(ALGORITHM_LEAST_CONNECTION))
+                Some(loads[slot as usize - 1].weighed(inactive_mask(ALGORITHM_LEAST_CONNECTION)))
             });
             let backend = slot as usize - 1;
             loads[backend].active += 1;

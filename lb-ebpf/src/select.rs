@@ -169,7 +169,7 @@ pub extern "C" fn choose_slot(
         // Slots from 1. An empty position holds id 0: its load (index 0 of the array, which
         // may hold another id's counts) is read and then outweighed, by a mask rather than a
         // branch.
-        let id = maps::table_entry(table_offset.wrapping_add(slot.wrapping_sub(1)))?;
+        let id = maps::table_entry(table_position(table_offset, slot))?;
         let load = maps::backend_load(id)?;
         Some(load.weighed(inactive) | (NO_BACKEND_OVERHEAD & zero_mask(u64::from(id))))
     })
@@ -198,5 +198,14 @@ pub extern "C" fn slot_backend(
 /// The backend id in slot `slot`, from 1, of the table at `table_offset`.
 #[inline(always)]
 fn table_slot(table_offset: u32, slot: u32) -> Option<u32> {
-    maps::table_position(table_offset.wrapping_add(slot.checked_sub(1)?))
+    if slot == 0 {
+        return None;
+    }
+    maps::table_position(table_position(table_offset, slot))
+}
+
+/// Where slot `slot` (from 1, not 0) of the table at `table_offset` lies in `lb_slot_tables`.
+#[inline(always)]
+fn table_position(table_offset: u32, slot: u32) -> u32 {
+    table_offset.wrapping_add(slot.wrapping_sub(1))
 }

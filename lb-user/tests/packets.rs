@@ -249,31 +249,38 @@ impl Tables {
     /// Every CPU's round-robin cursor of the Service of internal TCP frontend `address:port`,
     /// at `at`: the slot a least-connection scan starts from, whatever rows ran before.
     fn set_cursor(&mut self, (address, port): (Ipv4Addr, u16), at: u32) {
-        let key = FrontendKey {
-            addr_be: ipv4_be(address),
-            port_be: port.to_be(),
-            protocol: PROTO_TCP,
-            scope: SCOPE_INTERNAL,
-        };
+        let key = tcp_frontend_key(address, port, SCOPE_INTERNAL);
         let service_id = self
             .frontends
             .get(&key, 0)
             .expect("the frontend")
             .service_id;
-        let cpus = aya::util::nr_cpus().expect("the CPUs");
-        let values = PerCpuValues::try_from(vec![at; cpus]).expect("per-CPU values");
         self.cursors
-            .set(service_id, values, 0)
+            .set(service_id, on_every_cpu(at), 0)
             .expect("the cursors, written");
     }
 
     /// Every CPU's reject bucket, as `tokens` and the time it was last refilled.
     fn set_reject_tokens(&mut self, tokens: RejectTokens) {
-        let cpus = aya::util::nr_cpus().expect("the CPUs");
-        let values = PerCpuValues::try_from(vec![tokens; cpus]).expect("per-CPU values");
         self.reject_tokens
-            .set(0, values, 0)
+            .set(0, on_every_cpu(tokens), 0)
             .expect("the reject buckets, written");
+    }
+}
+
+/// `value` for each CPU of a per-CPU map.
+fn on_every_cpu<T: aya::Pod + Clone>(value: T) -> PerCpuValues<T> {
+    let cpus = aya::util::nr_cpus().expect("the CPUs");
+    PerCpuValues::try_from(vec![value; cpus]).expect("per-CPU values")
+}
+
+/// The key of TCP frontend `address:port` in `scope`.
+fn tcp_frontend_key(address: Ipv4Addr, port: u16, scope: u8) -> FrontendKey {
+    FrontendKey {
+        addr_be: ipv4_be(address),
+        port_be: port.to_be(),
+        protocol: PROTO_TCP,
+        scope,
     }
 }
 
@@ -2607,16 +2614,13 @@ fn orphan_segment_fragment(client: Ipv4Addr, port: u16, to: (Ipv4Addr, u16), n: 
 /// As the agent does when the far Service is deleted: its frontends and its address go, its
 /// flows stay.
 fn far_service_gone(tables: &mut Tables) {
-    let address = ipv4_be(REMOTE_LB_IP);
     // The far Service has one frontend, from outside.
-    let key = FrontendKey {
-        addr_be: address,
-        port_be: 80u16.to_be(),
-        protocol: PROTO_TCP,
-        scope: SCOPE_EXTERNAL,
-    };
+    let key = tcp_frontend_key(REMOTE_LB_IP, 80, SCOPE_EXTERNAL);
     tables.frontends.remove(&key).expect("the far frontend");
-    tables.vips.remove(&address).expect("the far address");
+    tables
+        .vips
+        .remove(&ipv4_be(REMOTE_LB_IP))
+        .expect("the far address");
 }
 
 /// Fragment `n` of a TCP segment of 2,000 bytes from `client:port` to `to`, in fragments of
