@@ -19,7 +19,8 @@ pub const TARGET_PORT: u16 = 8080;
 /// Endpoints of each synthetic Service.
 pub const ENDPOINTS: u32 = 10;
 /// Services per manifest file, as a directory of many small files would hold them.
-const PER_FILE: usize = 100;
+/// Services per manifest file.
+pub const PER_FILE: usize = 100;
 
 #[derive(Clone, Debug)]
 pub struct Service {
@@ -81,11 +82,16 @@ impl Service {
 pub fn write_manifests(dir: &Path, services: &[Service]) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     for (file, chunk) in services.chunks(PER_FILE).enumerate() {
-        let path = dir.join(format!("services-{file:04}.yaml"));
+        let path = dir.join(manifest_name(file));
         let text: String = chunk.iter().map(Service::manifest).collect();
         fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// The name of the `file`th manifest file [`write_manifests`] writes.
+pub fn manifest_name(file: usize) -> String {
+    format!("services-{file:04}.yaml")
 }
 
 /// A kube-proxy mode's ruleset for `services`: the whole of it, as its first sync writes it,

@@ -16,13 +16,9 @@ use lb_user::{
     datapath::{self, Datapath},
     error_chain, flow_gc,
     maps::KernelMaps,
-    model::{self, Objects, Skipped},
+    model::{self, Change, Objects, Skipped},
     sockets,
-    sources::{
-        inotify::Notifier,
-        kubernetes,
-        manifests::{Fingerprint, Manifests},
-    },
+    sources::{inotify::Notifier, kubernetes, manifests::Manifests},
     status::{self, Endpoints, ServiceChecks, Status},
     sync::{Adopted, Pipeline},
 };
@@ -128,7 +124,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     let mut source = match &settings.source {
         SourceSettings::Manifests(paths) => Source::Manifests {
             manifests: Manifests::new(paths.clone()),
-            fingerprint: None,
+            reported: None,
             notifier: Notifier::new()
                 .inspect_err(|e| warn!(error = %e, "no inotify, manifests are polled only"))
                 .ok(),
@@ -160,25 +156,30 @@ pub async fn run(settings: Settings) -> Result<()> {
         service_checks: ServiceChecks::new(Arc::clone(&status)),
         status: Arc::clone(&status),
     };
-    // The latest objects, kept to retry the writes that failed.
-    let mut latest: Option<(Objects, Vec<Skipped>)> = None;
+    // What the source reported wrong at its last reading; `None` until it has read anything.
+    let mut source_skipped: Option<Vec<Skipped>> = None;
     let mut ready = false;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     info!(node = %settings.node.name, pins = %settings.pin_dir.display(), "agent started");
     loop {
-        let fresh = source.poll();
-        let changed = fresh.is_some();
-        if fresh.is_some() {
-            latest = fresh;
+        match source.poll() {
+            Some((input, skipped)) => {
+                syncer.sync(input, skipped.clone(), &settings.node);
+                source_skipped = Some(skipped);
+            }
+            // Writes that failed are retried at every poll, changes or not.
+            None => {
+                if let Some(skipped) = &source_skipped
+                    && syncer.failed
+                {
+                    syncer.sync(Input::Changes(Vec::new()), skipped.clone(), &settings.node);
+                }
+            }
         }
         // Until something is listed (the API unreachable at start), what is pinned stays in
         // force, untouched.
-        if let Some((objects, skipped)) = &latest {
-            // Writes that failed are retried at every poll, changes or not.
-            if changed || syncer.failed {
-                syncer.sync(objects, skipped.clone(), &settings.node);
-            }
+        if source_skipped.is_some() {
             syncer.reset_stale_sockets();
             // Listeners that could not open are tried again.
             syncer.service_checks.reconcile();
@@ -222,13 +223,19 @@ fn attach(datapath: &mut Datapath, settings: &Settings) -> Result<(), datapath::
     sockets.and(pods).and(uplinks)
 }
 
+/// What a source read: what changed, or the whole.
+enum Input {
+    Changes(Vec<Change>),
+    Snapshot(Objects),
+}
+
 /// Where the objects come from, and how the agent learns that they changed.
 enum Source {
-    /// Polled: a changed fingerprint means changed files; inotify wakes the poll as soon as
-    /// one may have changed.
+    /// Polled: each poll reads the files that changed; inotify wakes the poll as soon as
+    /// one may have. `reported`: what was wrong with them at the last sync.
     Manifests {
         manifests: Manifests,
-        fingerprint: Option<Fingerprint>,
+        reported: Option<Vec<Skipped>>,
         notifier: Option<Notifier>,
     },
     /// Pushed: a snapshot per burst of changes, once everything has been listed. `fresh`: one
@@ -240,26 +247,27 @@ enum Source {
 }
 
 impl Source {
-    /// The objects, if they changed since the last call.
-    fn poll(&mut self) -> Option<(Objects, Vec<Skipped>)> {
+    /// What changed since the last call, if anything may have, and what is wrong with the
+    /// objects.
+    fn poll(&mut self) -> Option<(Input, Vec<Skipped>)> {
         match self {
             Self::Manifests {
                 manifests,
-                fingerprint,
+                reported,
                 notifier,
             } => {
-                let now = manifests.fingerprint();
-                if fingerprint.as_ref() == Some(&now) {
+                let (changes, skipped) = manifests.load();
+                if changes.is_empty() && reported.as_ref() == Some(&skipped) {
                     return None;
                 }
-                *fingerprint = Some(now);
+                *reported = Some(skipped.clone());
                 if let Some(watching) = notifier
                     && let Err(e) = watching.watch(&manifests.directories())
                 {
                     warn!(error = %e, "inotify stopped, manifests are polled only");
                     *notifier = None;
                 }
-                Some(manifests.load())
+                Some((Input::Changes(changes), skipped))
             }
             Self::Kubernetes { snapshots, fresh } => {
                 if !*fresh && !snapshots.has_changed().unwrap_or(false) {
@@ -267,7 +275,7 @@ impl Source {
                 }
                 *fresh = false;
                 let objects = snapshots.borrow_and_update().clone()?;
-                Some((objects, Vec::new()))
+                Some((Input::Snapshot(objects), Vec::new()))
             }
         }
     }
@@ -312,11 +320,14 @@ struct Syncer {
 }
 
 impl Syncer {
-    fn sync(&mut self, objects: &Objects, mut skipped: Vec<Skipped>, node: &model::NodeConfig) {
+    fn sync(&mut self, input: Input, mut skipped: Vec<Skipped>, node: &model::NodeConfig) {
         let started = Instant::now();
-        let synced = self.pipeline.sync(objects, node, &mut self.maps);
+        let synced = match input {
+            Input::Changes(changes) => self.pipeline.sync_changes(changes, node, &mut self.maps),
+            Input::Snapshot(objects) => self.pipeline.sync(&objects, node, &mut self.maps),
+        };
         self.status
-            .set_node_eligible(model::node_eligible(&objects.nodes, &node.name));
+            .set_node_eligible(model::node_eligible(self.pipeline.nodes(), &node.name));
         self.service_checks
             .set(synced.health_checks, &synced.node_addresses);
         if let Some(snat) = synced.config_written {
@@ -333,7 +344,7 @@ impl Syncer {
         }
         self.failed = synced.failed > 0;
         self.status.record_sync(started.elapsed(), synced.failed);
-        self.status.set_frontends(synced.labels);
+        self.status.update_frontends(synced.labels);
         self.status.set_lost_claims(synced.lost_claims);
         self.generation += 1;
         let programmed = self.pipeline.programmed();

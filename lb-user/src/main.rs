@@ -414,7 +414,7 @@ fn raise_file_limit() {
 }
 
 fn plan(args: &PlanArgs) -> Result<()> {
-    let (objects, mut skipped) = Manifests::new(args.manifests.clone()).load();
+    let (objects, mut skipped) = Manifests::new(args.manifests.clone()).snapshot();
     let desired = model::compute(&objects, &args.node.config());
     skipped.extend(desired.skipped);
     // What the maps cannot hold (a full map, a backend of another family) is the plan's to say.

@@ -1,8 +1,9 @@
 //! One sync, from the sources' objects to the maps: model, plan, and every write (the config,
-//! the plan's operations, the epoch). The model and the plan are kept between syncs, so that an
-//! edit to one Service computes, plans and compares that Service's entries only: at 10,000
-//! Services, the work of one. The agent runs it; the control-plane benchmark times it; the
-//! pipeline tests run it over maps in memory.
+//! the plan's operations, the epoch). The objects, the model and the plan are kept between
+//! syncs, and each stage hands the next only what changed, so that an edit to one Service
+//! computes, plans and compares that Service's entries only: at 100,000 Services, the work of
+//! one. The agent runs it; the control-plane benchmark times it; the pipeline tests run it over
+//! maps in memory.
 
 use std::{
     collections::BTreeMap,
@@ -19,8 +20,8 @@ use tracing::error;
 use crate::{
     error_chain,
     maps::MapWrites,
-    model::{self, HealthCheck, LostClaim, Memo, NodeConfig, Objects, Skipped},
-    plan::{self, Ids, MapEntries, Op, Planner},
+    model::{self, Change, HealthCheck, LostClaim, Memo, NodeConfig, Objects, Skipped, Store},
+    plan::{self, FrontendKey, Ids, MapEntries, Op, Planner},
 };
 
 /// What an earlier agent left in the maps: where the pipeline starts from.
@@ -33,6 +34,7 @@ pub struct Adopted {
 }
 
 pub struct Pipeline {
+    store: Store,
     memo: Memo,
     planner: Planner,
     /// What the maps hold: what was read from them at start, then every write that took.
@@ -47,6 +49,8 @@ pub struct Pipeline {
     base_config: Config,
     /// The config the datapath runs with, as last written or adopted.
     config: Option<Config>,
+    /// The service id each labelled frontend had when its labels were last handed out.
+    labelled: BTreeMap<FrontendKey, u32>,
 }
 
 /// What a sync did.
@@ -64,8 +68,9 @@ pub struct Synced {
     pub skipped: Vec<Skipped>,
     /// Frontends claimed by a Service that an older one holds.
     pub lost_claims: Vec<LostClaim>,
-    /// The `/metrics` labels of each programmed frontend, by service id.
-    pub labels: BTreeMap<u32, FrontendLabels>,
+    /// The `/metrics` labels that changed, by service id: of each frontend programmed, or
+    /// `None` for one that no longer is.
+    pub labels: BTreeMap<u32, Option<FrontendLabels>>,
     /// The SNAT addresses, when this sync wrote a new config.
     pub config_written: Option<SnatAddresses>,
     /// The health checks the node serves for cloud load balancers.
@@ -90,6 +95,7 @@ impl Pipeline {
     /// Starts from what the maps hold, keeping its ids.
     pub fn new(node: &str, adopted: Adopted, base_config: Config) -> Self {
         Self {
+            store: Store::default(),
             memo: Memo::default(),
             planner: Planner::new(
                 node,
@@ -100,6 +106,7 @@ impl Pipeline {
             epoch_due: true,
             base_config,
             config: adopted.config,
+            labelled: BTreeMap::new(),
         }
     }
 
@@ -107,28 +114,55 @@ impl Pipeline {
         &self.programmed
     }
 
-    /// Brings the maps to what `objects` define for `node`. The SNAT address first (a new
-    /// NodePort's first packets need it), then the plan's operations, then the epoch: after
-    /// the deletions, a flow that looks again must find its backend gone. A failed operation
-    /// stops the sync: the operations after it depend on it (a slot on its backend, a count on
-    /// its slots), and what is programmed stays consistent; the next sync compares everything
-    /// and writes the rest.
+    /// The Node objects the sources hold.
+    pub fn nodes(&self) -> &[Arc<k8s_openapi::api::core::v1::Node>] {
+        self.store.nodes()
+    }
+
+    /// Brings the maps to what `objects`, the whole of what the sources hold, define for
+    /// `node`: [`Pipeline::sync_changes`] with the groups of objects that are not the same
+    /// allocations as at the last sync for changes.
     pub fn sync(
         &mut self,
         objects: &Objects,
         node: &NodeConfig,
         maps: &mut impl MapWrites,
     ) -> Synced {
-        let desired = self.memo.update(objects, node);
-        let (touched, unplanned) = self.planner.update(&desired.frontends);
-        let ops = if self.compare_all {
+        self.store.replace(objects);
+        self.sync_store(node, maps)
+    }
+
+    /// Brings the maps to what the objects define for `node` after `changes`. The SNAT
+    /// address first (a new NodePort's first packets need it), then the plan's operations,
+    /// then the epoch: after the deletions, a flow that looks again must find its backend
+    /// gone. A failed operation stops the sync: the operations after it depend on it (a slot
+    /// on its backend, a count on its slots), and what is programmed stays consistent; the
+    /// next sync compares everything and writes the rest.
+    pub fn sync_changes(
+        &mut self,
+        changes: impl IntoIterator<Item = Change>,
+        node: &NodeConfig,
+        maps: &mut impl MapWrites,
+    ) -> Synced {
+        for change in changes {
+            self.store.apply(change);
+        }
+        self.sync_store(node, maps)
+    }
+
+    fn sync_store(&mut self, node: &NodeConfig, maps: &mut impl MapWrites) -> Synced {
+        let changes = self.memo.update(&mut self.store, node);
+        let touched = self.planner.update(changes);
+        let compared_all = self.compare_all;
+        let ops = if compared_all {
             plan::diff(&self.programmed, self.planner.desired())
         } else {
             plan::diff_touched(&self.programmed, self.planner.desired(), &touched)
         };
+        let node_addresses = self.memo.node_addresses().to_vec();
         let snat_addresses = SnatAddresses {
-            v4: model::first_v4(&desired.node_addresses),
-            v6: model::first_v6(&desired.node_addresses),
+            v4: model::first_v4(&node_addresses),
+            v6: model::first_v6(&node_addresses),
         };
         let (config_written, config_failed) = self.write_config(snat_addresses, maps);
         let put_off = self.apply(&ops, maps);
@@ -144,17 +178,67 @@ impl Pipeline {
                 }
             }
         }
+        let labels = if compared_all {
+            let all: Vec<FrontendKey> = self
+                .labelled
+                .keys()
+                .chain(self.programmed.frontends.keys())
+                .copied()
+                .collect();
+            self.labels(all)
+        } else {
+            self.labels(touched.frontends)
+        };
         Synced {
             writes: ops.len(),
             failed: put_off + usize::from(config_failed) + usize::from(epoch_failed),
             backends_gone,
-            skipped: desired.skipped.iter().cloned().chain(unplanned).collect(),
-            labels: labels(&desired.frontends, &self.programmed),
-            lost_claims: desired.lost_claims.clone(),
+            skipped: self
+                .memo
+                .skipped()
+                .into_iter()
+                .chain(self.planner.unplanned())
+                .collect(),
+            labels,
+            lost_claims: self.memo.lost_claims(),
             config_written: config_written.then_some(snat_addresses),
-            health_checks: desired.health_checks.clone(),
-            node_addresses: desired.node_addresses.clone(),
+            health_checks: self.memo.health_checks(),
+            node_addresses,
         }
+    }
+
+    /// The `/metrics` labels of the frontends at `keys` that changed: those programmed now,
+    /// and `None` for the ids of those labelled before that are not.
+    fn labels(
+        &mut self,
+        keys: impl IntoIterator<Item = FrontendKey>,
+    ) -> BTreeMap<u32, Option<FrontendLabels>> {
+        let keys: Vec<FrontendKey> = keys.into_iter().collect();
+        // Every old id out before a new one comes in: an id may have passed between frontends.
+        let mut changed: BTreeMap<u32, Option<FrontendLabels>> = keys
+            .iter()
+            .filter_map(|key| Some((self.labelled.remove(key)?, None)))
+            .collect();
+        for key in keys {
+            let Some(programmed) = self.programmed.frontends.get(&key) else {
+                continue;
+            };
+            let Some(frontend) = self.planner.planned(&key) else {
+                continue;
+            };
+            let labels = FrontendLabels {
+                frontend: model::endpoint_name(frontend.address, frontend.port, frontend.protocol),
+                scope: match frontend.scope {
+                    model::Scope::External => "external",
+                    model::Scope::Internal => "internal",
+                },
+                service: frontend.service.clone(),
+                scheduler: frontend.algorithm.ipvs_name(),
+            };
+            self.labelled.insert(key, programmed.service_id);
+            changed.insert(programmed.service_id, Some(labels));
+        }
+        changed
     }
 
     /// Applies `ops` up to the first that fails; how many were put off.
@@ -211,29 +295,4 @@ impl Pipeline {
 pub struct SnatAddresses {
     pub v4: Option<Ipv4Addr>,
     pub v6: Option<Ipv6Addr>,
-}
-
-/// The `/metrics` labels of each programmed frontend, by service id.
-fn labels(
-    frontends: &[Arc<model::Frontend>],
-    programmed: &MapEntries,
-) -> BTreeMap<u32, FrontendLabels> {
-    frontends
-        .iter()
-        .filter_map(|f| {
-            let key = plan::frontend_key(f.address, f.port, f.protocol, f.scope);
-            let id = programmed.frontends.get(&key)?.service_id;
-            let scope = match f.scope {
-                model::Scope::External => "external",
-                model::Scope::Internal => "internal",
-            };
-            let labels = FrontendLabels {
-                frontend: model::endpoint_name(f.address, f.port, f.protocol),
-                scope,
-                service: f.service.clone(),
-                scheduler: f.algorithm.ipvs_name(),
-            };
-            Some((id, labels))
-        })
-        .collect()
 }

@@ -1,20 +1,21 @@
 //! The pipeline the agent runs ([`Pipeline`]: the model and the plan kept between syncs, the
 //! writes), over maps in memory: it must program what a fresh computation would, whatever the
 //! edits, touch only what an edit changed, and recover from any write that fails. Each golden
-//! case's files are added one at a time, edited and removed again; after every step the maps
-//! are compared with the entries computed from nothing.
+//! case's files are added one at a time, edited and removed again, handed to the pipeline as
+//! snapshots and, as real files, through the manifest source's changes; after every step the
+//! maps are compared with the entries computed from nothing.
 
 mod txtar;
 
-use std::{net::Ipv4Addr, sync::Arc};
+use std::{fs, net::Ipv4Addr, path::Path, sync::Arc};
 
 use lb_common::{addr::ipv4_be, maps::Config};
 use lb_user::{
     maps::memory::{FailingMaps, MemoryMaps, Written},
-    model::{self, Memo, NodeConfig, Objects, Skipped},
+    model::{self, Memo, NodeConfig, Objects, Skipped, Store},
     plan::{self, MapEntries, Op},
-    sources::manifests,
-    sync::{Adopted, Pipeline},
+    sources::manifests::{self, Manifests},
+    sync::{Adopted, Pipeline, Synced},
 };
 
 /// A source that keeps each file's objects while the file is unchanged, as the manifest
@@ -63,6 +64,22 @@ impl Agent {
     /// Syncs; how many plan operations it wrote.
     fn sync(&mut self, objects: &Objects, step: &str) -> usize {
         let synced = self.pipeline.sync(objects, &self.node, &mut self.maps);
+        self.check(synced, objects, step)
+    }
+
+    /// Syncs what changed in `source`'s files, as the agent does; how many plan operations
+    /// it wrote.
+    fn sync_files(&mut self, source: &mut Manifests, step: &str) -> usize {
+        let (changes, _) = source.load();
+        let synced = self
+            .pipeline
+            .sync_changes(changes, &self.node, &mut self.maps);
+        let (objects, _) = source.snapshot();
+        self.check(synced, &objects, step)
+    }
+
+    /// What a sync of `objects` left must be what a fresh computation makes of them.
+    fn check(&mut self, synced: Synced, objects: &Objects, step: &str) -> usize {
         assert_eq!(synced.failed, 0, "{step}: failed writes");
         assert_eq!(
             &self.maps.entries,
@@ -148,6 +165,60 @@ fn service(i: u32, endpoints: u32) -> String {
     text
 }
 
+/// Writes `text` to `name` in `dir` by a rename, as kubectl and editors do: a new inode, so
+/// that the source sees the change however soon after the last one it comes.
+fn write(dir: &Path, name: &str, text: &str) {
+    let hidden = dir.join(format!(".{name}.tmp"));
+    fs::write(&hidden, text).unwrap();
+    fs::rename(&hidden, dir.join(name)).unwrap();
+}
+
+#[test]
+fn every_step_of_every_golden_case_through_the_files_programs_what_a_fresh_computation_would() {
+    for case in txtar::cases() {
+        let sections: Vec<&(String, String)> = case.manifests().collect();
+        let mut agent = Agent::new(case.node());
+        let case = case.path.display();
+        let dir = tempfile::tempdir().unwrap();
+        let mut source = Manifests::new(vec![dir.path().to_path_buf()]);
+        let file = |name: &str| format!("{}.yaml", name.replace('/', "_"));
+        for (name, text) in sections.iter().copied() {
+            write(dir.path(), &file(name), text);
+            agent.sync_files(&mut source, &format!("{case}: {name} added"));
+        }
+        for (name, text) in sections.iter().copied() {
+            write(dir.path(), &file(name), text);
+            let writes = agent.sync_files(&mut source, &format!("{case}: {name} rewritten"));
+            assert_eq!(writes, 0, "{case}: {name} rewritten wrote");
+        }
+        for (name, text) in sections.iter().copied() {
+            if let Some(cut) = text.rfind("- addresses:") {
+                let end = text[cut..].find('\n').map_or(text.len(), |n| cut + n + 1);
+                let fewer = format!("{}{}", &text[..cut], &text[end..]);
+                write(dir.path(), &file(name), &fewer);
+                agent.sync_files(&mut source, &format!("{case}: {name} one address fewer"));
+                write(dir.path(), &file(name), text);
+                agent.sync_files(&mut source, &format!("{case}: {name} restored"));
+            }
+        }
+        // All of one file's documents moved to the next file.
+        if let [(a, a_text), (b, b_text), ..] = sections.as_slice() {
+            write(dir.path(), &file(b), &format!("{a_text}\n---\n{b_text}"));
+            fs::remove_file(dir.path().join(file(a))).unwrap();
+            agent.sync_files(&mut source, &format!("{case}: {a} moved into {b}"));
+        }
+        for entry in fs::read_dir(dir.path()).unwrap() {
+            fs::remove_file(entry.unwrap().path()).unwrap();
+        }
+        agent.sync_files(&mut source, &format!("{case}: all removed"));
+        assert_eq!(
+            agent.maps.entries,
+            MapEntries::default(),
+            "{case}: all removed"
+        );
+    }
+}
+
 #[test]
 fn an_edit_to_one_service_touches_its_entries_only() {
     let mut agent = Agent::new("lab-node");
@@ -211,14 +282,24 @@ fn unchanged_objects_are_not_computed_again() {
     files.put("a.yaml", &service(1, 2));
     files.put("b.yaml", &service(2, 2));
     let mut memo = Memo::default();
-    let first = memo.update(&files.objects(), &node);
+    let mut store = Store::default();
+    let mut update = |objects: &Objects, node: &NodeConfig| {
+        store.replace(objects);
+        let changed = memo.update(&mut store, node);
+        (memo.desired(), changed)
+    };
+    let (first, changed) = update(&files.objects(), &node);
+    assert_eq!(changed.len(), 2, "both frontends new");
     files.put("b.yaml", &service(2, 1));
-    let second = memo.update(&files.objects(), &node);
+    let (second, changed) = update(&files.objects(), &node);
     assert!(Arc::ptr_eq(&first.frontends[0], &second.frontends[0]));
     assert!(!Arc::ptr_eq(&first.frontends[1], &second.frontends[1]));
-    // Another node config: everything again.
-    let third = memo.update(&files.objects(), &NodeConfig::new("other"));
-    assert!(!Arc::ptr_eq(&second.frontends[0], &third.frontends[0]));
+    assert_eq!(changed.len(), 1, "only b's frontend is handed to the plan");
+    // Another node config: everything computed again, but what comes out the same is the
+    // same allocation, and no frontend is handed to the plan.
+    let (third, changed) = update(&files.objects(), &NodeConfig::new("other"));
+    assert!(Arc::ptr_eq(&second.frontends[0], &third.frontends[0]));
+    assert!(changed.is_empty(), "{changed:?}");
 }
 
 /// The datapath's reading of the maps: every slot a frontend counts is there, and names a

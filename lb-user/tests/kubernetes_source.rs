@@ -80,7 +80,7 @@ async fn converges(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kubernetes_source_builds_the_model_the_manifests_do() {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
-    let (mut expected, skipped) = Manifests::new(vec![examples]).load();
+    let (mut expected, skipped) = Manifests::new(vec![examples]).snapshot();
     assert!(skipped.is_empty(), "{skipped:?}");
     assert!(
         !frontends(&expected).is_empty(),

@@ -1,7 +1,7 @@
 //! The control plane's cost: from manifests of N Services of 10 endpoints each to programmed
 //! maps, through the agent's own pipeline (load, model, plan, map writes), and then one
-//! endpoint removed, as a sync after an edit does it. Run once per N, in its own process, so
-//! that the peak RSS is this run's.
+//! endpoint removed from one Service, file after file, as a sync after an edit does it. Run
+//! once per N, in its own process, so that the peak RSS is this run's.
 
 use std::{
     fs,
@@ -39,6 +39,9 @@ struct Args {
     /// Runs of each measurement; figures are their median, min and max.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Edits per run, each removing one endpoint of the first Service of another file.
+    #[arg(long, default_value_t = 5)]
+    edits: usize,
     /// Runs of each baseline: at 10,000 Services one load takes about a minute.
     #[arg(long, default_value_t = 3)]
     baseline_runs: usize,
@@ -61,8 +64,11 @@ struct Figures {
     /// From reading the manifests to the last map write, into empty maps.
     program_all_ms: Spread,
     /// The same for one endpoint removed from one file: that file read again, that Service
-    /// computed and planned again, its changed entries written.
+    /// computed and planned again, its changed entries written; every edit of every run.
     one_endpoint_ms: Spread,
+    /// The first edit of each run alone: right after programming everything, its first
+    /// allocations pay for sorting the many chunks the large sync freed (glibc's malloc).
+    first_edit_ms: Spread,
     one_endpoint_writes: usize,
     peak_rss_mib: f64,
     /// `iptables-restore` of kube-proxy's iptables mode's ruleset for the same Services.
@@ -74,6 +80,11 @@ struct Figures {
 fn main() -> Result<()> {
     let args = Args::parse();
     let services: Vec<Service> = (0..args.services).map(cluster::synthetic).collect();
+    ensure!(
+        args.edits <= services.len().div_ceil(cluster::PER_FILE),
+        "{} edits need as many files",
+        args.edits
+    );
     let mut runs = Vec::new();
     for run in 0..args.runs {
         let (datapath, mut maps) = datapath::scratch(&format!("cp-{run}"))?;
@@ -85,7 +96,7 @@ fn main() -> Result<()> {
             dir.join("node.yaml"),
             format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\n"),
         )?;
-        let measured = measure(&args, &services[0], &dir, &mut maps);
+        let measured = measure(&args, &services, &dir, &mut maps);
         datapath.remove()?;
         fs::remove_dir_all(&dir)?;
         runs.push(measured?);
@@ -104,7 +115,8 @@ fn main() -> Result<()> {
         services: args.services,
         map_entries: runs[0].writes,
         program_all_ms: Spread::of(runs.iter().map(|r| r.program_all_ms).collect()),
-        one_endpoint_ms: Spread::of(runs.iter().map(|r| r.one_endpoint_ms).collect()),
+        one_endpoint_ms: Spread::of(runs.iter().flat_map(|r| r.edits_ms.clone()).collect()),
+        first_edit_ms: Spread::of(runs.iter().map(|r| r.edits_ms[0]).collect()),
         one_endpoint_writes: runs[0].one_endpoint_writes,
         peak_rss_mib,
         iptables,
@@ -112,14 +124,17 @@ fn main() -> Result<()> {
     };
     println!(
         "control plane, {} services x {ENDPOINTS} endpoints ({} runs): {} map entries programmed \
-         in {}, peak RSS {:.0} MiB; one endpoint removed: {} writes in {}",
+         in {}, peak RSS {:.0} MiB; one endpoint removed: {} writes in {} ({} edits; the first \
+         of each run: {})",
         figures.services,
         args.runs,
         figures.map_entries,
         figures.program_all_ms,
         figures.peak_rss_mib,
         figures.one_endpoint_writes,
-        figures.one_endpoint_ms
+        figures.one_endpoint_ms,
+        args.runs * args.edits,
+        figures.first_edit_ms
     );
     for (name, baseline) in [
         ("iptables-restore", &figures.iptables),
@@ -147,11 +162,12 @@ fn main() -> Result<()> {
 struct Run {
     writes: usize,
     program_all_ms: f64,
-    one_endpoint_ms: f64,
+    /// Each edit's sync, in order.
+    edits_ms: Vec<f64>,
     one_endpoint_writes: usize,
 }
 
-fn measure(args: &Args, first: &Service, dir: &Path, maps: &mut KernelMaps) -> Result<Run> {
+fn measure(args: &Args, services: &[Service], dir: &Path, maps: &mut KernelMaps) -> Result<Run> {
     let mut source = Manifests::new(vec![dir.to_path_buf()]);
     let mut pipeline = Pipeline::new(NODE, Adopted::default(), Config::default());
     let node = NodeConfig::new(NODE);
@@ -165,20 +181,24 @@ fn measure(args: &Args, first: &Service, dir: &Path, maps: &mut KernelMaps) -> R
         "{programmed} frontends programmed"
     );
 
-    // One endpoint fewer in the first file, as an edit would leave it.
-    let file = dir.join("services-0000.yaml");
-    let text = fs::read_to_string(&file)?;
-    let gone = Service::endpoint_line(first.endpoints[0]);
-    ensure!(text.contains(&gone), "endpoint to remove not found");
-    fs::write(&file, text.replacen(&gone, "", 1))?;
-    let started = Instant::now();
-    let one_endpoint_writes = sync(&mut source, &node, &mut pipeline, maps)?;
-    let one_endpoint_ms = started.elapsed().as_secs_f64() * 1000.0;
+    // One endpoint fewer in a file, as an edit would leave it.
+    let mut edits_ms = Vec::new();
+    let mut one_endpoint_writes = 0;
+    for edit in 0..args.edits {
+        let file = dir.join(cluster::manifest_name(edit));
+        let text = fs::read_to_string(&file)?;
+        let gone = Service::endpoint_line(services[edit * cluster::PER_FILE].endpoints[0]);
+        ensure!(text.contains(&gone), "endpoint to remove not found");
+        fs::write(&file, text.replacen(&gone, "", 1))?;
+        let started = Instant::now();
+        one_endpoint_writes = sync(&mut source, &node, &mut pipeline, maps)?;
+        edits_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
 
     Ok(Run {
         writes,
         program_all_ms,
-        one_endpoint_ms,
+        edits_ms,
         one_endpoint_writes,
     })
 }
@@ -224,9 +244,9 @@ fn sync(
     pipeline: &mut Pipeline,
     maps: &mut KernelMaps,
 ) -> Result<usize> {
-    let (objects, skipped) = source.load();
+    let (changes, skipped) = source.load();
     ensure!(skipped.is_empty(), "manifests: {:?}", skipped.first());
-    let synced = pipeline.sync(&objects, node, maps);
+    let synced = pipeline.sync_changes(changes, node, maps);
     if let Some(skipped) = synced.skipped.first() {
         bail!("{skipped}");
     }

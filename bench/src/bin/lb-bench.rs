@@ -475,7 +475,8 @@ fn measure(
         // The cases before go in a sync of their own: a sync gives no id its frontend just
         // left, and 100,000 Services of each family would not fit the ids at once.
         for wanted in [&[][..], &frontends] {
-            let (_, skipped) = planner.update(wanted);
+            planner.update_all(wanted);
+            let skipped = planner.unplanned();
             ensure!(
                 skipped.is_empty(),
                 "{services} services do not fit: {:?}",

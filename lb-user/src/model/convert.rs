@@ -20,6 +20,7 @@ use super::{
     ALGORITHM_ANNOTATION, Algorithm, Cluster, Endpoint, EndpointPort, EndpointSlice, Family, Node,
     Protocol, SCHEDULER_ANNOTATION, SCHEDULER_FLAGS_ANNOTATION, Service, ServiceKind, ServicePort,
     Skipped, SourceRange, SourceRanges, TOPOLOGY_KEYS_ANNOTATION, TargetPort, TrafficPolicy,
+    store::Object,
 };
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -78,21 +79,13 @@ pub fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
 /// `objects` grouped by the Service they belong to (namespace, name). A slice without a
 /// Service label is grouped under an empty name, to be reported.
 pub fn groups(objects: &Objects) -> BTreeMap<(&str, &str), Group> {
-    fn key(meta: &ObjectMeta) -> (&str, &str) {
-        (
-            meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE),
-            meta.name.as_deref().unwrap_or_default(),
-        )
-    }
     let mut groups: BTreeMap<(&str, &str), Group> = BTreeMap::new();
     for service in &objects.services {
         let group = groups.entry(key(&service.metadata)).or_default();
         group.services.push(Arc::clone(service));
     }
     for slice in &objects.endpoint_slices {
-        let (namespace, _) = key(&slice.metadata);
-        let service = label(&slice.metadata, SERVICE_NAME_LABEL).unwrap_or_default();
-        let group = groups.entry((namespace, service)).or_default();
+        let group = groups.entry(slice_key(slice)).or_default();
         group.slices.push(Arc::clone(slice));
     }
     for endpoints in &objects.endpoints {
@@ -100,6 +93,32 @@ pub fn groups(objects: &Objects) -> BTreeMap<(&str, &str), Group> {
         group.endpoints.push(Arc::clone(endpoints));
     }
     groups
+}
+
+/// The Service (namespace, name) whose group `object` belongs to; a Node belongs to none.
+pub fn group_key(object: &Object) -> (&str, &str) {
+    match object {
+        Object::Service(service) => key(&service.metadata),
+        Object::Slice(slice) => slice_key(slice),
+        Object::Endpoints(endpoints) => key(&endpoints.metadata),
+        Object::Node(node) => ("", node.metadata.name.as_deref().unwrap_or_default()),
+    }
+}
+
+fn key(meta: &ObjectMeta) -> (&str, &str) {
+    (
+        meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE),
+        meta.name.as_deref().unwrap_or_default(),
+    )
+}
+
+/// A slice belongs to the Service its label names.
+fn slice_key(slice: &discovery::EndpointSlice) -> (&str, &str) {
+    let (namespace, _) = key(&slice.metadata);
+    (
+        namespace,
+        label(&slice.metadata, SERVICE_NAME_LABEL).unwrap_or_default(),
+    )
 }
 
 /// Validates one group's objects into the model; what is left out is listed.

@@ -1,32 +1,69 @@
-//! The model kept between syncs. A Service's frontends are computed again only when one of its
-//! objects changed (the Service, its EndpointSlices, its Endpoints), or when the Nodes or the
-//! node's config did: with 10,000 Services, an edit to one costs the work of one. Sources hand
-//! out the same allocation for an object that did not change, so a change is found by address,
-//! without comparing contents.
+//! The model kept between syncs, brought up to date by what changed: a Service's frontends are
+//! computed again only when one of its objects changed ([`Store`] says which), or when what
+//! the Nodes and the node's config make of this node did; claims are settled again only at the
+//! addresses whose claims changed; and the frontends that come out different are all the plan
+//! is handed. With 100,000 Services, an edit to one costs the work of one.
 
-use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
-
-use k8s_openapi::api::core::v1 as core;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::Arc,
+};
 
 use super::{
-    Desired, Frontend, HealthCheck, Node, NodeConfig, Objects, Skipped,
-    convert::{self, Group, same},
+    Desired, Frontend, HealthCheck, LostClaim, Node, NodeConfig, Protocol, Scope, Skipped,
+    convert::{self, Group},
     frontends::{NodeView, frontends, settle},
     health,
+    store::{ServiceKey, Store},
 };
+
+/// What claims settle over: one address, port and protocol, in every scope.
+type Address = (IpAddr, u16, Protocol);
+
+/// A frontend the model changed, by its address, port, protocol and scope: what it is now;
+/// `None`: gone.
+#[derive(Clone, Debug)]
+pub struct FrontendChange {
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub scope: Scope,
+    pub frontend: Option<Arc<Frontend>>,
+}
+
+impl FrontendChange {
+    fn new(frontend: &Arc<Frontend>, now: Option<&Arc<Frontend>>) -> Self {
+        Self {
+            address: frontend.address,
+            port: frontend.port,
+            protocol: frontend.protocol,
+            scope: frontend.scope,
+            frontend: now.cloned(),
+        }
+    }
+}
 
 #[derive(Default)]
 pub struct Memo {
     /// What every Service below was computed for.
     node_state: Option<NodeState>,
     /// By namespace and name.
-    services: BTreeMap<(String, String), ServicePart>,
+    services: BTreeMap<ServiceKey, ServicePart>,
+    /// The Services whose part reports something or serves a health check.
+    reporting: BTreeSet<ServiceKey>,
+    /// Every Service's claims, by what they claim: claims of one address are settled with each
+    /// other only.
+    claims: BTreeMap<Address, Vec<Arc<Frontend>>>,
+    /// The claims that won, by address, sorted by scope.
+    settled: BTreeMap<Address, Vec<Arc<Frontend>>>,
+    /// What settling left out, at the addresses where it did.
+    contested: BTreeMap<Address, (Vec<Skipped>, Vec<LostClaim>)>,
 }
 
+#[derive(PartialEq)]
 struct NodeState {
     node: NodeConfig,
-    /// The Node objects the rest was computed from.
-    objects: Vec<Arc<core::Node>>,
     nodes: Vec<Node>,
     /// Where NodePorts listen; the first IPv4 one is the SNAT address.
     node_addresses: Vec<IpAddr>,
@@ -35,7 +72,6 @@ struct NodeState {
 
 /// One Service's part of the model.
 struct ServicePart {
-    group: Group,
     /// Every frontend it claims, before other Services' claims are settled.
     frontends: Vec<Arc<Frontend>>,
     skipped: Vec<Skipped>,
@@ -43,14 +79,23 @@ struct ServicePart {
 }
 
 impl Memo {
-    /// What `objects` define for `node`: [`super::compute`], from what the last update left.
-    /// A frontend that did not change is the same allocation as in the last update.
-    pub fn update(&mut self, objects: &Objects, node: &NodeConfig) -> Desired {
+    /// Brings the model up to what `store` holds for `node`, from what the last update left;
+    /// the frontends that changed, in no order. A frontend that did not change is the same
+    /// allocation as before, even when its Service was computed again.
+    pub fn update(&mut self, store: &mut Store, node: &NodeConfig) -> Vec<FrontendChange> {
+        let changed = store.take_changes();
+        let mut services = changed.services;
         let node_state = match self.node_state.take() {
-            Some(c) if c.node == *node && same(&c.objects, &objects.nodes) => c,
-            _ => {
-                self.services.clear();
-                NodeState::new(objects, node)
+            Some(state) if state.node == *node && !changed.nodes => state,
+            before => {
+                let state = NodeState::new(store.nodes(), node);
+                // A Node's status or heartbeat that changes nothing the model reads changes
+                // no frontend.
+                if before.as_ref() != Some(&state) {
+                    services.extend(self.services.keys().cloned());
+                    services.extend(store.groups().map(|(key, _)| key.clone()));
+                }
+                state
             }
         };
         let view = NodeView::new(
@@ -58,56 +103,149 @@ impl Memo {
             &node_state.node_addresses,
             &node_state.nodes,
         );
-        let mut before = std::mem::take(&mut self.services).into_iter().peekable();
-        self.services = convert::groups(objects)
-            .into_iter()
-            .map(|(key, group)| {
-                let is_before =
-                    |(k, _): &((String, String), ServicePart)| (k.0.as_str(), k.1.as_str()) < key;
-                while before.next_if(is_before).is_some() {}
-                let kept = before.next_if(|(k, computed)| {
-                    (k.0.as_str(), k.1.as_str()) == key && computed.group.is_same(&group)
-                });
-                kept.unwrap_or_else(|| {
-                    let computed = ServicePart::new(group, &view);
-                    ((key.0.to_string(), key.1.to_string()), computed)
-                })
-            })
-            .collect();
-        drop(before);
-
-        let mut skipped = node_state.skipped.clone();
-        for computed in self.services.values() {
-            skipped.extend_from_slice(&computed.skipped);
+        let mut unsettled = BTreeSet::new();
+        for key in services {
+            let before = self.services.remove(&key);
+            let after = store
+                .group(&key)
+                .map(|group| ServicePart::new(group, &view, before.as_ref()));
+            if !convert::same(claims(before.as_ref()), claims(after.as_ref())) {
+                for claim in claims(before.as_ref()) {
+                    let address = address(claim);
+                    if let Some(list) = self.claims.get_mut(&address) {
+                        list.retain(|c| !Arc::ptr_eq(c, claim));
+                    }
+                    unsettled.insert(address);
+                }
+                for claim in claims(after.as_ref()) {
+                    let address = address(claim);
+                    self.claims
+                        .entry(address)
+                        .or_default()
+                        .push(Arc::clone(claim));
+                    unsettled.insert(address);
+                }
+            }
+            self.reporting.remove(&key);
+            if let Some(part) = after {
+                if !part.skipped.is_empty() || !part.health_checks.is_empty() {
+                    self.reporting.insert(key.clone());
+                }
+                self.services.insert(key, part);
+            }
         }
-        let claims = self
-            .services
-            .values()
-            .flat_map(|c| c.frontends.iter().cloned());
-        let (frontends, lost_claims) = settle(claims, &mut skipped);
-        skipped.sort();
-        let node_addresses = node_state.node_addresses.clone();
         self.node_state = Some(node_state);
-        let mut health_checks: Vec<HealthCheck> = self
-            .services
+
+        let mut frontend_changes = Vec::new();
+        for address in unsettled {
+            let claims = self.claims.remove(&address).unwrap_or_default();
+            let mut skipped = Vec::new();
+            let (winners, lost) = settle(claims.iter().cloned(), &mut skipped);
+            if !claims.is_empty() {
+                self.claims.insert(address, claims);
+            }
+            if skipped.is_empty() {
+                self.contested.remove(&address);
+            } else {
+                self.contested.insert(address, (skipped, lost));
+            }
+            let before = if winners.is_empty() {
+                self.settled.remove(&address)
+            } else {
+                self.settled.insert(address, winners.clone())
+            }
+            .unwrap_or_default();
+            for gone in before
+                .iter()
+                .filter(|b| winners.iter().all(|w| w.scope != b.scope))
+            {
+                frontend_changes.push(FrontendChange::new(gone, None));
+            }
+            for won in winners
+                .iter()
+                .filter(|w| before.iter().all(|b| !Arc::ptr_eq(b, w)))
+            {
+                frontend_changes.push(FrontendChange::new(won, Some(won)));
+            }
+        }
+        frontend_changes
+    }
+
+    /// Every frontend, sorted by address, port, protocol and scope.
+    pub fn frontends(&self) -> impl Iterator<Item = &Arc<Frontend>> {
+        self.settled.values().flatten()
+    }
+
+    /// Everything left out on the way, and why, sorted.
+    pub fn skipped(&self) -> Vec<Skipped> {
+        let node = self.node_state.iter().flat_map(|s| &s.skipped);
+        let parts = self
+            .reporting
+            .iter()
+            .filter_map(|key| self.services.get(key))
+            .flat_map(|part| &part.skipped);
+        let settling = self.contested.values().flat_map(|(skipped, _)| skipped);
+        let mut skipped: Vec<Skipped> = node.chain(parts).chain(settling).cloned().collect();
+        skipped.sort();
+        skipped
+    }
+
+    /// The claims that lost to an older Service's, sorted.
+    pub fn lost_claims(&self) -> Vec<LostClaim> {
+        let mut lost: Vec<LostClaim> = self
+            .contested
             .values()
-            .flat_map(|c| c.health_checks.iter().cloned())
+            .flat_map(|(_, lost)| lost.iter().cloned())
             .collect();
-        health_checks.sort();
+        lost.sort();
+        lost.dedup();
+        lost
+    }
+
+    /// The health checks this node serves, sorted by Service.
+    pub fn health_checks(&self) -> Vec<HealthCheck> {
+        let mut checks: Vec<HealthCheck> = self
+            .reporting
+            .iter()
+            .filter_map(|key| self.services.get(key))
+            .flat_map(|part| part.health_checks.iter().cloned())
+            .collect();
+        checks.sort();
+        checks
+    }
+
+    /// The node's addresses: where NodePorts listen.
+    pub fn node_addresses(&self) -> &[IpAddr] {
+        self.node_state
+            .as_ref()
+            .map_or(&[], |s| s.node_addresses.as_slice())
+    }
+
+    /// The whole of the model, as [`super::compute`] gives it.
+    pub fn desired(&self) -> Desired {
         Desired {
-            frontends,
-            skipped,
-            lost_claims,
-            node_addresses,
-            health_checks,
+            frontends: self.frontends().cloned().collect(),
+            skipped: self.skipped(),
+            lost_claims: self.lost_claims(),
+            node_addresses: self.node_addresses().to_vec(),
+            health_checks: self.health_checks(),
         }
     }
 }
 
+/// A part's claims.
+fn claims(part: Option<&ServicePart>) -> &[Arc<Frontend>] {
+    part.as_ref().map_or(&[], |p| p.frontends.as_slice())
+}
+
+fn address(frontend: &Frontend) -> Address {
+    (frontend.address, frontend.port, frontend.protocol)
+}
+
 impl NodeState {
-    fn new(objects: &Objects, node: &NodeConfig) -> Self {
+    fn new(node_objects: &[Arc<k8s_openapi::api::core::v1::Node>], node: &NodeConfig) -> Self {
         let mut skipped = Vec::new();
-        let nodes = convert::nodes(&objects.nodes, &mut skipped);
+        let nodes = convert::nodes(node_objects, &mut skipped);
         let own = nodes.iter().find(|n| n.name == node.name);
         if own.is_none() {
             skipped.push(Skipped::new(
@@ -132,7 +270,6 @@ impl NodeState {
         }
         Self {
             node: node.clone(),
-            objects: objects.nodes.clone(),
             nodes,
             node_addresses,
             skipped,
@@ -141,9 +278,10 @@ impl NodeState {
 }
 
 impl ServicePart {
-    fn new(group: Group, view: &NodeView<'_>) -> Self {
+    /// `group`'s part; a frontend equal to one of `before`'s is that allocation.
+    fn new(group: &Group, view: &NodeView<'_>, before: Option<&ServicePart>) -> Self {
         let mut skipped = Vec::new();
-        let cluster = convert::cluster(&group, &mut skipped);
+        let cluster = convert::cluster(group, &mut skipped);
         // Claims within one Service are settled here, between Services in `update`.
         let (frontends, _, more) = frontends(&cluster, view);
         skipped.extend(more);
@@ -152,9 +290,21 @@ impl ServicePart {
             .iter()
             .flat_map(|service| health::health_checks(service, &cluster, &view.node.name))
             .collect();
+        let earlier = before.map_or(&[][..], |b| b.frontends.as_slice());
+        let frontends = frontends
+            .into_iter()
+            .enumerate()
+            .map(|(at, frontend)| {
+                earlier
+                    .get(at)
+                    .filter(|e| ***e == frontend)
+                    .or_else(|| earlier.iter().find(|e| ***e == frontend))
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(frontend))
+            })
+            .collect();
         Self {
-            group,
-            frontends: frontends.into_iter().map(Arc::new).collect(),
+            frontends,
             skipped,
             health_checks,
         }

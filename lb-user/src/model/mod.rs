@@ -8,6 +8,7 @@ mod convert;
 mod frontends;
 mod health;
 mod memo;
+mod store;
 mod topology;
 
 use std::{
@@ -20,8 +21,9 @@ use std::{
 
 pub use convert::{HEADLESS_LABEL, Objects, node_eligible};
 pub use frontends::{first_v4, first_v6};
-pub use memo::Memo;
+pub use memo::{FrontendChange, Memo};
 use serde::Serialize;
+pub use store::{Change, Changed, Object, ServiceKey, Store};
 
 /// The annotation that chooses a Service's scheduler, by IPVS's name ([`Algorithm::from_name`]);
 /// without it, the node's default serves the Service (`--scheduler`).
@@ -545,5 +547,9 @@ pub struct HealthCheck {
 
 /// What `objects` define for `node`.
 pub fn compute(objects: &Objects, node: &NodeConfig) -> Desired {
-    Memo::default().update(objects, node)
+    let mut store = Store::default();
+    store.replace(objects);
+    let mut memo = Memo::default();
+    memo.update(&mut store, node);
+    memo.desired()
 }

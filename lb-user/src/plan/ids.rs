@@ -29,6 +29,11 @@ pub struct Ids {
     taken_positions: BTreeMap<u32, u32>,
     /// Below it, every position is taken: where the search for free ones starts.
     positions_free_from: u32,
+    /// Service ids and table positions released in this sync: free at its end.
+    released: Vec<u32>,
+    released_positions: Vec<u32>,
+    /// Adopted from an earlier agent: the first sync's end looks at every frontend.
+    adopted: bool,
 }
 
 impl Ids {
@@ -71,6 +76,9 @@ impl Ids {
                 .max()
                 .unwrap_or(0),
             backends,
+            released: Vec::new(),
+            released_positions: Vec::new(),
+            adopted: true,
         }
     }
 
@@ -124,8 +132,9 @@ impl Ids {
         match self.tables.get(&key) {
             Some(&(offset, had)) if had == size => return Some(offset),
             // Released at the sync's end, as a withdrawn frontend's.
-            Some(_) => {
+            Some(&(offset, _)) => {
                 self.tables.remove(&key);
+                self.released_positions.push(offset);
             }
             None => {}
         }
@@ -147,29 +156,47 @@ impl Ids {
         Some(at)
     }
 
-    /// Ends a sync: releases the service ids of the frontends `kept` rejects, the tables of the
-    /// frontends `table_kept` does not name at their first position, and the ids of the
-    /// backends nothing names; returns the latter.
+    /// Ends a sync: of the frontends `touched` names, releases the service ids of those `kept`
+    /// rejects and the tables of those `table_kept` does not name at their first position;
+    /// releases the ids of the backends nothing names, and returns them. Only what the sync
+    /// touched is looked at, but for the first sync after [`Ids::adopt`], which looks at every
+    /// frontend an earlier agent left.
     pub fn end_sync(
         &mut self,
+        touched: &BTreeSet<FrontendKey>,
         kept: impl Fn(&FrontendKey) -> bool,
         table_kept: impl Fn(&FrontendKey, u32) -> bool,
     ) -> Vec<u32> {
-        self.tables
-            .retain(|key, &mut (offset, _)| table_kept(key, offset));
-        if self.taken_positions.len() != self.tables.len() {
-            self.taken_positions = self
-                .tables
-                .values()
-                .map(|&(offset, size)| (offset, offset + size))
-                .collect();
+        let keys: Vec<FrontendKey> = if std::mem::take(&mut self.adopted) {
+            self.services
+                .keys()
+                .chain(self.tables.keys())
+                .copied()
+                .collect()
+        } else {
+            touched.iter().copied().collect()
+        };
+        for key in &keys {
+            if let Some(&(offset, _)) = self.tables.get(key)
+                && !table_kept(key, offset)
+            {
+                self.tables.remove(key);
+                self.released_positions.push(offset);
+            }
+            if !kept(key)
+                && let Some(id) = self.services.remove(key)
+            {
+                self.released.push(id);
+            }
         }
-        self.positions_free_from = 0;
-        self.services.retain(|key, _| kept(key));
-        if self.taken.len() != self.services.len() {
-            self.taken = self.services.values().copied().collect();
+        for offset in std::mem::take(&mut self.released_positions) {
+            self.taken_positions.remove(&offset);
+            self.positions_free_from = self.positions_free_from.min(offset);
         }
-        self.free_from = 1;
+        for id in std::mem::take(&mut self.released) {
+            self.taken.remove(&id);
+            self.free_from = self.free_from.min(id);
+        }
         let mut released = Vec::new();
         for backend in std::mem::take(&mut self.unnamed) {
             if let Some(&(id, 0)) = self.backends.get(&backend) {
@@ -205,6 +232,11 @@ mod tests {
         }
     }
 
+    /// Every key the tests use: each sync looks at all of them.
+    fn keys() -> BTreeSet<FrontendKey> {
+        (1..=7).map(key).collect()
+    }
+
     #[test]
     fn service_ids_are_stable_and_start_at_one() {
         let mut ids = Ids::default();
@@ -212,14 +244,14 @@ mod tests {
             (ids.service(key(1)), ids.service(key(2))),
             (Some(1), Some(2))
         );
-        ids.end_sync(|_| true, |_, _| true);
+        ids.end_sync(&keys(), |_| true, |_, _| true);
         assert_eq!(ids.service(key(2)), Some(2), "a kept frontend keeps its id");
         assert_eq!(
             ids.service(key(3)),
             Some(3),
             "an id released in the same sync is not reused"
         );
-        ids.end_sync(|k| *k != key(1), |_, _| true);
+        ids.end_sync(&keys(), |k| *k != key(1), |_, _| true);
         assert_eq!(
             ids.service(key(4)),
             Some(1),
@@ -262,7 +294,10 @@ mod tests {
             8,
             "a flow still names backend 7: a new backend must not take its id"
         );
-        assert_eq!(adopted.end_sync(|_| true, |_, _| true), Vec::<u32>::new());
+        assert_eq!(
+            adopted.end_sync(&keys(), |_| true, |_, _| true),
+            Vec::<u32>::new()
+        );
     }
 
     #[test]
@@ -278,7 +313,10 @@ mod tests {
         programmed.backends.insert(4, backend(1));
         let mut adopted = Ids::adopt(&programmed, 0);
         assert_eq!(adopted.service(key(2)), Some(1));
-        assert_eq!(adopted.end_sync(|k| *k == key(2), |_, _| true), vec![4]);
+        assert_eq!(
+            adopted.end_sync(&keys(), |k| *k == key(2), |_, _| true),
+            vec![4]
+        );
         assert_eq!(adopted.service(key(3)), Some(2));
         assert_eq!(adopted.service(key(4)), Some(3));
         assert_eq!(adopted.service(key(5)), Some(4));
@@ -299,7 +337,7 @@ mod tests {
         // key(1)'s table grows: it moves, and its old positions wait for the sync's end.
         assert_eq!(ids.table(key(1), 11), Some(14));
         assert_eq!(ids.table(key(3), 7), Some(25));
-        ids.end_sync(|_| true, |_, _| true);
+        ids.end_sync(&keys(), |_| true, |_, _| true);
         assert_eq!(ids.table(key(4), 5), Some(0), "the first free positions");
         assert_eq!(
             ids.table(key(5), 5),
@@ -319,10 +357,13 @@ mod tests {
             ids.name_backend(backend(1)),
         ];
         assert_eq!(first, [1, 2, 1]);
-        assert_eq!(ids.end_sync(|_| true, |_, _| true), Vec::<u32>::new());
+        assert_eq!(
+            ids.end_sync(&keys(), |_| true, |_, _| true),
+            Vec::<u32>::new()
+        );
         ids.unname_backend(backend(1));
         assert_eq!(
-            ids.end_sync(|_| true, |_, _| true),
+            ids.end_sync(&keys(), |_| true, |_, _| true),
             Vec::<u32>::new(),
             "another slot still names it"
         );
@@ -333,7 +374,7 @@ mod tests {
             2,
             "named again in the same sync"
         );
-        assert_eq!(ids.end_sync(|_| true, |_, _| true), vec![1]);
+        assert_eq!(ids.end_sync(&keys(), |_| true, |_, _| true), vec![1]);
         assert_eq!(
             ids.name_backend(backend(1)),
             3,

@@ -103,7 +103,8 @@ fn range_entries(
 /// The map entries for `frontends` on node `node`, with fresh ids.
 pub fn entries(frontends: &[Arc<model::Frontend>], node: &str) -> (MapEntries, Vec<Skipped>) {
     let mut planner = Planner::new(node, Ids::default());
-    let (_, skipped) = planner.update(frontends);
+    planner.update_all(frontends);
+    let skipped = planner.unplanned();
     (planner.desired, skipped)
 }
 
@@ -115,6 +116,8 @@ pub struct Planner {
     ids: Ids,
     /// What each frontend's entries were planned from, and why it has none if it has none.
     planned: BTreeMap<FrontendKey, (Arc<model::Frontend>, Option<Skipped>)>,
+    /// The frontends that could not be planned: tried again at every update.
+    unplanned: BTreeSet<FrontendKey>,
     /// The entries of every planned frontend: what the maps should hold.
     desired: MapEntries,
     /// The frontends of each Service port with ClientIP affinity, which share it.
@@ -139,6 +142,7 @@ impl Planner {
             node: node.to_string(),
             ids,
             planned: BTreeMap::new(),
+            unplanned: BTreeSet::new(),
             desired: MapEntries::default(),
             affinity_groups: BTreeMap::new(),
         }
@@ -149,49 +153,86 @@ impl Planner {
         &self.desired
     }
 
-    /// Plans `frontends`, the model's whole output: a frontend that is the same allocation as
-    /// in the last update keeps its entries. Returns the keys whose entries may have changed,
-    /// and what could not be planned.
-    pub fn update(&mut self, frontends: &[Arc<model::Frontend>]) -> (Touched, Vec<Skipped>) {
-        let wanted: BTreeMap<FrontendKey, &Arc<model::Frontend>> = frontends
+    /// The model's frontend whose entries are planned at `key`.
+    pub fn planned(&self, key: &FrontendKey) -> Option<&model::Frontend> {
+        match self.planned.get(key)? {
+            (frontend, None) => Some(frontend),
+            (_, Some(_)) => None,
+        }
+    }
+
+    /// Why the frontends without entries have none.
+    pub fn unplanned(&self) -> Vec<Skipped> {
+        self.unplanned
             .iter()
-            .map(|f| (frontend_key(f.address, f.port, f.protocol, f.scope), f))
+            .filter_map(|key| self.planned.get(key)?.1.clone())
+            .collect()
+    }
+
+    /// Plans `frontends` as the model's whole output: the others are withdrawn.
+    pub fn update_all(&mut self, frontends: &[Arc<model::Frontend>]) -> Touched {
+        let wanted: BTreeSet<FrontendKey> = frontends.iter().map(|f| key_of(f)).collect();
+        let gone = self
+            .planned
+            .iter()
+            .filter(|(key, _)| !wanted.contains(key))
+            .map(|(_, (frontend, _))| model::FrontendChange {
+                frontend: None,
+                ..change(frontend)
+            });
+        let put = frontends.iter().map(change);
+        let changes: Vec<model::FrontendChange> = gone.chain(put).collect();
+        self.update(changes)
+    }
+
+    /// Plans the frontends the model changed: a frontend that is the same allocation as the
+    /// one planned keeps its entries, and those that could not be planned are tried again.
+    /// Returns the keys whose entries may have changed.
+    pub fn update(&mut self, changes: impl IntoIterator<Item = model::FrontendChange>) -> Touched {
+        let mut wanted: BTreeMap<FrontendKey, Option<Arc<model::Frontend>>> = self
+            .unplanned
+            .iter()
+            .filter_map(|key| Some((*key, Some(Arc::clone(&self.planned.get(key)?.0)))))
             .collect();
+        for change in changes {
+            let key = frontend_key(change.address, change.port, change.protocol, change.scope);
+            wanted.insert(key, change.frontend);
+        }
         let mut touched = Touched::default();
         // Out first, in, then the backends nothing names any more: a backend that stays keeps
         // its id.
-        let stale: Vec<FrontendKey> = self
-            .planned
-            .iter()
-            .filter(|(key, (before, unplanned))| {
-                unplanned.is_some() || wanted.get(key).is_none_or(|f| !Arc::ptr_eq(f, before))
-            })
-            .map(|(key, _)| *key)
-            .collect();
+        wanted.retain(|key, frontend| match (self.planned.get(key), frontend) {
+            (Some((before, None)), Some(now)) => !Arc::ptr_eq(before, now),
+            (None, None) => false,
+            _ => true,
+        });
+        let looked: BTreeSet<FrontendKey> = wanted.keys().copied().collect();
         let mut regroup = BTreeSet::new();
-        for key in stale {
-            if let Some(group) = self.planned.get(&key).and_then(|(f, _)| affinity_group(f)) {
+        for key in &looked {
+            if let Some(group) = self.planned.get(key).and_then(|(f, _)| affinity_group(f)) {
                 if let Some(keys) = self.affinity_groups.get_mut(&group) {
-                    keys.remove(&key);
+                    keys.remove(key);
                 }
                 regroup.insert(group);
             }
-            self.withdraw(key, &mut touched);
+            self.withdraw(*key, &mut touched);
         }
         for (key, frontend) in wanted {
-            if !self.planned.contains_key(&key) {
-                let unplanned = self.place(key, frontend, &mut touched);
-                if unplanned.is_none()
-                    && let Some(group) = affinity_group(frontend)
-                {
-                    self.affinity_groups
-                        .entry(group.clone())
-                        .or_default()
-                        .insert(key);
-                    regroup.insert(group);
-                }
-                self.planned.insert(key, (Arc::clone(frontend), unplanned));
+            let Some(frontend) = frontend else { continue };
+            let unplanned = self.place(key, &frontend, &mut touched);
+            if unplanned.is_none()
+                && let Some(group) = affinity_group(&frontend)
+            {
+                self.affinity_groups
+                    .entry(group.clone())
+                    .or_default()
+                    .insert(key);
+                regroup.insert(group);
             }
+            if unplanned.is_some() {
+                self.unplanned.insert(key);
+            }
+            self.planned.insert(key, (frontend, unplanned));
         }
         for group in regroup {
             self.share_affinity(&group, &mut touched);
@@ -204,17 +245,12 @@ impl Planner {
         };
         for id in self
             .ids
-            .end_sync(|key| self.planned.contains_key(key), table_kept)
+            .end_sync(&looked, |key| self.planned.contains_key(key), table_kept)
         {
             self.desired.backends.remove(&id);
             touched.backends.insert(id);
         }
-        let skipped = self
-            .planned
-            .values()
-            .filter_map(|(_, unplanned)| unplanned.clone())
-            .collect();
-        (touched, skipped)
+        touched
     }
 
     /// Gives the frontends of `group` one affinity key: the lowest of their service ids, which
@@ -248,6 +284,7 @@ impl Planner {
         let Some((before, _)) = self.planned.remove(&key) else {
             return;
         };
+        self.unplanned.remove(&key);
         let Some(frontend) = self.desired.frontends.remove(&key) else {
             return;
         };
@@ -467,6 +504,26 @@ impl Planner {
 pub fn has_table(frontend: &Frontend) -> bool {
     frontend.backend_count != 0
         && (frontend.algorithm == ALGORITHM_MAGLEV || counts_flows(frontend.algorithm))
+}
+
+fn key_of(frontend: &model::Frontend) -> FrontendKey {
+    frontend_key(
+        frontend.address,
+        frontend.port,
+        frontend.protocol,
+        frontend.scope,
+    )
+}
+
+/// A change that puts `frontend` where it is.
+fn change(frontend: &Arc<model::Frontend>) -> model::FrontendChange {
+    model::FrontendChange {
+        address: frontend.address,
+        port: frontend.port,
+        protocol: frontend.protocol,
+        scope: frontend.scope,
+        frontend: Some(Arc::clone(frontend)),
+    }
 }
 
 /// The map key of a frontend.
@@ -906,7 +963,8 @@ mod tests {
         ];
         let mut planner = Planner::new("node-a", Ids::default());
         let mut plan = |backends: &[(Ipv4Addr, u16)]| {
-            let (_, skipped) = planner.update(&[Arc::new(frontend(Algorithm::Maglev, backends))]);
+            planner.update_all(&[Arc::new(frontend(Algorithm::Maglev, backends))]);
+            let skipped = planner.unplanned();
             assert!(skipped.is_empty(), "{skipped:?}");
             planner.desired().clone()
         };
@@ -949,9 +1007,9 @@ mod tests {
         });
         let maglev = Arc::new(frontend(Algorithm::Maglev, &backends));
         let mut planner = Planner::new("node-a", Ids::default());
-        planner.update(&[Arc::clone(&round_robin), maglev]);
+        planner.update_all(&[Arc::clone(&round_robin), maglev]);
         // The Maglev one goes; both backends are still the other's.
-        planner.update(&[round_robin]);
+        planner.update_all(&[round_robin]);
         let desired = planner.desired();
         assert_eq!(desired.slots.len(), 2);
         for slot in desired.slots.values() {
@@ -1021,7 +1079,7 @@ mod tests {
         };
         let mut planner = Planner::new("node-a", Ids::default());
         let mut dump = |frontends: &[Arc<model::Frontend>]| {
-            planner.update(frontends);
+            planner.update_all(frontends);
             let entries = planner.desired().dump();
             entries
                 .lines()
@@ -1065,7 +1123,7 @@ mod tests {
         let (internal, external) = (node_port(Scope::Internal), node_port(Scope::External));
         let mut planner = Planner::new("node-a", Ids::default());
         let mut vips = |frontends: &[Arc<model::Frontend>]| {
-            planner.update(frontends);
+            planner.update_all(frontends);
             let dump = planner.desired().dump();
             dump.lines()
                 .filter(|l| l.starts_with("VIP:"))

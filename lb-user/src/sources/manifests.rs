@@ -2,8 +2,9 @@
 //! A document that does not parse is skipped with its file and position; the others load.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     fs,
+    hash::{Hash as _, Hasher as _},
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::Arc,
@@ -13,12 +14,11 @@ use std::{
 use serde::Deserialize as _;
 use serde_yaml::{Mapping, Value};
 
-use crate::model::{Objects, Skipped, TOPOLOGY_KEYS_ANNOTATION};
+#[cfg(test)]
+use crate::model::Object;
+use crate::model::{Change, Objects, Skipped, TOPOLOGY_KEYS_ANNOTATION};
 
 const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
-
-/// What identifies a version of the manifests: a change to any file changes it.
-pub type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64, u64)>;
 
 #[derive(Clone, Debug)]
 pub struct Manifests {
@@ -26,6 +26,8 @@ pub struct Manifests {
     /// What each file held when last read: a file whose stamp has not changed is not read
     /// again.
     files: BTreeMap<PathBuf, FileState>,
+    /// The directories the last load walked.
+    walked: Vec<PathBuf>,
 }
 
 /// What identifies a version of a file. The inode too: a file replaced by rename (kubectl,
@@ -43,6 +45,10 @@ struct FileState {
     /// broken by an edit keeps programming these until it reads clean again. While the file
     /// is clean, `read` is that version, and this is empty.
     last_good: Option<Objects>,
+    /// Each document of its last version, by the hash of its text, with its objects: a
+    /// document read again unchanged is not parsed again, and its objects are the same
+    /// allocations. Empty when the version was parsed whole ([`documents`]).
+    documents: Vec<(u64, Objects)>,
 }
 
 impl FileState {
@@ -54,14 +60,19 @@ impl FileState {
             self.last_good
         }
     }
+
+    /// What the file programs: its last version without error, or else what its version
+    /// with errors holds.
+    fn programs(&self) -> &Objects {
+        match &self.last_good {
+            Some(good) if !self.errors.is_empty() => good,
+            _ => &self.read,
+        }
+    }
 }
 
-fn stamp(file: &Path) -> Stamp {
-    let meta = fs::metadata(file).ok();
-    let modified = meta.as_ref().and_then(|m| m.modified().ok());
-    let len = meta.as_ref().map_or(0, fs::Metadata::len);
-    let inode = meta.map_or(0, |m| m.ino());
-    (modified, len, inode)
+fn stamp(meta: &fs::Metadata) -> Stamp {
+    (meta.modified().ok(), meta.len(), meta.ino())
 }
 
 impl Manifests {
@@ -69,17 +80,22 @@ impl Manifests {
         Self {
             paths,
             files: BTreeMap::new(),
+            walked: Vec::new(),
         }
     }
 
     /// The manifest files, directories expanded (recursively, sorted).
     pub fn files(&self) -> Vec<PathBuf> {
-        walk(&self.paths).files
+        walk(&self.paths)
+            .files
+            .into_iter()
+            .map(|(f, _)| f)
+            .collect()
     }
 
-    /// The directories whose entries are the manifests: each directory given and those below
-    /// it, and the parent of each path given (which sees a file replaced by rename, or a
-    /// directory made).
+    /// The directories whose entries are the manifests, as the last load found them: each
+    /// directory given and those below it, and the parent of each path given (which sees a
+    /// file replaced by rename, or a directory made).
     pub fn directories(&self) -> Vec<PathBuf> {
         let mut directories = Vec::new();
         for path in &self.paths {
@@ -92,69 +108,124 @@ impl Manifests {
                 directories.push(parent.to_path_buf());
             }
         }
-        directories.extend(walk(&self.paths).directories);
+        directories.extend(self.walked.iter().cloned());
         directories
     }
 
-    pub fn fingerprint(&self) -> Fingerprint {
-        self.files()
-            .into_iter()
-            .map(|file| {
-                let (modified, len, inode) = stamp(&file);
-                (file, modified, len, inode)
-            })
-            .collect()
-    }
-
-    /// Reads the files that changed since the last load and returns the objects of all. A
-    /// file with an error (a document that does not parse) is reported, and its last clean
-    /// version stands in for it, if it had one: an edit in progress or a typo does not delete
-    /// what the file programmed.
-    pub fn load(&mut self) -> (Objects, Vec<Skipped>) {
-        let mut objects = Objects::default();
+    /// Reads the files that changed since the last load; what that changed in the objects
+    /// the files program, and what is wrong with them. A file with an error (a document that
+    /// does not parse) is reported, and its last clean version stands in for it, if it had
+    /// one: an edit in progress or a typo does not delete what the file programmed. An object
+    /// a file read again holds unchanged, in the same place, is the allocation it was.
+    pub fn load(&mut self) -> (Vec<Change>, Vec<Skipped>) {
+        let mut changes = Vec::new();
         let mut skipped = Vec::new();
         for path in &self.paths {
             if !path.exists() {
                 skipped.push(Skipped::new(path.display().to_string(), "", "no such file"));
             }
         }
-        let files = self.files();
-        self.files.retain(|file, _| files.contains(file));
-        for file in files {
-            let now = stamp(&file);
-            let state = match self.files.remove(&file) {
-                Some(state) if state.stamp == now => state,
-                previous => read(&file, now, previous.and_then(FileState::good)),
+        let walk = walk(&self.paths);
+        self.walked = walk.directories;
+        for (file, now) in &walk.files {
+            let state = match self.files.get(file) {
+                Some(state) if state.stamp == *now => state,
+                _ => {
+                    let previous = self.files.remove(file);
+                    let before = previous
+                        .as_ref()
+                        .map(|p| p.programs().clone())
+                        .unwrap_or_default();
+                    let state = read(file, *now, previous);
+                    changes.extend(differences(&before, state.programs()));
+                    self.files.entry(file.clone()).or_insert(state)
+                }
             };
-            if state.errors.is_empty() {
-                objects.extend(state.read.clone());
-            } else {
-                match &state.last_good {
-                    Some(good) => {
-                        skipped.push(Skipped::new(
-                            file.display().to_string(),
-                            "",
-                            "has errors: its last version without errors stays programmed",
-                        ));
-                        objects.extend(good.clone());
-                    }
-                    None => objects.extend(state.read.clone()),
+            if !state.errors.is_empty() {
+                if state.last_good.is_some() {
+                    skipped.push(Skipped::new(
+                        file.display().to_string(),
+                        "",
+                        "has errors: its last version without errors stays programmed",
+                    ));
                 }
                 skipped.extend(state.errors.iter().cloned());
             }
-            self.files.insert(file, state);
+        }
+        // Paths are walked once each: any more known are gone.
+        if self.files.len() > walk.files.len() {
+            let listed: HashSet<&PathBuf> = walk.files.iter().map(|(f, _)| f).collect();
+            let gone: Vec<PathBuf> = self
+                .files
+                .keys()
+                .filter(|file| !listed.contains(file))
+                .cloned()
+                .collect();
+            for file in gone {
+                if let Some(state) = self.files.remove(&file) {
+                    changes.extend(state.programs().iter().map(Change::Removed));
+                }
+            }
+        }
+        (changes, skipped)
+    }
+
+    /// The objects of every file as [`Manifests::load`] leaves them, and what is wrong with
+    /// them: the whole, for a one-off reading (`plan`, `dump`, tests).
+    pub fn snapshot(&mut self) -> (Objects, Vec<Skipped>) {
+        let (_, skipped) = self.load();
+        let mut objects = Objects::default();
+        for state in self.files.values() {
+            objects.extend(state.programs().clone());
         }
         (objects, skipped)
     }
 }
 
-/// Reads and parses `file`, at `stamp`; `last_good` is its last version without error.
-fn read(file: &Path, stamp: Stamp, last_good: Option<Objects>) -> FileState {
+/// The allocations of `before` that `after` does not hold, removed; those of `after` that
+/// `before` did not, added.
+fn differences(before: &Objects, after: &Objects) -> Vec<Change> {
+    let held = |objects: &Objects| -> HashSet<*const ()> {
+        objects.iter().map(|o| o.allocation()).collect()
+    };
+    let (was, is) = (held(before), held(after));
+    let removed = before
+        .iter()
+        .filter(|o| !is.contains(&o.allocation()))
+        .map(Change::Removed);
+    let added = after
+        .iter()
+        .filter(|o| !was.contains(&o.allocation()))
+        .map(Change::Added);
+    removed.chain(added).collect()
+}
+
+/// Reads and parses `file`, at `stamp`; `previous` is what its last version held.
+fn read(file: &Path, stamp: Stamp, previous: Option<FileState>) -> FileState {
     let origin = file.display().to_string();
     let mut objects = Objects::default();
     let mut errors = Vec::new();
+    let mut documents = Vec::new();
+    let (mut known, last_good) = match previous {
+        Some(mut previous) => {
+            let mut known: HashMap<u64, Vec<Objects>> = HashMap::new();
+            for (hash, objects) in std::mem::take(&mut previous.documents) {
+                known.entry(hash).or_default().push(objects);
+            }
+            (known, previous.good())
+        }
+        None => (HashMap::new(), None),
+    };
     match fs::read_to_string(file) {
-        Ok(text) => parse(&origin, &text, &mut objects, &mut errors),
+        Ok(text) => match parse_documents(&origin, &text, &mut known) {
+            Some(parsed) => {
+                for (_, document) in &parsed {
+                    objects.extend(document.clone());
+                }
+                documents = parsed;
+            }
+            None => parse(&origin, &text, &mut objects, &mut errors),
+        },
         Err(e) => errors.push(Skipped::new(&origin, "", e.to_string())),
     }
     let last_good = if errors.is_empty() { None } else { last_good };
@@ -163,13 +234,88 @@ fn read(file: &Path, stamp: Stamp, last_good: Option<Objects>) -> FileState {
         read: objects,
         errors,
         last_good,
+        documents,
     }
+}
+
+/// Parses each document of `text` on its own, but those whose text hashes to one of `known`
+/// (what the last version's documents held), which are taken from there. None when the text
+/// cannot be split into documents, or a document has an error: the whole text is then parsed
+/// as one stream, which names each error's document as YAML counts them.
+fn parse_documents(
+    origin: &str,
+    text: &str,
+    known: &mut HashMap<u64, Vec<Objects>>,
+) -> Option<Vec<(u64, Objects)>> {
+    let mut parsed = Vec::new();
+    for document in documents(text)? {
+        let mut hasher = std::hash::DefaultHasher::new();
+        document.hash(&mut hasher);
+        let hash = hasher.finish();
+        let objects = match known.get_mut(&hash).and_then(Vec::pop) {
+            Some(objects) => objects,
+            None => {
+                let mut objects = Objects::default();
+                let mut errors = Vec::new();
+                parse(origin, document, &mut objects, &mut errors);
+                if !errors.is_empty() {
+                    return None;
+                }
+                objects
+            }
+        };
+        parsed.push((hash, objects));
+    }
+    Some(parsed)
+}
+
+/// The documents of a YAML stream, each its own text: split at the lines that begin with a
+/// document marker (`---`, which starts one, and `...`, which ends one), which YAML reserves at
+/// the start of a line wherever it is, even inside a scalar. None for a stream with directives
+/// (a line beginning with `%`), which belong to the document after them. A part before the
+/// first marker with nothing but comments and blank lines is none.
+fn documents(text: &str) -> Option<Vec<&str>> {
+    let marker = |line: &str, marker: &str| {
+        line.strip_prefix(marker)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r', '\n']))
+    };
+    let content = |part: &str| {
+        part.lines().any(|line| {
+            let line = line.trim();
+            !line.is_empty() && !line.starts_with('#')
+        })
+    };
+    let mut documents = Vec::new();
+    let (mut start, mut offset) = (0, 0);
+    // Whether the current part began with `---`: then it is a document even if empty.
+    let mut opened = false;
+    for line in text.split_inclusive('\n') {
+        if line.starts_with('%') {
+            return None;
+        }
+        let (starts, ends) = (marker(line, "---"), marker(line, "..."));
+        if starts || ends {
+            let end = if ends { offset + line.len() } else { offset };
+            let part = &text[start..end];
+            if opened || content(part) {
+                documents.push(part);
+            }
+            (start, opened) = (end, starts);
+        }
+        offset += line.len();
+    }
+    let part = &text[start..];
+    if opened || content(part) {
+        documents.push(part);
+    }
+    Some(documents)
 }
 
 /// What a walk of the paths given found.
 #[derive(Default)]
 struct Walk {
-    files: Vec<PathBuf>,
+    /// Each with its stamp as walked.
+    files: Vec<(PathBuf, Stamp)>,
     directories: Vec<PathBuf>,
 }
 
@@ -193,11 +339,12 @@ fn visit(path: &Path, walk: &mut Walk, seen: &mut HashSet<(u64, u64)>) {
     let Ok(meta) = fs::metadata(path) else {
         return;
     };
+
     if !(meta.is_file() || meta.is_dir()) || !seen.insert((meta.dev(), meta.ino())) {
         return;
     }
     if meta.is_file() {
-        walk.files.push(path.to_path_buf());
+        walk.files.push((path.to_path_buf(), stamp(&meta)));
         return;
     }
     walk.directories.push(path.to_path_buf());
@@ -206,25 +353,26 @@ fn visit(path: &Path, walk: &mut Walk, seen: &mut HashSet<(u64, u64)>) {
     };
     // Dot-entries are skipped: a ConfigMap volume keeps every file again under `..data` and a
     // timestamped directory.
-    let mut children: Vec<PathBuf> = entries
-        .filter_map(|e| Some(e.ok()?.path()))
-        .filter(|p| {
+    // The entry's own type, as the directory lists it: no stat for the entries skipped.
+    let mut children: Vec<(PathBuf, fs::FileType)> = entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            Some((e.path(), e.file_type().ok()?))
+        })
+        .filter(|(p, _)| {
             !p.file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with('.'))
         })
         .collect();
-    children.sort();
-    for child in children {
-        let Ok(link) = child.symlink_metadata() else {
-            continue;
-        };
-        if link.file_type().is_symlink() && child.is_dir() {
+    children.sort_by(|(a, _), (b, _)| a.cmp(b));
+    for (child, kind) in children {
+        if kind.is_symlink() && child.is_dir() {
             continue;
         }
         let manifest = child
             .extension()
             .is_some_and(|e| EXTENSIONS.iter().any(|x| e == *x));
-        if link.is_dir() || manifest {
+        if kind.is_dir() || manifest {
             visit(&child, walk, seen);
         }
     }
@@ -236,7 +384,7 @@ pub fn parse(origin: &str, text: &str, objects: &mut Objects, skipped: &mut Vec<
         let place = format!("{origin} (document {})", index + 1);
         match Value::deserialize(document) {
             Ok(Value::Null) => {}
-            Ok(value) => add(&place, &value, objects, skipped),
+            Ok(value) => add(&place, value, objects, skipped),
             Err(e) => {
                 skipped.push(Skipped::new(place, "", e.to_string()));
                 // The rest of the stream cannot be read past a syntax error.
@@ -246,7 +394,7 @@ pub fn parse(origin: &str, text: &str, objects: &mut Objects, skipped: &mut Vec<
     }
 }
 
-fn add(place: &str, value: &Value, objects: &mut Objects, skipped: &mut Vec<Skipped>) {
+fn add(place: &str, value: Value, objects: &mut Objects, skipped: &mut Vec<Skipped>) {
     let text = |key: &str| value.get(key).and_then(Value::as_str).unwrap_or_default();
     let kind = text("kind").to_string();
     let api_version = text("apiVersion").to_string();
@@ -262,32 +410,27 @@ fn add(place: &str, value: &Value, objects: &mut Objects, skipped: &mut Vec<Skip
         meta("namespace").unwrap_or_else(|| "default".into()),
         meta("name").unwrap_or_default()
     );
-    let mut typed = |objects: &mut Objects| -> Result<(), serde_yaml::Error> {
+    let typed = |objects: &mut Objects| -> Result<(), serde_yaml::Error> {
         match (api_version.as_str(), kind.as_str()) {
-            ("v1", "Service") => {
-                objects
-                    .services
-                    .push(Arc::new(serde_yaml::from_value(with_topology_keys(
-                        value.clone(),
-                    ))?));
-            }
+            ("v1", "Service") => objects
+                .services
+                .push(Arc::new(serde_yaml::from_value(with_topology_keys(value))?)),
             ("v1", "Endpoints") => objects
                 .endpoints
-                .push(Arc::new(serde_yaml::from_value(value.clone())?)),
-            ("v1", "Node") => objects
-                .nodes
-                .push(Arc::new(serde_yaml::from_value(value.clone())?)),
+                .push(Arc::new(serde_yaml::from_value(value)?)),
+            ("v1", "Node") => objects.nodes.push(Arc::new(serde_yaml::from_value(value)?)),
             ("discovery.k8s.io/v1", "EndpointSlice") => objects
                 .endpoint_slices
-                .push(Arc::new(serde_yaml::from_value(value.clone())?)),
+                .push(Arc::new(serde_yaml::from_value(value)?)),
             (_, kind) if kind.ends_with("List") => {
-                for item in value
-                    .get("items")
-                    .and_then(Value::as_sequence)
-                    .into_iter()
-                    .flatten()
-                {
-                    add(place, item, objects, skipped);
+                let items = match value {
+                    Value::Mapping(mut list) => list.remove("items"),
+                    _ => None,
+                };
+                if let Some(Value::Sequence(items)) = items {
+                    for item in items {
+                        add(place, item, objects, skipped);
+                    }
                 }
             }
             // Deployments, ConfigMaps and the like share manifest directories: not ours.
@@ -356,7 +499,8 @@ mod tests {
         // A file link, as a ConfigMap volume has them: followed, and its file read once.
         std::os::unix::fs::symlink("sub/b.yml", root.join("c.yaml")).unwrap();
         std::os::unix::fs::symlink("notes.txt", root.join("d.yaml")).unwrap();
-        let manifests = Manifests::new(vec![root.to_path_buf()]);
+        let mut manifests = Manifests::new(vec![root.to_path_buf()]);
+        manifests.load();
         let names: Vec<String> = manifests
             .files()
             .iter()
@@ -369,6 +513,99 @@ mod tests {
             3,
             "the parent, the root, sub: {directories:?}"
         );
+    }
+
+    #[test]
+    fn a_stream_splits_into_its_documents_at_the_markers_only() {
+        let cases: [(&str, Option<&[&str]>); 8] = [
+            ("a: 1\n", Some(&["a: 1\n"])),
+            ("# comment\n\n---\na: 1\n", Some(&["---\na: 1\n"])),
+            (
+                "a: 1\n---\nb: 2\n---\n",
+                Some(&["a: 1\n", "---\nb: 2\n", "---\n"]),
+            ),
+            (
+                "--- {a: 1}\r\n--- [b]\n",
+                Some(&["--- {a: 1}\r\n", "--- [b]\n"]),
+            ),
+            ("a: 1\n...\n# after\n", Some(&["a: 1\n...\n"])),
+            (
+                "a: |\n  text\n  --- not a marker\n----\n",
+                Some(&["a: |\n  text\n  --- not a marker\n----\n"]),
+            ),
+            ("%YAML 1.2\n---\na: 1\n", None),
+            ("", Some(&[])),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(documents(text).as_deref(), expected, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn documents_parsed_one_by_one_make_what_the_whole_stream_makes() {
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+        let manifests = Manifests::new(vec![examples]);
+        let files = manifests.files();
+        assert!(!files.is_empty());
+        for file in files {
+            let text = fs::read_to_string(&file).unwrap();
+            let (whole, skipped) = parse_text(&text);
+            assert!(skipped.is_empty(), "{skipped:?}");
+            let documents = parse_documents("test.yaml", &text, &mut HashMap::new())
+                .unwrap_or_else(|| panic!("{} splits", file.display()));
+            let mut split = Objects::default();
+            for (_, objects) in documents {
+                split.extend(objects);
+            }
+            let values = |objects: &Objects| format!("{objects:?}");
+            assert_eq!(values(&split), values(&whole), "{}", file.display());
+        }
+    }
+
+    #[test]
+    fn a_file_read_again_parses_only_its_changed_documents() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("svc.yaml");
+        let service = |name: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}}}\n"
+            )
+        };
+        let text = |b_ip: &str| {
+            [
+                service("a", "10.96.0.1"),
+                service("b", b_ip),
+                service("c", "10.96.0.3"),
+            ]
+            .join("---\n")
+        };
+        fs::write(&file, text("10.96.0.2")).unwrap();
+        let mut source = Manifests::new(vec![file.clone()]);
+        let (changes, skipped) = source.load();
+        assert_eq!((changes.len(), skipped.len()), (3, 0));
+        let (before, _) = source.snapshot();
+
+        // Another length: the stamp changes even within the same second.
+        fs::write(&file, text("10.96.0.22")).unwrap();
+        let (changes, skipped) = source.load();
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let names: Vec<(bool, &str)> = changes
+            .iter()
+            .map(|change| match change {
+                Change::Added(Object::Service(s)) => (true, s.metadata.name.as_deref().unwrap()),
+                Change::Removed(Object::Service(s)) => (false, s.metadata.name.as_deref().unwrap()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [(false, "b"), (true, "b")],
+            "b's old version out, its new one in"
+        );
+        let (after, _) = source.snapshot();
+        assert!(Arc::ptr_eq(&before.services[0], &after.services[0]));
+        assert!(!Arc::ptr_eq(&before.services[1], &after.services[1]));
+        assert!(Arc::ptr_eq(&before.services[2], &after.services[2]));
     }
 
     #[test]
@@ -409,11 +646,11 @@ items:
             "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1}\n";
         fs::write(&file, good).unwrap();
         let mut source = Manifests::new(vec![dir.path().to_path_buf()]);
-        let (objects, skipped) = source.load();
+        let (objects, skipped) = source.snapshot();
         assert_eq!((objects.services.len(), skipped.len()), (1, 0));
 
         fs::write(&file, format!("{good}---\nkind: [unclosed\n")).unwrap();
-        let (objects, skipped) = source.load();
+        let (objects, skipped) = source.snapshot();
         assert_eq!(
             objects.services.len(),
             1,
@@ -426,7 +663,7 @@ items:
         );
 
         fs::remove_file(&file).unwrap();
-        let (objects, _) = source.load();
+        let (objects, _) = source.snapshot();
         assert!(
             objects.services.is_empty(),
             "a removed file removes its objects"

@@ -269,8 +269,15 @@ impl Status {
             .fetch_add(reset as u64, Ordering::Relaxed);
     }
 
-    pub fn set_frontends(&self, frontends: BTreeMap<u32, FrontendLabels>) {
-        *self.frontends.lock().expect("status lock") = frontends;
+    /// Takes a sync's changed labels: by service id, `None` for a frontend gone.
+    pub fn update_frontends(&self, changed: BTreeMap<u32, Option<FrontendLabels>>) {
+        let mut frontends = self.frontends.lock().expect("status lock");
+        for (id, labels) in changed {
+            match labels {
+                Some(labels) => frontends.insert(id, labels),
+                None => frontends.remove(&id),
+            };
+        }
     }
 
     pub fn set_lost_claims(&self, lost: Vec<LostClaim>) {

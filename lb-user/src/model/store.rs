@@ -1,0 +1,260 @@
+//! The objects the sources have read, grouped by the Service they belong to, and which groups
+//! changed since the model last looked: what lets a sync compute, settle and plan only those.
+//! A source that knows what changed (a file read again, a watch event) hands in
+//! [`Change`]s, at the cost of the change; a snapshot can be handed in whole
+//! ([`Store::replace`]), at the cost of comparing every object's allocation.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
+
+use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
+
+use super::convert::{self, Group, Objects, same};
+
+/// A Service's namespace and name: the key of its group.
+pub type ServiceKey = (String, String);
+
+/// One Kubernetes object, as a source read it.
+#[derive(Clone, Debug)]
+pub enum Object {
+    Service(Arc<core::Service>),
+    Slice(Arc<discovery::EndpointSlice>),
+    Endpoints(Arc<core::Endpoints>),
+    Node(Arc<core::Node>),
+}
+
+impl Object {
+    /// Where the object is held: the same for the same allocation only.
+    pub fn allocation(&self) -> *const () {
+        match self {
+            Self::Service(s) => Arc::as_ptr(s).cast(),
+            Self::Slice(s) => Arc::as_ptr(s).cast(),
+            Self::Endpoints(e) => Arc::as_ptr(e).cast(),
+            Self::Node(n) => Arc::as_ptr(n).cast(),
+        }
+    }
+}
+
+/// What a source saw change. An object edited is its old version removed and its new one
+/// added; a removal names the allocation it removes.
+#[derive(Clone, Debug)]
+pub enum Change {
+    Added(Object),
+    Removed(Object),
+}
+
+impl Objects {
+    /// Every object, kind by kind, in the order listed.
+    pub fn iter(&self) -> impl Iterator<Item = Object> + '_ {
+        let services = self.services.iter().cloned().map(Object::Service);
+        let slices = self.endpoint_slices.iter().cloned().map(Object::Slice);
+        let endpoints = self.endpoints.iter().cloned().map(Object::Endpoints);
+        let nodes = self.nodes.iter().cloned().map(Object::Node);
+        services.chain(slices).chain(endpoints).chain(nodes)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Store {
+    groups: BTreeMap<ServiceKey, Group>,
+    nodes: Vec<Arc<core::Node>>,
+    /// The groups added, edited or emptied since [`Store::take_changes`].
+    changed: BTreeSet<ServiceKey>,
+    nodes_changed: bool,
+}
+
+/// What changed since the model last looked.
+#[derive(Debug, Default)]
+pub struct Changed {
+    pub services: BTreeSet<ServiceKey>,
+    pub nodes: bool,
+}
+
+impl Store {
+    pub fn apply(&mut self, change: Change) {
+        match change {
+            Change::Added(Object::Node(node)) => {
+                self.nodes.push(node);
+                self.nodes_changed = true;
+            }
+            Change::Removed(Object::Node(node)) => {
+                self.nodes_changed |= remove(&mut self.nodes, &node);
+            }
+            Change::Added(object) => {
+                let key = owned(convert::group_key(&object));
+                let group = self.groups.entry(key.clone()).or_default();
+                match object {
+                    Object::Service(s) => group.services.push(s),
+                    Object::Slice(s) => group.slices.push(s),
+                    Object::Endpoints(e) => group.endpoints.push(e),
+                    Object::Node(_) => unreachable!("matched above"),
+                }
+                self.changed.insert(key);
+            }
+            Change::Removed(object) => {
+                let (namespace, name) = convert::group_key(&object);
+                let key = (namespace.to_string(), name.to_string());
+                let Some(group) = self.groups.get_mut(&key) else {
+                    return;
+                };
+                let removed = match &object {
+                    Object::Service(s) => remove(&mut group.services, s),
+                    Object::Slice(s) => remove(&mut group.slices, s),
+                    Object::Endpoints(e) => remove(&mut group.endpoints, e),
+                    Object::Node(_) => unreachable!("matched above"),
+                };
+                if group.services.is_empty()
+                    && group.slices.is_empty()
+                    && group.endpoints.is_empty()
+                {
+                    self.groups.remove(&key);
+                }
+                if removed {
+                    self.changed.insert(key);
+                }
+            }
+        }
+    }
+
+    /// Takes `objects` for the whole of what the sources hold: the groups whose objects are
+    /// not the same allocations, in the same order, are the ones that changed.
+    pub fn replace(&mut self, objects: &Objects) {
+        let mut before = std::mem::take(&mut self.groups);
+        for ((namespace, name), group) in convert::groups(objects) {
+            let key = (namespace.to_string(), name.to_string());
+            if before.remove(&key).is_none_or(|b| !b.is_same(&group)) {
+                self.changed.insert(key.clone());
+            }
+            self.groups.insert(key, group);
+        }
+        self.changed.extend(before.into_keys());
+        if !same(&self.nodes, &objects.nodes) {
+            self.nodes.clone_from(&objects.nodes);
+            self.nodes_changed = true;
+        }
+    }
+
+    pub fn group(&self, key: &ServiceKey) -> Option<&Group> {
+        self.groups.get(key)
+    }
+
+    pub fn groups(&self) -> impl Iterator<Item = (&ServiceKey, &Group)> {
+        self.groups.iter()
+    }
+
+    pub fn nodes(&self) -> &[Arc<core::Node>] {
+        &self.nodes
+    }
+
+    /// What changed since the last call.
+    pub fn take_changes(&mut self) -> Changed {
+        Changed {
+            services: std::mem::take(&mut self.changed),
+            nodes: std::mem::take(&mut self.nodes_changed),
+        }
+    }
+}
+
+fn owned((namespace, name): (&str, &str)) -> ServiceKey {
+    (namespace.to_string(), name.to_string())
+}
+
+/// Removes `object`'s allocation from `list`, once; whether it was there.
+fn remove<T>(list: &mut Vec<Arc<T>>, object: &Arc<T>) -> bool {
+    match list.iter().position(|o| Arc::ptr_eq(o, object)) {
+        Some(at) => {
+            list.remove(at);
+            true
+        }
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::manifests;
+
+    fn parsed(text: &str) -> Objects {
+        let mut objects = Objects::default();
+        let mut skipped = Vec::new();
+        manifests::parse("test", text, &mut objects, &mut skipped);
+        assert!(skipped.is_empty(), "{skipped:?}");
+        objects
+    }
+
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n";
+    const SLICE: &str = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: \
+         {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\n\
+         addressType: IPv4\nendpoints: []\n";
+
+    fn key() -> ServiceKey {
+        ("shop".into(), "web".into())
+    }
+
+    #[test]
+    fn a_change_marks_its_group_and_only_it() {
+        let objects = parsed(&format!("{SERVICE}---\n{SLICE}"));
+        let mut store = Store::default();
+        for object in objects.iter() {
+            store.apply(Change::Added(object));
+        }
+        let changed = store.take_changes();
+        assert_eq!(changed.services, BTreeSet::from([key()]));
+        assert!(!changed.nodes);
+        assert!(store.take_changes().services.is_empty(), "taken once");
+
+        // The slice edited: its old allocation out, the new one in.
+        let edited = parsed(SLICE).endpoint_slices.remove(0);
+        store.apply(Change::Removed(Object::Slice(Arc::clone(
+            &objects.endpoint_slices[0],
+        ))));
+        store.apply(Change::Added(Object::Slice(Arc::clone(&edited))));
+        assert_eq!(store.take_changes().services, BTreeSet::from([key()]));
+        let group = store.group(&key()).expect("the group");
+        assert!(Arc::ptr_eq(&group.slices[0], &edited));
+        assert_eq!(group.services.len(), 1);
+
+        // An allocation the store does not hold changes nothing.
+        store.apply(Change::Removed(Object::Slice(Arc::clone(
+            &objects.endpoint_slices[0],
+        ))));
+        assert!(store.take_changes().services.is_empty());
+
+        // Everything gone: so is the group, and it changed.
+        store.apply(Change::Removed(Object::Slice(edited)));
+        store.apply(Change::Removed(Object::Service(Arc::clone(
+            &objects.services[0],
+        ))));
+        assert_eq!(store.take_changes().services, BTreeSet::from([key()]));
+        assert!(store.group(&key()).is_none());
+    }
+
+    #[test]
+    fn a_snapshot_changes_the_groups_whose_allocations_differ() {
+        let mut objects = parsed(&format!(
+            "{SERVICE}---\n{SLICE}---\n{}",
+            SERVICE.replace("web", "db")
+        ));
+        let mut store = Store::default();
+        store.replace(&objects);
+        assert_eq!(store.take_changes().services.len(), 2);
+        store.replace(&objects);
+        assert!(store.take_changes().services.is_empty(), "the same objects");
+
+        objects.endpoint_slices = parsed(SLICE).endpoint_slices;
+        objects
+            .services
+            .retain(|s| s.metadata.name.as_deref() == Some("web"));
+        store.replace(&objects);
+        let changed = store.take_changes().services;
+        assert_eq!(
+            changed,
+            BTreeSet::from([key(), ("shop".into(), "db".into())]),
+            "web's slice is another allocation, db is gone"
+        );
+        assert!(store.group(&("shop".into(), "db".into())).is_none());
+    }
+}
