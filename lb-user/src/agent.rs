@@ -16,7 +16,7 @@ use lb_user::{
     datapath::{self, Datapath},
     error_chain, flow_gc,
     maps::KernelMaps,
-    model::{self, Change, Objects, Skipped},
+    model::{self, Change, Skipped},
     sockets,
     sources::{inotify::Notifier, kubernetes, manifests::Manifests},
     status::{self, Endpoints, ServiceChecks, Status},
@@ -24,7 +24,7 @@ use lb_user::{
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::watch,
+    sync::mpsc,
 };
 use tracing::{error, info, warn};
 
@@ -136,13 +136,10 @@ pub async fn run(settings: Settings) -> Result<()> {
             let client = kubernetes::client(kubeconfig.as_deref()).await?;
             let errors = Arc::clone(&status);
             Source::Kubernetes {
-                snapshots: kubernetes::watch(
-                    &client,
-                    &settings.node.name,
-                    *batch_delay,
-                    move || errors.record_api_error(),
-                ),
-                fresh: false,
+                batches: kubernetes::watch(&client, &settings.node.name, *batch_delay, move || {
+                    errors.record_api_error();
+                }),
+                received: None,
             }
         }
     };
@@ -164,8 +161,8 @@ pub async fn run(settings: Settings) -> Result<()> {
     info!(node = %settings.node.name, pins = %settings.pin_dir.display(), "agent started");
     loop {
         match source.poll() {
-            Some((input, skipped)) => {
-                syncer.sync(input, skipped.clone(), &settings.node);
+            Some((changes, skipped)) => {
+                syncer.sync(changes, skipped.clone(), &settings.node);
                 source_skipped = Some(skipped);
             }
             // Writes that failed are retried at every poll, changes or not.
@@ -173,7 +170,7 @@ pub async fn run(settings: Settings) -> Result<()> {
                 if let Some(skipped) = &source_skipped
                     && syncer.failed
                 {
-                    syncer.sync(Input::Changes(Vec::new()), skipped.clone(), &settings.node);
+                    syncer.sync(Vec::new(), skipped.clone(), &settings.node);
                 }
             }
         }
@@ -223,12 +220,6 @@ fn attach(datapath: &mut Datapath, settings: &Settings) -> Result<(), datapath::
     sockets.and(pods).and(uplinks)
 }
 
-/// What a source read: what changed, or the whole.
-enum Input {
-    Changes(Vec<Change>),
-    Snapshot(Objects),
-}
-
 /// Where the objects come from, and how the agent learns that they changed.
 enum Source {
     /// Polled: each poll reads the files that changed; inotify wakes the poll as soon as
@@ -238,18 +229,18 @@ enum Source {
         reported: Option<Vec<Skipped>>,
         notifier: Option<Notifier>,
     },
-    /// Pushed: a snapshot per burst of changes, once everything has been listed. `fresh`: one
-    /// came that [`Source::changed`] saw and [`Source::poll`] has not taken yet.
+    /// Pushed: a batch of changes per burst, once everything has been listed. `received`:
+    /// what [`Source::changed`] took and [`Source::poll`] has not yet.
     Kubernetes {
-        snapshots: watch::Receiver<Option<Objects>>,
-        fresh: bool,
+        batches: mpsc::UnboundedReceiver<Vec<Change>>,
+        received: Option<Vec<Change>>,
     },
 }
 
 impl Source {
     /// What changed since the last call, if anything may have, and what is wrong with the
     /// objects.
-    fn poll(&mut self) -> Option<(Input, Vec<Skipped>)> {
+    fn poll(&mut self) -> Option<(Vec<Change>, Vec<Skipped>)> {
         match self {
             Self::Manifests {
                 manifests,
@@ -267,26 +258,25 @@ impl Source {
                     warn!(error = %e, "inotify stopped, manifests are polled only");
                     *notifier = None;
                 }
-                Some((Input::Changes(changes), skipped))
+                Some((changes, skipped))
             }
-            Self::Kubernetes { snapshots, fresh } => {
-                if !*fresh && !snapshots.has_changed().unwrap_or(false) {
-                    return None;
+            Self::Kubernetes { batches, received } => {
+                let mut changes = received.take();
+                while let Ok(batch) = batches.try_recv() {
+                    changes.get_or_insert_default().extend(batch);
                 }
-                *fresh = false;
-                let objects = snapshots.borrow_and_update().clone()?;
-                Some((Input::Snapshot(objects), Vec::new()))
+                changes.map(|changes| (changes, Vec::new()))
             }
         }
     }
 
-    /// Returns when there is a snapshot to take, or when a manifest may have changed; never
-    /// for manifests without inotify.
+    /// Returns when there is a batch to take, or when a manifest may have changed; never for
+    /// manifests without inotify.
     async fn changed(&mut self) {
         match self {
-            Self::Kubernetes { snapshots, fresh } => {
-                if snapshots.changed().await.is_ok() {
-                    *fresh = true;
+            Self::Kubernetes { batches, received } => {
+                if let Some(batch) = batches.recv().await {
+                    received.get_or_insert_default().extend(batch);
                     return;
                 }
             }
@@ -320,12 +310,9 @@ struct Syncer {
 }
 
 impl Syncer {
-    fn sync(&mut self, input: Input, mut skipped: Vec<Skipped>, node: &model::NodeConfig) {
+    fn sync(&mut self, changes: Vec<Change>, mut skipped: Vec<Skipped>, node: &model::NodeConfig) {
         let started = Instant::now();
-        let synced = match input {
-            Input::Changes(changes) => self.pipeline.sync_changes(changes, node, &mut self.maps),
-            Input::Snapshot(objects) => self.pipeline.sync(&objects, node, &mut self.maps),
-        };
+        let synced = self.pipeline.sync_changes(changes, node, &mut self.maps);
         self.status
             .set_node_eligible(model::node_eligible(self.pipeline.nodes(), &node.name));
         self.service_checks

@@ -14,11 +14,11 @@ use std::{
 
 use lb_tests::apiserver::{ApiServer, NODES, SERVICES, SLICES};
 use lb_user::{
-    model::{self, NodeConfig, Objects},
+    model::{self, Change, NodeConfig, Objects, Store},
     sources::{kubernetes, manifests::Manifests},
 };
 use serde_json::json;
-use tokio::sync::watch;
+use tokio::sync::mpsc;
 
 const NODE: &str = "lab-node";
 const WAIT: Duration = Duration::from_secs(20);
@@ -51,23 +51,51 @@ async fn until(what: &str, done: impl Fn() -> bool) {
     assert!(reached.is_ok(), "timed out waiting for {what}");
 }
 
-/// Waits for a snapshot whose model is `expected`'s.
-async fn converges(
-    snapshots: &mut watch::Receiver<Option<Objects>>,
-    expected: &Objects,
-    what: &str,
-) {
+/// What the source's batches have built, as the agent's pipeline keeps it.
+struct Received {
+    batches: mpsc::UnboundedReceiver<Vec<Change>>,
+    store: Store,
+    /// Batches received so far.
+    count: usize,
+}
+
+impl Received {
+    fn apply(&mut self, batch: Vec<Change>) {
+        for change in batch {
+            self.store.apply(change);
+        }
+        self.count += 1;
+    }
+
+    /// Takes the batches published for `window`.
+    async fn take_for(&mut self, window: Duration) {
+        let _ = tokio::time::timeout(window, async {
+            while let Some(batch) = self.batches.recv().await {
+                self.apply(batch);
+            }
+        })
+        .await;
+    }
+
+    fn objects(&self) -> Objects {
+        self.store.objects()
+    }
+}
+
+/// Waits for batches that make `expected`'s model.
+async fn converges(received: &mut Received, expected: &Objects, what: &str) {
     let want = frontends(expected);
     let mut last = Vec::new();
     let reached = tokio::time::timeout(WAIT, async {
         loop {
-            if let Some(objects) = snapshots.borrow_and_update().as_ref() {
-                last = frontends(objects);
+            if received.count > 0 {
+                last = frontends(&received.objects());
                 if last == want {
                     return;
                 }
             }
-            snapshots.changed().await.expect("the source stopped");
+            let batch = received.batches.recv().await.expect("the source stopped");
+            received.apply(batch);
         }
     })
     .await;
@@ -110,13 +138,18 @@ async fn the_kubernetes_source_builds_the_model_the_manifests_do() {
         .expect("a client");
     let errors = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&errors);
-    let mut snapshots = kubernetes::watch(&client, NODE, Duration::from_millis(20), move || {
+    let batches = kubernetes::watch(&client, NODE, Duration::from_millis(20), move || {
         counted.fetch_add(1, Ordering::Relaxed);
     });
+    let mut received = Received {
+        batches,
+        store: Store::default(),
+        count: 0,
+    };
 
-    converges(&mut snapshots, &expected, "the first list").await;
-    let first = snapshots.borrow().clone().unwrap();
-    assert_eq!(first.nodes.len(), 1, "only the agent's own Node");
+    converges(&mut received, &expected, "the first list").await;
+    assert_eq!(received.count, 1, "the first list is one batch");
+    assert_eq!(received.store.nodes().len(), 1, "only the agent's own Node");
 
     // Watch events: an endpoint leaves a slice, a Service goes.
     let slice = Arc::make_mut(&mut expected.endpoint_slices[0]);
@@ -129,39 +162,34 @@ async fn the_kubernetes_source_builds_the_model_the_manifests_do() {
         gone.metadata.name.as_deref().unwrap()
     );
     server.delete(SERVICES, &gone_key);
-    converges(&mut snapshots, &expected, "watch events").await;
+    converges(&mut received, &expected, "watch events").await;
 
     // A headless Service's slice: not listed at all, as kube-proxy's informers leave it out.
     let mut headless = serde_json::to_value(&*expected.endpoint_slices[0]).unwrap();
     headless["metadata"]["name"] = json!("demo-headless");
     headless["metadata"]["labels"]["service.kubernetes.io/headless"] = json!("");
     server.apply(SLICES, headless);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let listed = snapshots.borrow_and_update().clone().unwrap();
+    received.take_for(Duration::from_millis(300)).await;
     assert!(
-        listed
+        received
+            .objects()
             .endpoint_slices
             .iter()
             .all(|s| s.metadata.name.as_deref() != Some("demo-headless")),
         "a headless Service's slice reached the agent"
     );
-    converges(&mut snapshots, &expected, "a headless slice added").await;
+    converges(&mut received, &expected, "a headless slice added").await;
 
-    // The Node deleted, as while it registers again: its last version stays in force.
-    snapshots.borrow_and_update();
+    // The Node deleted, as while it registers again: its last version stays in force. No
+    // batch tells that the deletion was seen: a second of them would hold the Node's removal.
     server.delete(NODES, &format!("/{NODE}"));
-    tokio::time::timeout(WAIT, snapshots.changed())
-        .await
-        .expect("a snapshot after the Node's deletion")
-        .unwrap();
-    let nodes = snapshots
-        .borrow_and_update()
-        .as_ref()
-        .unwrap()
-        .nodes
-        .clone();
-    assert_eq!(nodes.len(), 1, "the last version of the agent's own Node");
-    converges(&mut snapshots, &expected, "the Node deleted").await;
+    received.take_for(Duration::from_secs(1)).await;
+    assert_eq!(
+        received.store.nodes().len(),
+        1,
+        "the last version of the agent's own Node"
+    );
+    converges(&mut received, &expected, "the Node deleted").await;
     server.apply(NODES, serde_json::to_value(&expected.nodes[0]).unwrap());
 
     // A dropped connection, and a change while the watches reconnect.
@@ -170,7 +198,7 @@ async fn the_kubernetes_source_builds_the_model_the_manifests_do() {
     server.drop_watches(false);
     expected.services.push(gone.clone());
     server.apply(SERVICES, serde_json::to_value(&gone).unwrap());
-    converges(&mut snapshots, &expected, "after a dropped watch").await;
+    converges(&mut received, &expected, "after a dropped watch").await;
     until("every kind to watch again", || {
         server.requests().watches >= watches_before + 3
     })
@@ -179,11 +207,12 @@ async fn the_kubernetes_source_builds_the_model_the_manifests_do() {
     // 410 Gone: the watches must relist, and the relist bring the change made meanwhile.
     let lists_before = server.requests().lists;
     let errors_before = errors.load(Ordering::Relaxed);
+    let before_relist = received.objects();
     server.drop_watches(true);
     let slice = Arc::make_mut(&mut expected.endpoint_slices[1]);
     slice.endpoints.truncate(1);
     server.apply(SLICES, serde_json::to_value(&*slice).unwrap());
-    converges(&mut snapshots, &expected, "after 410 Gone").await;
+    converges(&mut received, &expected, "after 410 Gone").await;
     // The other kinds relist too, each in its own time.
     until("every kind to relist after 410 Gone", || {
         server.requests().lists >= lists_before + 3
@@ -198,10 +227,19 @@ async fn the_kubernetes_source_builds_the_model_the_manifests_do() {
         "410 Gone counts as an API error"
     );
 
-    // The API goes away: errors, and no snapshot, so the programme stays as it is. (First, the
-    // relists' last snapshot goes out.)
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    snapshots.borrow_and_update();
+    // The API goes away: errors, and no batch, so the programme stays as it is. (First, the
+    // relists' last batch goes out.)
+    received.take_for(Duration::from_millis(300)).await;
+    // What the relists found as it was is the same allocation: its Service not computed again.
+    let after_relist = received.objects();
+    assert_eq!(before_relist.services.len(), after_relist.services.len());
+    for (before, after) in before_relist.services.iter().zip(&after_relist.services) {
+        assert!(
+            Arc::ptr_eq(before, after),
+            "{:?} is a new allocation after the relist",
+            after.metadata.name
+        );
+    }
     let errors_before = errors.load(Ordering::Relaxed);
     server.go_down();
     until("every kind to fail to reach the API", || {
@@ -209,7 +247,7 @@ async fn the_kubernetes_source_builds_the_model_the_manifests_do() {
     })
     .await;
     assert!(
-        !snapshots.has_changed().unwrap(),
+        received.batches.try_recv().is_err(),
         "an unreachable API publishes nothing"
     );
 }

@@ -148,6 +148,20 @@ impl Store {
         &self.nodes
     }
 
+    /// Every object held, group by group: the whole, for a one-off reading.
+    pub fn objects(&self) -> Objects {
+        let mut objects = Objects {
+            nodes: self.nodes.clone(),
+            ..Objects::default()
+        };
+        for group in self.groups.values() {
+            objects.services.extend(group.services.iter().cloned());
+            objects.endpoint_slices.extend(group.slices.iter().cloned());
+            objects.endpoints.extend(group.endpoints.iter().cloned());
+        }
+        objects
+    }
+
     /// What changed since the last call.
     pub fn take_changes(&mut self) -> Changed {
         Changed {

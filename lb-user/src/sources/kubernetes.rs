@@ -1,17 +1,20 @@
-//! Services, EndpointSlices and this node's Node from the Kubernetes API: kube-rs reflectors
-//! keep a copy of each, and every burst of changes becomes one snapshot of the same objects the
-//! manifest source reads.
+//! Services, EndpointSlices and this node's Node from the Kubernetes API: a kube-rs watcher per
+//! kind, whose events become [`Change`]s of the same objects the manifest source reads, and
+//! every burst of them one batch: an event costs the work of its object, whatever the size of
+//! the cluster.
 //!
 //! The watchers relist on their own after a 410 Gone, and retry a failed list or a dropped
-//! watch with backoff. A reflector's copy is replaced only once a relist completes, and
-//! nothing is published before every kind has been listed: the API being unreachable never
-//! empties the datapath, the last programme stays in force.
+//! watch with backoff. A relist changes only what differs from the last complete list once it
+//! completes (an object of the same `resourceVersion` stays the same allocation), and nothing
+//! is published before every kind has been listed: the API being unreachable never empties the
+//! datapath, the last programme stays in force.
 
 use std::{
+    collections::HashMap,
     fmt::Debug,
     path::Path,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -27,15 +30,14 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
         WatchStreamExt as _,
-        reflector::{self, Store},
         watcher::{self, Event},
     },
 };
 use thiserror::Error;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc};
 use tracing::{info, warn};
 
-use crate::model::{HEADLESS_LABEL, Objects};
+use crate::model::{Change, HEADLESS_LABEL, Object};
 
 #[derive(Debug, Error)]
 pub enum Error {
@@ -69,11 +71,11 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, Error> {
     Ok(Client::try_from(config)?)
 }
 
-/// What the watchers share: whether each kind has been listed, and whether anything changed
-/// since the last snapshot.
+/// What the watchers share: whether each kind has been listed, and the changes not yet
+/// published.
 struct Progress {
     listed: Listed,
-    dirty: AtomicBool,
+    pending: Mutex<Vec<Change>>,
     changed: Notify,
 }
 
@@ -96,143 +98,228 @@ impl Progress {
             .iter()
             .all(|l| l.load(Ordering::Acquire))
     }
+
+    fn publish(&self, changes: impl IntoIterator<Item = Change>) {
+        let mut pending = self.pending.lock().expect("pending changes lock");
+        let before = pending.len();
+        pending.extend(changes);
+        if pending.len() > before {
+            self.changed.notify_one();
+        }
+    }
 }
 
 /// Watches the cluster's Services and EndpointSlices (every slice, whoever manages it) and the
-/// Node `node_name`. Each burst of changes is published as one snapshot, at most `batch_delay`
-/// after its first event; `on_error` is called for every failed list or watch. The receiver
-/// holds `None` until every kind has been listed once.
+/// Node `node_name`. Each burst of changes is published as one batch, at most `batch_delay`
+/// after its first event; `on_error` is called for every failed list or watch. The first batch
+/// comes once every kind has been listed, and holds everything listed.
 pub fn watch(
     client: &Client,
     node_name: &str,
     batch_delay: Duration,
     on_error: impl Fn() + Send + Sync + 'static,
-) -> watch::Receiver<Option<Objects>> {
+) -> mpsc::UnboundedReceiver<Vec<Change>> {
     let progress = Arc::new(Progress {
         listed: Listed::default(),
-        dirty: AtomicBool::new(false),
+        pending: Mutex::new(Vec::new()),
         changed: Notify::new(),
     });
     let on_error: Arc<dyn Fn() + Send + Sync> = Arc::new(on_error);
-    let node_config = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
-    let services = reflect::<core::Service>(
+    let watching = Watching {
+        progress: &progress,
+        on_error: &on_error,
+    };
+    watching.start::<core::Service>(
         Api::all(client.clone()),
         watcher::Config::default(),
-        |l| &l.services,
-        &progress,
-        &on_error,
+        Kind {
+            listed: |l| &l.services,
+            object: Object::Service,
+            keep_deleted: false,
+        },
     );
     // As kube-proxy's informer: the slices of headless Services are not ours to list.
-    let slices = reflect::<discovery::EndpointSlice>(
+    watching.start::<discovery::EndpointSlice>(
         Api::all(client.clone()),
         watcher::Config::default().labels(&format!("!{HEADLESS_LABEL}")),
-        |l| &l.slices,
-        &progress,
-        &on_error,
+        Kind {
+            listed: |l| &l.slices,
+            object: Object::Slice,
+            keep_deleted: false,
+        },
     );
-    let nodes = reflect::<core::Node>(
+    // While this node's Node is missing (deleted and registering again, a watch failing), its
+    // last version stays: its addresses still serve NodePorts.
+    watching.start::<core::Node>(
         Api::all(client.clone()),
-        node_config,
-        |l| &l.nodes,
-        &progress,
-        &on_error,
+        watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+        Kind {
+            listed: |l| &l.nodes,
+            object: Object::Node,
+            keep_deleted: true,
+        },
     );
-    let (publish, snapshots) = watch::channel(None);
-    let node_name = node_name.to_owned();
+    let (publish, batches) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        // This node's Node as last seen: while it is missing (deleted and registering again, a
-        // watch failing), its addresses still serve NodePorts.
-        let mut last_node: Option<Arc<core::Node>> = None;
+        // The first batch goes out once all is listed, even with nothing in it.
+        let mut first = true;
         loop {
             loop {
                 let notified = progress.changed.notified();
-                if progress.all_listed() && progress.dirty.load(Ordering::Acquire) {
+                let pending = !progress.pending.lock().expect("pending lock").is_empty();
+                if progress.all_listed() && (pending || first) {
                     break;
                 }
                 notified.await;
             }
-            // The rest of the burst joins this snapshot.
+            first = false;
+            // The rest of the burst joins this batch.
             tokio::time::sleep(batch_delay).await;
-            progress.dirty.store(false, Ordering::Release);
-            let mut objects = snapshot(&services, &slices, &nodes);
-            match (objects.nodes.first(), &last_node) {
-                (Some(node), _) => last_node = Some(node.clone()),
-                (None, Some(node)) => {
-                    warn!(
-                        node = node_name,
-                        "the Node is gone from the API: keeping its last version"
-                    );
-                    objects.nodes.push(node.clone());
-                }
-                (None, None) => {}
-            }
-            if publish.send(Some(objects)).is_err() {
+            let batch = std::mem::take(&mut *progress.pending.lock().expect("pending lock"));
+            if publish.send(batch).is_err() {
                 return;
             }
         }
     });
-    snapshots
+    batches
 }
 
-/// Starts a reflector of `api`, whose kind's flag in `progress` is `listed`; its store.
-fn reflect<K>(
-    api: Api<K>,
-    config: watcher::Config,
+/// What the watchers of every kind share.
+struct Watching<'a> {
+    progress: &'a Arc<Progress>,
+    on_error: &'a Arc<dyn Fn() + Send + Sync>,
+}
+
+/// How one kind is watched.
+struct Kind<K> {
+    /// Its flag in [`Progress::listed`].
     listed: fn(&Listed) -> &AtomicBool,
-    progress: &Arc<Progress>,
-    on_error: &Arc<dyn Fn() + Send + Sync>,
-) -> Store<K>
-where
-    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
-{
-    let (store, writer) = reflector::store();
-    let events = watcher::watcher(api, config)
-        .default_backoff()
-        .reflect(writer);
-    let (progress, on_error) = (Arc::clone(progress), Arc::clone(on_error));
-    tokio::spawn(async move {
-        let mut events = std::pin::pin!(events);
-        while let Some(event) = events.next().await {
-            let changed = match event {
-                Ok(Event::InitDone) => {
-                    if !listed(&progress.listed).swap(true, Ordering::AcqRel) {
-                        info!(kind = %K::kind(&()), "listed");
+    object: fn(Arc<K>) -> Object,
+    /// A deletion, or a relist without the object, keeps its last version.
+    keep_deleted: bool,
+}
+
+impl Watching<'_> {
+    /// Starts a watcher of `api`, which publishes what changes in it.
+    fn start<K>(&self, api: Api<K>, config: watcher::Config, kind: Kind<K>)
+    where
+        K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    {
+        let events = watcher::watcher(api, config).default_backoff();
+        let (progress, on_error) = (Arc::clone(self.progress), Arc::clone(self.on_error));
+        tokio::spawn(async move {
+            let mut objects = Objects::<K>::default();
+            let mut events = std::pin::pin!(events);
+            while let Some(event) = events.next().await {
+                let changes = match event {
+                    Ok(Event::InitDone) => {
+                        if !(kind.listed)(&progress.listed).swap(true, Ordering::AcqRel) {
+                            info!(kind = %K::kind(&()), "listed");
+                        }
+                        let changes = objects.relisted(&kind);
+                        // Every kind's first list is published, empty or not.
+                        progress.changed.notify_one();
+                        changes
                     }
-                    true
+                    Ok(Event::Apply(object)) => objects.applied(object, &kind),
+                    Ok(Event::Delete(object)) => objects.deleted(&object, &kind),
+                    // A relist in progress: the last complete list stays until it ends.
+                    Ok(Event::Init) => {
+                        objects.relist = Some(HashMap::new());
+                        Vec::new()
+                    }
+                    Ok(Event::InitApply(object)) => {
+                        objects
+                            .relist
+                            .get_or_insert_default()
+                            .insert(key(&object), object);
+                        Vec::new()
+                    }
+                    Err(e) => {
+                        warn!(kind = %K::kind(&()), error = %e, "a list or watch failed; retrying with backoff");
+                        on_error();
+                        Vec::new()
+                    }
+                };
+                progress.publish(changes);
+            }
+        });
+    }
+}
+
+/// A namespace and a name.
+type Key = (Option<String>, String);
+
+fn key<K: Resource<DynamicType = ()>>(object: &K) -> Key {
+    (object.namespace(), object.name_any())
+}
+
+/// One kind's objects, as last published.
+struct Objects<K> {
+    current: HashMap<Key, Arc<K>>,
+    /// The relist in progress.
+    relist: Option<HashMap<Key, K>>,
+}
+
+impl<K> Default for Objects<K> {
+    fn default() -> Self {
+        Self {
+            current: HashMap::new(),
+            relist: None,
+        }
+    }
+}
+
+impl<K: Resource<DynamicType = ()>> Objects<K> {
+    fn applied(&mut self, object: K, kind: &Kind<K>) -> Vec<Change> {
+        let object = Arc::new(object);
+        let mut changes = Vec::new();
+        if let Some(old) = self.current.insert(key(&*object), Arc::clone(&object)) {
+            changes.push(Change::Removed((kind.object)(old)));
+        }
+        changes.push(Change::Added((kind.object)(object)));
+        changes
+    }
+
+    fn deleted(&mut self, object: &K, kind: &Kind<K>) -> Vec<Change> {
+        if kind.keep_deleted {
+            warn!(kind = %K::kind(&()), name = %object.name_any(), "deleted from the API: keeping its last version");
+            return Vec::new();
+        }
+        self.current
+            .remove(&key(object))
+            .map(|old| Change::Removed((kind.object)(old)))
+            .into_iter()
+            .collect()
+    }
+
+    /// The relist completed: what differs from the objects before it.
+    fn relisted(&mut self, kind: &Kind<K>) -> Vec<Change> {
+        let listed = self.relist.take().unwrap_or_default();
+        let mut changes = Vec::new();
+        let mut before = std::mem::take(&mut self.current);
+        for (key, object) in listed {
+            let version = object.resource_version();
+            match before.remove(&key) {
+                Some(old) if version.is_some() && old.resource_version() == version => {
+                    self.current.insert(key, old);
                 }
-                Ok(Event::Apply(_) | Event::Delete(_)) => true,
-                // A relist in progress: the store keeps the last complete list until it ends.
-                Ok(Event::Init | Event::InitApply(_)) => false,
-                Err(e) => {
-                    warn!(kind = %K::kind(&()), error = %e, "a list or watch failed; retrying with backoff");
-                    on_error();
-                    false
+                old => {
+                    changes.extend(old.map(|old| Change::Removed((kind.object)(old))));
+                    let object = Arc::new(object);
+                    self.current.insert(key, Arc::clone(&object));
+                    changes.push(Change::Added((kind.object)(object)));
                 }
-            };
-            if changed {
-                progress.dirty.store(true, Ordering::Release);
-                progress.changed.notify_one();
             }
         }
-    });
-    store
-}
-
-/// The objects in the stores, in a stable order (namespace, then name).
-fn snapshot(
-    services: &Store<core::Service>,
-    slices: &Store<discovery::EndpointSlice>,
-    nodes: &Store<core::Node>,
-) -> Objects {
-    fn sorted<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<Arc<K>> {
-        let mut objects = store.state();
-        objects.sort_by_key(|o| (o.namespace(), o.name_any()));
-        objects
-    }
-    Objects {
-        services: sorted(services),
-        endpoint_slices: sorted(slices),
-        endpoints: Vec::new(),
-        nodes: sorted(nodes),
+        for (key, old) in before {
+            if kind.keep_deleted {
+                warn!(kind = %K::kind(&()), name = %key.1, "not in the API's list: keeping its last version");
+                self.current.insert(key, old);
+            } else {
+                changes.push(Change::Removed((kind.object)(old)));
+            }
+        }
+        changes
     }
 }
