@@ -30,6 +30,16 @@ impl Spread {
 /// In milliseconds.
 impl fmt::Display for Spread {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:.0} ms [{:.0}-{:.0}]", self.median, self.min, self.max)
+        // A sync of one change takes well under a millisecond: what it takes shows.
+        let digits = match self.max {
+            max if max < 1.0 => 2,
+            max if max < 10.0 => 1,
+            _ => 0,
+        };
+        write!(
+            f,
+            "{:.digits$} ms [{:.digits$}-{:.digits$}]",
+            self.median, self.min, self.max
+        )
     }
 }

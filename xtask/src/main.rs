@@ -219,9 +219,10 @@ fn bench(bench_args: &[String]) -> Result<ExitCode> {
     // One process per size, so that each peak RSS is its own. At 10,000 Services one
     // iptables or nftables load takes minutes: the end-to-end benchmark's loads of the same
     // rulesets are the baselines there.
-    let sizes: [(u32, &[&str]); 2] = [
+    let sizes: [(u32, &[&str]); 3] = [
         (1_000, &["--baseline-runs", "3"]),
         (10_000, &["--no-baselines"]),
+        (100_000, &["--no-baselines"]),
     ];
     for (services, baselines) in sizes {
         runs.push(

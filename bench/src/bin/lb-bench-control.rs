@@ -4,6 +4,7 @@
 //! once per N, in its own process, so that the peak RSS is this run's.
 
 use std::{
+    collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
     process::Command,
@@ -69,6 +70,14 @@ struct Figures {
     /// The first edit of each run alone: right after programming everything, its first
     /// allocations pay for sorting the many chunks the large sync freed (glibc's malloc).
     first_edit_ms: Spread,
+    /// Of `one_endpoint_ms`, the pipeline's part: the changes handed in, as the API source
+    /// hands in a watch event's, to the last map write. The rest is the manifest source's walk
+    /// and read.
+    one_endpoint_pipeline_ms: Spread,
+    /// The kernel memory of every map once everything is programmed (`memlock`), in MiB, and
+    /// each map's.
+    kernel_memory_mib: f64,
+    kernel_memory_by_map_mib: BTreeMap<String, f64>,
     one_endpoint_writes: usize,
     peak_rss_mib: f64,
     /// `iptables-restore` of kube-proxy's iptables mode's ruleset for the same Services.
@@ -86,6 +95,7 @@ fn main() -> Result<()> {
         args.edits
     );
     let mut runs = Vec::new();
+    let mut kernel_memory = Vec::new();
     for run in 0..args.runs {
         let (datapath, mut maps) = datapath::scratch(&format!("cp-{run}"))?;
         // Every run starts from the manifests as written.
@@ -96,10 +106,15 @@ fn main() -> Result<()> {
             dir.join("node.yaml"),
             format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\n"),
         )?;
-        let measured = measure(&args, &services, &dir, &mut maps);
+        let measured = measure(&args, &services, &dir, &mut maps).and_then(|run| {
+            let memory = datapath.kernel_memory()?;
+            Ok((run, memory))
+        });
         datapath.remove()?;
         fs::remove_dir_all(&dir)?;
-        runs.push(measured?);
+        let (run, memory) = measured?;
+        runs.push(run);
+        kernel_memory = memory;
     }
     // Before the baselines, whose rulesets are large strings of this process's own.
     let peak_rss_mib = peak_rss_kib()? / 1024.0;
@@ -115,8 +130,22 @@ fn main() -> Result<()> {
         services: args.services,
         map_entries: runs[0].writes,
         program_all_ms: Spread::of(runs.iter().map(|r| r.program_all_ms).collect()),
-        one_endpoint_ms: Spread::of(runs.iter().flat_map(|r| r.edits_ms.clone()).collect()),
-        first_edit_ms: Spread::of(runs.iter().map(|r| r.edits_ms[0]).collect()),
+        one_endpoint_ms: Spread::of(
+            runs.iter()
+                .flat_map(|r| r.edits_ms.iter().map(|e| e.total))
+                .collect(),
+        ),
+        first_edit_ms: Spread::of(runs.iter().map(|r| r.edits_ms[0].total).collect()),
+        one_endpoint_pipeline_ms: Spread::of(
+            runs.iter()
+                .flat_map(|r| r.edits_ms.iter().map(|e| e.pipeline))
+                .collect(),
+        ),
+        kernel_memory_mib: kernel_memory.iter().map(|(_, b)| mib(*b)).sum(),
+        kernel_memory_by_map_mib: kernel_memory
+            .iter()
+            .map(|(name, bytes)| (name.to_string(), mib(*bytes)))
+            .collect(),
         one_endpoint_writes: runs[0].one_endpoint_writes,
         peak_rss_mib,
         iptables,
@@ -124,15 +153,17 @@ fn main() -> Result<()> {
     };
     println!(
         "control plane, {} services x {ENDPOINTS} endpoints ({} runs): {} map entries programmed \
-         in {}, peak RSS {:.0} MiB; one endpoint removed: {} writes in {} ({} edits; the first \
-         of each run: {})",
+         in {}, peak RSS {:.0} MiB, maps' kernel memory {:.1} MiB; one endpoint removed: {} \
+         writes in {}, of which the pipeline {} ({} edits; the first of each run: {})",
         figures.services,
         args.runs,
         figures.map_entries,
         figures.program_all_ms,
         figures.peak_rss_mib,
+        figures.kernel_memory_mib,
         figures.one_endpoint_writes,
         figures.one_endpoint_ms,
+        figures.one_endpoint_pipeline_ms,
         args.runs * args.edits,
         figures.first_edit_ms
     );
@@ -158,13 +189,23 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
 /// One run of the agent's pipeline.
 struct Run {
     writes: usize,
     program_all_ms: f64,
     /// Each edit's sync, in order.
-    edits_ms: Vec<f64>,
+    edits_ms: Vec<Timed>,
     one_endpoint_writes: usize,
+}
+
+/// A sync's time, and its pipeline's part, in milliseconds.
+struct Timed {
+    total: f64,
+    pipeline: f64,
 }
 
 fn measure(args: &Args, services: &[Service], dir: &Path, maps: &mut KernelMaps) -> Result<Run> {
@@ -172,9 +213,8 @@ fn measure(args: &Args, services: &[Service], dir: &Path, maps: &mut KernelMaps)
     let mut pipeline = Pipeline::new(NODE, Adopted::default(), Config::default());
     let node = NodeConfig::new(NODE);
 
-    let started = Instant::now();
-    let writes = sync(&mut source, &node, &mut pipeline, maps)?;
-    let program_all_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let (writes, all) = sync(&mut source, &node, &mut pipeline, maps)?;
+    let program_all_ms = all.total;
     let programmed = pipeline.programmed().frontends.len();
     ensure!(
         programmed == args.services as usize,
@@ -190,9 +230,9 @@ fn measure(args: &Args, services: &[Service], dir: &Path, maps: &mut KernelMaps)
         let gone = Service::endpoint_line(services[edit * cluster::PER_FILE].endpoints[0]);
         ensure!(text.contains(&gone), "endpoint to remove not found");
         fs::write(&file, text.replacen(&gone, "", 1))?;
-        let started = Instant::now();
-        one_endpoint_writes = sync(&mut source, &node, &mut pipeline, maps)?;
-        edits_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        let (writes, timed) = sync(&mut source, &node, &mut pipeline, maps)?;
+        one_endpoint_writes = writes;
+        edits_ms.push(timed);
     }
 
     Ok(Run {
@@ -237,21 +277,28 @@ fn run_status(command: &mut Command) -> Result<()> {
 }
 
 /// The agent's sync: the files that changed read, the model and the plan brought up to date,
-/// the difference written.
+/// the difference written. How many writes, and how long it took.
 fn sync(
     source: &mut Manifests,
     node: &NodeConfig,
     pipeline: &mut Pipeline,
     maps: &mut KernelMaps,
-) -> Result<usize> {
+) -> Result<(usize, Timed)> {
+    let ms = |since: Instant| since.elapsed().as_secs_f64() * 1000.0;
+    let started = Instant::now();
     let (changes, skipped) = source.load();
     ensure!(skipped.is_empty(), "manifests: {:?}", skipped.first());
+    let handed_in = Instant::now();
     let synced = pipeline.sync_changes(changes, node, maps);
+    let timed = Timed {
+        pipeline: ms(handed_in),
+        total: ms(started),
+    };
     if let Some(skipped) = synced.skipped.first() {
         bail!("{skipped}");
     }
     ensure!(synced.failed == 0, "{} map writes failed", synced.failed);
-    Ok(synced.writes)
+    Ok((synced.writes, timed))
 }
 
 /// This process's peak resident set, in KiB.

@@ -258,6 +258,11 @@ impl Datapath {
         })
     }
 
+    /// The kernel memory each map holds, in bytes.
+    pub fn kernel_memory(&self) -> Result<Vec<(&'static str, u64)>> {
+        pins::kernel_memory(&self.pin_dir)
+    }
+
     /// Detaches everything and removes the pins: for tools that load a datapath of their own.
     pub fn remove(self) -> Result<()> {
         let Self { ebpf, pin_dir, .. } = self;

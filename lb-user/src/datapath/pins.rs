@@ -1,13 +1,13 @@
-//! The instance's pins: which of an earlier agent's maps and links can be adopted, and their
-//! removal.
+//! The instance's pins: which of an earlier agent's maps and links can be adopted, the kernel
+//! memory the maps hold, and their removal.
 
 use std::{
     fs, io,
-    os::fd::{AsFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::Path,
 };
 
-use aya::maps::MapInfo;
+use aya::maps::{MapData, MapInfo};
 use lb_common::maps;
 use tracing::{info, warn};
 
@@ -15,6 +15,29 @@ use super::{
     error::{Error, Result, at},
     links,
 };
+
+/// The kernel memory each map pinned under `pin_dir` holds, in bytes: its `memlock`, as
+/// `bpftool map show` prints it, which counts a hash map's entries as they are written.
+pub fn kernel_memory(pin_dir: &Path) -> Result<Vec<(&'static str, u64)>> {
+    maps::ALL
+        .iter()
+        .map(|&name| {
+            let path = pin_dir.join(name);
+            let map = MapData::from_pin(&path).map_err(|source| Error::PinnedMap {
+                path: path.clone(),
+                source,
+            })?;
+            let fdinfo = format!("/proc/self/fdinfo/{}", map.fd().as_fd().as_raw_fd());
+            let text = fs::read_to_string(&fdinfo).map_err(at("reading", &fdinfo))?;
+            let memlock = text
+                .lines()
+                .find_map(|line| line.strip_prefix("memlock:"))
+                .and_then(|value| value.trim().parse().ok())
+                .unwrap_or(0);
+            Ok((name, memlock))
+        })
+        .collect()
+}
 
 /// The link pinned at `path`, if it is still attached to `target` (a link whose interface was
 /// deleted is attached to nothing).
