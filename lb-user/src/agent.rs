@@ -152,6 +152,9 @@ pub async fn run(settings: Settings) -> Result<()> {
         sockets_retry_at: None,
         service_checks: ServiceChecks::new(Arc::clone(&status)),
         status: Arc::clone(&status),
+        source_skipped: Vec::new(),
+        pipeline_skipped: Vec::new(),
+        skipped: Vec::new(),
     };
     // What the source reported wrong at its last reading; `None` until it has read anything.
     let mut source_skipped: Option<Vec<Skipped>> = None;
@@ -248,16 +251,19 @@ impl Source {
                 notifier,
             } => {
                 let (changes, skipped) = manifests.load();
-                if changes.is_empty() && reported.as_ref() == Some(&skipped) {
-                    return None;
-                }
-                *reported = Some(skipped.clone());
-                if let Some(watching) = notifier
+                // A directory made or replaced is watched even if nothing in it changed what
+                // the files program.
+                if (reported.is_none() || manifests.watch_due())
+                    && let Some(watching) = notifier
                     && let Err(e) = watching.watch(&manifests.directories())
                 {
                     warn!(error = %e, "inotify stopped, manifests are polled only");
                     *notifier = None;
                 }
+                if changes.is_empty() && reported.as_ref() == Some(&skipped) {
+                    return None;
+                }
+                *reported = Some(skipped.clone());
                 Some((changes, skipped))
             }
             Self::Kubernetes { batches, received } => {
@@ -307,16 +313,33 @@ struct Syncer {
     status: Arc<Status>,
     /// The Services' health checks for cloud load balancers.
     service_checks: ServiceChecks,
+    /// What the source reported wrong at the last sync, and what the pipeline left out.
+    source_skipped: Vec<Skipped>,
+    pipeline_skipped: Vec<Skipped>,
+    /// Both, sorted, as last logged.
+    skipped: Vec<Skipped>,
 }
 
 impl Syncer {
-    fn sync(&mut self, changes: Vec<Change>, mut skipped: Vec<Skipped>, node: &model::NodeConfig) {
+    fn sync(
+        &mut self,
+        changes: Vec<Change>,
+        source_skipped: Vec<Skipped>,
+        node: &model::NodeConfig,
+    ) {
         let started = Instant::now();
         let synced = self.pipeline.sync_changes(changes, node, &mut self.maps);
         self.status
             .set_node_eligible(model::node_eligible(self.pipeline.nodes(), &node.name));
-        self.service_checks
-            .set(synced.health_checks, &synced.node_addresses);
+        // Over every Service: read again only when they changed.
+        if synced.reports_changed {
+            self.service_checks.set(
+                self.pipeline.health_checks(),
+                self.pipeline.node_addresses(),
+            );
+            self.status.set_lost_claims(self.pipeline.lost_claims());
+            self.pipeline_skipped = self.pipeline.skipped();
+        }
         if let Some(snat) = synced.config_written {
             info!(snat_address = ?snat.v4, snat_address6 = ?snat.v6, "datapath config written");
         }
@@ -325,14 +348,23 @@ impl Syncer {
             self.sockets_due = true;
             self.sockets_retry_at = None;
         }
-        skipped.extend(synced.skipped);
-        for s in &skipped {
-            warn!(object = %s.object, field = %s.field, reason = %s.reason, "skipped");
+        if synced.reports_changed || source_skipped != self.source_skipped {
+            let mut skipped = source_skipped.clone();
+            skipped.extend(self.pipeline_skipped.iter().cloned());
+            skipped.sort();
+            // Each when it first shows: the whole list at every sync would flood the log.
+            for s in skipped
+                .iter()
+                .filter(|s| self.skipped.binary_search(s).is_err())
+            {
+                warn!(object = %s.object, field = %s.field, reason = %s.reason, "skipped");
+            }
+            self.skipped = skipped;
+            self.source_skipped = source_skipped;
         }
         self.failed = synced.failed > 0;
         self.status.record_sync(started.elapsed(), synced.failed);
         self.status.update_frontends(synced.labels);
-        self.status.set_lost_claims(synced.lost_claims);
         self.generation += 1;
         let programmed = self.pipeline.programmed();
         info!(
@@ -341,7 +373,7 @@ impl Syncer {
             backends = programmed.backends.len(),
             writes = synced.writes,
             failed = synced.failed,
-            skipped = skipped.len(),
+            skipped = self.skipped.len(),
             "synced"
         );
     }

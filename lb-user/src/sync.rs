@@ -64,19 +64,15 @@ pub struct Synced {
     /// Backends may have gone, in this sync or, at start, while no agent ran: what still
     /// names one (a flow, a connected socket) must look again.
     pub backends_gone: bool,
-    /// What the model and the plan left out, and why.
-    pub skipped: Vec<Skipped>,
-    /// Frontends claimed by a Service that an older one holds.
-    pub lost_claims: Vec<LostClaim>,
+    /// Whether what [`Pipeline::skipped`], [`Pipeline::lost_claims`],
+    /// [`Pipeline::health_checks`] or [`Pipeline::node_addresses`] give changed: they are
+    /// over every Service, worth reading again only then.
+    pub reports_changed: bool,
     /// The `/metrics` labels that changed, by service id: of each frontend programmed, or
     /// `None` for one that no longer is.
     pub labels: BTreeMap<u32, Option<FrontendLabels>>,
     /// The SNAT addresses, when this sync wrote a new config.
     pub config_written: Option<SnatAddresses>,
-    /// The health checks the node serves for cloud load balancers.
-    pub health_checks: Vec<HealthCheck>,
-    /// Where NodePorts, and so the health checks, listen.
-    pub node_addresses: Vec<IpAddr>,
 }
 
 /// What a frontend's counters are labelled with.
@@ -112,6 +108,28 @@ impl Pipeline {
 
     pub fn programmed(&self) -> &MapEntries {
         &self.programmed
+    }
+
+    /// What the model and the plan left out, and why.
+    pub fn skipped(&self) -> Vec<Skipped> {
+        let mut skipped = self.memo.skipped();
+        skipped.extend(self.planner.unplanned());
+        skipped
+    }
+
+    /// Frontends claimed by a Service that an older one holds.
+    pub fn lost_claims(&self) -> Vec<LostClaim> {
+        self.memo.lost_claims()
+    }
+
+    /// The health checks the node serves for cloud load balancers.
+    pub fn health_checks(&self) -> Vec<HealthCheck> {
+        self.memo.health_checks()
+    }
+
+    /// Where NodePorts, and so the health checks, listen.
+    pub fn node_addresses(&self) -> &[IpAddr] {
+        self.memo.node_addresses()
     }
 
     /// The Node objects the sources hold.
@@ -159,10 +177,10 @@ impl Pipeline {
         } else {
             plan::diff_touched(&self.programmed, self.planner.desired(), &touched)
         };
-        let node_addresses = self.memo.node_addresses().to_vec();
+        let node_addresses = self.memo.node_addresses();
         let snat_addresses = SnatAddresses {
-            v4: model::first_v4(&node_addresses),
-            v6: model::first_v6(&node_addresses),
+            v4: model::first_v4(node_addresses),
+            v6: model::first_v6(node_addresses),
         };
         let (config_written, config_failed) = self.write_config(snat_addresses, maps);
         let put_off = self.apply(&ops, maps);
@@ -193,17 +211,9 @@ impl Pipeline {
             writes: ops.len(),
             failed: put_off + usize::from(config_failed) + usize::from(epoch_failed),
             backends_gone,
-            skipped: self
-                .memo
-                .skipped()
-                .into_iter()
-                .chain(self.planner.unplanned())
-                .collect(),
+            reports_changed: self.memo.reports_changed() || self.planner.unplanned_changed(),
             labels,
-            lost_claims: self.memo.lost_claims(),
             config_written: config_written.then_some(snat_addresses),
-            health_checks: self.memo.health_checks(),
-            node_addresses,
         }
     }
 

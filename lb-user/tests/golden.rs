@@ -134,7 +134,7 @@ fn run_script(case: &mut Case) -> Failures {
             assert_eq!(synced.failed, 0, "{step}: writes failed in memory");
             last_skipped = parsed_skipped
                 .drain(..)
-                .chain(synced.skipped)
+                .chain(pipeline.skipped())
                 .map(|s| format!("{s}\n"))
                 .collect();
         };

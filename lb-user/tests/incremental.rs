@@ -50,6 +50,8 @@ struct Agent {
     node: NodeConfig,
     pipeline: Pipeline,
     maps: MemoryMaps,
+    /// The pipeline's reports after the last sync.
+    reports: Option<String>,
 }
 
 impl Agent {
@@ -58,13 +60,14 @@ impl Agent {
             node: NodeConfig::new(node),
             pipeline: Pipeline::new(node, Adopted::default(), Config::default()),
             maps: MemoryMaps::default(),
+            reports: None,
         }
     }
 
     /// Syncs; how many plan operations it wrote.
     fn sync(&mut self, objects: &Objects, step: &str) -> usize {
         let synced = self.pipeline.sync(objects, &self.node, &mut self.maps);
-        self.check(synced, objects, step)
+        self.check(&synced, objects, step)
     }
 
     /// Syncs what changed in `source`'s files, as the agent does; how many plan operations
@@ -75,11 +78,11 @@ impl Agent {
             .pipeline
             .sync_changes(changes, &self.node, &mut self.maps);
         let (objects, _) = source.snapshot();
-        self.check(synced, &objects, step)
+        self.check(&synced, &objects, step)
     }
 
     /// What a sync of `objects` left must be what a fresh computation makes of them.
-    fn check(&mut self, synced: Synced, objects: &Objects, step: &str) -> usize {
+    fn check(&mut self, synced: &Synced, objects: &Objects, step: &str) -> usize {
         assert_eq!(synced.failed, 0, "{step}: failed writes");
         assert_eq!(
             &self.maps.entries,
@@ -93,9 +96,24 @@ impl Agent {
             "{step}: the frontends and their backends differ from a fresh computation"
         );
         assert_eq!(self.maps.entries.vips, entries.vips, "{step}: vips");
-        let mut incremental = synced.skipped;
+        let mut incremental = self.pipeline.skipped();
         incremental.sort();
         assert_eq!(incremental, skipped, "{step}: skipped");
+        // The agent reads the reports again only when the sync says they changed.
+        let reports = format!(
+            "{incremental:?} {:?} {:?} {:?}",
+            self.pipeline.lost_claims(),
+            self.pipeline.health_checks(),
+            self.pipeline.node_addresses()
+        );
+        if !synced.reports_changed {
+            assert_eq!(
+                self.reports.as_ref(),
+                Some(&reports),
+                "{step}: the reports changed, and the sync did not say so"
+            );
+        }
+        self.reports = Some(reports);
         synced.writes
     }
 }

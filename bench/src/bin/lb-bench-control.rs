@@ -294,7 +294,7 @@ fn sync(
         pipeline: ms(handed_in),
         total: ms(started),
     };
-    if let Some(skipped) = synced.skipped.first() {
+    if let Some(skipped) = pipeline.skipped().first() {
         bail!("{skipped}");
     }
     ensure!(synced.failed == 0, "{} map writes failed", synced.failed);

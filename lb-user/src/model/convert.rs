@@ -34,8 +34,8 @@ const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
 const MAX_TOPOLOGY_KEYS: usize = 16;
 
 /// The Kubernetes objects a source has read, as the API serves them. Shared: a source hands out
-/// the same allocation for an object that has not changed, which is how the model tells what
-/// did.
+/// the same allocation for an object that has not changed, which is how a whole snapshot tells
+/// the store what did ([`super::Store::replace`]).
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
     pub services: Vec<Arc<core::Service>>,
@@ -53,8 +53,8 @@ impl Objects {
     }
 }
 
-/// The objects that make one Service's frontends, in the order listed: the Service (twice if
-/// it is listed twice), its EndpointSlices, its Endpoints.
+/// The objects that make one Service's frontends: the Service (twice if it is listed twice),
+/// its EndpointSlices, its Endpoints; in the store, each kind by namespace and name.
 #[derive(Clone, Debug, Default)]
 pub struct Group {
     pub services: Vec<Arc<core::Service>>,

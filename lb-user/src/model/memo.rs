@@ -59,6 +59,9 @@ pub struct Memo {
     settled: BTreeMap<Address, Vec<Arc<Frontend>>>,
     /// What settling left out, at the addresses where it did.
     contested: BTreeMap<Address, (Vec<Skipped>, Vec<LostClaim>)>,
+    /// The last update changed what [`Memo::skipped`], [`Memo::lost_claims`],
+    /// [`Memo::health_checks`] or [`Memo::node_addresses`] give.
+    reports_changed: bool,
 }
 
 #[derive(PartialEq)]
@@ -80,11 +83,12 @@ struct ServicePart {
 
 impl Memo {
     /// Brings the model up to what `store` holds for `node`, from what the last update left;
-    /// the frontends that changed, in no order. A frontend that did not change is the same
-    /// allocation as before, even when its Service was computed again.
+    /// the frontends that changed. A frontend that did not change is the same allocation as
+    /// before, even when its Service was computed again.
     pub fn update(&mut self, store: &mut Store, node: &NodeConfig) -> Vec<FrontendChange> {
         let changed = store.take_changes();
         let mut services = changed.services;
+        self.reports_changed = false;
         let node_state = match self.node_state.take() {
             Some(state) if state.node == *node && !changed.nodes => state,
             before => {
@@ -94,6 +98,7 @@ impl Memo {
                 if before.as_ref() != Some(&state) {
                     services.extend(self.services.keys().cloned());
                     services.extend(store.groups().map(|(key, _)| key.clone()));
+                    self.reports_changed = true;
                 }
                 state
             }
@@ -126,6 +131,7 @@ impl Memo {
                     unsettled.insert(address);
                 }
             }
+            self.reports_changed |= reports(before.as_ref()) != reports(after.as_ref());
             self.reporting.remove(&key);
             if let Some(part) = after {
                 if !part.skipped.is_empty() || !part.health_checks.is_empty() {
@@ -144,11 +150,12 @@ impl Memo {
             if !claims.is_empty() {
                 self.claims.insert(address, claims);
             }
-            if skipped.is_empty() {
-                self.contested.remove(&address);
-            } else {
-                self.contested.insert(address, (skipped, lost));
-            }
+            let now = (!skipped.is_empty()).then_some((skipped, lost));
+            let was = match &now {
+                Some(left_out) => self.contested.insert(address, left_out.clone()),
+                None => self.contested.remove(&address),
+            };
+            self.reports_changed |= was != now;
             let before = if winners.is_empty() {
                 self.settled.remove(&address)
             } else {
@@ -169,6 +176,13 @@ impl Memo {
             }
         }
         frontend_changes
+    }
+
+    /// Whether the last update changed what [`Memo::skipped`], [`Memo::lost_claims`],
+    /// [`Memo::health_checks`] or [`Memo::node_addresses`] give: they are over every Service,
+    /// worth reading again only then.
+    pub fn reports_changed(&self) -> bool {
+        self.reports_changed
     }
 
     /// Every frontend, sorted by address, port, protocol and scope.
@@ -231,6 +245,13 @@ impl Memo {
             health_checks: self.health_checks(),
         }
     }
+}
+
+/// What a part reports: what it left out, and its health checks.
+fn reports(part: Option<&ServicePart>) -> (&[Skipped], &[HealthCheck]) {
+    part.map_or((&[], &[]), |p| {
+        (p.skipped.as_slice(), p.health_checks.as_slice())
+    })
 }
 
 /// A part's claims.

@@ -5,11 +5,17 @@
 //! ([`Store::replace`]), at the cost of comparing every object's allocation.
 
 use std::{
+    cmp::Ordering,
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
 };
 
-use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
+use k8s_openapi::{
+    Metadata,
+    api::{core::v1 as core, discovery::v1 as discovery},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use serde::Serialize;
 
 use super::convert::{self, Group, Objects, same};
 
@@ -86,9 +92,9 @@ impl Store {
                 let key = owned(convert::group_key(&object));
                 let group = self.groups.entry(key.clone()).or_default();
                 match object {
-                    Object::Service(s) => group.services.push(s),
-                    Object::Slice(s) => group.slices.push(s),
-                    Object::Endpoints(e) => group.endpoints.push(e),
+                    Object::Service(s) => insert(&mut group.services, s),
+                    Object::Slice(s) => insert(&mut group.slices, s),
+                    Object::Endpoints(e) => insert(&mut group.endpoints, e),
                     Object::Node(_) => unreachable!("matched above"),
                 }
                 self.changed.insert(key);
@@ -122,7 +128,10 @@ impl Store {
     /// not the same allocations, in the same order, are the ones that changed.
     pub fn replace(&mut self, objects: &Objects) {
         let mut before = std::mem::take(&mut self.groups);
-        for ((namespace, name), group) in convert::groups(objects) {
+        for ((namespace, name), mut group) in convert::groups(objects) {
+            group.services.sort_by(in_order);
+            group.slices.sort_by(in_order);
+            group.endpoints.sort_by(in_order);
             let key = (namespace.to_string(), name.to_string());
             if before.remove(&key).is_none_or(|b| !b.is_same(&group)) {
                 self.changed.insert(key.clone());
@@ -173,6 +182,28 @@ impl Store {
 
 fn owned((namespace, name): (&str, &str)) -> ServiceKey {
     (namespace.to_string(), name.to_string())
+}
+
+/// The order of a group's objects of one kind, whatever order they came in, so that what is
+/// computed from them does not depend on the edits before (the first of two slices listing one
+/// endpoint gives its conditions, the first of two copies of a Service in two manifests is the
+/// one served): by namespace and name, then, for two copies of one object, by their JSON.
+fn in_order<T: Metadata<Ty = ObjectMeta> + Serialize>(a: &Arc<T>, b: &Arc<T>) -> Ordering {
+    fn name<T: Metadata<Ty = ObjectMeta>>(object: &T) -> (Option<&str>, Option<&str>) {
+        let meta = object.metadata();
+        (meta.namespace.as_deref(), meta.name.as_deref())
+    }
+    name(&**a).cmp(&name(&**b)).then_with(|| {
+        serde_json::to_vec(&**a)
+            .ok()
+            .cmp(&serde_json::to_vec(&**b).ok())
+    })
+}
+
+/// Puts `object` in its place in `list`.
+fn insert<T: Metadata<Ty = ObjectMeta> + Serialize>(list: &mut Vec<Arc<T>>, object: Arc<T>) {
+    let at = list.partition_point(|o| in_order(o, &object) != Ordering::Greater);
+    list.insert(at, object);
 }
 
 /// Removes `object`'s allocation from `list`, once; whether it was there.
@@ -244,6 +275,45 @@ mod tests {
         ))));
         assert_eq!(store.take_changes().services, BTreeSet::from([key()]));
         assert!(store.group(&key()).is_none());
+    }
+
+    #[test]
+    fn a_group_holds_its_objects_in_one_order_whatever_order_they_came_in() {
+        let slice = |name: &str, ready: bool| {
+            SLICE.replace("web-1", name).replace(
+                "endpoints: []",
+                &format!("endpoints: [{{addresses: [10.1.0.5], conditions: {{ready: {ready}}}}}]"),
+            )
+        };
+        let objects = parsed(&format!(
+            "{}---\n{}",
+            slice("web-b", false),
+            slice("web-a", true)
+        ));
+        let names = |store: &Store| -> Vec<String> {
+            store
+                .group(&key())
+                .unwrap()
+                .slices
+                .iter()
+                .map(|s| s.metadata.name.clone().unwrap())
+                .collect()
+        };
+        let mut listed = Store::default();
+        listed.replace(&objects);
+        let mut added = Store::default();
+        for object in objects.iter().collect::<Vec<_>>().into_iter().rev() {
+            added.apply(Change::Added(object));
+        }
+        assert_eq!(names(&listed), ["web-a", "web-b"]);
+        assert_eq!(names(&added), ["web-a", "web-b"]);
+        // web-a edited: it goes back to its place, not behind web-b.
+        let edited = parsed(&slice("web-a", true)).endpoint_slices.remove(0);
+        added.apply(Change::Removed(Object::Slice(Arc::clone(
+            &objects.endpoint_slices[1],
+        ))));
+        added.apply(Change::Added(Object::Slice(edited)));
+        assert_eq!(names(&added), ["web-a", "web-b"]);
     }
 
     #[test]

@@ -118,6 +118,8 @@ pub struct Planner {
     planned: BTreeMap<FrontendKey, (Arc<model::Frontend>, Option<Skipped>)>,
     /// The frontends that could not be planned: tried again at every update.
     unplanned: BTreeSet<FrontendKey>,
+    /// The last update changed what [`Planner::unplanned`] gives.
+    unplanned_changed: bool,
     /// The entries of every planned frontend: what the maps should hold.
     desired: MapEntries,
     /// The frontends of each Service port with ClientIP affinity, which share it.
@@ -143,6 +145,7 @@ impl Planner {
             ids,
             planned: BTreeMap::new(),
             unplanned: BTreeSet::new(),
+            unplanned_changed: false,
             desired: MapEntries::default(),
             affinity_groups: BTreeMap::new(),
         }
@@ -159,6 +162,11 @@ impl Planner {
             (frontend, None) => Some(frontend),
             (_, Some(_)) => None,
         }
+    }
+
+    /// Whether the last update changed what [`Planner::unplanned`] gives.
+    pub fn unplanned_changed(&self) -> bool {
+        self.unplanned_changed
     }
 
     /// Why the frontends without entries have none.
@@ -207,6 +215,8 @@ impl Planner {
             _ => true,
         });
         let looked: BTreeSet<FrontendKey> = wanted.keys().copied().collect();
+        let reason = |planner: &Self, key| planner.planned.get(key).and_then(|(_, u)| u.clone());
+        let reasons_before: Vec<Option<Skipped>> = looked.iter().map(|k| reason(self, k)).collect();
         let mut regroup = BTreeSet::new();
         for key in &looked {
             if let Some(group) = self.planned.get(key).and_then(|(f, _)| affinity_group(f)) {
@@ -237,6 +247,10 @@ impl Planner {
         for group in regroup {
             self.share_affinity(&group, &mut touched);
         }
+        self.unplanned_changed = looked
+            .iter()
+            .zip(reasons_before)
+            .any(|(key, before)| reason(self, key) != before);
         let frontends = &self.desired.frontends;
         let table_kept = |key: &FrontendKey, offset| {
             frontends

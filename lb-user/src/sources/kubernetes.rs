@@ -213,13 +213,15 @@ impl Watching<'_> {
             while let Some(event) = events.next().await {
                 let changes = match event {
                     Ok(Event::InitDone) => {
+                        // The list's changes before the flag: a first batch, taken once every
+                        // kind is listed, holds every list.
+                        progress.publish(objects.relisted(&kind));
                         if !(kind.listed)(&progress.listed).swap(true, Ordering::AcqRel) {
                             info!(kind = %K::kind(&()), "listed");
                         }
-                        let changes = objects.relisted(&kind);
                         // Every kind's first list is published, empty or not.
                         progress.changed.notify_one();
-                        changes
+                        Vec::new()
                     }
                     Ok(Event::Apply(object)) => objects.applied(object, &kind),
                     Ok(Event::Delete(object)) => objects.deleted(&object, &kind),

@@ -28,6 +28,9 @@ pub struct Manifests {
     files: BTreeMap<PathBuf, FileState>,
     /// The directories the last load walked.
     walked: Vec<PathBuf>,
+    /// The last load found other directories or files than the load before it, or files
+    /// changed ([`Manifests::watch_due`]).
+    watch_due: bool,
 }
 
 /// What identifies a version of a file. The inode too: a file replaced by rename (kubectl,
@@ -81,6 +84,7 @@ impl Manifests {
             paths,
             files: BTreeMap::new(),
             walked: Vec::new(),
+            watch_due: false,
         }
     }
 
@@ -112,11 +116,19 @@ impl Manifests {
         directories
     }
 
+    /// Whether the directories to watch may have changed at the last load: it walked other
+    /// directories than the load before it, or found files added, changed or gone (a directory
+    /// replaced by a copy of itself, whose inode is another even if its number is the same).
+    pub fn watch_due(&self) -> bool {
+        self.watch_due
+    }
+
     /// Reads the files that changed since the last load; what that changed in the objects
     /// the files program, and what is wrong with them. A file with an error (a document that
     /// does not parse) is reported, and its last clean version stands in for it, if it had
-    /// one: an edit in progress or a typo does not delete what the file programmed. An object
-    /// a file read again holds unchanged, in the same place, is the allocation it was.
+    /// one: an edit in progress or a typo does not delete what the file programmed. A document
+    /// a file read again holds unchanged (the same text, anywhere in the file) is not parsed
+    /// again, and its objects are the allocations they were.
     pub fn load(&mut self) -> (Vec<Change>, Vec<Skipped>) {
         let mut changes = Vec::new();
         let mut skipped = Vec::new();
@@ -126,11 +138,13 @@ impl Manifests {
             }
         }
         let walk = walk(&self.paths);
+        self.watch_due = self.walked != walk.directories;
         self.walked = walk.directories;
         for (file, now) in &walk.files {
             let state = match self.files.get(file) {
                 Some(state) if state.stamp == *now => state,
                 _ => {
+                    self.watch_due = true;
                     let previous = self.files.remove(file);
                     let before = previous
                         .as_ref()
@@ -154,6 +168,7 @@ impl Manifests {
         }
         // Paths are walked once each: any more known are gone.
         if self.files.len() > walk.files.len() {
+            self.watch_due = true;
             let listed: HashSet<&PathBuf> = walk.files.iter().map(|(f, _)| f).collect();
             let gone: Vec<PathBuf> = self
                 .files
@@ -269,6 +284,28 @@ fn parse_documents(
     Some(parsed)
 }
 
+/// Adds `part` of a stream to `documents` if it is a document: begun with `---`, or holding more
+/// than comments and blank lines. False when it cannot be parsed on its own: content after `...`
+/// without `---`, which YAML 1.1 (the whole-stream parser's) refuses.
+fn take_part<'a>(
+    documents: &mut Vec<&'a str>,
+    part: &'a str,
+    opened: bool,
+    after_end: bool,
+) -> bool {
+    let content = part.lines().any(|line| {
+        let line = line.trim();
+        !line.is_empty() && !line.starts_with('#')
+    });
+    if opened || content {
+        if !opened && after_end {
+            return false;
+        }
+        documents.push(part);
+    }
+    true
+}
+
 /// The documents of a YAML stream, each its own text: split at the lines that begin with a
 /// document marker (`---`, which starts one, and `...`, which ends one), which YAML reserves at
 /// the start of a line wherever it is, even inside a scalar. None for a stream with directives
@@ -279,16 +316,12 @@ fn documents(text: &str) -> Option<Vec<&str>> {
         line.strip_prefix(marker)
             .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r', '\n']))
     };
-    let content = |part: &str| {
-        part.lines().any(|line| {
-            let line = line.trim();
-            !line.is_empty() && !line.starts_with('#')
-        })
-    };
     let mut documents = Vec::new();
     let (mut start, mut offset) = (0, 0);
-    // Whether the current part began with `---`: then it is a document even if empty.
-    let mut opened = false;
+    // How the current part began: with `---` (a document even if empty), after `...` (where
+    // YAML 1.1, as the whole-stream parser reads it, wants `---` before any content), or at the
+    // start of the stream.
+    let (mut opened, mut after_end) = (false, false);
     for line in text.split_inclusive('\n') {
         if line.starts_with('%') {
             return None;
@@ -296,19 +329,14 @@ fn documents(text: &str) -> Option<Vec<&str>> {
         let (starts, ends) = (marker(line, "---"), marker(line, "..."));
         if starts || ends {
             let end = if ends { offset + line.len() } else { offset };
-            let part = &text[start..end];
-            if opened || content(part) {
-                documents.push(part);
+            if !take_part(&mut documents, &text[start..end], opened, after_end) {
+                return None;
             }
-            (start, opened) = (end, starts);
+            (start, opened, after_end) = (end, starts, ends);
         }
         offset += line.len();
     }
-    let part = &text[start..];
-    if opened || content(part) {
-        documents.push(part);
-    }
-    Some(documents)
+    take_part(&mut documents, &text[start..], opened, after_end).then_some(documents)
 }
 
 /// What a walk of the paths given found.
@@ -517,7 +545,7 @@ mod tests {
 
     #[test]
     fn a_stream_splits_into_its_documents_at_the_markers_only() {
-        let cases: [(&str, Option<&[&str]>); 8] = [
+        let cases: [(&str, Option<&[&str]>); 9] = [
             ("a: 1\n", Some(&["a: 1\n"])),
             ("# comment\n\n---\na: 1\n", Some(&["---\na: 1\n"])),
             (
@@ -534,11 +562,14 @@ mod tests {
                 Some(&["a: |\n  text\n  --- not a marker\n----\n"]),
             ),
             ("%YAML 1.2\n---\na: 1\n", None),
+            ("a: 1\n...\nb: 2\n", None),
             ("", Some(&[])),
         ];
         for (text, expected) in cases {
             assert_eq!(documents(text).as_deref(), expected, "{text:?}");
         }
+        // Why content after `...` is left to the whole stream: it refuses it.
+        assert_eq!(parse_text("a: 1\n...\nb: 2\n").1.len(), 1);
     }
 
     #[test]
@@ -560,6 +591,30 @@ mod tests {
             let values = |objects: &Objects| format!("{objects:?}");
             assert_eq!(values(&split), values(&whole), "{}", file.display());
         }
+    }
+
+    #[test]
+    fn a_directory_replaced_is_one_to_watch_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = dir.path().join("app");
+        let make = || {
+            fs::create_dir(&app).unwrap();
+            fs::write(app.join("a.yaml"), "").unwrap();
+        };
+        make();
+        let mut source = Manifests::new(vec![dir.path().to_path_buf()]);
+        source.load();
+        assert!(source.watch_due(), "the first walk");
+        source.load();
+        assert!(!source.watch_due(), "nothing moved");
+        fs::remove_dir_all(&app).unwrap();
+        make();
+        let (changes, _) = source.load();
+        assert!(changes.is_empty(), "the same (empty) manifest");
+        assert!(
+            source.watch_due(),
+            "app is another directory, a.yaml another file"
+        );
     }
 
     #[test]
