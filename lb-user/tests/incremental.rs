@@ -7,7 +7,7 @@
 
 mod txtar;
 
-use std::{fs, net::Ipv4Addr, path::Path, sync::Arc};
+use std::{fs, net::Ipv4Addr, sync::Arc};
 
 use lb_common::{addr::ipv4_be, maps::Config};
 use lb_user::{
@@ -126,21 +126,86 @@ fn fresh(objects: &Objects, node: &NodeConfig) -> (MapEntries, Vec<Skipped>) {
     (entries, skipped)
 }
 
-#[test]
-fn every_step_of_every_golden_case_programs_what_a_fresh_computation_would() {
+/// Where a walk of the golden cases keeps the files, and how the agent learns of them.
+trait Sources {
+    fn put(&mut self, name: &str, text: &str);
+    fn remove(&mut self, name: &str);
+    /// Syncs the agent; how many plan operations it wrote.
+    fn sync(&mut self, agent: &mut Agent, step: &str) -> usize;
+}
+
+/// Handed to the pipeline whole, at every sync.
+impl Sources for Files {
+    fn put(&mut self, name: &str, text: &str) {
+        Files::put(self, name, text);
+    }
+
+    fn remove(&mut self, name: &str) {
+        Files::remove(self, name);
+    }
+
+    fn sync(&mut self, agent: &mut Agent, step: &str) -> usize {
+        agent.sync(&self.objects(), step)
+    }
+}
+
+/// Real files, whose changes the manifest source hands in, as in the agent.
+struct OnDisk {
+    dir: tempfile::TempDir,
+    source: Manifests,
+}
+
+impl OnDisk {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let source = Manifests::new(vec![dir.path().to_path_buf()]);
+        Self { dir, source }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir
+            .path()
+            .join(format!("{}.yaml", name.replace('/', "_")))
+    }
+}
+
+impl Sources for OnDisk {
+    /// By a rename, as kubectl and editors write: a new inode, so that the source sees the
+    /// change however soon after the last one it comes.
+    fn put(&mut self, name: &str, text: &str) {
+        let hidden = self.dir.path().join(".next.tmp");
+        fs::write(&hidden, text).unwrap();
+        fs::rename(&hidden, self.path(name)).unwrap();
+    }
+
+    fn remove(&mut self, name: &str) {
+        match fs::remove_file(self.path(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => panic!("{e}"),
+            _ => {}
+        }
+    }
+
+    fn sync(&mut self, agent: &mut Agent, step: &str) -> usize {
+        agent.sync_files(&mut self.source, step)
+    }
+}
+
+/// Every golden case's files added one at a time, read again, edited, moved and removed
+/// through `sources`; after every step the maps must hold what a fresh computation gives.
+fn walk_every_golden_case<S: Sources>(sources: impl Fn() -> S) {
     for case in txtar::cases() {
         let sections: Vec<&(String, String)> = case.manifests().collect();
         let mut agent = Agent::new(case.node());
         let case = case.path.display();
-        let mut files = Files(Vec::new());
+        let mut files = sources();
         for (name, text) in sections.iter().copied() {
             files.put(name, text);
-            agent.sync(&files.objects(), &format!("{case}: {name} added"));
+            files.sync(&mut agent, &format!("{case}: {name} added"));
         }
         // The same text read again: new objects, the same entries, nothing written.
         for (name, text) in sections.iter().copied() {
             files.put(name, text);
-            let writes = agent.sync(&files.objects(), &format!("{case}: {name} read again"));
+            let writes = files.sync(&mut agent, &format!("{case}: {name} read again"));
             assert_eq!(writes, 0, "{case}: {name} read again wrote");
         }
         // Every file without its last endpoint address, then back.
@@ -148,17 +213,20 @@ fn every_step_of_every_golden_case_programs_what_a_fresh_computation_would() {
             if let Some(cut) = text.rfind("- addresses:") {
                 let end = text[cut..].find('\n').map_or(text.len(), |n| cut + n + 1);
                 files.put(name, &format!("{}{}", &text[..cut], &text[end..]));
-                agent.sync(
-                    &files.objects(),
-                    &format!("{case}: {name} one address fewer"),
-                );
+                files.sync(&mut agent, &format!("{case}: {name} one address fewer"));
                 files.put(name, text);
-                agent.sync(&files.objects(), &format!("{case}: {name} restored"));
+                files.sync(&mut agent, &format!("{case}: {name} restored"));
             }
+        }
+        // All of one file's documents moved to the next file.
+        if let [(a, a_text), (b, b_text), ..] = sections.as_slice() {
+            files.put(b, &format!("{a_text}\n---\n{b_text}"));
+            files.remove(a);
+            files.sync(&mut agent, &format!("{case}: {a} moved into {b}"));
         }
         for (name, _) in sections.iter().copied() {
             files.remove(name);
-            agent.sync(&files.objects(), &format!("{case}: {name} removed"));
+            files.sync(&mut agent, &format!("{case}: {name} removed"));
         }
         assert_eq!(
             agent.maps.entries,
@@ -166,6 +234,16 @@ fn every_step_of_every_golden_case_programs_what_a_fresh_computation_would() {
             "{case}: all removed"
         );
     }
+}
+
+#[test]
+fn every_step_of_every_golden_case_programs_what_a_fresh_computation_would() {
+    walk_every_golden_case(|| Files(Vec::new()));
+}
+
+#[test]
+fn every_step_of_every_golden_case_through_the_files_programs_what_a_fresh_computation_would() {
+    walk_every_golden_case(OnDisk::new);
 }
 
 /// 100 Services of 10 endpoints; Service `i`'s text, with `endpoints` of them.
@@ -181,60 +259,6 @@ fn service(i: u32, endpoints: u32) -> String {
         text.push_str(&format!("- addresses: [10.244.{i}.{e}]\n"));
     }
     text
-}
-
-/// Writes `text` to `name` in `dir` by a rename, as kubectl and editors do: a new inode, so
-/// that the source sees the change however soon after the last one it comes.
-fn write(dir: &Path, name: &str, text: &str) {
-    let hidden = dir.join(format!(".{name}.tmp"));
-    fs::write(&hidden, text).unwrap();
-    fs::rename(&hidden, dir.join(name)).unwrap();
-}
-
-#[test]
-fn every_step_of_every_golden_case_through_the_files_programs_what_a_fresh_computation_would() {
-    for case in txtar::cases() {
-        let sections: Vec<&(String, String)> = case.manifests().collect();
-        let mut agent = Agent::new(case.node());
-        let case = case.path.display();
-        let dir = tempfile::tempdir().unwrap();
-        let mut source = Manifests::new(vec![dir.path().to_path_buf()]);
-        let file = |name: &str| format!("{}.yaml", name.replace('/', "_"));
-        for (name, text) in sections.iter().copied() {
-            write(dir.path(), &file(name), text);
-            agent.sync_files(&mut source, &format!("{case}: {name} added"));
-        }
-        for (name, text) in sections.iter().copied() {
-            write(dir.path(), &file(name), text);
-            let writes = agent.sync_files(&mut source, &format!("{case}: {name} rewritten"));
-            assert_eq!(writes, 0, "{case}: {name} rewritten wrote");
-        }
-        for (name, text) in sections.iter().copied() {
-            if let Some(cut) = text.rfind("- addresses:") {
-                let end = text[cut..].find('\n').map_or(text.len(), |n| cut + n + 1);
-                let fewer = format!("{}{}", &text[..cut], &text[end..]);
-                write(dir.path(), &file(name), &fewer);
-                agent.sync_files(&mut source, &format!("{case}: {name} one address fewer"));
-                write(dir.path(), &file(name), text);
-                agent.sync_files(&mut source, &format!("{case}: {name} restored"));
-            }
-        }
-        // All of one file's documents moved to the next file.
-        if let [(a, a_text), (b, b_text), ..] = sections.as_slice() {
-            write(dir.path(), &file(b), &format!("{a_text}\n---\n{b_text}"));
-            fs::remove_file(dir.path().join(file(a))).unwrap();
-            agent.sync_files(&mut source, &format!("{case}: {a} moved into {b}"));
-        }
-        for entry in fs::read_dir(dir.path()).unwrap() {
-            fs::remove_file(entry.unwrap().path()).unwrap();
-        }
-        agent.sync_files(&mut source, &format!("{case}: all removed"));
-        assert_eq!(
-            agent.maps.entries,
-            MapEntries::default(),
-            "{case}: all removed"
-        );
-    }
 }
 
 #[test]
