@@ -156,30 +156,23 @@ pub async fn run(settings: Settings) -> Result<()> {
         pipeline_skipped: Vec::new(),
         skipped: Vec::new(),
     };
-    // What the source reported wrong at its last reading; `None` until it has read anything.
-    let mut source_skipped: Option<Vec<Skipped>> = None;
     let mut ready = false;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     info!(node = %settings.node.name, pins = %settings.pin_dir.display(), "agent started");
     loop {
         match source.poll() {
-            Some((changes, skipped)) => {
-                syncer.sync(changes, skipped.clone(), &settings.node);
-                source_skipped = Some(skipped);
-            }
+            Some((changes, skipped)) => syncer.sync(changes, skipped, &settings.node),
             // Writes that failed are retried at every poll, changes or not.
-            None => {
-                if let Some(skipped) = &source_skipped
-                    && syncer.failed
-                {
-                    syncer.sync(Vec::new(), skipped.clone(), &settings.node);
-                }
+            None if syncer.failed => {
+                let skipped = syncer.source_skipped.clone();
+                syncer.sync(Vec::new(), skipped, &settings.node);
             }
+            None => {}
         }
         // Until something is listed (the API unreachable at start), what is pinned stays in
         // force, untouched.
-        if source_skipped.is_some() {
+        if syncer.generation > 0 {
             syncer.reset_stale_sockets();
             // Listeners that could not open are tried again.
             syncer.service_checks.reconcile();

@@ -45,6 +45,15 @@ pub struct Objects {
 }
 
 impl Objects {
+    /// Every object, kind by kind, in the order listed.
+    pub fn iter(&self) -> impl Iterator<Item = Object> + '_ {
+        let services = self.services.iter().cloned().map(Object::Service);
+        let slices = self.endpoint_slices.iter().cloned().map(Object::Slice);
+        let endpoints = self.endpoints.iter().cloned().map(Object::Endpoints);
+        let nodes = self.nodes.iter().cloned().map(Object::Node);
+        services.chain(slices).chain(endpoints).chain(nodes)
+    }
+
     pub fn extend(&mut self, other: Objects) {
         self.services.extend(other.services);
         self.endpoint_slices.extend(other.endpoint_slices);
@@ -81,7 +90,7 @@ pub fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
 pub fn groups(objects: &Objects) -> BTreeMap<(&str, &str), Group> {
     let mut groups: BTreeMap<(&str, &str), Group> = BTreeMap::new();
     for service in &objects.services {
-        let group = groups.entry(key(&service.metadata)).or_default();
+        let group = groups.entry(object_key(&service.metadata)).or_default();
         group.services.push(Arc::clone(service));
     }
     for slice in &objects.endpoint_slices {
@@ -89,23 +98,14 @@ pub fn groups(objects: &Objects) -> BTreeMap<(&str, &str), Group> {
         group.slices.push(Arc::clone(slice));
     }
     for endpoints in &objects.endpoints {
-        let group = groups.entry(key(&endpoints.metadata)).or_default();
+        let group = groups.entry(object_key(&endpoints.metadata)).or_default();
         group.endpoints.push(Arc::clone(endpoints));
     }
     groups
 }
 
-/// The Service (namespace, name) whose group `object` belongs to; a Node belongs to none.
-pub fn group_key(object: &Object) -> (&str, &str) {
-    match object {
-        Object::Service(service) => key(&service.metadata),
-        Object::Slice(slice) => slice_key(slice),
-        Object::Endpoints(endpoints) => key(&endpoints.metadata),
-        Object::Node(node) => ("", node.metadata.name.as_deref().unwrap_or_default()),
-    }
-}
-
-fn key(meta: &ObjectMeta) -> (&str, &str) {
+/// The namespace and name of a Service, or of an object named after its Service (Endpoints).
+pub fn object_key(meta: &ObjectMeta) -> (&str, &str) {
     (
         meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE),
         meta.name.as_deref().unwrap_or_default(),
@@ -113,8 +113,8 @@ fn key(meta: &ObjectMeta) -> (&str, &str) {
 }
 
 /// A slice belongs to the Service its label names.
-fn slice_key(slice: &discovery::EndpointSlice) -> (&str, &str) {
-    let (namespace, _) = key(&slice.metadata);
+pub fn slice_key(slice: &discovery::EndpointSlice) -> (&str, &str) {
+    let (namespace, _) = object_key(&slice.metadata);
     (
         namespace,
         label(&slice.metadata, SERVICE_NAME_LABEL).unwrap_or_default(),

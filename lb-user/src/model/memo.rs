@@ -33,7 +33,8 @@ pub struct FrontendChange {
 }
 
 impl FrontendChange {
-    fn new(frontend: &Arc<Frontend>, now: Option<&Arc<Frontend>>) -> Self {
+    /// The change at `frontend`'s address, port, protocol and scope to `now`.
+    pub fn new(frontend: &Frontend, now: Option<&Arc<Frontend>>) -> Self {
         Self {
             address: frontend.address,
             port: frontend.port,

@@ -51,17 +51,6 @@ pub enum Change {
     Removed(Object),
 }
 
-impl Objects {
-    /// Every object, kind by kind, in the order listed.
-    pub fn iter(&self) -> impl Iterator<Item = Object> + '_ {
-        let services = self.services.iter().cloned().map(Object::Service);
-        let slices = self.endpoint_slices.iter().cloned().map(Object::Slice);
-        let endpoints = self.endpoints.iter().cloned().map(Object::Endpoints);
-        let nodes = self.nodes.iter().cloned().map(Object::Node);
-        services.chain(slices).chain(endpoints).chain(nodes)
-    }
-}
-
 #[derive(Debug, Default)]
 pub struct Store {
     groups: BTreeMap<ServiceKey, Group>,
@@ -80,47 +69,52 @@ pub struct Changed {
 
 impl Store {
     pub fn apply(&mut self, change: Change) {
-        match change {
-            Change::Added(Object::Node(node)) => {
+        let (added, object) = match change {
+            Change::Added(object) => (true, object),
+            Change::Removed(object) => (false, object),
+        };
+        match object {
+            Object::Node(node) if added => {
                 self.nodes.push(node);
                 self.nodes_changed = true;
             }
-            Change::Removed(Object::Node(node)) => {
-                self.nodes_changed |= remove(&mut self.nodes, &node);
+            Object::Node(node) => self.nodes_changed |= remove(&mut self.nodes, &node),
+            Object::Service(service) => {
+                let key = owned(convert::object_key(&service.metadata));
+                self.edit(key, added, |g| &mut g.services, service);
             }
-            Change::Added(object) => {
-                let key = owned(convert::group_key(&object));
-                let group = self.groups.entry(key.clone()).or_default();
-                match object {
-                    Object::Service(s) => insert(&mut group.services, s),
-                    Object::Slice(s) => insert(&mut group.slices, s),
-                    Object::Endpoints(e) => insert(&mut group.endpoints, e),
-                    Object::Node(_) => unreachable!("matched above"),
-                }
-                self.changed.insert(key);
+            Object::Slice(slice) => {
+                let key = owned(convert::slice_key(&slice));
+                self.edit(key, added, |g| &mut g.slices, slice);
             }
-            Change::Removed(object) => {
-                let (namespace, name) = convert::group_key(&object);
-                let key = (namespace.to_string(), name.to_string());
-                let Some(group) = self.groups.get_mut(&key) else {
-                    return;
-                };
-                let removed = match &object {
-                    Object::Service(s) => remove(&mut group.services, s),
-                    Object::Slice(s) => remove(&mut group.slices, s),
-                    Object::Endpoints(e) => remove(&mut group.endpoints, e),
-                    Object::Node(_) => unreachable!("matched above"),
-                };
-                if group.services.is_empty()
-                    && group.slices.is_empty()
-                    && group.endpoints.is_empty()
-                {
-                    self.groups.remove(&key);
-                }
-                if removed {
-                    self.changed.insert(key);
-                }
+            Object::Endpoints(endpoints) => {
+                let key = owned(convert::object_key(&endpoints.metadata));
+                self.edit(key, added, |g| &mut g.endpoints, endpoints);
             }
+        }
+    }
+
+    /// Adds `object` to, or removes it from, its list of the group `key`; a group left empty
+    /// goes.
+    fn edit<T: Metadata<Ty = ObjectMeta> + Serialize>(
+        &mut self,
+        key: ServiceKey,
+        added: bool,
+        list: fn(&mut Group) -> &mut Vec<Arc<T>>,
+        object: Arc<T>,
+    ) {
+        let group = self.groups.entry(key.clone()).or_default();
+        let changed = if added {
+            insert(list(group), object);
+            true
+        } else {
+            remove(list(group), &object)
+        };
+        if group.services.is_empty() && group.slices.is_empty() && group.endpoints.is_empty() {
+            self.groups.remove(&key);
+        }
+        if changed {
+            self.changed.insert(key);
         }
     }
 

@@ -184,11 +184,10 @@ impl Planner {
             .planned
             .iter()
             .filter(|(key, _)| !wanted.contains(key))
-            .map(|(_, (frontend, _))| model::FrontendChange {
-                frontend: None,
-                ..change(frontend)
-            });
-        let put = frontends.iter().map(change);
+            .map(|(_, (frontend, _))| model::FrontendChange::new(frontend, None));
+        let put = frontends
+            .iter()
+            .map(|f| model::FrontendChange::new(f, Some(f)));
         let changes: Vec<model::FrontendChange> = gone.chain(put).collect();
         self.update(changes)
     }
@@ -527,17 +526,6 @@ fn key_of(frontend: &model::Frontend) -> FrontendKey {
         frontend.protocol,
         frontend.scope,
     )
-}
-
-/// A change that puts `frontend` where it is.
-fn change(frontend: &Arc<model::Frontend>) -> model::FrontendChange {
-    model::FrontendChange {
-        address: frontend.address,
-        port: frontend.port,
-        protocol: frontend.protocol,
-        scope: frontend.scope,
-        frontend: Some(Arc::clone(frontend)),
-    }
 }
 
 /// The map key of a frontend.

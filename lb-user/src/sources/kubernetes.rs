@@ -208,14 +208,14 @@ impl Watching<'_> {
         let events = watcher::watcher(api, config).default_backoff();
         let (progress, on_error) = (Arc::clone(self.progress), Arc::clone(self.on_error));
         tokio::spawn(async move {
-            let mut objects = Objects::<K>::default();
+            let mut known = Known::<K>::default();
             let mut events = std::pin::pin!(events);
             while let Some(event) = events.next().await {
                 let changes = match event {
                     Ok(Event::InitDone) => {
                         // The list's changes before the flag: a first batch, taken once every
                         // kind is listed, holds every list.
-                        progress.publish(objects.relisted(&kind));
+                        progress.publish(known.relisted(&kind));
                         if !(kind.listed)(&progress.listed).swap(true, Ordering::AcqRel) {
                             info!(kind = %K::kind(&()), "listed");
                         }
@@ -223,15 +223,15 @@ impl Watching<'_> {
                         progress.changed.notify_one();
                         Vec::new()
                     }
-                    Ok(Event::Apply(object)) => objects.applied(object, &kind),
-                    Ok(Event::Delete(object)) => objects.deleted(&object, &kind),
+                    Ok(Event::Apply(object)) => known.applied(object, &kind),
+                    Ok(Event::Delete(object)) => known.deleted(&object, &kind),
                     // A relist in progress: the last complete list stays until it ends.
                     Ok(Event::Init) => {
-                        objects.relist = Some(HashMap::new());
+                        known.relist = Some(HashMap::new());
                         Vec::new()
                     }
                     Ok(Event::InitApply(object)) => {
-                        objects
+                        known
                             .relist
                             .get_or_insert_default()
                             .insert(key(&object), object);
@@ -257,13 +257,13 @@ fn key<K: Resource<DynamicType = ()>>(object: &K) -> Key {
 }
 
 /// One kind's objects, as last published.
-struct Objects<K> {
+struct Known<K> {
     current: HashMap<Key, Arc<K>>,
     /// The relist in progress.
     relist: Option<HashMap<Key, K>>,
 }
 
-impl<K> Default for Objects<K> {
+impl<K> Default for Known<K> {
     fn default() -> Self {
         Self {
             current: HashMap::new(),
@@ -272,7 +272,7 @@ impl<K> Default for Objects<K> {
     }
 }
 
-impl<K: Resource<DynamicType = ()>> Objects<K> {
+impl<K: Resource<DynamicType = ()>> Known<K> {
     fn applied(&mut self, object: K, kind: &Kind<K>) -> Vec<Change> {
         let object = Arc::new(object);
         let mut changes = Vec::new();
